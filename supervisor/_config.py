@@ -1,0 +1,258 @@
+"""Policies and manifests: parsed whole, validated at the door, frozen.
+
+A policy (``policies/NAME.toml``) is a ceiling; a manifest names one and may
+narrow it, never widen it. Every error names the file, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from theater.spec import CAPABILITIES, LIMIT_BOUNDS, Limits
+
+from ._errors import ConfigError
+
+__all__ = ["AgentConfig", "Policy", "RestartSpec", "load_manifest", "load_policy", "policy_dirs"]
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MAX_COMPONENT_BYTES = 256 * 1024 * 1024
+MAX_INIT_ARGS_BYTES = 1024 * 1024
+BUILTIN_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+RESTART_TYPES = ("permanent", "transient", "temporary")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    description: str
+    capabilities: tuple[str, ...]
+    limits: Limits
+
+
+@dataclass(frozen=True, slots=True)
+class RestartSpec:
+    """When a worker dies: restart type, and at most ``intensity`` restarts per ``period_ms``."""
+
+    type: str = "permanent"
+    intensity: int = 3
+    period_ms: int = 5000
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "intensity": self.intensity, "period_ms": self.period_ms}
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """A manifest resolved against its policy: exactly what an agent runs with."""
+
+    name: str
+    component_path: str
+    component_sha256: str
+    policy: str
+    capabilities: tuple[str, ...]
+    limits: Limits
+    restart: RestartSpec
+    init_args: bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "component_path": self.component_path,
+            "component_sha256": self.component_sha256,
+            "policy": self.policy,
+            "capabilities": list(self.capabilities),
+            "limits": self.limits.as_dict(),
+            "restart": self.restart.as_dict(),
+            "init_args": self.init_args.decode("latin-1"),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AgentConfig:
+        return cls(
+            name=data["name"],
+            component_path=data["component_path"],
+            component_sha256=data["component_sha256"],
+            policy=data["policy"],
+            capabilities=tuple(data["capabilities"]),
+            limits=Limits.from_dict(data["limits"]),
+            restart=RestartSpec(**data["restart"]),
+            init_args=data["init_args"].encode("latin-1"),
+        )
+
+
+class _Table:
+    """Reads one TOML table, remembering which keys were used, so leftovers are errors."""
+
+    def __init__(self, path: Path, data: dict[str, Any], prefix: str = "") -> None:
+        self.path, self.data, self.prefix = path, data, prefix
+        self.used: set[str] = set()
+
+    def err(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {self.prefix}{key}: {problem}")
+
+    def get(self, key: str, typ: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if required or default is ...:
+                raise ConfigError(f"{self.path}: missing required key {self.prefix}{key}")
+            return default
+        value = self.data[key]
+        # bool is an int subclass in Python; TOML booleans are never integers here.
+        if (isinstance(value, bool) and bool not in _as_tuple(typ)) or not isinstance(value, typ):
+            names = "/".join(t.__name__ for t in _as_tuple(typ))
+            raise self.err(key, f"must be {_article(names)}, got {type(value).__name__} {value!r}")
+        return value
+
+    def table(self, key: str) -> _Table:
+        value = self.get(key, dict, {})
+        return _Table(self.path, value, f"{self.prefix}{key}.")
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.path}: unknown key {self.prefix}{unknown[0]}" + _also(unknown))
+
+
+def _as_tuple(typ: type | tuple[type, ...]) -> tuple[type, ...]:
+    return typ if isinstance(typ, tuple) else (typ,)
+
+
+def _article(name: str) -> str:
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _also(unknown: list[str]) -> str:
+    return f" (also: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _limits(table: _Table, ceiling: Limits | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for key, (low, high, what) in LIMIT_BOUNDS.items():
+        if key not in table.data:
+            continue
+        value = table.get(key, int)
+        if not low <= value <= high:
+            raise table.err(key, f"{value} is out of range {low}..{high} ({what})")
+        if ceiling is not None and value > getattr(ceiling, key):
+            raise table.err(key, f"{value} exceeds the policy's ceiling {getattr(ceiling, key)}; a manifest may only narrow its policy")
+        out[key] = value
+    table.finish()
+    return out
+
+
+def _capabilities(table: _Table, allowed: tuple[str, ...] | None) -> tuple[str, ...]:
+    caps = table.get("capabilities", list, ["runtime"])
+    for cap in caps:
+        if not isinstance(cap, str) or cap not in CAPABILITIES:
+            raise table.err("capabilities", f"unknown capability {cap!r} (known: {', '.join(CAPABILITIES)})")
+        if allowed is not None and cap not in allowed:
+            raise table.err("capabilities", f"{cap!r} is not granted by the policy; a manifest may only narrow its policy")
+    if "runtime" not in caps:
+        caps = ["runtime", *caps]
+    return tuple(dict.fromkeys(caps))
+
+
+def policy_dirs(home: Path | None) -> list[Path]:
+    """Where policy names are looked up: the home's ``policies/`` first, then the built-in ones."""
+    dirs = [home / "policies"] if home is not None else []
+    return [*dirs, BUILTIN_POLICIES]
+
+
+def load_policy(name: str, dirs: list[Path]) -> Policy:
+    if not NAME_RE.match(name):
+        raise ConfigError(f"policy name {name!r} is not a plain name (a-z, 0-9, '-', '_')")
+    for d in dirs:
+        path = d / f"{name}.toml"
+        if path.is_file():
+            break
+    else:
+        raise ConfigError(f"no policy named {name!r} in {', '.join(map(str, dirs))}")
+    top = _Table(path, _read_toml(path))
+    description = top.get("description", str, "")
+    caps = _capabilities(top, None)
+    values = _limits(top.table("limits"), None)
+    missing = sorted(set(LIMIT_BOUNDS) - set(values))
+    if missing:
+        raise ConfigError(f"{path}: [limits] must set every limit; missing {', '.join(missing)}")
+    top.finish()
+    return Policy(name=name, description=description, capabilities=caps, limits=Limits(**values))
+
+
+def load_manifest(path: Path, dirs: list[Path]) -> AgentConfig:
+    """Parse a manifest, resolve its policy and component, and apply its narrowing."""
+    path = path.resolve()
+    top = _Table(path, _read_toml(path))
+    name = top.get("name", str, required=True)
+    if not NAME_RE.match(name):
+        raise top.err("name", f"{name!r} must be 1-63 characters of a-z, 0-9, '-', '_', starting with a letter or digit")
+    component_rel = top.get("component", str, required=True)
+    policy = load_policy(top.get("policy", str, "default"), dirs)
+    init_args = top.get("init_args", str, "")
+    try:
+        init_bytes = init_args.encode("latin-1")
+    except UnicodeEncodeError:
+        raise top.err("init_args", "must be bytes written as characters U+0000..U+00FF") from None
+    if len(init_bytes) > MAX_INIT_ARGS_BYTES:
+        raise top.err("init_args", f"is {len(init_bytes)} bytes, more than {MAX_INIT_ARGS_BYTES}")
+    caps = _capabilities(top, policy.capabilities)
+    narrowed = _limits(top.table("limits"), policy.limits)
+    restart = _restart(top.table("restart"))
+    top.finish()
+
+    component = (path.parent / component_rel).resolve()
+    if component.suffix not in (".wasm", ".wat"):
+        raise top.err("component", f"{component_rel!r} must name a .wasm or .wat file")
+    try:
+        size = component.stat().st_size
+        if not component.is_file():
+            raise top.err("component", f"{component} is not a regular file")
+        if size > MAX_COMPONENT_BYTES:
+            raise top.err("component", f"{component} is {size} bytes, more than {MAX_COMPONENT_BYTES}")
+        digest = hashlib.sha256(component.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise top.err("component", f"{component} does not exist") from None
+    except OSError as exc:
+        raise top.err("component", f"cannot read {component}: {exc.strerror}") from None
+    limits = Limits(**{**policy.limits.as_dict(), **narrowed})
+    return AgentConfig(
+        name=name,
+        component_path=str(component),
+        component_sha256=digest,
+        policy=policy.name,
+        capabilities=caps,
+        limits=limits,
+        restart=restart,
+        init_args=init_bytes,
+    )
+
+
+def _restart(table: _Table) -> RestartSpec:
+    default = RestartSpec()
+    typ = table.get("type", str, default.type)
+    if typ not in RESTART_TYPES:
+        raise table.err("type", f"{typ!r} is not one of {', '.join(RESTART_TYPES)}")
+    intensity = table.get("intensity", int, default.intensity)
+    if not 0 <= intensity <= 1000:
+        raise table.err("intensity", f"{intensity} is out of range 0..1000")
+    period = table.get("period_ms", int, default.period_ms)
+    if not 1 <= period <= 86_400_000:
+        raise table.err("period_ms", f"{period} is out of range 1..86400000")
+    table.finish()
+    return RestartSpec(type=typ, intensity=intensity, period_ms=period)

@@ -1,0 +1,743 @@
+"""The supervisor process: one poll loop over the control socket, the worker socket and pidfds.
+
+It never runs guest code and never blocks on a worker: every wait has a timer.
+Worker results are checked by the ledger, committed in groups (one durable
+transaction per loop turn) and only then answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import heapq
+import hmac
+import itertools
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from theater import wire
+from theater.chain import ChainVerifier
+from theater.errors import ProtocolError
+from theater.home import Home
+from theater.records import Kind, Record, sha256, sign_record
+from theater.spec import AgentSpec
+
+from ._agent import Agent, Pending, add_restart
+from ._config import AgentConfig, load_manifest, policy_dirs
+from ._errors import NotFound, Refused, StoreError, SupervisorError
+from ._ledger import Checked, Violation, check_result
+from ._spawner import WorkerProcess, exit_reason, spawn_worker
+from ._store import Commit, EventStore
+
+__all__ = ["Supervisor", "load_or_create_key"]
+
+HELLO_TIMEOUT_S = 20.0
+SHUTDOWN_TIMEOUT_S = 5.0
+WATCHDOG_GRACE_S = 5.0
+MAX_CONTROL_DATA = 64 * 1024 * 1024
+BATCH = 256
+EXIT_LOAD_FAILED = 3
+
+
+def load_or_create_key(home: Home) -> Ed25519PrivateKey:
+    """The supervisor's long-term key: 32-byte seed, 0600, created on first start."""
+    if home.key.exists():
+        mode = home.key.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise SupervisorError(f"{home.key} is readable by others (mode {mode:o}); it must be 0600")
+        key = Ed25519PrivateKey.from_private_bytes(home.key.read_bytes())
+    else:
+        key = Ed25519PrivateKey.generate()
+        seed = key.private_bytes_raw()
+        fd = os.open(home.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(seed)
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    if not home.public_key.exists() or home.public_key.read_bytes() != public:
+        home.public_key.write_bytes(public)
+    return key
+
+
+class Timers:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), fn))
+
+    def after(self, seconds: float, fn: Callable[[], None]) -> None:
+        self.at(time.monotonic() + seconds, fn)
+
+    def timeout_ms(self) -> int:
+        if not self._heap:
+            return 1000
+        return max(0, min(1000, int((self._heap[0][0] - time.monotonic()) * 1000) + 1))
+
+    def run_due(self) -> None:
+        now = time.monotonic()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, fn = heapq.heappop(self._heap)
+            fn()
+
+
+class Supervisor:
+    def __init__(
+        self,
+        home: Home,
+        *,
+        log: Callable[[str], None] | None = None,
+        on_record: Callable[[Agent, Record], None] | None = None,
+    ) -> None:
+        self.home = home
+        self._on_record = on_record
+        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        for d in (home.root, home.run, home.logs):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        self._lock = open(home.run / "supervisor.lock", "a+")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SupervisorError(f"a supervisor is already running at {home.root}") from None
+        self.key = load_or_create_key(home)
+        self.public_key: Ed25519PublicKey = self.key.public_key()
+        self.store = EventStore(home.store)
+        self.agents: dict[bytes, Agent] = {}
+        self.by_name: dict[str, Agent] = {}
+        self.by_identity: dict[bytes, Agent] = {}
+        self.by_token: dict[bytes, Agent] = {}
+        self.by_pidfd: dict[int, Agent] = {}
+        self.waiters: dict[bytes, list[tuple[bytes, int, int]]] = {}
+        self.timers = Timers()
+        self.call_ids = itertools.count(1)
+        self.running = True
+        self.down_waiters: list[tuple[bytes, int]] = []
+
+        for sock in (home.control_sock, home.workers_sock):
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        self.ctx = zmq.Context()
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.linger = 0
+        self.control.maxmsgsize = MAX_CONTROL_DATA + 2 * wire.MAX_JSON_BYTES
+        self.control.bind(home.control_endpoint)
+        self.workers = self.ctx.socket(zmq.ROUTER)
+        self.workers.linger = 0
+        self.workers.router_mandatory = True
+        self.workers.maxmsgsize = 2 * 64 * 1024 * 1024 + 2 * wire.MAX_JSON_BYTES
+        self.workers.bind(home.workers_endpoint)
+        self.token = secrets.token_hex(32)
+        fd = os.open(home.token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.token)
+        home.pid_file.write_text(str(os.getpid()))
+        self.poller = zmq.Poller()
+        self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(self.workers, zmq.POLLIN)
+        self._resume_agents()
+
+    # --- logging ------------------------------------------------------------
+
+    def log(self, message: str) -> None:
+        self._log(f"{time.strftime('%H:%M:%S')} supervisor: {message}")
+
+    # --- start-up: resume what was running ----------------------------------
+
+    def _resume_agents(self) -> None:
+        for row in self.store.agents():
+            config = AgentConfig.from_dict(row.config)
+            verifier = ChainVerifier(self.public_key)
+            verifier.agent_id = row.id
+            verifier.next_seq = row.head_seq + 1
+            verifier.head_hash = row.head_hash
+            verifier.state_hash = row.state_hash
+            last = Record.parse(next(self.store.records(row.id, after=row.head_seq - 1)))
+            if last.hash != row.head_hash:
+                raise StoreError(f"agent {row.name}: stored head does not match its last record")
+            worker_alive_in_chain = last.kind not in (Kind.EXIT, Kind.VIOLATION)
+            agent = Agent(
+                id=row.id, config=config, verifier=verifier, state=row.state,
+                initialized=row.initialized, incarnation=row.incarnation, in_store=True,
+                status=row.desired if row.desired != "running" else "starting",
+            )
+            # The previous supervisor's workers died with it (parent-death signal).
+            if worker_alive_in_chain:
+                self._append_supervisor(agent, Kind.EXIT, {
+                    "incarnation": agent.incarnation, "reason": "supervisor-restart",
+                    "detail": "the previous supervisor ended; its worker ended with it",
+                })
+            self._register(agent)
+            if row.desired == "running":
+                self.log(f"resuming {agent.name} from record {agent.verifier.next_seq - 1}")
+                self._start_worker(agent)
+
+    def _register(self, agent: Agent) -> None:
+        self.agents[agent.id] = agent
+        self.by_name[agent.name] = agent
+
+    # --- the loop -------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Run until ``down`` or SIGINT/SIGTERM; signals only set a flag the loop reads."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signalled: list[int] = []
+        handler = lambda signum, _frame: signalled.append(signum)  # noqa: E731
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        old_fd = signal.set_wakeup_fd(wake_w.fileno())
+        self.poller.register(wake_r.fileno(), zmq.POLLIN)
+        self.log(f"up at {self.home.root} (pid {os.getpid()})")
+        try:
+            while True:
+                events = dict(self.poller.poll(self.timers.timeout_ms()))
+                if wake_r.fileno() in events:
+                    with contextlib.suppress(BlockingIOError):
+                        wake_r.recv(4096)
+                if signalled:
+                    signalled.clear()
+                    self.request_down()
+                if self.workers in events:
+                    self._drain_workers()
+                if self.control in events:
+                    self._drain_control()
+                for fd in [fd for fd in events if isinstance(fd, int) and fd != wake_r.fileno()]:
+                    agent = self.by_pidfd.get(fd)
+                    if agent is not None:
+                        self._on_worker_exit(agent)
+                self.timers.run_due()
+                if self._shutdown_done():
+                    break
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            self.poller.unregister(wake_r.fileno())
+            wake_r.close()
+            wake_w.close()
+            self.close()
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            if agent.worker and not agent.worker.exited:
+                agent.worker.kill("shutdown")
+        for path in (self.home.token, self.home.pid_file, self.home.control_sock, self.home.workers_sock):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.control.close(0)
+        self.workers.close(0)
+        self.ctx.term()
+        self.store.close()
+        self._lock.close()
+        self.log("down")
+
+    def request_down(self) -> None:
+        if not self.running:
+            return
+        self.running = False
+        self.log("shutting down: stopping every agent")
+        for agent in list(self.agents.values()):
+            if agent.worker is not None and not agent.worker.exited:
+                self._stop_worker(agent, "shutdown")
+
+    def _shutdown_done(self) -> bool:
+        if self.running:
+            return False
+        if any(a.worker is not None and not a.worker.exited for a in self.agents.values()):
+            return False  # keep looping until every worker has been reaped
+        for ident, rid in self.down_waiters:
+            self._reply(ident, rid, {"stopped": len(self.agents)})
+        return True
+
+    # --- workers: spawn, hello, results, exits ----------------------------------
+
+    def _start_worker(self, agent: Agent) -> None:
+        agent.status = "starting"
+        workdir = self.home.run / "workers" / agent.uuid
+        worker = spawn_worker(self.home.workers_endpoint, agent.incarnation + 1, self.home.logs / f"{agent.name}.log", workdir)
+        agent.worker = worker
+        self.by_token[worker.token] = agent
+        self.by_pidfd[worker.pidfd] = agent
+        self.poller.register(worker.pidfd, zmq.POLLIN)
+        self.timers.after(HELLO_TIMEOUT_S, lambda: self._hello_timeout(agent, worker))
+
+    def _hello_timeout(self, agent: Agent, worker: WorkerProcess) -> None:
+        if agent.worker is worker and worker.identity is None and not worker.exited:
+            self.log(f"{agent.name}: worker {worker.pid} sent no hello in {HELLO_TIMEOUT_S}s; killing it")
+            worker.kill("no-hello")
+
+    def _drain_workers(self) -> None:
+        batch: list[tuple[Agent, Pending, Checked]] = []
+        for _ in range(BATCH):
+            try:
+                frames = self.workers.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            identity, body = frames[0], frames[1:]
+            agent = self.by_identity.get(identity)
+            try:
+                typ = wire.parse_header(body[0], wire.WorkerType) if body else None
+            except ProtocolError as exc:
+                if agent is not None:
+                    self._violation(agent, f"bad header: {exc}", body[0][:64])
+                continue
+            if typ is wire.WorkerType.HELLO:
+                self._on_hello(identity, body[1:], agent)
+            elif agent is None:
+                self.log(f"dropping a {typ} frame from an unknown peer")
+            elif typ is wire.WorkerType.FAULT:
+                self._on_fault(agent, body[1:])
+            elif typ is wire.WorkerType.RESULT:
+                checked = self._check(agent, body[1:])
+                if checked is not None:
+                    assert agent.in_flight is not None
+                    batch.append((agent, agent.in_flight, checked))
+                    agent.verifier = checked.verifier  # the next result links to this one
+                    agent.in_flight = None
+        if batch:
+            self._commit_batch(batch)
+
+    def _on_hello(self, identity: bytes, frames: list[bytes], known: Agent | None) -> None:
+        if known is not None:
+            self._violation(known, "second hello on an established connection")
+            return
+        try:
+            hello = wire.Hello.decode(frames)
+        except ProtocolError as exc:
+            self.log(f"dropping a malformed hello: {exc}")
+            return
+        agent = self.by_token.pop(hello.token, None)
+        worker = agent.worker if agent else None
+        if agent is None or worker is None or worker.token != hello.token:
+            self.log("dropping a hello with an unknown token")
+            return
+        try:
+            key = Ed25519PublicKey.from_public_bytes(hello.worker_key)
+            key.verify(hello.proof, wire.HELLO_DOMAIN + hello.token)
+        except (ValueError, InvalidSignature):
+            worker.kill("bad-hello")
+            self.log(f"{agent.name}: hello proof does not verify; killed")
+            return
+        if hello.pid != worker.pid:
+            worker.kill("bad-hello")
+            self.log(f"{agent.name}: hello from pid {hello.pid}, expected {worker.pid}; killed")
+            return
+        worker.identity = identity
+        self.by_identity[identity] = agent
+        agent.incarnation = worker.incarnation
+        confinement = wire.encode_json(hello.confinement).decode()
+        try:
+            if not agent.in_store:
+                self._write_genesis(agent, hello.worker_key, confinement)
+            else:
+                reason = agent.last_exit or "start"
+                self._append_supervisor(agent, Kind.WORKER_KEY, {
+                    "incarnation": agent.incarnation, "worker_key": hello.worker_key,
+                    "confinement": confinement, "reason": reason,
+                }, incarnation=agent.incarnation)
+        except StoreError as exc:
+            self.log(f"{agent.name}: cannot record the worker's key: {exc}; killing it")
+            worker.kill("store-failed")
+            return
+        spec = AgentSpec(
+            agent_id=agent.uuid, name=agent.name, component_path=agent.config.component_path,
+            component_sha256=agent.config.component_sha256, capabilities=agent.config.capabilities,
+            limits=agent.config.limits, head_seq=agent.verifier.next_seq - 1,
+            head_hash=agent.verifier.head_hash.hex(), state_hash=sha256(agent.state).hex(),
+        )
+        self._send_worker(agent, [wire.header(wire.SupervisorType.SPEC), wire.encode_json(spec.to_json()), agent.state])
+        if not agent.initialized:
+            agent.mailbox.appendleft(Pending(wire.Call(next(self.call_ids), wire.CallKind.INIT, agent.config.init_args)))
+        else:
+            self._became_ready(agent)
+        self._dispatch(agent)
+
+    def _write_genesis(self, agent: Agent, worker_key: bytes, confinement: str) -> None:
+        config = wire.encode_json(agent.config.as_dict()).decode()
+        genesis = sign_record(
+            self.key, kind=Kind.GENESIS, agent_id=agent.id, seq=0, time_ns=time.time_ns(),
+            prev_hash=bytes(32), state_hash=sha256(b""),
+            fields={"name": agent.name, "component_sha256": bytes.fromhex(agent.config.component_sha256),
+                    "config": config, "worker_key": worker_key, "confinement": confinement},
+        )
+        agent.verifier.advance(genesis)
+        self.store.create_agent(agent.id, agent.name, agent.config.as_dict(), genesis, agent.state)
+        agent.in_store = True
+        self._committed(agent, [genesis])
+
+    def _append_supervisor(self, agent: Agent, kind: Kind, fields: dict[str, Any], **commit: Any) -> Record:
+        v = agent.verifier
+        record = sign_record(
+            self.key, kind=kind, agent_id=agent.id, seq=v.next_seq, time_ns=time.time_ns(),
+            prev_hash=v.head_hash, state_hash=v.state_hash or sha256(agent.state), fields=fields,
+        )
+        scratch = copy.copy(v)
+        scratch.advance(record)
+        self.store.commit([Commit(agent_id=agent.id, records=[record], **commit)])
+        agent.verifier = scratch
+        self._committed(agent, [record])
+        return record
+
+    def _committed(self, agent: Agent, records: list[Record]) -> None:
+        """Called once records are durable: wake event waiters, feed the foreground printer."""
+        self._wake_waiters(agent)
+        if self._on_record is not None:
+            for record in records:
+                self._on_record(agent, record)
+
+    def _became_ready(self, agent: Agent) -> None:
+        agent.status = "running"
+        agent.started_at = time.time()
+        for ident, rid in agent.spawn_waiters:
+            self._reply(ident, rid, agent.summary())
+        agent.spawn_waiters.clear()
+
+    def _dispatch(self, agent: Agent) -> None:
+        """Send the next queued message if the worker is connected and idle."""
+        worker = agent.worker
+        if agent.in_flight is not None or not agent.mailbox or worker is None or worker.identity is None:
+            return
+        if agent.status not in ("running", "starting"):
+            return
+        pending = agent.mailbox.popleft()
+        agent.in_flight = pending
+        self._send_worker(agent, pending.call.encode())
+        grace = agent.config.limits.wall_time_ms / 1000 + WATCHDOG_GRACE_S
+        self.timers.after(grace, lambda: self._watchdog(agent, worker, pending))
+
+    def _watchdog(self, agent: Agent, worker: WorkerProcess, pending: Pending) -> None:
+        if agent.worker is worker and agent.in_flight is pending and not worker.exited:
+            self.log(f"{agent.name}: worker {worker.pid} did not answer within its deadline plus grace; killing it")
+            worker.kill("unresponsive")
+
+    def _send_worker(self, agent: Agent, frames: list[bytes]) -> None:
+        assert agent.worker is not None and agent.worker.identity is not None
+        try:
+            self.workers.send_multipart([agent.worker.identity, *frames], copy=False)
+        except zmq.ZMQError as exc:  # the peer went away; its pidfd will tell us why
+            self.log(f"{agent.name}: cannot send to worker: {exc}")
+
+    def _check(self, agent: Agent, frames: list[bytes]) -> Checked | None:
+        if agent.in_flight is None:
+            self._violation(agent, "result with no call in flight", b"".join(frames[:1]))
+            return None
+        try:
+            return check_result(frames, verifier=agent.verifier, limits=agent.config.limits, call=agent.in_flight.call)
+        except Violation as v:
+            self._violation(agent, v.reason, v.evidence)
+            return None
+
+    def _commit_batch(self, batch: list[tuple[Agent, Pending, Checked]]) -> None:
+        try:
+            self.store.commit([checked.commit for _, _, checked in batch])
+        except StoreError as exc:
+            # Nothing in this batch is durable: tell callers, restart the workers from the stored head.
+            self.log(f"commit failed: {exc}")
+            for agent, pending, _ in batch:
+                self._answer_error(pending, "store", f"the result could not be stored: {exc}")
+                self._reload_head(agent)
+                if agent.worker:
+                    agent.worker.kill("store-failed")
+            return
+        for agent, pending, checked in batch:
+            if checked.commit.state is not None:
+                agent.state = checked.commit.state
+            self._committed(agent, checked.commit.records)
+            if checked.status != "ok":
+                agent.instance_restarts += 1
+            if pending.call.kind is wire.CallKind.INIT:
+                if checked.status == "ok":
+                    agent.initialized = True
+                    self._became_ready(agent)
+                else:
+                    agent.last_exit = f"init failed: {checked.status}: {checked.error}"
+                    if agent.worker:
+                        agent.worker.kill(agent.last_exit)
+                    continue
+            self._answer(pending, checked)
+            self._dispatch(agent)
+
+    def _reload_head(self, agent: Agent) -> None:
+        row = self.store.agent(agent.id)
+        if row is None:
+            return
+        agent.verifier.next_seq = row.head_seq + 1
+        agent.verifier.head_hash = row.head_hash
+        agent.verifier.state_hash = row.state_hash
+        agent.state = row.state
+        agent.in_flight = None
+
+    def _on_fault(self, agent: Agent, frames: list[bytes]) -> None:
+        try:
+            fault = wire.decode_json(frames[0], "fault") if len(frames) == 1 else {}
+            agent.worker.fault = str(fault.get("detail", ""))[:4096]  # type: ignore[union-attr]
+        except ProtocolError:
+            pass
+
+    def _violation(self, agent: Agent, reason: str, evidence: bytes = b"") -> None:
+        worker = agent.worker
+        self.log(f"{agent.name}: protocol violation: {reason}; killing worker")
+        if worker is None or worker.kill_reason == "protocol-violation":
+            return
+        worker.kill("protocol-violation")
+        try:
+            self._append_supervisor(agent, Kind.VIOLATION, {
+                "incarnation": worker.incarnation, "reason": reason, "evidence": evidence,
+            })
+        except StoreError as exc:
+            self.log(f"{agent.name}: cannot record the violation: {exc}")
+
+    def _on_worker_exit(self, agent: Agent) -> None:
+        worker = agent.worker
+        assert worker is not None
+        self.poller.unregister(worker.pidfd)
+        self.by_pidfd.pop(worker.pidfd, None)
+        code = worker.reap()
+        self.by_token.pop(worker.token, None)
+        if worker.identity is not None:
+            self.by_identity.pop(worker.identity, None)
+        how = exit_reason(code)
+        reason = worker.kill_reason or ("load-failed" if code == EXIT_LOAD_FAILED else "worker-died")
+        detail = worker.fault or how
+        agent.last_exit = f"{reason}: {detail}"
+        self.log(f"{agent.name}: worker {worker.pid} {how} ({reason})")
+        if agent.in_flight is not None:
+            self._answer_error(agent.in_flight, "worker-died", f"the agent's worker ended during the call ({agent.last_exit}); nothing was committed")
+            agent.in_flight = None
+        agent.worker = None
+
+        stopping = reason in ("stopped", "shutdown")
+        if agent.status == "starting" and not agent.in_store:
+            self._fail_spawn(agent, f"{reason}: {detail}")
+            return
+        restart = not stopping and reason != "load-failed" and self._should_restart(agent, code)
+        if not stopping and restart:
+            agent.restarts, restart = add_restart(agent.restarts, time.monotonic(), agent.config.restart)
+            if not restart:
+                detail += f"; more than {agent.config.restart.intensity} restarts in {agent.config.restart.period_ms} ms, giving up"
+        if reason != "protocol-violation" or worker.identity is None:
+            desired = None if restart else ("running" if reason == "shutdown" else ("stopped" if stopping else "failed"))
+            with contextlib.suppress(StoreError):
+                self._append_supervisor(agent, Kind.EXIT, {"incarnation": worker.incarnation, "reason": reason, "detail": detail}, desired=desired)
+        elif not restart:
+            with contextlib.suppress(StoreError):
+                self.store.commit([Commit(agent_id=agent.id, records=[], desired="failed")])
+        if restart:
+            agent.restart_count += 1
+            agent.status = "restarting"
+            self._start_worker(agent)
+            return
+        agent.status = "stopped" if stopping else "failed"
+        for pending in agent.mailbox:
+            self._answer_error(pending, "agent-stopped", f"agent {agent.name} is {agent.status}")
+        agent.mailbox.clear()
+        for ident, rid in agent.stop_waiters:
+            self._reply(ident, rid, agent.summary())
+        agent.stop_waiters.clear()
+        if agent.spawn_waiters:
+            for ident, rid in agent.spawn_waiters:
+                self._reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {agent.last_exit}")
+            agent.spawn_waiters.clear()
+
+    def _should_restart(self, agent: Agent, code: int) -> bool:
+        kind = agent.config.restart.type
+        if kind == "temporary":
+            return False
+        if kind == "transient":
+            return code != 0
+        return True
+
+    def _fail_spawn(self, agent: Agent, why: str) -> None:
+        self.agents.pop(agent.id, None)
+        self.by_name.pop(agent.name, None)
+        for ident, rid in agent.spawn_waiters:
+            self._reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {why}")
+
+    def _stop_worker(self, agent: Agent, reason: str) -> None:
+        worker = agent.worker
+        if worker is None or worker.exited:
+            return
+        agent.status = "stopping"
+        worker.kill_reason = worker.kill_reason or reason
+        if worker.identity is not None:
+            self._send_worker(agent, [wire.header(wire.SupervisorType.STOP)])
+            self.timers.after(SHUTDOWN_TIMEOUT_S, lambda: worker.kill(reason))
+        else:
+            worker.kill(reason)
+
+    # --- clients ----------------------------------------------------------------
+
+    def _drain_control(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ident = frames[0]
+            rid = 0
+            try:
+                if len(frames) not in (3, 4) or wire.parse_header(frames[1], wire.ClientType) is not wire.ClientType.REQUEST:
+                    raise ProtocolError("a request is a header, a JSON frame and an optional data frame")
+                body = wire.decode_json(frames[2], "request")
+                rid = body.get("id", 0) if isinstance(body.get("id", 0), int) else 0
+                if not hmac.compare_digest(str(body.get("token", "")), self.token):
+                    raise Refused("bad control token")
+                data = frames[3] if len(frames) == 4 else None
+                self._handle_request(ident, rid, str(body.get("op")), body, data)
+            except SupervisorError as exc:
+                self._reply_error(ident, rid, exc.code, str(exc))
+            except ProtocolError as exc:
+                self._reply_error(ident, rid, "protocol", str(exc))
+
+    def _handle_request(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
+        if op == "ping":
+            self._reply(ident, rid, {"pid": os.getpid(), "home": str(self.home.root), "agents": len(self.agents)})
+        elif op == "spawn":
+            self._op_spawn(ident, rid, body)
+        elif op in ("send", "call"):
+            self._op_message(ident, rid, op, body, data)
+        elif op == "ps":
+            self._reply(ident, rid, {"agents": [a.summary() for a in self.agents.values()]})
+        elif op == "stop":
+            self._op_stop(ident, rid, body)
+        elif op == "wait":
+            self._op_wait(ident, rid, body)
+        elif op == "down":
+            self.down_waiters.append((ident, rid))
+            self.request_down()
+        else:
+            raise Refused(f"unknown operation {op!r}")
+
+    def _find(self, ref: object) -> Agent:
+        if not isinstance(ref, str):
+            raise NotFound("agent must be a name or an id")
+        agent = self.by_name.get(ref)
+        if agent is None:
+            with contextlib.suppress(ValueError):
+                agent = self.agents.get(uuid.UUID(ref).bytes)
+        if agent is None:
+            raise NotFound(f"no agent named or with id {ref!r}")
+        return agent
+
+    def _op_spawn(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
+        if not self.running:
+            raise Refused("the supervisor is shutting down")
+        manifest = body.get("manifest")
+        if not isinstance(manifest, str) or not os.path.isabs(manifest):
+            raise Refused("spawn needs the manifest's absolute path")
+        config = load_manifest(Path(manifest), policy_dirs(self.home.root))
+        existing = self.by_name.get(config.name)
+        if existing is not None:
+            raise Refused(f"an agent named {config.name!r} already exists ({existing.uuid}, {existing.status})")
+        agent = Agent(
+            id=uuid.uuid4().bytes, config=config, verifier=ChainVerifier(self.public_key),
+            state=b"", initialized=False, incarnation=-1, in_store=False,
+        )
+        agent.spawn_waiters.append((ident, rid))
+        self._register(agent)
+        self._start_worker(agent)
+
+    def _op_message(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
+        agent = self._find(body.get("agent"))
+        data = data or b""
+        limits = agent.config.limits
+        if len(data) > limits.max_message_bytes:
+            raise Refused(f"message of {len(data)} bytes exceeds {agent.name}'s max_message_bytes {limits.max_message_bytes}")
+        if agent.status in ("stopped", "failed", "stopping"):
+            raise Refused(f"agent {agent.name} is {agent.status}")
+        if len(agent.mailbox) >= limits.mailbox:
+            raise Refused(f"agent {agent.name}'s mailbox is full ({limits.mailbox} messages)")
+        pending = Pending(wire.Call(next(self.call_ids), wire.CallKind.HANDLE, data))
+        if op == "call":
+            pending.reply_to = (ident, rid)
+            timeout_ms = body.get("timeout_ms", 10_000)
+            if not isinstance(timeout_ms, int) or not 1 <= timeout_ms <= 3_600_000:
+                raise Refused("timeout_ms must be an integer in 1..3600000")
+            self.timers.after(timeout_ms / 1000, lambda: self._answer_error(pending, "timeout", f"no reply from {agent.name} within {timeout_ms} ms"))
+        agent.mailbox.append(pending)
+        if op == "send":
+            self._reply(ident, rid, {"queued": len(agent.mailbox)})
+        self._dispatch(agent)
+
+    def _op_stop(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
+        agent = self._find(body.get("agent"))
+        if agent.worker is None or agent.worker.exited:
+            if agent.status != "stopped":
+                agent.status = "stopped"
+                self.store.commit([Commit(agent_id=agent.id, records=[], desired="stopped")])
+            self._reply(ident, rid, agent.summary())
+            return
+        agent.stop_waiters.append((ident, rid))
+        self._stop_worker(agent, "stopped")
+
+    def _op_wait(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
+        agent = self._find(body.get("agent"))
+        after, wait_ms = body.get("after", -1), body.get("wait_ms", 0)
+        if not isinstance(after, int) or not isinstance(wait_ms, int) or not 0 <= wait_ms <= 600_000:
+            raise Refused("wait needs integer after and wait_ms in 0..600000")
+        head = agent.verifier.next_seq - 1
+        if head > after or wait_ms == 0:
+            self._reply(ident, rid, {"head": head})
+            return
+        entry = (ident, rid, after)
+        self.waiters.setdefault(agent.id, []).append(entry)
+
+        def expire() -> None:
+            lst = self.waiters.get(agent.id, [])
+            if entry in lst:
+                lst.remove(entry)
+                self._reply(ident, rid, {"head": agent.verifier.next_seq - 1})
+
+        self.timers.after(wait_ms / 1000, expire)
+
+    def _wake_waiters(self, agent: Agent) -> None:
+        lst = self.waiters.pop(agent.id, None)
+        if lst:
+            head = agent.verifier.next_seq - 1
+            for ident, rid, _ in lst:
+                self._reply(ident, rid, {"head": head})
+
+    def _answer(self, pending: Pending, checked: Checked) -> None:
+        if pending.reply_to is None or pending.answered:
+            return
+        pending.answered = True
+        ident, rid = pending.reply_to
+        if checked.status == "ok":
+            result = {"status": "ok", "has_reply": checked.reply is not None, "seq": checked.final.seq}
+            self._reply(ident, rid, result, checked.reply)
+        else:
+            self._reply_error(ident, rid, checked.status, checked.error)
+
+    def _answer_error(self, pending: Pending, code: str, message: str) -> None:
+        if pending.reply_to is None or pending.answered:
+            return
+        pending.answered = True
+        self._reply_error(*pending.reply_to, code, message)
+
+    def _reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None) -> None:
+        frames = [ident, wire.header(wire.ClientType.REPLY), wire.encode_json({"id": rid, "ok": True, "result": result})]
+        if data is not None:
+            frames.append(data)
+        with contextlib.suppress(zmq.ZMQError):
+            self.control.send_multipart(frames, copy=False)
+
+    def _reply_error(self, ident: bytes, rid: int, code: str, message: str) -> None:
+        body = {"id": rid, "ok": False, "error": {"code": code, "message": message}}
+        with contextlib.suppress(zmq.ZMQError):
+            self.control.send_multipart([ident, wire.header(wire.ClientType.REPLY), wire.encode_json(body)])
+

@@ -1,0 +1,184 @@
+"""The event store: one SQLite file in WAL mode, append-only records, latest state per agent.
+
+A record and the state it commits land in one transaction, so a crash at any
+point leaves either both or neither. ``synchronous=FULL``: a commit that
+returned is on disk. Triggers refuse any UPDATE or DELETE of a record.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from theater.records import Record
+
+from ._errors import StoreError
+
+__all__ = ["AgentRow", "EventStore"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (
+    id          BLOB PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    config      TEXT NOT NULL,
+    desired     TEXT NOT NULL,
+    created_ns  INTEGER NOT NULL,
+    head_seq    INTEGER NOT NULL,
+    head_hash   BLOB NOT NULL,
+    state_hash  BLOB NOT NULL,
+    state       BLOB NOT NULL,
+    initialized INTEGER NOT NULL,
+    incarnation INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    agent_id BLOB NOT NULL,
+    seq      INTEGER NOT NULL,
+    kind     INTEGER NOT NULL,
+    time_ns  INTEGER NOT NULL,
+    hash     BLOB NOT NULL,
+    raw      BLOB NOT NULL,
+    PRIMARY KEY (agent_id, seq)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
+    BEGIN SELECT RAISE(ABORT, 'event records are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
+    BEGIN SELECT RAISE(ABORT, 'event records are append-only'); END;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRow:
+    id: bytes
+    name: str
+    config: dict[str, Any]
+    desired: str
+    created_ns: int
+    head_seq: int
+    head_hash: bytes
+    state_hash: bytes
+    state: bytes
+    initialized: bool
+    incarnation: int
+
+
+@dataclass(slots=True)
+class Commit:
+    """What one transaction appends for one agent: records, and maybe a new state."""
+
+    agent_id: bytes
+    records: list[Record]
+    state: bytes | None = None
+    initialized: bool | None = None
+    incarnation: int | None = None
+    desired: str | None = None
+
+
+class EventStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StoreError(f"{path}: schema version {row[0]}, this build reads {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: cannot open the event store: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def create_agent(self, agent_id: bytes, name: str, config: dict[str, Any], genesis: Record, state: bytes) -> None:
+        try:
+            with self._tx():
+                self.db.execute(
+                    "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (agent_id, name, json.dumps(config, sort_keys=True), "running", time.time_ns(),
+                     genesis.seq, genesis.hash, genesis.state_hash, state, 0, 0),
+                )
+                self._insert(genesis)
+        except sqlite3.IntegrityError:
+            raise StoreError(f"an agent named {name!r} already exists") from None
+
+    def commit(self, commits: list[Commit]) -> None:
+        """Append every commit in one durable transaction (group commit)."""
+        with self._tx():
+            for c in commits:
+                for record in c.records:
+                    self._insert(record)
+                head = c.records[-1] if c.records else None
+                sets, args = [], []
+                if head is not None:
+                    sets += ["head_seq=?", "head_hash=?", "state_hash=?"]
+                    args += [head.seq, head.hash, head.state_hash]
+                for column, value in (("state", c.state), ("initialized", c.initialized),
+                                      ("incarnation", c.incarnation), ("desired", c.desired)):
+                    if value is not None:
+                        sets.append(f"{column}=?")
+                        args.append(value)
+                if sets:
+                    self.db.execute(f"UPDATE agents SET {', '.join(sets)} WHERE id=?", (*args, c.agent_id))
+
+    def _insert(self, r: Record) -> None:
+        self.db.execute(
+            "INSERT INTO records VALUES (?,?,?,?,?,?)", (r.agent_id, r.seq, int(r.kind), r.time_ns, r.hash, r.raw)
+        )
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self.db, self.path)
+
+    def agents(self) -> list[AgentRow]:
+        rows = self.db.execute("SELECT * FROM agents ORDER BY created_ns").fetchall()
+        return [_agent_row(r) for r in rows]
+
+    def agent(self, agent_id: bytes) -> AgentRow | None:
+        row = self.db.execute("SELECT * FROM agents WHERE id=?", (agent_id,)).fetchone()
+        return _agent_row(row) if row else None
+
+    def records(self, agent_id: bytes, after: int = -1, limit: int = 1_000_000) -> Iterator[bytes]:
+        cur = self.db.execute(
+            "SELECT raw FROM records WHERE agent_id=? AND seq>? ORDER BY seq LIMIT ?", (agent_id, after, limit)
+        )
+        for (raw,) in cur:
+            yield raw
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self.db, self.path = db, path
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, typ: Any, exc: Any, tb: Any) -> None:
+        if typ is None:
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.Error as err:
+                self.db.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: commit failed: {err}") from None
+        self.db.execute("ROLLBACK")
+        if issubclass(typ, sqlite3.IntegrityError):
+            return  # re-raised by the caller's context
+        if issubclass(typ, sqlite3.Error):
+            raise StoreError(f"{self.path}: write failed: {exc}") from None
+
+
+def _agent_row(r: tuple[Any, ...]) -> AgentRow:
+    return AgentRow(
+        id=r[0], name=r[1], config=json.loads(r[2]), desired=r[3], created_ns=r[4], head_seq=r[5],
+        head_hash=r[6], state_hash=r[7], state=r[8], initialized=bool(r[9]), incarnation=r[10],
+    )

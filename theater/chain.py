@@ -1,0 +1,96 @@
+"""Chain rules: what makes a sequence of records one agent's valid history.
+
+The same :class:`ChainVerifier` checks records live in the supervisor before
+they are stored and offline in ``theater verify`` or an auditor's script.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .errors import RecordError
+from .records import ZERO_HASH, Kind, Record, Signer, verify_record
+
+__all__ = ["ChainVerifier", "verify_chain"]
+
+# Kinds whose "ok" outcome may change the agent's state.
+_STATE_CHANGING = (Kind.INIT, Kind.HANDLE)
+
+
+class ChainVerifier:
+    """Incrementally checks one agent's chain: sequence, hash link, signer, state link.
+
+    ``check_link`` is the cheap, ordered part; ``verify_record`` (signature) may
+    run elsewhere (for example in a thread pool) before ``advance`` is called
+    with ``signature_checked=True``.
+    """
+
+    def __init__(self, supervisor_key: Ed25519PublicKey) -> None:
+        self.supervisor_key = supervisor_key
+        self.agent_id: bytes | None = None
+        self.next_seq = 0
+        self.head_hash = ZERO_HASH
+        self.state_hash: bytes | None = None
+        self.worker_key: Ed25519PublicKey | None = None
+        self.incarnation = -1
+
+    def key_for(self, record: Record) -> Ed25519PublicKey:
+        if record.signer is Signer.SUPERVISOR:
+            return self.supervisor_key
+        if self.worker_key is None:
+            raise RecordError(f"record {record.seq}: worker record while no worker key is in force")
+        return self.worker_key
+
+    def check_link(self, record: Record) -> None:
+        """Raise unless ``record`` may follow the current head (signature aside)."""
+        if self.agent_id is not None and record.agent_id != self.agent_id:
+            raise RecordError(f"record {record.seq} belongs to another agent")
+        if record.seq != self.next_seq:
+            raise RecordError(f"record has sequence {record.seq}, expected {self.next_seq}")
+        if record.prev_hash != self.head_hash:
+            raise RecordError(f"record {record.seq}: previous-hash does not match the chain head")
+        if (record.kind is Kind.GENESIS) != (record.seq == 0):
+            raise RecordError(f"record {record.seq}: a chain starts with genesis, and only there")
+        if record.signer is Signer.WORKER and self.worker_key is None:
+            raise RecordError(f"record {record.seq}: worker record while no worker key is in force")
+        if record.seq > 0 and record.state_hash != self.state_hash:
+            changes = record.kind in _STATE_CHANGING and record.fields()["status"] == "ok"
+            if not changes:
+                raise RecordError(
+                    f"record {record.seq} ({record.kind.name.lower()}) changes the state hash"
+                )
+
+    def advance(self, record: Record, *, signature_checked: bool = False) -> None:
+        """Check ``record`` completely and make it the new head."""
+        self.check_link(record)
+        if not signature_checked:
+            verify_record(record, self.key_for(record))
+        if record.kind in (Kind.GENESIS, Kind.WORKER_KEY):
+            fields = record.fields()
+            self.worker_key = _public_key(fields["worker_key"], record.seq)
+            self.incarnation = fields.get("incarnation", 0)
+        elif record.kind in (Kind.EXIT, Kind.VIOLATION):
+            self.worker_key = None
+        self.agent_id = record.agent_id
+        self.next_seq = record.seq + 1
+        self.head_hash = record.hash
+        self.state_hash = record.state_hash
+
+
+def _public_key(raw: bytes, seq: int) -> Ed25519PublicKey:
+    try:
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise RecordError(f"record {seq}: worker key is not an Ed25519 public key") from exc
+
+
+def verify_chain(records: Iterable[bytes], supervisor_key: Ed25519PublicKey) -> ChainVerifier:
+    """Verify a whole chain from genesis; return the verifier positioned at its head."""
+    verifier = ChainVerifier(supervisor_key)
+    for raw in records:
+        verifier.advance(Record.parse(raw))
+    if verifier.next_seq == 0:
+        raise RecordError("empty chain")
+    return verifier

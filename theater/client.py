@@ -1,0 +1,105 @@
+"""A client of a running supervisor, over its control socket.
+
+Every request carries the home's control token; the socket lives in a 0700
+directory, so only the owning user can reach it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import wire
+from .errors import TheaterError
+from .home import Home
+
+__all__ = ["Client", "ClientError", "NotRunning"]
+
+
+class ClientError(TheaterError):
+    """The supervisor answered with an error. ``code`` says which kind."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotRunning(TheaterError):
+    """No supervisor answers at this home."""
+
+
+class Client:
+    def __init__(self, home: Home | Path | str, *, timeout: float = 30.0) -> None:
+        self.home = home if isinstance(home, Home) else Home(home)
+        self.timeout = timeout
+        try:
+            self._token = self.home.token.read_text().strip()
+        except FileNotFoundError:
+            raise NotRunning(f"no supervisor is running at {self.home.root} (start one with `theater up`)") from None
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.linger = 0
+        self._sock.connect(self.home.control_endpoint)
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, op: str, data: bytes | None = None, *, timeout: float | None = None, **args: Any) -> tuple[dict[str, Any], bytes | None]:
+        """Send one request and wait for its reply; raise ClientError on an error reply."""
+        rid = next(self._ids)
+        frames = [wire.header(wire.ClientType.REQUEST), wire.encode_json({"op": op, "id": rid, "token": self._token, **args})]
+        if data is not None:
+            frames.append(data)
+        self._sock.send_multipart(frames, copy=False)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
+                raise NotRunning(f"no answer from the supervisor at {self.home.root} within the timeout")
+            reply = self._sock.recv_multipart()
+            if len(reply) < 2 or reply[0] != wire.header(wire.ClientType.REPLY):
+                raise TheaterError("malformed reply from the supervisor")
+            body = wire.decode_json(reply[1], "reply")
+            if body.get("id") != rid:
+                continue  # a late answer to an earlier, timed-out request
+            if not body.get("ok"):
+                err = body.get("error") or {}
+                raise ClientError(str(err.get("code", "error")), str(err.get("message", "unknown error")))
+            return body.get("result") or {}, (reply[2] if len(reply) > 2 else None)
+
+    # Convenience wrappers; each is one request.
+    def ping(self) -> dict[str, Any]:
+        return self.request("ping")[0]
+
+    def spawn(self, manifest: Path | str) -> dict[str, Any]:
+        return self.request("spawn", manifest=str(Path(manifest).resolve()))[0]
+
+    def send(self, agent: str, data: bytes) -> dict[str, Any]:
+        return self.request("send", data, agent=agent)[0]
+
+    def call(self, agent: str, data: bytes, *, timeout: float = 10.0) -> bytes | None:
+        result, reply = self.request("call", data, agent=agent, timeout_ms=int(timeout * 1000), timeout=timeout + 5)
+        return reply if result.get("has_reply") else None
+
+    def ps(self) -> list[dict[str, Any]]:
+        return self.request("ps")[0]["agents"]
+
+    def stop(self, agent: str) -> dict[str, Any]:
+        return self.request("stop", agent=agent)[0]
+
+    def wait_events(self, agent: str, after: int, wait_ms: int) -> int:
+        return int(self.request("wait", agent=agent, after=after, wait_ms=wait_ms, timeout=wait_ms / 1000 + 5)[0]["head"])
+
+    def down(self) -> dict[str, Any]:
+        return self.request("down")[0]

@@ -1,0 +1,57 @@
+"""Layout of a Theater home (the state directory), shared by supervisor and clients.
+
+    $THEATER_HOME/              0700
+      supervisor.key            0600  Ed25519 seed of the supervisor's long-term key
+      supervisor.pub                  its public key (raw 32 bytes), what auditors need
+      events.sqlite3                  the event store (WAL)
+      policies/                       optional site policies, looked up before built-ins
+      logs/                           supervisor and worker logs
+      run/                      0700  sockets and the control token, live only while up
+        control.sock  workers.sock  control.token (0600)  supervisor.pid
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["Home", "default_home"]
+
+MAX_IPC_PATH = 107  # sun_path minus the terminating NUL
+
+
+def default_home() -> Path:
+    env = os.environ.get("THEATER_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "theater"
+
+
+class Home:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.run = self.root / "run"
+        self.logs = self.root / "logs"
+        self.key = self.root / "supervisor.key"
+        self.public_key = self.root / "supervisor.pub"
+        self.store = self.root / "events.sqlite3"
+        self.policies = self.root / "policies"
+        self.control_sock = self.run / "control.sock"
+        self.workers_sock = self.run / "workers.sock"
+        self.token = self.run / "control.token"
+        self.pid_file = self.run / "supervisor.pid"
+
+    def endpoint(self, path: Path) -> str:
+        text = str(path)
+        if len(text.encode()) > MAX_IPC_PATH:
+            raise OSError(f"socket path {text} is longer than {MAX_IPC_PATH} bytes; choose a shorter THEATER_HOME")
+        return f"ipc://{text}"
+
+    @property
+    def control_endpoint(self) -> str:
+        return self.endpoint(self.control_sock)
+
+    @property
+    def workers_endpoint(self) -> str:
+        return self.endpoint(self.workers_sock)

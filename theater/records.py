@@ -1,0 +1,336 @@
+"""Event records: the canonical, versioned, signed unit of an agent's history.
+
+The byte layout is specified in ``docs/event-records.md``; this module is the
+reference implementation and ``tests/vectors/`` holds golden records. An
+auditor needs nothing but this module (or the document) and the supervisor's
+public key to check a chain.
+
+Layout of a version-1 record (integers big-endian)::
+
+    body      = version:u8 kind:u8 signer:u8 agent_id:16 seq:u64 time_ns:u64
+                prev_hash:32 state_hash:32 payload_len:u32 payload
+    signature = Ed25519(signer key, DOMAIN || body)          64 bytes
+    record    = body || signature
+    hash      = SHA-256(record)
+
+Bytes that have not passed :func:`verify_record` are ``unverified`` and are
+only ever handled as such.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from .errors import RecordError
+
+__all__ = [
+    "DOMAIN",
+    "FIELDS",
+    "HEADER",
+    "MAX_RECORD_BYTES",
+    "VERSION",
+    "ZERO_HASH",
+    "Kind",
+    "Record",
+    "Signer",
+    "decode_payload",
+    "encode_payload",
+    "sha256",
+    "sign_record",
+    "verify_record",
+]
+
+VERSION = 1
+DOMAIN = b"theater/event-record/v1\x00"
+HEADER = struct.Struct(">BBB16sQQ32s32sI")
+SIGNATURE_BYTES = 64
+ZERO_HASH = bytes(32)
+# A record carries at most one message or state-sized value plus small fields;
+# the policy ceiling for messages is far below this.
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class Signer(enum.IntEnum):
+    """Whose key signs a record: the supervisor's long-term key or the worker's."""
+
+    SUPERVISOR = 0
+    WORKER = 1
+
+
+class Kind(enum.IntEnum):
+    """Record kinds. Values are part of the format and never reused."""
+
+    GENESIS = 1  # supervisor: the agent exists; its first worker's key
+    WORKER_KEY = 2  # supervisor: a new worker (restart) and its key
+    INIT = 3  # worker: the init call and its outcome
+    HANDLE = 4  # worker: one message and its outcome
+    HOST_CALL = 5  # worker: a nondeterministic value handed to the guest
+    LOG = 6  # worker: a log line from the guest
+    EXIT = 7  # supervisor: the worker ended, and why
+    VIOLATION = 8  # supervisor: the worker broke the protocol and was killed
+
+
+# Which key may sign each kind.
+SIGNER_OF: dict[Kind, Signer] = {
+    Kind.GENESIS: Signer.SUPERVISOR,
+    Kind.WORKER_KEY: Signer.SUPERVISOR,
+    Kind.INIT: Signer.WORKER,
+    Kind.HANDLE: Signer.WORKER,
+    Kind.HOST_CALL: Signer.WORKER,
+    Kind.LOG: Signer.WORKER,
+    Kind.EXIT: Signer.SUPERVISOR,
+    Kind.VIOLATION: Signer.SUPERVISOR,
+}
+
+# Payload schema of each kind: fields in order, each (name, type). Types:
+#   u8 / u32 / u64   big-endian unsigned integer
+#   bytes            u32 length, then the bytes
+#   str              u32 length, then UTF-8
+#   opt-bytes        u8 0 (absent) or u8 1 then bytes
+FIELDS: dict[Kind, tuple[tuple[str, str], ...]] = {
+    Kind.GENESIS: (
+        ("name", "str"),
+        ("component_sha256", "bytes"),
+        ("config", "str"),
+        ("worker_key", "bytes"),
+        ("confinement", "str"),
+    ),
+    Kind.WORKER_KEY: (
+        ("incarnation", "u32"),
+        ("worker_key", "bytes"),
+        ("confinement", "str"),
+        ("reason", "str"),
+    ),
+    Kind.INIT: (
+        ("args", "bytes"),
+        ("status", "str"),
+        ("error", "str"),
+        ("fuel", "u64"),
+    ),
+    Kind.HANDLE: (
+        ("message", "bytes"),
+        ("reply", "opt-bytes"),
+        ("status", "str"),
+        ("error", "str"),
+        ("fuel", "u64"),
+    ),
+    Kind.HOST_CALL: (
+        ("interface", "str"),
+        ("function", "str"),
+        ("input", "bytes"),
+        ("output", "bytes"),
+    ),
+    Kind.LOG: (
+        ("level", "str"),
+        ("message", "str"),
+        ("truncated", "u8"),
+    ),
+    Kind.EXIT: (
+        ("incarnation", "u32"),
+        ("reason", "str"),
+        ("detail", "str"),
+    ),
+    Kind.VIOLATION: (
+        ("incarnation", "u32"),
+        ("reason", "str"),
+        ("evidence", "bytes"),
+    ),
+}
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+def encode_payload(kind: Kind, fields: dict[str, Any]) -> bytes:
+    """Encode ``fields`` (exactly the kind's schema, no more, no less) canonically."""
+    schema = FIELDS[kind]
+    names = [name for name, _ in schema]
+    if sorted(fields) != sorted(names):
+        raise RecordError(f"{kind.name.lower()} payload needs fields {names}, got {sorted(fields)}")
+    out = bytearray()
+    for name, typ in schema:
+        value = fields[name]
+        if typ == "u8":
+            out += bytes((int(value),))
+        elif typ == "u32":
+            out += _U32.pack(value)
+        elif typ == "u64":
+            out += _U64.pack(value)
+        elif typ == "str":
+            raw = value.encode("utf-8")
+            out += _U32.pack(len(raw)) + raw
+        elif typ == "bytes":
+            out += _U32.pack(len(value)) + value
+        elif typ == "opt-bytes":
+            if value is None:
+                out += b"\x00"
+            else:
+                out += b"\x01" + _U32.pack(len(value)) + value
+        else:  # pragma: no cover - schema is static
+            raise AssertionError(typ)
+    return bytes(out)
+
+
+def decode_payload(kind: Kind, payload: bytes) -> dict[str, Any]:
+    """Decode a payload; anything but an exact, canonical encoding is an error."""
+    fields: dict[str, Any] = {}
+    view = memoryview(payload)
+    pos = 0
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal pos
+        if pos + n > len(view):
+            raise RecordError(f"{kind.name.lower()} payload truncated in field {what!r}")
+        chunk = bytes(view[pos : pos + n])
+        pos += n
+        return chunk
+
+    for name, typ in FIELDS[kind]:
+        if typ == "u8":
+            fields[name] = take(1, name)[0]
+        elif typ == "u32":
+            fields[name] = _U32.unpack(take(4, name))[0]
+        elif typ == "u64":
+            fields[name] = _U64.unpack(take(8, name))[0]
+        elif typ in ("str", "bytes", "opt-bytes"):
+            if typ == "opt-bytes":
+                flag = take(1, name)[0]
+                if flag == 0:
+                    fields[name] = None
+                    continue
+                if flag != 1:
+                    raise RecordError(f"field {name!r}: option flag must be 0 or 1, got {flag}")
+            (length,) = _U32.unpack(take(4, name))
+            raw = take(length, name)
+            if typ == "str":
+                try:
+                    fields[name] = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise RecordError(f"field {name!r} is not valid UTF-8") from exc
+            else:
+                fields[name] = raw
+    if pos != len(view):
+        raise RecordError(f"{kind.name.lower()} payload has {len(view) - pos} trailing bytes")
+    return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A decoded record. ``raw`` is the exact signed encoding; ``hash`` links the chain."""
+
+    kind: Kind
+    signer: Signer
+    agent_id: bytes
+    seq: int
+    time_ns: int
+    prev_hash: bytes
+    state_hash: bytes
+    payload: bytes
+    signature: bytes
+    raw: bytes
+    hash: bytes
+
+    @property
+    def agent_uuid(self) -> str:
+        return str(uuid.UUID(bytes=self.agent_id))
+
+    def fields(self) -> dict[str, Any]:
+        return decode_payload(self.kind, self.payload)
+
+    @classmethod
+    def parse(cls, unverified: bytes) -> Record:
+        """Parse the structure only. The signature is NOT checked: see :func:`verify_record`."""
+        if len(unverified) > MAX_RECORD_BYTES:
+            raise RecordError(f"record of {len(unverified)} bytes exceeds {MAX_RECORD_BYTES}")
+        if len(unverified) < HEADER.size + SIGNATURE_BYTES:
+            raise RecordError(f"record of {len(unverified)} bytes is shorter than the fixed header")
+        (version, kind, signer, agent_id, seq, time_ns, prev_hash, state_hash, plen) = (
+            HEADER.unpack_from(unverified)
+        )
+        if version != VERSION:
+            raise RecordError(f"unsupported record version {version}")
+        try:
+            kind_ = Kind(kind)
+            signer_ = Signer(signer)
+        except ValueError as exc:
+            raise RecordError(f"unknown record kind {kind} or signer {signer}") from exc
+        if SIGNER_OF[kind_] is not signer_:
+            raise RecordError(f"{kind_.name.lower()} records are signed by the {SIGNER_OF[kind_].name.lower()}")
+        end = HEADER.size + plen
+        if end + SIGNATURE_BYTES != len(unverified):
+            raise RecordError("record length does not match its payload length")
+        payload = unverified[HEADER.size : end]
+        decode_payload(kind_, payload)  # structure must be canonical
+        return cls(
+            kind=kind_,
+            signer=signer_,
+            agent_id=agent_id,
+            seq=seq,
+            time_ns=time_ns,
+            prev_hash=prev_hash,
+            state_hash=state_hash,
+            payload=payload,
+            signature=unverified[end:],
+            raw=unverified,
+            hash=sha256(unverified),
+        )
+
+
+def sign_record(
+    key: Ed25519PrivateKey,
+    *,
+    kind: Kind,
+    agent_id: bytes,
+    seq: int,
+    time_ns: int,
+    prev_hash: bytes,
+    state_hash: bytes,
+    fields: dict[str, Any],
+) -> Record:
+    """Build, encode and sign a record."""
+    if len(agent_id) != 16 or len(prev_hash) != 32 or len(state_hash) != 32:
+        raise RecordError("agent id must be 16 bytes and hashes 32 bytes")
+    payload = encode_payload(kind, fields)
+    body = HEADER.pack(
+        VERSION, kind, SIGNER_OF[kind], agent_id, seq, time_ns, prev_hash, state_hash, len(payload)
+    ) + payload
+    signature = key.sign(DOMAIN + body)
+    raw = body + signature
+    return Record(
+        kind=kind,
+        signer=SIGNER_OF[kind],
+        agent_id=agent_id,
+        seq=seq,
+        time_ns=time_ns,
+        prev_hash=prev_hash,
+        state_hash=state_hash,
+        payload=payload,
+        signature=signature,
+        raw=raw,
+        hash=sha256(raw),
+    )
+
+
+def verify_record(record: Record, public_key: Ed25519PublicKey) -> None:
+    """Check the record's signature; raise :class:`RecordError` if it does not verify."""
+    try:
+        public_key.verify(record.signature, DOMAIN + record.raw[: -SIGNATURE_BYTES])
+    except InvalidSignature:
+        raise RecordError(
+            f"signature of record {record.seq} ({record.kind.name.lower()}) does not verify"
+        ) from None

@@ -1,0 +1,111 @@
+"""What a worker is told to run: the agent spec the supervisor sends in its SPEC frame.
+
+Both sides import it; the supervisor builds it from a manifest and a policy,
+the worker applies it. Bounds here are the absolute ranges any policy may use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .errors import ProtocolError
+
+__all__ = ["CAPABILITIES", "LIMIT_BOUNDS", "AgentSpec", "Limits"]
+
+# Capability name -> WIT interface. Later capabilities add one entry each.
+CAPABILITIES: dict[str, str] = {
+    "runtime": "theater:agent/runtime@0.1.0",
+}
+
+KIB = 1024
+MIB = 1024 * KIB
+
+# name -> (minimum, maximum, what it bounds)
+LIMIT_BOUNDS: dict[str, tuple[int, int, str]] = {
+    "memory_bytes": (64 * KIB, 4096 * MIB, "linear memory per agent, bytes"),
+    "fuel_per_call": (1_000, 10**12, "wasm fuel for one call"),
+    "wall_time_ms": (1, 3_600_000, "wall-clock deadline of one call, ms"),
+    "max_message_bytes": (0, 64 * MIB, "largest message or reply, bytes"),
+    "max_state_bytes": (0, 64 * MIB, "largest committed state, bytes"),
+    "max_logs_per_call": (0, 10_000, "log lines in one call"),
+    "max_log_bytes": (1, 64 * KIB, "one log line, bytes"),
+    "max_host_calls_per_call": (0, 100_000, "recorded host calls (now, random...) in one call"),
+    "max_random_bytes": (0, MIB, "one random-bytes request, bytes"),
+    "stack_bytes": (64 * KIB, 2 * MIB, "wasm stack, bytes"),
+    "table_elements": (0, 10_000_000, "wasm table elements"),
+    "instances": (1, 10_000, "core instances in a component"),
+    "mailbox": (1, 1_000_000, "queued messages per agent"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    memory_bytes: int
+    fuel_per_call: int
+    wall_time_ms: int
+    max_message_bytes: int
+    max_state_bytes: int
+    max_logs_per_call: int
+    max_log_bytes: int
+    max_host_calls_per_call: int
+    max_random_bytes: int
+    stack_bytes: int
+    table_elements: int
+    instances: int
+    mailbox: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Limits:
+        names = {f.name for f in fields(cls)}
+        if set(data) != names:
+            raise ProtocolError(f"limits must have exactly the keys {sorted(names)}")
+        for name, value in data.items():
+            low, high, _ = LIMIT_BOUNDS[name]
+            if type(value) is not int or not low <= value <= high:
+                raise ProtocolError(f"limit {name} must be an integer in {low}..{high}")
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """Everything a worker needs; sent once, right after the worker's hello."""
+
+    agent_id: str
+    name: str
+    component_path: str
+    component_sha256: str
+    capabilities: tuple[str, ...]
+    limits: Limits
+    head_seq: int
+    head_hash: str
+    state_hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["limits"] = self.limits.as_dict()
+        data["capabilities"] = list(self.capabilities)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AgentSpec:
+        try:
+            caps = tuple(data["capabilities"])
+            if any(c not in CAPABILITIES for c in caps):
+                raise ProtocolError(f"spec grants unknown capabilities {caps}")
+            return cls(
+                agent_id=str(data["agent_id"]),
+                name=str(data["name"]),
+                component_path=str(data["component_path"]),
+                component_sha256=str(data["component_sha256"]),
+                capabilities=caps,
+                limits=Limits.from_dict(data["limits"]),
+                head_seq=int(data["head_seq"]),
+                head_hash=str(data["head_hash"]),
+                state_hash=str(data["state_hash"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed agent spec: {exc!r}") from None

@@ -1,0 +1,200 @@
+"""Wire frames between supervisor, workers and clients (ZeroMQ multipart).
+
+Every message starts with a two-byte header frame ``version:u8 type:u8``.
+The frames of each type are specified in ``docs/wire-protocol.md``. Parsing is
+strict: an unknown version or type, a missing or extra frame, or a frame of the
+wrong size raises :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ProtocolError
+
+__all__ = [
+    "HELLO_DOMAIN",
+    "VERSION",
+    "Call",
+    "CallKind",
+    "ClientType",
+    "Hello",
+    "Result",
+    "SupervisorType",
+    "WorkerType",
+    "decode_json",
+    "encode_json",
+    "header",
+    "parse_header",
+]
+
+VERSION = 1
+HELLO_DOMAIN = b"theater/hello/v1\x00"
+TOKEN_BYTES = 32
+_HEADER = struct.Struct(">BB")
+
+
+class WorkerType(enum.IntEnum):
+    """Frames a worker sends to the supervisor."""
+
+    HELLO = 1
+    RESULT = 2
+    FAULT = 3
+
+
+class SupervisorType(enum.IntEnum):
+    """Frames the supervisor sends to a worker."""
+
+    SPEC = 1
+    CALL = 2
+    STOP = 3
+
+
+class ClientType(enum.IntEnum):
+    """Frames on the control socket."""
+
+    REQUEST = 1
+    REPLY = 2
+
+
+class CallKind(enum.IntEnum):
+    INIT = 0
+    HANDLE = 1
+
+
+def header(typ: int) -> bytes:
+    return _HEADER.pack(VERSION, typ)
+
+
+def parse_header(frame: bytes, enum_type: type[enum.IntEnum]) -> Any:
+    if len(frame) != _HEADER.size:
+        raise ProtocolError(f"header frame must be {_HEADER.size} bytes, got {len(frame)}")
+    version, typ = _HEADER.unpack(frame)
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}")
+    try:
+        return enum_type(typ)
+    except ValueError:
+        raise ProtocolError(f"unknown {enum_type.__name__} frame type {typ}") from None
+
+
+# --- worker -> supervisor ---------------------------------------------------
+
+_HELLO = struct.Struct(">32s32s64sI")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First frame of a worker: its spawn token, its fresh public key, proof it holds the key."""
+
+    token: bytes
+    worker_key: bytes
+    proof: bytes
+    pid: int
+    confinement: dict[str, str]
+
+    def encode(self) -> list[bytes]:
+        return [
+            header(WorkerType.HELLO),
+            _HELLO.pack(self.token, self.worker_key, self.proof, self.pid),
+            encode_json(self.confinement),
+        ]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Hello:
+        if len(frames) != 2 or len(frames[0]) != _HELLO.size:
+            raise ProtocolError("hello must be a 132-byte frame and a confinement frame")
+        confinement = decode_json(frames[1], "hello confinement")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in confinement.items()):
+            raise ProtocolError("hello confinement must map strings to strings")
+        return cls(*_HELLO.unpack(frames[0]), confinement=confinement)
+
+
+_RESULT_META = struct.Struct(">QB")
+_HAS_STATE = 0x01
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one call: its signed records and, if it changed, the new state."""
+
+    call_id: int
+    state: bytes | None
+    records: list[bytes]
+
+    def encode(self) -> list[bytes]:
+        flags = _HAS_STATE if self.state is not None else 0
+        frames = [header(WorkerType.RESULT), _RESULT_META.pack(self.call_id, flags)]
+        if self.state is not None:
+            frames.append(self.state)
+        frames.extend(self.records)
+        return frames
+
+    @classmethod
+    def decode(cls, frames: list[bytes], *, max_records: int) -> Result:
+        if not frames or len(frames[0]) != _RESULT_META.size:
+            raise ProtocolError("result must start with a 9-byte meta frame")
+        call_id, flags = _RESULT_META.unpack(frames[0])
+        if flags & ~_HAS_STATE:
+            raise ProtocolError(f"result has unknown flags {flags:#x}")
+        rest = frames[1:]
+        state = None
+        if flags & _HAS_STATE:
+            if not rest:
+                raise ProtocolError("result announces a state frame but has none")
+            state, rest = rest[0], rest[1:]
+        if not rest:
+            raise ProtocolError("result carries no record")
+        if len(rest) > max_records:
+            raise ProtocolError(f"result carries {len(rest)} records, more than {max_records}")
+        return cls(call_id=call_id, state=state, records=rest)
+
+
+# --- supervisor -> worker ---------------------------------------------------
+
+_CALL = struct.Struct(">QB")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    call_id: int
+    kind: CallKind
+    data: bytes
+
+    def encode(self) -> list[bytes]:
+        return [header(SupervisorType.CALL), _CALL.pack(self.call_id, self.kind), self.data]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Call:
+        if len(frames) != 2 or len(frames[0]) != _CALL.size:
+            raise ProtocolError("call must be a 9-byte meta frame and a data frame")
+        call_id, kind = _CALL.unpack(frames[0])
+        try:
+            return cls(call_id, CallKind(kind), frames[1])
+        except ValueError:
+            raise ProtocolError(f"unknown call kind {kind}") from None
+
+
+# --- JSON frames (spec, fault, control) ---------------------------------------
+
+MAX_JSON_BYTES = 1024 * 1024
+
+
+def encode_json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def decode_json(frame: bytes, what: str) -> dict[str, Any]:
+    if len(frame) > MAX_JSON_BYTES:
+        raise ProtocolError(f"{what} of {len(frame)} bytes exceeds {MAX_JSON_BYTES}")
+    try:
+        obj = json.loads(frame)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} must be a JSON object")
+    return obj

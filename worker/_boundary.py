@@ -1,0 +1,31 @@
+"""Bytes across the component boundary, carried as latin-1 strings (see wit/agent.wit).
+
+Both directions are a single C-level codec call: ``bytes.decode('latin-1')``
+into the guest and ``str.encode('latin-1')`` out of it.
+"""
+
+from __future__ import annotations
+
+from ._errors import CallFailed
+
+__all__ = ["from_guest", "to_guest"]
+
+
+def to_guest(data: bytes) -> str:
+    return data.decode("latin-1")
+
+
+def from_guest(text: object, what: str, limit: int) -> bytes:
+    """Convert a guest-supplied ``bytes`` value, enforcing its type, encoding and size."""
+    if not isinstance(text, str):
+        raise CallFailed("malformed-result", f"{what} is {type(text).__name__}, not bytes", poisoned=True)
+    if len(text) > limit:
+        raise CallFailed("too-large", f"{what} of {len(text)} bytes exceeds the limit of {limit}", poisoned=False)
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise CallFailed(
+            "malformed-result",
+            f"{what} has character U+{ord(text[exc.start]):04X} at {exc.start}, outside U+0000..U+00FF",
+            poisoned=False,
+        ) from None

@@ -1,0 +1,1 @@
+"""Host interfaces, one module per WIT interface, linked only when granted."""

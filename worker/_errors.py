@@ -1,0 +1,25 @@
+"""Worker-side failure classes.
+
+    CallFailed            one call failed; the worker carries on
+      status: out-of-fuel | deadline | memory | stack-overflow | trap |
+              guest-error | host-limit | malformed-result | too-large
+    LoadError             the component cannot be run as an agent (fatal)
+"""
+
+from __future__ import annotations
+
+__all__ = ["CallFailed", "LoadError"]
+
+
+class CallFailed(Exception):
+    """A call did not produce a committed outcome. ``poisoned``: the instance must be replaced."""
+
+    def __init__(self, status: str, message: str, *, poisoned: bool) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+        self.poisoned = poisoned
+
+
+class LoadError(Exception):
+    """The component is not a valid theater:agent component, or cannot be instantiated."""

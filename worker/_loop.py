@@ -1,0 +1,141 @@
+"""The worker's life: hello, spec, load, then one call at a time until told to stop."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from typing import Any
+
+import zmq
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from theater import wire
+from theater.errors import ProtocolError
+from theater.records import Kind, sha256
+from theater.spec import AgentSpec
+
+from ._boundary import from_guest, to_guest
+from ._caps import runtime
+from ._engine import Sandbox, make_engine
+from ._errors import CallFailed, LoadError
+from ._recorder import Recorder
+
+__all__ = ["serve"]
+
+SPEC_TIMEOUT_MS = 30_000
+MAX_ERROR_CHARS = 4096
+EXIT_LOAD_FAILED = 3
+EXIT_PROTOCOL = 4
+
+
+def serve(endpoint: str, token: bytes, confinement: dict[str, str]) -> int:
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 1000
+    sock.connect(endpoint)
+    proof = key.sign(wire.HELLO_DOMAIN + token)
+    sock.send_multipart(wire.Hello(token, public, proof, os.getpid(), confinement).encode())
+    if not sock.poll(SPEC_TIMEOUT_MS):
+        return EXIT_PROTOCOL
+    try:
+        frames = sock.recv_multipart()
+        if wire.parse_header(frames[0], wire.SupervisorType) is not wire.SupervisorType.SPEC or len(frames) != 3:
+            raise ProtocolError("expected a spec frame and a state frame")
+        spec = AgentSpec.from_json(wire.decode_json(frames[1], "spec"))
+        state = frames[2]
+    except ProtocolError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return EXIT_PROTOCOL
+    try:
+        agent = Agent(spec, state, key)
+    except LoadError as exc:
+        sock.send_multipart([wire.header(wire.WorkerType.FAULT), wire.encode_json({"reason": "load-failed", "detail": str(exc)})])
+        return EXIT_LOAD_FAILED
+    while True:
+        frames = sock.recv_multipart()
+        try:
+            typ = wire.parse_header(frames[0], wire.SupervisorType)
+            if typ is wire.SupervisorType.STOP:
+                return 0
+            if typ is not wire.SupervisorType.CALL:
+                raise ProtocolError(f"unexpected {typ.name} frame")
+            call = wire.Call.decode(frames[1:])
+        except ProtocolError as exc:
+            print(f"worker: {exc}", file=sys.stderr)
+            return EXIT_PROTOCOL
+        sock.send_multipart(agent.run(call).encode())
+
+
+class Agent:
+    """One agent in this worker: its sandbox, its committed state and its recorder."""
+
+    def __init__(self, spec: AgentSpec, state: bytes, key: Ed25519PrivateKey) -> None:
+        if sha256(state).hex() != spec.state_hash:
+            raise LoadError("the state sent does not match the spec's state hash")
+        with open(spec.component_path, "rb") as f:
+            component = f.read()
+        if hashlib.sha256(component).hexdigest() != spec.component_sha256:
+            raise LoadError(f"{spec.component_path} changed since it was spawned (sha256 mismatch)")
+        self.limits = spec.limits
+        self.state = state
+        self.recorder = Recorder(key, spec.agent_id, spec.head_seq, bytes.fromhex(spec.head_hash), bytes.fromhex(spec.state_hash))
+        self.runtime = runtime.Runtime(self.recorder, spec.limits, spec.agent_id)
+        engine = make_engine(spec.limits)
+        self.sandbox = Sandbox(engine, component, spec.limits, {runtime.INTERFACE: self.runtime.link})
+
+    def run(self, call: wire.Call) -> wire.Result:
+        self.runtime.begin_call()
+        if call.kind is wire.CallKind.INIT:
+            kind, export = Kind.INIT, "init"
+        else:
+            kind, export = Kind.HANDLE, "handle"
+        new_state: bytes | None = None
+        reply: bytes | None = None
+        status, error = "ok", ""
+        try:
+            if len(call.data) > self.limits.max_message_bytes:
+                raise CallFailed("too-large", f"message of {len(call.data)} bytes exceeds max_message_bytes", poisoned=False)
+            result, _ = self.sandbox.call(export, to_guest(self.state), to_guest(call.data))
+            new_state, reply, error = self._outcome(kind, result)
+            if error:
+                status = "guest-error"
+        except CallFailed as failed:
+            status, error = failed.status, failed.message
+            new_state, reply = None, None
+        if status != "ok":
+            self.sandbox.discard_instance()
+        fuel = self.sandbox.last_fuel
+        fields: dict[str, Any]
+        if kind is Kind.INIT:
+            fields = {"args": call.data, "status": status, "error": error, "fuel": fuel}
+        else:
+            fields = {"message": call.data, "reply": reply, "status": status, "error": error, "fuel": fuel}
+        self.recorder.append(kind, fields, new_state=new_state)
+        changed = new_state is not None and new_state != self.state
+        if new_state is not None:
+            self.state = new_state
+        return wire.Result(call.call_id, new_state if changed else None, self.recorder.take())
+
+    def _outcome(self, kind: Kind, result: Any) -> tuple[bytes | None, bytes | None, str]:
+        """(new state, reply, guest error) from an export's lifted result."""
+        if kind is Kind.INIT:
+            tag, payload = getattr(result, "tag", None), getattr(result, "payload", None)
+            if tag == "err":
+                return None, None, _guest_error(payload)
+            return from_guest(payload, "state", self.limits.max_state_bytes), None, ""
+        if isinstance(result, str):
+            return None, None, _guest_error(result)
+        state = from_guest(getattr(result, "state", None), "state", self.limits.max_state_bytes)
+        raw_reply = getattr(result, "reply", None)
+        reply = None if raw_reply is None else from_guest(raw_reply, "reply", self.limits.max_message_bytes)
+        return state, reply, ""
+
+
+def _guest_error(text: object) -> str:
+    message = text if isinstance(text, str) else repr(text)
+    message = message[:MAX_ERROR_CHARS] or "(empty error)"
+    return message
