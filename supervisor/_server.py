@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from ._agent import Agent, Pending, add_restart
 from ._config import AgentConfig, load_manifest, policy_dirs
 from ._errors import NotFound, Refused, StoreError, SupervisorError
 from ._ledger import Checked, Violation, check_result
-from ._spawner import WorkerProcess, exit_reason, spawn_worker
+from ._spawner import WORKER_COMMAND, WorkerProcess, exit_reason, spawn_worker
 from ._store import Commit, EventStore
 
 __all__ = ["Supervisor", "load_or_create_key"]
@@ -102,8 +102,12 @@ class Supervisor:
         *,
         log: Callable[[str], None] | None = None,
         on_record: Callable[[Agent, Record], None] | None = None,
+        worker_command: Sequence[str] = WORKER_COMMAND,
     ) -> None:
+        """``worker_command`` exists for tests that run a deliberately misbehaving worker;
+        it is reachable only from Python, never from a manifest, a policy or the CLI."""
         self.home = home
+        self._worker_command = tuple(worker_command)
         self._on_record = on_record
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         for d in (home.root, home.run, home.logs):
@@ -269,7 +273,10 @@ class Supervisor:
     def _start_worker(self, agent: Agent) -> None:
         agent.status = "starting"
         workdir = self.home.run / "workers" / agent.uuid
-        worker = spawn_worker(self.home.workers_endpoint, agent.incarnation + 1, self.home.logs / f"{agent.name}.log", workdir)
+        worker = spawn_worker(
+            self.home.workers_endpoint, agent.incarnation + 1, self.home.logs / f"{agent.name}.log", workdir,
+            self._worker_command,
+        )
         agent.worker = worker
         self.by_token[worker.token] = agent
         self.by_pidfd[worker.pidfd] = agent
@@ -635,12 +642,17 @@ class Supervisor:
         return agent
 
     def _op_spawn(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
-        if not self.running:
-            raise Refused("the supervisor is shutting down")
         manifest = body.get("manifest")
         if not isinstance(manifest, str) or not os.path.isabs(manifest):
             raise Refused("spawn needs the manifest's absolute path")
-        config = load_manifest(Path(manifest), policy_dirs(self.home.root))
+        agent = self.spawn_local(Path(manifest))
+        agent.spawn_waiters.append((ident, rid))
+
+    def spawn_local(self, manifest: Path) -> Agent:
+        """Load a manifest and start its agent; it is stored once its worker says hello."""
+        if not self.running:
+            raise Refused("the supervisor is shutting down")
+        config = load_manifest(manifest, policy_dirs(self.home.root))
         existing = self.by_name.get(config.name)
         if existing is not None:
             raise Refused(f"an agent named {config.name!r} already exists ({existing.uuid}, {existing.status})")
@@ -648,9 +660,9 @@ class Supervisor:
             id=uuid.uuid4().bytes, config=config, verifier=ChainVerifier(self.public_key),
             state=b"", initialized=False, incarnation=-1, in_store=False,
         )
-        agent.spawn_waiters.append((ident, rid))
         self._register(agent)
         self._start_worker(agent)
+        return agent
 
     def _op_message(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
         agent = self._find(body.get("agent"))

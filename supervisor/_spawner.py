@@ -8,16 +8,18 @@ not by polling.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["WorkerProcess", "exit_reason", "spawn_worker"]
+__all__ = ["WORKER_COMMAND", "WorkerProcess", "exit_reason", "spawn_worker"]
 
 
 @dataclass(eq=False)
@@ -40,10 +42,8 @@ class WorkerProcess:
         if self.kill_reason is None:
             self.kill_reason = reason
         if not self.exited:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def reap(self) -> int:
         """Collect the exit status once the pidfd is readable."""
@@ -53,14 +53,19 @@ class WorkerProcess:
         return code
 
 
-def spawn_worker(endpoint: str, incarnation: int, log_path: Path, workdir: Path) -> WorkerProcess:
+WORKER_COMMAND = (sys.executable, "-m", "worker")
+
+
+def spawn_worker(
+    endpoint: str, incarnation: int, log_path: Path, workdir: Path, command: Sequence[str] = WORKER_COMMAND
+) -> WorkerProcess:
     token = secrets.token_bytes(32)
     read_end, write_end = os.pipe()
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "worker", "--bootstrap-fd", str(read_end)],
+                [*command, "--bootstrap-fd", str(read_end)],
                 pass_fds=(read_end,),
                 env={"PYTHONDONTWRITEBYTECODE": "1", "PYTHONSAFEPATH": "1"},
                 cwd=workdir,

@@ -1,0 +1,75 @@
+"""Offline verification of a home's event store: what ``theater verify`` runs.
+
+It reads the SQLite file read-only and needs only the supervisor's public key:
+no supervisor has to be running.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from theater.chain import verify_chain
+from theater.errors import RecordError
+from theater.home import Home
+from theater.records import sha256
+
+from ._errors import NotFound, StoreError
+
+__all__ = ["ChainReport", "open_readonly", "verify_home"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    agent_id: str
+    name: str
+    records: int
+    ok: bool
+    problem: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"id": self.agent_id, "name": self.name, "records": self.records, "ok": self.ok, "problem": self.problem}
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    if not path.exists():
+        raise StoreError(f"{path}: no event store here")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def verify_home(home: Home, agent: str | None = None) -> list[ChainReport]:
+    try:
+        key = Ed25519PublicKey.from_public_bytes(home.public_key.read_bytes())
+    except FileNotFoundError:
+        raise StoreError(f"{home.public_key}: the supervisor's public key is missing") from None
+    db = open_readonly(home.store)
+    try:
+        rows = db.execute("SELECT id, name, head_seq, head_hash, state_hash, state FROM agents ORDER BY created_ns").fetchall()
+        if agent is not None:
+            rows = [r for r in rows if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
+            if not rows:
+                raise NotFound(f"no agent named or with id {agent!r} in {home.store}")
+        return [_verify_one(db, key, *row) for row in rows]
+    finally:
+        db.close()
+
+
+def _verify_one(db: sqlite3.Connection, key: Ed25519PublicKey, agent_id: bytes, name: str, head_seq: int,
+                head_hash: bytes, state_hash: bytes, state: bytes) -> ChainReport:
+    raws = [raw for (raw,) in db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,))]
+    ident = str(uuid.UUID(bytes=agent_id))
+    try:
+        verifier = verify_chain(raws, key)
+        if verifier.agent_id != agent_id:
+            raise RecordError("the chain belongs to another agent")
+        if verifier.next_seq - 1 != head_seq or verifier.head_hash != head_hash:
+            raise RecordError(f"the stored head (record {head_seq}) is not the chain's last record ({verifier.next_seq - 1})")
+        if verifier.state_hash != state_hash or sha256(state) != state_hash:
+            raise RecordError("the stored state does not match the chain's state hash")
+    except RecordError as exc:
+        return ChainReport(ident, name, len(raws), False, str(exc))
+    return ChainReport(ident, name, len(raws), True, "")

@@ -1,0 +1,278 @@
+"""The ``theater`` command. Data goes to stdout (``--json`` for machines), messages to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from theater.client import Client, ClientError, NotRunning
+from theater.errors import TheaterError
+from theater.home import Home, default_home
+from theater.records import Record
+from theater.render import describe, one_line
+
+from ._errors import SupervisorError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+UP_TIMEOUT_S = 30.0
+
+
+def _out(args: argparse.Namespace, data: Any, text: str | Callable[[], str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=None, sort_keys=True))
+    else:
+        print(text() if callable(text) else text)
+
+
+def _err(message: str) -> None:
+    print(f"theater: {message}", file=sys.stderr)
+
+
+def _data_arg(value: str) -> bytes:
+    """DATA on the command line: text, or @FILE for a file's bytes, or - for stdin."""
+    if value == "-":
+        return sys.stdin.buffer.read()
+    if value.startswith("@"):
+        return Path(value[1:]).read_bytes()
+    return value.encode("utf-8")
+
+
+def _show_bytes(data: bytes | None) -> str:
+    if data is None:
+        return "(no reply)"
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.hex()
+
+
+# --- commands ------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace, home: Home) -> int:
+    if args.detach:
+        home.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(home.logs / "supervisor.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor", "--home", str(home.root), "up"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )
+        deadline = time.monotonic() + UP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                _err(f"the supervisor exited with status {proc.returncode}; see {home.logs / 'supervisor.log'}")
+                return EXIT_FAIL
+            try:
+                with Client(home, timeout=1.0) as c:
+                    info = c.ping()
+                _out(args, info, f"supervisor up (pid {info['pid']}) at {home.root}")
+                return EXIT_OK
+            except NotRunning:
+                time.sleep(0.05)
+        _err("the supervisor did not answer within 30 s")
+        return EXIT_FAIL
+    from ._server import Supervisor
+
+    sup = Supervisor(home)
+    sup.serve_forever()
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace, home: Home) -> int:
+    with Client(home) as c:
+        result = c.down()
+    _out(args, result, f"supervisor down ({result.get('stopped', 0)} agents stopped)")
+    return EXIT_OK
+
+
+def cmd_spawn(args: argparse.Namespace, home: Home) -> int:
+    with Client(home, timeout=args.timeout) as c:
+        info = c.spawn(args.manifest)
+    _out(args, info, info["id"])
+    return EXIT_OK
+
+
+def cmd_send(args: argparse.Namespace, home: Home) -> int:
+    with Client(home) as c:
+        result = c.send(args.agent, _data_arg(args.data))
+    _out(args, result, f"queued ({result['queued']} in mailbox)")
+    return EXIT_OK
+
+
+def cmd_call(args: argparse.Namespace, home: Home) -> int:
+    with Client(home) as c:
+        reply = c.call(args.agent, _data_arg(args.data), timeout=args.timeout)
+    data = {"reply": None if reply is None else reply.decode("latin-1"), "reply_hex": None if reply is None else reply.hex()}
+    _out(args, data, _show_bytes(reply))
+    return EXIT_OK
+
+
+def cmd_ps(args: argparse.Namespace, home: Home) -> int:
+    with Client(home) as c:
+        agents = c.ps()
+
+    def table() -> str:
+        if not agents:
+            return "no agents"
+        lines = [f"{'NAME':<16} {'ID':<36} {'STATUS':<10} {'PID':>7} {'RESTARTS':>8} {'HEAD':>6} {'MAILBOX':>7}"]
+        for a in agents:
+            lines.append(f"{a['name']:<16} {a['id']:<36} {a['status']:<10} {a['pid'] or '-':>7} {a['restarts']:>8} {a['head']:>6} {a['mailbox']:>7}")
+        return "\n".join(lines)
+
+    _out(args, agents, table)
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace, home: Home) -> int:
+    with Client(home) as c:
+        info = c.stop(args.agent)
+    _out(args, info, f"{info['name']} {info['status']}")
+    return EXIT_OK
+
+
+def _agent_id(home: Home, ref: str) -> bytes:
+    from ._audit import open_readonly
+
+    db = open_readonly(home.store)
+    try:
+        for agent_id, name in db.execute("SELECT id, name FROM agents"):
+            if ref in (name, str(uuid.UUID(bytes=agent_id))):
+                return agent_id
+    finally:
+        db.close()
+    raise SupervisorError(f"no agent named or with id {ref!r} in {home.store}")
+
+
+def _records_after(home: Home, agent_id: bytes, after: int) -> list[Record]:
+    from ._audit import open_readonly
+
+    db = open_readonly(home.store)
+    try:
+        rows = db.execute("SELECT raw FROM records WHERE agent_id=? AND seq>? ORDER BY seq", (agent_id, after)).fetchall()
+    finally:
+        db.close()
+    return [Record.parse(raw) for (raw,) in rows]
+
+
+def cmd_events(args: argparse.Namespace, home: Home) -> int:
+    agent_id = _agent_id(home, args.agent)
+    last = -1
+    client = Client(home) if args.follow else None
+    try:
+        while True:
+            for record in _records_after(home, agent_id, last):
+                _out(args, describe(record), lambda r=record: one_line(r))
+                last = record.seq
+            sys.stdout.flush()
+            if client is None:
+                return EXIT_OK
+            client.wait_events(args.agent, last, 30_000)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        if client is not None:
+            client.close()
+
+
+def cmd_verify(args: argparse.Namespace, home: Home) -> int:
+    from ._audit import verify_home
+
+    reports = verify_home(home, args.agent)
+
+    def text() -> str:
+        if not reports:
+            return "no agents to verify"
+        return "\n".join(
+            f"{'ok    ' if r.ok else 'BROKEN'} {r.name:<16} {r.records:>7} records" + (f"  {r.problem}" if r.problem else "")
+            for r in reports
+        )
+
+    _out(args, [r.as_dict() for r in reports], text)
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAIL
+
+
+def cmd_run(args: argparse.Namespace, home: Home) -> int:
+    """Supervisor in the foreground, spawn the manifest, print its events until Ctrl-C."""
+    from ._config import load_manifest, policy_dirs
+    from ._server import Supervisor
+
+    config = load_manifest(Path(args.manifest), policy_dirs(home.root))  # fail early, before starting
+
+    def show(agent: Any, record: Record) -> None:
+        if args.json:
+            print(json.dumps({"agent": agent.name, **describe(record)}), flush=True)
+        else:
+            print(f"{agent.name:<12} {one_line(record)}", flush=True)
+
+    sup = Supervisor(home, on_record=show, log=lambda line: print(line, file=sys.stderr, flush=True))
+    sup.spawn_local(Path(args.manifest).resolve())
+    _err(f"running {config.name}; send it messages with `theater --home {home.root} call {config.name} DATA`; Ctrl-C stops")
+    sup.serve_forever()
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
+    "up": cmd_up, "down": cmd_down, "spawn": cmd_spawn, "run": cmd_run, "send": cmd_send, "call": cmd_call,
+    "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", type=Path, default=argparse.SUPPRESS, help="state directory (default: $THEATER_HOME or ~/.local/state/theater)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output on stdout")
+    p = argparse.ArgumentParser(prog="theater", description="Run untrusted agents as sandboxed, supervised WebAssembly components.")
+    # Accepted before or after the command; the subcommand's value wins.
+    p.add_argument("--home", dest="top_home", type=Path, default=None, help="state directory (default: $THEATER_HOME or ~/.local/state/theater)")
+    p.add_argument("--json", dest="top_json", action="store_true", help="machine-readable output on stdout")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up = sub.add_parser("up", parents=[common], help="start the supervisor")
+    up.add_argument("--detach", action="store_true", help="run in the background and return once it answers")
+    sub.add_parser("down", parents=[common], help="stop every agent and the supervisor")
+    s = sub.add_parser("spawn", parents=[common], help="start an agent from its manifest; prints its id")
+    s.add_argument("manifest", type=Path)
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent to be ready")
+    r = sub.add_parser("run", parents=[common], help="supervisor in the foreground + spawn + follow events")
+    r.add_argument("manifest", type=Path)
+    for name, what in (("send", "queue a message for an agent"), ("call", "send a message and print the reply")):
+        c = sub.add_parser(name, parents=[common], help=what)
+        c.add_argument("agent", help="agent name or id")
+        c.add_argument("data", help="message text, @FILE for a file's bytes, or - for stdin")
+        if name == "call":
+            c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    sub.add_parser("ps", parents=[common], help="list agents")
+    e = sub.add_parser("events", parents=[common], help="print an agent's event records")
+    e.add_argument("agent")
+    e.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
+    v = sub.add_parser("verify", parents=[common], help="verify every chain offline (exit 1 if any is broken)")
+    v.add_argument("agent", nargs="?")
+    st = sub.add_parser("stop", parents=[common], help="stop an agent (it stays stopped across restarts)")
+    st.add_argument("agent")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.json = getattr(args, "json", False) or args.top_json
+    chosen = getattr(args, "home", None) or args.top_home
+    home = Home(chosen if chosen is not None else default_home())
+    try:
+        return COMMANDS[args.command](args, home)
+    except ClientError as exc:
+        _err(f"{exc.code}: {exc}")
+    except (NotRunning, SupervisorError, TheaterError, OSError) as exc:
+        _err(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
