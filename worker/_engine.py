@@ -44,7 +44,7 @@ _TRAPS = (
 def classify(error: BaseException) -> CallFailed:
     """Turn a wasmtime failure into a :class:`CallFailed` with a precise status."""
     text = str(error).strip()
-    last = text.splitlines()[-1] if text else type(error).__name__
+    last = text.splitlines()[-1].strip() if text else type(error).__name__
     for needle, status in _TRAPS:
         if needle in text:
             return CallFailed(status, last, poisoned=True)
