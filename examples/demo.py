@@ -1,0 +1,117 @@
+"""The demo scene: a supervisor, three agents, a runaway, a crash, and a verified record of it all.
+
+Run through ``scripts/demo``. Everything happens on a throw-away home
+(``--home DIR`` to keep it), with the same ``theater`` commands a user types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENTS = ROOT / "examples" / "agents"
+THEATER = [sys.executable, "-m", "supervisor"]
+
+
+def theater(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*THEATER, "--home", str(home), *args], capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        sys.exit(f"demo: `theater {' '.join(args)}` failed: {proc.stderr.strip()}")
+    return proc
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def step(title: str) -> None:
+    say(f"\n== {title}")
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    sys.exit(f"demo: timed out waiting for {what}")
+
+
+def ps(home: Path) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {a["name"]: a for a in json.loads(theater(home, "ps", "--json").stdout)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--home", type=Path, help="keep the demo's state here instead of a temporary directory")
+    args = parser.parse_args()
+    home = args.home or Path(tempfile.mkdtemp(prefix="theater-demo-"))
+    started = time.monotonic()
+    try:
+        step("supervisor")
+        say("   " + theater(home, "up", "--detach").stdout.strip())
+
+        step("spawn three agents from their manifests")
+        for manifest in ("counter.toml", "echo.toml", "spin.toml"):
+            agent_id = theater(home, "spawn", str(AGENTS / manifest)).stdout.strip()
+            say(f"   {manifest:<13} -> {agent_id}")
+
+        step("messages")
+        replies = [theater(home, "call", "counter", "tick").stdout.strip() for _ in range(3)]
+        say(f"   counter replied {', '.join(replies)}")
+        theater(home, "send", "counter", "tock")
+        say(f"   send + call: counter is now at {theater(home, 'call', 'counter', 'tick').stdout.strip()}")
+        say(f"   echo replied {theater(home, 'call', 'echo', 'hello, theater').stdout.strip()!r}")
+
+        step("a runaway agent (infinite loop, 200 ms deadline)")
+        t0 = time.monotonic()
+        runaway = theater(home, "call", "runaway", "go", check=False)
+        elapsed = (time.monotonic() - t0) * 1000
+        say(f"   stopped after {elapsed:.0f} ms (command round trip): {runaway.stderr.strip()}")
+        info = ps(home)["runaway"]
+        say(f"   restarted on a fresh instance: status {info['status']}, instance restarts {info['instance_restarts']}, same worker pid {info['pid']}")
+
+        step("a crash: SIGKILL the counter's worker")
+        before = ps(home)["counter"]
+        os.kill(before["pid"], signal.SIGKILL)
+        after = wait_for(lambda: (a := ps(home)["counter"])["pid"] not in (None, before["pid"]) and a["status"] == "running" and a, "the counter's restart")
+        say(f"   worker {before['pid']} killed; supervisor restarted it as {after['pid']} (restarts: {after['restarts']})")
+        say(f"   state survived: counter continues at {theater(home, 'call', 'counter', 'tick').stdout.strip()}")
+
+        step("the counter's chain (last 6 records)")
+        for line in theater(home, "events", "counter").stdout.strip().splitlines()[-6:]:
+            say("   " + line)
+
+        step("verify every chain (signatures, sequence, hash links, state)")
+        for line in theater(home, "verify").stdout.strip().splitlines():
+            say("   " + line)
+
+        step("shut down")
+        say("   " + theater(home, "down").stdout.strip())
+        verify = theater(home, "verify", "--json", check=False)
+        reports = json.loads(verify.stdout)
+        ok = verify.returncode == 0 and all(r["ok"] for r in reports)
+        total = sum(r["records"] for r in reports)
+        say(f"\nsummary: {len(reports)} agents, {total} signed records, every chain {'verifies' if ok else 'DOES NOT verify'}; "
+            f"{time.monotonic() - started:.1f} s; state kept in {home}" if args.home else
+            f"\nsummary: {len(reports)} agents, {total} signed records, every chain {'verifies' if ok else 'DOES NOT verify'}; "
+            f"{time.monotonic() - started:.1f} s")
+        return 0 if ok else 1
+    finally:
+        theater(home, "down", check=False)
+        if args.home is None:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

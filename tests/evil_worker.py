@@ -1,0 +1,106 @@
+"""A worker that misbehaves on purpose: the real worker, except on its second handle call.
+
+Launched by ``tests/run_supervisor.py`` as ``python tests/evil_worker.py MODE --bootstrap-fd N``.
+It runs the real ``worker.__main__.main`` (same bootstrap, hello, confinement and
+sandbox), but wraps ``worker._loop.Agent.run`` so that the RESULT of the second
+handle call in this process is altered according to MODE:
+
+    forge    re-sign the final record with a different, fresh Ed25519 key
+    tamper   flip a byte inside the final record's payload, without re-signing
+    replay   send the records of the first handle call again
+    reorder  swap the first two records of the call (counter: log, host-call, handle)
+    state    send a state whose sha256 is not the state hash signed in the record
+    garbage  a RESULT whose meta frame is random bytes
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from theater import wire
+from theater.records import Record, sign_record
+
+MODES = ("forge", "tamper", "replay", "reorder", "state", "garbage")
+
+
+class _Frames:
+    """Anything with ``encode()`` is sent as-is by the worker loop."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.frames = frames
+
+    def encode(self) -> list[bytes]:
+        return self.frames
+
+
+def _forge(result: wire.Result, first: list[bytes]) -> Any:
+    final = Record.parse(result.records[-1])
+    forged = sign_record(
+        Ed25519PrivateKey.generate(), kind=final.kind, agent_id=final.agent_id, seq=final.seq,
+        time_ns=final.time_ns, prev_hash=final.prev_hash, state_hash=final.state_hash, fields=final.fields(),
+    )
+    return wire.Result(result.call_id, result.state, [*result.records[:-1], forged.raw])
+
+
+def _tamper(result: wire.Result, first: list[bytes]) -> Any:
+    final = Record.parse(result.records[-1])
+    raw = bytearray(final.raw)
+    # The last payload byte is the low byte of the u64 `fuel` field: the payload stays canonical.
+    raw[len(raw) - 64 - 1] ^= 0x01
+    return wire.Result(result.call_id, result.state, [*result.records[:-1], bytes(raw)])
+
+
+def _replay(result: wire.Result, first: list[bytes]) -> Any:
+    return wire.Result(result.call_id, result.state, list(first))
+
+
+def _reorder(result: wire.Result, first: list[bytes]) -> Any:
+    records = list(result.records)
+    assert len(records) >= 2, "reorder needs a call with at least two records"
+    records[0], records[1] = records[1], records[0]
+    return wire.Result(result.call_id, result.state, records)
+
+
+def _state(result: wire.Result, first: list[bytes]) -> Any:
+    assert result.state is not None, "the counter changes its state on every call"
+    return wire.Result(result.call_id, result.state + b"0", result.records)
+
+
+def _garbage(result: wire.Result, first: list[bytes]) -> Any:
+    return _Frames([wire.header(wire.WorkerType.RESULT), os.urandom(37)])
+
+
+EVIL = {"forge": _forge, "tamper": _tamper, "replay": _replay, "reorder": _reorder, "state": _state, "garbage": _garbage}
+
+
+def main() -> int:
+    mode = sys.argv.pop(1) if len(sys.argv) > 1 else ""
+    if mode not in EVIL:
+        print(f"usage: evil_worker.py {{{','.join(MODES)}}} --bootstrap-fd N", file=sys.stderr)
+        return 2
+    import worker.__main__ as entry
+    from worker import _loop
+
+    real_run = _loop.Agent.run
+    handled: list[list[bytes]] = []  # records of each handle call in this process
+
+    def run(self: _loop.Agent, call: wire.Call) -> Any:
+        result = real_run(self, call)
+        if call.kind is not wire.CallKind.HANDLE:
+            return result
+        handled.append(list(result.records))
+        if len(handled) == 2:
+            print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)
+            return EVIL[mode](result, handled[0])
+        return result
+
+    _loop.Agent.run = run  # type: ignore[method-assign]
+    return entry.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
