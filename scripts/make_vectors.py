@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 import uuid
 from pathlib import Path
@@ -31,12 +30,10 @@ from theater.records import (  # noqa: E402
     DOMAIN,
     FIELDS,
     HEADER,
-    SIGNER_OF,
     VERSION,
     ZERO_HASH,
     Kind,
     Record,
-    encode_payload,
     sha256,
     sign_record,
 )
@@ -118,7 +115,7 @@ def build_chain() -> tuple[list[Record], list[str]]:
 def fields_json(kind: Kind, fields: dict[str, Any]) -> dict[str, Any]:
     """Fields as JSON: bytes as hex, absent opt-bytes as null, str and ints as themselves."""
     out: dict[str, Any] = {}
-    for name, typ in FIELDS[kind]:
+    for name, _ in FIELDS[kind]:
         value = fields[name]
         out[name] = value.hex() if isinstance(value, bytes) else value
     return out
@@ -329,9 +326,6 @@ def main(argv: list[str] | None = None) -> int:
         print("vectors are up to date")
     return 0
 
-
-# Unused-import guard: these names are part of the format this script documents.
-_ = (SIGNER_OF, encode_payload, struct)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -664,6 +664,15 @@ class Supervisor:
         self._start_worker(agent)
         return agent
 
+    def start_existing(self, agent: Agent) -> None:
+        """Start a stopped or failed agent again, from its last committed state."""
+        if agent.worker is not None and not agent.worker.exited:
+            return
+        self.store.commit([Commit(agent_id=agent.id, records=[], desired="running")])
+        agent.restarts = []
+        agent.last_exit = agent.last_exit or "start"
+        self._start_worker(agent)
+
     def _op_message(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
         agent = self._find(body.get("agent"))
         data = data or b""

@@ -212,7 +212,11 @@ def cmd_run(args: argparse.Namespace, home: Home) -> int:
             print(f"{agent.name:<12} {one_line(record)}", flush=True)
 
     sup = Supervisor(home, on_record=show, log=lambda line: print(line, file=sys.stderr, flush=True))
-    sup.spawn_local(Path(args.manifest).resolve())
+    existing = sup.by_name.get(config.name)
+    if existing is None:
+        sup.spawn_local(Path(args.manifest).resolve())
+    else:  # already in this home: resume it rather than spawn a second one
+        sup.start_existing(existing)
     _err(f"running {config.name}; send it messages with `theater --home {home.root} call {config.name} DATA`; Ctrl-C stops")
     sup.serve_forever()
     return EXIT_OK
