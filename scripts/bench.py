@@ -30,7 +30,7 @@ from theater.home import Home  # noqa: E402
 
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 # --- baselines ------------------------------------------------------------------
