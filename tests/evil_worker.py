@@ -11,6 +11,7 @@ handle call in this process is altered according to MODE:
     reorder  swap the first two records of the call (counter: log, host-call, handle)
     state    send a state whose sha256 is not the state hash signed in the record
     garbage  a RESULT whose meta frame is random bytes
+    twice    send the (honest) RESULT twice, back to back: the copy answers no call
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import os
 import sys
 from typing import Any
 
+import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from theater import wire
 from theater.records import Record, sign_record
 
-MODES = ("forge", "tamper", "replay", "reorder", "state", "garbage")
+MODES = ("forge", "tamper", "replay", "reorder", "state", "garbage", "twice")
 
 
 class _Frames:
@@ -35,6 +37,30 @@ class _Frames:
 
     def encode(self) -> list[bytes]:
         return self.frames
+
+
+class _Twice(list):
+    """Frames the patched ``send_multipart`` sends twice in a row."""
+
+
+class _SendTwice:
+    def __init__(self, result: wire.Result) -> None:
+        self.result = result
+
+    def encode(self) -> list[bytes]:
+        return _Twice(self.result.encode())
+
+
+def _send_twice_patch() -> None:
+    real_send = zmq.Socket.send_multipart
+
+    def send_multipart(self: zmq.Socket, msg_parts: Any, *args: Any, **kwargs: Any) -> Any:
+        real_send(self, msg_parts, *args, **kwargs)
+        if isinstance(msg_parts, _Twice):
+            return real_send(self, list(msg_parts), *args, **kwargs)
+        return None
+
+    zmq.Socket.send_multipart = send_multipart  # type: ignore[method-assign]
 
 
 def _forge(result: wire.Result, first: list[bytes]) -> Any:
@@ -74,7 +100,14 @@ def _garbage(result: wire.Result, first: list[bytes]) -> Any:
     return _Frames([wire.header(wire.WorkerType.RESULT), os.urandom(37)])
 
 
-EVIL = {"forge": _forge, "tamper": _tamper, "replay": _replay, "reorder": _reorder, "state": _state, "garbage": _garbage}
+def _twice(result: wire.Result, first: list[bytes]) -> Any:
+    return _SendTwice(result)
+
+
+EVIL = {
+    "forge": _forge, "tamper": _tamper, "replay": _replay, "reorder": _reorder, "state": _state,
+    "garbage": _garbage, "twice": _twice,
+}
 
 
 def main() -> int:
@@ -82,6 +115,8 @@ def main() -> int:
     if mode not in EVIL:
         print(f"usage: evil_worker.py {{{','.join(MODES)}}} --bootstrap-fd N", file=sys.stderr)
         return 2
+    if mode == "twice":
+        _send_twice_patch()
     import worker.__main__ as entry
     from worker import _loop
 

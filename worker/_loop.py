@@ -96,6 +96,7 @@ class Agent:
         new_state: bytes | None = None
         reply: bytes | None = None
         status, error = "ok", ""
+        self.sandbox.last_fuel = 0  # a call refused before it runs uses no fuel
         try:
             if len(call.data) > self.limits.max_message_bytes:
                 raise CallFailed("too-large", f"message of {len(call.data)} bytes exceeds max_message_bytes", poisoned=False)

@@ -1,0 +1,415 @@
+"""Limits and failure classes, end to end: real supervisor, real workers, real components.
+
+Every failure is checked by its exact status code and a fragment of its message,
+then the agent is called again to show that it (and its worker) survived, and the
+home's chains are verified offline. Waits are on replies with deadlines, never sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from conftest import Theater
+
+from supervisor._audit import open_readonly, verify_home
+from theater import wire
+from theater.client import Client, ClientError
+from theater.records import Kind, Record, sha256
+
+KIB, MIB = 1024, 1024 * 1024
+THEATER_CLI = Path(sys.executable).with_name("theater")
+LAB_POLICY = "lab"  # a site policy whose ceilings allow a huge fuel budget and a long deadline
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def assert_chains_ok(theater: Theater) -> None:
+    """Offline verification of every chain in the home (signatures, links, heads, states)."""
+    reports = verify_home(theater.home)
+    assert reports, "no agents in the store"
+    bad = [r.as_dict() for r in reports if not r.ok]
+    assert not bad, f"broken chains: {bad}"
+
+
+def write_lab_policy(theater: Theater) -> None:
+    text = (Path(__file__).resolve().parent.parent / "policies" / "default.toml").read_text()
+    text = text.replace("fuel_per_call = 500000000", "fuel_per_call = 1000000000000")
+    text = text.replace("wall_time_ms = 2000 ", "wall_time_ms = 60000 ")
+    assert "1000000000000" in text and "60000 " in text
+    theater.home.policies.mkdir(exist_ok=True)
+    (theater.home.policies / f"{LAB_POLICY}.toml").write_text(text)
+
+
+def spawn(theater: Theater, c: Client, name: str, component: str, **extra: object) -> dict:
+    summary = c.spawn(theater.manifest(name, component, **extra))
+    assert summary["status"] == "running" and summary["pid"]
+    return summary
+
+
+def ps(c: Client, name: str) -> dict:
+    (entry,) = [a for a in c.ps() if a["name"] == name]
+    return entry
+
+
+def fails(c: Client, name: str, message: bytes, code: str, fragment: str, timeout: float = 10.0) -> str:
+    """Call and expect an error reply with exactly ``code`` whose message contains ``fragment``."""
+    with pytest.raises(ClientError) as info:
+        c.call(name, message, timeout=timeout)
+    assert info.value.code == code, f"{info.value.code}: {info.value}"
+    assert fragment in str(info.value), str(info.value)
+    return str(info.value)
+
+
+def records(theater: Theater, name: str) -> list[Record]:
+    db = open_readonly(theater.home.store)
+    try:
+        (agent_id,) = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchone()
+        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
+    finally:
+        db.close()
+    return [Record.parse(raw) for (raw,) in rows]
+
+
+def handles(theater: Theater, name: str) -> list[dict]:
+    return [r.fields() for r in records(theater, name) if r.kind is Kind.HANDLE]
+
+
+def stored_state(theater: Theater, name: str) -> bytes:
+    db = open_readonly(theater.home.store)
+    try:
+        (state,) = db.execute("SELECT state FROM agents WHERE name=?", (name,)).fetchone()
+    finally:
+        db.close()
+    return state
+
+
+def send_burst(theater: Theater, agent: str, messages: list[bytes], timeout: float = 30.0) -> list[dict]:
+    """Pipeline one ``send`` request per message on one socket, then collect every reply body in order."""
+    token = theater.home.token.read_text().strip()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(theater.home.control_endpoint)
+    try:
+        for rid, data in enumerate(messages, 1):
+            body = {"op": "send", "id": rid, "token": token, "agent": agent}
+            sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body), data])
+        replies: dict[int, dict] = {}
+        deadline = time.monotonic() + timeout
+        while len(replies) < len(messages):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0 and sock.poll(int(remaining * 1000) + 1), f"only {len(replies)} replies"
+            frames = sock.recv_multipart()
+            body = wire.decode_json(frames[1], "reply")
+            replies[body["id"]] = body
+        return [replies[rid] for rid in range(1, len(messages) + 1)]
+    finally:
+        sock.close(0)
+
+
+# --- echo: the byte boundary and the message size limit -----------------------------------
+
+
+def test_echo_round_trips_every_byte_up_to_the_limit(theater: Theater) -> None:
+    """Echo returns 0 bytes, 1 byte, all 256 byte values and exactly max_message_bytes unchanged."""
+    with theater.client() as c:
+        spawn(theater, c, "echo", "echo.wat", limits={"max_message_bytes": 64 * KIB})
+        assert c.call("echo", b"") == b""
+        assert c.call("echo", b"\x00") == b"\x00"
+        assert c.call("echo", b"\x00\xff") == b"\x00\xff"
+        every = bytes(range(256))
+        assert c.call("echo", every) == every
+        full = every * (64 * KIB // 256)
+        assert len(full) == 64 * KIB
+        assert c.call("echo", full) == full
+        assert [h["reply"] for h in handles(theater, "echo")] == [b"", b"\x00", b"\x00\xff", every, full]
+        assert ps(c, "echo")["instance_restarts"] == 0
+    assert_chains_ok(theater)
+
+
+def test_echo_one_byte_over_is_refused_by_the_supervisor(theater: Theater) -> None:
+    """A message one byte over max_message_bytes is refused before it reaches the worker; echo still serves."""
+    with theater.client() as c:
+        spawn(theater, c, "echo", "echo.wat", limits={"max_message_bytes": 64 * KIB})
+        head = ps(c, "echo")["head"]
+        fails(c, "echo", b"x" * (64 * KIB + 1), "refused", f"message of {64 * KIB + 1} bytes exceeds echo's max_message_bytes 65536")
+        with pytest.raises(ClientError) as info:
+            c.send("echo", b"y" * (64 * KIB + 1))
+        assert info.value.code == "refused" and "max_message_bytes" in str(info.value)
+        assert ps(c, "echo")["head"] == head  # nothing was recorded: the worker never saw it
+        assert handles(theater, "echo") == []
+        assert c.call("echo", b"still here") == b"still here"
+    assert_chains_ok(theater)
+
+
+def test_echo_at_the_default_policy_limit_of_one_mib(theater: Theater) -> None:
+    """Under the default policy exactly 1 MiB of every byte value echoes; 1 MiB + 1 is refused."""
+    with theater.client() as c:
+        spawn(theater, c, "echo", "echo.wat")
+        full = bytes(range(256)) * (MIB // 256)
+        assert c.call("echo", full, timeout=20) == full
+        fails(c, "echo", full + b"!", "refused", "exceeds echo's max_message_bytes 1048576")
+        assert c.call("echo", b"ok") == b"ok"
+    assert_chains_ok(theater)
+
+
+# --- counter: the host owns state ----------------------------------------------------------
+
+
+def test_counter_state_survives_fifty_calls_and_a_send(theater: Theater) -> None:
+    """50 sequential calls reply 1..50, and a fire-and-forget send is counted before a later call."""
+    with theater.client() as c:
+        spawn(theater, c, "counter", "counter.wat")
+        assert [c.call("counter", b"tick") for _ in range(50)] == [str(n).encode() for n in range(1, 51)]
+        assert c.send("counter", b"fire and forget") == {"queued": 1}  # answered on enqueue, before the reply
+        assert c.call("counter", b"after the send") == b"52"
+        assert stored_state(theater, "counter") == b"52"
+        assert handles(theater, "counter")[50]["message"] == b"fire and forget"
+    assert_chains_ok(theater)
+
+
+# --- guest errors and traps -----------------------------------------------------------------
+
+
+def test_guest_error_fails_one_message_and_the_worker_survives(theater: Theater) -> None:
+    """err("boom: ...") is a guest-error; the same worker answers the next message the same way."""
+    with theater.client() as c:
+        pid = spawn(theater, c, "ge", "guest_error.wat")["pid"]
+        assert fails(c, "ge", b"first", "guest-error", "boom:") == "boom: first"
+        assert fails(c, "ge", b"\x00\xff", "guest-error", "boom:") == "boom: \x00\xff"
+        long = fails(c, "ge", b"\xff" * 100_000, "guest-error", "boom: \xff\xff")
+        assert long == "boom: " + "\xff" * (4096 - 6)  # guest errors are cut to 4096 characters
+        entry = ps(c, "ge")
+        assert (entry["pid"], entry["status"], entry["restarts"], entry["instance_restarts"]) == (pid, "running", 0, 3)
+        assert [(h["status"], h["reply"]) for h in handles(theater, "ge")] == [("guest-error", None)] * 3
+        assert stored_state(theater, "ge") == b""
+    assert_chains_ok(theater)
+
+
+@pytest.mark.parametrize(("component", "fragment"), [("trap.wat", "unreachable"), ("div_zero.wat", "divide by zero")])
+def test_trap_is_classified_and_the_next_call_gets_a_fresh_instance(theater: Theater, component: str, fragment: str) -> None:
+    """unreachable and integer divide by zero are "trap"; the next call traps again in the same worker."""
+    with theater.client() as c:
+        pid = spawn(theater, c, "t", component)["pid"]
+        fails(c, "t", b"one", "trap", fragment)
+        fails(c, "t", b"two", "trap", fragment)
+        entry = ps(c, "t")
+        assert (entry["pid"], entry["restarts"], entry["instance_restarts"]) == (pid, 0, 2)
+        assert [h["status"] for h in handles(theater, "t")] == ["trap", "trap"]
+    assert_chains_ok(theater)
+
+
+def test_trap_keeps_the_committed_state(theater: Theater) -> None:
+    """After 1, 2 and a trap, the next call replies 3: state neither lost nor double-counted."""
+    with theater.client() as c:
+        pid = spawn(theater, c, "tc", "trap_on.wat")["pid"]
+        assert c.call("tc", b"a") == b"1"
+        assert c.call("tc", b"b") == b"2"
+        fails(c, "tc", b"trap", "trap", "wasm `unreachable` instruction executed")
+        assert stored_state(theater, "tc") == b"2"
+        assert c.call("tc", b"c") == b"3"
+        entry = ps(c, "tc")
+        assert (entry["pid"], entry["restarts"], entry["instance_restarts"]) == (pid, 0, 1)
+        assert [h["status"] for h in handles(theater, "tc")] == ["ok", "ok", "trap", "ok"]
+    assert_chains_ok(theater)
+
+
+# --- fuel, deadline, memory, stack ------------------------------------------------------------
+
+
+def test_spin_is_stopped_by_the_deadline(theater: Theater) -> None:
+    """With fuel to spare, an endless loop ends at wall_time_ms with "deadline"; the worker survives."""
+    write_lab_policy(theater)
+    with theater.client() as c:
+        pid = spawn(theater, c, "spin", "spin.wat", policy=LAB_POLICY,
+                    limits={"wall_time_ms": 200, "fuel_per_call": 10**12})["pid"]
+        for _ in range(2):
+            start = time.monotonic()
+            fails(c, "spin", b"go", "deadline", "interrupt")
+            elapsed = time.monotonic() - start
+            assert 0.2 <= elapsed < 3.0, elapsed  # at the deadline, well before the watchdog (wall + 5 s)
+        entry = ps(c, "spin")
+        assert (entry["pid"], entry["restarts"], entry["instance_restarts"]) == (pid, 0, 2)
+        assert [h["status"] for h in handles(theater, "spin")] == ["deadline", "deadline"]
+    assert_chains_ok(theater)
+
+
+def test_spin_is_stopped_by_fuel(theater: Theater) -> None:
+    """With a long deadline, an endless loop ends when fuel_per_call runs out; the worker survives."""
+    write_lab_policy(theater)
+    with theater.client() as c:
+        pid = spawn(theater, c, "spin", "spin.wat", policy=LAB_POLICY,
+                    limits={"wall_time_ms": 60000, "fuel_per_call": 1_000_000})["pid"]
+        for _ in range(2):
+            fails(c, "spin", b"go", "out-of-fuel", "all fuel consumed", timeout=10)
+        entry = ps(c, "spin")
+        assert (entry["pid"], entry["restarts"], entry["instance_restarts"]) == (pid, 0, 2)
+        assert [(h["status"], h["fuel"]) for h in handles(theater, "spin")] == [("out-of-fuel", 1_000_000)] * 2
+    assert_chains_ok(theater)
+
+
+@pytest.mark.parametrize(("memory_bytes", "pages"), [(1 * MIB, 16), (4 * MIB, 64)])
+def test_memory_bomb_stops_exactly_at_memory_bytes(theater: Theater, memory_bytes: int, pages: int) -> None:
+    """memory.grow fails softly at exactly memory_bytes / 64 KiB pages, call after call."""
+    with theater.client() as c:
+        pid = spawn(theater, c, "bomb", "memory_bomb.wat", limits={"memory_bytes": memory_bytes})["pid"]
+        assert fails(c, "bomb", b"grow", "guest-error", f"grew to {pages} pages") == f"grew to {pages} pages"
+        assert fails(c, "bomb", b"again", "guest-error", "grew to") == f"grew to {pages} pages"
+        assert ps(c, "bomb")["pid"] == pid
+    assert_chains_ok(theater)
+
+
+def test_deep_recursion_is_a_stack_overflow(theater: Theater) -> None:
+    """Unbounded recursion is "stack-overflow", not a crash of the worker."""
+    with theater.client() as c:
+        pid = spawn(theater, c, "deep", "deep_recursion.wat")["pid"]
+        fails(c, "deep", b"down", "stack-overflow", "call stack exhausted")
+        fails(c, "deep", b"down again", "stack-overflow", "call stack exhausted")
+        entry = ps(c, "deep")
+        assert (entry["pid"], entry["restarts"], entry["instance_restarts"]) == (pid, 0, 2)
+    assert_chains_ok(theater)
+
+
+# --- results the host must refuse -------------------------------------------------------------
+
+
+def test_big_reply_at_and_over_the_limit(theater: Theater) -> None:
+    """A reply of exactly max_message_bytes passes; one byte more is "too-large" and commits nothing."""
+    with theater.client() as c:
+        spawn(theater, c, "big", "big_reply.wat", limits={"max_message_bytes": 64 * KIB})
+        assert c.call("big", b"65536") == b"x" * 65536
+        fails(c, "big", b"65537", "too-large", "reply of 65537 bytes exceeds the limit of 65536")
+        assert stored_state(theater, "big") == b""
+        last = [r for r in records(theater, "big") if r.kind is Kind.HANDLE][-1]
+        assert last.state_hash == sha256(b"")
+        assert (last.fields()["status"], last.fields()["reply"]) == ("too-large", None)
+        assert c.call("big", b"3") == b"xxx"
+    assert_chains_ok(theater)
+
+
+def test_bad_bytes_reply_is_a_malformed_result(theater: Theater) -> None:
+    """A reply holding U+0100 is "malformed-result" naming the character; the agent keeps serving."""
+    with theater.client() as c:
+        pid = spawn(theater, c, "bad", "bad_bytes.wat")["pid"]
+        for _ in range(2):
+            fails(c, "bad", b"x", "malformed-result", "reply has character U+0100 at 1")
+        assert ps(c, "bad")["pid"] == pid
+    assert_chains_ok(theater)
+
+
+@pytest.mark.parametrize(("component", "fragment"), [
+    ("wrong_shape.wat", "export `handle` has type func(state: string, message: string) -> u32"),
+    ("missing_export.wat", "component does not export `handle`"),
+    ("grabber.wat", "does not grant: theater:agent/kv@0.1.0"),
+])
+def test_unrunnable_component_fails_to_spawn(theater: Theater, component: str, fragment: str) -> None:
+    """A wrong export type, a missing export or a denied import is "spawn-failed"; the agent is failed."""
+    with theater.client() as c:
+        with pytest.raises(ClientError) as info:
+            c.spawn(theater.manifest("nope", component))
+        assert info.value.code == "spawn-failed"
+        assert "load-failed" in str(info.value) and fragment in str(info.value), str(info.value)
+        entry = ps(c, "nope")
+        assert (entry["status"], entry["pid"]) == ("failed", None)
+        assert fragment in entry["last_exit"]
+        fails(c, "nope", b"hello?", "refused", "agent nope is failed")
+        kinds = [r.kind for r in records(theater, "nope")]
+        assert kinds == [Kind.GENESIS, Kind.EXIT]
+        assert records(theater, "nope")[-1].fields()["reason"] == "load-failed"
+    assert_chains_ok(theater)
+
+
+# --- recorded host calls and their limits -------------------------------------------------------
+
+
+def test_random_reply_is_the_recorded_host_output(theater: Theater) -> None:
+    """random-bytes gives 16 fresh bytes per call, and the chain records exactly what the guest got."""
+    with theater.client() as c:
+        agent_id = spawn(theater, c, "rnd", "random.wat")["id"]
+        first, second = c.call("rnd", b"1"), c.call("rnd", b"2")
+    assert len(first) == len(second) == 16 and first != second
+    out = subprocess.run([str(THEATER_CLI), "--home", str(theater.home.root), "events", "rnd", "--json"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    events = [json.loads(line) for line in out.splitlines()]
+    calls = [e["fields"] for e in events if e["kind"] == "host-call"]
+    assert [(f["function"], f["interface"]) for f in calls] == [
+        ("self-id", "theater:agent/runtime@0.1.0"), ("random-bytes", "theater:agent/runtime@0.1.0")] * 2
+    assert {bytes.fromhex(f["output"]).decode() for f in calls if f["function"] == "self-id"} == {agent_id}
+    randoms = [f for f in calls if f["function"] == "random-bytes"]
+    assert [bytes.fromhex(f["output"]) for f in randoms] == [first, second]
+    assert all(bytes.fromhex(f["input"]) == (16).to_bytes(4, "big") for f in randoms)
+    replies = [bytes.fromhex(e["fields"]["reply"]) for e in events if e["kind"] == "handle"]
+    assert replies == [first, second]
+    assert_chains_ok(theater)
+
+
+def test_counter_logs_once_and_calls_now_once_per_call(theater: Theater) -> None:
+    """At max_logs_per_call = 1 and max_host_calls_per_call = 1 the counter (one log, one now) still runs."""
+    with theater.client() as c:
+        spawn(theater, c, "counter", "counter.wat", limits={"max_logs_per_call": 1, "max_host_calls_per_call": 1})
+        assert [c.call("counter", b"") for _ in range(3)] == [b"1", b"2", b"3"]
+    after_init = [r for r in records(theater, "counter") if r.seq > 1]
+    assert [r.kind for r in after_init] == [Kind.LOG, Kind.HOST_CALL, Kind.HANDLE] * 3
+    assert {(f["level"], f["message"]) for f in (r.fields() for r in after_init if r.kind is Kind.LOG)} == {("info", "tick")}
+    assert {r.fields()["function"] for r in after_init if r.kind is Kind.HOST_CALL} == {"now"}
+    assert_chains_ok(theater)
+
+
+@pytest.mark.parametrize(("component", "limit", "fragment", "state"), [
+    ("counter.wat", "max_logs_per_call", "more than 0 log lines in one call (max_logs_per_call)", b"0"),
+    ("counter.wat", "max_host_calls_per_call", "more than 0 host calls in one call (max_host_calls_per_call)", b"0"),
+    ("random.wat", "max_random_bytes", "random-bytes(16) exceeds max_random_bytes 15", b""),
+])
+def test_exhausted_host_budget_fails_every_call(theater: Theater, component: str, limit: str, fragment: str,
+                                                state: bytes) -> None:
+    """A host budget below what the guest asks for makes every call "host-limit"; state stays at its init value."""
+    value = 15 if limit == "max_random_bytes" else 0
+    with theater.client() as c:
+        pid = spawn(theater, c, "hl", component, limits={limit: value})["pid"]
+        for _ in range(3):
+            fails(c, "hl", b"tick", "host-limit", fragment)
+        entry = ps(c, "hl")
+        assert (entry["pid"], entry["instance_restarts"]) == (pid, 3)
+        assert stored_state(theater, "hl") == state
+        assert [h["status"] for h in handles(theater, "hl")] == ["host-limit"] * 3
+    assert_chains_ok(theater)
+
+
+def test_long_log_lines_are_truncated_and_flagged(theater: Theater) -> None:
+    """With max_log_bytes = 3 the counter's "tick" is recorded as "tic", flagged truncated; the call succeeds."""
+    with theater.client() as c:
+        spawn(theater, c, "counter", "counter.wat", limits={"max_log_bytes": 3})
+        assert c.call("counter", b"") == b"1"
+    (log,) = [r.fields() for r in records(theater, "counter") if r.kind is Kind.LOG]
+    assert log == {"level": "info", "message": "tic", "truncated": 1}
+    assert_chains_ok(theater)
+
+
+# --- the mailbox ----------------------------------------------------------------------------
+
+
+def test_message_flood_is_bounded_by_the_mailbox_and_loses_nothing(theater: Theater) -> None:
+    """200 pipelined sends to a mailbox of 50: the excess is refused, every accepted one is counted."""
+    with theater.client() as c:
+        spawn(theater, c, "counter", "counter.wat", limits={"mailbox": 50})
+        replies = send_burst(theater, "counter", [str(i).encode() for i in range(200)])
+        accepted = [i for i, r in enumerate(replies) if r["ok"]]
+        refused = [r["error"] for r in replies if not r["ok"]]
+        assert accepted[:50] == list(range(50))  # the mailbox cannot be full before 50 are queued
+        assert refused, "a burst of 200 into a mailbox of 50 refused nothing"
+        assert all(e["code"] == "refused" and "mailbox is full (50 messages)" in e["message"] for e in refused)
+        assert len(accepted) + len(refused) == 200
+        # Each handled message adds three records (log, now, handle) after genesis and init.
+        target, head, deadline = 1 + 3 * len(accepted), ps(c, "counter")["head"], time.monotonic() + 30
+        while head < target:
+            assert time.monotonic() < deadline, f"head {head} never reached {target}"
+            head = c.wait_events("counter", head, 10_000)
+        assert c.call("counter", b"last") == str(len(accepted) + 1).encode()
+        assert [h["message"] for h in handles(theater, "counter")][:-1] == [str(i).encode() for i in accepted]
+    assert_chains_ok(theater)

@@ -1,0 +1,532 @@
+"""Resilience: killed workers, restart intensity, a killed supervisor, lying workers, strangers, permissions.
+
+Everything here runs real processes on a private home: the supervisor
+subprocess from ``conftest``, real workers (or ``tests/evil_worker.py``, started
+through ``tests/run_supervisor.py``), real ZeroMQ sockets and the real SQLite
+event store. Waits are on replies or on process-level facts with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq
+from conftest import Theater, wait_until
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from supervisor._audit import open_readonly, verify_home
+from theater import wire
+from theater.client import Client, ClientError, NotRunning
+from theater.records import Kind, Record
+
+TESTS = Path(__file__).resolve().parent
+RUN_SUPERVISOR = TESTS / "run_supervisor.py"
+
+# --- helpers -------------------------------------------------------------------
+
+
+def _ps(c: Client, name: str) -> dict[str, Any]:
+    [info] = [a for a in c.ps() if a["name"] == name]
+    return info
+
+
+def _wait_running(c: Client, name: str, old_pid: int | None = None, timeout: float = 20.0) -> dict[str, Any]:
+    """Wait until ``name`` is running on a worker whose pid is not ``old_pid``; return its ps row."""
+
+    def ready() -> dict[str, Any] | None:
+        info = _ps(c, name)
+        ok = info["status"] == "running" and info["pid"] is not None and info["pid"] != old_pid
+        return info if ok else None
+
+    return wait_until(ready, timeout, f"{name} running on a new worker")  # type: ignore[return-value]
+
+
+def _wait_status(c: Client, name: str, status: str, timeout: float = 20.0) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        info = _ps(c, name)
+        return info if info["status"] == status else None
+
+    return wait_until(reached, timeout, f"{name} {status}")  # type: ignore[return-value]
+
+
+def _records(t: Theater, name: str) -> list[Record]:
+    """The agent's stored chain, read straight from SQLite (read-only)."""
+    db = open_readonly(t.home.store)
+    try:
+        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
+        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
+    finally:
+        db.close()
+    records = [Record.parse(raw) for (raw,) in rows]
+    assert [r.seq for r in records] == list(range(len(records)))
+    return records
+
+
+def _desired(t: Theater, name: str) -> str:
+    db = open_readonly(t.home.store)
+    try:
+        [(desired,)] = db.execute("SELECT desired FROM agents WHERE name=?", (name,)).fetchall()
+    finally:
+        db.close()
+    return desired
+
+
+def _of(records: list[Record], kind: Kind) -> list[Record]:
+    return [r for r in records if r.kind is kind]
+
+
+def _assert_verified(t: Theater) -> None:
+    reports = verify_home(t.home)
+    assert reports, "no chain to verify"
+    assert all(r.ok for r in reports), [r.as_dict() for r in reports if not r.ok]
+
+
+def _gone(pid: int) -> bool:
+    """The process no longer runs (absent, or a zombie nobody has reaped yet)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _supervisor_log(t: Theater) -> str:
+    return (t.dir / "supervisor.out").read_text(errors="replace")
+
+
+def _without_uptime(agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in a.items() if k != "uptime_s"} for a in agents]
+
+
+def _answers(t: Theater) -> dict[str, Any] | None:
+    try:
+        with t.client(timeout=1.0) as c:
+            return c.ping()
+    except (NotRunning, ClientError):
+        return None
+
+
+def _start_after_crash(t: Theater) -> None:
+    """``t.start()`` after a SIGKILLed supervisor.
+
+    Its readiness ping may carry the dead supervisor's stale control token and be
+    refused although the new supervisor is up (the bug exposed by
+    ``test_up_detach_after_supervisor_crash_reports_success``); then wait for a fresh client.
+    """
+    try:
+        t.start()
+    except ClientError as exc:
+        if exc.code != "refused":
+            raise
+        wait_until(lambda: _answers(t), 30, "the restarted supervisor to answer a fresh client")
+
+
+def _socket(endpoint: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoint)
+    return sock
+
+
+# --- 1. a killed worker ----------------------------------------------------------
+
+
+def test_sigkilled_idle_worker_is_restarted_with_state_intact(theater: Theater) -> None:
+    """A SIGKILLed idle worker is noticed and restarted once; the counter continues and the chain says why."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat"))
+        assert [c.call("ctr", b"m%d" % i) for i in range(3)] == [b"1", b"2", b"3"]
+        before = _ps(c, "ctr")
+        os.kill(before["pid"], signal.SIGKILL)
+        after = _wait_running(c, "ctr", before["pid"])
+        assert after["restarts"] == 1
+        assert after["incarnation"] == before["incarnation"] + 1
+        assert c.call("ctr", b"after") == b"4"
+
+    records = _records(theater, "ctr")
+    [exit_] = _of(records, Kind.EXIT)
+    fields = exit_.fields()
+    assert fields["reason"] == "worker-died"
+    assert "killed by signal 9 (SIGKILL)" in fields["detail"]
+    assert fields["incarnation"] == before["incarnation"]
+    key = records[exit_.seq + 1]
+    assert key.kind is Kind.WORKER_KEY
+    assert key.fields()["incarnation"] == before["incarnation"] + 1
+    assert [h.fields()["reply"] for h in _of(records, Kind.HANDLE)] == [b"1", b"2", b"3", b"4"]
+    _assert_verified(theater)
+
+
+# --- 2. restart intensity and restart types ----------------------------------------
+
+
+def test_restart_intensity_gives_up_after_too_many_deaths(theater: Theater) -> None:
+    """With intensity 2 per minute, the third SIGKILL leaves the agent failed, recorded and refusing calls."""
+    manifest = theater.manifest("flaky", "counter.wat", restart={"intensity": 2, "period_ms": 60000})
+    with theater.client() as c:
+        c.spawn(manifest)
+        assert c.call("flaky", b"x") == b"1"
+        pid = _ps(c, "flaky")["pid"]
+        for kill in range(1, 4):
+            os.kill(pid, signal.SIGKILL)
+            if kill < 3:
+                pid = _wait_running(c, "flaky", pid)["pid"]
+        info = _wait_status(c, "flaky", "failed")
+        assert info["pid"] is None
+        assert info["restarts"] == 2
+        with pytest.raises(ClientError) as refused:
+            c.call("flaky", b"y")
+        assert refused.value.code == "refused"
+        assert _ps(c, "flaky")["status"] == "failed"
+
+    exits = [r.fields() for r in _of(_records(theater, "flaky"), Kind.EXIT)]
+    assert len(exits) == 3
+    assert all("killed by signal 9 (SIGKILL)" in e["detail"] for e in exits)
+    assert not any("giving up" in e["detail"] for e in exits[:2])
+    assert "more than 2 restarts in 60000 ms, giving up" in exits[2]["detail"]
+    assert len(_of(_records(theater, "flaky"), Kind.WORKER_KEY)) == 2
+    assert _desired(theater, "flaky") == "failed"
+    _assert_verified(theater)
+
+
+def test_temporary_agent_is_not_restarted(theater: Theater) -> None:
+    """A `temporary` agent whose worker is SIGKILLed is failed at once, never restarted."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("once", "counter.wat", restart={"type": "temporary"}))
+        assert c.call("once", b"x") == b"1"
+        pid = _ps(c, "once")["pid"]
+        os.kill(pid, signal.SIGKILL)
+        info = _wait_status(c, "once", "failed")
+        assert info["pid"] is None
+        assert info["restarts"] == 0
+        with pytest.raises(ClientError) as refused:
+            c.call("once", b"y")
+        assert refused.value.code == "refused"
+
+    records = _records(theater, "once")
+    assert records[-1].kind is Kind.EXIT
+    assert "killed by signal 9 (SIGKILL)" in records[-1].fields()["detail"]
+    assert not _of(records, Kind.WORKER_KEY)
+    assert _desired(theater, "once") == "failed"
+    _assert_verified(theater)
+
+
+# --- 3. a killed supervisor --------------------------------------------------------
+
+
+class _Caller(threading.Thread):
+    """Calls the counter in a loop and keeps every (message, reply) the supervisor acknowledged."""
+
+    def __init__(self, t: Theater, name: str, tag: str) -> None:
+        super().__init__(daemon=True)
+        self.t, self.name, self.tag = t, name, tag
+        self.acked: list[tuple[bytes, bytes]] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with Client(self.t.home) as c:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                message = f"{self.tag}-{n}".encode()
+                try:
+                    result, reply = c.request("call", message, agent=self.name, timeout_ms=10_000, timeout=2.0)
+                except NotRunning:
+                    continue  # unanswered: the supervisor is gone
+                except ClientError as exc:
+                    self.errors.append(f"{exc.code}: {exc}")
+                    continue
+                assert result.get("has_reply") and reply is not None
+                self.acked.append((message, reply))
+
+
+def test_supervisor_sigkill_mid_traffic_loses_nothing_committed(theater: Theater) -> None:
+    """SIGKILL of the supervisor under load: workers die with it, and a restart resumes every acknowledged call."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat"))
+        c.spawn(theater.manifest("idle", "counter.wat"))
+        assert c.call("idle", b"i") == b"1"
+        workers = [a["pid"] for a in c.ps()]
+    callers = [_Caller(theater, "ctr", f"t{i}") for i in range(2)]
+    for caller in callers:
+        caller.start()
+    try:
+        wait_until(lambda: all(len(k.acked) >= 5 for k in callers), 30, "acknowledged calls from every caller")
+        theater.kill()  # SIGKILL, calls in flight
+    finally:
+        for caller in callers:
+            caller.stop.set()
+        for caller in callers:
+            caller.join(timeout=10)
+    assert not any(caller.is_alive() for caller in callers)
+    assert not [e for k in callers for e in k.errors], [e for k in callers for e in k.errors]
+    acked = [pair for k in callers for pair in k.acked]
+    wait_until(lambda: all(_gone(pid) for pid in workers), 10, "workers to die with their supervisor")
+
+    _start_after_crash(theater)
+    _assert_verified(theater)  # including the supervisor-restart exits written at start-up
+    with theater.client() as c:
+        for name in ("ctr", "idle"):
+            info = _wait_running(c, name)
+            assert info["pid"] not in workers
+        reply = c.call("ctr", b"after-restart")
+        assert c.call("idle", b"j") == b"2"
+    assert reply is not None
+    assert int(reply) > max(int(r) for _, r in acked)
+
+    records = _records(theater, "ctr")
+    stored = {h.fields()["message"]: h.fields()["reply"] for h in _of(records, Kind.HANDLE)}
+    missing = [(m, r) for m, r in acked if stored.get(m) != r]
+    assert not missing, f"acknowledged but not in the chain: {missing[:5]}"
+    # Each reply is one more than the one before: nothing was applied twice or skipped.
+    assert sorted(int(r) for r in stored.values()) == list(range(1, len(stored) + 1))
+    assert stored[b"after-restart"] == reply
+    for name in ("ctr", "idle"):
+        exits = [r.fields() for r in _of(_records(theater, name), Kind.EXIT)]
+        assert [e["reason"] for e in exits] == ["supervisor-restart"], name
+    _assert_verified(theater)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a SIGKILLed supervisor leaves run/control.token behind; `up --detach` pings with that stale "
+    "token, gets `refused`, and exits 1 although the new supervisor is up",
+)
+def test_up_detach_after_supervisor_crash_reports_success(theater: Theater) -> None:
+    """After a SIGKILLed supervisor, `theater up --detach` starts a new one and reports success."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat"))
+    theater.kill()
+    try:
+        up = subprocess.run(
+            [sys.executable, "-m", "supervisor", "--home", str(theater.home.root), "up", "--detach"],
+            capture_output=True, text=True, timeout=60,
+        )
+        info = wait_until(lambda: _answers(theater), 30, "a supervisor to answer")
+        assert info["agents"] == 1  # type: ignore[index]  # it is up and has resumed the agent...
+        assert up.returncode == 0, up.stderr  # ...so `up` must not say it failed
+    finally:
+        _down_detached(theater)
+
+
+def _down_detached(t: Theater) -> None:
+    """Stop a supervisor started by `up --detach` (not a child of this test)."""
+    try:
+        pid = int(t.home.pid_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    try:
+        with t.client(timeout=20) as c:
+            c.down()
+    except (NotRunning, ClientError):
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: _gone(pid), 20, "the detached supervisor to end")
+
+
+# --- 4. lying workers --------------------------------------------------------------
+
+# mode -> a fragment the violation's reason must contain
+EVIL_MODES = {
+    "forge": "signature",
+    "tamper": "signature",
+    "replay": "sequence",
+    "reorder": "sequence",
+    "state": "state sent does not match",
+    "garbage": "malformed result",
+}
+
+
+@pytest.mark.parametrize("mode", sorted(EVIL_MODES))
+def test_lying_worker_is_caught_and_nothing_it_sent_is_stored(theater: Theater, mode: str) -> None:
+    """A worker that forges, tampers, replays, reorders, lies about state or sends garbage is killed, recorded, restarted."""
+    theater.stop()
+    theater.start(extra=[sys.executable, str(RUN_SUPERVISOR), str(theater.home.root), mode])
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat"))
+        assert c.call("ctr", b"first") == b"1"
+        pid = _ps(c, "ctr")["pid"]
+        with pytest.raises(ClientError) as died:
+            c.call("ctr", b"second")
+        assert died.value.code == "worker-died"
+        info = _wait_running(c, "ctr", pid)
+        assert info["restarts"] == 1
+        # The evil behaviour is on each process's 2nd handle call: the new worker's 1st is honest.
+        assert c.call("ctr", b"third") == b"2"
+
+    records = _records(theater, "ctr")
+    [violation] = _of(records, Kind.VIOLATION)
+    assert violation.kind == 8
+    fields = violation.fields()
+    assert EVIL_MODES[mode] in fields["reason"], fields["reason"]
+    assert fields["incarnation"] == 0
+    messages = [h.fields()["message"] for h in _of(records, Kind.HANDLE)]
+    assert messages == [b"first", b"third"]  # nothing of the bad result, and no replayed copy
+    after = records[violation.seq + 1]
+    assert after.kind is Kind.WORKER_KEY and after.fields()["incarnation"] == 1
+    assert "protocol-violation" in after.fields()["reason"]
+    assert f"protocol violation: {fields['reason']}" in _supervisor_log(theater)
+    _assert_verified(theater)
+
+
+# --- 5. strangers -------------------------------------------------------------------
+
+
+def test_stranger_on_worker_socket_is_ignored(theater: Theater) -> None:
+    """A peer with no spawn token gets nowhere on the worker socket: its hello and its result are dropped."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat"))
+        assert c.call("ctr", b"a") == b"1"
+        before = c.ps()
+    token = secrets.token_bytes(32)
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    hello = wire.Hello(token, public, key.sign(wire.HELLO_DOMAIN + token), os.getpid(), {"umask": "applied"})
+    stranger = _socket(theater.home.workers_endpoint)
+    try:
+        stranger.send_multipart(hello.encode())
+        wait_until(lambda: "hello with an unknown token" in _supervisor_log(theater), 10, "the unknown-token log line")
+        result = wire.Result(1, b"999", [secrets.token_bytes(300)])
+        stranger.send_multipart(result.encode())
+        wait_until(lambda: "frame from an unknown peer" in _supervisor_log(theater), 10, "the unknown-peer log line")
+        assert not stranger.poll(100), "the supervisor answered a stranger"
+    finally:
+        stranger.close(0)
+    with theater.client() as c:
+        assert _without_uptime(c.ps()) == _without_uptime(before)
+        assert c.call("ctr", b"b") == b"2"
+    assert theater.proc is not None and theater.proc.poll() is None
+    assert not _of(_records(theater, "ctr"), Kind.VIOLATION)
+    _assert_verified(theater)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="wire.decode_json lets RecursionError from deeply nested JSON escape; "
+    "a hello from any peer on workers.sock crashes the supervisor loop",
+)
+def test_stranger_hello_with_deeply_nested_json_does_not_crash_supervisor(theater: Theater) -> None:
+    """A hello whose confinement frame is deeply nested JSON is dropped; the supervisor keeps serving."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat"))
+        assert c.call("ctr", b"a") == b"1"
+    stranger = _socket(theater.home.workers_endpoint)
+    try:
+        stranger.send_multipart([wire.header(wire.WorkerType.HELLO), secrets.token_bytes(132), b"[" * 100_000])
+        assert theater.proc is not None
+        wait_until(lambda: "malformed hello" in _supervisor_log(theater) or theater.proc.poll() is not None,
+                   10, "the hello to be handled")
+    finally:
+        stranger.close(0)
+    assert theater.proc.poll() is None, f"supervisor exited with {theater.proc.returncode}"
+    with theater.client() as c:
+        assert c.call("ctr", b"b") == b"2"
+
+
+# --- 6. control-socket authentication --------------------------------------------
+
+
+def test_wrong_control_token_is_refused(theater: Theater) -> None:
+    """Requests with a wrong or missing control token are refused, and do not disturb the supervisor."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat"))
+        real = c._token
+        for bad in ("0" * len(real), real[:-1] + ("0" if real[-1] != "0" else "1"), ""):
+            c._token = bad
+            for op, args in (("ping", {}), ("ps", {}), ("call", {"agent": "ctr"}), ("down", {})):
+                with pytest.raises(ClientError) as refused:
+                    c.request(op, b"x" if op == "call" else None, **args)
+                assert refused.value.code == "refused", (op, bad)
+        c._token = real
+        assert c.call("ctr", b"x") == b"1"  # no refused call reached the agent
+        assert _ps(c, "ctr")["head"] == 4  # genesis, init, and one call's log, host-call, handle
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="wire.decode_json lets RecursionError from deeply nested JSON escape; "
+    "an unauthenticated request (parsed before the token check) crashes the supervisor",
+)
+def test_unauthenticated_deeply_nested_request_does_not_crash_supervisor(theater: Theater) -> None:
+    """A request without a token whose JSON is deeply nested gets an error reply; the supervisor keeps serving."""
+    sock = _socket(theater.home.control_endpoint)
+    try:
+        sock.send_multipart([wire.header(wire.ClientType.REQUEST), b"[" * 100_000])
+        assert theater.proc is not None
+        wait_until(lambda: sock.poll(0) or theater.proc.poll() is not None, 10, "a reply or the supervisor's end")
+        assert theater.proc.poll() is None, f"supervisor exited with {theater.proc.returncode}"
+        header, body = sock.recv_multipart()
+        assert header == wire.header(wire.ClientType.REPLY)
+        assert wire.decode_json(body, "reply")["ok"] is False
+    finally:
+        sock.close(0)
+    with theater.client() as c:
+        c.ping()
+
+
+# --- 7. permissions ------------------------------------------------------------------
+
+
+def test_secrets_and_sockets_are_private(theater: Theater) -> None:
+    """run/ is 0700; the supervisor key and the control token are 0600."""
+    home = theater.home
+    assert stat.S_IMODE(home.run.stat().st_mode) == 0o700
+    assert stat.S_IMODE(home.root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(home.key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.token.stat().st_mode) == 0o600
+    assert home.control_sock.parent == home.run and home.workers_sock.parent == home.run
+
+
+# --- 8. orderly shutdown ----------------------------------------------------------
+
+
+def test_down_stops_every_worker_and_start_resumes_desired_state(theater: Theater) -> None:
+    """`theater down` ends every worker and the supervisor (exit 0); the next start resumes what should run."""
+    with theater.client() as c:
+        for name in ("a", "b", "off"):
+            c.spawn(theater.manifest(name, "counter.wat"))
+        assert c.call("a", b"x") == b"1"
+        assert c.call("b", b"x") == b"1"
+        assert c.stop("off")["status"] == "stopped"
+        workers = [a["pid"] for a in c.ps() if a["pid"] is not None]
+    assert len(workers) == 2
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "--home", str(theater.home.root), "down"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "supervisor down" in done.stdout
+    assert theater.proc is not None
+    assert theater.proc.wait(timeout=20) == 0
+    assert all(_gone(pid) for pid in workers)  # reaped by the supervisor before it exited
+    assert not theater.home.token.exists() and not theater.home.control_sock.exists()
+    for name in ("a", "b"):
+        last = _records(theater, name)[-1]
+        assert last.kind is Kind.EXIT and last.fields()["reason"] == "shutdown"
+    _assert_verified(theater)
+
+    theater.start()
+    with theater.client() as c:
+        for name in ("a", "b"):
+            assert _wait_running(c, name)["pid"] not in workers
+        assert _ps(c, "off")["status"] == "stopped"
+        assert _ps(c, "off")["pid"] is None
+        assert c.call("a", b"y") == b"2"
+        assert c.call("b", b"y") == b"2"
+        with pytest.raises(ClientError) as refused:
+            c.call("off", b"y")
+        assert refused.value.code == "refused"
+    for name in ("a", "b"):
+        records = _records(theater, name)
+        assert [e.fields()["reason"] for e in _of(records, Kind.EXIT)] == ["shutdown"]  # no supervisor-restart
+        assert len(_of(records, Kind.WORKER_KEY)) == 1
+    _assert_verified(theater)
