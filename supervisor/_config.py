@@ -19,7 +19,7 @@ from ._errors import ConfigError
 
 __all__ = ["AgentConfig", "Policy", "RestartSpec", "load_manifest", "load_policy", "policy_dirs"]
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch
 MAX_COMPONENT_BYTES = 256 * 1024 * 1024
 MAX_INIT_ARGS_BYTES = 1024 * 1024
 BUILTIN_POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -176,7 +176,7 @@ def policy_dirs(home: Path | None) -> list[Path]:
 
 
 def load_policy(name: str, dirs: list[Path]) -> Policy:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(f"policy name {name!r} is not a plain name (a-z, 0-9, '-', '_')")
     for d in dirs:
         path = d / f"{name}.toml"
@@ -200,7 +200,7 @@ def load_manifest(path: Path, dirs: list[Path]) -> AgentConfig:
     path = path.resolve()
     top = _Table(path, _read_toml(path))
     name = top.get("name", str, required=True)
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise top.err("name", f"{name!r} must be 1-63 characters of a-z, 0-9, '-', '_', starting with a letter or digit")
     component_rel = top.get("component", str, required=True)
     policy = load_policy(top.get("policy", str, "default"), dirs)

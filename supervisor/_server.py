@@ -33,7 +33,7 @@ from theater import wire
 from theater.chain import ChainVerifier
 from theater.errors import ProtocolError
 from theater.home import Home
-from theater.records import Kind, Record, sha256, sign_record
+from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256, sign_record
 from theater.spec import AgentSpec
 
 from ._agent import Agent, Pending, add_restart
@@ -143,7 +143,7 @@ class Supervisor:
         self.workers = self.ctx.socket(zmq.ROUTER)
         self.workers.linger = 0
         self.workers.router_mandatory = True
-        self.workers.maxmsgsize = 2 * 64 * 1024 * 1024 + 2 * wire.MAX_JSON_BYTES
+        self.workers.maxmsgsize = MAX_RECORD_BYTES
         self.workers.bind(home.workers_endpoint)
         self.token = secrets.token_hex(32)
         fd = os.open(home.token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -447,7 +447,9 @@ class Supervisor:
             return check_result(frames, verifier=agent.verifier, limits=agent.config.limits, call=agent.in_flight.call)
         except Violation as v:
             self._violation(agent, v.reason, v.evidence)
-            return None
+        except Exception as exc:  # never let a worker's bytes crash the supervisor
+            self._violation(agent, f"result could not be checked: {type(exc).__name__}: {exc}")
+        return None
 
     def _commit_batch(self, batch: list[tuple[Agent, Pending, Checked]]) -> None:
         try:
@@ -610,6 +612,9 @@ class Supervisor:
                 self._reply_error(ident, rid, exc.code, str(exc))
             except ProtocolError as exc:
                 self._reply_error(ident, rid, "protocol", str(exc))
+            except Exception as exc:  # a client must never be able to crash the supervisor
+                self.log(f"internal error serving a request: {type(exc).__name__}: {exc}")
+                self._reply_error(ident, rid, "internal", f"internal error: {type(exc).__name__}")
 
     def _handle_request(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
         if op == "ping":

@@ -212,20 +212,12 @@ def test_bad_agent_names_are_refused(agent_dir: Path, name: str) -> None:
     assert "name:" in message and "must be 1-63 characters" in message
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "BUG: supervisor/_config.py NAME_RE ends in '$', which also matches before a trailing newline, and is used "
-    "with re.match: a manifest name 'agent\\n' is accepted (should be fullmatch or \\Z)"
-))
 def test_agent_name_with_trailing_newline_is_refused(agent_dir: Path) -> None:
     """A name ending in a newline is not 1-63 characters of a-z, 0-9, '-', '_' and is refused."""
     message = config_error(manifest(agent_dir, head='name = "agent\\n"\ncomponent = "agent.wat"\n'))
     assert "must be 1-63 characters" in message
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: supervisor/_config.py NAME_RE ('$' with re.match) lets the policy name 'default\\n' pass the "
-    "plain-name check; it is then looked up as the file 'default\\n.toml'"
-))
 def test_policy_name_with_trailing_newline_is_not_a_plain_name(home: Path) -> None:
     """A policy name ending in a newline is refused as not a plain name, before any lookup."""
     with pytest.raises(ConfigError, match="is not a plain name"):

@@ -56,9 +56,9 @@ DOMAIN = b"theater/event-record/v1\x00"
 HEADER = struct.Struct(">BBB16sQQ32s32sI")
 SIGNATURE_BYTES = 64
 ZERO_HASH = bytes(32)
-# A record carries at most one message or state-sized value plus small fields;
-# the policy ceiling for messages is far below this.
-MAX_RECORD_BYTES = 64 * 1024 * 1024
+# A handle record carries a message and a reply, each at most 64 MiB (the
+# widest max_message_bytes a policy may set), plus small fields.
+MAX_RECORD_BYTES = 129 * 1024 * 1024
 
 
 def sha256(data: bytes) -> bytes:

@@ -61,7 +61,7 @@ class Limits:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Limits:
         names = {f.name for f in fields(cls)}
-        if set(data) != names:
+        if not isinstance(data, dict) or set(data) != names:
             raise ProtocolError(f"limits must have exactly the keys {sorted(names)}")
         for name, value in data.items():
             low, high, _ = LIMIT_BOUNDS[name]

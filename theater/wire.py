@@ -193,8 +193,8 @@ def decode_json(frame: bytes, what: str) -> dict[str, Any]:
         raise ProtocolError(f"{what} of {len(frame)} bytes exceeds {MAX_JSON_BYTES}")
     try:
         obj = json.loads(frame)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd integers, deep nesting
+        raise ProtocolError(f"{what} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} must be a JSON object")
     return obj
