@@ -131,6 +131,7 @@ class Supervisor:
         self.call_ids = itertools.count(1)
         self.running = True
         self.down_waiters: list[tuple[bytes, int]] = []
+        self._batch: list[tuple[Agent, Pending, Checked]] = []
 
         for sock in (home.control_sock, home.workers_sock):
             with contextlib.suppress(FileNotFoundError):
@@ -289,7 +290,7 @@ class Supervisor:
             worker.kill("no-hello")
 
     def _drain_workers(self) -> None:
-        batch: list[tuple[Agent, Pending, Checked]] = []
+        batch = self._batch
         for _ in range(BATCH):
             try:
                 frames = self.workers.recv_multipart(zmq.NOBLOCK)
@@ -316,7 +317,12 @@ class Supervisor:
                     batch.append((agent, agent.in_flight, checked))
                     agent.verifier = checked.verifier  # the next result links to this one
                     agent.in_flight = None
-        if batch:
+        self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        """Commit the results checked so far; every supervisor record must follow them."""
+        if self._batch:
+            batch, self._batch = self._batch, []
             self._commit_batch(batch)
 
     def _on_hello(self, identity: bytes, frames: list[bytes], known: Agent | None) -> None:
@@ -388,6 +394,7 @@ class Supervisor:
         self._committed(agent, [genesis])
 
     def _append_supervisor(self, agent: Agent, kind: Kind, fields: dict[str, Any], **commit: Any) -> Record:
+        self._flush_batch()  # results already checked precede this record in the chain and the store
         v = agent.verifier
         record = sign_record(
             self.key, kind=kind, agent_id=agent.id, seq=v.next_seq, time_ns=time.time_ns(),
@@ -539,6 +546,7 @@ class Supervisor:
             agent.restarts, restart = add_restart(agent.restarts, time.monotonic(), agent.config.restart)
             if not restart:
                 detail += f"; more than {agent.config.restart.intensity} restarts in {agent.config.restart.period_ms} ms, giving up"
+                agent.last_exit = f"{reason}: {detail}"
         if reason != "protocol-violation" or worker.identity is None:
             desired = None if restart else ("running" if reason == "shutdown" else ("stopped" if stopping else "failed"))
             with contextlib.suppress(StoreError):

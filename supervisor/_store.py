@@ -101,16 +101,15 @@ class EventStore:
         self.db.close()
 
     def create_agent(self, agent_id: bytes, name: str, config: dict[str, Any], genesis: Record, state: bytes) -> None:
-        try:
-            with self._tx():
-                self.db.execute(
-                    "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (agent_id, name, json.dumps(config, sort_keys=True), "running", time.time_ns(),
-                     genesis.seq, genesis.hash, genesis.state_hash, state, 0, 0),
-                )
-                self._insert(genesis)
-        except sqlite3.IntegrityError:
-            raise StoreError(f"an agent named {name!r} already exists") from None
+        if self.db.execute("SELECT 1 FROM agents WHERE name=?", (name,)).fetchone():
+            raise StoreError(f"an agent named {name!r} already exists")
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (agent_id, name, json.dumps(config, sort_keys=True), "running", time.time_ns(),
+                 genesis.seq, genesis.hash, genesis.state_hash, state, 0, 0),
+            )
+            self._insert(genesis)
 
     def commit(self, commits: list[Commit]) -> None:
         """Append every commit in one durable transaction (group commit)."""
@@ -171,8 +170,6 @@ class _Transaction:
                 self.db.execute("ROLLBACK")
                 raise StoreError(f"{self.path}: commit failed: {err}") from None
         self.db.execute("ROLLBACK")
-        if issubclass(typ, sqlite3.IntegrityError):
-            return  # re-raised by the caller's context
         if issubclass(typ, sqlite3.Error):
             raise StoreError(f"{self.path}: write failed: {exc}") from None
 

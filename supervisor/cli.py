@@ -74,7 +74,7 @@ def cmd_up(args: argparse.Namespace, home: Home) -> int:
                     info = c.ping()
                 _out(args, info, f"supervisor up (pid {info['pid']}) at {home.root}")
                 return EXIT_OK
-            except NotRunning:
+            except (NotRunning, ClientError):  # not bound yet, or a stale token from a crashed run
                 time.sleep(0.05)
         _err("the supervisor did not answer within 30 s")
         return EXIT_FAIL

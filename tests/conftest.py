@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from theater.client import Client, NotRunning
+from theater.client import Client, ClientError, NotRunning
 from theater.home import Home
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ class Theater:
                 with Client(self.home, timeout=1.0) as c:
                     c.ping()
                 return
-            except NotRunning:
+            except (NotRunning, ClientError):  # not bound yet, or a stale token from a crashed run
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)

@@ -11,7 +11,8 @@ handle call in this process is altered according to MODE:
     reorder  swap the first two records of the call (counter: log, host-call, handle)
     state    send a state whose sha256 is not the state hash signed in the record
     garbage  a RESULT whose meta frame is random bytes
-    twice    send the (honest) RESULT twice, back to back: the copy answers no call
+    twice    send the (honest, padded with valid log records) RESULT twice, back to back:
+             the copy answers no call
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from theater import wire
-from theater.records import Record, sign_record
+from theater.records import Kind, Record, sign_record
 
+PADDING_LOGS = 90
 MODES = ("forge", "tamper", "replay", "reorder", "state", "garbage", "twice")
 
 
@@ -124,6 +126,11 @@ def main() -> int:
     handled: list[list[bytes]] = []  # records of each handle call in this process
 
     def run(self: _loop.Agent, call: wire.Call) -> Any:
+        if mode == "twice" and call.kind is wire.CallKind.HANDLE and len(handled) == 1:
+            # Validly signed padding: checking this result keeps the supervisor busy for a
+            # few milliseconds, so the copy sent right behind it is drained in the same turn.
+            for i in range(PADDING_LOGS):
+                self.recorder.append(Kind.LOG, {"level": "info", "message": f"padding {i}", "truncated": 0})
         result = real_run(self, call)
         if call.kind is not wire.CallKind.HANDLE:
             return result

@@ -89,7 +89,8 @@ def _of(records: list[Record], kind: Kind) -> list[Record]:
 def _assert_verified(t: Theater) -> None:
     reports = verify_home(t.home)
     assert reports, "no chain to verify"
-    assert all(r.ok for r in reports), [r.as_dict() for r in reports if not r.ok]
+    broken = [f"{r.name}: {r.problem}" for r in reports if not r.ok]
+    assert not broken, "; ".join(broken)
 
 
 def _gone(pid: int) -> bool:
@@ -231,6 +232,7 @@ class _Caller(threading.Thread):
         self.t, self.name, self.tag = t, name, tag
         self.acked: list[tuple[bytes, bytes]] = []
         self.errors: list[str] = []
+        self.unanswered = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -242,7 +244,8 @@ class _Caller(threading.Thread):
                 try:
                     result, reply = c.request("call", message, agent=self.name, timeout_ms=10_000, timeout=2.0)
                 except NotRunning:
-                    continue  # unanswered: the supervisor is gone
+                    self.unanswered += 1  # in flight when the supervisor died (or sent after)
+                    continue
                 except ClientError as exc:
                     self.errors.append(f"{exc.code}: {exc}")
                     continue
@@ -269,6 +272,7 @@ def test_supervisor_sigkill_mid_traffic_loses_nothing_committed(theater: Theater
         for caller in callers:
             caller.join(timeout=10)
     assert not any(caller.is_alive() for caller in callers)
+    assert all(caller.unanswered >= 1 for caller in callers), "no call was in flight at the kill"
     assert not [e for k in callers for e in k.errors], [e for k in callers for e in k.errors]
     acked = [pair for k in callers for pair in k.acked]
     wait_until(lambda: all(_gone(pid) for pid in workers), 10, "workers to die with their supervisor")
@@ -297,11 +301,6 @@ def test_supervisor_sigkill_mid_traffic_loses_nothing_committed(theater: Theater
     _assert_verified(theater)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a SIGKILLed supervisor leaves run/control.token behind; `up --detach` pings with that stale "
-    "token, gets `refused`, and exits 1 although the new supervisor is up",
-)
 def test_up_detach_after_supervisor_crash_reports_success(theater: Theater) -> None:
     """After a SIGKILLed supervisor, `theater up --detach` starts a new one and reports success."""
     with theater.client() as c:
@@ -378,6 +377,29 @@ def test_lying_worker_is_caught_and_nothing_it_sent_is_stored(theater: Theater, 
     _assert_verified(theater)
 
 
+def test_result_sent_twice_leaves_a_consistent_resumable_store(theater: Theater) -> None:
+    """A worker that sends its result twice is caught, and the store it leaves verifies and resumes."""
+    theater.stop()
+    theater.start(extra=[sys.executable, str(RUN_SUPERVISOR), str(theater.home.root), "twice"])
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat", restart={"type": "temporary"}))
+        assert c.call("ctr", b"first") == b"1"
+        try:
+            assert c.call("ctr", b"second") == b"2"  # the first copy is honest and may be committed
+        except ClientError as exc:
+            assert exc.code == "worker-died"
+        _wait_status(c, "ctr", "failed")
+    records = _records(theater, "ctr")
+    [violation] = _of(records, Kind.VIOLATION)
+    assert "no call in flight" in violation.fields()["reason"]
+    _assert_verified(theater)
+    theater.stop()
+    theater.start()  # a plain supervisor must be able to resume this home
+    with theater.client() as c:
+        assert _ps(c, "ctr")["status"] == "failed"
+    _assert_verified(theater)
+
+
 # --- 5. strangers -------------------------------------------------------------------
 
 
@@ -409,25 +431,30 @@ def test_stranger_on_worker_socket_is_ignored(theater: Theater) -> None:
     _assert_verified(theater)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="wire.decode_json lets RecursionError from deeply nested JSON escape; "
-    "a hello from any peer on workers.sock crashes the supervisor loop",
-)
-def test_stranger_hello_with_deeply_nested_json_does_not_crash_supervisor(theater: Theater) -> None:
-    """A hello whose confinement frame is deeply nested JSON is dropped; the supervisor keeps serving."""
+# JSON that json.loads rejects with something other than JSONDecodeError.
+HOSTILE_JSON = {
+    "deep-nesting": b"[" * 100_000,  # RecursionError
+    "huge-integer": b'{"n": ' + b"1" * 5000 + b"}",  # ValueError: int string conversion limit
+}
+
+
+# Regression (found here, fixed in wire.decode_json): RecursionError/ValueError escaped and killed the loop.
+@pytest.mark.parametrize("payload", sorted(HOSTILE_JSON))
+def test_stranger_hello_with_hostile_json_does_not_crash_supervisor(theater: Theater, payload: str) -> None:
+    """A hello whose confinement frame is hostile JSON is dropped; the supervisor keeps serving."""
     with theater.client() as c:
         c.spawn(theater.manifest("ctr", "counter.wat"))
         assert c.call("ctr", b"a") == b"1"
     stranger = _socket(theater.home.workers_endpoint)
     try:
-        stranger.send_multipart([wire.header(wire.WorkerType.HELLO), secrets.token_bytes(132), b"[" * 100_000])
+        stranger.send_multipart([wire.header(wire.WorkerType.HELLO), secrets.token_bytes(132), HOSTILE_JSON[payload]])
         assert theater.proc is not None
         wait_until(lambda: "malformed hello" in _supervisor_log(theater) or theater.proc.poll() is not None,
                    10, "the hello to be handled")
     finally:
         stranger.close(0)
     assert theater.proc.poll() is None, f"supervisor exited with {theater.proc.returncode}"
+    assert "dropping a malformed hello" in _supervisor_log(theater)
     with theater.client() as c:
         assert c.call("ctr", b"b") == b"2"
 
@@ -451,22 +478,20 @@ def test_wrong_control_token_is_refused(theater: Theater) -> None:
         assert _ps(c, "ctr")["head"] == 4  # genesis, init, and one call's log, host-call, handle
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="wire.decode_json lets RecursionError from deeply nested JSON escape; "
-    "an unauthenticated request (parsed before the token check) crashes the supervisor",
-)
-def test_unauthenticated_deeply_nested_request_does_not_crash_supervisor(theater: Theater) -> None:
-    """A request without a token whose JSON is deeply nested gets an error reply; the supervisor keeps serving."""
+# Regression (found here, fixed in wire.decode_json): the request is parsed before the token check.
+@pytest.mark.parametrize("payload", sorted(HOSTILE_JSON))
+def test_unauthenticated_hostile_request_does_not_crash_supervisor(theater: Theater, payload: str) -> None:
+    """A request without a token whose JSON is hostile gets an error reply; the supervisor keeps serving."""
     sock = _socket(theater.home.control_endpoint)
     try:
-        sock.send_multipart([wire.header(wire.ClientType.REQUEST), b"[" * 100_000])
+        sock.send_multipart([wire.header(wire.ClientType.REQUEST), HOSTILE_JSON[payload]])
         assert theater.proc is not None
         wait_until(lambda: sock.poll(0) or theater.proc.poll() is not None, 10, "a reply or the supervisor's end")
         assert theater.proc.poll() is None, f"supervisor exited with {theater.proc.returncode}"
         header, body = sock.recv_multipart()
         assert header == wire.header(wire.ClientType.REPLY)
-        assert wire.decode_json(body, "reply")["ok"] is False
+        reply = wire.decode_json(body, "reply")
+        assert reply["ok"] is False and reply["error"]["code"] == "protocol", reply
     finally:
         sock.close(0)
     with theater.client() as c:
