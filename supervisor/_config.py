@@ -231,6 +231,8 @@ def load_manifest(path: Path, dirs: list[Path]) -> AgentConfig:
     except OSError as exc:
         raise top.err("component", f"cannot read {component}: {exc.strerror}") from None
     limits = Limits(**{**policy.limits.as_dict(), **narrowed})
+    if len(init_bytes) > limits.max_message_bytes:
+        raise top.err("init_args", f"is {len(init_bytes)} bytes, more than max_message_bytes {limits.max_message_bytes}")
     return AgentConfig(
         name=name,
         component_path=str(component),

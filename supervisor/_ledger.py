@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from theater import wire
 from theater.chain import ChainVerifier
 from theater.errors import ProtocolError, RecordError
-from theater.records import Kind, Record, sha256
+from theater.records import STATUSES, Kind, Record, sha256
 from theater.spec import Limits
 
 from ._store import Commit
@@ -80,6 +80,8 @@ def check_result(
     if sent != call.data:
         raise Violation(f"the {expected.name.lower()} record does not carry the message that was sent", final.raw)
     status, error = fields["status"], fields["error"]
+    if status not in STATUSES:
+        raise Violation(f"unknown call status {status[:64]!r}", final.raw[:256])
     reply = fields.get("reply")
     if reply is not None and len(reply) > limits.max_message_bytes:
         raise Violation(f"reply of {len(reply)} bytes exceeds max_message_bytes", final.raw[:256])

@@ -506,6 +506,7 @@ class Supervisor:
             pass
 
     def _violation(self, agent: Agent, reason: str, evidence: bytes = b"") -> None:
+        evidence = evidence[:4096]
         worker = agent.worker
         self.log(f"{agent.name}: protocol violation: {reason}; killing worker")
         if worker is None or worker.kill_reason == "protocol-violation":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ def _data_arg(value: str) -> bytes:
         return sys.stdin.buffer.read()
     if value.startswith("@"):
         return Path(value[1:]).read_bytes()
-    return value.encode("utf-8")
+    return os.fsencode(value)  # the argument's bytes as given, even if not UTF-8
 
 
 def _show_bytes(data: bytes | None) -> str:

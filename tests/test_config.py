@@ -380,3 +380,9 @@ def test_invalid_site_policy_is_refused(home: Path, change: tuple[str, str], fra
     with pytest.raises(ConfigError) as info:
         load_policy("site", policy_dirs(home))
     assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+def test_init_args_longer_than_the_message_limit_are_refused(agent_dir: Path) -> None:
+    """init_args must fit max_message_bytes, else init could never run and the agent would crash-loop."""
+    message = config_error(manifest(agent_dir, 'init_args = "abcd"\n[limits]\nmax_message_bytes = 3\n'))
+    assert "init_args" in message and "max_message_bytes 3" in message

@@ -555,3 +555,23 @@ def test_down_stops_every_worker_and_start_resumes_desired_state(theater: Theate
         assert [e.fields()["reason"] for e in _of(records, Kind.EXIT)] == ["shutdown"]  # no supervisor-restart
         assert len(_of(records, Kind.WORKER_KEY)) == 1
     _assert_verified(theater)
+
+
+def test_component_deleted_under_a_running_agent_fails_it_without_a_restart_loop(theater: Theater) -> None:
+    """If the component file disappears, the restarted worker reports load-failed and the agent stops cleanly."""
+    component = theater.dir / "mine.wat"
+    component.write_bytes((Path(__file__).parent / "components" / "counter.wat").read_bytes())
+    path = theater.dir / "mine.toml"
+    path.write_text(f'name = "mine"\ncomponent = "{component}"\n')
+    with theater.client() as c:
+        c.spawn(path)
+        assert c.call("mine", b"x") == b"1"
+        pid = _ps(c, "mine")["pid"]
+        component.unlink()
+        os.kill(pid, signal.SIGKILL)
+        info = _wait_status(c, "mine", "failed")
+        assert "load-failed" in info["last_exit"] and "cannot read" in info["last_exit"]
+        assert info["restarts"] == 1
+    [*_, last] = _records(theater, "mine")
+    assert last.kind is Kind.EXIT and last.fields()["reason"] == "load-failed"
+    _assert_verified(theater)

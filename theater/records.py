@@ -39,6 +39,7 @@ __all__ = [
     "FIELDS",
     "HEADER",
     "MAX_RECORD_BYTES",
+    "STATUSES",
     "VERSION",
     "ZERO_HASH",
     "Kind",
@@ -151,6 +152,12 @@ FIELDS: dict[Kind, tuple[tuple[str, str], ...]] = {
         ("evidence", "bytes"),
     ),
 }
+
+# The `status` of an init or handle record: "ok" or one failure class.
+STATUSES = (
+    "ok", "guest-error", "out-of-fuel", "deadline", "memory", "stack-overflow", "trap",
+    "host-limit", "malformed-result", "too-large",
+)
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")

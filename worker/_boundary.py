@@ -18,14 +18,13 @@ def to_guest(data: bytes) -> str:
 def from_guest(text: object, what: str, limit: int) -> bytes:
     """Convert a guest-supplied ``bytes`` value, enforcing its type, encoding and size."""
     if not isinstance(text, str):
-        raise CallFailed("malformed-result", f"{what} is {type(text).__name__}, not bytes", poisoned=True)
+        raise CallFailed("malformed-result", f"{what} is {type(text).__name__}, not bytes")
     if len(text) > limit:
-        raise CallFailed("too-large", f"{what} of {len(text)} bytes exceeds the limit of {limit}", poisoned=False)
+        raise CallFailed("too-large", f"{what} of {len(text)} bytes exceeds the limit of {limit}")
     try:
         return text.encode("latin-1")
     except UnicodeEncodeError as exc:
         raise CallFailed(
             "malformed-result",
             f"{what} has character U+{ord(text[exc.start]):04X} at {exc.start}, outside U+0000..U+00FF",
-            poisoned=False,
         ) from None

@@ -47,8 +47,8 @@ def classify(error: BaseException) -> CallFailed:
     last = text.splitlines()[-1].strip() if text else type(error).__name__
     for needle, status in _TRAPS:
         if needle in text:
-            return CallFailed(status, last, poisoned=True)
-    return CallFailed("trap", last, poisoned=True)
+            return CallFailed(status, last)
+    return CallFailed("trap", last)
 
 
 class DeadlineTimer:
@@ -208,7 +208,7 @@ class Sandbox:
             try:
                 self._instantiate()
             except LoadError as exc:
-                raise CallFailed("trap", str(exc), poisoned=True) from None
+                raise CallFailed("trap", str(exc)) from None
         store = self._store
         assert store is not None
         func = self._funcs[export]
@@ -228,8 +228,8 @@ class Sandbox:
         except Exception as exc:  # a host import raised, or the result did not lift
             self._store = None
             if isinstance(exc, HostLimit):
-                raise CallFailed("host-limit", str(exc), poisoned=True) from None
-            raise CallFailed("malformed-result", f"{type(exc).__name__}: {exc}", poisoned=True) from None
+                raise CallFailed("host-limit", str(exc)) from None
+            raise CallFailed("malformed-result", f"{type(exc).__name__}: {exc}") from None
         finally:
             self.timer.disarm()
             self.last_fuel = _fuel_used(store, budget)

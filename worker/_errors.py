@@ -12,13 +12,12 @@ __all__ = ["CallFailed", "LoadError"]
 
 
 class CallFailed(Exception):
-    """A call did not produce a committed outcome. ``poisoned``: the instance must be replaced."""
+    """A call did not produce a committed outcome; the worker discards the instance either way."""
 
-    def __init__(self, status: str, message: str, *, poisoned: bool) -> None:
+    def __init__(self, status: str, message: str) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
-        self.poisoned = poisoned
 
 
 class LoadError(Exception):

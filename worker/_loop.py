@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from theater import wire
 from theater.errors import ProtocolError
 from theater.records import Kind, sha256
-from theater.spec import AgentSpec
+from theater.spec import CAPABILITIES, AgentSpec
 
 from ._boundary import from_guest, to_guest
 from ._caps import runtime
@@ -76,16 +76,22 @@ class Agent:
     def __init__(self, spec: AgentSpec, state: bytes, key: Ed25519PrivateKey) -> None:
         if sha256(state).hex() != spec.state_hash:
             raise LoadError("the state sent does not match the spec's state hash")
-        with open(spec.component_path, "rb") as f:
-            component = f.read()
+        try:
+            with open(spec.component_path, "rb") as f:
+                component = f.read()
+        except OSError as exc:
+            raise LoadError(f"cannot read {spec.component_path}: {exc.strerror}") from None
         if hashlib.sha256(component).hexdigest() != spec.component_sha256:
             raise LoadError(f"{spec.component_path} changed since it was spawned (sha256 mismatch)")
         self.limits = spec.limits
         self.state = state
         self.recorder = Recorder(key, spec.agent_id, spec.head_seq, bytes.fromhex(spec.head_hash), bytes.fromhex(spec.state_hash))
         self.runtime = runtime.Runtime(self.recorder, spec.limits, spec.agent_id)
+        # Link exactly the granted capabilities; each is one host module under _caps/.
+        linkers = {"runtime": self.runtime.link}
+        interfaces = {CAPABILITIES[cap]: linkers[cap] for cap in spec.capabilities}
         engine = make_engine(spec.limits)
-        self.sandbox = Sandbox(engine, component, spec.limits, {runtime.INTERFACE: self.runtime.link})
+        self.sandbox = Sandbox(engine, component, spec.limits, interfaces)
 
     def run(self, call: wire.Call) -> wire.Result:
         self.runtime.begin_call()
@@ -99,7 +105,7 @@ class Agent:
         self.sandbox.last_fuel = 0  # a call refused before it runs uses no fuel
         try:
             if len(call.data) > self.limits.max_message_bytes:
-                raise CallFailed("too-large", f"message of {len(call.data)} bytes exceeds max_message_bytes", poisoned=False)
+                raise CallFailed("too-large", f"message of {len(call.data)} bytes exceeds max_message_bytes")
             result, _ = self.sandbox.call(export, to_guest(self.state), to_guest(call.data))
             new_state, reply, error = self._outcome(kind, result)
             if error:
