@@ -52,7 +52,6 @@ class Agent:
     started_at: float = field(default_factory=time.time)
     spawn_waiters: list[tuple[bytes, int]] = field(default_factory=list)
     stop_waiters: list[tuple[bytes, int]] = field(default_factory=list)
-    want_stop: str | None = None  # "stopped" (user) or "shutdown" (supervisor going down)
 
     @property
     def name(self) -> str:

@@ -34,7 +34,6 @@ __all__ = [
 
 VERSION = 1
 HELLO_DOMAIN = b"theater/hello/v1\x00"
-TOKEN_BYTES = 32
 _HEADER = struct.Struct(">BB")
 
 
