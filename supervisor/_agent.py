@@ -5,15 +5,16 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from theater import wire
 from theater.chain import ChainVerifier
 
-from ._config import AgentConfig, RestartSpec
+from ._config import AgentConfig, RestartSpec, TreeConfig
 from ._spawner import WorkerProcess
 
-__all__ = ["Agent", "Pending", "add_restart"]
+__all__ = ["Agent", "Member", "Node", "Pending"]
 
 
 @dataclass(eq=False)
@@ -23,13 +24,6 @@ class Pending:
     call: wire.Call
     reply_to: tuple[bytes, int] | None = None
     answered: bool = False
-
-
-def add_restart(history: list[float], now: float, spec: RestartSpec) -> tuple[list[float], bool]:
-    """OTP's restart intensity: keep restarts within the period; False once there are too many."""
-    window = spec.period_ms / 1000
-    kept = [t for t in history if now - t < window] + [now]
-    return kept, len(kept) <= spec.intensity
 
 
 @dataclass(eq=False)
@@ -52,6 +46,18 @@ class Agent:
     started_at: float = field(default_factory=time.time)
     spawn_waiters: list[tuple[bytes, int]] = field(default_factory=list)
     stop_waiters: list[tuple[bytes, int]] = field(default_factory=list)
+    parent: Node | None = None
+    on_stopped: list[Callable[[], None]] = field(default_factory=list)  # run once the worker has exited
+    on_ready: list[Callable[[], None]] = field(default_factory=list)  # run once init is committed
+    finishing: bool = False  # the guest asked to end normally after the current call
+
+    @property
+    def restart(self) -> RestartSpec:
+        return self.config.restart
+
+    @property
+    def alive(self) -> bool:
+        return self.worker is not None and not self.worker.exited
 
     @property
     def name(self) -> str:
@@ -75,4 +81,61 @@ class Agent:
             "policy": self.config.policy,
             "uptime_s": round(time.time() - self.started_at, 3) if self.status == "running" else 0,
             "last_exit": self.last_exit,
+            "parent": self.parent.name if self.parent else None,
         }
+
+    def tree(self) -> dict[str, object]:
+        return {"kind": "agent", "restart": self.restart.type, **self.summary()}
+
+
+@dataclass(eq=False)
+class Node:
+    """A supervisor in a tree: flags, ordered children, restart history, and the plan being executed."""
+
+    id: bytes
+    config: TreeConfig
+    parent: Node | None = None
+    children: list[Member] = field(default_factory=list)
+    restarts: list[float] = field(default_factory=list)
+    restart_count: int = 0
+    status: str = "starting"  # starting | running | restarting | stopping | stopped | failed
+    started_at: float = field(default_factory=time.time)
+    busy: bool = False  # a restart plan is running; exits wait in `deferred`
+    deferred: list[tuple[Member, str]] = field(default_factory=list)
+    last_exit: str = ""
+    spawn_waiters: list[tuple[bytes, int]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def uuid(self) -> str:
+        return str(uuid.UUID(bytes=self.id))
+
+    @property
+    def restart(self) -> RestartSpec:
+        return self.config.restart
+
+    @property
+    def alive(self) -> bool:
+        return any(c.alive for c in self.children)
+
+    def tree(self) -> dict[str, object]:
+        return {
+            "kind": "supervisor",
+            "id": self.uuid,
+            "name": self.name,
+            "strategy": self.config.flags.strategy,
+            "intensity": self.config.flags.intensity,
+            "period_ms": self.config.flags.period_ms,
+            "restart": self.restart.type,
+            "restarts": self.restart_count,
+            "status": self.status,
+            "uptime_s": round(time.time() - self.started_at, 3) if self.status == "running" else 0,
+            "last_exit": self.last_exit,
+            "children": [c.tree() for c in self.children],
+        }
+
+
+Member = Agent | Node

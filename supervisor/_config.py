@@ -16,8 +16,20 @@ from typing import Any
 from theater.spec import CAPABILITIES, LIMIT_BOUNDS, Limits
 
 from ._errors import ConfigError
+from ._tree import STRATEGIES, Flags
 
-__all__ = ["AgentConfig", "Policy", "RestartSpec", "load_manifest", "load_policy", "policy_dirs"]
+__all__ = [
+    "AgentConfig",
+    "Policy",
+    "RestartSpec",
+    "TreeConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_any",
+    "load_manifest",
+    "load_policy",
+    "policy_dirs",
+]
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch
 MAX_COMPONENT_BYTES = 256 * 1024 * 1024
@@ -36,14 +48,44 @@ class Policy:
 
 @dataclass(frozen=True, slots=True)
 class RestartSpec:
-    """When a worker dies: restart type, and at most ``intensity`` restarts per ``period_ms``."""
+    """A child's restart spec, as in OTP.
+
+    ``type``: permanent | transient | temporary. ``shutdown_ms``: how long a
+    stop waits before it kills (None: brutal_kill, kill at once). ``from_state``:
+    a restart resumes from the last committed state or from the initial one.
+    ``intensity``/``period_ms`` apply when the agent runs at the top level,
+    where it behaves as the only child of its own one_for_one supervisor.
+    """
 
     type: str = "permanent"
     intensity: int = 3
     period_ms: int = 5000
+    shutdown_ms: int | None = 5000
+    from_state: str = "last"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "intensity": self.intensity, "period_ms": self.period_ms}
+        return {"type": self.type, "intensity": self.intensity, "period_ms": self.period_ms,
+                "shutdown_ms": self.shutdown_ms, "from_state": self.from_state}
+
+
+@dataclass(frozen=True, slots=True)
+class TreeConfig:
+    """A supervisor node: flags and ordered children (agents or further supervisors)."""
+
+    name: str
+    flags: Flags
+    restart: RestartSpec
+    children: tuple[AgentConfig | TreeConfig, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "flags": self.flags.as_dict(), "restart": self.restart.as_dict(),
+                "children": [c.name for c in self.children]}
+
+    def walk(self) -> list[AgentConfig | TreeConfig]:
+        out: list[AgentConfig | TreeConfig] = [self]
+        for child in self.children:
+            out.extend(child.walk() if isinstance(child, TreeConfig) else [child])
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,13 +237,93 @@ def load_policy(name: str, dirs: list[Path]) -> Policy:
     return Policy(name=name, description=description, capabilities=caps, limits=Limits(**values))
 
 
+def config_to_dict(config: AgentConfig | TreeConfig) -> dict[str, Any]:
+    """A whole tree (or one agent) as JSON-able data, as stored and as shown."""
+    if isinstance(config, AgentConfig):
+        return {"kind": "agent", **config.as_dict()}
+    return {"kind": "supervisor", "name": config.name, "flags": config.flags.as_dict(),
+            "restart": config.restart.as_dict(), "children": [config_to_dict(c) for c in config.children]}
+
+
+def config_from_dict(data: dict[str, Any]) -> AgentConfig | TreeConfig:
+    if data["kind"] == "agent":
+        return AgentConfig.from_dict(data)
+    return TreeConfig(name=data["name"], flags=Flags(**data["flags"]), restart=RestartSpec(**data["restart"]),
+                      children=tuple(config_from_dict(c) for c in data["children"]))
+
+
 def load_manifest(path: Path, dirs: list[Path]) -> AgentConfig:
-    """Parse a manifest, resolve its policy and component, and apply its narrowing."""
+    """Parse an agent manifest, resolve its policy and component, and apply its narrowing."""
+    config = load_any(path, dirs)
+    if isinstance(config, TreeConfig):
+        raise ConfigError(f"{path.resolve()}: is a supervisor manifest (it has strategy/children), not an agent manifest")
+    return config
+
+
+def load_any(path: Path, dirs: list[Path], _seen: tuple[Path, ...] = ()) -> AgentConfig | TreeConfig:
+    """Parse an agent manifest or a supervisor (tree) manifest, children included."""
     path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: includes itself through its children")
     top = _Table(path, _read_toml(path))
+    config = _node(top, path.parent, dirs, (*_seen, path))
+    top.finish()
+    names = [c.name for c in config.walk()] if isinstance(config, TreeConfig) else [config.name]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{path}: names must be unique in a tree; repeated: {', '.join(dupes)}")
+    return config
+
+
+def _is_tree(table: _Table) -> bool:
+    return "strategy" in table.data or "children" in table.data
+
+
+def _node(top: _Table, base: Path, dirs: list[Path], seen: tuple[Path, ...]) -> AgentConfig | TreeConfig:
+    if _is_tree(top):
+        return _tree(top, base, dirs, seen)
+    return _agent(top, base, dirs)
+
+
+def _tree(top: _Table, base: Path, dirs: list[Path], seen: tuple[Path, ...]) -> TreeConfig:
+    name = _name(top)
+    strategy = top.get("strategy", str, "one_for_one")
+    if strategy not in STRATEGIES:
+        raise top.err("strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
+    intensity = top.get("intensity", int, 3)
+    if not 0 <= intensity <= 1000:
+        raise top.err("intensity", f"{intensity} is out of range 0..1000")
+    period = top.get("period_ms", int, 5000)
+    if not 1 <= period <= 86_400_000:
+        raise top.err("period_ms", f"{period} is out of range 1..86400000")
+    restart = _restart(top.table("restart"), default_shutdown=30_000)
+    entries = top.get("children", list, [])
+    if not entries:
+        raise top.err("children", "a supervisor needs at least one child")
+    children: list[AgentConfig | TreeConfig] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise top.err(f"children[{i}]", "must be a table")
+        table = _Table(top.path, entry, f"{top.prefix}children[{i}].")
+        if "manifest" in entry:
+            ref = table.get("manifest", str)
+            table.finish()
+            children.append(load_any(base / ref, dirs, seen))
+        else:
+            children.append(_node(table, base, dirs, seen))
+            table.finish()
+    return TreeConfig(name=name, flags=Flags(strategy, intensity, period), restart=restart, children=tuple(children))
+
+
+def _name(top: _Table) -> str:
     name = top.get("name", str, required=True)
     if not NAME_RE.fullmatch(name):
         raise top.err("name", f"{name!r} must be 1-63 characters of a-z, 0-9, '-', '_', starting with a letter or digit")
+    return name
+
+
+def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
+    name = _name(top)
     component_rel = top.get("component", str, required=True)
     policy = load_policy(top.get("policy", str, "default"), dirs)
     init_args = top.get("init_args", str, "")
@@ -213,10 +335,9 @@ def load_manifest(path: Path, dirs: list[Path]) -> AgentConfig:
         raise top.err("init_args", f"is {len(init_bytes)} bytes, more than {MAX_INIT_ARGS_BYTES}")
     caps = _capabilities(top, policy.capabilities)
     narrowed = _limits(top.table("limits"), policy.limits)
-    restart = _restart(top.table("restart"))
-    top.finish()
+    restart = _restart(top.table("restart"), default_shutdown=5000)
 
-    component = (path.parent / component_rel).resolve()
+    component = (base / component_rel).resolve()
     if component.suffix not in (".wasm", ".wat"):
         raise top.err("component", f"{component_rel!r} must name a .wasm or .wat file")
     try:
@@ -245,16 +366,24 @@ def load_manifest(path: Path, dirs: list[Path]) -> AgentConfig:
     )
 
 
-def _restart(table: _Table) -> RestartSpec:
-    default = RestartSpec()
-    typ = table.get("type", str, default.type)
+def _restart(table: _Table, *, default_shutdown: int) -> RestartSpec:
+    typ = table.get("type", str, "permanent")
     if typ not in RESTART_TYPES:
         raise table.err("type", f"{typ!r} is not one of {', '.join(RESTART_TYPES)}")
-    intensity = table.get("intensity", int, default.intensity)
+    intensity = table.get("intensity", int, 3)
     if not 0 <= intensity <= 1000:
         raise table.err("intensity", f"{intensity} is out of range 0..1000")
-    period = table.get("period_ms", int, default.period_ms)
+    period = table.get("period_ms", int, 5000)
     if not 1 <= period <= 86_400_000:
         raise table.err("period_ms", f"{period} is out of range 1..86400000")
+    shutdown = table.get("shutdown", (int, str), default_shutdown)
+    if isinstance(shutdown, str) and shutdown != "brutal_kill":
+        raise table.err("shutdown", f"{shutdown!r} must be a timeout in ms or \"brutal_kill\"")
+    if isinstance(shutdown, int) and not 0 <= shutdown <= 3_600_000:
+        raise table.err("shutdown", f"{shutdown} is out of range 0..3600000")
+    from_state = table.get("from", str, "last")
+    if from_state not in ("last", "initial"):
+        raise table.err("from", f"{from_state!r} must be \"last\" (last committed state) or \"initial\"")
     table.finish()
-    return RestartSpec(type=typ, intensity=intensity, period_ms=period)
+    return RestartSpec(type=typ, intensity=intensity, period_ms=period,
+                       shutdown_ms=None if shutdown == "brutal_kill" else shutdown, from_state=from_state)

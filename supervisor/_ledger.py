@@ -43,6 +43,7 @@ class Checked:
     status: str
     error: str
     reply: bytes | None
+    finish: bool  # the guest called runtime.finish: end the agent normally after this call
 
 
 def max_records(limits: Limits) -> int:
@@ -96,4 +97,5 @@ def check_result(
     commit = Commit(agent_id=final.agent_id, records=records, state=state)
     if expected is Kind.INIT and status == "ok":
         commit.initialized = True
-    return Checked(commit=commit, final=final, verifier=scratch, status=status, error=error, reply=reply)
+    finish = any(r.kind is Kind.HOST_CALL and r.fields()["function"] == "finish" for r in records[:-1])
+    return Checked(commit=commit, final=final, verifier=scratch, status=status, error=error, reply=reply, finish=finish)

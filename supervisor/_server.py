@@ -36,12 +36,13 @@ from theater.home import Home
 from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256, sign_record
 from theater.spec import AgentSpec
 
-from ._agent import Agent, Pending, add_restart
-from ._config import AgentConfig, load_manifest, policy_dirs
+from ._agent import Agent, Member, Node, Pending
+from ._config import AgentConfig, TreeConfig, config_from_dict, config_to_dict, load_any, policy_dirs
 from ._errors import NotFound, Refused, StoreError, SupervisorError
 from ._ledger import Checked, Violation, check_result
 from ._spawner import WORKER_COMMAND, WorkerProcess, exit_reason, spawn_worker
 from ._store import Commit, EventStore
+from ._tree import add_restart, is_abnormal, plan_restart, should_restart
 
 __all__ = ["Supervisor", "load_or_create_key"]
 
@@ -70,6 +71,19 @@ def load_or_create_key(home: Home) -> Ed25519PrivateKey:
     if not home.public_key.exists() or home.public_key.read_bytes() != public:
         home.public_key.write_bytes(public)
     return key
+
+
+def _crash_reason(kind: wire.CallKind, status: str) -> str | None:
+    """The exit reason a failed call means, or None if the agent carries on.
+
+    A guest ``err`` from handle is an answer, not a crash; from init it means
+    the agent could not start. Every other failure is a crash (OTP: the process died).
+    """
+    if status == "ok":
+        return None
+    if status == "guest-error":
+        return "guest-error" if kind is wire.CallKind.INIT else None
+    return "trap"
 
 
 class Timers:
@@ -123,6 +137,8 @@ class Supervisor:
         self.store = EventStore(home.store)
         self.agents: dict[bytes, Agent] = {}
         self.by_name: dict[str, Agent] = {}
+        self.nodes: dict[str, Node] = {}
+        self.trees: list[Node] = []
         self.by_identity: dict[bytes, Agent] = {}
         self.by_token: dict[bytes, Agent] = {}
         self.by_pidfd: dict[int, Agent] = {}
@@ -187,13 +203,57 @@ class Supervisor:
                     "detail": "the previous supervisor ended; its worker ended with it",
                 })
             self._register(agent)
-            if row.desired == "running":
+            if row.desired == "running" and not row.config.get("parent"):  # tree members start with their tree
                 self.log(f"resuming {agent.name} from record {agent.verifier.next_seq - 1}")
                 self._start_worker(agent)
+        for tree_id, _name, data, desired in self.store.trees():
+            config = config_from_dict(data)
+            assert isinstance(config, TreeConfig)
+            root = self._build_node(config, None, tree_id)
+            self.trees.append(root)
+            if desired == "running":
+                self.log(f"resuming tree {root.name}")
+                self._start_member(root, lambda: None)
+            else:
+                root.status = desired
 
     def _register(self, agent: Agent) -> None:
         self.agents[agent.id] = agent
         self.by_name[agent.name] = agent
+
+    def _build_node(self, config: TreeConfig, parent: Node | None, node_id: bytes | None = None) -> Node:
+        """Node objects for a tree config; agents already in the store keep their chains."""
+        node = Node(id=node_id or uuid.uuid5(uuid.NAMESPACE_OID, f"theater-tree:{config.name}").bytes, config=config, parent=parent)
+        self.nodes[node.name] = node
+        for child in config.children:
+            if isinstance(child, TreeConfig):
+                node.children.append(self._build_node(child, node))
+                continue
+            agent = self.by_name.get(child.name)
+            if agent is None:
+                agent = Agent(id=uuid.uuid4().bytes, config=child, verifier=ChainVerifier(self.public_key),
+                              state=b"", initialized=False, incarnation=-1, in_store=False, status="stopped")
+                self._register(agent)
+            agent.parent = node
+            node.children.append(agent)
+        return node
+
+    def _roots(self) -> list[Member]:
+        """Top-level agents and tree roots, in the order they were started."""
+        return [*[a for a in self.agents.values() if a.parent is None], *self.trees]
+
+    def _agents_under(self, member: Member) -> list[Agent]:
+        if isinstance(member, Agent):
+            return [member]
+        return [a for c in member.children for a in self._agents_under(c)]
+
+    def _store_node(self, node: Node, *, desired: str) -> None:
+        root = node
+        while root.parent is not None:
+            root = root.parent
+        if node is root:
+            with contextlib.suppress(StoreError):
+                self.store.save_tree(root.id, root.name, config_to_dict(root.config), desired)
 
     # --- the loop -------------------------------------------------------------
 
@@ -256,9 +316,8 @@ class Supervisor:
             return
         self.running = False
         self.log("shutting down: stopping every agent")
-        for agent in list(self.agents.values()):
-            if agent.worker is not None and not agent.worker.exited:
-                self._stop_worker(agent, "shutdown")
+        for member in reversed(self._roots()):  # each tree stops its children in reverse start order
+            self._stop_member(member, "shutdown", lambda: None, why="the supervisor is shutting down")
 
     def _shutdown_done(self) -> bool:
         if self.running:
@@ -381,7 +440,8 @@ class Supervisor:
         self._dispatch(agent)
 
     def _write_genesis(self, agent: Agent, worker_key: bytes, confinement: str) -> None:
-        config = wire.encode_json(agent.config.as_dict()).decode()
+        stored = {**agent.config.as_dict(), "parent": agent.parent.name if agent.parent else None}
+        config = wire.encode_json(stored).decode()
         genesis = sign_record(
             self.key, kind=Kind.GENESIS, agent_id=agent.id, seq=0, time_ns=time.time_ns(),
             prev_hash=bytes(32), state_hash=sha256(b""),
@@ -389,7 +449,7 @@ class Supervisor:
                     "config": config, "worker_key": worker_key, "confinement": confinement},
         )
         agent.verifier.advance(genesis)
-        self.store.create_agent(agent.id, agent.name, agent.config.as_dict(), genesis, agent.state)
+        self.store.create_agent(agent.id, agent.name, stored, genesis, agent.state)
         agent.in_store = True
         self._committed(agent, [genesis])
 
@@ -420,11 +480,16 @@ class Supervisor:
         for ident, rid in agent.spawn_waiters:
             self._reply(ident, rid, agent.summary())
         agent.spawn_waiters.clear()
+        callbacks, agent.on_ready = agent.on_ready, []
+        for fn in callbacks:
+            fn()
 
     def _dispatch(self, agent: Agent) -> None:
         """Send the next queued message if the worker is connected and idle."""
         worker = agent.worker
         if agent.in_flight is not None or not agent.mailbox or worker is None or worker.identity is None:
+            return
+        if worker.kill_reason is not None:  # on its way out; the next worker gets the mailbox
             return
         if agent.status not in ("running", "starting"):
             return
@@ -474,18 +539,22 @@ class Supervisor:
             if checked.commit.state is not None:
                 agent.state = checked.commit.state
             self._committed(agent, checked.commit.records)
-            if checked.status != "ok":
-                agent.instance_restarts += 1
-            if pending.call.kind is wire.CallKind.INIT:
-                if checked.status == "ok":
-                    agent.initialized = True
-                    self._became_ready(agent)
-                else:
-                    agent.last_exit = f"init failed: {checked.status}: {checked.error}"
-                    if agent.worker:
-                        agent.worker.kill(agent.last_exit)
-                    continue
+            worker = agent.worker
+            if pending.call.kind is wire.CallKind.INIT and checked.status == "ok":
+                agent.initialized = True
+                self._became_ready(agent)
             self._answer(pending, checked)
+            crash = _crash_reason(pending.call.kind, checked.status)
+            if checked.status != "ok" and crash is None:
+                agent.instance_restarts += 1  # the worker discards the instance after any failed call
+            if crash is not None and worker is not None:
+                # The agent crashed: its worker ends and its supervisor decides what happens next.
+                worker.fault = f"{checked.status}: {checked.error}"[:4096]
+                worker.kill(crash)
+                continue
+            if checked.finish and worker is not None:
+                self._stop_worker(agent, "normal")
+                continue
             self._dispatch(agent)
 
     def _reload_head(self, agent: Agent) -> None:
@@ -520,6 +589,7 @@ class Supervisor:
             self.log(f"{agent.name}: cannot record the violation: {exc}")
 
     def _on_worker_exit(self, agent: Agent) -> None:
+        """A worker's pidfd fired: reap it, record why it ended, then let its supervisor decide."""
         worker = agent.worker
         assert worker is not None
         self.poller.unregister(worker.pidfd)
@@ -538,47 +608,192 @@ class Supervisor:
             agent.in_flight = None
         agent.worker = None
 
-        stopping = reason in ("stopped", "shutdown")
         if agent.status == "starting" and not agent.in_store:
             self._fail_spawn(agent, f"{reason}: {detail}")
             return
-        restart = not stopping and reason != "load-failed" and self._should_restart(agent, code)
-        if not stopping and restart:
-            agent.restarts, restart = add_restart(agent.restarts, time.monotonic(), agent.config.restart)
-            if not restart:
-                detail += f"; more than {agent.config.restart.intensity} restarts in {agent.config.restart.period_ms} ms, giving up"
-                agent.last_exit = f"{reason}: {detail}"
-        if reason != "protocol-violation" or worker.identity is None:
-            desired = None if restart else ("running" if reason == "shutdown" else ("stopped" if stopping else "failed"))
-            with contextlib.suppress(StoreError):
-                self._append_supervisor(agent, Kind.EXIT, {"incarnation": worker.incarnation, "reason": reason, "detail": detail}, desired=desired)
-        elif not restart:
-            with contextlib.suppress(StoreError):
-                self.store.commit([Commit(agent_id=agent.id, records=[], desired="failed")])
-        if restart:
-            agent.restart_count += 1
-            agent.status = "restarting"
-            self._start_worker(agent)
+        if agent.on_stopped:  # a stop we asked for (operator, shutdown, or a restart plan)
+            self._record_exit(agent, worker, reason, detail, desired=None)
+            agent.status = "stopped"
+            callbacks, agent.on_stopped = agent.on_stopped, []
+            for fn in callbacks:
+                fn()
             return
-        agent.status = "stopped" if stopping else "failed"
+        if agent.parent is not None:
+            self._record_exit(agent, worker, reason, detail, desired=None)
+            agent.status = "stopped" if not is_abnormal(reason) else "failed"
+            self._child_exited(agent.parent, agent, reason)
+            return
+        # A top-level agent: the only child of its own one_for_one supervisor.
+        spec = agent.restart
+        restart = reason != "load-failed" and should_restart(spec.type, reason)
+        if restart:
+            agent.restarts, restart = add_restart(agent.restarts, time.monotonic(), spec.period_ms, spec.intensity)
+            if not restart:
+                detail += f"; more than {spec.intensity} restarts in {spec.period_ms} ms, giving up"
+                agent.last_exit = f"{reason}: {detail}"
+        desired = None if restart else ("stopped" if not is_abnormal(reason) else "failed")
+        self._record_exit(agent, worker, reason, detail, desired=desired)
+        if restart:
+            self._restart_agent(agent)
+            return
+        self._settle(agent, "stopped" if not is_abnormal(reason) else "failed")
+
+    def _record_exit(self, agent: Agent, worker: WorkerProcess, reason: str, detail: str, *, desired: str | None) -> None:
+        if reason == "protocol-violation" and worker.identity is not None:
+            if desired is not None:  # the violation record already ended this worker's part of the chain
+                with contextlib.suppress(StoreError):
+                    self.store.commit([Commit(agent_id=agent.id, records=[], desired=desired)])
+            return
+        with contextlib.suppress(StoreError):
+            self._append_supervisor(agent, Kind.EXIT, {"incarnation": worker.incarnation, "reason": reason, "detail": detail}, desired=desired)
+
+    def _restart_agent(self, agent: Agent) -> None:
+        agent.restart_count += 1
+        agent.status = "restarting"
+        if agent.restart.from_state == "initial":
+            agent.state, agent.initialized = b"", False
+        self._start_worker(agent)
+
+    def _settle(self, agent: Agent, status: str) -> None:
+        """The agent will not run again by itself: answer everyone waiting on it."""
+        agent.status = status
         for pending in agent.mailbox:
             self._answer_error(pending, "agent-stopped", f"agent {agent.name} is {agent.status}")
         agent.mailbox.clear()
         for ident, rid in agent.stop_waiters:
             self._reply(ident, rid, agent.summary())
         agent.stop_waiters.clear()
-        if agent.spawn_waiters:
-            for ident, rid in agent.spawn_waiters:
-                self._reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {agent.last_exit}")
-            agent.spawn_waiters.clear()
+        for ident, rid in agent.spawn_waiters:
+            self._reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {agent.last_exit}")
+        agent.spawn_waiters.clear()
 
-    def _should_restart(self, agent: Agent, code: int) -> bool:
-        kind = agent.config.restart.type
-        if kind == "temporary":
-            return False
-        if kind == "transient":
-            return code != 0
-        return True
+    # --- supervision trees (OTP semantics; decisions in _tree.py) ------------------
+
+    def _child_exited(self, node: Node, child: Member, reason: str) -> None:
+        """One of ``node``'s children ended on its own: restart per strategy, or give up."""
+        if node.busy:
+            node.deferred.append((child, reason))
+            return
+        if node.status in ("stopping", "stopped", "failed"):
+            return
+        if not should_restart(child.restart.type, reason) or reason in ("load-failed", "hardening-failed"):
+            if child.restart.type == "temporary" and child in node.children:
+                node.children.remove(child)
+            if isinstance(child, Agent):
+                self._settle(child, "stopped" if not is_abnormal(reason) else "failed")
+                self._commit_desired(child, child.status)
+            return
+        flags = node.config.flags
+        node.restarts, ok = add_restart(node.restarts, time.monotonic(), flags.period_ms, flags.intensity)
+        if not ok:
+            self._give_up(node, f"more than {flags.intensity} restarts in {flags.period_ms} ms (last: {child.name}, {reason})")
+            return
+        names = [c.name for c in node.children]
+        running = {c.name for c in node.children if c is not child and c.alive}
+        temporary = {c.name for c in node.children if c.restart.type == "temporary"}
+        plan = plan_restart(flags.strategy, names, child.name, running, temporary)
+        by_name = {c.name: c for c in node.children}
+        node.restart_count += 1
+        node.status = "restarting"
+        node.busy = True
+        self.log(f"{node.name}: {child.name} exited ({reason}); {flags.strategy}: stopping {list(plan.stop)}, starting {list(plan.start)}")
+        steps: list[tuple[str, Member]] = [("stop", by_name[n]) for n in plan.stop] + [("start", by_name[n]) for n in plan.start]
+
+        def done() -> None:
+            for name in plan.remove:
+                if by_name[name] in node.children:
+                    node.children.remove(by_name[name])
+            node.busy = False
+            node.status = "running"
+            deferred, node.deferred = node.deferred, []
+            for member, why in deferred:
+                self._child_exited(node, member, why)
+
+        self._run_steps(steps, done)
+
+    def _give_up(self, node: Node, why: str) -> None:
+        """Too many restarts: stop every child in reverse start order, then exit with reason shutdown."""
+        self.log(f"{node.name}: giving up: {why}")
+        node.last_exit = f"gave up: {why}"
+        node.busy = True
+        node.status = "stopping"
+
+        def done() -> None:
+            node.busy = False
+            node.deferred.clear()
+            node.status = "failed"
+            self._store_node(node, desired="failed")
+            if node.parent is not None:
+                self._child_exited(node.parent, node, "shutdown")
+            else:
+                self.log(f"{node.name}: the root of its tree gave up; its agents are stopped and their chains kept")
+
+        self._stop_members(list(reversed(node.children)), f"supervisor {node.name} gave up: {why}", done)
+
+    def _run_steps(self, steps: list[tuple[str, Member]], done: Callable[[], None]) -> None:
+        """Run stop/start steps one at a time, each waiting for the previous to finish."""
+        if not steps:
+            done()
+            return
+        action, member = steps[0]
+
+        def next_step() -> None:
+            self._run_steps(steps[1:], done)
+
+        if action == "stop":
+            self._stop_member(member, "shutdown", next_step)
+        else:
+            self._start_member(member, next_step)
+
+    def _stop_members(self, members: list[Member], why: str, done: Callable[[], None]) -> None:
+        if not members:
+            done()
+            return
+        self._stop_member(members[0], "shutdown", lambda: self._stop_members(members[1:], why, done), why=why)
+
+    def _stop_member(self, member: Member, reason: str, done: Callable[[], None], *, why: str = "") -> None:
+        if isinstance(member, Node):
+            member.status = "stopping"
+
+            def stopped() -> None:
+                member.status = "stopped"
+                done()
+
+            self._stop_members(list(reversed(member.children)), why or f"supervisor {member.name} stopping", stopped)
+            return
+        if not member.alive:
+            member.status = "stopped" if member.status not in ("failed",) else member.status
+            done()
+            return
+        member.on_stopped.append(done)
+        if why and member.worker is not None:
+            member.worker.fault = why
+        self._stop_worker(member, reason)
+
+    def _start_member(self, member: Member, done: Callable[[], None]) -> None:
+        if isinstance(member, Node):
+            member.status = "starting"
+            member.restarts = []
+
+            def started() -> None:
+                member.status = "running"
+                member.started_at = time.time()
+                done()
+
+            self._run_steps([("start", c) for c in member.children], started)
+            return
+        if member.alive:
+            done()
+            return
+        member.on_ready.append(done)
+        if member.in_store:
+            self._restart_agent(member)
+        else:
+            self._start_worker(member)
+
+    def _commit_desired(self, agent: Agent, desired: str) -> None:
+        with contextlib.suppress(StoreError):
+            self.store.commit([Commit(agent_id=agent.id, records=[], desired=desired)])
 
     def _fail_spawn(self, agent: Agent, why: str) -> None:
         self.agents.pop(agent.id, None)
@@ -587,16 +802,24 @@ class Supervisor:
             self._reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {why}")
 
     def _stop_worker(self, agent: Agent, reason: str) -> None:
+        """Ask the worker to stop; kill it after the child's shutdown timeout (at once for brutal_kill)."""
         worker = agent.worker
         if worker is None or worker.exited:
             return
         agent.status = "stopping"
         worker.kill_reason = worker.kill_reason or reason
-        if worker.identity is not None:
-            self._send_worker(agent, [wire.header(wire.SupervisorType.STOP)])
-            self.timers.after(SHUTDOWN_TIMEOUT_S, lambda: worker.kill(reason))
-        else:
+        timeout_ms = agent.restart.shutdown_ms
+        if worker.identity is None or timeout_ms is None or timeout_ms == 0:
             worker.kill(reason)
+            return
+        self._send_worker(agent, [wire.header(wire.SupervisorType.STOP)])
+
+        def too_slow() -> None:
+            if not worker.exited:
+                worker.fault = f"did not stop within its shutdown timeout of {timeout_ms} ms; killed"
+                worker.kill(reason)
+
+        self.timers.after(timeout_ms / 1000, too_slow)
 
     # --- clients ----------------------------------------------------------------
 
@@ -636,6 +859,10 @@ class Supervisor:
             self._reply(ident, rid, {"agents": [a.summary() for a in self.agents.values()]})
         elif op == "stop":
             self._op_stop(ident, rid, body)
+        elif op == "restart":
+            self._op_restart(ident, rid, body)
+        elif op == "tree":
+            self._reply(ident, rid, {"roots": [m.tree() for m in self._roots()]})
         elif op == "wait":
             self._op_wait(ident, rid, body)
         elif op == "down":
@@ -655,21 +882,63 @@ class Supervisor:
             raise NotFound(f"no agent named or with id {ref!r}")
         return agent
 
+    def _find_member(self, ref: object) -> Member:
+        if isinstance(ref, str) and ref in self.nodes:
+            return self.nodes[ref]
+        if isinstance(ref, str):
+            for node in self.nodes.values():
+                if node.uuid == ref:
+                    return node
+        return self._find(ref)
+
+    def _op_restart(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
+        """Stop a member (agent or subtree) and start it again; an operator restart is not counted."""
+        member = self._find_member(body.get("agent"))
+        if not self.running:
+            raise Refused("the supervisor is shutting down")
+        if isinstance(member, Node) and member.busy:
+            raise Refused(f"supervisor {member.name} is in the middle of a restart")
+
+        def started() -> None:
+            if isinstance(member, Node):
+                self._store_node(member, desired="running")
+            self._reply(ident, rid, member.tree())
+
+        def stopped() -> None:
+            for agent in self._agents_under(member):
+                agent.last_exit = "restarted by the operator"
+                self._commit_desired(agent, "running")
+            self._start_member(member, started)
+
+        if isinstance(member, Agent) and member.alive:
+            member.on_stopped.append(stopped)
+            self._stop_worker(member, "shutdown")
+        else:
+            self._stop_member(member, "shutdown", stopped, why="restarted by the operator")
+
     def _op_spawn(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
         manifest = body.get("manifest")
         if not isinstance(manifest, str) or not os.path.isabs(manifest):
             raise Refused("spawn needs the manifest's absolute path")
-        agent = self.spawn_local(Path(manifest))
-        agent.spawn_waiters.append((ident, rid))
+        member = self.spawn_local(Path(manifest))
+        member.spawn_waiters.append((ident, rid))
 
-    def spawn_local(self, manifest: Path) -> Agent:
-        """Load a manifest and start its agent; it is stored once its worker says hello."""
+    def spawn_local(self, manifest: Path) -> Member:
+        """Load a manifest and start its agent or tree; an agent is stored once its worker says hello."""
         if not self.running:
             raise Refused("the supervisor is shutting down")
-        config = load_manifest(manifest, policy_dirs(self.home.root))
-        existing = self.by_name.get(config.name)
-        if existing is not None:
-            raise Refused(f"an agent named {config.name!r} already exists ({existing.uuid}, {existing.status})")
+        config = load_any(manifest, policy_dirs(self.home.root))
+        names = [c.name for c in config.walk()] if isinstance(config, TreeConfig) else [config.name]
+        for name in names:
+            existing = self.by_name.get(name) or self.nodes.get(name)
+            if existing is not None:
+                raise Refused(f"a member named {name!r} already exists ({existing.uuid}, {existing.status})")
+        if isinstance(config, TreeConfig):
+            root = self._build_node(config, None, uuid.uuid4().bytes)
+            self.trees.append(root)
+            self._store_node(root, desired="running")
+            self._start_member(root, lambda: self._tree_started(root))
+            return root
         agent = Agent(
             id=uuid.uuid4().bytes, config=config, verifier=ChainVerifier(self.public_key),
             state=b"", initialized=False, incarnation=-1, in_store=False,
@@ -677,6 +946,11 @@ class Supervisor:
         self._register(agent)
         self._start_worker(agent)
         return agent
+
+    def _tree_started(self, root: Node) -> None:
+        for ident, rid in root.spawn_waiters:
+            self._reply(ident, rid, root.tree())
+        root.spawn_waiters.clear()
 
     def start_existing(self, agent: Agent) -> None:
         """Start a stopped or failed agent again, from its last committed state."""
@@ -710,15 +984,22 @@ class Supervisor:
         self._dispatch(agent)
 
     def _op_stop(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
-        agent = self._find(body.get("agent"))
-        if agent.worker is None or agent.worker.exited:
-            if agent.status != "stopped":
-                agent.status = "stopped"
-                self.store.commit([Commit(agent_id=agent.id, records=[], desired="stopped")])
-            self._reply(ident, rid, agent.summary())
-            return
-        agent.stop_waiters.append((ident, rid))
-        self._stop_worker(agent, "stopped")
+        member = self._find_member(body.get("agent"))
+
+        def stopped() -> None:
+            for agent in self._agents_under(member):
+                self._commit_desired(agent, "stopped")
+                self._settle(agent, "stopped")
+            if isinstance(member, Node):
+                member.status = "stopped"
+                self._store_node(member, desired="stopped")
+            self._reply(ident, rid, member.tree())
+
+        if isinstance(member, Agent) and member.alive:
+            member.on_stopped.append(stopped)
+            self._stop_worker(member, "stopped")
+        else:
+            self._stop_member(member, "stopped", stopped, why="stopped by the operator")
 
     def _op_wait(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
         agent = self._find(body.get("agent"))

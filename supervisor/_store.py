@@ -47,6 +47,13 @@ CREATE TABLE IF NOT EXISTS records (
     raw      BLOB NOT NULL,
     PRIMARY KEY (agent_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS trees (
+    id         BLOB PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    config     TEXT NOT NULL,
+    desired    TEXT NOT NULL,
+    created_ns INTEGER NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
     BEGIN SELECT RAISE(ABORT, 'event records are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
@@ -129,6 +136,18 @@ class EventStore:
                         args.append(value)
                 if sets:
                     self.db.execute(f"UPDATE agents SET {', '.join(sets)} WHERE id=?", (*args, c.agent_id))
+
+    def save_tree(self, tree_id: bytes, name: str, config: dict[str, Any], desired: str) -> None:
+        """Insert or update a supervision tree's root: its whole config and desired state."""
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO trees VALUES (?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET desired=excluded.desired",
+                (tree_id, name, json.dumps(config, sort_keys=True), desired, time.time_ns()),
+            )
+
+    def trees(self) -> list[tuple[bytes, str, dict[str, Any], str]]:
+        rows = self.db.execute("SELECT id, name, config, desired FROM trees ORDER BY created_ns").fetchall()
+        return [(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
 
     def _insert(self, r: Record) -> None:
         self.db.execute(

@@ -138,6 +138,33 @@ def cmd_stop(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def cmd_tree(args: argparse.Namespace, home: Home) -> int:
+    with Client(home) as c:
+        roots = c.request("tree")[0]["roots"]
+
+    def lines(member: dict[str, Any], depth: int) -> list[str]:
+        pad = "  " * depth
+        if member["kind"] == "supervisor":
+            head = (f"{pad}{member['name']} [{member['strategy']}, {member['intensity']}/{member['period_ms']}ms] "
+                    f"{member['status']} restarts={member['restarts']} up={member['uptime_s']}s")
+            if member["last_exit"]:
+                head += f"  ({member['last_exit']})"
+            return [head] + [line for child in member["children"] for line in lines(child, depth + 1)]
+        text = (f"{pad}{member['name']} ({member['restart']}) {member['status']} pid={member['pid'] or '-'} "
+                f"restarts={member['restarts']} up={member['uptime_s']}s  {member['id']}")
+        return [text + (f"  ({member['last_exit']})" if member["last_exit"] and member["status"] != "running" else "")]
+
+    _out(args, roots, lambda: "\n".join(line for r in roots for line in lines(r, 0)) or "no agents")
+    return EXIT_OK
+
+
+def cmd_restart(args: argparse.Namespace, home: Home) -> int:
+    with Client(home, timeout=120) as c:
+        info = c.request("restart", agent=args.agent, timeout=120)[0]
+    _out(args, info, f"{info['name']} {info['status']}")
+    return EXIT_OK
+
+
 def _agent_id(home: Home, ref: str) -> bytes:
     from ._audit import open_readonly
 
@@ -226,6 +253,7 @@ def cmd_run(args: argparse.Namespace, home: Home) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
     "up": cmd_up, "down": cmd_down, "spawn": cmd_spawn, "run": cmd_run, "send": cmd_send, "call": cmd_call,
     "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
+    "tree": cmd_tree, "restart": cmd_restart,
 }
 
 
@@ -258,8 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
     v = sub.add_parser("verify", parents=[common], help="verify every chain offline (exit 1 if any is broken)")
     v.add_argument("agent", nargs="?")
-    st = sub.add_parser("stop", parents=[common], help="stop an agent (it stays stopped across restarts)")
+    st = sub.add_parser("stop", parents=[common], help="stop an agent or a subtree (it stays stopped across restarts)")
     st.add_argument("agent")
+    sub.add_parser("tree", parents=[common], help="the live supervision tree")
+    rs = sub.add_parser("restart", parents=[common], help="stop an agent or subtree and start it again")
+    rs.add_argument("agent")
     return p
 
 

@@ -38,6 +38,7 @@ class Runtime:
         inst.add_func("self-id", self.self_id)
         inst.add_func("now", self.now)
         inst.add_func("random-bytes", self.random_bytes)
+        inst.add_func("finish", self.finish)
 
     def _record(self, function: str, data_in: bytes, data_out: bytes) -> None:
         self._host_calls += 1
@@ -70,6 +71,10 @@ class Runtime:
         value = time.time_ns()
         self._record("now", b"", value.to_bytes(8, "big"))
         return value
+
+    def finish(self, _store: Any) -> None:
+        """Recorded; the supervisor ends the agent normally once this call is committed."""
+        self._record("finish", b"", b"")
 
     def random_bytes(self, _store: Any, length: int) -> str:
         if length > self._limits.max_random_bytes:
