@@ -178,9 +178,9 @@ def invalid_cases(chain: list[Record]) -> list[dict[str, Any]]:
          "record 5 (handle) changes the state hash"),
         ("state hash changed by a log", [*raws[:2], resign(log, "worker-0", state_hash=sha256(b"99"))],
          "record 2 (log) changes the state hash"),
-        ("unknown kind", [raws[0], raw_record(worker0, kind=9, signer=1, seq=1, prev_hash=chain[0].hash,
+        ("unknown kind", [raws[0], raw_record(worker0, kind=200, signer=1, seq=1, prev_hash=chain[0].hash,
                                               state_hash=chain[1].state_hash, payload=chain[1].payload)],
-         "unknown record kind 9"),
+         "unknown record kind 200"),
         ("trailing payload bytes", [*raws[:2], resign(log, "worker-0", payload=log.payload + b"\x00")],
          "log payload has 1 trailing bytes"),
         ("wrong signer byte", [*raws[:2], resign(log, "supervisor", signer=0)],
@@ -239,7 +239,7 @@ def frames_document() -> dict[str, Any]:
                        confinement={"landlock": "enforced", "seccomp": "enforced"})
     limits = Limits(memory_bytes=16777216, fuel_per_call=50000000, wall_time_ms=500, max_message_bytes=65536,
                     max_state_bytes=262144, max_logs_per_call=20, max_log_bytes=1024, max_host_calls_per_call=100,
-                    max_random_bytes=1024, stack_bytes=262144, table_elements=10000, instances=16, mailbox=100)
+                    max_random_bytes=1024, stack_bytes=262144, table_elements=10000, instances=16, mailbox=100, max_children=0)
     spec = AgentSpec(agent_id=AGENT_UUID, name="counter", component_path="/srv/agents/counter.wasm",
                      component_sha256=COMPONENT_SHA256.hex(), capabilities=("runtime",), limits=limits,
                      head_seq=0, head_hash=chain[0].hash.hex(), state_hash=sha256(b"").hex())

@@ -49,7 +49,7 @@ class Agent:
     parent: Node | None = None
     on_stopped: list[Callable[[], None]] = field(default_factory=list)  # run once the worker has exited
     on_ready: list[Callable[[], None]] = field(default_factory=list)  # run once init is committed
-    finishing: bool = False  # the guest asked to end normally after the current call
+    children: Node | None = None  # set when the agent holds the supervision capability
 
     @property
     def restart(self) -> RestartSpec:
@@ -85,7 +85,11 @@ class Agent:
         }
 
     def tree(self) -> dict[str, object]:
-        return {"kind": "agent", "restart": self.restart.type, **self.summary()}
+        out: dict[str, object] = {"kind": "agent", "restart": self.restart.type, **self.summary()}
+        if self.children is not None:
+            out["strategy"] = self.children.config.flags.strategy
+            out["children"] = [c.tree() for c in self.children.children]
+        return out
 
 
 @dataclass(eq=False)
@@ -104,6 +108,7 @@ class Node:
     deferred: list[tuple[Member, str]] = field(default_factory=list)
     last_exit: str = ""
     spawn_waiters: list[tuple[bytes, int]] = field(default_factory=list)
+    owner: Agent | None = None  # the agent whose own children these are (supervision capability)
 
     @property
     def name(self) -> str:

@@ -22,6 +22,7 @@ __all__ = [
     "AgentConfig",
     "Policy",
     "RestartSpec",
+    "SupervisionSpec",
     "TreeConfig",
     "config_from_dict",
     "config_to_dict",
@@ -89,6 +90,21 @@ class TreeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SupervisionSpec:
+    """An agent's own supervisor flags and the child templates its guest may spawn from."""
+
+    flags: Flags
+    templates: tuple[AgentConfig, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"flags": self.flags.as_dict(), "templates": [t.as_dict() for t in self.templates]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SupervisionSpec:
+        return cls(Flags(**data["flags"]), tuple(AgentConfig.from_dict(t) for t in data["templates"]))
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """A manifest resolved against its policy: exactly what an agent runs with."""
 
@@ -100,9 +116,11 @@ class AgentConfig:
     limits: Limits
     restart: RestartSpec
     init_args: bytes
+    supervision: SupervisionSpec | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "supervision": self.supervision.as_dict() if self.supervision else None,
             "name": self.name,
             "component_path": self.component_path,
             "component_sha256": self.component_sha256,
@@ -124,7 +142,13 @@ class AgentConfig:
             limits=Limits.from_dict(data["limits"]),
             restart=RestartSpec(**data["restart"]),
             init_args=data["init_args"].encode("latin-1"),
+            supervision=SupervisionSpec.from_dict(data["supervision"]) if data.get("supervision") else None,
         )
+
+    def template(self, name: str) -> AgentConfig | None:
+        if self.supervision is None:
+            return None
+        return next((t for t in self.supervision.templates if t.name == name), None)
 
 
 class _Table:
@@ -354,6 +378,11 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
     limits = Limits(**{**policy.limits.as_dict(), **narrowed})
     if len(init_bytes) > limits.max_message_bytes:
         raise top.err("init_args", f"is {len(init_bytes)} bytes, more than max_message_bytes {limits.max_message_bytes}")
+    supervision = None
+    if "supervision" in top.data:
+        if "supervision" not in caps:
+            raise top.err("supervision", "needs the supervision capability (capabilities = [\"runtime\", \"supervision\"])")
+        supervision = _supervision(top.table("supervision"), base, dirs, caps, limits)
     return AgentConfig(
         name=name,
         component_path=str(component),
@@ -363,7 +392,41 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
         limits=limits,
         restart=restart,
         init_args=init_bytes,
+        supervision=supervision,
     )
+
+
+def _supervision(table: _Table, base: Path, dirs: list[Path], caps: tuple[str, ...], ceiling: Limits) -> SupervisionSpec:
+    """Child templates must not exceed their parent: same or fewer capabilities, limits at most the parent's."""
+    strategy = table.get("strategy", str, "one_for_one")
+    if strategy not in STRATEGIES:
+        raise table.err("strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
+    intensity = table.get("intensity", int, 3)
+    if not 0 <= intensity <= 1000:
+        raise table.err("intensity", f"{intensity} is out of range 0..1000")
+    period = table.get("period_ms", int, 5000)
+    if not 1 <= period <= 86_400_000:
+        raise table.err("period_ms", f"{period} is out of range 1..86400000")
+    entries = table.get("templates", list, [])
+    templates: list[AgentConfig] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise table.err(f"templates[{i}]", "must be a table")
+        t = _Table(table.path, entry, f"{table.prefix}templates[{i}].")
+        template = _agent(t, base, dirs)
+        t.finish()
+        wider = [k for k, v in template.limits.as_dict().items() if v > getattr(ceiling, k)]
+        if wider:
+            raise t.err("limits", f"{', '.join(wider)} exceed the parent's; a child may not have more than its parent")
+        extra = sorted(set(template.capabilities) - set(caps))
+        if extra:
+            raise t.err("capabilities", f"{', '.join(extra)} not held by the parent")
+        templates.append(template)
+    names = [t.name for t in templates]
+    if len(set(names)) != len(names):
+        raise table.err("templates", "template names must be unique")
+    table.finish()
+    return SupervisionSpec(Flags(strategy, intensity, period), tuple(templates))
 
 
 def _restart(table: _Table, *, default_shutdown: int) -> RestartSpec:

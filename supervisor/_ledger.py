@@ -46,6 +46,13 @@ class Checked:
     finish: bool  # the guest called runtime.finish: end the agent normally after this call
 
 
+_EXPECTED = {
+    wire.CallKind.INIT: Kind.INIT,
+    wire.CallKind.HANDLE: Kind.HANDLE,
+    wire.CallKind.CHILD_EXIT: Kind.CHILD_EXIT,
+}
+
+
 def max_records(limits: Limits) -> int:
     return limits.max_logs_per_call + limits.max_host_calls_per_call + 1
 
@@ -73,12 +80,16 @@ def check_result(
             raise Violation(f"rejected record: {exc}", raw) from None
         records.append(record)
     final = records[-1]
-    expected = Kind.INIT if call.kind is wire.CallKind.INIT else Kind.HANDLE
+    expected = _EXPECTED[call.kind]
     if final.kind is not expected or any(r.kind not in WORKER_KINDS for r in records[:-1]):
         raise Violation(f"a {expected.name.lower()} result must be host calls and logs, then one {expected.name.lower()} record", final.raw)
     fields = final.fields()
-    sent = fields["args"] if expected is Kind.INIT else fields["message"]
-    if sent != call.data:
+    if expected is Kind.CHILD_EXIT:
+        child, exit_hash, reason = wire.decode_child_exit(call.data)
+        sent_matches = (fields["child"], fields["exit_hash"], fields["reason"]) == (child, exit_hash, reason)
+    else:
+        sent_matches = (fields["args"] if expected is Kind.INIT else fields["message"]) == call.data
+    if not sent_matches:
         raise Violation(f"the {expected.name.lower()} record does not carry the message that was sent", final.raw)
     status, error = fields["status"], fields["error"]
     if status not in STATUSES:

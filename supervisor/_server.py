@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import heapq
 import hmac
 import itertools
 import os
+import re
 import secrets
 import signal
 import socket
@@ -38,7 +40,7 @@ from theater.spec import AgentSpec
 
 from ._agent import Agent, Member, Node, Pending
 from ._config import AgentConfig, TreeConfig, config_from_dict, config_to_dict, load_any, policy_dirs
-from ._errors import NotFound, Refused, StoreError, SupervisorError
+from ._errors import ConfigError, NotFound, Refused, StoreError, SupervisorError
 from ._ledger import Checked, Violation, check_result
 from ._spawner import WORKER_COMMAND, WorkerProcess, exit_reason, spawn_worker
 from ._store import Commit, EventStore
@@ -47,6 +49,7 @@ from ._tree import add_restart, is_abnormal, plan_restart, should_restart
 __all__ = ["Supervisor", "load_or_create_key"]
 
 HELLO_TIMEOUT_S = 20.0
+CHILD_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 SHUTDOWN_TIMEOUT_S = 5.0
 WATCHDOG_GRACE_S = 5.0
 MAX_CONTROL_DATA = 64 * 1024 * 1024
@@ -216,10 +219,20 @@ class Supervisor:
                 self._start_member(root, lambda: None)
             else:
                 root.status = desired
+        for agent in self.agents.values():
+            if agent.worker is None and agent.status == "starting":
+                # An agent's own children are not restarted with it; they stay stopped after a restart.
+                agent.status = "stopped"
+                self._commit_desired(agent, "stopped")
 
     def _register(self, agent: Agent) -> None:
         self.agents[agent.id] = agent
         self.by_name[agent.name] = agent
+        sup = agent.config.supervision
+        if sup is not None and agent.children is None:
+            own = TreeConfig(name=agent.name, flags=sup.flags, restart=agent.restart, children=())
+            agent.children = Node(id=uuid.uuid5(uuid.UUID(bytes=agent.id), "children").bytes, config=own,
+                                  owner=agent, status="running")
 
     def _build_node(self, config: TreeConfig, parent: Node | None, node_id: bytes | None = None) -> Node:
         """Node objects for a tree config; agents already in the store keep their chains."""
@@ -369,6 +382,9 @@ class Supervisor:
                 self.log(f"dropping a {typ} frame from an unknown peer")
             elif typ is wire.WorkerType.FAULT:
                 self._on_fault(agent, body[1:])
+            elif typ is wire.WorkerType.HOST_REQUEST:
+                self._flush_batch()  # what the agent did before asking is committed first
+                self._on_host_request(agent, body[1:])
             elif typ is wire.WorkerType.RESULT:
                 checked = self._check(agent, body[1:])
                 if checked is not None:
@@ -567,6 +583,86 @@ class Supervisor:
         agent.state = row.state
         agent.in_flight = None
 
+    def _on_host_request(self, agent: Agent, frames: list[bytes]) -> None:
+        """A guest's supervision call, relayed by its worker: act only on this agent's own children."""
+        try:
+            request = wire.HostRequest.decode(frames, "host request")
+        except ProtocolError as exc:
+            self._violation(agent, f"malformed host request: {exc}", b"".join(frames)[:256])
+            return
+        if agent.in_flight is None or agent.children is None or "supervision" not in agent.config.capabilities:
+            self._violation(agent, "host request outside a call, or without the supervision capability")
+            return
+        body = request.body
+        op = body.get("op")
+        try:
+            if op == "spawn":
+                answer = {"ok": True, "id": self._spawn_child(agent, body.get("template"), body.get("name"), body.get("args"))}
+            elif op == "stop":
+                self._stop_child(agent, body.get("child"))
+                answer = {"ok": True}
+            elif op == "children":
+                answer = {"ok": True, "children": [c.uuid for c in agent.children.children]}
+            else:
+                answer = {"ok": False, "error": f"unknown supervision operation {op!r}"}
+        except (Refused, NotFound, ConfigError) as exc:
+            answer = {"ok": False, "error": str(exc)}
+        self._send_worker(agent, wire.HostRequest(request.request_id, answer).encode(wire.SupervisorType.HOST_REPLY))
+
+    def _spawn_child(self, parent: Agent, template_name: object, name: object, args: object) -> str:
+        assert parent.children is not None
+        if not isinstance(template_name, str) or not isinstance(name, str) or not isinstance(args, str):
+            raise Refused("spawn needs a template name, a child name and args")
+        template = parent.config.template(template_name)
+        if template is None:
+            raise Refused(f"no child template named {template_name[:64]!r} in {parent.name}'s manifest")
+        if not CHILD_NAME_RE.fullmatch(name):
+            raise Refused("a child name is 1-32 characters of a-z, 0-9, '-', '_', starting with a letter or digit")
+        full = f"{parent.name}.{name}"
+        if full in self.by_name:
+            raise Refused(f"{parent.name} already has a child named {name!r}")
+        live = sum(1 for c in parent.children.children if isinstance(c, Agent) and c.status not in ("stopped", "failed"))
+        if live >= parent.config.limits.max_children:
+            raise Refused(f"{parent.name} already has {live} children (max_children {parent.config.limits.max_children})")
+        try:
+            data = args.encode("latin-1")
+        except UnicodeEncodeError:
+            raise Refused("args must be bytes (characters U+0000..U+00FF)") from None
+        if len(data) > template.limits.max_message_bytes:
+            raise Refused(f"args of {len(data)} bytes exceed the template's max_message_bytes")
+        child = Agent(id=uuid.uuid4().bytes, config=dataclasses.replace(template, name=full, init_args=data),
+                      verifier=ChainVerifier(self.public_key), state=b"", initialized=False, incarnation=-1,
+                      in_store=False, parent=parent.children)
+        self._register(child)
+        parent.children.children.append(child)
+        self._start_member(child, lambda: None)
+        return child.uuid
+
+    def _stop_child(self, parent: Agent, ref: object) -> None:
+        assert parent.children is not None
+        child = next((c for c in parent.children.children if isinstance(c, Agent) and c.uuid == ref), None)
+        if child is None:
+            raise NotFound(f"{str(ref)[:64]!r} is not one of {parent.name}'s children")
+
+        def stopped() -> None:
+            self._commit_desired(child, "stopped")
+            self._settle(child, "stopped")
+
+        if child.alive:
+            child.on_stopped.append(stopped)
+            self._stop_worker(child, "stopped")
+        else:
+            stopped()
+
+    def _notify_owner(self, node: Node, child: Member, reason: str) -> None:
+        """Tell an agent that supervises its own children that one of them exited (recorded in both chains)."""
+        owner = node.owner
+        if owner is None or not isinstance(child, Agent) or owner.status in ("stopped", "failed", "stopping"):
+            return
+        data = wire.encode_child_exit(child.id, child.verifier.head_hash, reason[:1024])
+        owner.mailbox.append(Pending(wire.Call(next(self.call_ids), wire.CallKind.CHILD_EXIT, data)))
+        self._dispatch(owner)
+
     def _on_fault(self, agent: Agent, frames: list[bytes]) -> None:
         try:
             fault = wire.decode_json(frames[0], "fault") if len(frames) == 1 else {}
@@ -607,6 +703,18 @@ class Supervisor:
             self._answer_error(agent.in_flight, "worker-died", f"the agent's worker ended during the call ({agent.last_exit}); nothing was committed")
             agent.in_flight = None
         agent.worker = None
+        if agent.children is not None and agent.children.children and not agent.children.busy:
+            # A supervisor's children do not outlive it (OTP); dynamic children are not restarted with it.
+            own = agent.children
+            own.busy = True
+
+            def children_stopped() -> None:
+                own.busy = False
+                own.deferred.clear()
+                own.children.clear()
+                own.restarts = []
+
+            self._stop_members(list(reversed(own.children)), f"its supervisor {agent.name} exited ({reason})", children_stopped)
 
         if agent.status == "starting" and not agent.in_store:
             self._fail_spawn(agent, f"{reason}: {detail}")
@@ -676,18 +784,22 @@ class Supervisor:
             return
         if node.status in ("stopping", "stopped", "failed"):
             return
+        said = child.last_exit or reason
         if not should_restart(child.restart.type, reason) or reason in ("load-failed", "hardening-failed"):
             if child.restart.type == "temporary" and child in node.children:
                 node.children.remove(child)
             if isinstance(child, Agent):
                 self._settle(child, "stopped" if not is_abnormal(reason) else "failed")
                 self._commit_desired(child, child.status)
+            self._notify_owner(node, child, said)
             return
         flags = node.config.flags
         node.restarts, ok = add_restart(node.restarts, time.monotonic(), flags.period_ms, flags.intensity)
         if not ok:
+            self._notify_owner(node, child, said)
             self._give_up(node, f"more than {flags.intensity} restarts in {flags.period_ms} ms (last: {child.name}, {reason})")
             return
+        self._notify_owner(node, child, f"{said}; restarting")
         names = [c.name for c in node.children]
         running = {c.name for c in node.children if c is not child and c.alive}
         temporary = {c.name for c in node.children if c.restart.type == "temporary"}
@@ -723,7 +835,15 @@ class Supervisor:
             node.deferred.clear()
             node.status = "failed"
             self._store_node(node, desired="failed")
-            if node.parent is not None:
+            if node.owner is not None:  # an agent's own supervisor gave up: the agent exits with it
+                owner_worker = node.owner.worker
+                if owner_worker is not None and not owner_worker.exited:
+                    owner_worker.fault = node.last_exit
+                    owner_worker.kill("shutdown")
+                node.status = "running"  # a restarted owner starts with no children
+                node.children.clear()
+                node.restarts = []
+            elif node.parent is not None:
                 self._child_exited(node.parent, node, "shutdown")
             else:
                 self.log(f"{node.name}: the root of its tree gave up; its agents are stopped and their chains kept")

@@ -156,6 +156,7 @@ SAMPLE_FIELDS: dict[Kind, dict[str, Any]] = {
     Kind.LOG: {"level": "warn", "message": "ünïcode ✓", "truncated": 1},
     Kind.EXIT: {"incarnation": 0, "reason": "stopped", "detail": ""},
     Kind.VIOLATION: {"incarnation": 7, "reason": "bad header", "evidence": b"\x09\x09"},
+    Kind.CHILD_EXIT: {"child": bytes(16), "exit_hash": bytes(32), "reason": "trap: deadline; restarting", "status": "ok", "error": "", "fuel": 5},
 }
 
 
@@ -438,8 +439,8 @@ def test_call_decode_rejects_malformed() -> None:
     for bad in ([], frames[:1], [*frames, b""], [frames[0][:-1], frames[1]], [frames[0] + b"\x00", frames[1]]):
         with pytest.raises(ProtocolError, match="call must be a 9-byte meta frame"):
             wire.Call.decode(bad)
-    with pytest.raises(ProtocolError, match="unknown call kind 2"):
-        wire.Call.decode([frames[0][:8] + b"\x02", frames[1]])
+    with pytest.raises(ProtocolError, match="unknown call kind 9"):
+        wire.Call.decode([frames[0][:8] + b"\x09", frames[1]])
 
 
 def test_result_decode_rejects_malformed() -> None:

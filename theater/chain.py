@@ -16,7 +16,7 @@ from .records import ZERO_HASH, Kind, Record, Signer, verify_record
 __all__ = ["ChainVerifier", "verify_chain"]
 
 # Kinds whose "ok" outcome may change the agent's state.
-_STATE_CHANGING = (Kind.INIT, Kind.HANDLE)
+_STATE_CHANGING = (Kind.INIT, Kind.HANDLE, Kind.CHILD_EXIT)
 
 
 class ChainVerifier:

@@ -84,6 +84,7 @@ class Kind(enum.IntEnum):
     LOG = 6  # worker: a log line from the guest
     EXIT = 7  # supervisor: the worker ended, and why
     VIOLATION = 8  # supervisor: the worker broke the protocol and was killed
+    CHILD_EXIT = 9  # worker: the agent was told one of its children exited
 
 
 # Which key may sign each kind.
@@ -96,6 +97,7 @@ SIGNER_OF: dict[Kind, Signer] = {
     Kind.LOG: Signer.WORKER,
     Kind.EXIT: Signer.SUPERVISOR,
     Kind.VIOLATION: Signer.SUPERVISOR,
+    Kind.CHILD_EXIT: Signer.WORKER,
 }
 
 # Payload schema of each kind: fields in order, each (name, type). Types:
@@ -150,6 +152,14 @@ FIELDS: dict[Kind, tuple[tuple[str, str], ...]] = {
         ("incarnation", "u32"),
         ("reason", "str"),
         ("evidence", "bytes"),
+    ),
+    Kind.CHILD_EXIT: (
+        ("child", "bytes"),
+        ("exit_hash", "bytes"),
+        ("reason", "str"),
+        ("status", "str"),
+        ("error", "str"),
+        ("fuel", "u64"),
     ),
 }
 

@@ -16,6 +16,7 @@ __all__ = ["CAPABILITIES", "LIMIT_BOUNDS", "AgentSpec", "Limits"]
 # Capability name -> WIT interface. Later capabilities add one entry each.
 CAPABILITIES: dict[str, str] = {
     "runtime": "theater:agent/runtime@0.1.0",
+    "supervision": "theater:agent/supervision@0.1.0",
 }
 
 KIB = 1024
@@ -36,6 +37,7 @@ LIMIT_BOUNDS: dict[str, tuple[int, int, str]] = {
     "table_elements": (0, 10_000_000, "wasm table elements"),
     "instances": (1, 10_000, "core instances in a component"),
     "mailbox": (1, 1_000_000, "queued messages per agent"),
+    "max_children": (0, 10_000, "children an agent may supervise at once (supervision capability)"),
 }
 
 
@@ -54,6 +56,7 @@ class Limits:
     table_elements: int
     instances: int
     mailbox: int
+    max_children: int
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -23,10 +23,13 @@ __all__ = [
     "CallKind",
     "ClientType",
     "Hello",
+    "HostRequest",
     "Result",
     "SupervisorType",
     "WorkerType",
+    "decode_child_exit",
     "decode_json",
+    "encode_child_exit",
     "encode_json",
     "header",
     "parse_header",
@@ -43,6 +46,7 @@ class WorkerType(enum.IntEnum):
     HELLO = 1
     RESULT = 2
     FAULT = 3
+    HOST_REQUEST = 4
 
 
 class SupervisorType(enum.IntEnum):
@@ -51,6 +55,7 @@ class SupervisorType(enum.IntEnum):
     SPEC = 1
     CALL = 2
     STOP = 3
+    HOST_REPLY = 4
 
 
 class ClientType(enum.IntEnum):
@@ -63,6 +68,45 @@ class ClientType(enum.IntEnum):
 class CallKind(enum.IntEnum):
     INIT = 0
     HANDLE = 1
+    CHILD_EXIT = 2
+
+
+_CHILD_EXIT = struct.Struct(">16s32s")
+
+
+def encode_child_exit(child: bytes, exit_hash: bytes, reason: str) -> bytes:
+    """The data of a CHILD_EXIT call: child id (16), the child's exit record hash (32), reason (UTF-8)."""
+    return _CHILD_EXIT.pack(child, exit_hash) + reason.encode("utf-8")
+
+
+def decode_child_exit(data: bytes) -> tuple[bytes, bytes, str]:
+    if len(data) < _CHILD_EXIT.size:
+        raise ProtocolError("child-exit data shorter than 48 bytes")
+    child, exit_hash = _CHILD_EXIT.unpack_from(data)
+    try:
+        return child, exit_hash, data[_CHILD_EXIT.size :].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("child-exit reason is not UTF-8") from None
+
+
+_REQUEST_META = struct.Struct(">Q")
+
+
+@dataclass(frozen=True, slots=True)
+class HostRequest:
+    """A host call the worker cannot answer alone (supervision): id and a JSON body."""
+
+    request_id: int
+    body: dict[str, Any]
+
+    def encode(self, typ: int) -> list[bytes]:
+        return [header(typ), _REQUEST_META.pack(self.request_id), encode_json(self.body)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes], what: str) -> HostRequest:
+        if len(frames) != 2 or len(frames[0]) != _REQUEST_META.size:
+            raise ProtocolError(f"{what} must be an 8-byte id frame and a JSON frame")
+        return cls(_REQUEST_META.unpack(frames[0])[0], decode_json(frames[1], what))
 
 
 def header(typ: int) -> bytes:

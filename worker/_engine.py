@@ -9,7 +9,13 @@ from its last committed state, which the host owns.
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +28,10 @@ from theater.spec import Limits
 
 from ._errors import CallFailed, LoadError
 
-__all__ = ["DeadlineTimer", "Sandbox", "classify", "describe"]
+__all__ = [
+    "DeadlineTimer", "Lifted", "Sandbox", "artifact_key", "classify", "compile_component", "describe",
+    "engine_config", "file_signature", "load_artifact", "make_engine",
+]
 
 AGENT_EXPORTS = {
     "init": "func(state: string, args: string) -> result<string, string>",
@@ -112,15 +121,108 @@ def _describe_func(fty: Any) -> str:
     return f"func({params})" + (f" -> {describe(result)}" if result is not None else "")
 
 
-def make_engine(limits: Limits) -> wasmtime.Engine:
+def engine_config(limits: Limits) -> dict[str, bool | int]:
+    """Every ``wasmtime.Config`` setting a worker's engine uses, by attribute name.
+
+    :func:`make_engine` applies exactly these, and the compiled-artifact cache
+    key is built from them (see :func:`artifact_key`), so the two cannot drift:
+    change a setting here and every cached artifact built under the old value
+    stops matching.
+    """
+    return {
+        "consume_fuel": True,
+        "epoch_interruption": True,
+        "cranelift_nan_canonicalization": True,
+        "parallel_compilation": False,  # no compiler threads: the worker stays easy to confine
+        "wasm_threads": False,
+        "max_wasm_stack": limits.stack_bytes,
+    }
+
+
+# Settings that change how fast code is compiled, never the code: left out of the cache key.
+NOT_IN_ARTIFACT_KEY = frozenset({"parallel_compilation"})
+
+
+def make_engine(limits: Limits, *, parallel_compilation: bool = False) -> wasmtime.Engine:
+    """The worker's engine. ``parallel_compilation`` only for a process that compiles and never forks."""
     cfg = wasmtime.Config()
-    cfg.consume_fuel = True
-    cfg.epoch_interruption = True
-    cfg.cranelift_nan_canonicalization = True
-    cfg.parallel_compilation = False  # no compiler threads: the worker stays easy to confine
-    cfg.wasm_threads = False
-    cfg.max_wasm_stack = limits.stack_bytes
+    for name, value in engine_config(limits).items():
+        setattr(cfg, name, value)
+    if parallel_compilation:
+        cfg.parallel_compilation = True
     return wasmtime.Engine(cfg)
+
+
+def _target() -> str:
+    """The machine code generation targets: architecture and the CPU features Cranelift detects."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}-{platform.system().lower()}/{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
+
+
+WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+TARGET = _target()
+
+
+def artifact_key(component_sha256: str, limits: Limits) -> str:
+    """Cache key of a compiled artifact: the component and everything that shapes its machine code."""
+    config = {k: v for k, v in engine_config(limits).items() if k not in NOT_IN_ARTIFACT_KEY}
+    material = {
+        "component_sha256": component_sha256,
+        "config": config,
+        "wasmtime": WASMTIME_VERSION,
+        "target": TARGET,
+        "format": 1,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_signature(st: os.stat_result) -> list[int]:
+    """What identifies one version of a file: any write, truncation or replacement changes it.
+
+    ``st_ctime_ns`` cannot be set from user space; it moves on every content or
+    metadata change, so an unchanged signature means unchanged bytes.
+    """
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def load_artifact(engine: wasmtime.Engine, artifact: dict[str, Any], expected_key: str) -> wc.Component:
+    """Map a compiled artifact the supervisor vouched for; raise LoadError if it is not that file.
+
+    ``artifact`` is ``{"key", "path", "sha256", "signature"}``: the supervisor
+    hashed the file and recorded its signature; the file opened here must
+    still have that signature (same inode, size, mtime and ctime), so it holds
+    the bytes that were hashed, and it is mapped through this very descriptor.
+    """
+    if artifact.get("key") != expected_key:
+        raise LoadError("the artifact offered is for another component or engine configuration")
+    try:
+        fd = os.open(str(artifact["path"]), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise LoadError(f"cannot open the compiled artifact: {exc.strerror}") from None
+    try:
+        if file_signature(os.fstat(fd)) != list(artifact.get("signature", ())):
+            raise LoadError("the compiled artifact changed after it was verified")
+        try:
+            return wc.Component.deserialize_file(engine, f"/proc/self/fd/{fd}")
+        except wasmtime.WasmtimeError as exc:
+            raise LoadError(f"the compiled artifact does not load: {_last_line(exc)}") from None
+    finally:
+        os.close(fd)
+
+
+def compile_component(engine: wasmtime.Engine, component_bytes: bytes) -> wc.Component:
+    try:
+        return wc.Component(engine, component_bytes)
+    except wasmtime.WasmtimeError as exc:
+        raise LoadError(f"component does not compile: {_last_line(exc)}") from None
 
 
 Linker = Callable[[wc.LinkerInstance], None]
@@ -135,9 +237,11 @@ class Sandbox:
         component_bytes: bytes,
         limits: Limits,
         interfaces: dict[str, Linker],
+        exports: dict[str, str] = AGENT_EXPORTS,
     ) -> None:
         self.engine = engine
         self.limits = limits
+        self.exports = exports
         try:
             self.component = wc.Component(engine, component_bytes)
         except wasmtime.WasmtimeError as exc:
@@ -168,7 +272,7 @@ class Sandbox:
 
     def _check_exports(self) -> None:
         assert self._store is not None
-        for name, expected in AGENT_EXPORTS.items():
+        for name, expected in self.exports.items():
             func = self._funcs.get(name)
             if func is None:
                 raise LoadError(f"component does not export `{name}` (expected {expected})")
@@ -196,7 +300,7 @@ class Sandbox:
             raise LoadError(f"component does not instantiate: {_last_line(exc)}") from None
         except Exception as exc:  # a host import raising during a start function
             raise LoadError(f"component does not instantiate: {exc}") from None
-        for name in AGENT_EXPORTS:
+        for name in self.exports:
             func = instance.get_func(store, name)
             if func is not None:
                 self._funcs[name] = func

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import uuid
 from typing import Any
 
 import zmq
@@ -17,8 +18,8 @@ from theater.records import Kind, sha256
 from theater.spec import CAPABILITIES, AgentSpec
 
 from ._boundary import from_guest, to_guest
-from ._caps import runtime
-from ._engine import Sandbox, make_engine
+from ._caps import runtime, supervision
+from ._engine import AGENT_EXPORTS, HostLimit, Sandbox, make_engine
 from ._errors import CallFailed, LoadError
 from ._recorder import Recorder
 
@@ -50,8 +51,9 @@ def serve(endpoint: str, token: bytes, confinement: dict[str, str]) -> int:
     except ProtocolError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_PROTOCOL
+    link = SupervisorLink(sock)
     try:
-        agent = Agent(spec, state, key)
+        agent = Agent(spec, state, key, link.ask)
     except LoadError as exc:
         sock.send_multipart([wire.header(wire.WorkerType.FAULT), wire.encode_json({"reason": "load-failed", "detail": str(exc)})])
         return EXIT_LOAD_FAILED
@@ -70,10 +72,42 @@ def serve(endpoint: str, token: bytes, confinement: dict[str, str]) -> int:
         sock.send_multipart(agent.run(call).encode())
 
 
+class SupervisorLink:
+    """Host requests the worker cannot answer alone, asked of the supervisor mid-call."""
+
+    TIMEOUT_MS = 10_000
+
+    def __init__(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
+        self._sock = sock
+        self._ids = 0
+
+    def ask(self, body: dict[str, Any]) -> dict[str, Any]:
+        self._ids += 1
+        self._sock.send_multipart(wire.HostRequest(self._ids, body).encode(wire.WorkerType.HOST_REQUEST))
+        while True:
+            if not self._sock.poll(self.TIMEOUT_MS):
+                raise HostLimit("the supervisor did not answer a host request in time")
+            frames = self._sock.recv_multipart()
+            typ = wire.parse_header(frames[0], wire.SupervisorType)
+            if typ is wire.SupervisorType.STOP:
+                supervision.exit_now()
+            if typ is not wire.SupervisorType.HOST_REPLY:
+                raise ProtocolError(f"unexpected {typ.name} frame while waiting for a host reply")
+            reply = wire.HostRequest.decode(frames[1:], "host reply")
+            if reply.request_id == self._ids:
+                return reply.body
+
+
 class Agent:
     """One agent in this worker: its sandbox, its committed state and its recorder."""
 
-    def __init__(self, spec: AgentSpec, state: bytes, key: Ed25519PrivateKey) -> None:
+    def __init__(
+        self,
+        spec: AgentSpec,
+        state: bytes,
+        key: Ed25519PrivateKey,
+        ask: supervision.Ask | None = None,
+    ) -> None:
         if sha256(state).hex() != spec.state_hash:
             raise LoadError("the state sent does not match the spec's state hash")
         try:
@@ -89,16 +123,19 @@ class Agent:
         self.runtime = runtime.Runtime(self.recorder, spec.limits, spec.agent_id)
         # Link exactly the granted capabilities; each is one host module under _caps/.
         linkers = {"runtime": self.runtime.link}
+        exports = dict(AGENT_EXPORTS)
+        if "supervision" in spec.capabilities:
+            if ask is None:
+                raise LoadError("the supervision capability needs a supervisor to ask")
+            linkers["supervision"] = supervision.Supervision(self.recorder, ask, self.runtime.count_host_call).link
+            exports[supervision.CHILD_EXIT_EXPORT[0]] = supervision.CHILD_EXIT_EXPORT[1]
         interfaces = {CAPABILITIES[cap]: linkers[cap] for cap in spec.capabilities}
         engine = make_engine(spec.limits)
-        self.sandbox = Sandbox(engine, component, spec.limits, interfaces)
+        self.sandbox = Sandbox(engine, component, spec.limits, interfaces, exports)
 
     def run(self, call: wire.Call) -> wire.Result:
         self.runtime.begin_call()
-        if call.kind is wire.CallKind.INIT:
-            kind, export = Kind.INIT, "init"
-        else:
-            kind, export = Kind.HANDLE, "handle"
+        kind, export = _KINDS[call.kind]
         new_state: bytes | None = None
         reply: bytes | None = None
         status, error = "ok", ""
@@ -106,7 +143,12 @@ class Agent:
         try:
             if len(call.data) > self.limits.max_message_bytes:
                 raise CallFailed("too-large", f"message of {len(call.data)} bytes exceeds max_message_bytes")
-            result, _ = self.sandbox.call(export, to_guest(self.state), to_guest(call.data))
+            if kind is Kind.CHILD_EXIT:
+                child, exit_hash, reason = wire.decode_child_exit(call.data)
+                args = (str(uuid.UUID(bytes=child)), reason)
+            else:
+                args = (to_guest(call.data),)
+            result, _ = self.sandbox.call(export, to_guest(self.state), *args)
             new_state, reply, error = self._outcome(kind, result)
             if error:
                 status = "guest-error"
@@ -119,6 +161,9 @@ class Agent:
         fields: dict[str, Any]
         if kind is Kind.INIT:
             fields = {"args": call.data, "status": status, "error": error, "fuel": fuel}
+        elif kind is Kind.CHILD_EXIT:
+            child, exit_hash, reason = wire.decode_child_exit(call.data)
+            fields = {"child": child, "exit_hash": exit_hash, "reason": reason, "status": status, "error": error, "fuel": fuel}
         else:
             fields = {"message": call.data, "reply": reply, "status": status, "error": error, "fuel": fuel}
         self.recorder.append(kind, fields, new_state=new_state)
@@ -129,7 +174,7 @@ class Agent:
 
     def _outcome(self, kind: Kind, result: Any) -> tuple[bytes | None, bytes | None, str]:
         """(new state, reply, guest error) from an export's lifted result."""
-        if kind is Kind.INIT:
+        if kind in (Kind.INIT, Kind.CHILD_EXIT):
             tag, payload = getattr(result, "tag", None), getattr(result, "payload", None)
             if tag == "err":
                 return None, None, _guest_error(payload)
@@ -140,6 +185,13 @@ class Agent:
         raw_reply = getattr(result, "reply", None)
         reply = None if raw_reply is None else from_guest(raw_reply, "reply", self.limits.max_message_bytes)
         return state, reply, ""
+
+
+_KINDS = {
+    wire.CallKind.INIT: (Kind.INIT, "init"),
+    wire.CallKind.HANDLE: (Kind.HANDLE, "handle"),
+    wire.CallKind.CHILD_EXIT: (Kind.CHILD_EXIT, "child-exit"),
+}
 
 
 def _guest_error(text: object) -> str:

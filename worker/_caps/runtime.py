@@ -40,12 +40,16 @@ class Runtime:
         inst.add_func("random-bytes", self.random_bytes)
         inst.add_func("finish", self.finish)
 
-    def _record(self, function: str, data_in: bytes, data_out: bytes) -> None:
+    def count_host_call(self) -> None:
+        """Every recorded host call, of any interface, counts against max_host_calls_per_call."""
         self._host_calls += 1
         if self._host_calls > self._limits.max_host_calls_per_call:
             raise HostLimit(
                 f"more than {self._limits.max_host_calls_per_call} host calls in one call (max_host_calls_per_call)"
             )
+
+    def _record(self, function: str, data_in: bytes, data_out: bytes) -> None:
+        self.count_host_call()
         self._recorder.append(
             Kind.HOST_CALL,
             {"interface": INTERFACE, "function": function, "input": data_in, "output": data_out},
