@@ -197,7 +197,7 @@ class Supervisor:
             agent = Agent(
                 id=row.id, config=config, verifier=verifier, state=row.state,
                 initialized=row.initialized, incarnation=row.incarnation, in_store=True,
-                status=row.desired if row.desired != "running" else "starting",
+                status=row.desired if row.desired != "running" else "starting", held=row.desired == "stopped",
             )
             # The previous supervisor's workers died with it (parent-death signal).
             if worker_alive_in_chain:
@@ -216,7 +216,7 @@ class Supervisor:
             self.trees.append(root)
             if desired == "running":
                 self.log(f"resuming tree {root.name}")
-                self._start_member(root, lambda: None)
+                self._start_member(root, lambda: None, counted=False)
             else:
                 root.status = desired
         for agent in self.agents.values():
@@ -850,7 +850,7 @@ class Supervisor:
 
         self._stop_members(list(reversed(node.children)), f"supervisor {node.name} gave up: {why}", done)
 
-    def _run_steps(self, steps: list[tuple[str, Member]], done: Callable[[], None]) -> None:
+    def _run_steps(self, steps: list[tuple[str, Member]], done: Callable[[], None], *, counted: bool = True) -> None:
         """Run stop/start steps one at a time, each waiting for the previous to finish."""
         if not steps:
             done()
@@ -858,12 +858,12 @@ class Supervisor:
         action, member = steps[0]
 
         def next_step() -> None:
-            self._run_steps(steps[1:], done)
+            self._run_steps(steps[1:], done, counted=counted)
 
         if action == "stop":
             self._stop_member(member, "shutdown", next_step)
         else:
-            self._start_member(member, next_step)
+            self._start_member(member, next_step, counted=counted)
 
     def _stop_members(self, members: list[Member], why: str, done: Callable[[], None]) -> None:
         if not members:
@@ -890,7 +890,8 @@ class Supervisor:
             member.worker.fault = why
         self._stop_worker(member, reason)
 
-    def _start_member(self, member: Member, done: Callable[[], None]) -> None:
+    def _start_member(self, member: Member, done: Callable[[], None], *, counted: bool = True) -> None:
+        """Start a member; ``counted``: a supervisor's restart (not a resume or an operator's start)."""
         if isinstance(member, Node):
             member.status = "starting"
             member.restarts = []
@@ -900,13 +901,13 @@ class Supervisor:
                 member.started_at = time.time()
                 done()
 
-            self._run_steps([("start", c) for c in member.children], started)
+            self._run_steps([("start", c) for c in member.children], started, counted=counted)
             return
-        if member.alive:
+        if member.alive or member.held:
             done()
             return
         member.on_ready.append(done)
-        if member.in_store:
+        if member.in_store and counted:
             self._restart_agent(member)
         else:
             self._start_worker(member)
@@ -1012,29 +1013,12 @@ class Supervisor:
         return self._find(ref)
 
     def _op_restart(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
-        """Stop a member (agent or subtree) and start it again; an operator restart is not counted."""
         member = self._find_member(body.get("agent"))
         if not self.running:
             raise Refused("the supervisor is shutting down")
         if isinstance(member, Node) and member.busy:
             raise Refused(f"supervisor {member.name} is in the middle of a restart")
-
-        def started() -> None:
-            if isinstance(member, Node):
-                self._store_node(member, desired="running")
-            self._reply(ident, rid, member.tree())
-
-        def stopped() -> None:
-            for agent in self._agents_under(member):
-                agent.last_exit = "restarted by the operator"
-                self._commit_desired(agent, "running")
-            self._start_member(member, started)
-
-        if isinstance(member, Agent) and member.alive:
-            member.on_stopped.append(stopped)
-            self._stop_worker(member, "shutdown")
-        else:
-            self._stop_member(member, "shutdown", stopped, why="restarted by the operator")
+        self.restart_member(member, lambda: self._reply(ident, rid, member.tree()))
 
     def _op_spawn(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
         manifest = body.get("manifest")
@@ -1072,14 +1056,26 @@ class Supervisor:
             self._reply(ident, rid, root.tree())
         root.spawn_waiters.clear()
 
-    def start_existing(self, agent: Agent) -> None:
-        """Start a stopped or failed agent again, from its last committed state."""
-        if agent.worker is not None and not agent.worker.exited:
-            return
-        self.store.commit([Commit(agent_id=agent.id, records=[], desired="running")])
-        agent.restarts = []
-        agent.last_exit = agent.last_exit or "start"
-        self._start_worker(agent)
+    def restart_member(self, member: Member, done: Callable[[], None] = lambda: None) -> None:
+        """Stop a member (agent or subtree) if it runs, then start it again from its committed state.
+
+        An operator's restart: it does not count against any restart intensity.
+        """
+
+        def stopped() -> None:
+            for agent in self._agents_under(member):
+                agent.held = False
+                agent.last_exit = agent.last_exit or "restarted by the operator"
+                self._commit_desired(agent, "running")
+            if isinstance(member, Node):
+                self._store_node(member, desired="running")
+            self._start_member(member, done, counted=False)
+
+        if isinstance(member, Agent) and member.alive:
+            member.on_stopped.append(stopped)
+            self._stop_worker(member, "shutdown")
+        else:
+            self._stop_member(member, "shutdown", stopped, why="restarted by the operator")
 
     def _op_message(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
         agent = self._find(body.get("agent"))
@@ -1108,6 +1104,7 @@ class Supervisor:
 
         def stopped() -> None:
             for agent in self._agents_under(member):
+                agent.held = True
                 self._commit_desired(agent, "stopped")
                 self._settle(agent, "stopped")
             if isinstance(member, Node):

@@ -228,10 +228,10 @@ def cmd_verify(args: argparse.Namespace, home: Home) -> int:
 
 def cmd_run(args: argparse.Namespace, home: Home) -> int:
     """Supervisor in the foreground, spawn the manifest, print its events until Ctrl-C."""
-    from ._config import load_manifest, policy_dirs
+    from ._config import load_any, policy_dirs
     from ._server import Supervisor
 
-    config = load_manifest(Path(args.manifest), policy_dirs(home.root))  # fail early, before starting
+    config = load_any(Path(args.manifest), policy_dirs(home.root))  # fail early, before starting
 
     def show(agent: Any, record: Record) -> None:
         if args.json:
@@ -240,12 +240,12 @@ def cmd_run(args: argparse.Namespace, home: Home) -> int:
             print(f"{agent.name:<12} {one_line(record)}", flush=True)
 
     sup = Supervisor(home, on_record=show, log=lambda line: print(line, file=sys.stderr, flush=True))
-    existing = sup.by_name.get(config.name)
+    existing = sup.by_name.get(config.name) or sup.nodes.get(config.name)
     if existing is None:
         sup.spawn_local(Path(args.manifest).resolve())
-    else:  # already in this home: resume it rather than spawn a second one
-        sup.start_existing(existing)
-    _err(f"running {config.name}; send it messages with `theater --home {home.root} call {config.name} DATA`; Ctrl-C stops")
+    elif existing.status in ("stopped", "failed"):  # already in this home: start it again rather than spawn twice
+        sup.restart_member(existing)
+    _err(f"running {config.name}; talk to it with `theater --home {home.root} call NAME DATA`; Ctrl-C stops")
     sup.serve_forever()
     return EXIT_OK
 
