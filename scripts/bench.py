@@ -1,7 +1,10 @@
 """Theater benchmarks: each figure beside a baseline measured in the same run, as a ratio.
 
-Run through ``scripts/bench``. Prints a table; ``--json`` for machines.
-Targets are read from this table, never asserted in tests.
+Run through ``scripts/bench``. Prints one row per target (P1..P7 of
+docs/performance.md) with its same-run baseline; ``--json`` for machines;
+``--peers`` also installs Circus, supervisord and Extism into a throwaway
+venv under /tmp and measures them in the same run. Targets are read from this
+table, never asserted in tests.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -18,14 +22,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPONENTS = ROOT / "tests" / "components"
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from theater import wire  # noqa: E402
 from theater.client import Client  # noqa: E402
 from theater.home import Home  # noqa: E402
+from theater.records import Kind, Record  # noqa: E402
+from theater.spec import Limits  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -121,17 +130,22 @@ def verify_rate(n: int) -> float:
 
 
 class Running:
+    def supervisor_pid(self) -> int:
+        return int(self.home.pid_file.read_text())
+
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="thb-"))
         self.home = Home(self.root / "h")
         subprocess.run([sys.executable, "-m", "supervisor", "--home", str(self.home.root), "up", "--detach"], check=True, capture_output=True)
         self.client = Client(self.home, timeout=120)
 
-    def manifest(self, name: str, component: str, **limits: int) -> Path:
+    def manifest(self, name: str, component: str, restart: dict[str, int] | None = None, **limits: int) -> Path:
         path = self.root / f"{name}.toml"
         text = f'name = "{name}"\ncomponent = "{COMPONENTS / component}"\n'
         if limits:
             text += "[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items())
+        if restart:
+            text += "[restart]\n" + "".join(f"{k} = {v}\n" for k, v in restart.items())
         path.write_text(text)
         return path
 
@@ -143,89 +157,346 @@ class Running:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def spawn_to_first_reply(t: Running, n: int) -> list[float]:
+def spawn_to_first_reply(t: Running, n: int) -> tuple[list[float], dict[str, float]]:
+    """P1: `spawn` (genesis, init committed) and one call, through the fork-server.
+
+    Also where the time goes, from the records' own timestamps: request -> genesis
+    (the supervisor signs it on the worker's hello: fork, worker start, hardening,
+    key, connect), genesis -> init record (spec, artifact, instantiate, init call),
+    init -> handle record (commit, spawn reply, the client's call).
+    """
+    t.client.spawn(t.manifest("spawn-warm", "echo.wat"))  # compiles the artifact once
+    t.client.stop("spawn-warm")
     out = []
+    phases: dict[str, list[float]] = {"request -> hello": [], "hello -> init run": [], "init run -> first call run": []}
     for i in range(n):
         path = t.manifest(f"spawn{i}", "echo.wat")
+        wall = time.time_ns()
         start = time.perf_counter()
         t.client.spawn(path)
         t.client.call(f"spawn{i}", b"hi")
         out.append(time.perf_counter() - start)
         t.client.stop(f"spawn{i}")
-    return out
+        times = {r.kind: r.time_ns for r in _records(t, f"spawn{i}")}
+        phases["request -> hello"].append((times[Kind.GENESIS] - wall) / 1e6)
+        phases["hello -> init run"].append((times[Kind.INIT] - times[Kind.GENESIS]) / 1e6)
+        phases["init run -> first call run"].append((times[Kind.HANDLE] - times[Kind.INIT]) / 1e6)
+    return out, {k: statistics.median(v) for k, v in phases.items()}
 
 
-def call_round_trip(t: Running, n: int, size: int) -> list[float]:
+def _records(t: Running, name: str) -> list[Record]:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{t.home.store}?mode=ro", uri=True)
+    try:
+        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
+        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
+    finally:
+        db.close()
+    return [Record.parse(raw) for (raw,) in rows]
+
+
+def call_round_trip(t: Running, n: int, size: int) -> tuple[list[float], dict[str, float]]:
+    """P2, and its two halves from the handle record's own timestamp (signed in the worker):
+    client -> supervisor -> worker -> guest call -> signed, then back -> verified -> committed -> reply."""
     name = f"echo{size}"
     t.client.spawn(t.manifest(name, "echo.wat"))
     payload = b"x" * size
     for _ in range(20):
         t.client.call(name, payload)
-    out = []
+    out, walls = [], []
     for _ in range(n):
+        wall = time.time_ns()
         start = time.perf_counter()
         t.client.call(name, payload)
         out.append(time.perf_counter() - start)
-    return out
+        walls.append((wall, time.time_ns()))
+    handles = [r for r in _records(t, name) if r.kind is Kind.HANDLE][-n:]
+    there = [(h.time_ns - w[0]) / 1e6 for h, w in zip(handles, walls, strict=True)]
+    back = [(w[1] - h.time_ns) / 1e6 for h, w in zip(handles, walls, strict=True)]
+    return out, {"to the worker, guest call, signed": statistics.median(there),
+                 "back: verified, committed (fsync), replied": statistics.median(back)}
 
 
 def stored_records_per_second(t: Running, agents: int, per_agent: int) -> tuple[float, int]:
+    """P3: every agent's mailbox filled by pipelined `send`s on one socket; records/s until all are stored."""
     names = [f"load{i}" for i in range(agents)]
     for name in names:
         t.client.spawn(t.manifest(name, "counter.wat", mailbox=per_agent + 10))
     heads = {a["name"]: a["head"] for a in t.client.ps()}
+    token = t.home.token.read_text().strip()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(t.home.control_endpoint)
     start = time.perf_counter()
+    rid = answered = 0
     for _ in range(per_agent):
         for name in names:
-            t.client.send(name, b"m")
+            rid += 1
+            body = {"op": "send", "id": rid, "token": token, "agent": name}
+            sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body), b"m"])
+            while rid - answered >= 500:  # a window: the control socket drops replies past its high-water mark
+                sock.recv_multipart()
+                answered += 1
+    while answered < rid:
+        sock.recv_multipart()
+        answered += 1
     for name in names:
         t.client.call(name, b"m", timeout=120)
     elapsed = time.perf_counter() - start
+    sock.close(0)
     after = {a["name"]: a["head"] for a in t.client.ps()}
     records = sum(after[n] - heads[n] for n in names)
+    for name in names:
+        t.client.stop(name)
     return records / elapsed, records
+
+
+def sqlite_commit_ms(t: Running, n: int) -> float:
+    """One durable commit on the same disk as the event store, in the same settings."""
+    import sqlite3
+
+    path = t.root / "commit-probe.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE r (raw BLOB)")
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO r VALUES (?)", (os.urandom(300),))
+        db.execute("COMMIT")
+        times.append(time.perf_counter() - start)
+    db.close()
+    return statistics.median(times) * 1000
+
+
+def restart_to_reply(t: Running, n: int) -> tuple[list[float], dict[str, float]]:
+    """P5: SIGKILL an idle worker; time until its replacement has answered a call.
+
+    Phases from the records: kill -> exit record (death seen on the pidfd), exit ->
+    worker-key record (fork, worker start, hardening, hello).
+    """
+    t.client.spawn(t.manifest("restart", "echo.wat", restart={"intensity": 1000, "period_ms": 1000}))
+    t.client.call("restart", b"x")
+    out = []
+    phases: dict[str, list[float]] = {"kill -> exit recorded": [], "exit -> new worker's hello": []}
+    for _ in range(n):
+        pid = next(a["pid"] for a in t.client.ps() if a["name"] == "restart")
+        wall = time.time_ns()
+        start = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:  # the call must reach the new worker, not the dying one
+            info = next(a for a in t.client.ps() if a["name"] == "restart")
+            if info["status"] == "running" and info["pid"] not in (None, pid):
+                break
+            if info["status"] == "failed" or time.monotonic() > deadline:
+                raise RuntimeError(f"the restarted agent did not come back: {info}")
+        t.client.call("restart", b"y")
+        out.append(time.perf_counter() - start)
+        records = _records(t, "restart")
+        exit_ = next(r for r in reversed(records) if r.kind is Kind.EXIT)
+        key = next(r for r in records if r.seq == exit_.seq + 1)
+        phases["kill -> exit recorded"].append((exit_.time_ns - wall) / 1e6)
+        phases["exit -> new worker's hello"].append((key.time_ns - exit_.time_ns) / 1e6)
+    return out, {k: statistics.median(v) for k, v in phases.items()}
+
+
+def idle_pss(t: Running, n: int) -> tuple[float, float]:
+    """P6: PSS (MiB) of ``n`` idle echo workers, mean per worker, and of the fork-server."""
+    names = [f"idle{i}" for i in range(n)]
+    for name in names:
+        t.client.spawn(t.manifest(name, "echo.wat"))
+        t.client.call(name, b"warm")
+    pids = [a["pid"] for a in t.client.ps() if a["name"] in names]
+    pss = [_pss(pid) for pid in pids]
+    zygote = [p for p in psutil.Process(t.supervisor_pid()).children() if p.name() == "theater-zygote"]
+    zpss = _pss(zygote[0].pid) if zygote else float("nan")
+    for name in names:
+        t.client.stop(name)
+    return statistics.mean(pss), zpss
+
+
+def _pss(pid: int) -> float:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# --- in-process: the worker's own code, without the process around it ----------------------------
+
+
+def _limits(**override: int) -> Limits:
+    import tomllib
+
+    base = tomllib.loads((ROOT / "policies" / "default.toml").read_text())["limits"]
+    return Limits(**{**base, **override})
+
+
+def payload_round_trips(n: int) -> dict[str, list[float]]:
+    """P7: guest<->host echo inside a worker's Sandbox (fast path), and the stock generic call."""
+    from worker._boundary import from_guest_utf8, to_guest
+    from worker._engine import Sandbox, make_engine, tune_malloc
+
+    tune_malloc()  # as the fork-server sets it for every worker it forks
+    limits = _limits()
+    sandbox = Sandbox(make_engine(limits), (COMPONENTS / "echo.wat").read_bytes(), limits, {})
+    cap = limits.max_message_bytes
+    cases = {
+        "0 B": b"", "100 B": b"x" * 100, "1 MB ascii": b"x" * 1_000_000,
+        "1 MB all byte values": bytes(range(256)) * 3906 + bytes(64), f"max {cap} B": b"y" * cap,
+    }
+    out: dict[str, list[float]] = {}
+    for label, data in cases.items():
+        reps = n if len(data) < 10_000 else max(20, n // 50)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            lifted, _ = sandbox.call_agent("handle", b"", data)
+            from_guest_utf8(lifted.reply, "reply", cap)
+            times.append(time.perf_counter() - start)
+        out[label] = times
+        gen = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            result, _ = sandbox.call("handle", "", to_guest(data))
+            result.reply.encode("latin-1")
+            gen.append(time.perf_counter() - start)
+        out[label + " generic"] = gen
+    return out
+
+
+def runaway_overshoot(n: int) -> tuple[list[float], int, int]:
+    """P4: a spinning guest under a 50 ms deadline: ms past the deadline; a memory bomb's pages at the cap."""
+    from worker._engine import Sandbox, make_engine
+    from worker._errors import CallFailed
+
+    deadline_ms = 50
+    limits = _limits(wall_time_ms=deadline_ms, fuel_per_call=10**12)
+    spin = Sandbox(make_engine(limits), (COMPONENTS / "spin.wat").read_bytes(), limits, {})
+    over = []
+    for _ in range(n):
+        spin.call_agent("init", b"", b"")  # a fresh instance (the last call trapped) before the clock starts
+        start = time.perf_counter()
+        try:
+            spin.call_agent("handle", b"", b"")
+        except CallFailed as exc:
+            assert exc.status == "deadline", exc
+        over.append((time.perf_counter() - start) * 1000 - deadline_ms)
+    bomb_limits = _limits(memory_bytes=4 * 1024 * 1024)
+    bomb = Sandbox(make_engine(bomb_limits), (COMPONENTS / "memory_bomb.wat").read_bytes(), bomb_limits, {})
+    lifted, _ = bomb.call_agent("handle", b"", b"")
+    pages = int((lifted.error or "0").split()[-2]) if lifted.error else -1
+    return over, pages, bomb_limits.memory_bytes // 65536
+
+
+def raw_verify_rate_parallel(n: int, threads: int) -> float:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    msg = b"x" * 200
+    sig = key.sign(msg)
+    pub = key.public_key()
+
+    def chunk(k: int) -> None:
+        for _ in range(k):
+            pub.verify(sig, msg)
+
+    with ThreadPoolExecutor(threads) as pool:
+        start = time.perf_counter()
+        list(pool.map(chunk, [n // threads] * threads))
+        return n / (time.perf_counter() - start)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--peers", action="store_true", help="also install and measure Circus, supervisord and Extism")
+    parser.add_argument("--idle", type=int, default=0, help="idle agents for P6 (default 200, 30 with --quick)")
     args = parser.parse_args()
     q = args.quick
     rows: list[dict[str, object]] = []
 
-    def row(what: str, ours: float, base: float, base_what: str, unit: str, higher_better: bool = False) -> None:
+    def row(key: str, what: str, ours: float, base: float, base_what: str, unit: str, target: str,
+            higher_better: bool = False) -> None:
         ratio = ours / base if base else float("nan")
-        rows.append({"what": what, "ours": ours, "baseline": base, "baseline_what": base_what, "unit": unit,
-                     "ratio": ratio, "higher_is_better": higher_better})
+        rows.append({"key": key, "what": what, "ours": ours, "baseline": base, "baseline_what": base_what,
+                     "unit": unit, "ratio": ratio, "higher_is_better": higher_better, "target": target})
 
     interp = fresh_interpreter(5 if q else 15)
     zmq100 = raw_zmq_round_trip(500 if q else 3000, 100)
     wt100 = raw_wasmtime_call(500 if q else 3000, 100)
     vrate = verify_rate(2000 if q else 10000)
+    vrate2 = raw_verify_rate_parallel(4000 if q else 20000, 2)
+    p7 = payload_round_trips(300 if q else 2000)
+    over, pages, cap_pages = runaway_overshoot(5 if q else 20)
 
     t = Running()
     try:
-        spawn = spawn_to_first_reply(t, 5 if q else 15)
-        rt100 = call_round_trip(t, 300 if q else 2000, 100)
+        spawn, spawn_phases = spawn_to_first_reply(t, 5 if q else 15)
+        rt100, rt_phases = call_round_trip(t, 300 if q else 2000, 100)
+        commit_ms = sqlite_commit_ms(t, 200 if q else 1000)
+        restart, restart_phases = restart_to_reply(t, 5 if q else 15)
         rate, records = stored_records_per_second(t, 10, 50 if q else 300)
+        idle_n = args.idle or (30 if q else 200)
+        pss, zygote_pss = idle_pss(t, idle_n)
     finally:
         t.close()
 
-    ms = 1000.0
-    row("spawn -> first reply, p50", statistics.median(spawn) * ms, statistics.median(interp) * ms, "fresh interpreter + import zmq, wasmtime", "ms")
-    row("call round trip 100 B, p50", pct(rt100, 50) * ms, pct(zmq100, 50) * ms, "raw pyzmq ipc round trip 100 B", "ms")
-    row("call round trip 100 B, p99", pct(rt100, 99) * ms, pct(zmq100, 99) * ms, "raw pyzmq ipc round trip 100 B", "ms")
-    row("in-worker share: raw wasmtime echo call 100 B, p50", pct(wt100, 50) * ms, pct(zmq100, 50) * ms, "raw pyzmq ipc round trip 100 B", "ms")
-    row(f"verified + durably stored records/s (10 agents, {records} records)", rate, vrate, "Ed25519 verifies/s, one core", "rec/s", True)
+    ms, us = 1000.0, 1e6
+    row("P1", "spawn -> first reply (WAT echo), p50", statistics.median(spawn) * ms, statistics.median(interp) * ms,
+        "fresh interpreter + import zmq, wasmtime", "ms", "<= 5 ms")
+    for phase, value in spawn_phases.items():
+        row("P1", f"  {phase}, p50", value, statistics.median(spawn) * ms, "P1 total", "ms", "-")
+    row("P2", "call round trip 100 B, p50", pct(rt100, 50) * ms, pct(zmq100, 50) * ms, "raw pyzmq ipc round trip 100 B",
+        "ms", "<= 4x baseline")
+    for phase, value in rt_phases.items():
+        row("P2", f"  {phase}, p50", value, pct(rt100, 50) * ms, "P2 total", "ms", "-")
+    row("P2", "  one durable SQLite commit (WAL, synchronous=FULL), p50", commit_ms, pct(rt100, 50) * ms,
+        "P2 total", "ms", "-")
+    row("P2", "call round trip 100 B, p99", pct(rt100, 99) * ms, pct(zmq100, 99) * ms, "raw pyzmq ipc round trip 100 B",
+        "ms", "-")
+    row("P3", f"verified + durably stored records/s (10 agents, {records} records)", rate, vrate,
+        "Ed25519 verifies/s, one thread", "rec/s", ">= 10,000/s", True)
+    row("P3", "  (Ed25519 verifies/s, two threads, same run)", vrate2, vrate, "Ed25519 verifies/s, one thread",
+        "rec/s", "-", True)
+    row("P4", f"runaway guest: past its 50 ms deadline, p50 (max {max(over):.2f})", statistics.median(over),
+        50.0, "the deadline", "ms", "<= 2 ms past")
+    row("P4", f"memory bomb: pages reached / cap {cap_pages}", float(pages), float(cap_pages), "cap (pages)", "pages",
+        "= cap")
+    row("P5", "worker SIGKILL -> replacement answers a call, p50", statistics.median(restart) * ms,
+        statistics.median(interp) * ms, "fresh interpreter + import zmq, wasmtime", "ms", "<= 10 ms")
+    for phase, value in restart_phases.items():
+        row("P5", f"  {phase}, p50", value, statistics.median(restart) * ms, "P5 total", "ms", "-")
+    row("P6", f"idle agent PSS, mean of {idle_n} (extrapolated to 1000)", pss, zygote_pss,
+        "the fork-server's own PSS", "MiB", "<= 10 MiB")
+    for label in [k for k in p7 if not k.endswith(" generic")]:
+        row("P7", f"guest<->host echo {label}, p50", pct(p7[label], 50) * us, pct(p7[label + ' generic'], 50) * us,
+            "wasmtime-py generic call, same payload", "us",
+            {"100 B": "<= 30 us", "1 MB ascii": "<= 1000 us", "1 MB all byte values": "<= 1000 us"}.get(label, "-"))
+    row("-", "in-worker share: raw wasmtime echo call 100 B, p50", pct(wt100, 50) * ms, pct(zmq100, 50) * ms,
+        "raw pyzmq ipc round trip 100 B", "ms", "-")
+    if args.peers:
+        from peers import measure_peers  # scripts/peers.py
+
+        rows.extend(measure_peers(q, statistics.median(restart) * ms, pct(p7["100 B"], 50) * us,
+                                  pct(p7["1 MB ascii"], 50) * us))
 
     if args.json:
         print(json.dumps({"machine": machine(), "rows": rows}, indent=2))
         return 0
     print(f"machine: {machine()}")
-    print(f"{'measure':<62} {'ours':>10} {'baseline':>10} {'ratio':>7}  baseline")
+    print(f"{'':3} {'measure':<66} {'ours':>10} {'baseline':>10} {'ratio':>8}  {'target':<14} baseline")
     for r in rows:
-        print(f"{r['what']:<62} {r['ours']:>10.3f} {r['baseline']:>10.3f} {r['ratio']:>6.2f}x  {r['baseline_what']} ({r['unit']})")
+        print(f"{r['key']:3} {r['what']:<66} {r['ours']:>10.3f} {r['baseline']:>10.3f} {r['ratio']:>7.2f}x  "
+              f"{r['target']:<14} {r['baseline_what']} ({r['unit']})")
     return 0
 
 

@@ -50,6 +50,7 @@ class Agent:
     on_stopped: list[Callable[[], None]] = field(default_factory=list)  # run once the worker has exited
     on_ready: list[Callable[[], None]] = field(default_factory=list)  # run once init is committed
     children: Node | None = None  # set when the agent holds the supervision capability
+    stop_why: str = ""  # why we are stopping it, for its exit record
     held: bool = False  # stopped by the operator: its tree does not start it until `restart`
 
     @property

@@ -48,6 +48,7 @@ def verify_home(home: Home, agent: str | None = None) -> list[ChainReport]:
         raise StoreError(f"{home.public_key}: the supervisor's public key is missing") from None
     db = open_readonly(home.store)
     try:
+        db.execute("BEGIN")  # one snapshot: a live supervisor may commit while we read
         rows = db.execute("SELECT id, name, head_seq, head_hash, state_hash, state FROM agents ORDER BY created_ns").fetchall()
         if agent is not None:
             rows = [r for r in rows if agent in (r[1], str(uuid.UUID(bytes=r[0])))]

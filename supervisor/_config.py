@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from theater.spec import CAPABILITIES, LIMIT_BOUNDS, Limits
+from theater.spec import CAPABILITIES, DEFAULT_HARDENING, HARDENING_LAYERS, LIMIT_BOUNDS, Hardening, Limits
 
 from ._errors import ConfigError
 from ._tree import STRATEGIES, Flags
@@ -45,6 +45,7 @@ class Policy:
     description: str
     capabilities: tuple[str, ...]
     limits: Limits
+    hardening: Hardening = DEFAULT_HARDENING
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,7 @@ class AgentConfig:
     restart: RestartSpec
     init_args: bytes
     supervision: SupervisionSpec | None = None
+    hardening: Hardening = DEFAULT_HARDENING
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +131,7 @@ class AgentConfig:
             "limits": self.limits.as_dict(),
             "restart": self.restart.as_dict(),
             "init_args": self.init_args.decode("latin-1"),
+            "hardening": self.hardening.as_dict(),
         }
 
     @classmethod
@@ -143,6 +146,7 @@ class AgentConfig:
             restart=RestartSpec(**data["restart"]),
             init_args=data["init_args"].encode("latin-1"),
             supervision=SupervisionSpec.from_dict(data["supervision"]) if data.get("supervision") else None,
+            hardening=Hardening.from_dict(data["hardening"]) if "hardening" in data else DEFAULT_HARDENING,
         )
 
     def template(self, name: str) -> AgentConfig | None:
@@ -257,8 +261,9 @@ def load_policy(name: str, dirs: list[Path]) -> Policy:
     missing = sorted(set(LIMIT_BOUNDS) - set(values))
     if missing:
         raise ConfigError(f"{path}: [limits] must set every limit; missing {', '.join(missing)}")
+    hardening = _hardening(top.table("hardening"), None)
     top.finish()
-    return Policy(name=name, description=description, capabilities=caps, limits=Limits(**values))
+    return Policy(name=name, description=description, capabilities=caps, limits=Limits(**values), hardening=hardening)
 
 
 def config_to_dict(config: AgentConfig | TreeConfig) -> dict[str, Any]:
@@ -360,6 +365,7 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
     caps = _capabilities(top, policy.capabilities)
     narrowed = _limits(top.table("limits"), policy.limits)
     restart = _restart(top.table("restart"), default_shutdown=5000)
+    hardening = _hardening(top.table("hardening"), policy.hardening)
 
     component = (base / component_rel).resolve()
     if component.suffix not in (".wasm", ".wat"):
@@ -393,7 +399,40 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
         restart=restart,
         init_args=init_bytes,
         supervision=supervision,
+        hardening=hardening,
     )
+
+
+def _hardening(table: _Table, policy: Hardening | None) -> Hardening:
+    """A policy's ``[hardening]`` (``policy`` None), or a manifest's, which may only add required layers.
+
+    Layers a policy names in neither list are preferred; without the table a
+    policy gets ``DEFAULT_HARDENING``.
+    """
+    if policy is None and not table.data:
+        return DEFAULT_HARDENING
+    if policy is not None and "preferred" in table.data:
+        raise table.err("preferred", "a manifest may only add required layers; what is preferred is its policy's")
+    required = _layers(table, "required")
+    preferred = _layers(table, "preferred") if policy is None else ()
+    both = sorted(set(required) & set(preferred))
+    if both:
+        raise table.err("required", f"{', '.join(both)} cannot be both required and preferred")
+    table.finish()
+    if policy is not None:
+        required = (*policy.required, *required)
+    kept = [layer for layer in HARDENING_LAYERS if layer in required]
+    return Hardening(required=tuple(kept), preferred=tuple(x for x in HARDENING_LAYERS if x not in kept))
+
+
+def _layers(table: _Table, key: str) -> tuple[str, ...]:
+    names = table.get(key, list, [])
+    for name in names:
+        if not isinstance(name, str) or name not in HARDENING_LAYERS:
+            raise table.err(key, f"unknown hardening layer {name!r} (known: {', '.join(HARDENING_LAYERS)})")
+    if len(set(names)) != len(names):
+        raise table.err(key, "names a layer twice")
+    return tuple(names)
 
 
 def _supervision(table: _Table, base: Path, dirs: list[Path], caps: tuple[str, ...], ceiling: Limits) -> SupervisionSpec:

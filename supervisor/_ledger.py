@@ -9,17 +9,24 @@ anything is stored or acknowledged. Any failure is a :class:`Violation`.
 from __future__ import annotations
 
 import copy
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from theater import wire
 from theater.chain import ChainVerifier
 from theater.errors import ProtocolError, RecordError
-from theater.records import STATUSES, Kind, Record, sha256
+from theater.records import DOMAIN, SIGNATURE_BYTES, STATUSES, Kind, Record, Signer, sha256
 from theater.spec import Limits
 
 from ._store import Commit
 
-__all__ = ["Checked", "Violation", "check_result"]
+__all__ = ["Checked", "Prechecked", "Violation", "check_result", "precheck"]
+
+VERIFY_THREADS = 2
 
 WORKER_KINDS = (Kind.HOST_CALL, Kind.LOG)
 
@@ -57,12 +64,73 @@ def max_records(limits: Limits) -> int:
     return limits.max_logs_per_call + limits.max_host_calls_per_call + 1
 
 
+# --- signatures of a drain batch, checked in parallel -----------------------------------------
+#
+# Ed25519 verification releases the GIL, so the signatures of every result in a
+# drain batch are checked on a small pool while the loop thread parses and links
+# the records; check_result then only waits for the outcome. A signature checked
+# ahead counts only for the same bytes under the same key: anything else is
+# checked again in line, so this never accepts what check_result alone would refuse.
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="verify")
+        return _pool
+
+
+@dataclass(frozen=True, slots=True)
+class Prechecked:
+    """A result's records parsed ahead, and their signatures under ``key`` being checked on the pool."""
+
+    records: list[Record]
+    key: Ed25519PublicKey
+    signatures: Future[list[bool]]
+
+    def verified(self, index: int, record: Record, key: Ed25519PublicKey) -> bool:
+        if key is not self.key or self.records[index] is not record:
+            return False
+        return self.signatures.result()[index]
+
+
+def _verify_all(records: list[Record], key: Ed25519PublicKey) -> list[bool]:
+    out = []
+    for r in records:
+        try:
+            key.verify(r.signature, DOMAIN + r.raw[:-SIGNATURE_BYTES])
+            out.append(True)
+        except InvalidSignature:
+            out.append(False)
+    return out
+
+
+def precheck(frames: list[bytes], *, verifier: ChainVerifier, limits: Limits) -> Prechecked | None:
+    """Parse a RESULT's records and start checking their signatures; None if it must be checked in line."""
+    key = verifier.worker_key
+    if key is None:
+        return None
+    try:
+        result = wire.Result.decode(frames, max_records=max_records(limits))
+        records = [Record.parse(raw) for raw in result.records]
+    except (ProtocolError, RecordError):
+        return None  # check_result says why
+    if any(r.signer is not Signer.WORKER for r in records):
+        return None
+    return Prechecked(records, key, _executor().submit(_verify_all, records, key))
+
+
 def check_result(
     frames: list[bytes],
     *,
     verifier: ChainVerifier,
     limits: Limits,
     call: wire.Call,
+    prechecked: Prechecked | None = None,
 ) -> Checked:
     try:
         result = wire.Result.decode(frames, max_records=max_records(limits))
@@ -72,10 +140,14 @@ def check_result(
         raise Violation(f"result answers call {result.call_id}, but call {call.call_id} is in flight")
     scratch = copy.copy(verifier)
     records: list[Record] = []
-    for raw in result.records:
+    ahead = prechecked if prechecked is not None and len(prechecked.records) == len(result.records) else None
+    for i, raw in enumerate(result.records):
         try:
-            record = Record.parse(raw)
-            scratch.advance(record)
+            record = ahead.records[i] if ahead is not None and ahead.records[i].raw is raw else Record.parse(raw)
+            if ahead is not None and ahead.verified(i, record, scratch.key_for(record)):
+                scratch.advance(record, signature_checked=True)
+            else:
+                scratch.advance(record)
         except RecordError as exc:
             raise Violation(f"rejected record: {exc}", raw) from None
         records.append(record)

@@ -41,10 +41,10 @@ from theater.spec import AgentSpec
 from ._agent import Agent, Member, Node, Pending
 from ._config import AgentConfig, TreeConfig, config_from_dict, config_to_dict, load_any, policy_dirs
 from ._errors import ConfigError, NotFound, Refused, StoreError, SupervisorError
-from ._ledger import Checked, Violation, check_result
-from ._spawner import WORKER_COMMAND, WorkerProcess, exit_reason, spawn_worker
+from ._ledger import Checked, Prechecked, Violation, check_result, precheck
+from ._spawner import WORKER_COMMAND, Spawner, WorkerProcess, exit_reason
 from ._store import Commit, EventStore
-from ._tree import add_restart, is_abnormal, plan_restart, should_restart
+from ._tree import Flags, add_restart, is_abnormal, plan_restart, should_restart
 
 __all__ = ["Supervisor", "load_or_create_key"]
 
@@ -55,6 +55,7 @@ WATCHDOG_GRACE_S = 5.0
 MAX_CONTROL_DATA = 64 * 1024 * 1024
 BATCH = 256
 EXIT_LOAD_FAILED = 3
+RESULT_HEADER = wire.header(wire.WorkerType.RESULT)
 
 
 def load_or_create_key(home: Home) -> Ed25519PrivateKey:
@@ -138,6 +139,7 @@ class Supervisor:
         self.key = load_or_create_key(home)
         self.public_key: Ed25519PublicKey = self.key.public_key()
         self.store = EventStore(home.store)
+        self.spawner = Spawner(home, self.log, self._worker_command)  # starts the fork-server
         self.agents: dict[bytes, Agent] = {}
         self.by_name: dict[str, Agent] = {}
         self.nodes: dict[str, Node] = {}
@@ -220,7 +222,7 @@ class Supervisor:
             else:
                 root.status = desired
         for agent in self.agents.values():
-            if agent.worker is None and agent.status == "starting":
+            if agent.parent is None and agent.worker is None and agent.status == "starting":
                 # An agent's own children are not restarted with it; they stay stopped after a restart.
                 agent.status = "stopped"
                 self._commit_desired(agent, "stopped")
@@ -229,8 +231,9 @@ class Supervisor:
         self.agents[agent.id] = agent
         self.by_name[agent.name] = agent
         sup = agent.config.supervision
-        if sup is not None and agent.children is None:
-            own = TreeConfig(name=agent.name, flags=sup.flags, restart=agent.restart, children=())
+        if "supervision" in agent.config.capabilities and agent.children is None:
+            flags = sup.flags if sup is not None else Flags()
+            own = TreeConfig(name=agent.name, flags=flags, restart=agent.restart, children=())
             agent.children = Node(id=uuid.uuid5(uuid.UUID(bytes=agent.id), "children").bytes, config=own,
                                   owner=agent, status="running")
 
@@ -314,6 +317,7 @@ class Supervisor:
         for agent in self.agents.values():
             if agent.worker and not agent.worker.exited:
                 agent.worker.kill("shutdown")
+        self.spawner.close()
         for path in (self.home.token, self.home.pid_file, self.home.control_sock, self.home.workers_sock):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -346,9 +350,9 @@ class Supervisor:
     def _start_worker(self, agent: Agent) -> None:
         agent.status = "starting"
         workdir = self.home.run / "workers" / agent.uuid
-        worker = spawn_worker(
+        worker = self.spawner.spawn(
             self.home.workers_endpoint, agent.incarnation + 1, self.home.logs / f"{agent.name}.log", workdir,
-            self._worker_command,
+            agent.config,
         )
         agent.worker = worker
         self.by_token[worker.token] = agent
@@ -363,11 +367,14 @@ class Supervisor:
 
     def _drain_workers(self) -> None:
         batch = self._batch
+        messages = []
         for _ in range(BATCH):
             try:
-                frames = self.workers.recv_multipart(zmq.NOBLOCK)
+                messages.append(self.workers.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
+        prechecked = self._precheck(messages)
+        for frames in messages:
             identity, body = frames[0], frames[1:]
             agent = self.by_identity.get(identity)
             try:
@@ -386,7 +393,7 @@ class Supervisor:
                 self._flush_batch()  # what the agent did before asking is committed first
                 self._on_host_request(agent, body[1:])
             elif typ is wire.WorkerType.RESULT:
-                checked = self._check(agent, body[1:])
+                checked = self._check(agent, body[1:], prechecked.get(id(frames)))
                 if checked is not None:
                     assert agent.in_flight is not None
                     batch.append((agent, agent.in_flight, checked))
@@ -447,6 +454,7 @@ class Supervisor:
             component_sha256=agent.config.component_sha256, capabilities=agent.config.capabilities,
             limits=agent.config.limits, head_seq=agent.verifier.next_seq - 1,
             head_hash=agent.verifier.head_hash.hex(), state_hash=sha256(agent.state).hex(),
+            hardening=agent.config.hardening,
         )
         self._send_worker(agent, [wire.header(wire.SupervisorType.SPEC), wire.encode_json(spec.to_json()), agent.state])
         if not agent.initialized:
@@ -527,12 +535,28 @@ class Supervisor:
         except zmq.ZMQError as exc:  # the peer went away; its pidfd will tell us why
             self.log(f"{agent.name}: cannot send to worker: {exc}")
 
-    def _check(self, agent: Agent, frames: list[bytes]) -> Checked | None:
+    def _precheck(self, messages: list[list[bytes]]) -> dict[int, Prechecked]:
+        """With two or more results in a drain batch, start checking all their signatures on the
+        verify pool (Ed25519 releases the GIL) while this thread parses and links them in order."""
+        results = [f for f in messages if len(f) > 2 and f[1] == RESULT_HEADER]
+        if len(results) < 2:
+            return {}
+        out = {}
+        for frames in results:
+            agent = self.by_identity.get(frames[0])
+            if agent is not None and agent.in_flight is not None:
+                ahead = precheck(frames[2:], verifier=agent.verifier, limits=agent.config.limits)
+                if ahead is not None:
+                    out[id(frames)] = ahead
+        return out
+
+    def _check(self, agent: Agent, frames: list[bytes], prechecked: Prechecked | None = None) -> Checked | None:
         if agent.in_flight is None:
             self._violation(agent, "result with no call in flight", b"".join(frames[:1]))
             return None
         try:
-            return check_result(frames, verifier=agent.verifier, limits=agent.config.limits, call=agent.in_flight.call)
+            return check_result(frames, verifier=agent.verifier, limits=agent.config.limits, call=agent.in_flight.call,
+                                prechecked=prechecked)
         except Violation as v:
             self._violation(agent, v.reason, v.evidence)
         except Exception as exc:  # never let a worker's bytes crash the supervisor
@@ -647,12 +671,12 @@ class Supervisor:
         def stopped() -> None:
             self._commit_desired(child, "stopped")
             self._settle(child, "stopped")
+            if child in own.children:
+                own.children.remove(child)
+            self._notify_owner(own, child, child.last_exit or "stopped")
 
-        if child.alive:
-            child.on_stopped.append(stopped)
-            self._stop_worker(child, "stopped")
-        else:
-            stopped()
+        own = parent.children
+        self._stop_member(child, "stopped", stopped, why=f"stopped by its supervisor {parent.name}")
 
     def _notify_owner(self, node: Node, child: Member, reason: str) -> None:
         """Tell an agent that supervises its own children that one of them exited (recorded in both chains)."""
@@ -664,11 +688,17 @@ class Supervisor:
         self._dispatch(owner)
 
     def _on_fault(self, agent: Agent, frames: list[bytes]) -> None:
+        """The worker could not run the agent (bad component, missing required hardening): why, before it exits."""
+        worker = agent.worker
+        if worker is None:
+            return
         try:
             fault = wire.decode_json(frames[0], "fault") if len(frames) == 1 else {}
-            agent.worker.fault = str(fault.get("detail", ""))[:4096]  # type: ignore[union-attr]
         except ProtocolError:
-            pass
+            return
+        worker.fault = str(fault.get("detail", ""))[:4096]
+        if fault.get("reason") in ("load-failed", "hardening-failed"):
+            worker.kill_reason = worker.kill_reason or str(fault["reason"])
 
     def _violation(self, agent: Agent, reason: str, evidence: bytes = b"") -> None:
         evidence = evidence[:4096]
@@ -695,16 +725,19 @@ class Supervisor:
         if worker.identity is not None:
             self.by_identity.pop(worker.identity, None)
         how = exit_reason(code)
+        if code == EXIT_LOAD_FAILED and worker.fault is None and self.workers.poll(100):
+            self._drain_workers()  # its FAULT frame may still be on its way; wait for it briefly
         reason = worker.kill_reason or ("load-failed" if code == EXIT_LOAD_FAILED else "worker-died")
-        detail = worker.fault or how
+        why, agent.stop_why = agent.stop_why, ""
+        detail = worker.fault or (f"{why} ({how})" if why else how)
         agent.last_exit = f"{reason}: {detail}"
         self.log(f"{agent.name}: worker {worker.pid} {how} ({reason})")
         if agent.in_flight is not None:
             self._answer_error(agent.in_flight, "worker-died", f"the agent's worker ended during the call ({agent.last_exit}); nothing was committed")
             agent.in_flight = None
         agent.worker = None
-        if agent.children is not None and agent.children.children and not agent.children.busy:
-            # A supervisor's children do not outlive it (OTP); dynamic children are not restarted with it.
+        if agent.children is not None and agent.children.alive and not agent.children.busy:
+            # It crashed: a supervisor's children do not outlive it (OTP); they are not restarted with it.
             own = agent.children
             own.busy = True
 
@@ -716,8 +749,14 @@ class Supervisor:
 
             self._stop_members(list(reversed(own.children)), f"its supervisor {agent.name} exited ({reason})", children_stopped)
 
-        if agent.status == "starting" and not agent.in_store:
+        if not agent.in_store:  # it ended before its first hello: there is no chain to record in
+            callbacks = [*agent.on_stopped, *agent.on_ready]
+            agent.on_stopped, agent.on_ready = [], []
+            if agent.parent is not None and agent in agent.parent.children:
+                agent.parent.children.remove(agent)
             self._fail_spawn(agent, f"{reason}: {detail}")
+            for fn in callbacks:
+                fn()
             return
         if agent.on_stopped:  # a stop we asked for (operator, shutdown, or a restart plan)
             self._record_exit(agent, worker, reason, detail, desired=None)
@@ -729,7 +768,10 @@ class Supervisor:
         if agent.parent is not None:
             self._record_exit(agent, worker, reason, detail, desired=None)
             agent.status = "stopped" if not is_abnormal(reason) else "failed"
+            waiting, agent.on_ready = agent.on_ready, []  # a plan that was starting it carries on
             self._child_exited(agent.parent, agent, reason)
+            for fn in waiting:
+                fn()
             return
         # A top-level agent: the only child of its own one_for_one supervisor.
         spec = agent.restart
@@ -779,6 +821,10 @@ class Supervisor:
 
     def _child_exited(self, node: Node, child: Member, reason: str) -> None:
         """One of ``node``'s children ended on its own: restart per strategy, or give up."""
+        if child not in node.children:  # no longer this supervisor's child (stopped, removed)
+            if isinstance(child, Agent):
+                self._settle(child, "stopped" if not is_abnormal(reason) else "failed")
+            return
         if node.busy:
             node.deferred.append((child, reason))
             return
@@ -881,14 +927,34 @@ class Supervisor:
 
             self._stop_members(list(reversed(member.children)), why or f"supervisor {member.name} stopping", stopped)
             return
-        if not member.alive:
-            member.status = "stopped" if member.status not in ("failed",) else member.status
-            done()
+        self._stop_agent(member, reason, done, why=why)
+
+    def _stop_agent(self, agent: Agent, reason: str, done: Callable[[], None], *, why: str = "") -> None:
+        """Stop an agent: its own children first, in reverse start order, then its worker."""
+
+        def stop_worker() -> None:
+            if not agent.alive:
+                agent.status = "stopped" if agent.status != "failed" else agent.status
+                done()
+                return
+            agent.on_stopped.append(done)
+            agent.stop_why = why
+            self._stop_worker(agent, reason)
+
+        own = agent.children
+        if own is None or not own.alive:
+            stop_worker()
             return
-        member.on_stopped.append(done)
-        if why and member.worker is not None:
-            member.worker.fault = why
-        self._stop_worker(member, reason)
+        own.busy = True
+
+        def children_stopped() -> None:
+            own.busy = False
+            own.deferred.clear()
+            own.children.clear()
+            own.restarts = []
+            stop_worker()
+
+        self._stop_members(list(reversed(own.children)), f"its supervisor {agent.name} is stopping", children_stopped)
 
     def _start_member(self, member: Member, done: Callable[[], None], *, counted: bool = True) -> None:
         """Start a member; ``counted``: a supervisor's restart (not a resume or an operator's start)."""
@@ -1065,17 +1131,14 @@ class Supervisor:
         def stopped() -> None:
             for agent in self._agents_under(member):
                 agent.held = False
+                agent.restarts = []  # an operator's restart starts a fresh intensity window
                 agent.last_exit = agent.last_exit or "restarted by the operator"
                 self._commit_desired(agent, "running")
             if isinstance(member, Node):
                 self._store_node(member, desired="running")
             self._start_member(member, done, counted=False)
 
-        if isinstance(member, Agent) and member.alive:
-            member.on_stopped.append(stopped)
-            self._stop_worker(member, "shutdown")
-        else:
-            self._stop_member(member, "shutdown", stopped, why="restarted by the operator")
+        self._stop_member(member, "shutdown", stopped, why="restarted by the operator")
 
     def _op_message(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
         agent = self._find(body.get("agent"))
@@ -1112,11 +1175,7 @@ class Supervisor:
                 self._store_node(member, desired="stopped")
             self._reply(ident, rid, member.tree())
 
-        if isinstance(member, Agent) and member.alive:
-            member.on_stopped.append(stopped)
-            self._stop_worker(member, "stopped")
-        else:
-            self._stop_member(member, "stopped", stopped, why="stopped by the operator")
+        self._stop_member(member, "stopped", stopped, why="stopped by the operator")
 
     def _op_wait(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
         agent = self._find(body.get("agent"))

@@ -1,9 +1,23 @@
 """Starting worker processes and learning at once when one ends.
 
-Each worker is a fresh ``python -m worker`` with an empty environment, a
-private working directory, its own session, no inherited descriptors but its
-bootstrap pipe. Its end is noticed through a pidfd in the supervisor's poller,
-not by polling.
+Workers are forked by the fork-server (``worker/_zygote.py``): a pre-started,
+single-threaded process that has already imported wasmtime, pyzmq and
+cryptography, so a spawn or a restart costs a fork, not an interpreter start.
+The fork-server clones each worker with ``CLONE_PARENT``: the worker is this
+process's child, so its end is seen through a pidfd in the supervisor's
+poller, its exact exit status is collected with ``waitid(P_PIDFD)``, and its
+parent-death signal fires when the supervisor dies. The fork-server itself
+dies with the supervisor (parent-death signal too).
+
+If the fork-server cannot be used (it died, did not answer in time, or the
+machine has no ``CLONE_PARENT`` path), a worker is a fresh ``python -m
+worker`` instead, with an empty environment, a private working directory, its
+own session and no inherited descriptors but its bootstrap pipe; a dead
+fork-server is replaced, with a log line either way.
+
+Components are compiled once per engine configuration into the artifact cache
+(``_artifacts.py``) by compile jobs the fork-server forks; workers map the
+artifact from a sealed memfd instead of compiling.
 """
 
 from __future__ import annotations
@@ -12,30 +26,41 @@ import contextlib
 import json
 import os
 import secrets
+import select
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-__all__ = ["WORKER_COMMAND", "WorkerProcess", "exit_reason", "spawn_worker"]
+from theater.home import Home
+from theater.spec import Limits
+
+from ._artifacts import ArtifactCache
+
+__all__ = ["WORKER_COMMAND", "ZYGOTE_COMMAND", "Spawner", "WorkerProcess", "exit_reason", "spawn_worker"]
+
+WORKER_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONSAFEPATH": "1"}
+ZYGOTE_READY_TIMEOUT_S = 30.0
+ZYGOTE_REPLY_TIMEOUT_S = 5.0
+MAX_MESSAGE = 1 << 20
 
 
 @dataclass(eq=False)
 class WorkerProcess:
-    proc: subprocess.Popen[bytes]
+    pid: int
     pidfd: int
     token: bytes
     incarnation: int
+    proc: subprocess.Popen[bytes] | None = None  # None: forked by the fork-server (our child all the same)
     identity: bytes | None = None
     kill_reason: str | None = None
     fault: str | None = None
     exited: bool = field(default=False)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     def kill(self, reason: str) -> None:
         """SIGKILL the worker (idempotent); ``reason`` is what the chain will say."""
@@ -46,19 +71,37 @@ class WorkerProcess:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
     def reap(self) -> int:
-        """Collect the exit status once the pidfd is readable."""
+        """Collect the exit status once the pidfd is readable (Popen's convention: -N = signal N)."""
         self.exited = True
-        code = self.proc.wait()
-        os.close(self.pidfd)
-        return code
+        try:
+            if self.proc is not None:
+                return self.proc.wait()
+            status = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
+            assert status is not None
+            if status.si_code == os.CLD_EXITED:
+                return status.si_status
+            return -status.si_status  # CLD_KILLED or CLD_DUMPED
+        finally:
+            os.close(self.pidfd)
+
+
+class AgentLike(Protocol):
+    """What the spawner needs of an agent's configuration to find or compile its artifact."""
+
+    name: str
+    component_path: str
+    component_sha256: str
+    limits: Limits
 
 
 WORKER_COMMAND = (sys.executable, "-m", "worker")
+ZYGOTE_COMMAND = (sys.executable, "-m", "worker._zygote")
 
 
 def spawn_worker(
     endpoint: str, incarnation: int, log_path: Path, workdir: Path, command: Sequence[str] = WORKER_COMMAND
 ) -> WorkerProcess:
+    """A worker from a fresh interpreter (the fallback, and the test hook for other worker commands)."""
     token = secrets.token_bytes(32)
     read_end, write_end = os.pipe()
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -67,7 +110,7 @@ def spawn_worker(
             proc = subprocess.Popen(
                 [*command, "--bootstrap-fd", str(read_end)],
                 pass_fds=(read_end,),
-                env={"PYTHONDONTWRITEBYTECODE": "1", "PYTHONSAFEPATH": "1"},
+                env=WORKER_ENV,
                 cwd=workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -76,12 +119,16 @@ def spawn_worker(
                 umask=0o077,
             )
         os.close(read_end)
-        boot = {"endpoint": endpoint, "token": token.hex(), "parent_pid": os.getpid()}
-        os.write(write_end, json.dumps(boot).encode())
+        _write_boot(write_end, endpoint, token)
     finally:
         os.close(write_end)
     pidfd = os.pidfd_open(proc.pid)
-    return WorkerProcess(proc=proc, pidfd=pidfd, token=token, incarnation=incarnation)
+    return WorkerProcess(pid=proc.pid, pidfd=pidfd, token=token, incarnation=incarnation, proc=proc)
+
+
+def _write_boot(fd: int, endpoint: str, token: bytes) -> None:
+    boot = {"endpoint": endpoint, "token": token.hex(), "parent_pid": os.getpid()}
+    os.write(fd, json.dumps(boot).encode())
 
 
 def exit_reason(code: int) -> str:
@@ -92,3 +139,196 @@ def exit_reason(code: int) -> str:
             name = "unknown"
         return f"killed by signal {-code} ({name})"
     return f"exited with status {code}"
+
+
+class ZygoteGone(Exception):
+    """The fork-server did not answer: it died, hung, or refused."""
+
+
+class Zygote:
+    """The supervisor's handle on one fork-server process."""
+
+    def __init__(self, cwd: Path, on_note: Callable[[dict[str, Any]], None]) -> None:
+        self._on_note = on_note
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock = ours
+        try:
+            self.proc = subprocess.Popen(
+                [*ZYGOTE_COMMAND, "--socket-fd", str(theirs.fileno()), "--parent-pid", str(os.getpid())],
+                pass_fds=(theirs.fileno(),), env=WORKER_ENV, cwd=cwd, stdin=subprocess.DEVNULL,
+                start_new_session=True, umask=0o077,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.pid = self.proc.pid
+        self.ready = False
+        self.started = time.monotonic()
+        self._ids = 0
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the fork-server has said it is ready (waits at most ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while not self.ready:
+            message = self._recv(max(0.0, deadline - time.monotonic()))
+            if message is None:
+                return False
+            self._handle_unsolicited(message)
+        return True
+
+    def spawn(self, request: dict[str, Any], fds: list[int]) -> int:
+        self._ids += 1
+        request = {**request, "op": "spawn", "id": self._ids}
+        try:
+            socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
+        except OSError as exc:
+            raise ZygoteGone(f"cannot send to it: {exc}") from None
+        deadline = time.monotonic() + ZYGOTE_REPLY_TIMEOUT_S
+        while True:
+            message = self._recv(max(0.0, deadline - time.monotonic()))
+            if message is None:
+                raise ZygoteGone(f"no answer within {ZYGOTE_REPLY_TIMEOUT_S} s")
+            if message.get("id") == self._ids:
+                if "pid" in message:
+                    return int(message["pid"])
+                raise ZygoteGone(f"it refused: {message.get('error')}")
+            self._handle_unsolicited(message)
+
+    def drain(self) -> None:
+        """Take the notes (compile reports) that arrived since the last request, without waiting."""
+        while (message := self._recv(0.0)) is not None:
+            self._handle_unsolicited(message)
+
+    def _handle_unsolicited(self, message: dict[str, Any]) -> None:
+        if "ready" in message:
+            if message.get("threads") != 1 or not message.get("clone_parent"):
+                raise ZygoteGone(f"it cannot fork workers safely here ({message})")
+            self.ready = True
+        elif message.get("note") == "compiled":
+            self._on_note(message)
+
+    def _recv(self, timeout: float) -> dict[str, Any] | None:
+        """One message, or None if none came in ``timeout``; ZygoteGone if the fork-server is gone."""
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            return None
+        try:
+            data = self.sock.recv(MAX_MESSAGE)
+        except OSError as exc:
+            raise ZygoteGone(f"its socket failed: {exc}") from None
+        if not data:
+            raise ZygoteGone("it closed its socket")
+        try:
+            message = json.loads(data)
+        except ValueError:
+            raise ZygoteGone("it sent something that is not JSON") from None
+        if not isinstance(message, dict):
+            raise ZygoteGone("it sent something that is not a JSON object")
+        return message
+
+    def close(self) -> str:
+        """End the fork-server; return how it ended."""
+        self.sock.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "did not end"
+        return exit_reason(code)
+
+
+class Spawner:
+    """Starts workers for one supervisor: through the fork-server when it can, else from scratch."""
+
+    def __init__(self, home: Home, log: Callable[[str], None], command: Sequence[str] = WORKER_COMMAND,
+                 *, use_zygote: bool = True) -> None:
+        self._home = home
+        self._log = log
+        self._command = tuple(command)
+        self.cache = ArtifactCache(home.root / "cache", log)
+        self.zygote: Zygote | None = None
+        # Another worker command (a test hook) must run as given: no fork-server then.
+        self._use_zygote = use_zygote and self._command == WORKER_COMMAND
+        self._first = True
+        if self._use_zygote:
+            self._start_zygote()
+
+    def _start_zygote(self) -> None:
+        try:
+            self.zygote = Zygote(self._home.run, self.cache.compiled)
+        except OSError as exc:
+            self.zygote = None
+            self._log(f"cannot start the fork-server ({exc}); workers start from a fresh interpreter")
+
+    def _usable_zygote(self) -> Zygote | None:
+        zygote = self.zygote
+        if zygote is None:
+            return None
+        try:
+            if not zygote.ready:
+                # The first spawn waits for the fork-server's imports; later ones never wait for a new one.
+                zygote.wait_ready(ZYGOTE_READY_TIMEOUT_S if self._first else 0.0)
+            if zygote.ready:
+                zygote.drain()
+                return zygote
+            if self._first:
+                raise ZygoteGone(f"not ready within {ZYGOTE_READY_TIMEOUT_S} s")
+            return None
+        except ZygoteGone as exc:
+            self._replace_zygote(str(exc))
+            return None
+
+    def _replace_zygote(self, why: str) -> None:
+        assert self.zygote is not None
+        how = self.zygote.close()
+        self.cache.compiling.clear()
+        self._log(f"fork-server {self.zygote.pid} is gone ({why}; {how}); starting a new one, "
+                  "this worker starts from a fresh interpreter")
+        self._start_zygote()
+
+    def spawn(self, endpoint: str, incarnation: int, log_path: Path, workdir: Path,
+              agent: AgentLike | None = None) -> WorkerProcess:
+        zygote = self._usable_zygote() if agent is not None else None
+        self._first = False
+        if zygote is None or agent is None:
+            return spawn_worker(endpoint, incarnation, log_path, workdir, self._command)
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = self.cache.key(agent.component_sha256, agent.limits)
+        artifact = self.cache.lookup(key)
+        compile_request = None
+        if artifact is None:
+            compile_request = self.cache.compile_request(
+                key, agent.component_path, agent.component_sha256, agent.limits, f"{agent.name} ({agent.component_path})",
+            )
+        token = secrets.token_bytes(32)
+        read_end, write_end = os.pipe()
+        try:
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                request = {"workdir": str(workdir), "artifact": artifact, "compile": compile_request}
+                pid = zygote.spawn(request, [read_end, log_fd])
+            finally:
+                os.close(log_fd)
+        except ZygoteGone as exc:
+            os.close(read_end)
+            os.close(write_end)
+            self._replace_zygote(str(exc))
+            return spawn_worker(endpoint, incarnation, log_path, workdir, self._command)
+        os.close(read_end)
+        try:
+            pidfd = os.pidfd_open(pid)  # our child: nobody else can reap it, so the pid is still its own
+            _write_boot(write_end, endpoint, token)  # only now may the worker start its own hardening
+        finally:
+            os.close(write_end)
+        return WorkerProcess(pid=pid, pidfd=pidfd, token=token, incarnation=incarnation)
+
+    def close(self) -> None:
+        if self.zygote is not None:
+            with contextlib.suppress(ZygoteGone):
+                if self.zygote.ready:
+                    self.zygote.drain()  # tag what was compiled since the last spawn, for the next start
+            self.zygote.close()
+            self.zygote = None

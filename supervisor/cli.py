@@ -158,6 +158,15 @@ def cmd_tree(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace, home: Home) -> int:
+    """Which hardening layers work here, and what a worker under each policy would get."""
+    from ._doctor import diagnose, render
+
+    report = diagnose(home.root)
+    _out(args, report, lambda: render(report))
+    return EXIT_OK if not report["probe_error"] else EXIT_FAIL
+
+
 def cmd_restart(args: argparse.Namespace, home: Home) -> int:
     with Client(home, timeout=120) as c:
         info = c.request("restart", agent=args.agent, timeout=120)[0]
@@ -253,7 +262,7 @@ def cmd_run(args: argparse.Namespace, home: Home) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
     "up": cmd_up, "down": cmd_down, "spawn": cmd_spawn, "run": cmd_run, "send": cmd_send, "call": cmd_call,
     "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
-    "tree": cmd_tree, "restart": cmd_restart,
+    "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor,
 }
 
 
@@ -291,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tree", parents=[common], help="the live supervision tree")
     rs = sub.add_parser("restart", parents=[common], help="stop an agent or subtree and start it again")
     rs.add_argument("agent")
+    sub.add_parser("doctor", parents=[common], help="which OS hardening layers work here, and what each policy gets")
     return p
 
 

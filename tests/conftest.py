@@ -107,6 +107,13 @@ def _toml(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_worker_cgroups() -> Iterator[None]:
+    """Workers cannot remove their own per-worker cgroups: remove the empty ones once the session is over."""
+    yield
+    subprocess.run([sys.executable, "-m", "worker.probe", "--sweep"], cwd="/", capture_output=True, check=False)
+
+
 @pytest.fixture
 def theater(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Theater]:
     # Short paths: ipc:// socket paths must fit in 107 bytes.

@@ -1,8 +1,12 @@
 """Limits and failure classes, end to end: real supervisor, real workers, real components.
 
 Every failure is checked by its exact status code and a fragment of its message,
-then the agent is called again to show that it (and its worker) survived, and the
-home's chains are verified offline. Waits are on replies with deadlines, never sleeps.
+then the agent is called again, and the home's chains are verified offline. A
+guest ``err`` is an answer: the same worker serves the next call. Every other
+failed call is a crash: the supervisor kills the worker (exit reason "trap",
+detail "<status>: <message>"), the agent's supervisor restarts it on a new worker
+process, and the next call is served from the last committed state. Waits are
+on replies or on ``ps`` with deadlines, never sleeps.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import Theater
+from conftest import Theater, wait_until
 
 from supervisor._audit import open_readonly, verify_home
 from theater import wire
@@ -65,6 +69,46 @@ def fails(c: Client, name: str, message: bytes, code: str, fragment: str, timeou
     assert info.value.code == code, f"{info.value.code}: {info.value}"
     assert fragment in str(info.value), str(info.value)
     return str(info.value)
+
+
+def restarted(c: Client, name: str, before: dict, timeout: float = 20.0) -> dict:
+    """Wait until ``name`` runs on a new worker after exactly one more restart than ``before`` shows."""
+
+    def ready() -> dict | None:
+        entry = ps(c, name)
+        ok = (entry["status"] == "running" and entry["pid"] not in (None, before["pid"])
+              and entry["restarts"] == before["restarts"] + 1)
+        return entry if ok else None
+
+    return wait_until(ready, timeout, f"{name} restarted after restart {before['restarts']}")  # type: ignore[return-value]
+
+
+def crashes(c: Client, name: str, message: bytes, code: str, fragment: str, timeout: float = 10.0) -> dict:
+    """A call that fails with ``code`` and crashes the agent: its worker is replaced, restarts +1.
+
+    Returns the ps row of the agent on its new worker.
+    """
+    before = ps(c, name)
+    assert before["status"] == "running" and before["pid"], before
+    fails(c, name, message, code, fragment, timeout)
+    after = restarted(c, name, before)
+    assert after["incarnation"] == before["incarnation"] + 1
+    assert after["instance_restarts"] == before["instance_restarts"]  # a crash is not an instance restart
+    return after
+
+
+def crash_exits(theater: Theater, name: str) -> list[dict]:
+    """Each worker's end and the next worker's key: the exit records, checked to be followed by a worker-key."""
+    chain = records(theater, name)
+    out = []
+    for r in chain:
+        if r.kind is Kind.EXIT:
+            nxt = chain[r.seq + 1]
+            assert nxt.kind is Kind.WORKER_KEY, nxt.kind
+            assert nxt.fields()["incarnation"] == r.fields()["incarnation"] + 1
+            assert nxt.state_hash == r.state_hash  # the new worker starts from the last committed state
+            out.append(r.fields())
+    return out
 
 
 def records(theater: Theater, name: str) -> list[Record]:
@@ -193,30 +237,38 @@ def test_guest_error_fails_one_message_and_the_worker_survives(theater: Theater)
 
 
 @pytest.mark.parametrize(("component", "fragment"), [("trap.wat", "unreachable"), ("div_zero.wat", "divide by zero")])
-def test_trap_is_classified_and_the_next_call_gets_a_fresh_instance(theater: Theater, component: str, fragment: str) -> None:
-    """unreachable and integer divide by zero are "trap"; the next call traps again in the same worker."""
+def test_trap_is_classified_and_crashes_the_agent_onto_a_new_worker(theater: Theater, component: str, fragment: str) -> None:
+    """unreachable and integer divide by zero are "trap"; each crashes the agent, whose new worker traps again."""
     with theater.client() as c:
-        pid = spawn(theater, c, "t", component)["pid"]
-        fails(c, "t", b"one", "trap", fragment)
-        fails(c, "t", b"two", "trap", fragment)
-        entry = ps(c, "t")
-        assert (entry["pid"], entry["restarts"], entry["instance_restarts"]) == (pid, 0, 2)
+        pids = [spawn(theater, c, "t", component)["pid"]]
+        pids.append(crashes(c, "t", b"one", "trap", fragment)["pid"])
+        entry = crashes(c, "t", b"two", "trap", fragment)
+        pids.append(entry["pid"])
+        assert len(set(pids)) == 3
+        assert (entry["restarts"], entry["instance_restarts"]) == (2, 0)
         assert [h["status"] for h in handles(theater, "t")] == ["trap", "trap"]
+    exits = crash_exits(theater, "t")
+    assert [(e["incarnation"], e["reason"]) for e in exits] == [(0, "trap"), (1, "trap")]
+    assert all(e["detail"].startswith("trap: wasm trap: ") and fragment in e["detail"] for e in exits), exits
     assert_chains_ok(theater)
 
 
 def test_trap_keeps_the_committed_state(theater: Theater) -> None:
-    """After 1, 2 and a trap, the next call replies 3: state neither lost nor double-counted."""
+    """After 1, 2 and a trap, the new worker's first call replies 3: state neither lost nor double-counted."""
     with theater.client() as c:
         pid = spawn(theater, c, "tc", "trap_on.wat")["pid"]
         assert c.call("tc", b"a") == b"1"
         assert c.call("tc", b"b") == b"2"
-        fails(c, "tc", b"trap", "trap", "wasm `unreachable` instruction executed")
+        entry = crashes(c, "tc", b"trap", "trap", "wasm `unreachable` instruction executed")
+        assert entry["pid"] != pid
         assert stored_state(theater, "tc") == b"2"
         assert c.call("tc", b"c") == b"3"
-        entry = ps(c, "tc")
-        assert (entry["pid"], entry["restarts"], entry["instance_restarts"]) == (pid, 0, 1)
+        after = ps(c, "tc")
+        assert (after["pid"], after["restarts"], after["instance_restarts"]) == (entry["pid"], 1, 0)
         assert [h["status"] for h in handles(theater, "tc")] == ["ok", "ok", "trap", "ok"]
+    [exit_] = crash_exits(theater, "tc")
+    assert exit_ == {"incarnation": 0, "reason": "trap",
+                     "detail": "trap: wasm trap: wasm `unreachable` instruction executed"}
     assert_chains_ok(theater)
 
 
@@ -224,33 +276,40 @@ def test_trap_keeps_the_committed_state(theater: Theater) -> None:
 
 
 def test_spin_is_stopped_by_the_deadline(theater: Theater) -> None:
-    """With fuel to spare, an endless loop ends at wall_time_ms with "deadline"; the worker survives."""
+    """With fuel to spare, an endless loop ends at wall_time_ms with "deadline", a crash: the agent gets a new worker."""
     write_lab_policy(theater)
     with theater.client() as c:
-        pid = spawn(theater, c, "spin", "spin.wat", policy=LAB_POLICY,
-                    limits={"wall_time_ms": 200, "fuel_per_call": 10**12})["pid"]
+        pids = [spawn(theater, c, "spin", "spin.wat", policy=LAB_POLICY,
+                      limits={"wall_time_ms": 200, "fuel_per_call": 10**12})["pid"]]
         for _ in range(2):
             start = time.monotonic()
-            fails(c, "spin", b"go", "deadline", "interrupt")
+            entry = crashes(c, "spin", b"go", "deadline", "interrupt")
             elapsed = time.monotonic() - start
             assert elapsed >= 0.2, elapsed  # it ran until its deadline (the status above says the deadline stopped it)
-        entry = ps(c, "spin")
-        assert (entry["pid"], entry["restarts"], entry["instance_restarts"]) == (pid, 0, 2)
+            pids.append(entry["pid"])
+        assert len(set(pids)) == 3
+        assert (entry["restarts"], entry["instance_restarts"]) == (2, 0)
         assert [h["status"] for h in handles(theater, "spin")] == ["deadline", "deadline"]
+    exits = crash_exits(theater, "spin")
+    assert [e["reason"] for e in exits] == ["trap", "trap"]
+    assert all(e["detail"].startswith("deadline: ") and "interrupt" in e["detail"] for e in exits), exits
     assert_chains_ok(theater)
 
 
 def test_spin_is_stopped_by_fuel(theater: Theater) -> None:
-    """With a long deadline, an endless loop ends when fuel_per_call runs out; the worker survives."""
+    """With a long deadline, an endless loop ends when fuel_per_call runs out, a crash: the agent gets a new worker."""
     write_lab_policy(theater)
     with theater.client() as c:
         pid = spawn(theater, c, "spin", "spin.wat", policy=LAB_POLICY,
                     limits={"wall_time_ms": 60000, "fuel_per_call": 1_000_000})["pid"]
-        for _ in range(2):
-            fails(c, "spin", b"go", "out-of-fuel", "all fuel consumed", timeout=10)
-        entry = ps(c, "spin")
-        assert (entry["pid"], entry["restarts"], entry["instance_restarts"]) == (pid, 0, 2)
+        first = crashes(c, "spin", b"go", "out-of-fuel", "all fuel consumed", timeout=10)
+        entry = crashes(c, "spin", b"go", "out-of-fuel", "all fuel consumed", timeout=10)
+        assert len({pid, first["pid"], entry["pid"]}) == 3
+        assert (entry["restarts"], entry["instance_restarts"]) == (2, 0)
         assert [(h["status"], h["fuel"]) for h in handles(theater, "spin")] == [("out-of-fuel", 1_000_000)] * 2
+    exits = crash_exits(theater, "spin")
+    assert [e["reason"] for e in exits] == ["trap", "trap"]
+    assert all(e["detail"].startswith("out-of-fuel: ") and "all fuel consumed" in e["detail"] for e in exits), exits
     assert_chains_ok(theater)
 
 
@@ -266,13 +325,18 @@ def test_memory_bomb_stops_exactly_at_memory_bytes(theater: Theater, memory_byte
 
 
 def test_deep_recursion_is_a_stack_overflow(theater: Theater) -> None:
-    """Unbounded recursion is "stack-overflow", not a crash of the worker."""
+    """Unbounded recursion is "stack-overflow" (the worker process itself does not overflow); the agent crashes and restarts."""
     with theater.client() as c:
         pid = spawn(theater, c, "deep", "deep_recursion.wat")["pid"]
-        fails(c, "deep", b"down", "stack-overflow", "call stack exhausted")
-        fails(c, "deep", b"down again", "stack-overflow", "call stack exhausted")
-        entry = ps(c, "deep")
-        assert (entry["pid"], entry["restarts"], entry["instance_restarts"]) == (pid, 0, 2)
+        first = crashes(c, "deep", b"down", "stack-overflow", "call stack exhausted")
+        entry = crashes(c, "deep", b"down again", "stack-overflow", "call stack exhausted")
+        assert len({pid, first["pid"], entry["pid"]}) == 3
+        assert (entry["restarts"], entry["instance_restarts"]) == (2, 0)
+        assert [h["status"] for h in handles(theater, "deep")] == ["stack-overflow", "stack-overflow"]
+    exits = crash_exits(theater, "deep")
+    assert [e["reason"] for e in exits] == ["trap", "trap"]
+    # the worker was killed by the supervisor (SIGKILL), it did not die of the overflow
+    assert all(e["detail"].startswith("stack-overflow: ") and "call stack exhausted" in e["detail"] for e in exits), exits
     assert_chains_ok(theater)
 
 
@@ -280,26 +344,35 @@ def test_deep_recursion_is_a_stack_overflow(theater: Theater) -> None:
 
 
 def test_big_reply_at_and_over_the_limit(theater: Theater) -> None:
-    """A reply of exactly max_message_bytes passes; one byte more is "too-large" and commits nothing."""
+    """A reply of exactly max_message_bytes passes; one byte more is "too-large", commits nothing and crashes the agent."""
     with theater.client() as c:
-        spawn(theater, c, "big", "big_reply.wat", limits={"max_message_bytes": 64 * KIB})
+        pid = spawn(theater, c, "big", "big_reply.wat", limits={"max_message_bytes": 64 * KIB})["pid"]
         assert c.call("big", b"65536") == b"x" * 65536
-        fails(c, "big", b"65537", "too-large", "reply of 65537 bytes exceeds the limit of 65536")
+        entry = crashes(c, "big", b"65537", "too-large", "reply of 65537 bytes exceeds the limit of 65536")
+        assert entry["pid"] != pid and entry["restarts"] == 1
         assert stored_state(theater, "big") == b""
         last = [r for r in records(theater, "big") if r.kind is Kind.HANDLE][-1]
         assert last.state_hash == sha256(b"")
         assert (last.fields()["status"], last.fields()["reply"]) == ("too-large", None)
         assert c.call("big", b"3") == b"xxx"
+        assert ps(c, "big")["pid"] == entry["pid"]
+    [exit_] = crash_exits(theater, "big")
+    assert exit_["reason"] == "trap"
+    assert exit_["detail"].startswith("too-large: reply of 65537 bytes exceeds the limit of 65536"), exit_
     assert_chains_ok(theater)
 
 
 def test_bad_bytes_reply_is_a_malformed_result(theater: Theater) -> None:
-    """A reply holding U+0100 is "malformed-result" naming the character; the agent keeps serving."""
+    """A reply holding U+0100 is "malformed-result" naming the character, a crash; each new worker serves the next call."""
     with theater.client() as c:
-        pid = spawn(theater, c, "bad", "bad_bytes.wat")["pid"]
+        pids = [spawn(theater, c, "bad", "bad_bytes.wat")["pid"]]
         for _ in range(2):
-            fails(c, "bad", b"x", "malformed-result", "reply has character U+0100 at 1")
-        assert ps(c, "bad")["pid"] == pid
+            pids.append(crashes(c, "bad", b"x", "malformed-result", "reply has character U+0100 at 1")["pid"])
+        assert len(set(pids)) == 3
+        assert [h["status"] for h in handles(theater, "bad")] == ["malformed-result"] * 2
+    exits = crash_exits(theater, "bad")
+    assert [e["reason"] for e in exits] == ["trap", "trap"]
+    assert all(e["detail"].startswith("malformed-result: ") and "U+0100 at 1" in e["detail"] for e in exits), exits
     assert_chains_ok(theater)
 
 
@@ -368,16 +441,22 @@ def test_counter_logs_once_and_calls_now_once_per_call(theater: Theater) -> None
 ])
 def test_exhausted_host_budget_fails_every_call(theater: Theater, component: str, limit: str, fragment: str,
                                                 state: bytes) -> None:
-    """A host budget below what the guest asks for makes every call "host-limit"; state stays at its init value."""
+    """A host budget below what the guest asks for makes every call "host-limit", a crash each time; state stays at its init value."""
     value = 15 if limit == "max_random_bytes" else 0
     with theater.client() as c:
-        pid = spawn(theater, c, "hl", component, limits={limit: value})["pid"]
-        for _ in range(3):
-            fails(c, "hl", b"tick", "host-limit", fragment)
+        # Four crashes in a row: more than the default intensity (3 restarts in 5 s) allows.
+        pids = [spawn(theater, c, "hl", component, limits={limit: value},
+                      restart={"intensity": 10, "period_ms": 60000})["pid"]]
+        for _ in range(4):
+            pids.append(crashes(c, "hl", b"tick", "host-limit", fragment)["pid"])
         entry = ps(c, "hl")
-        assert (entry["pid"], entry["instance_restarts"]) == (pid, 3)
+        assert len(set(pids)) == 5
+        assert (entry["status"], entry["restarts"], entry["instance_restarts"]) == ("running", 4, 0)
         assert stored_state(theater, "hl") == state
-        assert [h["status"] for h in handles(theater, "hl")] == ["host-limit"] * 3
+        assert [h["status"] for h in handles(theater, "hl")] == ["host-limit"] * 4
+    exits = crash_exits(theater, "hl")
+    assert [e["reason"] for e in exits] == ["trap"] * 4
+    assert all(e["detail"].startswith("host-limit: ") and fragment in e["detail"] for e in exits), exits
     assert_chains_ok(theater)
 
 

@@ -6,6 +6,7 @@
       events.sqlite3                  the event store (WAL)
       policies/                       optional site policies, looked up before built-ins
       logs/                           supervisor and worker logs
+      cache/                    0700  compiled components (<key>.cwasm, HMAC-tagged; secret 0600)
       run/                      0700  sockets and the control token, live only while up
         control.sock  workers.sock  control.token (0600)  supervisor.pid
 """

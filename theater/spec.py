@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import ProtocolError
 
-__all__ = ["CAPABILITIES", "LIMIT_BOUNDS", "AgentSpec", "Limits"]
+__all__ = ["CAPABILITIES", "DEFAULT_HARDENING", "HARDENING_LAYERS", "LIMIT_BOUNDS", "AgentSpec", "Hardening", "Limits"]
 
 # Capability name -> WIT interface. Later capabilities add one entry each.
 CAPABILITIES: dict[str, str] = {
@@ -73,6 +73,45 @@ class Limits:
         return cls(**data)
 
 
+# OS confinement layers a worker applies to itself (worker/_harden.py, docs/hardening.md).
+HARDENING_LAYERS = ("rlimits", "no_new_privs", "seccomp", "landlock", "namespaces", "cgroups")
+
+
+@dataclass(frozen=True, slots=True)
+class Hardening:
+    """Which confinement layers must be in force for an agent to run.
+
+    A worker applies every layer the machine allows, whatever the policy says.
+    A ``required`` layer that is unavailable stops the agent from starting; a
+    ``preferred`` one is reported. Layers named in neither list are preferred.
+    """
+
+    required: tuple[str, ...]
+    preferred: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"required": list(self.required), "preferred": list(self.preferred)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Hardening:
+        if not isinstance(data, dict) or set(data) != {"required", "preferred"}:
+            raise ProtocolError("hardening must have exactly the keys ['preferred', 'required']")
+        lists = []
+        for key in ("required", "preferred"):
+            value = data[key]
+            if not isinstance(value, list) or any(v not in HARDENING_LAYERS for v in value) or len(set(value)) != len(value):
+                raise ProtocolError(f"hardening {key} must be a list of distinct layers from {list(HARDENING_LAYERS)}")
+            lists.append(tuple(value))
+        if set(lists[0]) & set(lists[1]):
+            raise ProtocolError("a hardening layer cannot be both required and preferred")
+        return cls(*lists)
+
+
+DEFAULT_HARDENING = Hardening(
+    required=("rlimits", "no_new_privs", "seccomp"), preferred=("landlock", "namespaces", "cgroups")
+)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentSpec:
     """Everything a worker needs; sent once, right after the worker's hello."""
@@ -86,11 +125,13 @@ class AgentSpec:
     head_seq: int
     head_hash: str
     state_hash: str
+    hardening: Hardening = DEFAULT_HARDENING
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["limits"] = self.limits.as_dict()
         data["capabilities"] = list(self.capabilities)
+        data["hardening"] = self.hardening.as_dict()
         return data
 
     @classmethod
@@ -109,6 +150,7 @@ class AgentSpec:
                 head_seq=int(data["head_seq"]),
                 head_hash=str(data["head_hash"]),
                 state_hash=str(data["state_hash"]),
+                hardening=Hardening.from_dict(data["hardening"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed agent spec: {exc!r}") from None

@@ -13,16 +13,19 @@ import os
 import sys
 
 
-def run(bootstrap_fd: int) -> int:
-    """Read the bootstrap pipe, apply confinement, then serve the agent until stopped."""
+def run(bootstrap_fd: int, artifact: dict[str, object] | None = None) -> int:
+    """Read the bootstrap pipe, apply confinement, then serve the agent until stopped.
+
+    ``artifact``: the compiled component the supervisor vouched for (see
+    ``worker._engine.load_artifact``), handed over by the fork-server; None: compile.
+    """
     with os.fdopen(bootstrap_fd, "rb") as pipe:
         boot = json.loads(pipe.read(65536))
-    from ._harden import basic_hygiene
+    from ._harden import harden_before_connect
+    from ._loop import serve  # everything the worker runs is imported before it is confined
 
-    confinement = basic_hygiene(int(boot["parent_pid"]))
-    from ._loop import serve
-
-    return serve(boot["endpoint"], bytes.fromhex(boot["token"]), confinement)
+    confinement = harden_before_connect(int(boot["parent_pid"]), boot["endpoint"])
+    return serve(boot["endpoint"], bytes.fromhex(boot["token"]), confinement, artifact)
 
 
 def main() -> int:

@@ -9,28 +9,29 @@ from its last committed state, which the host owns.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import gc
-import hashlib
-import importlib.metadata
-import json
 import os
-import platform
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import wasmtime
+from wasmtime import _ffi as ffi
 from wasmtime import component as wc
+from wasmtime.component._enter import enter_wasm
 
+from theater.artifacts import artifact_key, engine_config, file_signature
 from theater.spec import Limits
 
 from ._errors import CallFailed, LoadError
 
 __all__ = [
     "DeadlineTimer", "Lifted", "Sandbox", "artifact_key", "classify", "compile_component", "describe",
-    "engine_config", "file_signature", "load_artifact", "make_engine",
+    "engine_config", "file_signature", "load_artifact", "make_engine", "tune_malloc",
 ]
 
 AGENT_EXPORTS = {
@@ -65,19 +66,25 @@ class DeadlineTimer:
 
     The thread sleeps until armed, so an idle worker costs nothing; the store's
     epoch deadline is one tick, so the first tick after the deadline traps.
+    Arming does not wake the thread while it already sleeps towards an earlier
+    deadline (every call has the same wall time, so a later call's deadline is
+    never earlier): a busy worker costs one wake-up per wall-time period, not
+    two thread switches per call.
     """
 
     def __init__(self, engine: wasmtime.Engine) -> None:
         self._engine = engine
         self._cond = threading.Condition()
         self._due: float | None = None
+        self._wake: float | None = None  # when the sleeping thread wakes; None: until notified
         self._thread = threading.Thread(target=self._run, name="deadline", daemon=True)
         self._thread.start()
 
     def arm(self, seconds: float) -> None:
         with self._cond:
-            self._due = time.monotonic() + seconds
-            self._cond.notify()
+            self._due = due = time.monotonic() + seconds
+            if self._wake is None or self._wake > due:
+                self._cond.notify()
 
     def disarm(self) -> None:
         with self._cond:
@@ -87,10 +94,12 @@ class DeadlineTimer:
         with self._cond:
             while True:
                 if self._due is None:
+                    self._wake = None
                     self._cond.wait()
                     continue
                 remaining = self._due - time.monotonic()
                 if remaining > 0:
+                    self._wake = self._due
                     self._cond.wait(remaining)
                     continue
                 self._due = None
@@ -121,30 +130,12 @@ def _describe_func(fty: Any) -> str:
     return f"func({params})" + (f" -> {describe(result)}" if result is not None else "")
 
 
-def engine_config(limits: Limits) -> dict[str, bool | int]:
-    """Every ``wasmtime.Config`` setting a worker's engine uses, by attribute name.
-
-    :func:`make_engine` applies exactly these, and the compiled-artifact cache
-    key is built from them (see :func:`artifact_key`), so the two cannot drift:
-    change a setting here and every cached artifact built under the old value
-    stops matching.
-    """
-    return {
-        "consume_fuel": True,
-        "epoch_interruption": True,
-        "cranelift_nan_canonicalization": True,
-        "parallel_compilation": False,  # no compiler threads: the worker stays easy to confine
-        "wasm_threads": False,
-        "max_wasm_stack": limits.stack_bytes,
-    }
-
-
-# Settings that change how fast code is compiled, never the code: left out of the cache key.
-NOT_IN_ARTIFACT_KEY = frozenset({"parallel_compilation"})
-
-
 def make_engine(limits: Limits, *, parallel_compilation: bool = False) -> wasmtime.Engine:
-    """The worker's engine. ``parallel_compilation`` only for a process that compiles and never forks."""
+    """The worker's engine: exactly ``theater.artifacts.engine_config(limits)``, which the artifact
+    cache key is also built from (change a setting there, never here).
+
+    ``parallel_compilation`` only for a process that compiles and never forks.
+    """
     cfg = wasmtime.Config()
     for name, value in engine_config(limits).items():
         setattr(cfg, name, value)
@@ -153,69 +144,68 @@ def make_engine(limits: Limits, *, parallel_compilation: bool = False) -> wasmti
     return wasmtime.Engine(cfg)
 
 
-def _target() -> str:
-    """The machine code generation targets: architecture and the CPU features Cranelift detects."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
-                    break
-    except OSError:
-        pass
-    return f"{platform.machine()}-{platform.system().lower()}/{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum
+TRIM_THRESHOLD = 64 * 1024 * 1024
 
 
-WASMTIME_VERSION = importlib.metadata.version("wasmtime")
-TARGET = _target()
+def tune_malloc() -> bool:
+    """Serve payload-sized buffers from the heap rather than from fresh mmaps (glibc only).
 
-
-def artifact_key(component_sha256: str, limits: Limits) -> str:
-    """Cache key of a compiled artifact: the component and everything that shapes its machine code."""
-    config = {k: v for k, v in engine_config(limits).items() if k not in NOT_IN_ARTIFACT_KEY}
-    material = {
-        "component_sha256": component_sha256,
-        "config": config,
-        "wasmtime": WASMTIME_VERSION,
-        "target": TARGET,
-        "format": 1,
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_signature(st: os.stat_result) -> list[int]:
-    """What identifies one version of a file: any write, truncation or replacement changes it.
-
-    ``st_ctime_ns`` cannot be set from user space; it moves on every content or
-    metadata change, so an unchanged signature means unchanged bytes.
+    A 1 MB message crosses as three or four 1 MB buffers (the C API's byte
+    vectors, Python bytes); past glibc's mmap threshold each is a fresh mapping
+    whose pages fault in zero-filled and are unmapped again at free, which
+    made a 1 MB echo 4-5x slower than the copies themselves. Fixed thresholds
+    keep freed buffers in the heap for reuse (a worker that handled large
+    messages keeps up to TRIM_THRESHOLD of free heap). Set in the fork-server,
+    so every forked worker inherits it. Returns whether glibc took both.
     """
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
+
+
+ARTIFACT_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+ARTIFACT_MEMFD_PREFIX = "theater-artifact-"
 
 
 def load_artifact(engine: wasmtime.Engine, artifact: dict[str, Any], expected_key: str) -> wc.Component:
-    """Map a compiled artifact the supervisor vouched for; raise LoadError if it is not that file.
+    """Map a compiled artifact handed over as a sealed memfd; raise LoadError if it is not one.
 
-    ``artifact`` is ``{"key", "path", "sha256", "signature"}``: the supervisor
-    hashed the file and recorded its signature; the file opened here must
-    still have that signature (same inode, size, mtime and ctime), so it holds
-    the bytes that were hashed, and it is mapped through this very descriptor.
+    ``artifact`` is ``{"key", "fd", "sha256", "size"}``. The fork-server copied
+    the cache file into the memfd, checked its SHA-256 against the one the
+    supervisor recorded when the artifact was compiled, and sealed it against
+    any write, so its bytes are the verified ones for as long as it exists; it
+    is shared by every worker of that component. The descriptor is closed here
+    (the mapping stays). A memfd, not the cache file: the worker may not read
+    the supervisor's home once it is confined.
     """
-    if artifact.get("key") != expected_key:
-        raise LoadError("the artifact offered is for another component or engine configuration")
+    fd = artifact.get("fd")
+    if not isinstance(fd, int):
+        raise LoadError("the artifact offered has no descriptor")
     try:
-        fd = os.open(str(artifact["path"]), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise LoadError(f"cannot open the compiled artifact: {exc.strerror}") from None
-    try:
-        if file_signature(os.fstat(fd)) != list(artifact.get("signature", ())):
-            raise LoadError("the compiled artifact changed after it was verified")
+        if artifact.get("key") != expected_key:
+            raise LoadError("the artifact offered is for another component or engine configuration")
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise LoadError(f"the artifact descriptor is unusable: {exc.strerror}") from None
+        if not target.startswith("/memfd:" + ARTIFACT_MEMFD_PREFIX) or seals & ARTIFACT_SEALS != ARTIFACT_SEALS:
+            raise LoadError("the artifact descriptor is not a sealed artifact memfd")
+        if size != artifact.get("size"):
+            raise LoadError("the artifact memfd does not have the recorded size")
         try:
             return wc.Component.deserialize_file(engine, f"/proc/self/fd/{fd}")
         except wasmtime.WasmtimeError as exc:
             raise LoadError(f"the compiled artifact does not load: {_last_line(exc)}") from None
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def compile_component(engine: wasmtime.Engine, component_bytes: bytes) -> wc.Component:
@@ -234,18 +224,19 @@ class Sandbox:
     def __init__(
         self,
         engine: wasmtime.Engine,
-        component_bytes: bytes,
+        component: bytes | wc.Component,
         limits: Limits,
         interfaces: dict[str, Linker],
         exports: dict[str, str] = AGENT_EXPORTS,
     ) -> None:
+        """``component`` is the component's bytes (compiled here) or a component already compiled
+        or loaded for ``engine``."""
         self.engine = engine
         self.limits = limits
         self.exports = exports
-        try:
-            self.component = wc.Component(engine, component_bytes)
-        except wasmtime.WasmtimeError as exc:
-            raise LoadError(f"component does not compile: {_last_line(exc)}") from None
+        self.component = component if isinstance(component, wc.Component) else compile_component(engine, component)
+        self._params = (_Val * 2)()
+        self._result = _Val()
         self._check_imports(interfaces)
         self.linker = wc.Linker(engine)
         with self.linker.root() as root:
@@ -256,6 +247,7 @@ class Sandbox:
                     link(inst)
         self.timer = DeadlineTimer(engine)
         self._store: wasmtime.Store | None = None
+        self._dropped = False
         self.last_fuel = 0
         self._funcs: dict[str, wc.Func] = {}
         self._instantiate()  # fail at load, not at the first call
@@ -281,9 +273,11 @@ class Sandbox:
                 raise LoadError(f"export `{name}` has type {actual}, expected {expected}")
 
     def _instantiate(self) -> None:
-        self._store = None
-        self._funcs = {}
-        gc.collect()  # a dropped store keeps its memory reserved until collected
+        if self._store is not None or self._dropped:
+            self._store = None
+            self._funcs = {}
+            gc.collect()  # a dropped store keeps its memory reserved until collected
+        self._dropped = False
         store = wasmtime.Store(self.engine)
         store.set_limits(
             memory_size=self.limits.memory_bytes,
@@ -324,13 +318,13 @@ class Sandbox:
             result = func(store, *args)
             func.post_return(store)
         except CallFailed:
-            self._store = None
+            self._drop()
             raise
         except wasmtime.WasmtimeError as exc:
-            self._store = None
+            self._drop()
             raise classify(exc) from None
         except Exception as exc:  # a host import raised, or the result did not lift
-            self._store = None
+            self._drop()
             if isinstance(exc, HostLimit):
                 raise CallFailed("host-limit", str(exc)) from None
             raise CallFailed("malformed-result", f"{type(exc).__name__}: {exc}") from None
@@ -339,13 +333,166 @@ class Sandbox:
             self.last_fuel = _fuel_used(store, budget)
         return result, self.last_fuel
 
+    def call_agent(self, export: str, state: bytes, data: bytes) -> tuple[Lifted, int]:
+        """``init`` or ``handle`` with bytes in and out: the fast path of :meth:`call`.
+
+        Builds the two string arguments straight from the bytes (latin-1 text
+        is its bytes when they are ASCII, so usually nothing is transcoded) and
+        reads the result's strings straight out of wasmtime's value tree,
+        without re-reading the function's type or lifting through generic
+        Python values. The export types were checked at load, so the layout is
+        known. Same limits, same failure classes as :meth:`call`.
+        """
+        if self._store is None:
+            try:
+                self._instantiate()
+            except LoadError as exc:
+                raise CallFailed("trap", str(exc)) from None
+        store = self._store
+        assert store is not None
+        func = self._funcs[export]
+        budget = self.limits.fuel_per_call
+        store.set_fuel(budget)
+        store.set_epoch_deadline(1)
+        params, result = self._params, self._result
+        lowered = 0
+        try:
+            _lower_bytes(params[0], state)
+            lowered = 1
+            _lower_bytes(params[1], data)
+            lowered = 2
+            context = store._context()
+            self.timer.arm(self.limits.wall_time_ms / 1000)
+            try:
+                enter_wasm(lambda: _func_call(ctypes.byref(func._func), context, params, 2, ctypes.byref(result), 1))
+            finally:
+                self.timer.disarm()
+            try:
+                lifted = _lift_agent_result(result, export == "init")
+            finally:
+                _clear(result)
+            func.post_return(store)
+        except CallFailed:
+            self._drop()
+            raise
+        except wasmtime.WasmtimeError as exc:
+            self._drop()
+            raise classify(exc) from None
+        except Exception as exc:  # a host import raised
+            self._drop()
+            if isinstance(exc, HostLimit):
+                raise CallFailed("host-limit", str(exc)) from None
+            raise CallFailed("malformed-result", f"{type(exc).__name__}: {exc}") from None
+        finally:
+            for i in range(lowered):
+                _clear(params[i])
+            self.last_fuel = _fuel_used(store, budget)
+        return lifted, self.last_fuel
+
+    def _drop(self) -> None:
+        self._store = None
+        self._dropped = True
+
     def discard_instance(self) -> None:
         """Drop the current instance (after a failed call) so the next call starts fresh."""
-        self._store = None
+        if self._store is not None:
+            self._drop()
 
 
 class HostLimit(Exception):
     """A host import refused a guest request that exceeds a policy limit."""
+
+
+class Lifted(NamedTuple):
+    """An ``init`` or ``handle`` outcome as the guest returned it.
+
+    ``ok`` is the result's case. On ``ok``, ``state`` and ``reply`` (None: no
+    reply; always None for init) are the guest strings' UTF-8 bytes, to be
+    turned into bytes by ``_boundary.from_guest_utf8``; on ``err``, ``error``
+    is the guest's error text.
+    """
+
+    ok: bool
+    state: bytes | None
+    reply: bytes | None
+    error: str | None
+
+
+def lifted_from_generic(export: str, result: Any) -> Lifted:
+    """The same :class:`Lifted` from what the generic ``Func.__call__`` path returns."""
+    if export == "init":
+        if getattr(result, "tag", None) == "ok":
+            return Lifted(True, _utf8(result.payload), None, None)
+        return Lifted(False, None, None, getattr(result, "payload", None))
+    if isinstance(result, str):
+        return Lifted(False, None, None, result)
+    reply = getattr(result, "reply", None)
+    return Lifted(True, _utf8(getattr(result, "state", None)), None if reply is None else _utf8(reply), None)
+
+
+def _utf8(text: Any) -> Any:
+    return text.encode("utf-8") if isinstance(text, str) else text
+
+
+# --- wasmtime's C value tree, read and written directly -----------------------------------
+# A wasmtime_component_val_t is a kind byte and a union; a string is a wasm_byte_vec_t
+# (size, data); a result is (is_ok, boxed payload); a record is (size, entries), each entry
+# a name and a value; an option is a boxed value or NULL. See wasmtime/component/_types.py.
+
+_Val = ffi.wasmtime_component_val_t
+_BOOL = ffi.WASMTIME_COMPONENT_BOOL.value
+_STRING = ffi.WASMTIME_COMPONENT_STRING.value
+_RECORD = ffi.WASMTIME_COMPONENT_RECORD.value
+_OPTION = ffi.WASMTIME_COMPONENT_OPTION.value
+_RESULT = ffi.WASMTIME_COMPONENT_RESULT.value
+# Own prototypes (the binding's argtypes want a POINTER(c_uint8); this one takes bytes as is).
+_byte_vec_new = ctypes.CFUNCTYPE(None, ctypes.POINTER(ffi.wasm_byte_vec_t), ctypes.c_size_t, ctypes.c_void_p)(
+    ("wasm_byte_vec_new", ffi.dll)
+)
+_func_call = ffi.wasmtime_component_func_call
+_val_delete = ffi.wasmtime_component_val_delete
+
+
+def _clear(slot: Any) -> None:
+    """Free what ``slot`` owns and leave a value with nothing to free: wasmtime assigns
+    results over the previous value (dropping it), so a freed slot must not keep its pointers."""
+    _val_delete(ctypes.byref(slot))
+    slot.kind = _BOOL
+    slot.of.boolean = False
+
+
+def _lower_bytes(slot: Any, data: bytes) -> None:
+    """Fill ``slot`` with the string whose characters are ``data``'s bytes (latin-1), as UTF-8."""
+    raw = data if data.isascii() else data.decode("latin-1").encode("utf-8")
+    slot.kind = _STRING
+    _byte_vec_new(ctypes.byref(slot.of.string), len(raw), raw)
+
+
+def _string(val: Any) -> bytes:
+    if val.kind != _STRING:
+        raise CallFailed("malformed-result", f"expected a string, got value kind {val.kind}")
+    vec = val.of.string
+    return ctypes.string_at(vec.data, vec.size) if vec.size else b""
+
+
+def _lift_agent_result(result: Any, init: bool) -> Lifted:
+    """Read ``result<string, string>`` (init) or ``result<outcome, string>`` (handle)."""
+    if result.kind != _RESULT or not result.of.result.val:
+        raise CallFailed("malformed-result", "the export did not return a result with a payload")
+    payload = result.of.result.val.contents
+    if not result.of.result.is_ok:
+        return Lifted(False, None, None, _string(payload).decode("utf-8"))
+    if init:
+        return Lifted(True, _string(payload), None, None)
+    if payload.kind != _RECORD or payload.of.record.size != 2:
+        raise CallFailed("malformed-result", "handle's ok payload is not the outcome record")
+    fields = payload.of.record.data
+    state = _string(fields[0].val)
+    option = fields[1].val
+    if option.kind != _OPTION:
+        raise CallFailed("malformed-result", "outcome.reply is not an option")
+    reply = _string(option.of.option.contents) if option.of.option else None
+    return Lifted(True, state, reply, None)
 
 
 def _fuel_used(store: wasmtime.Store, budget: int) -> int:

@@ -4,11 +4,12 @@
       status: out-of-fuel | deadline | memory | stack-overflow | trap |
               guest-error | host-limit | malformed-result | too-large
     LoadError             the component cannot be run as an agent (fatal)
+      HardeningFailed     the OS confinement the agent's policy requires is not in force (fatal)
 """
 
 from __future__ import annotations
 
-__all__ = ["CallFailed", "LoadError"]
+__all__ = ["CallFailed", "HardeningFailed", "LoadError"]
 
 
 class CallFailed(Exception):
@@ -21,4 +22,15 @@ class CallFailed(Exception):
 
 
 class LoadError(Exception):
-    """The component is not a valid theater:agent component, or cannot be instantiated."""
+    """The component is not a valid theater:agent component, or cannot be instantiated.
+
+    ``reason`` is the FAULT frame's reason.
+    """
+
+    reason = "load-failed"
+
+
+class HardeningFailed(LoadError):
+    """A layer the policy requires is unavailable, or a reported layer could not be completed."""
+
+    reason = "hardening-failed"

@@ -17,10 +17,11 @@ from theater.errors import ProtocolError
 from theater.records import Kind, sha256
 from theater.spec import CAPABILITIES, AgentSpec
 
-from ._boundary import from_guest, to_guest
+from ._boundary import from_guest, from_guest_utf8, to_guest
 from ._caps import runtime, supervision
-from ._engine import AGENT_EXPORTS, HostLimit, Sandbox, make_engine
+from ._engine import AGENT_EXPORTS, HostLimit, Lifted, Sandbox, artifact_key, load_artifact, make_engine
 from ._errors import CallFailed, LoadError
+from ._harden import lock_down, require
 from ._recorder import Recorder
 
 __all__ = ["serve"]
@@ -31,7 +32,7 @@ EXIT_LOAD_FAILED = 3
 EXIT_PROTOCOL = 4
 
 
-def serve(endpoint: str, token: bytes, confinement: dict[str, str]) -> int:
+def serve(endpoint: str, token: bytes, confinement: dict[str, str], artifact: dict[str, Any] | None = None) -> int:
     key = Ed25519PrivateKey.generate()
     public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     ctx = zmq.Context.instance()
@@ -53,9 +54,13 @@ def serve(endpoint: str, token: bytes, confinement: dict[str, str]) -> int:
         return EXIT_PROTOCOL
     link = SupervisorLink(sock)
     try:
-        agent = Agent(spec, state, key, link.ask)
+        require(spec.hardening)  # before any guest byte is read
+        agent = Agent(spec, state, key, link.ask, artifact)
+        lock_down(spec.limits)  # compiled and instantiated: now the seccomp allowlist, before any guest call
     except LoadError as exc:
-        sock.send_multipart([wire.header(wire.WorkerType.FAULT), wire.encode_json({"reason": "load-failed", "detail": str(exc)})])
+        sock.send_multipart([wire.header(wire.WorkerType.FAULT), wire.encode_json({"reason": exc.reason, "detail": str(exc)})])
+        sock.close(linger=2000)
+        ctx.term()  # delivers the fault before the exit status can reach the supervisor
         return EXIT_LOAD_FAILED
     while True:
         frames = sock.recv_multipart()
@@ -107,6 +112,7 @@ class Agent:
         state: bytes,
         key: Ed25519PrivateKey,
         ask: supervision.Ask | None = None,
+        artifact: dict[str, Any] | None = None,
     ) -> None:
         if sha256(state).hex() != spec.state_hash:
             raise LoadError("the state sent does not match the spec's state hash")
@@ -131,7 +137,13 @@ class Agent:
             exports[supervision.CHILD_EXIT_EXPORT[0]] = supervision.CHILD_EXIT_EXPORT[1]
         interfaces = {CAPABILITIES[cap]: linkers[cap] for cap in spec.capabilities}
         engine = make_engine(spec.limits)
-        self.sandbox = Sandbox(engine, component, spec.limits, interfaces, exports)
+        compiled = None
+        if artifact is not None:  # compiled once, elsewhere: map it instead of compiling
+            try:
+                compiled = load_artifact(engine, artifact, artifact_key(spec.component_sha256, spec.limits))
+            except LoadError as exc:
+                print(f"worker: not using the cached artifact ({exc}); compiling", file=sys.stderr, flush=True)
+        self.sandbox = Sandbox(engine, compiled or component, spec.limits, interfaces, exports)
 
     def run(self, call: wire.Call) -> wire.Result:
         self.runtime.begin_call()
@@ -146,10 +158,11 @@ class Agent:
             if kind is Kind.CHILD_EXIT:
                 child, exit_hash, reason = wire.decode_child_exit(call.data)
                 args = (str(uuid.UUID(bytes=child)), reason)
-            else:
-                args = (to_guest(call.data),)
-            result, _ = self.sandbox.call(export, to_guest(self.state), *args)
-            new_state, reply, error = self._outcome(kind, result)
+                result, _ = self.sandbox.call(export, to_guest(self.state), *args)
+                new_state, reply, error = self._outcome(kind, result)
+            else:  # init and handle: bytes in, bytes out, on the fast path
+                lifted, _ = self.sandbox.call_agent(export, self.state, call.data)
+                new_state, reply, error = self._lifted_outcome(lifted)
             if error:
                 status = "guest-error"
         except CallFailed as failed:
@@ -171,6 +184,15 @@ class Agent:
         if new_state is not None:
             self.state = new_state
         return wire.Result(call.call_id, new_state if changed else None, self.recorder.take())
+
+    def _lifted_outcome(self, lifted: Lifted) -> tuple[bytes | None, bytes | None, str]:
+        """(new state, reply, guest error) from an init or handle outcome read on the fast path."""
+        if not lifted.ok:
+            return None, None, _guest_error(lifted.error)
+        assert lifted.state is not None
+        state = from_guest_utf8(lifted.state, "state", self.limits.max_state_bytes)
+        reply = None if lifted.reply is None else from_guest_utf8(lifted.reply, "reply", self.limits.max_message_bytes)
+        return state, reply, ""
 
     def _outcome(self, kind: Kind, result: Any) -> tuple[bytes | None, bytes | None, str]:
         """(new state, reply, guest error) from an export's lifted result."""

@@ -1,0 +1,397 @@
+"""OS hardening of workers, tested against real hardened workers, as root and as an unprivileged user.
+
+The escape probes run inside a real worker through ``tests/probe_worker.py``
+(started by ``tests/run_probe_supervisor.py``; a Python-only hook no policy,
+manifest or guest can reach). A probe that fails leaves a signed log record
+saying how; a probe that gets the worker killed leaves the supervisor's exit
+record saying by which signal. The unprivileged runs start the supervisor as
+uid 65534 with ``setpriv``. Every wait is on a reply or a process-level fact
+with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import Theater, wait_until
+
+from supervisor._audit import open_readonly
+from supervisor._config import load_manifest, load_policy, policy_dirs
+from supervisor._errors import ConfigError
+from theater.client import Client, ClientError
+from theater.errors import ProtocolError
+from theater.records import Kind, Record
+from theater.spec import DEFAULT_HARDENING, HARDENING_LAYERS, AgentSpec, Hardening
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+RUN_PROBE_SUPERVISOR = TESTS / "run_probe_supervisor.py"
+NOBODY = 65534
+SIGSYS = f"killed by signal {int(signal.SIGSYS)} (SIGSYS)"
+ALL_BUT_SECCOMP = ",".join(layer for layer in HARDENING_LAYERS if layer != "seccomp")
+
+
+# --- running as an unprivileged user -----------------------------------------------------------
+
+
+def _as_nobody(argv: list[str]) -> list[str]:
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+
+
+@pytest.fixture(scope="session")
+def nobody_python() -> Iterator[str]:
+    """An interpreter uid 65534 can run with this checkout's packages.
+
+    ``sys.executable`` may live where that user cannot go (pyenv under /root, 0700);
+    then a throw-away venv of the system's Python of the same version is made in
+    /tmp and pointed at this venv's site-packages.
+    """
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("running probes as another user needs root and setpriv")
+    if _runs_as_nobody([sys.executable]):
+        yield sys.executable
+        return
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    system = shutil.which(version, path="/usr/local/bin:/usr/bin:/bin")
+    if system is None:
+        pytest.skip(f"{sys.executable} is not reachable by uid {NOBODY} and there is no system {version}")
+    venv = Path(f"/tmp/theater-nobody-{os.getpid()}")
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
+    site = venv / "lib" / version / "site-packages"
+    (site / "theater-checkout.pth").write_text(f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n")
+    python = str(venv / "bin" / "python")
+    if not _runs_as_nobody([python]):
+        shutil.rmtree(venv, ignore_errors=True)
+        pytest.skip(f"uid {NOBODY} cannot import this checkout's packages with {system}")
+    yield python
+    shutil.rmtree(venv, ignore_errors=True)
+
+
+def _runs_as_nobody(argv: list[str]) -> bool:
+    """Whether ``argv`` runs as uid 65534 and can start its own interpreter again (as a supervisor does)."""
+    again = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import wasmtime, zmq, theater'], check=True)"
+    return subprocess.run(_as_nobody([*argv[:1], "-c", again]), cwd="/", capture_output=True, check=False).returncode == 0
+
+
+def _short_root(tag: str) -> Path:
+    root = Path(os.environ.get("THEATER_TEST_TMP", "/tmp")) / f"th-{tag}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    root.mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def probes(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """``probes(user, layers)`` starts a probe supervisor; each is stopped at the end of the test."""
+    started: list[Theater] = []
+
+    def start(user: str, layers: str = "all") -> Theater:
+        root = _short_root(user)
+        t = Theater(root)
+        if user == "root":
+            argv = [sys.executable, str(RUN_PROBE_SUPERVISOR), str(t.home.root), layers]
+        else:
+            python = request.getfixturevalue("nobody_python")
+            t.home.logs.mkdir(parents=True)
+            for d in (root, t.home.root, t.home.logs):
+                os.chown(d, NOBODY, NOBODY)
+            argv = _as_nobody([python, str(RUN_PROBE_SUPERVISOR), str(t.home.root), layers])
+        started.append(t)
+        t.start(argv)
+        return t
+
+    yield start
+    for t in started:
+        t.stop()
+    _sweep_cgroups()
+
+
+def _sweep_cgroups() -> None:
+    """Remove the empty per-worker cgroups the test's workers left (a worker cannot remove its own)."""
+    subprocess.run([sys.executable, "-m", "worker.probe", "--sweep"], cwd="/", capture_output=True, check=False)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _records(t: Theater, name: str) -> list[Record]:
+    db = open_readonly(t.home.store)
+    try:
+        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
+        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
+    finally:
+        db.close()
+    return [Record.parse(raw) for (raw,) in rows]
+
+
+def _confinement(t: Theater, name: str) -> dict[str, str]:
+    genesis = _records(t, name)[0]
+    return json.loads(genesis.fields()["confinement"])
+
+
+def _running(c: Client, name: str, not_pid: int | None = None) -> int:
+    def ready() -> int | None:
+        [info] = [a for a in c.ps() if a["name"] == name]
+        ok = info["status"] == "running" and info["pid"] not in (None, not_pid)
+        return info["pid"] if ok else None
+
+    return wait_until(ready, 30, f"{name} running on a worker other than {not_pid}")  # type: ignore[return-value]
+
+
+def _probe(t: Theater, c: Client, name: str, probe: str) -> str:
+    """Run a probe that the worker survives; return its recorded outcome."""
+    c.call(name, f"probe:{probe}".encode(), timeout=20)
+    logs = [r.fields()["message"] for r in _records(t, name) if r.kind is Kind.LOG]
+    key = probe.split(":")[0]
+    return next(m for m in reversed(logs) if m.startswith(f"probe {key}: ")).split(": ", 1)[1]
+
+
+def _probe_kills(t: Theater, c: Client, name: str, probe: str) -> str:
+    """Run a probe that gets the worker killed; return the exit record's detail, once restarted."""
+    pid = _running(c, name)
+    with pytest.raises(ClientError) as err:
+        c.call(name, f"probe:{probe}".encode(), timeout=20)
+    assert err.value.code == "worker-died", err.value
+    _running(c, name, not_pid=pid)
+    exits = [r.fields() for r in _records(t, name) if r.kind is Kind.EXIT]
+    return str(exits[-1]["detail"])
+
+
+def _spawn(t: Theater, c: Client, name: str, component: str = "echo.wat", **extra: object) -> int:
+    c.spawn(str(t.manifest(name, component, restart={"intensity": 20, "period_ms": 60_000}, **extra)))
+    return _running(c, name)
+
+
+# --- policies, manifests and the spec ---------------------------------------------------------------
+
+
+def test_policies_carry_a_hardening_profile(tmp_path: Path) -> None:
+    default = load_policy("default", policy_dirs(None))
+    assert default.hardening == DEFAULT_HARDENING == Hardening(
+        ("rlimits", "no_new_privs", "seccomp"), ("landlock", "namespaces", "cgroups"))
+    assert load_policy("strict", policy_dirs(None)).hardening.required == ("rlimits", "no_new_privs", "seccomp", "landlock")
+    pol = tmp_path / "policies"
+    pol.mkdir()
+    limits = (ROOT / "policies" / "default.toml").read_text().split("[limits]")[1].split("[hardening]")[0]
+
+    def policy(name: str, table: str) -> str:
+        (pol / f"{name}.toml").write_text(f"[limits]{limits}\n[hardening]\n{table}\n")
+        return name
+
+    assert load_policy(policy("p1", 'required = ["cgroups"]'), [pol]).hardening == Hardening(
+        ("cgroups",), ("rlimits", "no_new_privs", "seccomp", "landlock", "namespaces"))
+    for table, fragment in (
+        ('required = ["seccomp"]\nmandatory = ["x"]', "unknown key hardening.mandatory"),
+        ('required = ["selinux"]', "hardening.required: unknown hardening layer 'selinux'"),
+        ('preferred = ["seccomp", "seccomp"]', "hardening.preferred: names a layer twice"),
+        ('required = ["seccomp"]\npreferred = ["seccomp"]', "seccomp cannot be both required and preferred"),
+        ('required = "seccomp"', "hardening.required: must be a list"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_policy(policy("bad", table), [pol])
+        assert str(pol / "bad.toml") in str(err.value) and fragment in str(err.value), err.value
+
+
+def test_a_manifest_may_add_required_layers_never_remove_one(tmp_path: Path) -> None:
+    def manifest(table: str) -> Path:
+        path = tmp_path / "m.toml"
+        path.write_text(f'name = "m"\ncomponent = "{TESTS / "components" / "echo.wat"}"\npolicy = "strict"\n{table}\n')
+        return path
+
+    assert load_manifest(manifest(""), policy_dirs(None)).hardening.required == ("rlimits", "no_new_privs", "seccomp", "landlock")
+    added = load_manifest(manifest('[hardening]\nrequired = ["cgroups"]'), policy_dirs(None)).hardening
+    assert added == Hardening(("rlimits", "no_new_privs", "seccomp", "landlock", "cgroups"), ("namespaces",))
+    # Naming fewer layers removes none of the policy's.
+    fewer = load_manifest(manifest('[hardening]\nrequired = ["rlimits"]'), policy_dirs(None)).hardening
+    assert fewer.required == ("rlimits", "no_new_privs", "seccomp", "landlock")
+    for table, fragment in (
+        ('[hardening]\npreferred = ["seccomp"]', "hardening.preferred: a manifest may only add required layers"),
+        ('[hardening]\nrequired = ["apparmor"]', "unknown hardening layer 'apparmor'"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_manifest(manifest(table), policy_dirs(None))
+        assert str(tmp_path / "m.toml") in str(err.value) and fragment in str(err.value), err.value
+    assert load_manifest(manifest(""), policy_dirs(None)).as_dict()["hardening"]["required"][-1] == "landlock"
+
+
+def test_the_spec_carries_the_profile_strictly() -> None:
+    config = load_manifest(ROOT / "examples" / "agents" / "echo.toml", policy_dirs(None))
+    spec = AgentSpec(agent_id="0" * 32, name="e", component_path=config.component_path,
+                     component_sha256=config.component_sha256, capabilities=("runtime",), limits=config.limits,
+                     head_seq=0, head_hash="00", state_hash="00", hardening=Hardening(("seccomp",), ("cgroups",)))
+    data = json.loads(json.dumps(spec.to_json()))
+    assert data["hardening"] == {"required": ["seccomp"], "preferred": ["cgroups"]}
+    assert AgentSpec.from_json(data) == spec
+    for bad in (None, {}, {"required": ["seccomp"]}, {"required": ["seccomp"], "preferred": [], "x": []},
+                {"required": ["nope"], "preferred": []}, {"required": ["seccomp"], "preferred": ["seccomp"]},
+                {"required": [{}], "preferred": []}):
+        with pytest.raises(ProtocolError):
+            AgentSpec.from_json({**data, "hardening": bad})
+    del data["hardening"]
+    with pytest.raises(ProtocolError):
+        AgentSpec.from_json(data)
+
+
+# --- a real hardened worker --------------------------------------------------------------------------
+
+FAILING_PROBES = ("open", "inet", "unix", "connect", "fork", "thread", "write", "alloc", "exec-mmap", "flood-log")
+
+
+@pytest.mark.parametrize("user", ["root", "nobody"])
+def test_a_hardened_worker_cannot_escape(probes: Any, user: str, request: pytest.FixtureRequest) -> None:
+    """Files, sockets, processes, threads, other processes' memory and signals, executable memory,
+    host memory beyond RLIMIT_AS and a log flood beyond RLIMIT_FSIZE all fail; exec and ptrace kill
+    the worker with SIGSYS and the supervisor records it; the confinement recorded is what the
+    doctor finds."""
+    t = probes(user)
+    with t.client() as c:
+        other = _spawn(t, c, "other")
+        _spawn(t, c, "p")
+        outcomes = {probe: _probe(t, c, "p", probe) for probe in FAILING_PROBES}
+        outcomes["proc-mem"] = _probe(t, c, "p", f"proc-mem:{other}")
+        outcomes["kill"] = _probe(t, c, "p", f"kill:{t.proc.pid if t.proc else 1}")
+        for probe, outcome in outcomes.items():
+            assert outcome.startswith("denied: "), (probe, outcome)
+        assert "Operation not permitted" in outcomes["open"]  # seccomp refuses openat outright
+        assert "MemoryError" in outcomes["alloc"]  # a 1 GiB host allocation: the wasm limit never sees it
+        assert "[Errno 27] File too large" in outcomes["flood-log"]  # RLIMIT_FSIZE (Python ignores SIGXFSZ)
+        assert c.call("p", b"still serving") == b"still serving"
+        assert _probe_kills(t, c, "p", "exec") == SIGSYS
+        assert _probe_kills(t, c, "p", "ptrace") == SIGSYS
+        assert c.call("p", b"after two kills") == b"after two kills"
+
+    confinement = _confinement(t, "p")
+    expected = {layer: "applied" for layer in ("hygiene", *HARDENING_LAYERS)}
+    if user == "nobody":
+        expected["cgroups"] = confinement["cgroups"]
+        assert confinement["cgroups"].startswith("unavailable: ") and "EACCES" in confinement["cgroups"]
+        assert confinement["rlimits.nproc"] == "16"
+    assert {k: v for k, v in confinement.items() if "." not in k} == expected
+
+    # The doctor, run as the same user, reports what this worker recorded.
+    argv = ["-m", "supervisor", "--home", str(t.home.root), "doctor", "--json"]
+    argv = [sys.executable, *argv] if user == "root" else _as_nobody([request.getfixturevalue("nobody_python"), *argv])
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp"}
+    doctor = json.loads(subprocess.run(argv, cwd="/", capture_output=True, check=True, timeout=60, env=env).stdout)
+    assert doctor["layers"] == expected
+    assert doctor["lock_down"] == "completed"
+    assert all(outcome.startswith("denied") for outcome in doctor["attempts"].values()), doctor["attempts"]
+    assert doctor["policies"]["default"]["starts"] and doctor["policies"]["strict"]["starts"]
+    assert doctor["machine"]["euid"] == (0 if user == "root" else NOBODY)
+
+
+@pytest.mark.parametrize("user", ["root", "nobody"])
+def test_each_layer_stops_escapes_without_seccomp(probes: Any, user: str) -> None:
+    """With the seccomp layer left out, Landlock, the read-only mount namespace, the network
+    namespace, the pids cgroup or RLIMIT_NPROC, and Landlock's signal scope still stop each escape."""
+    t = probes(user, ALL_BUT_SECCOMP)
+    with t.client() as c:
+        other = _spawn(t, c, "other")
+        _spawn(t, c, "p")
+        outcome = {p.split(":")[0]: _probe(t, c, "p", p) for p in (
+            "open", "write", "connect", "fork", "exec", f"kill:{t.proc.pid if t.proc else 1}", f"proc-mem:{other}")}
+    assert outcome["open"].startswith("denied: PermissionError: [Errno 13]")  # Landlock, stage 2
+    assert outcome["write"].startswith("denied: OSError: [Errno 30]")  # read-only mounts
+    assert outcome["connect"].startswith("denied: PermissionError: [Errno 13]")  # Landlock's TCP rules
+    assert outcome["fork"].startswith("denied: BlockingIOError: [Errno 11]")  # pids cgroup / RLIMIT_NPROC
+    assert outcome["exec"].startswith("denied: PermissionError: [Errno 13]")  # Landlock, noexec mounts
+    assert outcome["kill"].startswith("denied: PermissionError: [Errno 1]")  # Landlock's signal scope
+    assert outcome["proc-mem"].startswith("denied: PermissionError: [Errno 13]")
+    assert _confinement(t, "p")["seccomp"] == "skipped"
+
+
+def test_a_required_layer_missing_stops_the_worker(probes: Any) -> None:
+    """A worker whose policy requires a layer it could not apply sends FAULT hardening-failed, exits
+    before reading the component, and the supervisor records why; the agent is not restarted."""
+    t = probes("root", "strict:" + ALL_BUT_SECCOMP)
+    with t.client() as c, pytest.raises(ClientError) as err:
+        c.spawn(str(t.manifest("p", "echo.wat")))
+    assert err.value.code == "spawn-failed"
+    assert "hardening-failed: seccomp is required by the agent's policy, but skipped" in str(err.value)
+    records = _records(t, "p")
+    assert json.loads(records[0].fields()["confinement"])["seccomp"] == "skipped"
+    assert records[-1].kind is Kind.EXIT
+    assert "hardening-failed: seccomp is required" in records[-1].fields()["detail"]
+    assert not any(r.kind in (Kind.INIT, Kind.HANDLE) for r in records)
+
+
+def test_a_policy_requirement_reaches_the_worker(probes: Any) -> None:
+    t = probes("nobody")  # cgroups are unavailable to uid 65534 here
+    (t.home.policies).mkdir(exist_ok=True)
+    limits = (ROOT / "policies" / "default.toml").read_text().split("[limits]")[1].split("[hardening]")[0]
+    (t.home.policies / "needs-cgroups.toml").write_text(f'[limits]{limits}\n[hardening]\nrequired = ["cgroups"]\n')
+    with t.client() as c, pytest.raises(ClientError) as err:
+        c.spawn(str(t.manifest("p", "echo.wat", policy="needs-cgroups")))
+    assert "hardening-failed: cgroups is required" in str(err.value)
+
+
+@pytest.mark.parametrize("user", ["root", "nobody", "root-fork-server"])
+def test_a_worker_never_outlives_its_supervisor(probes: Any, user: str, request: pytest.FixtureRequest) -> None:
+    """The parent-death signal, whether the worker was started by Popen or forked by the fork-server."""
+    t = request.getfixturevalue("theater") if user == "root-fork-server" else probes(user)
+    with t.client() as c:
+        pid = _spawn(t, c, "p")
+    worker = psutil.Process(pid)
+    assert t.proc is not None
+    t.kill()
+    wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 20, "the worker to exit")
+
+
+_STAGE1 = """
+import os, sys
+from worker import _harden
+home = sys.argv[1]
+layers = frozenset({"no_new_privs", "landlock"})
+report = _harden.harden_before_connect(os.getppid(), f"ipc://{home}/run/workers.sock", layers)
+assert report["landlock"] == "applied", report
+def attempt(path):
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return "read"
+    except OSError as exc:
+        return exc.strerror
+print({p: attempt(p) for p in sys.argv[2:]})
+"""
+
+
+@pytest.mark.parametrize("user", ["root", "nobody"])
+def test_landlock_hides_the_supervisors_home_from_the_start(user: str, request: pytest.FixtureRequest) -> None:
+    """Before lock-down (while the component compiles), a worker can read what it may need but not the
+    supervisor's key, token or store, nor other processes' /proc entries."""
+    tmp_path = _short_root(f"ll-{user}")
+    home = tmp_path / "h"
+    (home / "run").mkdir(parents=True)
+    (home / "cache").mkdir()
+    for path in (home / "supervisor.key", home / "run" / "control.token", home / "cache" / "artifact", tmp_path / "beside"):
+        path.write_text("x")
+    work = tmp_path / "w"
+    work.mkdir(mode=0o700)
+    targets = [home / "supervisor.key", home / "run" / "control.token", home / "cache" / "artifact",
+               tmp_path / "beside", TESTS / "components" / "echo.wat", Path("/proc/1/status"), Path("/proc/self/status")]
+    argv = [sys.executable, "-c", _STAGE1, str(home), *map(str, targets)]
+    if user == "nobody":
+        python = request.getfixturevalue("nobody_python")
+        argv = _as_nobody([python, *argv[1:]])
+        for d in (tmp_path, home, home / "run", home / "cache", work):
+            os.chown(d, NOBODY, NOBODY)
+        for path in targets[:4]:
+            os.chown(path, NOBODY, NOBODY)
+    out = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=60, check=False,
+                         env={"PYTHONSAFEPATH": "1"})
+    assert out.returncode == 0, out.stderr
+    seen = eval(out.stdout)  # the dict the child printed
+    assert [seen[str(p)] for p in targets] == [
+        "Permission denied", "Permission denied", "read", "read", "read", "Permission denied", "read"]

@@ -1,0 +1,430 @@
+"""The fast paths, tested for what they must keep: the fork-server, the artifact cache, the call fast path.
+
+Real processes (a supervisor, its fork-server, forked workers), real wasmtime,
+real files. Nothing here measures time: the figures are in ``scripts/bench``.
+Waits are on replies, pidfds or process facts with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq
+from conftest import COMPONENTS, ROOT, Theater, wait_until
+
+from supervisor._artifacts import ArtifactCache
+from supervisor._audit import open_readonly
+from supervisor._config import load_manifest, policy_dirs
+from supervisor._spawner import Spawner, exit_reason
+from theater import wire
+from theater.artifacts import artifact_key, file_signature
+from theater.home import Home
+from theater.records import Kind, Record
+from theater.spec import Limits
+from worker._boundary import from_guest, from_guest_utf8, to_guest
+from worker._engine import Sandbox, compile_component, lifted_from_generic, load_artifact, make_engine
+from worker._errors import CallFailed, LoadError
+from worker._zygote import seal_artifact
+
+LIMITS = Limits(**tomllib.loads((ROOT / "policies" / "default.toml").read_text())["limits"])
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _zygote_of(t: Theater) -> psutil.Process:
+    assert t.proc is not None
+    return wait_until(lambda: next((p for p in _children(t.proc.pid) if p.name() == "theater-zygote"), None),
+                      20, "the fork-server")  # type: ignore[return-value]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _ps(t: Theater, name: str) -> dict[str, Any]:
+    with t.client() as c:
+        [info] = [a for a in c.ps() if a["name"] == name]
+    return info
+
+
+def _records(t: Theater, name: str) -> list[Record]:
+    db = open_readonly(t.home.store)
+    try:
+        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
+        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
+    finally:
+        db.close()
+    return [Record.parse(raw) for (raw,) in rows]
+
+
+def _supervisor_log(t: Theater) -> str:
+    return (t.dir / "supervisor.out").read_text(errors="replace")
+
+
+def _restart(t: Theater, name: str) -> int:
+    """SIGKILL the agent's worker and wait for its replacement; return the new pid."""
+    old = _ps(t, name)["pid"]
+    os.kill(old, signal.SIGKILL)
+
+    def replaced() -> int | None:
+        info = _ps(t, name)
+        return info["pid"] if info["status"] == "running" and info["pid"] not in (None, old) else None
+
+    return wait_until(replaced, 20, f"{name} on a new worker")  # type: ignore[return-value]
+
+
+# --- the fork-server, inside a real supervisor ------------------------------------------------
+
+
+def test_forked_workers_harden_themselves_make_own_keys_and_are_the_supervisors_children(theater: Theater) -> None:
+    """Each worker is forked by the single-threaded fork-server, is the supervisor's child, applies its own
+    hardening and signs with a key of its own; its death is recorded with its exact signal."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("a", "counter.wat"))
+        c.spawn(theater.manifest("b", "counter.wat"))
+        assert c.call("a", b"x") == b"1"
+    zygote = _zygote_of(theater)
+    assert len(os.listdir(f"/proc/{zygote.pid}/task")) == 1
+    pids = {_ps(theater, "a")["pid"], _ps(theater, "b")["pid"]}
+    pids.add(_restart(theater, "a"))
+    pids.add(_restart(theater, "a"))
+    assert len(os.listdir(f"/proc/{zygote.pid}/task")) == 1  # still one thread after four forks
+    assert theater.proc is not None
+    for pid in pids - {p for p in pids if _gone(p)}:
+        proc = psutil.Process(pid)
+        assert proc.name() == "theater-worker"  # forked by the fork-server, not a fresh interpreter
+        assert proc.ppid() == theater.proc.pid  # CLONE_PARENT: the supervisor's own child
+    keys = []
+    for name in ("a", "b"):
+        for record in _records(theater, name):
+            if record.kind in (Kind.GENESIS, Kind.WORKER_KEY):
+                fields = record.fields()
+                keys.append(fields["worker_key"])
+                confinement = json.loads(fields["confinement"])
+                assert confinement["hygiene"] == "applied", confinement
+    assert len(keys) == 4 and len(set(keys)) == 4  # a, a after two restarts, b: every worker its own key
+    exits = [r.fields() for r in _records(theater, "a") if r.kind is Kind.EXIT]
+    assert [e["reason"] for e in exits] == ["worker-died", "worker-died"]
+    assert all("killed by signal 9 (SIGKILL)" in e["detail"] for e in exits)
+    with theater.client() as c:
+        assert c.call("a", b"y") == b"2"
+
+
+def test_no_worker_or_fork_server_outlives_a_killed_supervisor(theater: Theater) -> None:
+    """SIGKILL the supervisor: the fork-server and every forked worker end with it."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("a", "counter.wat"))
+        c.spawn(theater.manifest("b", "echo.wat"))
+        workers = [a["pid"] for a in c.ps()]
+    zygote = _zygote_of(theater)
+    everyone = [zygote.pid, *workers]
+    assert all(not _gone(pid) for pid in everyone)
+    theater.kill()
+    wait_until(lambda: all(_gone(pid) for pid in everyone), 10, "the fork-server and workers to die with the supervisor")
+
+
+def test_a_dead_fork_server_is_replaced_and_spawns_go_on(theater: Theater) -> None:
+    """Kill the fork-server: the next spawn says so, starts from a fresh interpreter and starts a new
+    fork-server, which serves the spawns after it."""
+    old = _zygote_of(theater)
+    with theater.client() as c:
+        c.spawn(theater.manifest("a", "echo.wat"))
+        old.kill()
+        wait_until(lambda: _gone(old.pid), 10, "the fork-server to die")  # a zombie until the next spawn
+        c.spawn(theater.manifest("b", "echo.wat"))  # noticed here; this worker is a fresh interpreter
+        assert c.call("b", b"hi") == b"hi"
+        assert f"fork-server {old.pid} is gone" in _supervisor_log(theater)
+        new = wait_until(lambda: next((p for p in _children(theater.proc.pid)  # type: ignore[union-attr]
+                                       if p.name() == "theater-zygote" and p.pid != old.pid), None), 20, "a new fork-server")
+        assert psutil.Process(_ps(theater, "b")["pid"]).name() != "theater-worker"
+
+        def forked_by_the_new_one() -> bool:
+            # Until the new fork-server has finished its imports, spawns start fresh interpreters.
+            name = f"c{len([a for a in c.ps() if a['name'].startswith('c')])}"
+            c.spawn(theater.manifest(name, "echo.wat"))
+            return psutil.Process(_ps(theater, name)["pid"]).name() == "theater-worker"
+
+        wait_until(forked_by_the_new_one, 30, "a worker forked by the new fork-server")
+        assert new.is_running()  # type: ignore[union-attr]
+        assert c.call("a", b"still") == b"still"
+
+
+# --- the fork-server, driven directly ------------------------------------------------------------
+
+
+class _Endpoint:
+    """A worker socket, as the supervisor binds it, to collect hellos."""
+
+    def __init__(self, home: Home) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.bind(home.workers_endpoint)
+
+    def hello(self) -> wire.Hello:
+        assert self.sock.poll(30_000), "no hello within 30 s"
+        frames = self.sock.recv_multipart()
+        assert wire.parse_header(frames[1], wire.WorkerType) is wire.WorkerType.HELLO
+        return wire.Hello.decode(frames[2:])
+
+
+@pytest.fixture
+def spawner(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = Path("/tmp") / f"thz-{os.getpid()}-{len(os.listdir('/tmp')) % 100000}"
+    for d in ("run", "logs"):
+        (root / "h" / d).mkdir(parents=True, exist_ok=True)
+    home = Home(root / "h")
+    lines: list[str] = []
+    sp = Spawner(home, lines.append)
+    endpoint = _Endpoint(home)
+    manifest = root / "echo.toml"
+    manifest.write_text(f'name = "echo"\ncomponent = "{COMPONENTS / "echo.wat"}"\n')
+    config = load_manifest(manifest, policy_dirs(None))
+    try:
+        yield home, sp, endpoint, config, lines
+    finally:
+        endpoint.sock.close(0)
+        sp.close()
+
+
+def _wait_exit(worker: Any) -> int:
+    ready, _, _ = select.select([worker.pidfd], [], [], 20)
+    assert ready, "the worker did not end"
+    return worker.reap()
+
+
+def test_fork_server_compiles_once_and_workers_get_exact_exit_statuses(spawner: Any) -> None:
+    """Through the fork-server: one compile for three workers of one component, a hello from each with
+    its own key, and exact exit statuses (signal or code) through the pidfd."""
+    home, sp, endpoint, config, _lines = spawner
+    workers, keys = [], set()
+    for i in range(3):
+        w = sp.spawn(home.workers_endpoint, i, home.logs / "echo.log", home.run / "w" / str(i), config)
+        hello = endpoint.hello()
+        assert hello.pid == w.pid and w.proc is None
+        keys.add(hello.worker_key)
+        workers.append(w)
+    assert len(keys) == 3
+    assert len(os.listdir(f"/proc/{sp.zygote.pid}/task")) == 1
+    workers[0].kill("test")
+    assert exit_reason(_wait_exit(workers[0])) == "killed by signal 9 (SIGKILL)"
+    os.kill(workers[1].pid, signal.SIGTERM)
+    assert exit_reason(_wait_exit(workers[1])) == "killed by signal 15 (SIGTERM)"
+    endpoint.sock.close(0)  # the last worker's spec never comes: it gives up with its protocol exit code
+    workers[2].kill("test")
+    assert _wait_exit(workers[2]) == -9
+    sp.zygote.drain()  # the compile report
+    key = artifact_key(config.component_sha256, config.limits)
+    assert sp.cache.lookup(key) is not None
+    assert (home.root / "cache" / f"{key}.tag").exists()
+
+
+# --- the artifact cache ----------------------------------------------------------------------------
+
+
+def _compiled_into(cache: ArtifactCache, key: str, source: bytes) -> dict[str, Any]:
+    """Write an artifact as a compile job would, and report it as the fork-server would."""
+    import hashlib
+
+    blob = compile_component(make_engine(LIMITS), source).serialize()
+    path = cache.path(key)
+    path.write_bytes(blob)
+    note = {"note": "compiled", "key": key, "ok": True, "sha256": hashlib.sha256(blob).hexdigest(),
+            "size": len(blob), "signature": file_signature(os.stat(path))}
+    cache.compiled(note)
+    return note
+
+
+def test_artifact_cache_hit_miss_and_every_kind_of_tampering(tmp_path: Path) -> None:
+    """A miss, then a hit (also for a new process with the same secret); flipped bytes, truncation, a
+    planted file, a forged tag and a tag moved from another artifact are all refused and deleted."""
+    lines: list[str] = []
+    cache = ArtifactCache(tmp_path / "cache", lines.append)
+    assert (tmp_path / "cache" / "secret").stat().st_mode & 0o777 == 0o600
+    source = (COMPONENTS / "echo.wat").read_bytes()
+    key = artifact_key("ab" * 32, LIMITS)
+    assert cache.lookup(key) is None
+    note = _compiled_into(cache, key, source)
+    hit = cache.lookup(key)
+    assert hit == {"key": key, "path": str(cache.path(key)), "sha256": note["sha256"]}
+    assert ArtifactCache(tmp_path / "cache", lines.append).lookup(key) == hit  # a restarted supervisor: re-hashed
+
+    def refused(damage: Any, why: str) -> None:
+        _compiled_into(cache, key, source)
+        damage(cache.path(key))
+        lines.clear()
+        assert ArtifactCache(tmp_path / "cache", lines.append).lookup(key) is None
+        assert cache.lookup(key) is None
+        assert not cache.path(key).exists() and not (tmp_path / "cache" / f"{key}.tag").exists()
+        assert any(why in line and "compiling again" in line for line in lines), lines
+
+    def flip(path: Path) -> None:
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+    refused(flip, "not the ones compiled")
+    refused(lambda p: os.truncate(p, p.stat().st_size - 100), "not the ones compiled")
+
+    def planted(path: Path) -> None:
+        (tmp_path / "cache" / f"{key}.tag").unlink()
+    refused(planted, "no valid tag")
+
+    def forged(path: Path) -> None:
+        tag_path = tmp_path / "cache" / f"{key}.tag"
+        tag = json.loads(tag_path.read_text())
+        path.write_bytes(b"\x7fELF" + os.urandom(4000))
+        import hashlib
+        tag.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), size=4004)
+        tag_path.write_text(json.dumps(tag))  # its MAC no longer matches: made without the secret
+    refused(forged, "no valid tag")
+
+    def moved(path: Path) -> None:
+        other = artifact_key("cd" * 32, LIMITS)
+        _compiled_into(cache, other, (COMPONENTS / "counter.wat").read_bytes())
+        os.replace(cache.path(other), path)  # a genuine artifact, under another key's name
+    refused(moved, "not the ones compiled")
+
+
+def test_cache_key_covers_everything_that_shapes_the_machine_code() -> None:
+    """Stack size (silently accepted by wasmtime on load) and every other engine setting move the key."""
+    base = artifact_key("ab" * 32, LIMITS)
+    assert artifact_key("ab" * 32, LIMITS) == base
+    assert artifact_key("ac" * 32, LIMITS) != base
+    changed = Limits(**{**LIMITS.as_dict(), "stack_bytes": LIMITS.stack_bytes // 2})
+    assert artifact_key("ab" * 32, changed) != base
+    unrelated = Limits(**{**LIMITS.as_dict(), "mailbox": LIMITS.mailbox - 1})
+    assert artifact_key("ab" * 32, unrelated) == base  # not an engine setting
+
+
+def test_sealed_artifact_loads_and_anything_else_is_refused(tmp_path: Path) -> None:
+    """The fork-server's memfd: sealed, checked against the recorded SHA-256, the only thing a worker maps."""
+    import hashlib
+
+    source = (COMPONENTS / "echo.wat").read_bytes()
+    blob = compile_component(make_engine(LIMITS), source).serialize()
+    path = tmp_path / "a.cwasm"
+    path.write_bytes(blob)
+    digest = hashlib.sha256(blob).hexdigest()
+    key = artifact_key(hashlib.sha256(source).hexdigest(), LIMITS)
+    with pytest.raises(ValueError, match="recorded SHA-256"):
+        seal_artifact(key, str(path), "00" * 32)
+    fd, size = seal_artifact(key, str(path), digest)
+    engine = make_engine(LIMITS)
+    component = load_artifact(engine, {"key": key, "fd": os.dup(fd), "sha256": digest, "size": size}, key)
+    sandbox = Sandbox(engine, component, LIMITS, {})
+    assert sandbox.call_agent("handle", b"s", b"hi")[0].reply == b"hi"
+    with pytest.raises(LoadError, match="another component"):
+        load_artifact(engine, {"key": "0" * 64, "fd": os.dup(fd), "size": size}, key)
+    with pytest.raises(OSError):
+        os.write(fd, b"x")  # sealed against writes
+    os.close(fd)
+    plain = os.open(path, os.O_RDONLY)
+    with pytest.raises(LoadError, match=r"artifact descriptor is (unusable|not a sealed artifact memfd)"):
+        load_artifact(engine, {"key": key, "fd": plain, "size": size}, key)
+    unsealed = os.memfd_create("theater-artifact-x", os.MFD_ALLOW_SEALING)
+    os.write(unsealed, blob)
+    with pytest.raises(LoadError, match="not a sealed artifact memfd"):
+        load_artifact(engine, {"key": key, "fd": unsealed, "size": size}, key)
+
+
+def test_artifact_is_compiled_once_and_recompiled_after_tampering(theater: Theater) -> None:
+    """End to end: two agents and a restart share one compile; an altered artifact is noticed at the
+    next spawn, compiled again, and the agent runs."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("a", "echo.wat"))
+        c.spawn(theater.manifest("b", "echo.wat"))
+        _restart(theater, "a")
+        assert c.call("a", b"1") == b"1"
+        assert _supervisor_log(theater).count("zygote: compiling") == 1
+        [artifact] = list((theater.home.root / "cache").glob("*.cwasm"))
+        with open(artifact, "r+b") as f:
+            f.seek(200)
+            f.write(b"\x00" * 16)
+        c.spawn(theater.manifest("d", "echo.wat"))
+        assert c.call("d", b"2") == b"2"
+        log = _supervisor_log(theater)
+        assert "not the ones compiled" in log and "compiling again" in log
+        assert log.count("zygote: compiling") == 2
+
+
+# --- the call fast path against wasmtime's generic path --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandboxes() -> dict[str, Sandbox]:
+    engine = make_engine(LIMITS)
+    return {name: Sandbox(engine, (COMPONENTS / f"{name}.wat").read_bytes(), LIMITS, {})
+            for name in ("echo", "guest_error", "bad_bytes")}
+
+
+PAYLOADS = {
+    "empty": b"",
+    "one byte": b"\x00",
+    "every byte value": bytes(range(256)),
+    "high bytes": bytes(range(128, 256)) * 4,
+    "ascii 100 B": b"x" * 100,
+    "1 MiB mixed": os.urandom(1 << 20),
+}
+
+
+@pytest.mark.parametrize("payload", sorted(PAYLOADS))
+@pytest.mark.parametrize("export", ["init", "handle"])
+def test_fast_path_matches_generic_path(sandboxes: dict[str, Sandbox], payload: str, export: str) -> None:
+    """call_agent returns what wasmtime's generic Func.__call__ returns, for every byte, both exports."""
+    echo = sandboxes["echo"]
+    data = PAYLOADS[payload]
+    state = data[::-1]
+    echo.call_agent(export, state, data)  # memory grown by the first large call: same fuel afterwards
+    generic, generic_fuel = echo.call(export, to_guest(state), to_guest(data))
+    fast, fast_fuel = echo.call_agent(export, state, data)
+    assert fast == lifted_from_generic(export, generic)
+    assert fast_fuel == generic_fuel
+    assert from_guest_utf8(fast.state, "state", 1 << 21) == (data if export == "init" else state)
+    if export == "handle":
+        assert from_guest_utf8(fast.reply, "reply", 1 << 21) == data
+
+
+def test_fast_path_errors_and_limits_match_generic_path(sandboxes: dict[str, Sandbox]) -> None:
+    """A guest err, an out-of-range character, and the size limit at max and max+1: same outcome both ways."""
+    err = sandboxes["guest_error"]
+    fast, _ = err.call_agent("handle", b"", b"why")
+    generic, _ = err.call("handle", "", "why")
+    assert fast == lifted_from_generic("handle", generic) and not fast.ok and fast.error == "boom: why"
+
+    bad = sandboxes["bad_bytes"]
+    fast, _ = bad.call_agent("handle", b"", b"x")
+    generic, _ = bad.call("handle", "", "x")
+    assert fast == lifted_from_generic("handle", generic)
+    with pytest.raises(CallFailed) as fast_error:
+        from_guest_utf8(fast.reply, "reply", 100)
+    with pytest.raises(CallFailed) as generic_error:
+        from_guest(generic.reply, "reply", 100)
+    assert (fast_error.value.status, fast_error.value.message) == (generic_error.value.status, generic_error.value.message)
+
+    for data in (b"y" * 64, bytes([0xE9]) * 64):
+        assert from_guest_utf8(data.decode("latin-1").encode(), "reply", 64) == data
+        for convert, text in ((from_guest_utf8, data.decode("latin-1").encode() + b"z"), (from_guest, to_guest(data) + "z")):
+            with pytest.raises(CallFailed) as over:
+                convert(text, "reply", 64)  # type: ignore[operator]
+            assert over.value.status == "too-large" and "reply of 65 bytes exceeds the limit of 64" in over.value.message

@@ -1,0 +1,919 @@
+"""Supervision trees, end to end: OTP supervisor behaviours with a real supervisor and real workers.
+
+Each test writes a tree manifest (top-level ``strategy``/``children``), spawns
+it, crashes children on demand (``trap_on.wat`` traps on the message "trap";
+a worker can also be SIGKILLed by its pid from ``ps``) and checks what the
+supervisor did: which children got new workers, in which order they were
+stopped and started (from the ``exit`` and ``worker-key`` records' times across
+the children's chains, read straight from the store), when a supervisor gives
+up, and that every chain still verifies. Waits are on replies or on ``ps`` /
+``tree`` with deadlines, never bare sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from conftest import COMPONENTS, Theater, wait_until
+
+from supervisor._audit import open_readonly, verify_home
+from theater import wire
+from theater.client import Client, ClientError, NotRunning
+from theater.records import Kind, Record
+
+VENV_THEATER = Path(sys.executable).parent / "theater"
+COMMAND = [str(VENV_THEATER)] if VENV_THEATER.exists() else [sys.executable, "-m", "supervisor"]
+LAB_POLICY = "lab"
+TRAP = "wasm trap: wasm `unreachable` instruction executed"
+
+
+# --- manifests --------------------------------------------------------------------
+
+
+def _toml(value: object) -> str:
+    """A TOML value; tables become inline tables, so a whole tree fits in one ``children`` array."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def agent(name: str, component: str = "trap_on.wat", **extra: object) -> dict[str, object]:
+    """An inline agent child: tests/components/<component> plus manifest keys (restart, limits, policy...)."""
+    return {"name": name, "component": str(COMPONENTS / component), **extra}
+
+
+def sup(name: str, children: list[dict[str, object]], strategy: str = "one_for_one", *,
+        intensity: int = 3, period_ms: int = 5000, **extra: object) -> dict[str, object]:
+    """An inline supervisor child."""
+    return {"name": name, "strategy": strategy, "intensity": intensity, "period_ms": period_ms,
+            "children": children, **extra}
+
+
+def tree_manifest(t: Theater, root: dict[str, object]) -> Path:
+    """Write ``root`` (made by :func:`sup`) as a supervisor manifest file; children one per line."""
+    lines = [f"{k} = {_toml(v)}" for k, v in root.items() if k != "children"]
+    lines.append("children = [")
+    lines.extend(f"  {_toml(child)}," for child in root["children"])  # type: ignore[union-attr]
+    lines.append("]")
+    path = t.dir / f"{root['name']}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_lab_policy(t: Theater) -> None:
+    """A site policy whose ceilings allow a 60 s call and a huge fuel budget (as in test_limits)."""
+    text = (Path(__file__).resolve().parent.parent / "policies" / "default.toml").read_text()
+    text = text.replace("fuel_per_call = 500000000", "fuel_per_call = 1000000000000")
+    text = text.replace("wall_time_ms = 2000 ", "wall_time_ms = 60000 ")
+    assert "1000000000000" in text and "60000 " in text
+    t.home.policies.mkdir(exist_ok=True)
+    (t.home.policies / f"{LAB_POLICY}.toml").write_text(text)
+
+
+# --- observing ----------------------------------------------------------------------
+
+
+def cli(t: Theater, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*COMMAND, "--home", str(t.home.root), *args], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+def _ps(c: Client, name: str) -> dict[str, Any]:
+    [info] = [a for a in c.ps() if a["name"] == name]
+    return info
+
+
+def _pids(c: Client, names: list[str]) -> dict[str, int | None]:
+    rows = {a["name"]: a for a in c.ps()}
+    return {n: rows[n]["pid"] for n in names}
+
+
+def _find(members: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    for m in members:
+        if m["name"] == name:
+            return m
+        found = _find(m.get("children", []), name)
+        if found is not None:
+            return found
+    return None
+
+
+def _member(c: Client, name: str) -> dict[str, Any]:
+    """A member (supervisor or agent) as the ``tree`` operation shows it."""
+    found = _find(c.request("tree")[0]["roots"], name)
+    assert found is not None, f"{name} is not in the tree"
+    return found
+
+
+def _wait_restarted(c: Client, name: str, old_pid: int | None, restarts: int, timeout: float = 20.0) -> dict[str, Any]:
+    """Wait until ``name`` runs on a worker other than ``old_pid`` and ps counts ``restarts``."""
+
+    def ready() -> dict[str, Any] | None:
+        info = _ps(c, name)
+        ok = info["status"] == "running" and info["pid"] not in (None, old_pid) and info["restarts"] == restarts
+        return info if ok else None
+
+    return wait_until(ready, timeout, f"{name} running on a new worker after {restarts} restarts")  # type: ignore[return-value]
+
+
+def _wait_status(c: Client, name: str, status: str, timeout: float = 20.0) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        info = _ps(c, name)
+        return info if info["status"] == status else None
+
+    return wait_until(reached, timeout, f"{name} {status}")  # type: ignore[return-value]
+
+
+def _wait_member(c: Client, name: str, status: str, timeout: float = 20.0, **fields: object) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        m = _member(c, name)
+        ok = m["status"] == status and all(m[k] == v for k, v in fields.items())
+        return m if ok else None
+
+    return wait_until(reached, timeout, f"{name} {status} {fields}")  # type: ignore[return-value]
+
+
+def _crash(c: Client, name: str) -> None:
+    """Make a trap_on.wat agent trap: the call fails with "trap" and the agent crashes."""
+    with pytest.raises(ClientError) as info:
+        c.call(name, b"trap")
+    assert info.value.code == "trap", f"{info.value.code}: {info.value}"
+    assert TRAP in str(info.value)
+
+
+def _records(t: Theater, name: str) -> list[Record]:
+    """The agent's stored chain, read straight from SQLite; its sequence numbers are contiguous."""
+    db = open_readonly(t.home.store)
+    try:
+        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
+        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
+    finally:
+        db.close()
+    records = [Record.parse(raw) for (raw,) in rows]
+    assert [r.seq for r in records] == list(range(len(records))), name
+    return records
+
+
+def _of(records: list[Record], kind: Kind) -> list[Record]:
+    return [r for r in records if r.kind is kind]
+
+
+def _exits(t: Theater, name: str) -> list[dict[str, Any]]:
+    return [r.fields() for r in _of(_records(t, name), Kind.EXIT)]
+
+
+def _events_after(t: Theater, names: list[str], since_ns: int) -> list[tuple[int, str, str, dict[str, Any]]]:
+    """Every exit and worker-key record of ``names`` after ``since_ns``, in time order: (time, kind, name, fields)."""
+    out = []
+    for name in names:
+        for r in _records(t, name):
+            if r.kind in (Kind.EXIT, Kind.WORKER_KEY) and r.time_ns > since_ns:
+                out.append((r.time_ns, "exit" if r.kind is Kind.EXIT else "start", name, r.fields()))
+    return sorted(out, key=lambda e: e[0])
+
+
+def _assert_verified(t: Theater) -> None:
+    reports = verify_home(t.home)
+    assert reports, "no chain to verify"
+    broken = [f"{r.name}: {r.problem}" for r in reports if not r.ok]
+    assert not broken, "; ".join(broken)
+
+
+def _answers(t: Theater) -> dict[str, Any] | None:
+    try:
+        with t.client(timeout=1.0) as c:
+            return c.ping()
+    except (NotRunning, ClientError):
+        return None
+
+
+# --- 1. strategies: exactly the right set, in the right order -------------------------------
+
+
+def _spawn_counting(t: Theater, c: Client, strategy: str, names: list[str],
+                    extra: list[dict[str, object]] | None = None) -> dict[str, int]:
+    """Spawn a tree of trap_on counters (``extra`` children inserted after the second), count each to 1,
+    and return their pids."""
+    kids = [agent(n) for n in names]
+    kids[2:2] = extra or []
+    info = c.spawn(tree_manifest(t, sup("root", kids, strategy, intensity=5, period_ms=60000)))
+    assert info["kind"] == "supervisor" and info["status"] == "running", info
+    assert [ch["name"] for ch in info["children"]] == [k["name"] for k in kids]
+    assert all(ch["status"] == "running" and ch["pid"] for ch in info["children"]), info
+    for n in names:
+        assert c.call(n, b"x") == b"1"
+    return _pids(c, names)  # type: ignore[return-value]
+
+
+def test_one_for_one_restarts_only_the_crashed_child(theater: Theater) -> None:
+    """one_for_one: the crashed child gets a new worker and resumes its count; its siblings keep theirs."""
+    names = ["a", "b", "c"]
+    with theater.client() as c:
+        before = _spawn_counting(theater, c, "one_for_one", names)
+        _crash(c, "b")
+        after = _wait_restarted(c, "b", before["b"], restarts=1)
+        assert _pids(c, names) == {**before, "b": after["pid"]}
+        assert [_ps(c, n)["restarts"] for n in names] == [0, 1, 0]
+        assert [c.call(n, b"y") for n in names] == [b"2", b"2", b"2"]
+        root = _member(c, "root")
+        assert (root["status"], root["restarts"]) == ("running", 1)
+    assert [e["reason"] for e in _exits(theater, "b")] == ["trap"]
+    assert _exits(theater, "a") == _exits(theater, "c") == []
+    _assert_verified(theater)
+
+
+def test_one_for_all_restarts_every_child_stopping_in_reverse_and_starting_in_order(theater: Theater) -> None:
+    """one_for_all: all get new workers; the others stop in reverse start order, then all start in start order.
+    A running temporary sibling is stopped with the others but not started again, and leaves the tree."""
+    names = ["a", "b", "c", "d"]
+    with theater.client() as c:
+        before = _spawn_counting(theater, c, "one_for_all", names, [agent("tmp", restart={"type": "temporary"})])
+        tmp = _ps(c, "tmp")["pid"]
+        since = time.time_ns()
+        _crash(c, "b")
+        for n in names:
+            _wait_restarted(c, n, before[n], restarts=1)
+        after = _pids(c, names)
+        assert all(after[n] != before[n] for n in names), (before, after)
+        assert [c.call(n, b"y") for n in names] == [b"2"] * 4  # every child resumed from its committed state
+        root = _member(c, "root")
+        assert root["restarts"] == 1
+        assert [m["name"] for m in root["children"]] == names  # the temporary child left
+        gone = _ps(c, "tmp")
+        assert tmp and (gone["status"], gone["pid"], gone["restarts"]) == ("stopped", None, 0)
+    events = [(kind, name) for _, kind, name, _ in _events_after(theater, [*names, "tmp"], since)]
+    assert events == [("exit", "b"), ("exit", "d"), ("exit", "c"), ("exit", "tmp"), ("exit", "a"),
+                      ("start", "a"), ("start", "b"), ("start", "c"), ("start", "d")], events
+    assert not _of(_records(theater, "tmp"), Kind.WORKER_KEY)
+    for n in ("a", "tmp", "c", "d"):
+        [exit_] = _exits(theater, n)
+        assert (exit_["reason"], exit_["detail"]) == ("shutdown", "exited with status 0"), exit_
+    assert [e["reason"] for e in _exits(theater, "b")] == ["trap"]
+    _assert_verified(theater)
+
+
+def test_rest_for_one_restarts_the_crashed_child_and_those_after_it(theater: Theater) -> None:
+    """rest_for_one: the crashed child and the later ones restart (reverse stop, in-order start); earlier ones do not."""
+    names = ["a", "b", "c", "d"]
+    with theater.client() as c:
+        before = _spawn_counting(theater, c, "rest_for_one", names)
+        since = time.time_ns()
+        _crash(c, "b")
+        for n in ("b", "c", "d"):
+            _wait_restarted(c, n, before[n], restarts=1)
+        after = _ps(c, "a")
+        assert (after["pid"], after["restarts"]) == (before["a"], 0)
+        assert [c.call(n, b"y") for n in names] == [b"2"] * 4
+    events = [(kind, name) for _, kind, name, _ in _events_after(theater, names, since)]
+    assert events == [("exit", "b"), ("exit", "d"), ("exit", "c"),
+                      ("start", "b"), ("start", "c"), ("start", "d")], events
+    assert _exits(theater, "a") == []
+    _assert_verified(theater)
+
+
+def test_queued_messages_survive_a_restart(theater: Theater) -> None:
+    """Unlike an Erlang mailbox, messages queued behind the crashing one are served by the new worker, in order."""
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", [agent("a")])))
+        assert c.call("a", b"x") == b"1"
+        pid = _ps(c, "a")["pid"]
+        assert c.send("a", b"trap") == {"queued": 1}  # dispatched at once: "trap" is in flight
+        assert c.send("a", b"queued") == {"queued": 1}  # waits behind it in the mailbox
+        assert c.call("a", b"after") == b"3"  # the new worker served "queued" (2), then this call (3)
+        info = _ps(c, "a")
+        assert info["pid"] != pid and info["restarts"] == 1
+    handles = [(h.fields()["message"], h.fields()["status"]) for h in _of(_records(theater, "a"), Kind.HANDLE)]
+    assert handles == [(b"x", "ok"), (b"trap", "trap"), (b"queued", "ok"), (b"after", "ok")]
+    _assert_verified(theater)
+
+
+# --- 2. restart types: permanent, transient, temporary on normal and abnormal exits -----------
+
+
+def test_restart_types_on_normal_and_abnormal_exits(theater: Theater) -> None:
+    """runtime.finish is a normal exit: permanent restarts, transient and temporary do not; a crash restarts
+    permanent and transient only; temporary children leave their supervisor's children."""
+    kids = [agent("perm", "finisher.wat"),
+            agent("trans", "finisher.wat", restart={"type": "transient"}),
+            agent("temp-normal", "finisher.wat", restart={"type": "temporary"}),
+            agent("temp-crash", "finisher.wat", restart={"type": "temporary"})]
+    names = [k["name"] for k in kids]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids, intensity=10, period_ms=60000)))
+        pids = _pids(c, names)
+        assert [c.call(n, b"x") for n in names] == [b"1"] * 4
+        assert [m["restart"] for m in _member(c, "root")["children"]] == ["permanent", "transient", "temporary", "temporary"]
+
+        # permanent: restarted even after a normal exit, from its committed state
+        assert c.call("perm", b"finish") == b"2"  # the finishing call is committed and answered
+        _wait_restarted(c, "perm", pids["perm"], restarts=1)
+        assert c.call("perm", b"y") == b"3"
+
+        # transient: restarted after a crash...
+        os.kill(pids["trans"], signal.SIGKILL)
+        trans = _wait_restarted(c, "trans", pids["trans"], restarts=1)
+        assert c.call("trans", b"y") == b"2"
+        # ...but not after a normal exit
+        assert c.call("trans", b"finish") == b"3"
+        info = _wait_status(c, "trans", "stopped")
+        assert (info["pid"], info["restarts"]) == (None, 1)
+        assert trans["pid"] != pids["trans"]
+        with pytest.raises(ClientError) as refused:
+            c.call("trans", b"z")
+        assert refused.value.code == "refused" and "stopped" in str(refused.value)
+
+        # temporary: never restarted, whatever the exit
+        assert c.call("temp-normal", b"finish") == b"2"
+        assert (_wait_status(c, "temp-normal", "stopped")["restarts"]) == 0
+        os.kill(pids["temp-crash"], signal.SIGKILL)
+        assert (_wait_status(c, "temp-crash", "failed")["restarts"]) == 0
+
+        root = _member(c, "root")
+        assert [m["name"] for m in root["children"]] == ["perm", "trans"]  # temporary children are removed
+        assert (root["status"], root["restarts"]) == ("running", 2)  # perm's normal exit and trans's crash
+        assert _member(c, "trans")["status"] == "stopped"  # a transient child stays, stopped
+
+    assert [(e["reason"], e["detail"]) for e in _exits(theater, "perm")] == [("normal", "exited with status 0")]
+    assert [e["reason"] for e in _exits(theater, "trans")] == ["worker-died", "normal"]
+    assert "killed by signal 9" in _exits(theater, "trans")[0]["detail"]
+    assert [e["reason"] for e in _exits(theater, "temp-normal")] == ["normal"]
+    assert [e["reason"] for e in _exits(theater, "temp-crash")] == ["worker-died"]
+    for n in ("trans", "temp-normal", "temp-crash"):
+        assert len(_of(_records(theater, n), Kind.WORKER_KEY)) == (1 if n == "trans" else 0), n
+    finish = [r for r in _records(theater, "perm") if r.kind is Kind.HOST_CALL]
+    assert [r.fields()["function"] for r in finish] == ["finish"]
+    _assert_verified(theater)
+
+
+def test_top_level_agents_on_a_normal_exit(theater: Theater) -> None:
+    """A top-level agent is the only child of its own one_for_one supervisor: a normal exit restarts only permanent."""
+    types = ["permanent", "transient", "temporary"]
+    with theater.client() as c:
+        for t in types:
+            c.spawn(theater.manifest(t, "finisher.wat", restart={"type": t}))
+        pids = _pids(c, types)
+        assert [c.call(t, b"finish") for t in types] == [b"1"] * 3
+        _wait_restarted(c, "permanent", pids["permanent"], restarts=1)
+        assert c.call("permanent", b"x") == b"2"
+        for t in ("transient", "temporary"):
+            info = _wait_status(c, t, "stopped")
+            assert (info["pid"], info["restarts"], info["last_exit"]) == (None, 0, "normal: exited with status 0")
+    for t in types:
+        assert [e["reason"] for e in _exits(theater, t)] == ["normal"]
+    _assert_verified(theater)
+
+
+# --- 3. restart intensity -------------------------------------------------------------------
+
+
+def test_intensity_exceeded_gives_up_stopping_children_in_reverse_order(theater: Theater) -> None:
+    """More than `intensity` restarts within `period_ms`: the supervisor stops every child (last first) and fails."""
+    names = ["x", "y", "crasher"]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", [agent(n) for n in names], intensity=2, period_ms=60000)))
+        pids = _pids(c, names)
+        pid = pids["crasher"]
+        for n in range(1, 3):
+            _crash(c, "crasher")
+            pid = _wait_restarted(c, "crasher", pid, restarts=n)["pid"]
+        since = time.time_ns()
+        _crash(c, "crasher")  # the third crash in the period
+        root = _wait_member(c, "root", "failed")
+        assert "more than 2 restarts in 60000 ms" in root["last_exit"] and "crasher" in root["last_exit"], root
+        info = {n: _ps(c, n) for n in names}
+        assert [(info[n]["status"], info[n]["pid"]) for n in names] == [("stopped", None), ("stopped", None), ("failed", None)]
+        assert info["crasher"]["restarts"] == 2
+        with pytest.raises(ClientError) as refused:
+            c.call("x", b"hello?")
+        assert refused.value.code == "refused"
+    events = [(kind, name) for _, kind, name, _ in _events_after(theater, names, since)]
+    assert events == [("exit", "crasher"), ("exit", "y"), ("exit", "x")], events
+    for n in ("x", "y"):
+        [exit_] = _exits(theater, n)
+        assert exit_["reason"] == "shutdown"
+        assert exit_["detail"].startswith("supervisor root gave up: more than 2 restarts in 60000 ms"), exit_
+    assert [e["reason"] for e in _exits(theater, "crasher")] == ["trap"] * 3
+    _assert_verified(theater)
+
+
+def test_the_same_crashes_spread_wider_than_the_period_do_not_escalate(theater: Theater) -> None:
+    """Three crashes against intensity 2, each after the previous restart has left the 300 ms period: no escalation."""
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", [agent("other"), agent("crasher")], intensity=2, period_ms=300)))
+        other = _ps(c, "other")["pid"]
+        pid = _ps(c, "crasher")["pid"]
+        for n in range(1, 5):
+            if n > 1:
+                last_exit = _of(_records(theater, "crasher"), Kind.EXIT)[-1].time_ns
+                wait_until(lambda t=last_exit: time.time_ns() - t > 350_000_000, 5, "the last restart to leave the period")
+            _crash(c, "crasher")
+            pid = _wait_restarted(c, "crasher", pid, restarts=n)["pid"]
+        root = _member(c, "root")
+        assert (root["status"], root["restarts"], root["last_exit"]) == ("running", 4, "")
+        assert _ps(c, "other")["pid"] == other
+        assert c.call("crasher", b"x") == b"1"
+    _assert_verified(theater)
+
+
+# --- 4. nested trees escalate level by level --------------------------------------------------
+
+
+def test_nested_supervisors_escalate_level_by_level(theater: Theater) -> None:
+    """An inner supervisor that gives up is restarted by its parent (counted there); when the root gives up,
+    everything is stopped, the tree shows why, the supervisor keeps answering and every chain verifies."""
+    inner = sup("inner", [agent("i1"), agent("i2")], intensity=1, period_ms=60000)
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", [agent("top"), inner], intensity=1, period_ms=60000)))
+        pids = _pids(c, ["top", "i1", "i2"])
+        assert c.call("i1", b"x") == b"1"
+
+        # 1st crash of i2: inner restarts it (inner's intensity 1 is now used up)
+        _crash(c, "i2")
+        pid = _wait_restarted(c, "i2", pids["i2"], restarts=1)["pid"]
+        assert _member(c, "inner")["restarts"] == 1 and _member(c, "root")["restarts"] == 0
+
+        # 2nd crash: inner gives up; root restarts inner (i1 and i2 on new workers), counted in root's intensity
+        since = time.time_ns()
+        _crash(c, "i2")
+        _wait_member(c, "root", "running", restarts=1)
+        _wait_member(c, "inner", "running")
+        _wait_restarted(c, "i1", pids["i1"], restarts=1)
+        i2 = _wait_restarted(c, "i2", pid, restarts=2)
+        assert _ps(c, "top")["pid"] == pids["top"]  # one_for_one at the root: the sibling is untouched
+        assert c.call("i1", b"y") == b"2"  # restarted from its committed state
+        events = [(kind, name) for _, kind, name, _ in _events_after(theater, ["i1", "i2"], since)]
+        assert events == [("exit", "i2"), ("exit", "i1"), ("start", "i1"), ("start", "i2")], events
+        [i1_exit] = _exits(theater, "i1")
+        assert i1_exit["reason"] == "shutdown"
+        assert i1_exit["detail"].startswith("supervisor inner gave up: more than 1 restarts in 60000 ms (last: i2, trap)")
+
+        # inner gives up again: the root's second restart in its period is one too many, so the root gives up
+        _crash(c, "i2")
+        i2 = _wait_restarted(c, "i2", i2["pid"], restarts=3)
+        _crash(c, "i2")
+        root = _wait_member(c, "root", "failed")
+        assert "more than 1 restarts in 60000 ms (last: inner, shutdown)" in root["last_exit"], root
+        assert all(a["pid"] is None and a["status"] in ("stopped", "failed") for a in c.ps()), c.ps()
+        assert _ps(c, "top")["status"] == "stopped"
+        assert c.ping()["agents"] == 3  # the supervisor process stays up and answers
+
+    out = cli(theater, "tree", "--json")
+    assert out.returncode == 0, out.stderr
+    [root] = json.loads(out.stdout)
+    assert (root["name"], root["kind"], root["status"]) == ("root", "supervisor", "failed")
+    assert "gave up: more than 1 restarts in 60000 ms" in root["last_exit"]
+    assert root["uptime_s"] == 0
+    text = cli(theater, "tree")
+    assert text.returncode == 0 and "root [one_for_one, 1/60000ms] failed" in text.stdout, text.stdout
+    assert theater.proc is not None and theater.proc.poll() is None
+    top_exit = _exits(theater, "top")[-1]
+    assert top_exit["reason"] == "shutdown" and "supervisor root gave up" in top_exit["detail"]
+    _assert_verified(theater)
+
+    with theater.client() as c:  # the operator brings the failed tree back, every child from its committed state
+        assert c.request("restart", agent="root")[0]["status"] == "running"
+        assert [c.call(n, b"z") for n in ("top", "i1", "i2")] == [b"1", b"3", b"1"]
+    _assert_verified(theater)
+
+
+# --- 5. shutdown: a timeout honoured, then a kill; brutal_kill; a clean exit --------------------
+
+
+def _busy(c: Client, name: str) -> None:
+    """Send a message the spin agent will loop on, and wait until it is in flight (out of the mailbox)."""
+    assert c.send(name, b"go") == {"queued": 1}
+    wait_until(lambda: _ps(c, name)["mailbox"] == 0, 10, f"{name}'s message to be in flight")
+
+
+SPIN_LIMITS = {"wall_time_ms": 30000, "fuel_per_call": 10**12}
+
+
+def test_shutdown_timeout_then_kill_brutal_kill_and_a_clean_exit(theater: Theater) -> None:
+    """`theater stop`: a child busy past its 300 ms shutdown is killed when it runs out, a brutal_kill child is
+    killed at once, and an idle child stops by itself."""
+    write_lab_policy(theater)
+    kids = [agent("slow", "spin.wat", policy=LAB_POLICY, limits=SPIN_LIMITS, restart={"shutdown": 300}),
+            agent("brutal", "spin.wat", policy=LAB_POLICY, limits=SPIN_LIMITS, restart={"shutdown": "brutal_kill"}),
+            agent("polite", "counter.wat")]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids)))
+        _busy(c, "slow")
+        _busy(c, "brutal")
+        start = time.monotonic()
+        out = cli(theater, "stop", "slow")
+        assert out.returncode == 0, out.stderr
+        assert time.monotonic() - start >= 0.3  # it was given its full shutdown timeout
+        assert out.stdout.strip() == "slow stopped"
+        start = time.monotonic()
+        assert c.stop("brutal")["status"] == "stopped"
+        assert time.monotonic() - start < 5.0  # not its default 5 s shutdown: no STOP was sent, it was killed
+        assert c.stop("polite")["status"] == "stopped"
+        assert [_ps(c, n)["status"] for n in ("slow", "brutal", "polite")] == ["stopped"] * 3
+        assert _member(c, "root")["restarts"] == 0  # an operator stop is not a crash
+    [slow] = _exits(theater, "slow")
+    assert (slow["reason"], slow["detail"]) == ("stopped", "did not stop within its shutdown timeout of 300 ms; killed")
+    assert [e["reason"] for n in ("brutal", "polite") for e in _exits(theater, n)] == ["stopped", "stopped"]
+    _assert_verified(theater)
+
+
+def test_operator_stop_records_how_the_worker_ended(theater: Theater) -> None:
+    """The exit record of `theater stop` says the brutal_kill child was killed by signal 9 and the idle one exited 0."""
+    write_lab_policy(theater)
+    kids = [agent("brutal", "spin.wat", policy=LAB_POLICY, limits=SPIN_LIMITS, restart={"shutdown": "brutal_kill"}),
+            agent("polite", "counter.wat")]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids)))
+        _busy(c, "brutal")
+        c.stop("brutal")
+        c.stop("polite")
+    [brutal] = _exits(theater, "brutal")
+    assert "killed by signal 9" in brutal["detail"], brutal
+    [polite] = _exits(theater, "polite")
+    assert "exited with status 0" in polite["detail"], polite
+
+
+def test_sibling_restart_honours_the_shutdown_timeout(theater: Theater) -> None:
+    """one_for_all: a sibling busy in a long call is given its 300 ms, then killed; the restart then goes on."""
+    write_lab_policy(theater)
+    kids = [agent("slow", "spin.wat", policy=LAB_POLICY, limits=SPIN_LIMITS, restart={"shutdown": 300}),
+            agent("brutal", "spin.wat", policy=LAB_POLICY, limits=SPIN_LIMITS, restart={"shutdown": "brutal_kill"}),
+            agent("crasher")]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids, "one_for_all")))
+        pids = _pids(c, ["slow", "brutal", "crasher"])
+        _busy(c, "slow")
+        _busy(c, "brutal")
+        since = time.time_ns()
+        _crash(c, "crasher")
+        for n in ("slow", "brutal", "crasher"):
+            _wait_restarted(c, n, pids[n], restarts=1)
+    events = _events_after(theater, ["slow", "brutal", "crasher"], since)
+    assert [(kind, name) for _, kind, name, _ in events] == [
+        ("exit", "crasher"), ("exit", "brutal"), ("exit", "slow"),
+        ("start", "slow"), ("start", "brutal"), ("start", "crasher")]
+    times = {(kind, name): t for t, kind, name, _ in events}
+    assert times[("exit", "slow")] - times[("exit", "brutal")] >= 300_000_000  # slow was given its 300 ms
+    [slow] = _exits(theater, "slow")
+    assert (slow["reason"], slow["detail"]) == ("shutdown", "did not stop within its shutdown timeout of 300 ms; killed")
+    [brutal] = _exits(theater, "brutal")
+    assert brutal["reason"] == "shutdown" and brutal["detail"].startswith("killed by signal 9"), brutal
+    _assert_verified(theater)
+
+
+# --- 6. a crash-looping child never wedges its supervisor or starves its siblings ----------------
+
+
+class _Caller(threading.Thread):
+    """Calls a counter in a loop, keeping every reply and how long each took, until told to stop or refused
+    because its supervisor stopped it."""
+
+    def __init__(self, t: Theater, name: str) -> None:
+        super().__init__(daemon=True)
+        self.t, self.name = t, name
+        self.replies: list[bytes | None] = []
+        self.slowest = 0.0
+        self.errors: list[str] = []
+        self.stopped_by_supervisor = ""
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with Client(self.t.home, timeout=10) as c:
+            while not self.stop.is_set():
+                start = time.monotonic()
+                try:
+                    self.replies.append(c.call(self.name, b"tick", timeout=5))
+                except ClientError as exc:
+                    if exc.code in ("refused", "agent-stopped") and f"agent {self.name} is stop" in str(exc):
+                        self.stopped_by_supervisor = str(exc)
+                    else:
+                        self.errors.append(f"{exc.code}: {exc}")
+                    return
+                except NotRunning as exc:
+                    self.errors.append(str(exc))
+                    return
+                self.slowest = max(self.slowest, time.monotonic() - start)
+
+
+def _send_async(t: Theater, op: str, **body: object) -> zmq.Socket:
+    """Send one control request without waiting for its reply; poll the returned socket for it."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(t.home.control_endpoint)
+    token = t.home.token.read_text().strip()
+    sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json({"op": op, "id": 1, "token": token, **body})])
+    return sock
+
+
+def _check_sibling_kept_serving(caller: _Caller, since: int, until: int) -> None:
+    """Every call was answered promptly and in order until the caller was told to stop or its supervisor stopped
+    it (the only refusal allowed), and calls were answered while the crash loop ran (replies ``since``..``until``)."""
+    caller.stop.set()
+    caller.join(timeout=20)
+    assert not caller.is_alive()
+    assert not caller.errors, caller.errors
+    assert caller.replies == [str(n).encode() for n in range(1, len(caller.replies) + 1)]
+    assert until - since >= 3, (since, until)
+    assert caller.slowest < 2.0, caller.slowest
+
+
+def test_handle_crash_loop_gives_up_without_starving_a_sibling(theater: Theater) -> None:
+    """A child fed one crashing message after another crashes on each new worker until its supervisor gives up;
+    meanwhile its sibling answers every call promptly and ps answers."""
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", [agent("sib", "counter.wat"), agent("loop")],
+                                           intensity=5, period_ms=60000)))
+        caller = _Caller(theater, "sib")
+        caller.start()
+        wait_until(lambda: len(caller.replies) >= 2 or caller.errors, 10, "the sibling to answer")
+        since = len(caller.replies)
+        for _ in range(8):  # each worker of "loop" takes the next one and crashes on it
+            c.send("loop", b"trap")
+        root = _wait_member(c, "root", "failed")
+        _check_sibling_kept_serving(caller, since, until=len(caller.replies))
+        assert "more than 5 restarts in 60000 ms (last: loop, trap)" in root["last_exit"], root
+        assert _ps(c, "loop")["restarts"] == 5
+        assert _ps(c, "sib")["status"] == "stopped"
+    assert [e["reason"] for e in _exits(theater, "loop")] == ["trap"] * 6
+    _assert_verified(theater)
+
+
+def test_init_crash_loop_gives_up_without_starving_a_sibling(theater: Theater) -> None:
+    """A child whose init traps on every start is restarted until its supervisor gives up; its sibling keeps
+    answering every call promptly meanwhile."""
+    manifest = tree_manifest(theater, sup("root", [agent("sib", "counter.wat"), agent("loop", "init_trap.wat")],
+                                          intensity=20, period_ms=60000))
+    spawn = _send_async(theater, "spawn", manifest=str(manifest))  # the tree's start itself is not at issue here
+    try:
+        with theater.client() as c:
+            wait_until(lambda: any(a["name"] == "sib" and a["status"] == "running" for a in c.ps()), 20, "sib running")
+            caller = _Caller(theater, "sib")
+            caller.start()
+            root = _wait_member(c, "root", "failed", timeout=30)
+            _check_sibling_kept_serving(caller, 0, until=len(caller.replies))
+            assert "more than 20 restarts in 60000 ms (last: loop, trap)" in root["last_exit"], root
+            assert _ps(c, "loop")["restarts"] == 20
+            assert c.ping()
+    finally:
+        spawn.close(0)
+    exits = _of(_records(theater, "loop"), Kind.EXIT)
+    assert [e.fields()["reason"] for e in exits] == ["trap"] * 21
+    assert all(e.fields()["detail"] == f"trap: {TRAP}" for e in exits)
+    _assert_verified(theater)
+
+
+def test_spawning_a_tree_whose_child_cannot_start_is_answered(theater: Theater) -> None:
+    """The spawn of a tree whose second child cannot load its component is answered (an error, or a tree that
+    shows the child failed), and is not left starting; the child is never restarted."""
+    manifest = tree_manifest(theater, sup("root", [agent("sib", "counter.wat"), agent("bad", "missing_export.wat")],
+                                          intensity=2, period_ms=60000))
+    with theater.client(timeout=5) as c:  # "bad" fails to load within a second
+        try:
+            info = c.spawn(manifest)
+        except ClientError as exc:
+            assert exc.code == "spawn-failed" and "bad" in str(exc), f"{exc.code}: {exc}"
+        else:
+            bad = _find([info], "bad")
+            assert info["status"] == "failed" or (bad is not None and bad["status"] == "failed"), info
+        assert _member(c, "root")["status"] != "starting"
+        bad = _find(c.request("tree")[0]["roots"], "bad")
+        if bad is not None:
+            assert bad["restarts"] == 0 and "load-failed" in bad["last_exit"], bad
+
+
+# --- 7. restart from the last committed state, or from the initial one ---------------------------
+
+
+def test_restart_resumes_from_the_last_committed_state_and_the_chain_continues(theater: Theater) -> None:
+    """from = "last": the new worker continues the count; from = "initial": init runs again and the count restarts.
+    Either way the chain goes on: exit, then worker-key, with contiguous sequence numbers, and it verifies."""
+    kids = [agent("keep"), agent("fresh", restart={"from": "initial"})]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids, intensity=5, period_ms=60000)))
+        for n in ("keep", "fresh"):
+            assert [c.call(n, b"x") for _ in range(3)] == [b"1", b"2", b"3"]
+            pid = _ps(c, n)["pid"]
+            _crash(c, n)
+            _wait_restarted(c, n, pid, restarts=1)
+        os.kill(_ps(c, "keep")["pid"], signal.SIGKILL)  # a killed worker is the same kind of crash
+        _wait_restarted(c, "keep", None, restarts=2)
+        assert c.call("keep", b"y") == b"4"
+        assert c.call("fresh", b"y") == b"1"
+
+    keep = _records(theater, "keep")  # contiguous seq checked there
+    kinds = [r.kind for r in keep]
+    assert kinds == [Kind.GENESIS, Kind.INIT, *[Kind.HANDLE] * 4, Kind.EXIT, Kind.WORKER_KEY, Kind.EXIT,
+                     Kind.WORKER_KEY, Kind.HANDLE], kinds
+    three = keep[4].state_hash  # after the third call
+    assert all(r.state_hash == three for r in keep[5:10])  # the trap, the exits and the new keys keep the state
+    assert [r.fields()["incarnation"] for r in keep if r.kind in (Kind.EXIT, Kind.WORKER_KEY)] == [0, 1, 1, 2]
+    assert keep[7].fields()["reason"].startswith("trap: ")  # the new worker's key says why it was started
+    keys = [r.fields()["worker_key"] for r in keep if r.kind in (Kind.GENESIS, Kind.WORKER_KEY)]
+    assert len(set(keys)) == 3  # each worker made its own key, signed into the same chain
+    assert keep[-1].fields()["reply"] == b"4"
+
+    fresh = _records(theater, "fresh")
+    kinds = [r.kind for r in fresh]
+    assert kinds == [Kind.GENESIS, Kind.INIT, *[Kind.HANDLE] * 4, Kind.EXIT, Kind.WORKER_KEY, Kind.INIT, Kind.HANDLE]
+    assert fresh[8].fields()["status"] == "ok"  # init was called again...
+    assert fresh[8].state_hash == fresh[1].state_hash  # ...and gave the initial state again
+    assert fresh[-1].fields()["reply"] == b"1"
+    _assert_verified(theater)
+
+
+# --- 8. `theater restart` and `theater tree` ------------------------------------------------------
+
+
+def test_operator_restart_of_an_agent_and_a_subtree_does_not_count_against_intensity(theater: Theater) -> None:
+    """`theater restart` gives an agent or a whole subtree new workers (stopping in reverse, starting in order),
+    from their committed state, without using up any supervisor's intensity or counting as restarts in ps;
+    `theater tree --json` shows ids, names, strategies, restart counts, status and uptime."""
+    inner = sup("inner", [agent("s1"), agent("s2")], "rest_for_one", intensity=1, period_ms=60000)
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", [agent("a"), inner], intensity=1, period_ms=60000)))
+        for n in ("a", "s1", "s2"):
+            assert c.call(n, b"x") == b"1"
+        for via_cli in (True, False):
+            pid = _ps(c, "a")["pid"]
+            if via_cli:
+                out = cli(theater, "restart", "a", "--json")
+                assert out.returncode == 0, out.stderr
+                info = json.loads(out.stdout)
+            else:
+                info = c.request("restart", agent="a")[0]
+            assert (info["name"], info["kind"], info["status"]) == ("a", "agent", "running")
+            assert info["pid"] not in (None, pid) and info["restarts"] == 0
+        assert c.call("a", b"y") == b"2"  # restarted from its committed state
+
+        before = _pids(c, ["s1", "s2"])
+        since = time.time_ns()
+        out = cli(theater, "restart", "inner", "--json")
+        assert out.returncode == 0, out.stderr
+        info = json.loads(out.stdout)
+        assert (info["name"], info["kind"], info["status"], info["restarts"]) == ("inner", "supervisor", "running", 0)
+        after = _pids(c, ["s1", "s2"])
+        assert all(after[n] not in (None, before[n]) for n in after), (before, after)
+        assert [c.call(n, b"y") for n in ("s1", "s2")] == [b"2", b"2"]
+        events = [(kind, name) for _, kind, name, _ in _events_after(theater, ["s1", "s2"], since)]
+        assert events == [("exit", "s2"), ("exit", "s1"), ("start", "s1"), ("start", "s2")], events
+
+        out = cli(theater, "tree", "--json")
+        assert out.returncode == 0, out.stderr
+        [root] = json.loads(out.stdout)
+        assert {k: root[k] for k in ("kind", "name", "strategy", "intensity", "period_ms", "restarts", "status")} == {
+            "kind": "supervisor", "name": "root", "strategy": "one_for_one", "intensity": 1, "period_ms": 60000,
+            "restarts": 0, "status": "running"}
+        assert root["uptime_s"] > 0
+        [a, sub] = root["children"]
+        assert (a["kind"], a["name"], a["restart"], a["restarts"], a["status"]) == ("agent", "a", "permanent", 0, "running")
+        assert a["id"] == _ps(c, "a")["id"] and a["pid"] == _ps(c, "a")["pid"] and a["uptime_s"] >= 0
+        assert (sub["kind"], sub["name"], sub["strategy"], sub["restarts"], sub["status"]) == (
+            "supervisor", "inner", "rest_for_one", 0, "running")
+        assert [(m["name"], m["restarts"], m["status"]) for m in sub["children"]] == [("s1", 0, "running"), ("s2", 0, "running")]
+        ids = [root["id"], a["id"], sub["id"], *[m["id"] for m in sub["children"]]]
+        assert len(set(ids)) == 5 and all(len(i) == 36 for i in ids)
+
+        # intensity 1 is still whole at both levels: one crash is restarted, the next one is one too many
+        _crash(c, "s1")
+        _wait_member(c, "inner", "running", restarts=1)
+        _wait_restarted(c, "s2", after["s2"], restarts=1)  # rest_for_one: s2 comes after s1
+        assert _member(c, "root")["restarts"] == 0
+        _crash(c, "a")
+        _wait_restarted(c, "a", _ps(c, "a")["pid"], restarts=1)
+        assert _member(c, "root")["status"] == "running"
+        _crash(c, "a")
+        assert "more than 1 restarts in 60000 ms" in _wait_member(c, "root", "failed")["last_exit"]
+    exits = _exits(theater, "a")
+    assert [e["reason"] for e in exits] == ["shutdown", "shutdown", "trap", "trap"]
+    assert [e["detail"] for e in exits[:2]] == ["restarted by the operator (exited with status 0)"] * 2  # who, and how it ended
+    for n in ("s1", "s2"):  # so do a restarted subtree's children's chains
+        assert _exits(theater, n)[0] == {"incarnation": 0, "reason": "shutdown", "detail": "restarted by the operator (exited with status 0)"}
+    _assert_verified(theater)
+
+
+# --- 9. trees survive the supervisor --------------------------------------------------------------
+
+
+def test_tree_survives_down_and_start(theater: Theater) -> None:
+    """`down` stops a tree last child first; the next start brings it back in start order, each child from its
+    committed state; a child and a tree the operator stopped stay stopped until `theater restart`."""
+    names = ["a", "b", "c", "d"]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", [agent(n) for n in names], "one_for_all")))
+        c.spawn(tree_manifest(theater, sup("off", [agent("z")])))
+        for i, n in enumerate(names):
+            for _ in range(i + 1):
+                c.call(n, b"x")
+        root_id = _member(c, "root")["id"]
+        assert c.stop("b")["status"] == "stopped"
+        assert c.stop("off")["status"] == "stopped"
+        workers = [a["pid"] for a in c.ps() if a["pid"]]
+    assert len(workers) == 3
+    since = time.time_ns()
+    theater.stop()
+    assert theater.proc is not None and theater.proc.returncode == 0
+    stops = _events_after(theater, names, since)
+    assert [(kind, name) for _, kind, name, _ in stops] == [("exit", "d"), ("exit", "c"), ("exit", "a")]
+    assert all(f["reason"] == "shutdown" for *_, f in stops)
+    _assert_verified(theater)
+
+    since = time.time_ns()
+    theater.start()
+    with theater.client() as c:
+        root = _wait_member(c, "root", "running")
+        assert root["id"] == root_id and [m["name"] for m in root["children"]] == names
+        running = ["a", "c", "d"]
+        assert all(_ps(c, n)["status"] == "running" and _ps(c, n)["pid"] not in workers for n in running)
+        assert [_ps(c, n)["restarts"] for n in running] == [0, 0, 0]  # a resume is not a restart
+        assert [c.call(n, b"y") for n in running] == [b"2", b"4", b"5"]
+        assert (_ps(c, "b")["status"], _ps(c, "b")["pid"]) == ("stopped", None)
+        assert _member(c, "off")["status"] == "stopped"
+        assert (_ps(c, "z")["status"], _ps(c, "z")["pid"]) == ("stopped", None)
+        starts = [(kind, name) for _, kind, name, _ in _events_after(theater, [*names, "z"], since)]
+        assert starts == [("start", "a"), ("start", "c"), ("start", "d")], starts
+        c.request("restart", agent="b")
+        assert c.call("b", b"y") == b"3"
+    _assert_verified(theater)
+
+
+def _start_after_crash(t: Theater) -> None:
+    """``t.start()`` after a SIGKILLed supervisor, tolerating a readiness ping refused for a stale token."""
+    try:
+        t.start()
+    except ClientError as exc:
+        if exc.code != "refused":
+            raise
+        wait_until(lambda: _answers(t), 30, "the restarted supervisor to answer a fresh client")
+
+
+def test_tree_survives_a_supervisor_sigkill(theater: Theater) -> None:
+    """A SIGKILLed supervisor takes its workers with it; the next start records why, then restarts the tree in order."""
+    names = ["a", "b"]
+    inner = sup("inner", [agent("i")])
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", [agent("a"), inner, agent("b")])))
+        for n in (*names, "i"):
+            assert c.call(n, b"x") == b"1"
+    theater.kill()
+    since = time.time_ns()
+    _start_after_crash(theater)
+    with theater.client() as c:
+        _wait_member(c, "root", "running")
+        assert [c.call(n, b"y") for n in ("a", "i", "b")] == [b"2", b"2", b"2"]
+        assert [m["name"] for m in _member(c, "root")["children"]] == ["a", "inner", "b"]
+    events = _events_after(theater, ["a", "i", "b"], since)
+    assert sorted((kind, name) for _, kind, name, _ in events if kind == "exit") == [("exit", "a"), ("exit", "b"), ("exit", "i")]
+    assert all(f["reason"] == "supervisor-restart" for _, kind, _, f in events if kind == "exit")
+    assert [name for _, kind, name, _ in events if kind == "start"] == ["a", "i", "b"]
+    _assert_verified(theater)
+
+
+def test_tree_survives_two_restarts_of_the_supervisor(theater: Theater) -> None:
+    """Every child of a running tree runs again after each of two `down` + start cycles, and is stored as running."""
+    names = ["a", "b", "c"]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", [agent(n) for n in names])))
+    for cycle in (1, 2):
+        theater.stop()
+        theater.start()
+        with theater.client() as c:
+            _wait_member(c, "root", "running")
+            assert [(_ps(c, n)["status"], c.call(n, b"x")) for n in names] == [("running", str(cycle).encode())] * 3
+        db = open_readonly(theater.home.store)
+        try:
+            desired = dict(db.execute("SELECT name, desired FROM agents").fetchall())
+        finally:
+            db.close()
+        assert desired == dict.fromkeys(names, "running"), (cycle, desired)
+
+
+def test_operator_restart_of_a_failed_top_level_agent_starts_a_fresh_intensity(theater: Theater) -> None:
+    """After a top-level agent gave up and the operator restarted it, it again gets `intensity` restarts."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("solo", "trap_on.wat", restart={"intensity": 1, "period_ms": 60000}))
+        pid = _ps(c, "solo")["pid"]
+        _crash(c, "solo")
+        pid = _wait_restarted(c, "solo", pid, restarts=1)["pid"]
+        _crash(c, "solo")
+        assert "more than 1 restarts in 60000 ms" in _wait_status(c, "solo", "failed")["last_exit"]
+        assert c.request("restart", agent="solo")[0]["status"] == "running"
+        pid = _ps(c, "solo")["pid"]
+        _crash(c, "solo")  # one crash, within intensity 1 of a fresh start
+        info = wait_until(lambda: (i := _ps(c, "solo"))["status"] in ("running", "failed") and i["pid"] != pid and i,
+                          20, "solo restarted or failed")
+        assert info["status"] == "running", info  # type: ignore[index]
