@@ -74,12 +74,14 @@ def main() -> int:
         say(f"   echo replied {theater(home, 'call', 'echo', 'hello, theater').stdout.strip()!r}")
 
         step("a runaway agent (infinite loop, 200 ms deadline)")
+        before = ps(home)["runaway"]
         t0 = time.monotonic()
         runaway = theater(home, "call", "runaway", "go", check=False)
         elapsed = (time.monotonic() - t0) * 1000
         say(f"   stopped after {elapsed:.0f} ms (command round trip): {runaway.stderr.strip()}")
-        info = ps(home)["runaway"]
-        say(f"   restarted on a fresh instance: status {info['status']}, instance restarts {info['instance_restarts']}, same worker pid {info['pid']}")
+        info = wait_for(lambda: (a := ps(home)["runaway"])["status"] == "running" and a["pid"] != before["pid"] and a,
+                        "the runaway's restart")
+        say(f"   a crash, so its supervisor restarted it: worker {before['pid']} -> {info['pid']}, restarts {info['restarts']}")
 
         step("a crash: SIGKILL the counter's worker")
         before = ps(home)["counter"]
@@ -87,6 +89,11 @@ def main() -> int:
         after = wait_for(lambda: (a := ps(home)["counter"])["pid"] not in (None, before["pid"]) and a["status"] == "running" and a, "the counter's restart")
         say(f"   worker {before['pid']} killed; supervisor restarted it as {after['pid']} (restarts: {after['restarts']})")
         say(f"   state survived: counter continues at {theater(home, 'call', 'counter', 'tick').stdout.strip()}")
+
+        step("a supervision tree (rest_for_one) from one manifest")
+        theater(home, "spawn", str(AGENTS / "pipeline.toml"))
+        for line in theater(home, "tree").stdout.strip().splitlines():
+            say("   " + line)
 
         step("the counter's chain (last 6 records)")
         for line in theater(home, "events", "counter").stdout.strip().splitlines()[-6:]:
