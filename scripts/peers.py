@@ -141,7 +141,7 @@ def circus_restarts(python: Path, tmp: Path, n: int, check_delay: float) -> list
         copy_env = True
     """))
     proc = subprocess.Popen([str(python), "-m", "circus.circusd", str(ini)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp)
     try:
         return _restarts(inbox, n, 30)
     finally:
@@ -167,8 +167,9 @@ def supervisord_restarts(python: Path, tmp: Path, n: int) -> list[float]:
         startretries = 1000
     """))
     out = open(tmp / "supervisord.out", "wb")  # noqa: SIM115 - closed below
+    # cwd: not the checkout, whose own `supervisor` package would shadow supervisord's under -m
     proc = subprocess.Popen([str(python), "-m", "supervisor.supervisord", "-c", str(conf)],
-                            stdout=out, stderr=out, start_new_session=True)
+                            stdout=out, stderr=out, start_new_session=True, cwd=tmp)
     try:
         return _restarts(inbox, n, 30)
     except TimeoutError:
@@ -188,7 +189,8 @@ def extism_echo(python: Path, tmp: Path, n: int) -> dict[str, float]:
     plugin.write_bytes(wasmtime.wat2wasm(ECHO_PLUGIN))
     script = tmp / "extism_bench.py"
     script.write_text(EXTISM_BENCH)
-    done = subprocess.run([str(python), str(script), str(plugin), str(n)], capture_output=True, text=True, check=True)
+    done = subprocess.run([str(python), str(script), str(plugin), str(n)], capture_output=True, text=True, check=True,
+                          cwd=tmp)
     return json.loads(done.stdout)
 
 

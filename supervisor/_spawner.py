@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import secrets
 import select
 import signal
@@ -46,6 +47,8 @@ __all__ = ["WORKER_COMMAND", "ZYGOTE_COMMAND", "Spawner", "WorkerProcess", "exit
 
 WORKER_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONSAFEPATH": "1"}
 ZYGOTE_READY_TIMEOUT_S = 30.0
+MAX_ZYGOTE_FAILURES = 3
+CLONE_MACHINES = ("x86_64", "aarch64")  # where worker/_zygote.py knows the clone system call
 ZYGOTE_REPLY_TIMEOUT_S = 5.0
 MAX_MESSAGE = 1 << 20
 
@@ -250,9 +253,11 @@ class Spawner:
         self._command = tuple(command)
         self.cache = ArtifactCache(home.root / "cache", log)
         self.zygote: Zygote | None = None
-        # Another worker command (a test hook) must run as given: no fork-server then.
-        self._use_zygote = use_zygote and self._command == WORKER_COMMAND
+        # Another worker command (a test hook) must run as given: no fork-server then. The
+        # fork-server's CLONE_PARENT path exists for these machines only.
+        self._use_zygote = use_zygote and self._command == WORKER_COMMAND and platform.machine() in CLONE_MACHINES
         self._first = True
+        self._failures = 0  # fork-servers in a row that never became ready
         if self._use_zygote:
             self._start_zygote()
 
@@ -283,9 +288,16 @@ class Spawner:
 
     def _replace_zygote(self, why: str) -> None:
         assert self.zygote is not None
-        how = self.zygote.close()
+        old = self.zygote
+        how = old.close()
+        self.zygote = None
         self.cache.compiling.clear()
-        self._log(f"fork-server {self.zygote.pid} is gone ({why}; {how}); starting a new one, "
+        self._failures = 0 if old.ready else self._failures + 1
+        if self._failures >= MAX_ZYGOTE_FAILURES:
+            self._log(f"fork-server {old.pid} is gone ({why}; {how}); {self._failures} in a row never became "
+                      "ready, so workers start from a fresh interpreter from now on")
+            return
+        self._log(f"fork-server {old.pid} is gone ({why}; {how}); starting a new one, "
                   "this worker starts from a fresh interpreter")
         self._start_zygote()
 

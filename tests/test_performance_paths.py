@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -187,8 +189,8 @@ class _Endpoint:
 
 
 @pytest.fixture
-def spawner(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = Path("/tmp") / f"thz-{os.getpid()}-{len(os.listdir('/tmp')) % 100000}"
+def spawner() -> Any:
+    root = Path("/tmp") / f"thz-{os.getpid()}-{time.monotonic_ns() % 10**9}"  # ipc:// paths must be short
     for d in ("run", "logs"):
         (root / "h" / d).mkdir(parents=True, exist_ok=True)
     home = Home(root / "h")
@@ -203,6 +205,7 @@ def spawner(tmp_path_factory: pytest.TempPathFactory) -> Any:
     finally:
         endpoint.sock.close(0)
         sp.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _wait_exit(worker: Any) -> int:
