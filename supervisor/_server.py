@@ -349,6 +349,7 @@ class Supervisor:
 
     def _start_worker(self, agent: Agent) -> None:
         agent.status = "starting"
+        agent.discard_results = False
         workdir = self.home.run / "workers" / agent.uuid
         worker = self.spawner.spawn(
             self.home.workers_endpoint, agent.incarnation + 1, self.home.logs / f"{agent.name}.log", workdir,
@@ -392,13 +393,20 @@ class Supervisor:
             elif typ is wire.WorkerType.HOST_REQUEST:
                 self._flush_batch()  # what the agent did before asking is committed first
                 self._on_host_request(agent, body[1:])
+            elif agent.discard_results:
+                continue
             elif typ is wire.WorkerType.RESULT:
                 checked = self._check(agent, body[1:], prechecked.get(id(frames)))
                 if checked is not None:
-                    assert agent.in_flight is not None
-                    batch.append((agent, agent.in_flight, checked))
+                    pending = agent.in_flight
+                    assert pending is not None
+                    batch.append((agent, pending, checked))
                     agent.verifier = checked.verifier  # the next result links to this one
                     agent.in_flight = None
+                    if _crash_reason(pending.call.kind, checked.status) is None and not checked.finish:
+                        # Pipelined: the worker runs the next message while this result is made durable.
+                        # Nothing is answered until the commit below has returned.
+                        self._dispatch(agent)
         self._flush_batch()
 
     def _flush_batch(self) -> None:
@@ -573,6 +581,7 @@ class Supervisor:
                 self._answer_error(pending, "store", f"the result could not be stored: {exc}")
                 self._reload_head(agent)
                 if agent.worker:
+                    agent.discard_results = True  # its chain ran ahead of the store: nothing more is taken from it
                     agent.worker.kill("store-failed")
             return
         for agent, pending, checked in batch:
@@ -605,7 +614,6 @@ class Supervisor:
         agent.verifier.head_hash = row.head_hash
         agent.verifier.state_hash = row.state_hash
         agent.state = row.state
-        agent.in_flight = None
 
     def _on_host_request(self, agent: Agent, frames: list[bytes]) -> None:
         """A guest's supervision call, relayed by its worker: act only on this agent's own children."""
@@ -775,7 +783,7 @@ class Supervisor:
             return
         # A top-level agent: the only child of its own one_for_one supervisor.
         spec = agent.restart
-        restart = reason != "load-failed" and should_restart(spec.type, reason)
+        restart = reason not in ("load-failed", "hardening-failed") and should_restart(spec.type, reason)
         if restart:
             agent.restarts, restart = add_restart(agent.restarts, time.monotonic(), spec.period_ms, spec.intensity)
             if not restart:
@@ -816,6 +824,9 @@ class Supervisor:
         for ident, rid in agent.spawn_waiters:
             self._reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {agent.last_exit}")
         agent.spawn_waiters.clear()
+        waiting, agent.on_ready = agent.on_ready, []  # whoever waited for it to start learns it will not
+        for fn in waiting:
+            fn()
 
     # --- supervision trees (OTP semantics; decisions in _tree.py) ------------------
 
@@ -1170,6 +1181,10 @@ class Supervisor:
                 agent.held = True
                 self._commit_desired(agent, "stopped")
                 self._settle(agent, "stopped")
+            owner_node = member.parent if isinstance(member, Agent) else None
+            if owner_node is not None and owner_node.owner is not None and member in owner_node.children:
+                owner_node.children.remove(member)  # an agent's own child, stopped by the operator
+                self._notify_owner(owner_node, member, member.last_exit or "stopped")
             if isinstance(member, Node):
                 member.status = "stopped"
                 self._store_node(member, desired="stopped")

@@ -153,7 +153,7 @@ class Agent:
         status, error = "ok", ""
         self.sandbox.last_fuel = 0  # a call refused before it runs uses no fuel
         try:
-            if len(call.data) > self.limits.max_message_bytes:
+            if kind is not Kind.CHILD_EXIT and len(call.data) > self.limits.max_message_bytes:
                 raise CallFailed("too-large", f"message of {len(call.data)} bytes exceeds max_message_bytes")
             if kind is Kind.CHILD_EXIT:
                 child, exit_hash, reason = wire.decode_child_exit(call.data)
