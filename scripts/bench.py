@@ -420,6 +420,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--peers", action="store_true", help="also install and measure Circus, supervisord and Extism")
     parser.add_argument("--idle", type=int, default=0, help="idle agents for P6 (default 200, 30 with --quick)")
+    parser.add_argument("--no-hardening", action="store_true", help="skip the spawn cost of each hardening layer")
     args = parser.parse_args()
     q = args.quick
     rows: list[dict[str, object]] = []
@@ -483,6 +484,14 @@ def main() -> int:
             {"100 B": "<= 30 us", "1 MB ascii": "<= 1000 us", "1 MB all byte values": "<= 1000 us"}.get(label, "-"))
     row("-", "in-worker share: raw wasmtime echo call 100 B, p50", pct(wt100, 50) * ms, pct(zmq100, 50) * ms,
         "raw pyzmq ipc round trip 100 B", "ms", "-")
+    if not args.no_hardening:
+        from bench_hardening import bench as hardening_bench  # scripts/bench_hardening.py
+
+        table = hardening_bench(3 if q else 10)["variants"]
+        none = table["none"]["median_ms"]
+        for name, r in table.items():
+            row("H", f"spawn with hardening: {name} (uid {os.geteuid()})", r["median_ms"], none,
+                "spawn with no hardening layer", "ms", "-")
     if args.peers:
         from peers import measure_peers  # scripts/peers.py
 
