@@ -316,15 +316,7 @@ def _node(top: _Table, base: Path, dirs: list[Path], seen: tuple[Path, ...]) -> 
 
 def _tree(top: _Table, base: Path, dirs: list[Path], seen: tuple[Path, ...]) -> TreeConfig:
     name = _name(top)
-    strategy = top.get("strategy", str, "one_for_one")
-    if strategy not in STRATEGIES:
-        raise top.err("strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
-    intensity = top.get("intensity", int, 3)
-    if not 0 <= intensity <= 1000:
-        raise top.err("intensity", f"{intensity} is out of range 0..1000")
-    period = top.get("period_ms", int, 5000)
-    if not 1 <= period <= 86_400_000:
-        raise top.err("period_ms", f"{period} is out of range 1..86400000")
+    flags = _flags(top)
     restart = _restart(top.table("restart"), default_shutdown=30_000)
     entries = top.get("children", list, [])
     if not entries:
@@ -341,7 +333,24 @@ def _tree(top: _Table, base: Path, dirs: list[Path], seen: tuple[Path, ...]) -> 
         else:
             children.append(_node(table, base, dirs, seen))
             table.finish()
-    return TreeConfig(name=name, flags=Flags(strategy, intensity, period), restart=restart, children=tuple(children))
+    return TreeConfig(name=name, flags=flags, restart=restart, children=tuple(children))
+
+
+def _flags(table: _Table) -> Flags:
+    """A supervisor's flags, as a tree manifest or an agent's [supervision] table writes them."""
+    strategy = table.get("strategy", str, "one_for_one")
+    if strategy not in STRATEGIES:
+        raise table.err("strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
+    intensity = _ranged(table, "intensity", 3, 0, 1000)
+    period = _ranged(table, "period_ms", 5000, 1, 86_400_000)
+    return Flags(strategy, intensity, period)
+
+
+def _ranged(table: _Table, key: str, default: int, low: int, high: int) -> int:
+    value: int = table.get(key, int, default)
+    if not low <= value <= high:
+        raise table.err(key, f"{value} is out of range {low}..{high}")
+    return value
 
 
 def _name(top: _Table) -> str:
@@ -437,15 +446,7 @@ def _layers(table: _Table, key: str) -> tuple[str, ...]:
 
 def _supervision(table: _Table, base: Path, dirs: list[Path], caps: tuple[str, ...], ceiling: Limits) -> SupervisionSpec:
     """Child templates must not exceed their parent: same or fewer capabilities, limits at most the parent's."""
-    strategy = table.get("strategy", str, "one_for_one")
-    if strategy not in STRATEGIES:
-        raise table.err("strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
-    intensity = table.get("intensity", int, 3)
-    if not 0 <= intensity <= 1000:
-        raise table.err("intensity", f"{intensity} is out of range 0..1000")
-    period = table.get("period_ms", int, 5000)
-    if not 1 <= period <= 86_400_000:
-        raise table.err("period_ms", f"{period} is out of range 1..86400000")
+    flags = _flags(table)
     entries = table.get("templates", list, [])
     templates: list[AgentConfig] = []
     for i, entry in enumerate(entries):
@@ -465,19 +466,15 @@ def _supervision(table: _Table, base: Path, dirs: list[Path], caps: tuple[str, .
     if len(set(names)) != len(names):
         raise table.err("templates", "template names must be unique")
     table.finish()
-    return SupervisionSpec(Flags(strategy, intensity, period), tuple(templates))
+    return SupervisionSpec(flags, tuple(templates))
 
 
 def _restart(table: _Table, *, default_shutdown: int) -> RestartSpec:
     typ = table.get("type", str, "permanent")
     if typ not in RESTART_TYPES:
         raise table.err("type", f"{typ!r} is not one of {', '.join(RESTART_TYPES)}")
-    intensity = table.get("intensity", int, 3)
-    if not 0 <= intensity <= 1000:
-        raise table.err("intensity", f"{intensity} is out of range 0..1000")
-    period = table.get("period_ms", int, 5000)
-    if not 1 <= period <= 86_400_000:
-        raise table.err("period_ms", f"{period} is out of range 1..86400000")
+    intensity = _ranged(table, "intensity", 3, 0, 1000)
+    period = _ranged(table, "period_ms", 5000, 1, 86_400_000)
     shutdown = table.get("shutdown", (int, str), default_shutdown)
     if isinstance(shutdown, str) and shutdown != "brutal_kill":
         raise table.err("shutdown", f"{shutdown!r} must be a timeout in ms or \"brutal_kill\"")

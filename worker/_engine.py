@@ -302,32 +302,14 @@ class Sandbox:
 
     def call(self, export: str, *args: str) -> tuple[Any, int]:
         """Run one export under the limits; return (result, fuel used) or raise CallFailed."""
-        if self._store is None:
-            try:
-                self._instantiate()
-            except LoadError as exc:
-                raise CallFailed("trap", str(exc)) from None
-        store = self._store
-        assert store is not None
+        store, budget = self._prepare()
         func = self._funcs[export]
-        budget = self.limits.fuel_per_call
-        store.set_fuel(budget)
-        store.set_epoch_deadline(1)
         self.timer.arm(self.limits.wall_time_ms / 1000)
         try:
             result = func(store, *args)
             func.post_return(store)
-        except CallFailed:
-            self._drop()
-            raise
-        except wasmtime.WasmtimeError as exc:
-            self._drop()
-            raise classify(exc) from None
-        except Exception as exc:  # a host import raised, or the result did not lift
-            self._drop()
-            if isinstance(exc, HostLimit):
-                raise CallFailed("host-limit", str(exc)) from None
-            raise CallFailed("malformed-result", f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a trap, a host import that raised, or a result that did not lift
+            raise self._failed(exc) from None
         finally:
             self.timer.disarm()
             self.last_fuel = _fuel_used(store, budget)
@@ -343,17 +325,8 @@ class Sandbox:
         Python values. The export types were checked at load, so the layout is
         known. Same limits, same failure classes as :meth:`call`.
         """
-        if self._store is None:
-            try:
-                self._instantiate()
-            except LoadError as exc:
-                raise CallFailed("trap", str(exc)) from None
-        store = self._store
-        assert store is not None
+        store, budget = self._prepare()
         func = self._funcs[export]
-        budget = self.limits.fuel_per_call
-        store.set_fuel(budget)
-        store.set_epoch_deadline(1)
         params, result = self._params, self._result
         lowered = 0
         try:
@@ -372,22 +345,38 @@ class Sandbox:
             finally:
                 _clear(result)
             func.post_return(store)
-        except CallFailed:
-            self._drop()
-            raise
-        except wasmtime.WasmtimeError as exc:
-            self._drop()
-            raise classify(exc) from None
-        except Exception as exc:  # a host import raised
-            self._drop()
-            if isinstance(exc, HostLimit):
-                raise CallFailed("host-limit", str(exc)) from None
-            raise CallFailed("malformed-result", f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a trap, a host import that raised, or a result that did not lift
+            raise self._failed(exc) from None
         finally:
             for i in range(lowered):
                 _clear(params[i])
             self.last_fuel = _fuel_used(store, budget)
         return lifted, self.last_fuel
+
+    def _prepare(self) -> tuple[wasmtime.Store, int]:
+        """The store for the next call (a fresh instance after a failure), fuel and epoch deadline set."""
+        if self._store is None:
+            try:
+                self._instantiate()
+            except LoadError as exc:
+                raise CallFailed("trap", str(exc)) from None
+        store = self._store
+        assert store is not None
+        budget = self.limits.fuel_per_call
+        store.set_fuel(budget)
+        store.set_epoch_deadline(1)
+        return store, budget
+
+    def _failed(self, exc: Exception) -> CallFailed:
+        """Classify a failed call; the instance is dropped whatever the cause (a trap poisons the store)."""
+        self._drop()
+        if isinstance(exc, CallFailed):
+            return exc
+        if isinstance(exc, wasmtime.WasmtimeError):
+            return classify(exc)
+        if isinstance(exc, HostLimit):
+            return CallFailed("host-limit", str(exc))
+        return CallFailed("malformed-result", f"{type(exc).__name__}: {exc}")
 
     def _drop(self) -> None:
         self._store = None
