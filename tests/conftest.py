@@ -12,15 +12,20 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
+from supervisor._audit import open_readonly, verify_home
 from theater.client import Client, ClientError, NotRunning
 from theater.home import Home
+from theater.records import Kind, Record
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPONENTS = ROOT / "tests" / "components"
 START_TIMEOUT_S = 30.0
+LAB_POLICY = "lab"  # a site policy whose ceilings allow a huge fuel budget and a long deadline
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
@@ -64,15 +69,19 @@ class Theater:
         return Client(self.home, timeout=timeout)
 
     def manifest(self, name: str, component: str, **extra: object) -> Path:
-        """Write a manifest for tests/components/<component>; ``extra`` become TOML lines/tables."""
+        """Write a manifest for tests/components/<component>; ``extra`` become TOML lines/tables.
+
+        A dict value becomes a ``[table]``; the dicts and lists inside it are written
+        inline, so ``supervision={"templates": [{...}]}`` is a table with an array of tables.
+        """
         lines = [f'name = "{name}"', f'component = "{COMPONENTS / component}"']
         tables: list[str] = []
         for key, value in extra.items():
             if isinstance(value, dict):
                 tables.append(f"[{key}]")
-                tables.extend(f"{k} = {_toml(v)}" for k, v in value.items())
+                tables.extend(f"{k} = {toml(v)}" for k, v in value.items())
             else:
-                lines.append(f"{key} = {_toml(value)}")
+                lines.append(f"{key} = {toml(value)}")
         path = self.dir / f"{name}.toml"
         path.write_text("\n".join(lines + tables) + "\n")
         return path
@@ -97,14 +106,120 @@ class Theater:
         self.proc.wait()
 
 
-def _toml(value: object) -> str:
+def toml(value: object) -> str:
+    """One TOML value; a dict becomes an inline table."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        return "[" + ", ".join(toml(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_lab_policy(t: Theater) -> None:
+    """Write the site policy ``LAB_POLICY``: the default one with a 60 s call and a huge fuel budget."""
+    text = (ROOT / "policies" / "default.toml").read_text()
+    text = text.replace("fuel_per_call = 500000000", "fuel_per_call = 1000000000000")
+    text = text.replace("wall_time_ms = 2000 ", "wall_time_ms = 60000 ")
+    assert "1000000000000" in text and "60000 " in text
+    t.home.policies.mkdir(exist_ok=True)
+    (t.home.policies / f"{LAB_POLICY}.toml").write_text(text)
+
+
+def start_after_crash(t: Theater) -> None:
+    """``t.start()`` after a SIGKILLed supervisor, tolerating a readiness ping refused for a stale token."""
+    # The ping may carry the dead supervisor's control token and be refused although the new
+    # supervisor is up (see test_up_detach_after_supervisor_crash_reports_success): wait for a fresh client.
+    try:
+        t.start()
+    except ClientError as exc:
+        if exc.code != "refused":
+            raise
+        wait_until(lambda: answers(t), 30, "the restarted supervisor to answer a fresh client")
+
+
+def answers(t: Theater) -> dict[str, Any] | None:
+    """The supervisor's ping reply to a fresh client, or None while it does not answer."""
+    try:
+        with t.client(timeout=1.0) as c:
+            return c.ping()
+    except (NotRunning, ClientError):
+        return None
+
+
+def supervisor_log(t: Theater) -> str:
+    """What the supervisor process wrote to its stdout and stderr so far."""
+    return (t.dir / "supervisor.out").read_text(errors="replace")
+
+
+# --- observing agents --------------------------------------------------------------
+
+
+def ps(c: Client, name: str) -> dict[str, Any]:
+    """The ``ps`` row of the agent called ``name`` (there must be exactly one)."""
+    [info] = [a for a in c.ps() if a["name"] == name]
+    return info
+
+
+def wait_running(c: Client, name: str, old_pid: int | None = None, timeout: float = 20.0, *,
+                 restarts: int | None = None) -> dict[str, Any]:
+    """Wait until ``name`` runs on a worker other than ``old_pid`` (after ``restarts`` restarts); return its ps row."""
+
+    def ready() -> dict[str, Any] | None:
+        info = ps(c, name)
+        ok = info["status"] == "running" and info["pid"] not in (None, old_pid)
+        return info if ok and (restarts is None or info["restarts"] == restarts) else None
+
+    what = f"{name} running on a new worker" + ("" if restarts is None else f" after {restarts} restarts")
+    return wait_until(ready, timeout, what)  # type: ignore[return-value]
+
+
+def wait_status(c: Client, name: str, *statuses: str, timeout: float = 20.0) -> dict[str, Any]:
+    """Wait until ``name``'s ps status is one of ``statuses``; return its row."""
+
+    def reached() -> dict[str, Any] | None:
+        info = ps(c, name)
+        return info if info["status"] in statuses else None
+
+    return wait_until(reached, timeout, f"{name} {'/'.join(statuses)}")  # type: ignore[return-value]
+
+
+def records(t: Theater, name: str, *, check_seq: bool = True) -> list[Record]:
+    """The agent's stored chain, read-only from SQLite; with ``check_seq`` its seqs must run 0, 1, 2..."""
+    db = open_readonly(t.home.store)
+    try:
+        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
+        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
+    finally:
+        db.close()
+    chain = [Record.parse(raw) for (raw,) in rows]
+    if check_seq:
+        assert [r.seq for r in chain] == list(range(len(chain))), name
+    return chain
+
+
+def of(chain: list[Record], kind: Kind) -> list[Record]:
+    """The records of ``chain`` of the given kind, in order."""
+    return [r for r in chain if r.kind is kind]
+
+
+def assert_verified(t: Theater) -> None:
+    """Offline verification of every chain in the home: there is one, and each verifies."""
+    reports = verify_home(t.home)
+    assert reports, "no chain to verify"
+    broken = [f"{r.name}: {r.problem}" for r in reports if not r.ok]
+    assert not broken, "; ".join(broken)
+
+
+def gone(pid: int) -> bool:
+    """The process no longer runs (absent, or a zombie nobody has reaped yet)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,51 +19,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from conftest import COMPONENTS, Theater, wait_until
+from conftest import COMPONENTS, Theater, assert_verified, gone, of, ps, records, wait_running, wait_status, wait_until
 
-from supervisor._audit import open_readonly, verify_home
 from theater.client import Client, ClientError, NotRunning
-from theater.records import Kind, Record
+from theater.records import Kind
 
 SUPERVISION = "theater:agent/supervision@0.1.0"
 CLI = [sys.executable, "-m", "supervisor"]
 
 # --- manifests -------------------------------------------------------------------
-
-
-def _toml(value: object) -> str:
-    """One TOML value; tables become inline tables (a template is one inline table)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_manifest(t: Theater, name: str, component: str, **keys: object) -> Path:
-    """Write ``<t.dir>/<name>.toml`` for ``tests/components/<component>``.
-
-    Plain values become top-level keys; a dict becomes a ``[table]`` whose own
-    dicts and lists of dicts are written inline, so ``supervision={"templates":
-    [template(...)]}`` is a ``[supervision]`` table with an array of templates.
-    """
-    lines = [f"name = {_toml(name)}", f"component = {_toml(str(COMPONENTS / component))}"]
-    tables: list[str] = []
-    for key, value in keys.items():
-        if isinstance(value, dict):
-            tables.append(f"\n[{key}]")
-            tables.extend(f"{k} = {_toml(v)}" for k, v in value.items())
-        else:
-            lines.append(f"{key} = {_toml(value)}")
-    path = t.dir / f"{name}.toml"
-    path.write_text("\n".join(lines + tables) + "\n")
-    return path
 
 
 def template(name: str, component: str, **keys: object) -> dict[str, object]:
@@ -83,8 +48,8 @@ def parent_manifest(t: Theater, name: str = "parent", *, templates: list[dict[st
     `capabilities` gets only the runtime, whatever its policy allows.
     """
     table: dict[str, object] = {**(supervision or {}), "templates": [WORKER, CRASHER] if templates is None else templates}
-    return write_manifest(t, name, "parent.wat", policy="supervisor", capabilities=["runtime", "supervision"],
-                          supervision=table, **keys)
+    return t.manifest(name, "parent.wat", policy="supervisor", capabilities=["runtime", "supervision"],
+                      supervision=table, **keys)
 
 
 # --- helpers -----------------------------------------------------------------------
@@ -113,63 +78,9 @@ def spawn_child(c: Client, parent: str, template_name: str, name: str, *, wait: 
     return reply
 
 
-def ps(c: Client, name: str) -> dict[str, Any]:
-    [info] = [a for a in c.ps() if a["name"] == name]
-    return info
-
-
-def wait_running(c: Client, name: str, old_pid: int | None = None, timeout: float = 20.0) -> dict[str, Any]:
-    """Wait until ``name`` runs on a worker whose pid is not ``old_pid``; return its ps row."""
-
-    def ready() -> dict[str, Any] | None:
-        info = ps(c, name)
-        return info if info["status"] == "running" and info["pid"] not in (None, old_pid) else None
-
-    return wait_until(ready, timeout, f"{name} running on a new worker")  # type: ignore[return-value]
-
-
-def wait_status(c: Client, name: str, *statuses: str, timeout: float = 20.0) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        info = ps(c, name)
-        return info if info["status"] in statuses else None
-
-    return wait_until(reached, timeout, f"{name} {'/'.join(statuses)}")  # type: ignore[return-value]
-
-
 def tree_of(c: Client, name: str) -> dict[str, Any]:
     [root] = [r for r in c.request("tree")[0]["roots"] if r["name"] == name]
     return root
-
-
-def records(t: Theater, name: str) -> list[Record]:
-    """The agent's stored chain, read straight from SQLite (read-only)."""
-    db = open_readonly(t.home.store)
-    try:
-        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
-        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
-    finally:
-        db.close()
-    chain = [Record.parse(raw) for (raw,) in rows]
-    assert [r.seq for r in chain] == list(range(len(chain)))
-    return chain
-
-
-def of(chain: list[Record], kind: Kind) -> list[Record]:
-    return [r for r in chain if r.kind is kind]
-
-
-def assert_verified(t: Theater) -> None:
-    reports = verify_home(t.home)
-    assert reports, "no chain to verify"
-    broken = [f"{r.name}: {r.problem}" for r in reports if not r.ok]
-    assert not broken, "; ".join(broken)
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def cli(t: Theater, *args: str) -> str:
@@ -337,7 +248,7 @@ def test_an_agent_acts_only_on_its_own_children(theater: Theater) -> None:
     with theater.client() as c:
         a = c.spawn(parent_manifest(theater, "pa"))
         b = c.spawn(parent_manifest(theater, "pb"))
-        plain = c.spawn(write_manifest(theater, "plain", "counter.wat"))
+        plain = c.spawn(theater.manifest("plain", "counter.wat"))
         bw = spawn_child(c, "pb", "worker", "w")
         assert c.call("pb.w", b"x") == b"1"
         before = ps(c, "pb.w")
@@ -414,7 +325,7 @@ def test_importing_supervision_without_the_capability_fails_to_load(theater: The
     """parent.wat under the default policy fails to spawn: load-failed naming the supervision interface."""
     with theater.client() as c:
         with pytest.raises(ClientError) as failed:
-            c.spawn(write_manifest(theater, "nocap", "parent.wat"))
+            c.spawn(theater.manifest("nocap", "parent.wat"))
         assert failed.value.code == "spawn-failed"
         message = str(failed.value)
         assert "load-failed" in message and SUPERVISION in message, message
@@ -429,9 +340,9 @@ def test_supervision_table_without_the_capability_is_a_config_error(theater: The
     table = {"templates": [WORKER]}
     with theater.client() as c:
         for path in (
-            write_manifest(theater, "p1", "parent.wat", supervision=table),
-            write_manifest(theater, "p2", "parent.wat", policy="supervisor", supervision=table),
-            write_manifest(theater, "p3", "parent.wat", policy="supervisor", capabilities=["runtime"], supervision=table),
+            theater.manifest("p1", "parent.wat", supervision=table),
+            theater.manifest("p2", "parent.wat", policy="supervisor", supervision=table),
+            theater.manifest("p3", "parent.wat", policy="supervisor", capabilities=["runtime"], supervision=table),
         ):
             with pytest.raises(ClientError) as bad:
                 c.spawn(path)
@@ -575,7 +486,7 @@ def test_stopping_a_child_before_its_worker_said_hello_keeps_the_supervisor_up(t
 
 def test_supervision_capability_without_templates_answers_the_guest(theater: Theater) -> None:
     """With the capability but no [supervision] table: a config error, or answers (no templates, no children), never a violation."""
-    manifest = write_manifest(theater, "bare", "parent.wat", policy="supervisor", capabilities=["runtime", "supervision"])
+    manifest = theater.manifest("bare", "parent.wat", policy="supervisor", capabilities=["runtime", "supervision"])
     with theater.client() as c:
         try:
             c.spawn(manifest)

@@ -25,14 +25,13 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Theater, wait_until
+from conftest import Theater, records, wait_running, wait_until
 
-from supervisor._audit import open_readonly
 from supervisor._config import load_manifest, load_policy, policy_dirs
 from supervisor._errors import ConfigError
 from theater.client import Client, ClientError
 from theater.errors import ProtocolError
-from theater.records import Kind, Record
+from theater.records import Kind
 from theater.spec import DEFAULT_HARDENING, HARDENING_LAYERS, AgentSpec, Hardening
 
 TESTS = Path(__file__).resolve().parent
@@ -126,52 +125,33 @@ def _sweep_cgroups() -> None:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _records(t: Theater, name: str) -> list[Record]:
-    db = open_readonly(t.home.store)
-    try:
-        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
-        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
-    finally:
-        db.close()
-    return [Record.parse(raw) for (raw,) in rows]
-
-
 def _confinement(t: Theater, name: str) -> dict[str, str]:
-    genesis = _records(t, name)[0]
+    genesis = records(t, name, check_seq=False)[0]
     return json.loads(genesis.fields()["confinement"])
-
-
-def _running(c: Client, name: str, not_pid: int | None = None) -> int:
-    def ready() -> int | None:
-        [info] = [a for a in c.ps() if a["name"] == name]
-        ok = info["status"] == "running" and info["pid"] not in (None, not_pid)
-        return info["pid"] if ok else None
-
-    return wait_until(ready, 30, f"{name} running on a worker other than {not_pid}")  # type: ignore[return-value]
 
 
 def _probe(t: Theater, c: Client, name: str, probe: str) -> str:
     """Run a probe that the worker survives; return its recorded outcome."""
     c.call(name, f"probe:{probe}".encode(), timeout=20)
-    logs = [r.fields()["message"] for r in _records(t, name) if r.kind is Kind.LOG]
+    logs = [r.fields()["message"] for r in records(t, name, check_seq=False) if r.kind is Kind.LOG]
     key = probe.split(":")[0]
     return next(m for m in reversed(logs) if m.startswith(f"probe {key}: ")).split(": ", 1)[1]
 
 
 def _probe_kills(t: Theater, c: Client, name: str, probe: str) -> str:
     """Run a probe that gets the worker killed; return the exit record's detail, once restarted."""
-    pid = _running(c, name)
+    pid = wait_running(c, name, timeout=30)["pid"]
     with pytest.raises(ClientError) as err:
         c.call(name, f"probe:{probe}".encode(), timeout=20)
     assert err.value.code == "worker-died", err.value
-    _running(c, name, not_pid=pid)
-    exits = [r.fields() for r in _records(t, name) if r.kind is Kind.EXIT]
+    wait_running(c, name, pid, timeout=30)
+    exits = [r.fields() for r in records(t, name, check_seq=False) if r.kind is Kind.EXIT]
     return str(exits[-1]["detail"])
 
 
 def _spawn(t: Theater, c: Client, name: str, component: str = "echo.wat", **extra: object) -> int:
     c.spawn(str(t.manifest(name, component, restart={"intensity": 20, "period_ms": 60_000}, **extra)))
-    return _running(c, name)
+    return wait_running(c, name, timeout=30)["pid"]
 
 
 # --- policies, manifests and the spec ---------------------------------------------------------------
@@ -320,11 +300,11 @@ def test_a_required_layer_missing_stops_the_worker(probes: Any) -> None:
         c.spawn(str(t.manifest("p", "echo.wat")))
     assert err.value.code == "spawn-failed"
     assert "hardening-failed: seccomp is required by the agent's policy, but skipped" in str(err.value)
-    records = _records(t, "p")
-    assert json.loads(records[0].fields()["confinement"])["seccomp"] == "skipped"
-    assert records[-1].kind is Kind.EXIT
-    assert "hardening-failed: seccomp is required" in records[-1].fields()["detail"]
-    assert not any(r.kind in (Kind.INIT, Kind.HANDLE) for r in records)
+    chain = records(t, "p", check_seq=False)
+    assert json.loads(chain[0].fields()["confinement"])["seccomp"] == "skipped"
+    assert chain[-1].kind is Kind.EXIT
+    assert "hardening-failed: seccomp is required" in chain[-1].fields()["detail"]
+    assert not any(r.kind in (Kind.INIT, Kind.HANDLE) for r in chain)
 
 
 def test_a_policy_requirement_reaches_the_worker(probes: Any) -> None:

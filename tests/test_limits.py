@@ -19,47 +19,24 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import Theater, wait_until
+from conftest import LAB_POLICY, Theater, assert_verified, ps, records, wait_running, write_lab_policy
 
-from supervisor._audit import open_readonly, verify_home
+from supervisor._audit import open_readonly
 from theater import wire
 from theater.client import Client, ClientError
-from theater.records import Kind, Record, sha256
+from theater.records import Kind, sha256
 
 KIB, MIB = 1024, 1024 * 1024
 THEATER_CLI = Path(sys.executable).with_name("theater")
-LAB_POLICY = "lab"  # a site policy whose ceilings allow a huge fuel budget and a long deadline
 
 
 # --- helpers --------------------------------------------------------------------
-
-
-def assert_chains_ok(theater: Theater) -> None:
-    """Offline verification of every chain in the home (signatures, links, heads, states)."""
-    reports = verify_home(theater.home)
-    assert reports, "no agents in the store"
-    bad = [r.as_dict() for r in reports if not r.ok]
-    assert not bad, f"broken chains: {bad}"
-
-
-def write_lab_policy(theater: Theater) -> None:
-    text = (Path(__file__).resolve().parent.parent / "policies" / "default.toml").read_text()
-    text = text.replace("fuel_per_call = 500000000", "fuel_per_call = 1000000000000")
-    text = text.replace("wall_time_ms = 2000 ", "wall_time_ms = 60000 ")
-    assert "1000000000000" in text and "60000 " in text
-    theater.home.policies.mkdir(exist_ok=True)
-    (theater.home.policies / f"{LAB_POLICY}.toml").write_text(text)
 
 
 def spawn(theater: Theater, c: Client, name: str, component: str, **extra: object) -> dict:
     summary = c.spawn(theater.manifest(name, component, **extra))
     assert summary["status"] == "running" and summary["pid"]
     return summary
-
-
-def ps(c: Client, name: str) -> dict:
-    (entry,) = [a for a in c.ps() if a["name"] == name]
-    return entry
 
 
 def fails(c: Client, name: str, message: bytes, code: str, fragment: str, timeout: float = 10.0) -> str:
@@ -71,18 +48,6 @@ def fails(c: Client, name: str, message: bytes, code: str, fragment: str, timeou
     return str(info.value)
 
 
-def restarted(c: Client, name: str, before: dict, timeout: float = 20.0) -> dict:
-    """Wait until ``name`` runs on a new worker after exactly one more restart than ``before`` shows."""
-
-    def ready() -> dict | None:
-        entry = ps(c, name)
-        ok = (entry["status"] == "running" and entry["pid"] not in (None, before["pid"])
-              and entry["restarts"] == before["restarts"] + 1)
-        return entry if ok else None
-
-    return wait_until(ready, timeout, f"{name} restarted after restart {before['restarts']}")  # type: ignore[return-value]
-
-
 def crashes(c: Client, name: str, message: bytes, code: str, fragment: str, timeout: float = 10.0) -> dict:
     """A call that fails with ``code`` and crashes the agent: its worker is replaced, restarts +1.
 
@@ -91,7 +56,7 @@ def crashes(c: Client, name: str, message: bytes, code: str, fragment: str, time
     before = ps(c, name)
     assert before["status"] == "running" and before["pid"], before
     fails(c, name, message, code, fragment, timeout)
-    after = restarted(c, name, before)
+    after = wait_running(c, name, before["pid"], restarts=before["restarts"] + 1)
     assert after["incarnation"] == before["incarnation"] + 1
     assert after["instance_restarts"] == before["instance_restarts"]  # a crash is not an instance restart
     return after
@@ -99,7 +64,7 @@ def crashes(c: Client, name: str, message: bytes, code: str, fragment: str, time
 
 def crash_exits(theater: Theater, name: str) -> list[dict]:
     """Each worker's end and the next worker's key: the exit records, checked to be followed by a worker-key."""
-    chain = records(theater, name)
+    chain = records(theater, name, check_seq=False)
     out = []
     for r in chain:
         if r.kind is Kind.EXIT:
@@ -111,18 +76,8 @@ def crash_exits(theater: Theater, name: str) -> list[dict]:
     return out
 
 
-def records(theater: Theater, name: str) -> list[Record]:
-    db = open_readonly(theater.home.store)
-    try:
-        (agent_id,) = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchone()
-        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
-    finally:
-        db.close()
-    return [Record.parse(raw) for (raw,) in rows]
-
-
 def handles(theater: Theater, name: str) -> list[dict]:
-    return [r.fields() for r in records(theater, name) if r.kind is Kind.HANDLE]
+    return [r.fields() for r in records(theater, name, check_seq=False) if r.kind is Kind.HANDLE]
 
 
 def stored_state(theater: Theater, name: str) -> bytes:
@@ -174,7 +129,7 @@ def test_echo_round_trips_every_byte_up_to_the_limit(theater: Theater) -> None:
         assert c.call("echo", full) == full
         assert [h["reply"] for h in handles(theater, "echo")] == [b"", b"\x00", b"\x00\xff", every, full]
         assert ps(c, "echo")["instance_restarts"] == 0
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 def test_echo_one_byte_over_is_refused_by_the_supervisor(theater: Theater) -> None:
@@ -189,7 +144,7 @@ def test_echo_one_byte_over_is_refused_by_the_supervisor(theater: Theater) -> No
         assert ps(c, "echo")["head"] == head  # nothing was recorded: the worker never saw it
         assert handles(theater, "echo") == []
         assert c.call("echo", b"still here") == b"still here"
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 def test_echo_at_the_default_policy_limit_of_one_mib(theater: Theater) -> None:
@@ -200,7 +155,7 @@ def test_echo_at_the_default_policy_limit_of_one_mib(theater: Theater) -> None:
         assert c.call("echo", full, timeout=20) == full
         fails(c, "echo", full + b"!", "refused", "exceeds echo's max_message_bytes 1048576")
         assert c.call("echo", b"ok") == b"ok"
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 # --- counter: the host owns state ----------------------------------------------------------
@@ -215,7 +170,7 @@ def test_counter_state_survives_fifty_calls_and_a_send(theater: Theater) -> None
         assert c.call("counter", b"after the send") == b"52"
         assert stored_state(theater, "counter") == b"52"
         assert handles(theater, "counter")[50]["message"] == b"fire and forget"
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 # --- guest errors and traps -----------------------------------------------------------------
@@ -233,7 +188,7 @@ def test_guest_error_fails_one_message_and_the_worker_survives(theater: Theater)
         assert (entry["pid"], entry["status"], entry["restarts"], entry["instance_restarts"]) == (pid, "running", 0, 3)
         assert [(h["status"], h["reply"]) for h in handles(theater, "ge")] == [("guest-error", None)] * 3
         assert stored_state(theater, "ge") == b""
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 @pytest.mark.parametrize(("component", "fragment"), [("trap.wat", "unreachable"), ("div_zero.wat", "divide by zero")])
@@ -250,7 +205,7 @@ def test_trap_is_classified_and_crashes_the_agent_onto_a_new_worker(theater: The
     exits = crash_exits(theater, "t")
     assert [(e["incarnation"], e["reason"]) for e in exits] == [(0, "trap"), (1, "trap")]
     assert all(e["detail"].startswith("trap: wasm trap: ") and fragment in e["detail"] for e in exits), exits
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 def test_trap_keeps_the_committed_state(theater: Theater) -> None:
@@ -269,7 +224,7 @@ def test_trap_keeps_the_committed_state(theater: Theater) -> None:
     [exit_] = crash_exits(theater, "tc")
     assert exit_ == {"incarnation": 0, "reason": "trap",
                      "detail": "trap: wasm trap: wasm `unreachable` instruction executed"}
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 # --- fuel, deadline, memory, stack ------------------------------------------------------------
@@ -293,7 +248,7 @@ def test_spin_is_stopped_by_the_deadline(theater: Theater) -> None:
     exits = crash_exits(theater, "spin")
     assert [e["reason"] for e in exits] == ["trap", "trap"]
     assert all(e["detail"].startswith("deadline: ") and "interrupt" in e["detail"] for e in exits), exits
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 def test_spin_is_stopped_by_fuel(theater: Theater) -> None:
@@ -310,7 +265,7 @@ def test_spin_is_stopped_by_fuel(theater: Theater) -> None:
     exits = crash_exits(theater, "spin")
     assert [e["reason"] for e in exits] == ["trap", "trap"]
     assert all(e["detail"].startswith("out-of-fuel: ") and "all fuel consumed" in e["detail"] for e in exits), exits
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 @pytest.mark.parametrize(("memory_bytes", "pages"), [(1 * MIB, 16), (4 * MIB, 64)])
@@ -321,7 +276,7 @@ def test_memory_bomb_stops_exactly_at_memory_bytes(theater: Theater, memory_byte
         assert fails(c, "bomb", b"grow", "guest-error", f"grew to {pages} pages") == f"grew to {pages} pages"
         assert fails(c, "bomb", b"again", "guest-error", "grew to") == f"grew to {pages} pages"
         assert ps(c, "bomb")["pid"] == pid
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 def test_deep_recursion_is_a_stack_overflow(theater: Theater) -> None:
@@ -337,7 +292,7 @@ def test_deep_recursion_is_a_stack_overflow(theater: Theater) -> None:
     assert [e["reason"] for e in exits] == ["trap", "trap"]
     # the worker was killed by the supervisor (SIGKILL), it did not die of the overflow
     assert all(e["detail"].startswith("stack-overflow: ") and "call stack exhausted" in e["detail"] for e in exits), exits
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 # --- results the host must refuse -------------------------------------------------------------
@@ -351,7 +306,7 @@ def test_big_reply_at_and_over_the_limit(theater: Theater) -> None:
         entry = crashes(c, "big", b"65537", "too-large", "reply of 65537 bytes exceeds the limit of 65536")
         assert entry["pid"] != pid and entry["restarts"] == 1
         assert stored_state(theater, "big") == b""
-        last = [r for r in records(theater, "big") if r.kind is Kind.HANDLE][-1]
+        last = [r for r in records(theater, "big", check_seq=False) if r.kind is Kind.HANDLE][-1]
         assert last.state_hash == sha256(b"")
         assert (last.fields()["status"], last.fields()["reply"]) == ("too-large", None)
         assert c.call("big", b"3") == b"xxx"
@@ -359,7 +314,7 @@ def test_big_reply_at_and_over_the_limit(theater: Theater) -> None:
     [exit_] = crash_exits(theater, "big")
     assert exit_["reason"] == "trap"
     assert exit_["detail"].startswith("too-large: reply of 65537 bytes exceeds the limit of 65536"), exit_
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 def test_bad_bytes_reply_is_a_malformed_result(theater: Theater) -> None:
@@ -373,7 +328,7 @@ def test_bad_bytes_reply_is_a_malformed_result(theater: Theater) -> None:
     exits = crash_exits(theater, "bad")
     assert [e["reason"] for e in exits] == ["trap", "trap"]
     assert all(e["detail"].startswith("malformed-result: ") and "U+0100 at 1" in e["detail"] for e in exits), exits
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 @pytest.mark.parametrize(("component", "fragment"), [
@@ -392,10 +347,10 @@ def test_unrunnable_component_fails_to_spawn(theater: Theater, component: str, f
         assert (entry["status"], entry["pid"]) == ("failed", None)
         assert fragment in entry["last_exit"]
         fails(c, "nope", b"hello?", "refused", "agent nope is failed")
-        kinds = [r.kind for r in records(theater, "nope")]
+        kinds = [r.kind for r in records(theater, "nope", check_seq=False)]
         assert kinds == [Kind.GENESIS, Kind.EXIT]
-        assert records(theater, "nope")[-1].fields()["reason"] == "load-failed"
-    assert_chains_ok(theater)
+        assert records(theater, "nope", check_seq=False)[-1].fields()["reason"] == "load-failed"
+    assert_verified(theater)
 
 
 # --- recorded host calls and their limits -------------------------------------------------------
@@ -419,7 +374,7 @@ def test_random_reply_is_the_recorded_host_output(theater: Theater) -> None:
     assert all(bytes.fromhex(f["input"]) == (16).to_bytes(4, "big") for f in randoms)
     replies = [bytes.fromhex(e["fields"]["reply"]) for e in events if e["kind"] == "handle"]
     assert replies == [first, second]
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 def test_counter_logs_once_and_calls_now_once_per_call(theater: Theater) -> None:
@@ -427,11 +382,11 @@ def test_counter_logs_once_and_calls_now_once_per_call(theater: Theater) -> None
     with theater.client() as c:
         spawn(theater, c, "counter", "counter.wat", limits={"max_logs_per_call": 1, "max_host_calls_per_call": 1})
         assert [c.call("counter", b"") for _ in range(3)] == [b"1", b"2", b"3"]
-    after_init = [r for r in records(theater, "counter") if r.seq > 1]
+    after_init = [r for r in records(theater, "counter", check_seq=False) if r.seq > 1]
     assert [r.kind for r in after_init] == [Kind.LOG, Kind.HOST_CALL, Kind.HANDLE] * 3
     assert {(f["level"], f["message"]) for f in (r.fields() for r in after_init if r.kind is Kind.LOG)} == {("info", "tick")}
     assert {r.fields()["function"] for r in after_init if r.kind is Kind.HOST_CALL} == {"now"}
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 @pytest.mark.parametrize(("component", "limit", "fragment", "state"), [
@@ -457,7 +412,7 @@ def test_exhausted_host_budget_fails_every_call(theater: Theater, component: str
     exits = crash_exits(theater, "hl")
     assert [e["reason"] for e in exits] == ["trap"] * 4
     assert all(e["detail"].startswith("host-limit: ") and fragment in e["detail"] for e in exits), exits
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 def test_long_log_lines_are_truncated_and_flagged(theater: Theater) -> None:
@@ -465,9 +420,9 @@ def test_long_log_lines_are_truncated_and_flagged(theater: Theater) -> None:
     with theater.client() as c:
         spawn(theater, c, "counter", "counter.wat", limits={"max_log_bytes": 3})
         assert c.call("counter", b"") == b"1"
-    (log,) = [r.fields() for r in records(theater, "counter") if r.kind is Kind.LOG]
+    (log,) = [r.fields() for r in records(theater, "counter", check_seq=False) if r.kind is Kind.LOG]
     assert log == {"level": "info", "message": "tic", "truncated": 1}
-    assert_chains_ok(theater)
+    assert_verified(theater)
 
 
 # --- the mailbox ----------------------------------------------------------------------------
@@ -491,4 +446,4 @@ def test_message_flood_is_bounded_by_the_mailbox_and_loses_nothing(theater: Thea
             head = c.wait_events("counter", head, 10_000)
         assert c.call("counter", b"last") == str(len(accepted) + 1).encode()
         assert [h["message"] for h in handles(theater, "counter")][:-1] == [str(i).encode() for i in accepted]
-    assert_chains_ok(theater)
+    assert_verified(theater)

@@ -20,16 +20,15 @@ from typing import Any
 import psutil
 import pytest
 import zmq
-from conftest import COMPONENTS, ROOT, Theater, wait_until
+from conftest import COMPONENTS, ROOT, Theater, gone, ps, records, supervisor_log, wait_running, wait_until
 
 from supervisor._artifacts import ArtifactCache
-from supervisor._audit import open_readonly
 from supervisor._config import load_manifest, policy_dirs
 from supervisor._spawner import Spawner, exit_reason
 from theater import wire
 from theater.artifacts import artifact_key, file_signature
 from theater.home import Home
-from theater.records import Kind, Record
+from theater.records import Kind
 from theater.spec import Limits
 from worker._boundary import from_guest, from_guest_utf8, to_guest
 from worker._engine import Sandbox, compile_component, lifted_from_generic, load_artifact, make_engine
@@ -55,43 +54,12 @@ def _zygote_of(t: Theater) -> psutil.Process:
                       20, "the fork-server")  # type: ignore[return-value]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _ps(t: Theater, name: str) -> dict[str, Any]:
-    with t.client() as c:
-        [info] = [a for a in c.ps() if a["name"] == name]
-    return info
-
-
-def _records(t: Theater, name: str) -> list[Record]:
-    db = open_readonly(t.home.store)
-    try:
-        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
-        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
-    finally:
-        db.close()
-    return [Record.parse(raw) for (raw,) in rows]
-
-
-def _supervisor_log(t: Theater) -> str:
-    return (t.dir / "supervisor.out").read_text(errors="replace")
-
-
 def _restart(t: Theater, name: str) -> int:
     """SIGKILL the agent's worker and wait for its replacement; return the new pid."""
-    old = _ps(t, name)["pid"]
-    os.kill(old, signal.SIGKILL)
-
-    def replaced() -> int | None:
-        info = _ps(t, name)
-        return info["pid"] if info["status"] == "running" and info["pid"] not in (None, old) else None
-
-    return wait_until(replaced, 20, f"{name} on a new worker")  # type: ignore[return-value]
+    with t.client() as c:
+        old = ps(c, name)["pid"]
+        os.kill(old, signal.SIGKILL)
+        return wait_running(c, name, old)["pid"]
 
 
 # --- the fork-server, inside a real supervisor ------------------------------------------------
@@ -106,25 +74,26 @@ def test_forked_workers_harden_themselves_make_own_keys_and_are_the_supervisors_
         assert c.call("a", b"x") == b"1"
     zygote = _zygote_of(theater)
     assert len(os.listdir(f"/proc/{zygote.pid}/task")) == 1
-    pids = {_ps(theater, "a")["pid"], _ps(theater, "b")["pid"]}
+    with theater.client() as c:
+        pids = {ps(c, "a")["pid"], ps(c, "b")["pid"]}
     pids.add(_restart(theater, "a"))
     pids.add(_restart(theater, "a"))
     assert len(os.listdir(f"/proc/{zygote.pid}/task")) == 1  # still one thread after four forks
     assert theater.proc is not None
-    for pid in pids - {p for p in pids if _gone(p)}:
+    for pid in pids - {p for p in pids if gone(p)}:
         proc = psutil.Process(pid)
         assert proc.name() == "theater-worker"  # forked by the fork-server, not a fresh interpreter
         assert proc.ppid() == theater.proc.pid  # CLONE_PARENT: the supervisor's own child
     keys = []
     for name in ("a", "b"):
-        for record in _records(theater, name):
+        for record in records(theater, name, check_seq=False):
             if record.kind in (Kind.GENESIS, Kind.WORKER_KEY):
                 fields = record.fields()
                 keys.append(fields["worker_key"])
                 confinement = json.loads(fields["confinement"])
                 assert confinement["hygiene"] == "applied", confinement
     assert len(keys) == 4 and len(set(keys)) == 4  # a, a after two restarts, b: every worker its own key
-    exits = [r.fields() for r in _records(theater, "a") if r.kind is Kind.EXIT]
+    exits = [r.fields() for r in records(theater, "a", check_seq=False) if r.kind is Kind.EXIT]
     assert [e["reason"] for e in exits] == ["worker-died", "worker-died"]
     assert all("killed by signal 9 (SIGKILL)" in e["detail"] for e in exits)
     with theater.client() as c:
@@ -139,9 +108,9 @@ def test_no_worker_or_fork_server_outlives_a_killed_supervisor(theater: Theater)
         workers = [a["pid"] for a in c.ps()]
     zygote = _zygote_of(theater)
     everyone = [zygote.pid, *workers]
-    assert all(not _gone(pid) for pid in everyone)
+    assert all(not gone(pid) for pid in everyone)
     theater.kill()
-    wait_until(lambda: all(_gone(pid) for pid in everyone), 10, "the fork-server and workers to die with the supervisor")
+    wait_until(lambda: all(gone(pid) for pid in everyone), 10, "the fork-server and workers to die with the supervisor")
 
 
 def test_a_dead_fork_server_is_replaced_and_spawns_go_on(theater: Theater) -> None:
@@ -151,19 +120,19 @@ def test_a_dead_fork_server_is_replaced_and_spawns_go_on(theater: Theater) -> No
     with theater.client() as c:
         c.spawn(theater.manifest("a", "echo.wat"))
         old.kill()
-        wait_until(lambda: _gone(old.pid), 10, "the fork-server to die")  # a zombie until the next spawn
+        wait_until(lambda: gone(old.pid), 10, "the fork-server to die")  # a zombie until the next spawn
         c.spawn(theater.manifest("b", "echo.wat"))  # noticed here; this worker is a fresh interpreter
         assert c.call("b", b"hi") == b"hi"
-        assert f"fork-server {old.pid} is gone" in _supervisor_log(theater)
+        assert f"fork-server {old.pid} is gone" in supervisor_log(theater)
         new = wait_until(lambda: next((p for p in _children(theater.proc.pid)  # type: ignore[union-attr]
                                        if p.name() == "theater-zygote" and p.pid != old.pid), None), 20, "a new fork-server")
-        assert psutil.Process(_ps(theater, "b")["pid"]).name() != "theater-worker"
+        assert psutil.Process(ps(c, "b")["pid"]).name() != "theater-worker"
 
         def forked_by_the_new_one() -> bool:
             # Until the new fork-server has finished its imports, spawns start fresh interpreters.
             name = f"c{len([a for a in c.ps() if a['name'].startswith('c')])}"
             c.spawn(theater.manifest(name, "echo.wat"))
-            return psutil.Process(_ps(theater, name)["pid"]).name() == "theater-worker"
+            return psutil.Process(ps(c, name)["pid"]).name() == "theater-worker"
 
         wait_until(forked_by_the_new_one, 30, "a worker forked by the new fork-server")
         assert new.is_running()  # type: ignore[union-attr]
@@ -359,14 +328,14 @@ def test_artifact_is_compiled_once_and_recompiled_after_tampering(theater: Theat
         c.spawn(theater.manifest("b", "echo.wat"))
         _restart(theater, "a")
         assert c.call("a", b"1") == b"1"
-        assert _supervisor_log(theater).count("zygote: compiling") == 1
+        assert supervisor_log(theater).count("zygote: compiling") == 1
         [artifact] = list((theater.home.root / "cache").glob("*.cwasm"))
         with open(artifact, "r+b") as f:
             f.seek(200)
             f.write(b"\x00" * 16)
         c.spawn(theater.manifest("d", "echo.wat"))
         assert c.call("d", b"2") == b"2"
-        log = _supervisor_log(theater)
+        log = supervisor_log(theater)
         assert "not the ones compiled" in log and "compiling again" in log
         assert log.count("zygote: compiling") == 2
 

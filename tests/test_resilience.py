@@ -18,59 +18,34 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import zmq
-from conftest import Theater, wait_until
+from conftest import (
+    Theater,
+    answers,
+    assert_verified,
+    gone,
+    of,
+    ps,
+    records,
+    start_after_crash,
+    supervisor_log,
+    wait_running,
+    wait_status,
+    wait_until,
+)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from supervisor._audit import open_readonly, verify_home
+from supervisor._audit import open_readonly
 from theater import wire
 from theater.client import Client, ClientError, NotRunning
-from theater.records import Kind, Record
+from theater.records import Kind
 
 TESTS = Path(__file__).resolve().parent
 RUN_SUPERVISOR = TESTS / "run_supervisor.py"
 
 # --- helpers -------------------------------------------------------------------
-
-
-def _ps(c: Client, name: str) -> dict[str, Any]:
-    [info] = [a for a in c.ps() if a["name"] == name]
-    return info
-
-
-def _wait_running(c: Client, name: str, old_pid: int | None = None, timeout: float = 20.0) -> dict[str, Any]:
-    """Wait until ``name`` is running on a worker whose pid is not ``old_pid``; return its ps row."""
-
-    def ready() -> dict[str, Any] | None:
-        info = _ps(c, name)
-        ok = info["status"] == "running" and info["pid"] is not None and info["pid"] != old_pid
-        return info if ok else None
-
-    return wait_until(ready, timeout, f"{name} running on a new worker")  # type: ignore[return-value]
-
-
-def _wait_status(c: Client, name: str, status: str, timeout: float = 20.0) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        info = _ps(c, name)
-        return info if info["status"] == status else None
-
-    return wait_until(reached, timeout, f"{name} {status}")  # type: ignore[return-value]
-
-
-def _records(t: Theater, name: str) -> list[Record]:
-    """The agent's stored chain, read straight from SQLite (read-only)."""
-    db = open_readonly(t.home.store)
-    try:
-        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
-        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
-    finally:
-        db.close()
-    records = [Record.parse(raw) for (raw,) in rows]
-    assert [r.seq for r in records] == list(range(len(records)))
-    return records
 
 
 def _desired(t: Theater, name: str) -> str:
@@ -82,54 +57,8 @@ def _desired(t: Theater, name: str) -> str:
     return desired
 
 
-def _of(records: list[Record], kind: Kind) -> list[Record]:
-    return [r for r in records if r.kind is kind]
-
-
-def _assert_verified(t: Theater) -> None:
-    reports = verify_home(t.home)
-    assert reports, "no chain to verify"
-    broken = [f"{r.name}: {r.problem}" for r in reports if not r.ok]
-    assert not broken, "; ".join(broken)
-
-
-def _gone(pid: int) -> bool:
-    """The process no longer runs (absent, or a zombie nobody has reaped yet)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _supervisor_log(t: Theater) -> str:
-    return (t.dir / "supervisor.out").read_text(errors="replace")
-
-
 def _without_uptime(agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in a.items() if k != "uptime_s"} for a in agents]
-
-
-def _answers(t: Theater) -> dict[str, Any] | None:
-    try:
-        with t.client(timeout=1.0) as c:
-            return c.ping()
-    except (NotRunning, ClientError):
-        return None
-
-
-def _start_after_crash(t: Theater) -> None:
-    """``t.start()`` after a SIGKILLed supervisor.
-
-    Its readiness ping may carry the dead supervisor's stale control token and be
-    refused although the new supervisor is up (the bug exposed by
-    ``test_up_detach_after_supervisor_crash_reports_success``); then wait for a fresh client.
-    """
-    try:
-        t.start()
-    except ClientError as exc:
-        if exc.code != "refused":
-            raise
-        wait_until(lambda: _answers(t), 30, "the restarted supervisor to answer a fresh client")
 
 
 def _socket(endpoint: str) -> zmq.Socket:
@@ -147,24 +76,24 @@ def test_sigkilled_idle_worker_is_restarted_with_state_intact(theater: Theater) 
     with theater.client() as c:
         c.spawn(theater.manifest("ctr", "counter.wat"))
         assert [c.call("ctr", b"m%d" % i) for i in range(3)] == [b"1", b"2", b"3"]
-        before = _ps(c, "ctr")
+        before = ps(c, "ctr")
         os.kill(before["pid"], signal.SIGKILL)
-        after = _wait_running(c, "ctr", before["pid"])
+        after = wait_running(c, "ctr", before["pid"])
         assert after["restarts"] == 1
         assert after["incarnation"] == before["incarnation"] + 1
         assert c.call("ctr", b"after") == b"4"
 
-    records = _records(theater, "ctr")
-    [exit_] = _of(records, Kind.EXIT)
+    chain = records(theater, "ctr")
+    [exit_] = of(chain, Kind.EXIT)
     fields = exit_.fields()
     assert fields["reason"] == "worker-died"
     assert "killed by signal 9 (SIGKILL)" in fields["detail"]
     assert fields["incarnation"] == before["incarnation"]
-    key = records[exit_.seq + 1]
+    key = chain[exit_.seq + 1]
     assert key.kind is Kind.WORKER_KEY
     assert key.fields()["incarnation"] == before["incarnation"] + 1
-    assert [h.fields()["reply"] for h in _of(records, Kind.HANDLE)] == [b"1", b"2", b"3", b"4"]
-    _assert_verified(theater)
+    assert [h.fields()["reply"] for h in of(chain, Kind.HANDLE)] == [b"1", b"2", b"3", b"4"]
+    assert_verified(theater)
 
 
 # --- 2. restart intensity and restart types ----------------------------------------
@@ -176,27 +105,27 @@ def test_restart_intensity_gives_up_after_too_many_deaths(theater: Theater) -> N
     with theater.client() as c:
         c.spawn(manifest)
         assert c.call("flaky", b"x") == b"1"
-        pid = _ps(c, "flaky")["pid"]
+        pid = ps(c, "flaky")["pid"]
         for kill in range(1, 4):
             os.kill(pid, signal.SIGKILL)
             if kill < 3:
-                pid = _wait_running(c, "flaky", pid)["pid"]
-        info = _wait_status(c, "flaky", "failed")
+                pid = wait_running(c, "flaky", pid)["pid"]
+        info = wait_status(c, "flaky", "failed")
         assert info["pid"] is None
         assert info["restarts"] == 2
         with pytest.raises(ClientError) as refused:
             c.call("flaky", b"y")
         assert refused.value.code == "refused"
-        assert _ps(c, "flaky")["status"] == "failed"
+        assert ps(c, "flaky")["status"] == "failed"
 
-    exits = [r.fields() for r in _of(_records(theater, "flaky"), Kind.EXIT)]
+    exits = [r.fields() for r in of(records(theater, "flaky"), Kind.EXIT)]
     assert len(exits) == 3
     assert all("killed by signal 9 (SIGKILL)" in e["detail"] for e in exits)
     assert not any("giving up" in e["detail"] for e in exits[:2])
     assert "more than 2 restarts in 60000 ms, giving up" in exits[2]["detail"]
-    assert len(_of(_records(theater, "flaky"), Kind.WORKER_KEY)) == 2
+    assert len(of(records(theater, "flaky"), Kind.WORKER_KEY)) == 2
     assert _desired(theater, "flaky") == "failed"
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 def test_temporary_agent_is_not_restarted(theater: Theater) -> None:
@@ -204,21 +133,21 @@ def test_temporary_agent_is_not_restarted(theater: Theater) -> None:
     with theater.client() as c:
         c.spawn(theater.manifest("once", "counter.wat", restart={"type": "temporary"}))
         assert c.call("once", b"x") == b"1"
-        pid = _ps(c, "once")["pid"]
+        pid = ps(c, "once")["pid"]
         os.kill(pid, signal.SIGKILL)
-        info = _wait_status(c, "once", "failed")
+        info = wait_status(c, "once", "failed")
         assert info["pid"] is None
         assert info["restarts"] == 0
         with pytest.raises(ClientError) as refused:
             c.call("once", b"y")
         assert refused.value.code == "refused"
 
-    records = _records(theater, "once")
-    assert records[-1].kind is Kind.EXIT
-    assert "killed by signal 9 (SIGKILL)" in records[-1].fields()["detail"]
-    assert not _of(records, Kind.WORKER_KEY)
+    chain = records(theater, "once")
+    assert chain[-1].kind is Kind.EXIT
+    assert "killed by signal 9 (SIGKILL)" in chain[-1].fields()["detail"]
+    assert not of(chain, Kind.WORKER_KEY)
     assert _desired(theater, "once") == "failed"
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 # --- 3. a killed supervisor --------------------------------------------------------
@@ -275,30 +204,30 @@ def test_supervisor_sigkill_mid_traffic_loses_nothing_committed(theater: Theater
     assert all(caller.unanswered >= 1 for caller in callers), "no call was in flight at the kill"
     assert not [e for k in callers for e in k.errors], [e for k in callers for e in k.errors]
     acked = [pair for k in callers for pair in k.acked]
-    wait_until(lambda: all(_gone(pid) for pid in workers), 10, "workers to die with their supervisor")
+    wait_until(lambda: all(gone(pid) for pid in workers), 10, "workers to die with their supervisor")
 
-    _start_after_crash(theater)
-    _assert_verified(theater)  # including the supervisor-restart exits written at start-up
+    start_after_crash(theater)
+    assert_verified(theater)  # including the supervisor-restart exits written at start-up
     with theater.client() as c:
         for name in ("ctr", "idle"):
-            info = _wait_running(c, name)
+            info = wait_running(c, name)
             assert info["pid"] not in workers
         reply = c.call("ctr", b"after-restart")
         assert c.call("idle", b"j") == b"2"
     assert reply is not None
     assert int(reply) > max(int(r) for _, r in acked)
 
-    records = _records(theater, "ctr")
-    stored = {h.fields()["message"]: h.fields()["reply"] for h in _of(records, Kind.HANDLE)}
+    chain = records(theater, "ctr")
+    stored = {h.fields()["message"]: h.fields()["reply"] for h in of(chain, Kind.HANDLE)}
     missing = [(m, r) for m, r in acked if stored.get(m) != r]
     assert not missing, f"acknowledged but not in the chain: {missing[:5]}"
     # Each reply is one more than the one before: nothing was applied twice or skipped.
     assert sorted(int(r) for r in stored.values()) == list(range(1, len(stored) + 1))
     assert stored[b"after-restart"] == reply
     for name in ("ctr", "idle"):
-        exits = [r.fields() for r in _of(_records(theater, name), Kind.EXIT)]
+        exits = [r.fields() for r in of(records(theater, name), Kind.EXIT)]
         assert [e["reason"] for e in exits] == ["supervisor-restart"], name
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 def test_up_detach_after_supervisor_crash_reports_success(theater: Theater) -> None:
@@ -311,7 +240,7 @@ def test_up_detach_after_supervisor_crash_reports_success(theater: Theater) -> N
             [sys.executable, "-m", "supervisor", "--home", str(theater.home.root), "up", "--detach"],
             capture_output=True, text=True, timeout=60,
         )
-        info = wait_until(lambda: _answers(theater), 30, "a supervisor to answer")
+        info = wait_until(lambda: answers(theater), 30, "a supervisor to answer")
         assert info["agents"] == 1  # type: ignore[index]  # it is up and has resumed the agent...
         assert up.returncode == 0, up.stderr  # ...so `up` must not say it failed
     finally:
@@ -329,7 +258,7 @@ def _down_detached(t: Theater) -> None:
             c.down()
     except (NotRunning, ClientError):
         os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: _gone(pid), 20, "the detached supervisor to end")
+    wait_until(lambda: gone(pid), 20, "the detached supervisor to end")
 
 
 # --- 4. lying workers --------------------------------------------------------------
@@ -353,28 +282,28 @@ def test_lying_worker_is_caught_and_nothing_it_sent_is_stored(theater: Theater, 
     with theater.client() as c:
         c.spawn(theater.manifest("ctr", "counter.wat"))
         assert c.call("ctr", b"first") == b"1"
-        pid = _ps(c, "ctr")["pid"]
+        pid = ps(c, "ctr")["pid"]
         with pytest.raises(ClientError) as died:
             c.call("ctr", b"second")
         assert died.value.code == "worker-died"
-        info = _wait_running(c, "ctr", pid)
+        info = wait_running(c, "ctr", pid)
         assert info["restarts"] == 1
         # The evil behaviour is on each process's 2nd handle call: the new worker's 1st is honest.
         assert c.call("ctr", b"third") == b"2"
 
-    records = _records(theater, "ctr")
-    [violation] = _of(records, Kind.VIOLATION)
+    chain = records(theater, "ctr")
+    [violation] = of(chain, Kind.VIOLATION)
     assert violation.kind == 8
     fields = violation.fields()
     assert EVIL_MODES[mode] in fields["reason"], fields["reason"]
     assert fields["incarnation"] == 0
-    messages = [h.fields()["message"] for h in _of(records, Kind.HANDLE)]
+    messages = [h.fields()["message"] for h in of(chain, Kind.HANDLE)]
     assert messages == [b"first", b"third"]  # nothing of the bad result, and no replayed copy
-    after = records[violation.seq + 1]
+    after = chain[violation.seq + 1]
     assert after.kind is Kind.WORKER_KEY and after.fields()["incarnation"] == 1
     assert "protocol-violation" in after.fields()["reason"]
-    assert f"protocol violation: {fields['reason']}" in _supervisor_log(theater)
-    _assert_verified(theater)
+    assert f"protocol violation: {fields['reason']}" in supervisor_log(theater)
+    assert_verified(theater)
 
 
 def test_result_sent_twice_leaves_a_consistent_resumable_store(theater: Theater) -> None:
@@ -388,16 +317,16 @@ def test_result_sent_twice_leaves_a_consistent_resumable_store(theater: Theater)
             assert c.call("ctr", b"second") == b"2"  # the first copy is honest and may be committed
         except ClientError as exc:
             assert exc.code == "worker-died"
-        _wait_status(c, "ctr", "failed")
-    records = _records(theater, "ctr")
-    [violation] = _of(records, Kind.VIOLATION)
+        wait_status(c, "ctr", "failed")
+    chain = records(theater, "ctr")
+    [violation] = of(chain, Kind.VIOLATION)
     assert "no call in flight" in violation.fields()["reason"]
-    _assert_verified(theater)
+    assert_verified(theater)
     theater.stop()
     theater.start()  # a plain supervisor must be able to resume this home
     with theater.client() as c:
-        assert _ps(c, "ctr")["status"] == "failed"
-    _assert_verified(theater)
+        assert ps(c, "ctr")["status"] == "failed"
+    assert_verified(theater)
 
 
 # --- 5. strangers -------------------------------------------------------------------
@@ -416,10 +345,10 @@ def test_stranger_on_worker_socket_is_ignored(theater: Theater) -> None:
     stranger = _socket(theater.home.workers_endpoint)
     try:
         stranger.send_multipart(hello.encode())
-        wait_until(lambda: "hello with an unknown token" in _supervisor_log(theater), 10, "the unknown-token log line")
+        wait_until(lambda: "hello with an unknown token" in supervisor_log(theater), 10, "the unknown-token log line")
         result = wire.Result(1, b"999", [secrets.token_bytes(300)])
         stranger.send_multipart(result.encode())
-        wait_until(lambda: "frame from an unknown peer" in _supervisor_log(theater), 10, "the unknown-peer log line")
+        wait_until(lambda: "frame from an unknown peer" in supervisor_log(theater), 10, "the unknown-peer log line")
         assert not stranger.poll(100), "the supervisor answered a stranger"
     finally:
         stranger.close(0)
@@ -427,8 +356,8 @@ def test_stranger_on_worker_socket_is_ignored(theater: Theater) -> None:
         assert _without_uptime(c.ps()) == _without_uptime(before)
         assert c.call("ctr", b"b") == b"2"
     assert theater.proc is not None and theater.proc.poll() is None
-    assert not _of(_records(theater, "ctr"), Kind.VIOLATION)
-    _assert_verified(theater)
+    assert not of(records(theater, "ctr"), Kind.VIOLATION)
+    assert_verified(theater)
 
 
 # JSON that json.loads rejects with something other than JSONDecodeError.
@@ -449,12 +378,12 @@ def test_stranger_hello_with_hostile_json_does_not_crash_supervisor(theater: The
     try:
         stranger.send_multipart([wire.header(wire.WorkerType.HELLO), secrets.token_bytes(132), HOSTILE_JSON[payload]])
         assert theater.proc is not None
-        wait_until(lambda: "malformed hello" in _supervisor_log(theater) or theater.proc.poll() is not None,
+        wait_until(lambda: "malformed hello" in supervisor_log(theater) or theater.proc.poll() is not None,
                    10, "the hello to be handled")
     finally:
         stranger.close(0)
     assert theater.proc.poll() is None, f"supervisor exited with {theater.proc.returncode}"
-    assert "dropping a malformed hello" in _supervisor_log(theater)
+    assert "dropping a malformed hello" in supervisor_log(theater)
     with theater.client() as c:
         assert c.call("ctr", b"b") == b"2"
 
@@ -475,7 +404,7 @@ def test_wrong_control_token_is_refused(theater: Theater) -> None:
                 assert refused.value.code == "refused", (op, bad)
         c._token = real
         assert c.call("ctr", b"x") == b"1"  # no refused call reached the agent
-        assert _ps(c, "ctr")["head"] == 4  # genesis, init, and one call's log, host-call, handle
+        assert ps(c, "ctr")["head"] == 4  # genesis, init, and one call's log, host-call, handle
 
 
 # Regression (found here, fixed in wire.decode_json): the request is parsed before the token check.
@@ -532,29 +461,29 @@ def test_down_stops_every_worker_and_start_resumes_desired_state(theater: Theate
     assert "supervisor down" in done.stdout
     assert theater.proc is not None
     assert theater.proc.wait(timeout=20) == 0
-    assert all(_gone(pid) for pid in workers)  # reaped by the supervisor before it exited
+    assert all(gone(pid) for pid in workers)  # reaped by the supervisor before it exited
     assert not theater.home.token.exists() and not theater.home.control_sock.exists()
     for name in ("a", "b"):
-        last = _records(theater, name)[-1]
+        last = records(theater, name)[-1]
         assert last.kind is Kind.EXIT and last.fields()["reason"] == "shutdown"
-    _assert_verified(theater)
+    assert_verified(theater)
 
     theater.start()
     with theater.client() as c:
         for name in ("a", "b"):
-            assert _wait_running(c, name)["pid"] not in workers
-        assert _ps(c, "off")["status"] == "stopped"
-        assert _ps(c, "off")["pid"] is None
+            assert wait_running(c, name)["pid"] not in workers
+        assert ps(c, "off")["status"] == "stopped"
+        assert ps(c, "off")["pid"] is None
         assert c.call("a", b"y") == b"2"
         assert c.call("b", b"y") == b"2"
         with pytest.raises(ClientError) as refused:
             c.call("off", b"y")
         assert refused.value.code == "refused"
     for name in ("a", "b"):
-        records = _records(theater, name)
-        assert [e.fields()["reason"] for e in _of(records, Kind.EXIT)] == ["shutdown"]  # no supervisor-restart
-        assert len(_of(records, Kind.WORKER_KEY)) == 1
-    _assert_verified(theater)
+        chain = records(theater, name)
+        assert [e.fields()["reason"] for e in of(chain, Kind.EXIT)] == ["shutdown"]  # no supervisor-restart
+        assert len(of(chain, Kind.WORKER_KEY)) == 1
+    assert_verified(theater)
 
 
 def test_component_deleted_under_a_running_agent_fails_it_without_a_restart_loop(theater: Theater) -> None:
@@ -566,12 +495,12 @@ def test_component_deleted_under_a_running_agent_fails_it_without_a_restart_loop
     with theater.client() as c:
         c.spawn(path)
         assert c.call("mine", b"x") == b"1"
-        pid = _ps(c, "mine")["pid"]
+        pid = ps(c, "mine")["pid"]
         component.unlink()
         os.kill(pid, signal.SIGKILL)
-        info = _wait_status(c, "mine", "failed")
+        info = wait_status(c, "mine", "failed")
         assert "load-failed" in info["last_exit"] and "cannot read" in info["last_exit"]
         assert info["restarts"] == 1
-    [*_, last] = _records(theater, "mine")
+    [*_, last] = records(theater, "mine")
     assert last.kind is Kind.EXIT and last.fields()["reason"] == "load-failed"
-    _assert_verified(theater)
+    assert_verified(theater)

@@ -24,33 +24,33 @@ from typing import Any
 
 import pytest
 import zmq
-from conftest import COMPONENTS, Theater, wait_until
+from conftest import (
+    COMPONENTS,
+    LAB_POLICY,
+    Theater,
+    assert_verified,
+    of,
+    ps,
+    records,
+    start_after_crash,
+    toml,
+    wait_running,
+    wait_status,
+    wait_until,
+    write_lab_policy,
+)
 
-from supervisor._audit import open_readonly, verify_home
+from supervisor._audit import open_readonly
 from theater import wire
 from theater.client import Client, ClientError, NotRunning
-from theater.records import Kind, Record
+from theater.records import Kind
 
 VENV_THEATER = Path(sys.executable).parent / "theater"
 COMMAND = [str(VENV_THEATER)] if VENV_THEATER.exists() else [sys.executable, "-m", "supervisor"]
-LAB_POLICY = "lab"
 TRAP = "wasm trap: wasm `unreachable` instruction executed"
 
 
 # --- manifests --------------------------------------------------------------------
-
-
-def _toml(value: object) -> str:
-    """A TOML value; tables become inline tables, so a whole tree fits in one ``children`` array."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def agent(name: str, component: str = "trap_on.wat", **extra: object) -> dict[str, object]:
@@ -67,23 +67,13 @@ def sup(name: str, children: list[dict[str, object]], strategy: str = "one_for_o
 
 def tree_manifest(t: Theater, root: dict[str, object]) -> Path:
     """Write ``root`` (made by :func:`sup`) as a supervisor manifest file; children one per line."""
-    lines = [f"{k} = {_toml(v)}" for k, v in root.items() if k != "children"]
+    lines = [f"{k} = {toml(v)}" for k, v in root.items() if k != "children"]
     lines.append("children = [")
-    lines.extend(f"  {_toml(child)}," for child in root["children"])  # type: ignore[union-attr]
+    lines.extend(f"  {toml(child)}," for child in root["children"])  # type: ignore[union-attr]
     lines.append("]")
     path = t.dir / f"{root['name']}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def write_lab_policy(t: Theater) -> None:
-    """A site policy whose ceilings allow a 60 s call and a huge fuel budget (as in test_limits)."""
-    text = (Path(__file__).resolve().parent.parent / "policies" / "default.toml").read_text()
-    text = text.replace("fuel_per_call = 500000000", "fuel_per_call = 1000000000000")
-    text = text.replace("wall_time_ms = 2000 ", "wall_time_ms = 60000 ")
-    assert "1000000000000" in text and "60000 " in text
-    t.home.policies.mkdir(exist_ok=True)
-    (t.home.policies / f"{LAB_POLICY}.toml").write_text(text)
 
 
 # --- observing ----------------------------------------------------------------------
@@ -92,11 +82,6 @@ def write_lab_policy(t: Theater) -> None:
 def cli(t: Theater, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*COMMAND, "--home", str(t.home.root), *args], capture_output=True, text=True,
                           timeout=120, stdin=subprocess.DEVNULL)
-
-
-def _ps(c: Client, name: str) -> dict[str, Any]:
-    [info] = [a for a in c.ps() if a["name"] == name]
-    return info
 
 
 def _pids(c: Client, names: list[str]) -> dict[str, int | None]:
@@ -121,25 +106,6 @@ def _member(c: Client, name: str) -> dict[str, Any]:
     return found
 
 
-def _wait_restarted(c: Client, name: str, old_pid: int | None, restarts: int, timeout: float = 20.0) -> dict[str, Any]:
-    """Wait until ``name`` runs on a worker other than ``old_pid`` and ps counts ``restarts``."""
-
-    def ready() -> dict[str, Any] | None:
-        info = _ps(c, name)
-        ok = info["status"] == "running" and info["pid"] not in (None, old_pid) and info["restarts"] == restarts
-        return info if ok else None
-
-    return wait_until(ready, timeout, f"{name} running on a new worker after {restarts} restarts")  # type: ignore[return-value]
-
-
-def _wait_status(c: Client, name: str, status: str, timeout: float = 20.0) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        info = _ps(c, name)
-        return info if info["status"] == status else None
-
-    return wait_until(reached, timeout, f"{name} {status}")  # type: ignore[return-value]
-
-
 def _wait_member(c: Client, name: str, status: str, timeout: float = 20.0, **fields: object) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
         m = _member(c, name)
@@ -157,50 +123,18 @@ def _crash(c: Client, name: str) -> None:
     assert TRAP in str(info.value)
 
 
-def _records(t: Theater, name: str) -> list[Record]:
-    """The agent's stored chain, read straight from SQLite; its sequence numbers are contiguous."""
-    db = open_readonly(t.home.store)
-    try:
-        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
-        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
-    finally:
-        db.close()
-    records = [Record.parse(raw) for (raw,) in rows]
-    assert [r.seq for r in records] == list(range(len(records))), name
-    return records
-
-
-def _of(records: list[Record], kind: Kind) -> list[Record]:
-    return [r for r in records if r.kind is kind]
-
-
 def _exits(t: Theater, name: str) -> list[dict[str, Any]]:
-    return [r.fields() for r in _of(_records(t, name), Kind.EXIT)]
+    return [r.fields() for r in of(records(t, name), Kind.EXIT)]
 
 
 def _events_after(t: Theater, names: list[str], since_ns: int) -> list[tuple[int, str, str, dict[str, Any]]]:
     """Every exit and worker-key record of ``names`` after ``since_ns``, in time order: (time, kind, name, fields)."""
     out = []
     for name in names:
-        for r in _records(t, name):
+        for r in records(t, name):
             if r.kind in (Kind.EXIT, Kind.WORKER_KEY) and r.time_ns > since_ns:
                 out.append((r.time_ns, "exit" if r.kind is Kind.EXIT else "start", name, r.fields()))
     return sorted(out, key=lambda e: e[0])
-
-
-def _assert_verified(t: Theater) -> None:
-    reports = verify_home(t.home)
-    assert reports, "no chain to verify"
-    broken = [f"{r.name}: {r.problem}" for r in reports if not r.ok]
-    assert not broken, "; ".join(broken)
-
-
-def _answers(t: Theater) -> dict[str, Any] | None:
-    try:
-        with t.client(timeout=1.0) as c:
-            return c.ping()
-    except (NotRunning, ClientError):
-        return None
 
 
 # --- 1. strategies: exactly the right set, in the right order -------------------------------
@@ -227,15 +161,15 @@ def test_one_for_one_restarts_only_the_crashed_child(theater: Theater) -> None:
     with theater.client() as c:
         before = _spawn_counting(theater, c, "one_for_one", names)
         _crash(c, "b")
-        after = _wait_restarted(c, "b", before["b"], restarts=1)
+        after = wait_running(c, "b", before["b"], restarts=1)
         assert _pids(c, names) == {**before, "b": after["pid"]}
-        assert [_ps(c, n)["restarts"] for n in names] == [0, 1, 0]
+        assert [ps(c, n)["restarts"] for n in names] == [0, 1, 0]
         assert [c.call(n, b"y") for n in names] == [b"2", b"2", b"2"]
         root = _member(c, "root")
         assert (root["status"], root["restarts"]) == ("running", 1)
     assert [e["reason"] for e in _exits(theater, "b")] == ["trap"]
     assert _exits(theater, "a") == _exits(theater, "c") == []
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 def test_one_for_all_restarts_every_child_stopping_in_reverse_and_starting_in_order(theater: Theater) -> None:
@@ -244,28 +178,28 @@ def test_one_for_all_restarts_every_child_stopping_in_reverse_and_starting_in_or
     names = ["a", "b", "c", "d"]
     with theater.client() as c:
         before = _spawn_counting(theater, c, "one_for_all", names, [agent("tmp", restart={"type": "temporary"})])
-        tmp = _ps(c, "tmp")["pid"]
+        tmp = ps(c, "tmp")["pid"]
         since = time.time_ns()
         _crash(c, "b")
         for n in names:
-            _wait_restarted(c, n, before[n], restarts=1)
+            wait_running(c, n, before[n], restarts=1)
         after = _pids(c, names)
         assert all(after[n] != before[n] for n in names), (before, after)
         assert [c.call(n, b"y") for n in names] == [b"2"] * 4  # every child resumed from its committed state
         root = _member(c, "root")
         assert root["restarts"] == 1
         assert [m["name"] for m in root["children"]] == names  # the temporary child left
-        gone = _ps(c, "tmp")
+        gone = ps(c, "tmp")
         assert tmp and (gone["status"], gone["pid"], gone["restarts"]) == ("stopped", None, 0)
     events = [(kind, name) for _, kind, name, _ in _events_after(theater, [*names, "tmp"], since)]
     assert events == [("exit", "b"), ("exit", "d"), ("exit", "c"), ("exit", "tmp"), ("exit", "a"),
                       ("start", "a"), ("start", "b"), ("start", "c"), ("start", "d")], events
-    assert not _of(_records(theater, "tmp"), Kind.WORKER_KEY)
+    assert not of(records(theater, "tmp"), Kind.WORKER_KEY)
     for n in ("a", "tmp", "c", "d"):
         [exit_] = _exits(theater, n)
         assert (exit_["reason"], exit_["detail"]) == ("shutdown", "exited with status 0"), exit_
     assert [e["reason"] for e in _exits(theater, "b")] == ["trap"]
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 def test_rest_for_one_restarts_the_crashed_child_and_those_after_it(theater: Theater) -> None:
@@ -276,15 +210,15 @@ def test_rest_for_one_restarts_the_crashed_child_and_those_after_it(theater: The
         since = time.time_ns()
         _crash(c, "b")
         for n in ("b", "c", "d"):
-            _wait_restarted(c, n, before[n], restarts=1)
-        after = _ps(c, "a")
+            wait_running(c, n, before[n], restarts=1)
+        after = ps(c, "a")
         assert (after["pid"], after["restarts"]) == (before["a"], 0)
         assert [c.call(n, b"y") for n in names] == [b"2"] * 4
     events = [(kind, name) for _, kind, name, _ in _events_after(theater, names, since)]
     assert events == [("exit", "b"), ("exit", "d"), ("exit", "c"),
                       ("start", "b"), ("start", "c"), ("start", "d")], events
     assert _exits(theater, "a") == []
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 def test_queued_messages_survive_a_restart(theater: Theater) -> None:
@@ -292,15 +226,15 @@ def test_queued_messages_survive_a_restart(theater: Theater) -> None:
     with theater.client() as c:
         c.spawn(tree_manifest(theater, sup("root", [agent("a")])))
         assert c.call("a", b"x") == b"1"
-        pid = _ps(c, "a")["pid"]
+        pid = ps(c, "a")["pid"]
         assert c.send("a", b"trap") == {"queued": 1}  # dispatched at once: "trap" is in flight
         assert c.send("a", b"queued") == {"queued": 1}  # waits behind it in the mailbox
         assert c.call("a", b"after") == b"3"  # the new worker served "queued" (2), then this call (3)
-        info = _ps(c, "a")
+        info = ps(c, "a")
         assert info["pid"] != pid and info["restarts"] == 1
-    handles = [(h.fields()["message"], h.fields()["status"]) for h in _of(_records(theater, "a"), Kind.HANDLE)]
+    handles = [(h.fields()["message"], h.fields()["status"]) for h in of(records(theater, "a"), Kind.HANDLE)]
     assert handles == [(b"x", "ok"), (b"trap", "trap"), (b"queued", "ok"), (b"after", "ok")]
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 # --- 2. restart types: permanent, transient, temporary on normal and abnormal exits -----------
@@ -322,16 +256,16 @@ def test_restart_types_on_normal_and_abnormal_exits(theater: Theater) -> None:
 
         # permanent: restarted even after a normal exit, from its committed state
         assert c.call("perm", b"finish") == b"2"  # the finishing call is committed and answered
-        _wait_restarted(c, "perm", pids["perm"], restarts=1)
+        wait_running(c, "perm", pids["perm"], restarts=1)
         assert c.call("perm", b"y") == b"3"
 
         # transient: restarted after a crash...
         os.kill(pids["trans"], signal.SIGKILL)
-        trans = _wait_restarted(c, "trans", pids["trans"], restarts=1)
+        trans = wait_running(c, "trans", pids["trans"], restarts=1)
         assert c.call("trans", b"y") == b"2"
         # ...but not after a normal exit
         assert c.call("trans", b"finish") == b"3"
-        info = _wait_status(c, "trans", "stopped")
+        info = wait_status(c, "trans", "stopped")
         assert (info["pid"], info["restarts"]) == (None, 1)
         assert trans["pid"] != pids["trans"]
         with pytest.raises(ClientError) as refused:
@@ -340,9 +274,9 @@ def test_restart_types_on_normal_and_abnormal_exits(theater: Theater) -> None:
 
         # temporary: never restarted, whatever the exit
         assert c.call("temp-normal", b"finish") == b"2"
-        assert (_wait_status(c, "temp-normal", "stopped")["restarts"]) == 0
+        assert (wait_status(c, "temp-normal", "stopped")["restarts"]) == 0
         os.kill(pids["temp-crash"], signal.SIGKILL)
-        assert (_wait_status(c, "temp-crash", "failed")["restarts"]) == 0
+        assert (wait_status(c, "temp-crash", "failed")["restarts"]) == 0
 
         root = _member(c, "root")
         assert [m["name"] for m in root["children"]] == ["perm", "trans"]  # temporary children are removed
@@ -355,10 +289,10 @@ def test_restart_types_on_normal_and_abnormal_exits(theater: Theater) -> None:
     assert [e["reason"] for e in _exits(theater, "temp-normal")] == ["normal"]
     assert [e["reason"] for e in _exits(theater, "temp-crash")] == ["worker-died"]
     for n in ("trans", "temp-normal", "temp-crash"):
-        assert len(_of(_records(theater, n), Kind.WORKER_KEY)) == (1 if n == "trans" else 0), n
-    finish = [r for r in _records(theater, "perm") if r.kind is Kind.HOST_CALL]
+        assert len(of(records(theater, n), Kind.WORKER_KEY)) == (1 if n == "trans" else 0), n
+    finish = [r for r in records(theater, "perm") if r.kind is Kind.HOST_CALL]
     assert [r.fields()["function"] for r in finish] == ["finish"]
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 def test_top_level_agents_on_a_normal_exit(theater: Theater) -> None:
@@ -369,14 +303,14 @@ def test_top_level_agents_on_a_normal_exit(theater: Theater) -> None:
             c.spawn(theater.manifest(t, "finisher.wat", restart={"type": t}))
         pids = _pids(c, types)
         assert [c.call(t, b"finish") for t in types] == [b"1"] * 3
-        _wait_restarted(c, "permanent", pids["permanent"], restarts=1)
+        wait_running(c, "permanent", pids["permanent"], restarts=1)
         assert c.call("permanent", b"x") == b"2"
         for t in ("transient", "temporary"):
-            info = _wait_status(c, t, "stopped")
+            info = wait_status(c, t, "stopped")
             assert (info["pid"], info["restarts"], info["last_exit"]) == (None, 0, "normal: exited with status 0")
     for t in types:
         assert [e["reason"] for e in _exits(theater, t)] == ["normal"]
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 # --- 3. restart intensity -------------------------------------------------------------------
@@ -391,12 +325,12 @@ def test_intensity_exceeded_gives_up_stopping_children_in_reverse_order(theater:
         pid = pids["crasher"]
         for n in range(1, 3):
             _crash(c, "crasher")
-            pid = _wait_restarted(c, "crasher", pid, restarts=n)["pid"]
+            pid = wait_running(c, "crasher", pid, restarts=n)["pid"]
         since = time.time_ns()
         _crash(c, "crasher")  # the third crash in the period
         root = _wait_member(c, "root", "failed")
         assert "more than 2 restarts in 60000 ms" in root["last_exit"] and "crasher" in root["last_exit"], root
-        info = {n: _ps(c, n) for n in names}
+        info = {n: ps(c, n) for n in names}
         assert [(info[n]["status"], info[n]["pid"]) for n in names] == [("stopped", None), ("stopped", None), ("failed", None)]
         assert info["crasher"]["restarts"] == 2
         with pytest.raises(ClientError) as refused:
@@ -409,26 +343,26 @@ def test_intensity_exceeded_gives_up_stopping_children_in_reverse_order(theater:
         assert exit_["reason"] == "shutdown"
         assert exit_["detail"].startswith("supervisor root gave up: more than 2 restarts in 60000 ms"), exit_
     assert [e["reason"] for e in _exits(theater, "crasher")] == ["trap"] * 3
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 def test_the_same_crashes_spread_wider_than_the_period_do_not_escalate(theater: Theater) -> None:
     """Three crashes against intensity 2, each after the previous restart has left the 300 ms period: no escalation."""
     with theater.client() as c:
         c.spawn(tree_manifest(theater, sup("root", [agent("other"), agent("crasher")], intensity=2, period_ms=300)))
-        other = _ps(c, "other")["pid"]
-        pid = _ps(c, "crasher")["pid"]
+        other = ps(c, "other")["pid"]
+        pid = ps(c, "crasher")["pid"]
         for n in range(1, 5):
             if n > 1:
-                last_exit = _of(_records(theater, "crasher"), Kind.EXIT)[-1].time_ns
+                last_exit = of(records(theater, "crasher"), Kind.EXIT)[-1].time_ns
                 wait_until(lambda t=last_exit: time.time_ns() - t > 350_000_000, 5, "the last restart to leave the period")
             _crash(c, "crasher")
-            pid = _wait_restarted(c, "crasher", pid, restarts=n)["pid"]
+            pid = wait_running(c, "crasher", pid, restarts=n)["pid"]
         root = _member(c, "root")
         assert (root["status"], root["restarts"], root["last_exit"]) == ("running", 4, "")
-        assert _ps(c, "other")["pid"] == other
+        assert ps(c, "other")["pid"] == other
         assert c.call("crasher", b"x") == b"1"
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 # --- 4. nested trees escalate level by level --------------------------------------------------
@@ -445,7 +379,7 @@ def test_nested_supervisors_escalate_level_by_level(theater: Theater) -> None:
 
         # 1st crash of i2: inner restarts it (inner's intensity 1 is now used up)
         _crash(c, "i2")
-        pid = _wait_restarted(c, "i2", pids["i2"], restarts=1)["pid"]
+        pid = wait_running(c, "i2", pids["i2"], restarts=1)["pid"]
         assert _member(c, "inner")["restarts"] == 1 and _member(c, "root")["restarts"] == 0
 
         # 2nd crash: inner gives up; root restarts inner (i1 and i2 on new workers), counted in root's intensity
@@ -453,9 +387,9 @@ def test_nested_supervisors_escalate_level_by_level(theater: Theater) -> None:
         _crash(c, "i2")
         _wait_member(c, "root", "running", restarts=1)
         _wait_member(c, "inner", "running")
-        _wait_restarted(c, "i1", pids["i1"], restarts=1)
-        i2 = _wait_restarted(c, "i2", pid, restarts=2)
-        assert _ps(c, "top")["pid"] == pids["top"]  # one_for_one at the root: the sibling is untouched
+        wait_running(c, "i1", pids["i1"], restarts=1)
+        i2 = wait_running(c, "i2", pid, restarts=2)
+        assert ps(c, "top")["pid"] == pids["top"]  # one_for_one at the root: the sibling is untouched
         assert c.call("i1", b"y") == b"2"  # restarted from its committed state
         events = [(kind, name) for _, kind, name, _ in _events_after(theater, ["i1", "i2"], since)]
         assert events == [("exit", "i2"), ("exit", "i1"), ("start", "i1"), ("start", "i2")], events
@@ -465,12 +399,12 @@ def test_nested_supervisors_escalate_level_by_level(theater: Theater) -> None:
 
         # inner gives up again: the root's second restart in its period is one too many, so the root gives up
         _crash(c, "i2")
-        i2 = _wait_restarted(c, "i2", i2["pid"], restarts=3)
+        i2 = wait_running(c, "i2", i2["pid"], restarts=3)
         _crash(c, "i2")
         root = _wait_member(c, "root", "failed")
         assert "more than 1 restarts in 60000 ms (last: inner, shutdown)" in root["last_exit"], root
         assert all(a["pid"] is None and a["status"] in ("stopped", "failed") for a in c.ps()), c.ps()
-        assert _ps(c, "top")["status"] == "stopped"
+        assert ps(c, "top")["status"] == "stopped"
         assert c.ping()["agents"] == 3  # the supervisor process stays up and answers
 
     out = cli(theater, "tree", "--json")
@@ -484,12 +418,12 @@ def test_nested_supervisors_escalate_level_by_level(theater: Theater) -> None:
     assert theater.proc is not None and theater.proc.poll() is None
     top_exit = _exits(theater, "top")[-1]
     assert top_exit["reason"] == "shutdown" and "supervisor root gave up" in top_exit["detail"]
-    _assert_verified(theater)
+    assert_verified(theater)
 
     with theater.client() as c:  # the operator brings the failed tree back, every child from its committed state
         assert c.request("restart", agent="root")[0]["status"] == "running"
         assert [c.call(n, b"z") for n in ("top", "i1", "i2")] == [b"1", b"3", b"1"]
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 # --- 5. shutdown: a timeout honoured, then a kill; brutal_kill; a clean exit --------------------
@@ -498,7 +432,7 @@ def test_nested_supervisors_escalate_level_by_level(theater: Theater) -> None:
 def _busy(c: Client, name: str) -> None:
     """Send a message the spin agent will loop on, and wait until it is in flight (out of the mailbox)."""
     assert c.send(name, b"go") == {"queued": 1}
-    wait_until(lambda: _ps(c, name)["mailbox"] == 0, 10, f"{name}'s message to be in flight")
+    wait_until(lambda: ps(c, name)["mailbox"] == 0, 10, f"{name}'s message to be in flight")
 
 
 SPIN_LIMITS = {"wall_time_ms": 30000, "fuel_per_call": 10**12}
@@ -524,12 +458,12 @@ def test_shutdown_timeout_then_kill_brutal_kill_and_a_clean_exit(theater: Theate
         assert c.stop("brutal")["status"] == "stopped"
         assert time.monotonic() - start < 5.0  # not its default 5 s shutdown: no STOP was sent, it was killed
         assert c.stop("polite")["status"] == "stopped"
-        assert [_ps(c, n)["status"] for n in ("slow", "brutal", "polite")] == ["stopped"] * 3
+        assert [ps(c, n)["status"] for n in ("slow", "brutal", "polite")] == ["stopped"] * 3
         assert _member(c, "root")["restarts"] == 0  # an operator stop is not a crash
     [slow] = _exits(theater, "slow")
     assert (slow["reason"], slow["detail"]) == ("stopped", "did not stop within its shutdown timeout of 300 ms; killed")
     assert [e["reason"] for n in ("brutal", "polite") for e in _exits(theater, n)] == ["stopped", "stopped"]
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 def test_operator_stop_records_how_the_worker_ended(theater: Theater) -> None:
@@ -562,7 +496,7 @@ def test_sibling_restart_honours_the_shutdown_timeout(theater: Theater) -> None:
         since = time.time_ns()
         _crash(c, "crasher")
         for n in ("slow", "brutal", "crasher"):
-            _wait_restarted(c, n, pids[n], restarts=1)
+            wait_running(c, n, pids[n], restarts=1)
     events = _events_after(theater, ["slow", "brutal", "crasher"], since)
     assert [(kind, name) for _, kind, name, _ in events] == [
         ("exit", "crasher"), ("exit", "brutal"), ("exit", "slow"),
@@ -573,7 +507,7 @@ def test_sibling_restart_honours_the_shutdown_timeout(theater: Theater) -> None:
     assert (slow["reason"], slow["detail"]) == ("shutdown", "did not stop within its shutdown timeout of 300 ms; killed")
     [brutal] = _exits(theater, "brutal")
     assert brutal["reason"] == "shutdown" and brutal["detail"].startswith("killed by signal 9"), brutal
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 # --- 6. a crash-looping child never wedges its supervisor or starves its siblings ----------------
@@ -647,10 +581,10 @@ def test_handle_crash_loop_gives_up_without_starving_a_sibling(theater: Theater)
         root = _wait_member(c, "root", "failed")
         _check_sibling_kept_serving(caller, since, until=len(caller.replies))
         assert "more than 5 restarts in 60000 ms (last: loop, trap)" in root["last_exit"], root
-        assert _ps(c, "loop")["restarts"] == 5
-        assert _ps(c, "sib")["status"] == "stopped"
+        assert ps(c, "loop")["restarts"] == 5
+        assert ps(c, "sib")["status"] == "stopped"
     assert [e["reason"] for e in _exits(theater, "loop")] == ["trap"] * 6
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 def test_init_crash_loop_gives_up_without_starving_a_sibling(theater: Theater) -> None:
@@ -667,14 +601,14 @@ def test_init_crash_loop_gives_up_without_starving_a_sibling(theater: Theater) -
             root = _wait_member(c, "root", "failed", timeout=30)
             _check_sibling_kept_serving(caller, 0, until=len(caller.replies))
             assert "more than 20 restarts in 60000 ms (last: loop, trap)" in root["last_exit"], root
-            assert _ps(c, "loop")["restarts"] == 20
+            assert ps(c, "loop")["restarts"] == 20
             assert c.ping()
     finally:
         spawn.close(0)
-    exits = _of(_records(theater, "loop"), Kind.EXIT)
+    exits = of(records(theater, "loop"), Kind.EXIT)
     assert [e.fields()["reason"] for e in exits] == ["trap"] * 21
     assert all(e.fields()["detail"] == f"trap: {TRAP}" for e in exits)
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 def test_spawning_a_tree_whose_child_cannot_start_is_answered(theater: Theater) -> None:
@@ -707,15 +641,15 @@ def test_restart_resumes_from_the_last_committed_state_and_the_chain_continues(t
         c.spawn(tree_manifest(theater, sup("root", kids, intensity=5, period_ms=60000)))
         for n in ("keep", "fresh"):
             assert [c.call(n, b"x") for _ in range(3)] == [b"1", b"2", b"3"]
-            pid = _ps(c, n)["pid"]
+            pid = ps(c, n)["pid"]
             _crash(c, n)
-            _wait_restarted(c, n, pid, restarts=1)
-        os.kill(_ps(c, "keep")["pid"], signal.SIGKILL)  # a killed worker is the same kind of crash
-        _wait_restarted(c, "keep", None, restarts=2)
+            wait_running(c, n, pid, restarts=1)
+        os.kill(ps(c, "keep")["pid"], signal.SIGKILL)  # a killed worker is the same kind of crash
+        wait_running(c, "keep", None, restarts=2)
         assert c.call("keep", b"y") == b"4"
         assert c.call("fresh", b"y") == b"1"
 
-    keep = _records(theater, "keep")  # contiguous seq checked there
+    keep = records(theater, "keep")  # contiguous seq checked there
     kinds = [r.kind for r in keep]
     assert kinds == [Kind.GENESIS, Kind.INIT, *[Kind.HANDLE] * 4, Kind.EXIT, Kind.WORKER_KEY, Kind.EXIT,
                      Kind.WORKER_KEY, Kind.HANDLE], kinds
@@ -727,13 +661,13 @@ def test_restart_resumes_from_the_last_committed_state_and_the_chain_continues(t
     assert len(set(keys)) == 3  # each worker made its own key, signed into the same chain
     assert keep[-1].fields()["reply"] == b"4"
 
-    fresh = _records(theater, "fresh")
+    fresh = records(theater, "fresh")
     kinds = [r.kind for r in fresh]
     assert kinds == [Kind.GENESIS, Kind.INIT, *[Kind.HANDLE] * 4, Kind.EXIT, Kind.WORKER_KEY, Kind.INIT, Kind.HANDLE]
     assert fresh[8].fields()["status"] == "ok"  # init was called again...
     assert fresh[8].state_hash == fresh[1].state_hash  # ...and gave the initial state again
     assert fresh[-1].fields()["reply"] == b"1"
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 # --- 8. `theater restart` and `theater tree` ------------------------------------------------------
@@ -749,7 +683,7 @@ def test_operator_restart_of_an_agent_and_a_subtree_does_not_count_against_inten
         for n in ("a", "s1", "s2"):
             assert c.call(n, b"x") == b"1"
         for via_cli in (True, False):
-            pid = _ps(c, "a")["pid"]
+            pid = ps(c, "a")["pid"]
             if via_cli:
                 out = cli(theater, "restart", "a", "--json")
                 assert out.returncode == 0, out.stderr
@@ -781,7 +715,7 @@ def test_operator_restart_of_an_agent_and_a_subtree_does_not_count_against_inten
         assert root["uptime_s"] > 0
         [a, sub] = root["children"]
         assert (a["kind"], a["name"], a["restart"], a["restarts"], a["status"]) == ("agent", "a", "permanent", 0, "running")
-        assert a["id"] == _ps(c, "a")["id"] and a["pid"] == _ps(c, "a")["pid"] and a["uptime_s"] >= 0
+        assert a["id"] == ps(c, "a")["id"] and a["pid"] == ps(c, "a")["pid"] and a["uptime_s"] >= 0
         assert (sub["kind"], sub["name"], sub["strategy"], sub["restarts"], sub["status"]) == (
             "supervisor", "inner", "rest_for_one", 0, "running")
         assert [(m["name"], m["restarts"], m["status"]) for m in sub["children"]] == [("s1", 0, "running"), ("s2", 0, "running")]
@@ -791,10 +725,10 @@ def test_operator_restart_of_an_agent_and_a_subtree_does_not_count_against_inten
         # intensity 1 is still whole at both levels: one crash is restarted, the next one is one too many
         _crash(c, "s1")
         _wait_member(c, "inner", "running", restarts=1)
-        _wait_restarted(c, "s2", after["s2"], restarts=1)  # rest_for_one: s2 comes after s1
+        wait_running(c, "s2", after["s2"], restarts=1)  # rest_for_one: s2 comes after s1
         assert _member(c, "root")["restarts"] == 0
         _crash(c, "a")
-        _wait_restarted(c, "a", _ps(c, "a")["pid"], restarts=1)
+        wait_running(c, "a", ps(c, "a")["pid"], restarts=1)
         assert _member(c, "root")["status"] == "running"
         _crash(c, "a")
         assert "more than 1 restarts in 60000 ms" in _wait_member(c, "root", "failed")["last_exit"]
@@ -803,7 +737,7 @@ def test_operator_restart_of_an_agent_and_a_subtree_does_not_count_against_inten
     assert [e["detail"] for e in exits[:2]] == ["restarted by the operator (exited with status 0)"] * 2  # who, and how it ended
     for n in ("s1", "s2"):  # so do a restarted subtree's children's chains
         assert _exits(theater, n)[0] == {"incarnation": 0, "reason": "shutdown", "detail": "restarted by the operator (exited with status 0)"}
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 # --- 9. trees survive the supervisor --------------------------------------------------------------
@@ -830,7 +764,7 @@ def test_tree_survives_down_and_start(theater: Theater) -> None:
     stops = _events_after(theater, names, since)
     assert [(kind, name) for _, kind, name, _ in stops] == [("exit", "d"), ("exit", "c"), ("exit", "a")]
     assert all(f["reason"] == "shutdown" for *_, f in stops)
-    _assert_verified(theater)
+    assert_verified(theater)
 
     since = time.time_ns()
     theater.start()
@@ -838,27 +772,17 @@ def test_tree_survives_down_and_start(theater: Theater) -> None:
         root = _wait_member(c, "root", "running")
         assert root["id"] == root_id and [m["name"] for m in root["children"]] == names
         running = ["a", "c", "d"]
-        assert all(_ps(c, n)["status"] == "running" and _ps(c, n)["pid"] not in workers for n in running)
-        assert [_ps(c, n)["restarts"] for n in running] == [0, 0, 0]  # a resume is not a restart
+        assert all(ps(c, n)["status"] == "running" and ps(c, n)["pid"] not in workers for n in running)
+        assert [ps(c, n)["restarts"] for n in running] == [0, 0, 0]  # a resume is not a restart
         assert [c.call(n, b"y") for n in running] == [b"2", b"4", b"5"]
-        assert (_ps(c, "b")["status"], _ps(c, "b")["pid"]) == ("stopped", None)
+        assert (ps(c, "b")["status"], ps(c, "b")["pid"]) == ("stopped", None)
         assert _member(c, "off")["status"] == "stopped"
-        assert (_ps(c, "z")["status"], _ps(c, "z")["pid"]) == ("stopped", None)
+        assert (ps(c, "z")["status"], ps(c, "z")["pid"]) == ("stopped", None)
         starts = [(kind, name) for _, kind, name, _ in _events_after(theater, [*names, "z"], since)]
         assert starts == [("start", "a"), ("start", "c"), ("start", "d")], starts
         c.request("restart", agent="b")
         assert c.call("b", b"y") == b"3"
-    _assert_verified(theater)
-
-
-def _start_after_crash(t: Theater) -> None:
-    """``t.start()`` after a SIGKILLed supervisor, tolerating a readiness ping refused for a stale token."""
-    try:
-        t.start()
-    except ClientError as exc:
-        if exc.code != "refused":
-            raise
-        wait_until(lambda: _answers(t), 30, "the restarted supervisor to answer a fresh client")
+    assert_verified(theater)
 
 
 def test_tree_survives_a_supervisor_sigkill(theater: Theater) -> None:
@@ -871,7 +795,7 @@ def test_tree_survives_a_supervisor_sigkill(theater: Theater) -> None:
             assert c.call(n, b"x") == b"1"
     theater.kill()
     since = time.time_ns()
-    _start_after_crash(theater)
+    start_after_crash(theater)
     with theater.client() as c:
         _wait_member(c, "root", "running")
         assert [c.call(n, b"y") for n in ("a", "i", "b")] == [b"2", b"2", b"2"]
@@ -880,7 +804,7 @@ def test_tree_survives_a_supervisor_sigkill(theater: Theater) -> None:
     assert sorted((kind, name) for _, kind, name, _ in events if kind == "exit") == [("exit", "a"), ("exit", "b"), ("exit", "i")]
     assert all(f["reason"] == "supervisor-restart" for _, kind, _, f in events if kind == "exit")
     assert [name for _, kind, name, _ in events if kind == "start"] == ["a", "i", "b"]
-    _assert_verified(theater)
+    assert_verified(theater)
 
 
 def test_tree_survives_two_restarts_of_the_supervisor(theater: Theater) -> None:
@@ -893,7 +817,7 @@ def test_tree_survives_two_restarts_of_the_supervisor(theater: Theater) -> None:
         theater.start()
         with theater.client() as c:
             _wait_member(c, "root", "running")
-            assert [(_ps(c, n)["status"], c.call(n, b"x")) for n in names] == [("running", str(cycle).encode())] * 3
+            assert [(ps(c, n)["status"], c.call(n, b"x")) for n in names] == [("running", str(cycle).encode())] * 3
         db = open_readonly(theater.home.store)
         try:
             desired = dict(db.execute("SELECT name, desired FROM agents").fetchall())
@@ -906,14 +830,14 @@ def test_operator_restart_of_a_failed_top_level_agent_starts_a_fresh_intensity(t
     """After a top-level agent gave up and the operator restarted it, it again gets `intensity` restarts."""
     with theater.client() as c:
         c.spawn(theater.manifest("solo", "trap_on.wat", restart={"intensity": 1, "period_ms": 60000}))
-        pid = _ps(c, "solo")["pid"]
+        pid = ps(c, "solo")["pid"]
         _crash(c, "solo")
-        pid = _wait_restarted(c, "solo", pid, restarts=1)["pid"]
+        pid = wait_running(c, "solo", pid, restarts=1)["pid"]
         _crash(c, "solo")
-        assert "more than 1 restarts in 60000 ms" in _wait_status(c, "solo", "failed")["last_exit"]
+        assert "more than 1 restarts in 60000 ms" in wait_status(c, "solo", "failed")["last_exit"]
         assert c.request("restart", agent="solo")[0]["status"] == "running"
-        pid = _ps(c, "solo")["pid"]
+        pid = ps(c, "solo")["pid"]
         _crash(c, "solo")  # one crash, within intensity 1 of a fresh start
-        info = wait_until(lambda: (i := _ps(c, "solo"))["status"] in ("running", "failed") and i["pid"] != pid and i,
+        info = wait_until(lambda: (i := ps(c, "solo"))["status"] in ("running", "failed") and i["pid"] != pid and i,
                           20, "solo restarted or failed")
         assert info["status"] == "running", info  # type: ignore[index]
