@@ -51,6 +51,7 @@ class Agent:
     on_ready: list[Callable[[], None]] = field(default_factory=list)  # run once init is committed
     children: Node | None = None  # set when the agent holds the supervision capability
     stop_why: str = ""  # why we are stopping it, for its exit record
+    orphan: bool = False  # an agent's own child from before a supervisor restart: not restarted, not a root
     held: bool = False
     discard_results: bool = False  # its worker is being killed after a failed commit  # stopped by the operator: its tree does not start it until `restart`
 

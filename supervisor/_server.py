@@ -207,6 +207,7 @@ class Supervisor:
                     "incarnation": agent.incarnation, "reason": "supervisor-restart",
                     "detail": "the previous supervisor ended; its worker ended with it",
                 })
+            agent.orphan = bool(row.config.get("parent"))  # until its tree, if it has one, claims it below
             self._register(agent)
             if row.desired == "running" and not row.config.get("parent"):  # tree members start with their tree
                 self.log(f"resuming {agent.name} from record {agent.verifier.next_seq - 1}")
@@ -251,12 +252,13 @@ class Supervisor:
                               state=b"", initialized=False, incarnation=-1, in_store=False, status="stopped")
                 self._register(agent)
             agent.parent = node
+            agent.orphan = False
             node.children.append(agent)
         return node
 
     def _roots(self) -> list[Member]:
         """Top-level agents and tree roots, in the order they were started."""
-        return [*[a for a in self.agents.values() if a.parent is None], *self.trees]
+        return [*[a for a in self.agents.values() if a.parent is None and not a.orphan], *self.trees]
 
     def _agents_under(self, member: Member) -> list[Agent]:
         if isinstance(member, Agent):
