@@ -748,16 +748,7 @@ class Supervisor:
         agent.worker = None
         if agent.children is not None and agent.children.alive and not agent.children.busy:
             # It crashed: a supervisor's children do not outlive it (OTP); they are not restarted with it.
-            own = agent.children
-            own.busy = True
-
-            def children_stopped() -> None:
-                own.busy = False
-                own.deferred.clear()
-                own.children.clear()
-                own.restarts = []
-
-            self._stop_members(list(reversed(own.children)), f"its supervisor {agent.name} exited ({reason})", children_stopped)
+            self._stop_own_children(agent, f"its supervisor {agent.name} exited ({reason})", lambda: None)
 
         if not agent.in_store:  # it ended before its first hello: there is no chain to record in
             callbacks = [*agent.on_stopped, *agent.on_ready]
@@ -954,20 +945,25 @@ class Supervisor:
             agent.stop_why = why
             self._stop_worker(agent, reason)
 
-        own = agent.children
-        if own is None or not own.alive:
+        if agent.children is None or not agent.children.alive:
             stop_worker()
             return
+        self._stop_own_children(agent, f"its supervisor {agent.name} is stopping", stop_worker)
+
+    def _stop_own_children(self, agent: Agent, why: str, then: Callable[[], None]) -> None:
+        """Stop an agent's own children in reverse start order; they leave it for good (dynamic children)."""
+        own = agent.children
+        assert own is not None
         own.busy = True
 
-        def children_stopped() -> None:
+        def stopped() -> None:
             own.busy = False
             own.deferred.clear()
             own.children.clear()
             own.restarts = []
-            stop_worker()
+            then()
 
-        self._stop_members(list(reversed(own.children)), f"its supervisor {agent.name} is stopping", children_stopped)
+        self._stop_members(list(reversed(own.children)), why, stopped)
 
     def _start_member(self, member: Member, done: Callable[[], None], *, counted: bool = True) -> None:
         """Start a member; ``counted``: a supervisor's restart (not a resume or an operator's start)."""
