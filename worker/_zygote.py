@@ -52,6 +52,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import select
 import signal
 import socket
@@ -69,6 +70,9 @@ __all__ = ["CLONE_PARENT_SUPPORTED", "clone_parent", "main", "thread_count"]
 MAX_MESSAGE = 1 << 20
 PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+COMPILE_CPU_S = 600  # a compile job's CPU seconds (an 18 MB Python guest takes about 6 s here)
+COMPILE_AS_BYTES = 16 * 1024**3  # a compile job's address space
 PROGRESS_EVERY_S = 2.0
 MAX_SEALED = 64  # artifacts kept as memfds; the least recently spawned is dropped first
 
@@ -243,6 +247,12 @@ def _compile_job(request: dict[str, Any], result_fd: int) -> None:
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         _prctl(PR_SET_NAME, b"theater-compile")
+        # It reads guest bytes: no privilege gain, no core, and a ceiling on CPU time and memory
+        # so a hostile component cannot hold the machine while it compiles.
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_CPU, (COMPILE_CPU_S, COMPILE_CPU_S))
+        resource.setrlimit(resource.RLIMIT_AS, (COMPILE_AS_BYTES, COMPILE_AS_BYTES))
         from theater.spec import Limits
 
         from ._engine import artifact_key, compile_component, file_signature, make_engine
