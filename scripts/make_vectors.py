@@ -46,6 +46,7 @@ SEEDS = {
     "worker-0": bytes(range(32, 64)),
     "worker-1": bytes(range(64, 96)),
 }
+CHILD_UUID = "00112233-4455-6677-8899-aabbccddee01"
 AGENT_UUID = "00112233-4455-6677-8899-aabbccddeeff"
 AGENT_ID = uuid.UUID(AGENT_UUID).bytes
 OTHER_AGENT_ID = uuid.UUID("ffeeddcc-bbaa-9988-7766-554433221100").bytes
@@ -263,6 +264,17 @@ def frames_document() -> dict[str, Any]:
          [wire.header(wire.WorkerType.FAULT), wire.encode_json({"detail": "no such export", "reason": "load-failed"})],
          {"fault": {"detail": "no such export", "reason": "load-failed"}}),
         ("stop", "supervisor -> worker", [wire.header(wire.SupervisorType.STOP)], {}),
+        ("host request", "worker -> supervisor",
+         wire.HostRequest(1, {"op": "spawn", "template": "worker", "name": "w", "args": ""}).encode(wire.WorkerType.HOST_REQUEST),
+         {"request_id": 1, "body": {"op": "spawn", "template": "worker", "name": "w", "args": ""}}),
+        ("host reply", "supervisor -> worker",
+         wire.HostRequest(1, {"ok": True, "id": CHILD_UUID}).encode(wire.SupervisorType.HOST_REPLY),
+         {"request_id": 1, "body": {"ok": True, "id": CHILD_UUID}}),
+        ("call child-exit", "supervisor -> worker",
+         wire.Call(4, wire.CallKind.CHILD_EXIT, wire.encode_child_exit(uuid.UUID(CHILD_UUID).bytes, chain[6].hash,
+                                                                        "trap: deadline: wasm trap: interrupt; restarting")).encode(),
+         {"call_id": 4, "kind": "child-exit", "child": CHILD_UUID, "exit_hash": chain[6].hash.hex(),
+          "reason": "trap: deadline: wasm trap: interrupt; restarting"}),
         ("control request", "client -> supervisor",
          [wire.header(wire.ClientType.REQUEST),
           wire.encode_json({"op": "call", "id": 1, "token": control_token, "agent": "counter", "timeout_ms": 10000}),

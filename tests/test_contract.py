@@ -8,6 +8,7 @@ import json
 import random
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -559,3 +560,20 @@ def test_package_layering(package: str, forbidden: set[str]) -> None:
     assert {f: m for f, m in offenders.items() if m} == {}
     if package != "theater":
         assert any("theater" in imported_top_modules(f, ROOT) for f in files)  # the checker does see imports
+
+
+def test_supervision_frames_decode_to_their_golden_meaning() -> None:
+    """The host request, host reply and child-exit call vectors decode to what frames.json says they mean."""
+    for name, typ in (("host request", wire.WorkerType), ("host reply", wire.SupervisorType)):
+        frames = frames_of(name)
+        assert wire.parse_header(frames[0], typ).name == name.upper().replace(" ", "_")
+        decoded = wire.HostRequest.decode(frames[1:], name)
+        assert (decoded.request_id, decoded.body) == (MESSAGES[name]["decoded"]["request_id"], MESSAGES[name]["decoded"]["body"])
+    frames = frames_of("call child-exit")
+    call = wire.Call.decode(frames[1:])
+    child, exit_hash, reason = wire.decode_child_exit(call.data)
+    meaning = MESSAGES["call child-exit"]["decoded"]
+    assert call.kind is wire.CallKind.CHILD_EXIT
+    assert (str(uuid.UUID(bytes=child)), exit_hash.hex(), reason) == (meaning["child"], meaning["exit_hash"], meaning["reason"])
+    with pytest.raises(ProtocolError, match="shorter than 48 bytes"):
+        wire.decode_child_exit(call.data[:47])
