@@ -23,7 +23,7 @@ import enum
 import hashlib
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -261,13 +261,19 @@ class Record:
     signature: bytes
     raw: bytes
     hash: bytes
+    # The payload decoded once (by parse, or on first use); not part of the record's identity.
+    _decoded: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def agent_uuid(self) -> str:
         return str(uuid.UUID(bytes=self.agent_id))
 
     def fields(self) -> dict[str, Any]:
-        return decode_payload(self.kind, self.payload)
+        """The decoded payload (a fresh dict; the payload is decoded only once per record)."""
+        if self._decoded is None:
+            object.__setattr__(self, "_decoded", decode_payload(self.kind, self.payload))
+        assert self._decoded is not None
+        return dict(self._decoded)
 
     @classmethod
     def parse(cls, unverified: bytes) -> Record:
@@ -292,7 +298,7 @@ class Record:
         if end + SIGNATURE_BYTES != len(unverified):
             raise RecordError("record length does not match its payload length")
         payload = unverified[HEADER.size : end]
-        decode_payload(kind_, payload)  # structure must be canonical
+        decoded = decode_payload(kind_, payload)  # structure must be canonical
         return cls(
             kind=kind_,
             signer=signer_,
@@ -305,6 +311,7 @@ class Record:
             signature=unverified[end:],
             raw=unverified,
             hash=sha256(unverified),
+            _decoded=decoded,
         )
 
 
