@@ -49,6 +49,7 @@ from ._tree import Flags, add_restart, is_abnormal, plan_restart, should_restart
 __all__ = ["Supervisor", "load_or_create_key"]
 
 HELLO_TIMEOUT_S = 20.0
+LAST_FRAMES_MS = 100  # how long a dead worker's last frame may trail its exit
 CHILD_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 SHUTDOWN_TIMEOUT_S = 5.0
 WATCHDOG_GRACE_S = 5.0
@@ -523,7 +524,7 @@ class Supervisor:
         worker = agent.worker
         if agent.in_flight is not None or not agent.mailbox or worker is None or worker.identity is None:
             return
-        if worker.kill_reason is not None:  # on its way out; the next worker gets the mailbox
+        if worker.kill_reason is not None or worker.exited:  # on its way out; the next worker gets the mailbox
             return
         if agent.status not in ("running", "starting"):
             return
@@ -731,12 +732,15 @@ class Supervisor:
         self.poller.unregister(worker.pidfd)
         self.by_pidfd.pop(worker.pidfd, None)
         code = worker.reap()
+        expecting = agent.in_flight is not None or (code == EXIT_LOAD_FAILED and worker.fault is None)
+        if expecting and worker.identity is not None and self.workers.poll(LAST_FRAMES_MS):
+            # A worker's last frame (a result, a fault) was sent before it exited but may reach
+            # our socket after its pidfd does: read what has arrived before deciding.
+            self._drain_workers()
         self.by_token.pop(worker.token, None)
         if worker.identity is not None:
             self.by_identity.pop(worker.identity, None)
         how = exit_reason(code)
-        if code == EXIT_LOAD_FAILED and worker.fault is None and self.workers.poll(100):
-            self._drain_workers()  # its FAULT frame may still be on its way; wait for it briefly
         reason = worker.kill_reason or ("load-failed" if code == EXIT_LOAD_FAILED else "worker-died")
         why, agent.stop_why = agent.stop_why, ""
         detail = worker.fault or (f"{why} ({how})" if why else how)

@@ -30,6 +30,7 @@ SPEC_TIMEOUT_MS = 30_000
 MAX_ERROR_CHARS = 4096
 EXIT_LOAD_FAILED = 3
 EXIT_PROTOCOL = 4
+LAST_FRAMES_MS = 2000  # how long an exiting worker waits for its last frames to leave
 
 
 def serve(endpoint: str, token: bytes, confinement: dict[str, str], artifact: dict[str, Any] | None = None) -> int:
@@ -37,8 +38,25 @@ def serve(endpoint: str, token: bytes, confinement: dict[str, str], artifact: di
     public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
-    sock.linger = 1000
+    sock.linger = LAST_FRAMES_MS
     sock.connect(endpoint)
+    try:
+        return _serve(sock, key, public, token, confinement, artifact)
+    finally:
+        # Deliver whatever was sent last (a result, a fault) before the exit: a forked
+        # worker ends with os._exit, which would otherwise drop ZeroMQ's queue.
+        sock.close()
+        ctx.term()
+
+
+def _serve(
+    sock: zmq.Socket,  # type: ignore[type-arg]
+    key: Ed25519PrivateKey,
+    public: bytes,
+    token: bytes,
+    confinement: dict[str, str],
+    artifact: dict[str, Any] | None,
+) -> int:
     proof = key.sign(wire.HELLO_DOMAIN + token)
     sock.send_multipart(wire.Hello(token, public, proof, os.getpid(), confinement).encode())
     if not sock.poll(SPEC_TIMEOUT_MS):
@@ -59,8 +77,6 @@ def serve(endpoint: str, token: bytes, confinement: dict[str, str], artifact: di
         lock_down(spec.limits)  # compiled and instantiated: now the seccomp allowlist, before any guest call
     except LoadError as exc:
         sock.send_multipart([wire.header(wire.WorkerType.FAULT), wire.encode_json({"reason": exc.reason, "detail": str(exc)})])
-        sock.close(linger=2000)
-        ctx.term()  # delivers the fault before the exit status can reach the supervisor
         return EXIT_LOAD_FAILED
     while True:
         frames = sock.recv_multipart()
