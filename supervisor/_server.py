@@ -122,9 +122,11 @@ class Supervisor:
         log: Callable[[str], None] | None = None,
         on_record: Callable[[Agent, Record], None] | None = None,
         worker_command: Sequence[str] = WORKER_COMMAND,
+        zygote_command: Sequence[str] | None = None,
     ) -> None:
-        """``worker_command`` exists for tests that run a deliberately misbehaving worker;
-        it is reachable only from Python, never from a manifest, a policy or the CLI."""
+        """``worker_command`` and ``zygote_command`` (the fork-server for those workers) exist for
+        tests that run a deliberately misbehaving or probing worker; they are reachable only from
+        Python, never from a manifest, a policy or the CLI."""
         self.home = home
         self._worker_command = tuple(worker_command)
         self._on_record = on_record
@@ -140,7 +142,7 @@ class Supervisor:
         self.key = load_or_create_key(home)
         self.public_key: Ed25519PublicKey = self.key.public_key()
         self.store = EventStore(home.store)
-        self.spawner = Spawner(home, self.log, self._worker_command)  # starts the fork-server
+        self.spawner = Spawner(home, self.log, self._worker_command, zygote_command=zygote_command)  # starts it
         self.agents: dict[bytes, Agent] = {}
         self.by_name: dict[str, Agent] = {}
         self.nodes: dict[str, Node] = {}

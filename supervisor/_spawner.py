@@ -151,13 +151,15 @@ class ZygoteGone(Exception):
 class Zygote:
     """The supervisor's handle on one fork-server process."""
 
-    def __init__(self, cwd: Path, on_note: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, cwd: Path, endpoint: str, on_note: Callable[[dict[str, Any]], None],
+                 command: Sequence[str] = ZYGOTE_COMMAND) -> None:
         self._on_note = on_note
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
         try:
             self.proc = subprocess.Popen(
-                [*ZYGOTE_COMMAND, "--socket-fd", str(theirs.fileno()), "--parent-pid", str(os.getpid())],
+                [*command, "--socket-fd", str(theirs.fileno()), "--parent-pid", str(os.getpid()),
+                 "--endpoint", endpoint],
                 pass_fds=(theirs.fileno(),), env=WORKER_ENV, cwd=cwd, stdin=subprocess.DEVNULL,
                 start_new_session=True, umask=0o077,
             )
@@ -247,15 +249,18 @@ class Spawner:
     """Starts workers for one supervisor: through the fork-server when it can, else from scratch."""
 
     def __init__(self, home: Home, log: Callable[[str], None], command: Sequence[str] = WORKER_COMMAND,
-                 *, use_zygote: bool = True) -> None:
+                 *, use_zygote: bool = True, zygote_command: Sequence[str] | None = None) -> None:
         self._home = home
         self._log = log
         self._command = tuple(command)
         self.cache = ArtifactCache(home.root / "cache", log)
         self.zygote: Zygote | None = None
-        # Another worker command (a test hook) must run as given: no fork-server then. The
-        # fork-server's CLONE_PARENT path exists for these machines only.
-        self._use_zygote = use_zygote and self._command == WORKER_COMMAND and platform.machine() in CLONE_MACHINES
+        # Another worker command (a test hook) runs as given, with no fork-server unless the
+        # hook brings its own. The fork-server's CLONE_PARENT path exists for these machines only.
+        if zygote_command is None and self._command == WORKER_COMMAND:
+            zygote_command = ZYGOTE_COMMAND
+        self._zygote_command = tuple(zygote_command or ())
+        self._use_zygote = use_zygote and bool(self._zygote_command) and platform.machine() in CLONE_MACHINES
         self._first = True
         self._failures = 0  # fork-servers in a row that never became ready
         if self._use_zygote:
@@ -263,7 +268,7 @@ class Spawner:
 
     def _start_zygote(self) -> None:
         try:
-            self.zygote = Zygote(self._home.run, self.cache.compiled)
+            self.zygote = Zygote(self._home.run, self._home.workers_endpoint, self.cache.compiled, self._zygote_command)
         except OSError as exc:
             self.zygote = None
             self._log(f"cannot start the fork-server ({exc}); workers start from a fresh interpreter")

@@ -119,8 +119,20 @@ PROBES: dict[str, Callable[[str], object]] = {
 
 
 def main() -> int:
+    """``probe_worker.py LAYERS --bootstrap-fd N``: a worker; ``probe_worker.py LAYERS --socket-fd N ...``:
+    a fork-server whose workers carry the same hooks."""
     layers = sys.argv.pop(1) if len(sys.argv) > 1 else ""
+    _install(layers)
+    if len(sys.argv) > 1 and sys.argv[1] == "--socket-fd":
+        from worker import _zygote
+
+        return _zygote.main(sys.argv[1:])
     import worker.__main__ as entry
+
+    return entry.main()
+
+
+def _install(layers: str) -> None:
     from worker import _harden, _loop
 
     strict = layers.startswith("strict:")  # leave out layers, but keep the policy's requirements
@@ -145,7 +157,6 @@ def main() -> int:
         return real_run(self, call)
 
     _loop.Agent.run = run  # type: ignore[method-assign]
-    return entry.main()
 
 
 if __name__ == "__main__":

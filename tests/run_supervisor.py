@@ -14,13 +14,13 @@ from theater.home import Home
 EVIL_WORKER = Path(__file__).resolve().parent / "evil_worker.py"
 
 
-def main(worker: Path = EVIL_WORKER, usage: str = "run_supervisor.py HOME MODE") -> int:
-    """Serve ``HOME`` (argv[1]) with workers ``python WORKER ARG`` (ARG: argv[2]) until told to stop."""
+def main() -> int:
+    """Serve ``HOME`` (argv[1]) with workers ``python evil_worker.py MODE`` (MODE: argv[2]) until told to stop."""
     if len(sys.argv) != 3:
-        print(f"usage: {usage}", file=sys.stderr)
+        print("usage: run_supervisor.py HOME MODE", file=sys.stderr)
         return 2
-    home, arg = Home(sys.argv[1]), sys.argv[2]
-    Supervisor(home, worker_command=[sys.executable, str(worker), arg]).serve_forever()
+    home, mode = Home(sys.argv[1]), sys.argv[2]
+    Supervisor(home, worker_command=[sys.executable, str(EVIL_WORKER), mode]).serve_forever()
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -93,14 +94,18 @@ def _short_root(tag: str) -> Path:
 
 @pytest.fixture
 def probes(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """``probes(user, layers)`` starts a probe supervisor; each is stopped at the end of the test."""
+    """``probes(user, layers)`` starts a probe supervisor; each is stopped at the end of the test.
+
+    ``user`` "root-fork-server" runs as root with workers forked by a fork-server (with the
+    hardening it prepares for them), the others start each worker from a fresh interpreter."""
     started: list[Theater] = []
 
     def start(user: str, layers: str = "all") -> Theater:
         root = _short_root(user)
         t = Theater(root)
-        if user == "root":
+        if user.startswith("root"):
             argv = [sys.executable, str(RUN_PROBE_SUPERVISOR), str(t.home.root), layers]
+            argv += ["fork-server"] if user == "root-fork-server" else []
         else:
             python = request.getfixturevalue("nobody_python")
             t.home.logs.mkdir(parents=True)
@@ -229,7 +234,7 @@ def test_the_spec_carries_the_profile_strictly() -> None:
 FAILING_PROBES = ("open", "inet", "unix", "connect", "fork", "thread", "write", "alloc", "exec-mmap", "flood-log")
 
 
-@pytest.mark.parametrize("user", ["root", "nobody"])
+@pytest.mark.parametrize("user", ["root", "nobody", "root-fork-server"])
 def test_a_hardened_worker_cannot_escape(probes: Any, user: str, request: pytest.FixtureRequest) -> None:
     """Files, sockets, processes, threads, other processes' memory and signals, executable memory,
     host memory beyond RLIMIT_AS and a log flood beyond RLIMIT_FSIZE all fail; exec and ptrace kill
@@ -262,14 +267,34 @@ def test_a_hardened_worker_cannot_escape(probes: Any, user: str, request: pytest
 
     # The doctor, run as the same user, reports what this worker recorded.
     argv = ["-m", "supervisor", "--home", str(t.home.root), "doctor", "--json"]
-    argv = [sys.executable, *argv] if user == "root" else _as_nobody([request.getfixturevalue("nobody_python"), *argv])
+    argv = [sys.executable, *argv] if user.startswith("root") else _as_nobody([request.getfixturevalue("nobody_python"), *argv])
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp"}
     doctor = json.loads(subprocess.run(argv, cwd="/", capture_output=True, check=True, timeout=60, env=env).stdout)
     assert doctor["layers"] == expected
     assert doctor["lock_down"] == "completed"
     assert all(outcome.startswith("denied") for outcome in doctor["attempts"].values()), doctor["attempts"]
     assert doctor["policies"]["default"]["starts"] and doctor["policies"]["strict"]["starts"]
-    assert doctor["machine"]["euid"] == (0 if user == "root" else NOBODY)
+    assert doctor["machine"]["euid"] == (0 if user.startswith("root") else NOBODY)
+
+
+def test_forked_workers_are_born_each_in_a_cgroup_of_their_own(probes: Any) -> None:
+    """Between spawns the fork-server moves itself into a fresh group, so the next worker is born
+    in it and needs no move: each group holds exactly one worker, its pids limit at its threads."""
+    t = probes("root-fork-server")
+    with t.client() as c:
+        pids = {name: _spawn(t, c, name) for name in ("a", "b", "c")}
+    confinements = {name: _confinement(t, name) for name in pids}
+    if confinements["a"]["cgroups"] != "applied":
+        pytest.skip(f"cgroups here: {confinements['a']['cgroups']}")
+    paths = {name: confinements[name]["cgroups.path"] for name in pids}
+    assert len(set(paths.values())) == 3, paths
+    for name in ("a", "b"):  # the fork-server left their groups before it served the next spawn
+        assert re.fullmatch(r"(.*/)?theater/w-\d+-\d+", paths[name]), paths[name]
+        for controller in ("pids", "cpu"):
+            procs = (Path("/sys/fs/cgroup") / controller / paths[name] / "cgroup.procs").read_text().split()
+            assert procs == [str(pids[name])], (controller, procs)
+        limit = (Path("/sys/fs/cgroup/pids") / paths[name] / "pids.max").read_text().strip()
+        assert limit == str(psutil.Process(pids[name]).num_threads())
 
 
 @pytest.mark.parametrize("user", ["root", "nobody"])
@@ -350,7 +375,8 @@ print({p: attempt(p) for p in sys.argv[2:]})
 @pytest.mark.parametrize("user", ["root", "nobody"])
 def test_landlock_hides_the_supervisors_home_from_the_start(user: str, request: pytest.FixtureRequest) -> None:
     """Before lock-down (while the component compiles), a worker can read what it may need but not the
-    supervisor's key, token or store, nor other processes' /proc entries."""
+    supervisor's key, token or store, nor anything under /proc (its own status and task list were
+    opened before)."""
     tmp_path = _short_root(f"ll-{user}")
     home = tmp_path / "h"
     (home / "run").mkdir(parents=True)
@@ -374,4 +400,4 @@ def test_landlock_hides_the_supervisors_home_from_the_start(user: str, request: 
     assert out.returncode == 0, out.stderr
     seen = eval(out.stdout)  # the dict the child printed
     assert [seen[str(p)] for p in targets] == [
-        "Permission denied", "Permission denied", "read", "read", "read", "Permission denied", "read"]
+        "Permission denied", "Permission denied", "read", "read", "read", "Permission denied", "Permission denied"]

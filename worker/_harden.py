@@ -17,8 +17,8 @@ process is still single-threaded and everything applies to every later thread):
     no_new_privs no privilege gain through exec, ever; every capability dropped
     landlock     no writing, creating, removing or executing any file; no TCP;
                  no signals or abstract sockets outside; reading allowed except
-                 the supervisor's home (but its cache/), /proc (but the
-                 worker's own) and /sys
+                 the supervisor's home (but its cache/), /proc and /sys
+                 (the worker's own status and task list are opened before)
     seccomp      stage 1: a denylist (exec, ptrace, mount, module and kernel
                  interfaces, new namespaces, fork, non-Unix sockets)
 
@@ -31,6 +31,13 @@ what was measured, no thread may be created, Landlock stage 2 (the main thread,
 where guest code runs, may read no file at all), and seccomp stage 2: the
 allowlist in ``ALLOWLIST`` on every thread (TSYNC), everything else killing the
 process.
+
+A fork-server prepares what depends only on the home and the machine once, with
+``prepare_for_workers`` and ``enter_next_cgroup``: the Landlock ruleset (its
+read grants walk the directory tree, tens of milliseconds) and the worker's
+cgroups (a process born in a cgroup needs no move, and the first move into a v1
+cgroup waits for an RCU grace period). Its workers inherit both at the fork; a
+worker started any other way computes them itself.
 
 The worker reports what it applied in its hello; a layer reported "applied"
 whose second stage then fails stops the worker (:class:`HardeningFailed`), so
@@ -56,7 +63,9 @@ from theater.spec import HARDENING_LAYERS, Hardening, Limits
 from ._errors import HardeningFailed
 
 __all__ = [
-    "APPLIED", "HardeningFailed", "harden_before_connect", "landlock_abi", "lock_down", "require", "sweep_cgroups",
+    "APPLIED", "HardeningFailed", "enter_next_cgroup", "harden_before_connect", "inherited_fds", "landlock_abi",
+    "leave_cgroups",
+    "lock_down", "prepare_for_workers", "require", "sweep_cgroups",
 ]
 
 APPLIED = "applied"
@@ -72,6 +81,7 @@ HOST_HEADROOM = 256 * 1024 * 1024  # address space beyond what was mapped at loc
 # Not the memory controller: RLIMIT_AS bounds a worker's memory, and where each command of an
 # environment runs in a transient memory group of its own (as here), a child group would stop
 # that group from being removed.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_CONTROLLERS = ("pids", "cpu")
 CGROUP_PIDS_BEFORE_LOCK = 32
 CGROUP_CPU_QUOTA_US = 100_000  # one CPU per worker (quota over a 100 ms period)
@@ -118,9 +128,25 @@ class _State:
     pid: int = 0
     userns: bool = False
     cgroup_files: dict[str, int] = field(default_factory=dict)  # "pids.max" -> fd
+    proc_status: int = -1  # /proc/self/status and /proc/self/task, opened before Landlock hides /proc
+    proc_tasks: int = -1
 
 
 _state = _State()
+
+
+@dataclass
+class _Prepared:
+    """What a fork-server computed once for the workers it forks (see ``prepare_for_workers``)."""
+
+    endpoint: str = ""
+    ruleset: int = -1  # a Landlock ruleset fd with the read grants for ``endpoint``'s home
+    cgroup_base: dict[str, Path] = field(default_factory=dict)  # controller -> the fork-server's own group
+    born_in: dict[str, Path] = field(default_factory=dict)  # the group a worker forked now is born in
+    cgroups_made: int = 0
+
+
+_prepared = _Prepared()
 
 
 def _status(layer: str) -> str:
@@ -147,12 +173,14 @@ def harden_before_connect(parent_pid: int, endpoint: str, layers: frozenset[str]
     _state = _State(pid=os.getpid())
     report = _state.report
     report["hygiene"] = _hygiene(parent_pid, report)
+    _state.proc_status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+    _state.proc_tasks = os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     steps = (
         ("cgroups", _cgroups),
         ("namespaces", _namespaces),
         ("rlimits", _rlimits),
         ("no_new_privs", _no_new_privs),
-        ("landlock", lambda r: _landlock(r, _protected_paths(endpoint), [_home(endpoint) / d for d in READABLE_IN_HOME])),
+        ("landlock", lambda r: _landlock(r, endpoint)),
         ("seccomp", _seccomp_stage1),
     )
     for layer, step in steps:
@@ -196,11 +224,12 @@ def _hygiene(parent_pid: int, report: dict[str, str]) -> str:
 
 
 def _close_strays() -> int:
-    """Close every descriptor but the standard three (and wasmtime's memfds in a forked worker)."""
+    """Close every descriptor but the standard three (and, in a forked worker, wasmtime's memfds
+    and the Landlock ruleset the fork-server prepared)."""
     closed = 0
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd <= 2:
+        if fd <= 2 or fd == _prepared.ruleset:
             continue
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
@@ -218,35 +247,77 @@ def _close_strays() -> int:
 
 
 def _cgroups(report: dict[str, str]) -> str:
-    """Move into <own cgroup>/theater/w-<pid> in the pids and cpu v1 hierarchies.
+    """Be alone in a group under ``theater/`` in the pids and cpu v1 hierarchies, with start-up ceilings.
 
-    The limits set here are the start-up ceilings; ``lock_down`` tightens the
-    pids limit. Empty groups of workers that have ended are removed on the way
-    (a worker cannot remove its own).
+    A worker forked by a fork-server was born in a group made for it alone
+    (``enter_next_cgroup``); any other worker makes ``theater/w-<pid>`` and
+    moves itself in. ``lock_down`` tightens the pids limit.
     """
     own = _own_cgroups()
-    dirs = {}
     for controller in CGROUP_CONTROLLERS:
         if controller not in own:
             return _unavailable(f"no cgroup v1 {controller} hierarchy (cgroup v2 per-worker groups are not supported)")
-        parent = Path("/sys/fs/cgroup") / controller / own[controller].lstrip("/") / "theater"
+    here = {c: CGROUP_ROOT / c / own[c].lstrip("/") for c in CGROUP_CONTROLLERS}
+    if _prepared.born_in and here == _prepared.born_in:
+        dirs = here
+    else:
+        dirs = _make_groups({c: d / "theater" for c, d in here.items()}, f"w-{os.getpid()}")
+        for d in dirs.values():
+            _write(d / "cgroup.procs", 0)
+    _state.cgroup_files["pids.max"] = os.open(dirs["pids"] / "pids.max", os.O_WRONLY | os.O_CLOEXEC)
+    report["cgroups.path"] = str(dirs["pids"].relative_to(CGROUP_ROOT / "pids"))
+    return APPLIED
+
+
+def _make_groups(parents: dict[str, Path], name: str) -> dict[str, Path]:
+    """``<parent>/<name>`` in each controller with a worker's start-up ceilings; empty groups of
+    workers that have ended are removed on the way (a worker cannot remove its own)."""
+    dirs = {}
+    for controller, parent in parents.items():
         parent.mkdir(mode=0o755, exist_ok=True)
         for entry in os.listdir(parent):
             if entry.startswith("w-"):
                 with contextlib.suppress(OSError):
                     os.rmdir(parent / entry)  # EBUSY while its worker lives
-        mine = parent / f"w-{os.getpid()}"
+        mine = dirs[controller] = parent / name
         with contextlib.suppress(FileExistsError):
             mine.mkdir(mode=0o755)
-        dirs[controller] = mine
     _write(dirs["pids"] / "pids.max", CGROUP_PIDS_BEFORE_LOCK)
     _write(dirs["cpu"] / "cpu.cfs_period_us", 100_000)
     _write(dirs["cpu"] / "cpu.cfs_quota_us", CGROUP_CPU_QUOTA_US)
-    _state.cgroup_files["pids.max"] = os.open(dirs["pids"] / "pids.max", os.O_WRONLY | os.O_CLOEXEC)
-    for d in dirs.values():
-        _write(d / "cgroup.procs", 0)
-    report["cgroups.path"] = str(dirs["pids"].relative_to("/sys/fs/cgroup/pids"))
-    return APPLIED
+    return dirs
+
+
+def enter_next_cgroup() -> str:
+    """In a fork-server, between spawns: move into a fresh group, so the next worker is born in it.
+
+    Returns "" or why the next worker must make its own group. The fork-server
+    is single-threaded and idle here, so the move's wait is nobody's spawn time.
+    """
+    _prepared.born_in = {}
+    if not _prepared.cgroup_base:
+        return "no cgroup v1 pids and cpu hierarchies"
+    _prepared.cgroups_made += 1
+    name = f"w-{os.getpid()}-{_prepared.cgroups_made}"
+    try:
+        dirs = _make_groups({c: d / "theater" for c, d in _prepared.cgroup_base.items()}, name)
+        for d in dirs.values():
+            _write(d / "cgroup.procs", 0)
+    except OSError as exc:
+        return leave_cgroups() or _why(exc)
+    _prepared.born_in = dirs
+    return ""
+
+
+def leave_cgroups() -> str:
+    """In a fork-server: back to its own groups (before forking anything that is not a worker)."""
+    _prepared.born_in = {}
+    try:
+        for d in _prepared.cgroup_base.values():
+            _write(d / "cgroup.procs", 0)
+    except OSError as exc:
+        return _why(exc)
+    return ""
 
 
 def sweep_cgroups() -> list[str]:
@@ -257,7 +328,7 @@ def sweep_cgroups() -> list[str]:
     for controller in CGROUP_CONTROLLERS:
         if controller not in own:
             continue
-        parent = Path("/sys/fs/cgroup") / controller / own[controller].lstrip("/") / "theater"
+        parent = CGROUP_ROOT / controller / own[controller].lstrip("/") / "theater"
         if not parent.is_dir():
             continue
         for entry in sorted(os.listdir(parent)):
@@ -547,17 +618,57 @@ def _restrict(ruleset: int) -> None:
         os.close(ruleset)
 
 
-def _landlock(report: dict[str, str], protected: list[Path], exceptions: list[Path]) -> str:
+def _read_ruleset(endpoint: str) -> int:
+    """A ruleset that grants reading everywhere but the supervisor's home (its cache/ excepted), /proc and /sys."""
+    home = _home(endpoint)
+    protected = _protected_paths(endpoint)
+    readable = [*_read_roots(protected), *(str(home / d) for d in READABLE_IN_HOME if (home / d).is_dir())]
+    return _ruleset(landlock_abi(), [(root, LL_READ_FILE | LL_READ_DIR) for root in readable])
+
+
+def _landlock(report: dict[str, str], endpoint: str) -> str:
     """Stage 1: read-only access outside the protected paths, nothing else, for every future thread."""
     abi = landlock_abi()
     if _status("no_new_privs") != APPLIED and os.geteuid() != 0:
         return _unavailable("needs no_new_privs")
-    readable = [*_read_roots(protected), f"/proc/{os.getpid()}", *(str(p) for p in exceptions if os.path.isdir(p))]
-    grants = [(root, LL_READ_FILE | LL_READ_DIR) for root in readable]
-    _restrict(_ruleset(abi, grants))
+    prepared, _prepared.ruleset = _prepared.ruleset, -1
+    if prepared >= 0 and _prepared.endpoint != endpoint:
+        os.close(prepared)
+        prepared = -1
+    _restrict(prepared if prepared >= 0 else _read_ruleset(endpoint))
     report["landlock.abi"] = str(abi)
-    report["landlock.unreadable"] = " ".join(str(p) for p in protected) + " (but /proc/self)"
+    report["landlock.unreadable"] = " ".join(map(str, _protected_paths(endpoint)))
     return APPLIED
+
+
+def inherited_fds() -> set[int]:
+    """Descriptors a forked worker keeps from its fork-server (closed again before guest code runs)."""
+    return {_prepared.ruleset} if _prepared.ruleset >= 0 else set()
+
+
+def prepare_for_workers(endpoint: str) -> dict[str, str]:
+    """In a fork-server: build once what each forked worker's hardening would otherwise compute.
+
+    The Landlock read ruleset depends only on the home and the file tree, and
+    the worker restricts itself with the inherited descriptor, which it closes
+    before any guest code runs. Entries created after this call are not
+    granted to workers (deny by default). Returns what could not be prepared.
+    """
+    problems = {}
+    _prepared.endpoint = endpoint
+    try:
+        _prepared.ruleset = _read_ruleset(endpoint)
+    except OSError as exc:
+        problems["landlock"] = _why(exc)
+    try:
+        own = _own_cgroups()
+        _prepared.cgroup_base = {c: CGROUP_ROOT / c / own[c].lstrip("/") for c in CGROUP_CONTROLLERS}
+    except (OSError, KeyError) as exc:
+        problems["cgroups"] = f"no v1 {exc} hierarchy" if isinstance(exc, KeyError) else _why(exc)
+    why = enter_next_cgroup()
+    if why:
+        problems["cgroups"] = why
+    return problems
 
 
 # --- seccomp -------------------------------------------------------------------------------------
@@ -819,11 +930,15 @@ def address_space_limit(limits: Limits, mapped: int) -> int:
 
 def _vm(field: str) -> int:
     """Bytes of ``VmSize`` (address space mapped) or ``VmRSS`` (resident) from /proc/self/status."""
-    with open(f"/proc/{_state.pid}/status") as f:
-        for line in f:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
+    for line in os.pread(_state.proc_status, 16384, 0).decode().splitlines():  # read afresh at offset 0
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
     raise OSError(errno.ENOENT, f"no {field} in /proc/self/status")
+
+
+def _tasks() -> int:
+    """This process's threads, from the /proc/self/task directory opened before Landlock."""
+    return len(os.listdir(_state.proc_tasks))
 
 
 def _lock_rlimits(limits: Limits) -> None:
@@ -837,12 +952,11 @@ def _lock_rlimits(limits: Limits) -> None:
             size = st.st_size
     _lower(resource.RLIMIT_FSIZE, size + LOG_ALLOWANCE)
     if _state.userns and os.geteuid() != 0:
-        _lower(resource.RLIMIT_NPROC, len(os.listdir(f"/proc/{_state.pid}/task")))
+        _lower(resource.RLIMIT_NPROC, _tasks())
 
 
 def _lock_cgroups() -> None:
-    tasks = len(os.listdir(f"/proc/{_state.pid}/task"))
-    os.write(_state.cgroup_files["pids.max"], str(tasks).encode())
+    os.write(_state.cgroup_files["pids.max"], str(_tasks()).encode())
     for fd in _state.cgroup_files.values():
         os.close(fd)
     _state.cgroup_files.clear()

@@ -1,6 +1,6 @@
 """The fork-server: a pre-started, single-threaded process that forks workers and compile jobs.
 
-Started by the supervisor as ``python -m worker._zygote --socket-fd N --parent-pid P``.
+Started by the supervisor as ``python -m worker._zygote --socket-fd N --parent-pid P --endpoint E``.
 It imports everything a worker needs (wasmtime, pyzmq, cryptography, the
 worker's own modules), freezes the garbage collector's view of those objects,
 then waits for requests on a ``SOCK_SEQPACKET`` socket to the supervisor. It
@@ -63,6 +63,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _harden
 from ._engine import ARTIFACT_MEMFD_PREFIX, ARTIFACT_SEALS
 
 __all__ = ["CLONE_PARENT_SUPPORTED", "clone_parent", "main", "thread_count"]
@@ -167,7 +168,7 @@ def _become_worker(boot_fd: int, log_fd: int, workdir: str, artifact: Any, go_fd
         os.umask(0o077)
         for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
-        keep = {0, 1, 2, boot_fd}
+        keep = {0, 1, 2, boot_fd, *_harden.inherited_fds()}
         if go_fd is not None:
             keep.add(go_fd)
         if artifact is not None:
@@ -247,6 +248,8 @@ def _compile_job(request: dict[str, Any], result_fd: int) -> None:
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         _prctl(PR_SET_NAME, b"theater-compile")
+        for fd in _harden.inherited_fds():  # workers' hardening, not a compile job's
+            os.close(fd)
         # It reads guest bytes: no privilege gain, no core, and a ceiling on CPU time and memory
         # so a hostile component cannot hold the machine while it compiles.
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
@@ -296,6 +299,7 @@ def _compile_job(request: dict[str, Any], result_fd: int) -> None:
 class Zygote:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.regroup = False  # a fork left this process in a group that is not a fresh one
         self.jobs: dict[str, Job] = {}
         self.sealed: OrderedDict[str, tuple[str, int, int]] = OrderedDict()  # key -> (sha256, fd, size)
 
@@ -331,11 +335,19 @@ class Zygote:
                     self._job_output(job)
             if self.sock.fileno() in ready and not self._request():
                 return 0
+            if self.regroup:  # after the reply: the next worker's group is made while nobody waits
+                self._regroup()
             now = time.monotonic()
             for job in self.jobs.values():
                 if now >= job.next_progress:
                     job.next_progress = now + PROGRESS_EVERY_S
                     log(f"still compiling {job.label}: {now - job.started:.1f} s so far")
+
+    def _regroup(self) -> None:
+        self.regroup = False
+        why = _harden.enter_next_cgroup()
+        if why:
+            log(f"the next worker makes its own cgroup: {why}")
 
     def _send(self, message: dict[str, Any]) -> None:
         self.sock.send(json.dumps(message).encode())
@@ -372,12 +384,15 @@ class Zygote:
             job = self.jobs.get(compile_request["key"]) or self._start_job(compile_request)
             go_r, go_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             job.waiters.append(go_w)
+        if self.regroup:  # a compile job was just forked from this process's own group
+            self._regroup()
         threads = thread_count()
         if threads != 1:
             raise RuntimeError(f"the zygote has {threads} threads; refusing to fork")
         pid = clone_parent()
         if pid == 0:
             _become_worker(boot_fd, log_fd, request["workdir"], artifact, None if go_r is None else go_r.detach())
+        self.regroup = True
         if go_r is not None:
             go_r.close()
         return pid
@@ -387,6 +402,8 @@ class Zygote:
         threads = thread_count()
         if threads != 1:
             raise RuntimeError(f"the zygote has {threads} threads; refusing to fork")
+        _harden.leave_cgroups()  # a compile job runs in the fork-server's own groups, not a worker's
+        self.regroup = True
         pid = os.fork()
         if pid == 0:
             os.close(result_r)
@@ -436,10 +453,11 @@ class Zygote:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 4 or argv[0] != "--socket-fd" or argv[2] != "--parent-pid":
-        print("usage: python -m worker._zygote --socket-fd N --parent-pid P (started by the supervisor)", file=sys.stderr)
+    if len(argv) != 6 or argv[0] != "--socket-fd" or argv[2] != "--parent-pid" or argv[4] != "--endpoint":
+        print("usage: python -m worker._zygote --socket-fd N --parent-pid P --endpoint E (started by the supervisor)",
+              file=sys.stderr)
         return 2
-    sock_fd, parent_pid = int(argv[1]), int(argv[3])
+    sock_fd, parent_pid, endpoint = int(argv[1]), int(argv[3]), argv[5]
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the supervisor died before the signal was armed
         return 70
@@ -457,6 +475,8 @@ def main(argv: list[str]) -> int:
     # ≈ 3.5 ms. Children still get keys of their own: the generator reseeds when the pid changes.
     ed25519.Ed25519PrivateKey.generate().sign(b"warm-up")
     _engine.tune_malloc()  # inherited by every worker: megabyte payloads without page-fault storms
+    for layer, why in _harden.prepare_for_workers(endpoint).items():
+        log(f"not prepared for workers: {layer} ({why}); each worker tries it for itself")
     gc.collect()
     gc.freeze()  # children never scan (and so never copy) the pages of what was imported here
     threads = thread_count()
