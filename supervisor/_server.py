@@ -449,34 +449,38 @@ class Supervisor:
         self.by_identity[identity] = agent
         agent.incarnation = worker.incarnation
         confinement = wire.encode_json(hello.confinement).decode()
-        try:
+        try:  # the spec goes out before the key record's commit: the worker loads while it is made durable
             if not agent.in_store:
-                self._write_genesis(agent, hello.worker_key, confinement)
+                self._write_genesis(agent, hello.worker_key, confinement, before_commit=self._send_spec)
             else:
                 reason = agent.last_exit or "start"
                 self._append_supervisor(agent, Kind.WORKER_KEY, {
                     "incarnation": agent.incarnation, "worker_key": hello.worker_key,
                     "confinement": confinement, "reason": reason,
-                }, incarnation=agent.incarnation)
+                }, before_commit=self._send_spec, incarnation=agent.incarnation)
         except StoreError as exc:
             self.log(f"{agent.name}: cannot record the worker's key: {exc}; killing it")
             worker.kill("store-failed")
             return
-        spec = AgentSpec(
-            agent_id=agent.uuid, name=agent.name, component_path=agent.config.component_path,
-            component_sha256=agent.config.component_sha256, capabilities=agent.config.capabilities,
-            limits=agent.config.limits, head_seq=agent.verifier.next_seq - 1,
-            head_hash=agent.verifier.head_hash.hex(), state_hash=sha256(agent.state).hex(),
-            hardening=agent.config.hardening,
-        )
-        self._send_worker(agent, [wire.header(wire.SupervisorType.SPEC), wire.encode_json(spec.to_json()), agent.state])
         if not agent.initialized:
             agent.mailbox.appendleft(Pending(wire.Call(next(self.call_ids), wire.CallKind.INIT, agent.config.init_args)))
         else:
             self._became_ready(agent)
         self._dispatch(agent)
 
-    def _write_genesis(self, agent: Agent, worker_key: bytes, confinement: str) -> None:
+    def _send_spec(self, agent: Agent, head: Record) -> None:
+        """What the worker needs to load the agent, its chain head being ``head`` (not yet durable:
+        the worker's first result is committed after it, and nothing is answered before that)."""
+        spec = AgentSpec(
+            agent_id=agent.uuid, name=agent.name, component_path=agent.config.component_path,
+            component_sha256=agent.config.component_sha256, capabilities=agent.config.capabilities,
+            limits=agent.config.limits, head_seq=head.seq, head_hash=head.hash.hex(),
+            state_hash=sha256(agent.state).hex(), hardening=agent.config.hardening,
+        )
+        self._send_worker(agent, [wire.header(wire.SupervisorType.SPEC), wire.encode_json(spec.to_json()), agent.state])
+
+    def _write_genesis(self, agent: Agent, worker_key: bytes, confinement: str,
+                       before_commit: Callable[[Agent, Record], None] = lambda agent, head: None) -> None:
         stored = {**agent.config.as_dict(), "parent": agent.parent.name if agent.parent else None}
         config = wire.encode_json(stored).decode()
         genesis = sign_record(
@@ -486,11 +490,14 @@ class Supervisor:
                     "config": config, "worker_key": worker_key, "confinement": confinement},
         )
         agent.verifier.advance(genesis)
+        before_commit(agent, genesis)
         self.store.create_agent(agent.id, agent.name, stored, genesis, agent.state)
         agent.in_store = True
         self._committed(agent, [genesis])
 
-    def _append_supervisor(self, agent: Agent, kind: Kind, fields: dict[str, Any], **commit: Any) -> Record:
+    def _append_supervisor(self, agent: Agent, kind: Kind, fields: dict[str, Any],
+                           before_commit: Callable[[Agent, Record], None] = lambda agent, head: None,
+                           **commit: Any) -> Record:
         self._flush_batch()  # results already checked precede this record in the chain and the store
         v = agent.verifier
         record = sign_record(
@@ -499,6 +506,7 @@ class Supervisor:
         )
         scratch = copy.copy(v)
         scratch.advance(record)
+        before_commit(agent, record)
         self.store.commit([Commit(agent_id=agent.id, records=[record], **commit)])
         agent.verifier = scratch
         self._committed(agent, [record])

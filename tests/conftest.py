@@ -7,6 +7,7 @@ through the supervisor), never a bare sleep.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -230,10 +231,25 @@ def _sweep_worker_cgroups() -> Iterator[None]:
 
 
 @pytest.fixture
-def theater(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Theater]:
-    # Short paths: ipc:// socket paths must fit in 107 bytes.
-    root = Path(os.environ.get("THEATER_TEST_TMP", "/tmp")) / f"th-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    root.mkdir(parents=True)
+def short_root() -> Iterator[Callable[[str], Path]]:
+    """``short_root(tag)``: a fresh directory with a short path (ipc:// socket paths must fit in
+    107 bytes, which pytest's own temporary paths may not); removed after the test."""
+    made: list[Path] = []
+
+    def make(tag: str) -> Path:
+        root = Path(os.environ.get("THEATER_TEST_TMP", "/tmp")) / f"th-{tag}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+        root.mkdir(parents=True)
+        made.append(root)
+        return root
+
+    yield make
+    for root in made:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def theater(short_root: Callable[[str], Path]) -> Iterator[Theater]:
+    root = short_root("t")
     t = Theater(root)
     t.start()
     try:

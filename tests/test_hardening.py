@@ -19,8 +19,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +85,8 @@ def _runs_as_nobody(argv: list[str]) -> bool:
     return subprocess.run(_as_nobody([*argv[:1], "-c", again]), cwd="/", capture_output=True, check=False).returncode == 0
 
 
-def _short_root(tag: str) -> Path:
-    root = Path(os.environ.get("THEATER_TEST_TMP", "/tmp")) / f"th-{tag}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    root.mkdir(parents=True)
-    return root
-
-
 @pytest.fixture
-def probes(request: pytest.FixtureRequest) -> Iterator[Any]:
+def probes(request: pytest.FixtureRequest, short_root: Callable[[str], Path]) -> Iterator[Any]:
     """``probes(user, layers)`` starts a probe supervisor; each is stopped at the end of the test.
 
     ``user`` "root-fork-server" runs as root with workers forked by a fork-server (with the
@@ -101,7 +94,7 @@ def probes(request: pytest.FixtureRequest) -> Iterator[Any]:
     started: list[Theater] = []
 
     def start(user: str, layers: str = "all") -> Theater:
-        root = _short_root(user)
+        root = short_root(user)
         t = Theater(root)
         if user.startswith("root"):
             argv = [sys.executable, str(RUN_PROBE_SUPERVISOR), str(t.home.root), layers]
@@ -377,7 +370,7 @@ def test_landlock_hides_the_supervisors_home_from_the_start(user: str, request: 
     """Before lock-down (while the component compiles), a worker can read what it may need but not the
     supervisor's key, token or store, nor anything under /proc (its own status and task list were
     opened before)."""
-    tmp_path = _short_root(f"ll-{user}")
+    tmp_path = request.getfixturevalue("short_root")(f"ll-{user}")
     home = tmp_path / "h"
     (home / "run").mkdir(parents=True)
     (home / "cache").mkdir()

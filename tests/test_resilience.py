@@ -486,8 +486,11 @@ def test_down_stops_every_worker_and_start_resumes_desired_state(theater: Theate
     assert_verified(theater)
 
 
-def test_component_deleted_under_a_running_agent_fails_it_without_a_restart_loop(theater: Theater) -> None:
-    """If the component file disappears, the restarted worker reports load-failed and the agent stops cleanly."""
+@pytest.mark.parametrize("change", ["deleted", "edited"])
+def test_an_agent_only_ever_runs_the_component_it_was_spawned_with(theater: Theater, change: str) -> None:
+    """The component file deleted or edited under a running agent: a restart still loads the compiled
+    artifact of the spawned hash; once no artifact is left, the next worker reports load-failed
+    naming the cause, and the agent stops without a restart loop."""
     component = theater.dir / "mine.wat"
     component.write_bytes((Path(__file__).parent / "components" / "counter.wat").read_bytes())
     path = theater.dir / "mine.toml"
@@ -495,12 +498,21 @@ def test_component_deleted_under_a_running_agent_fails_it_without_a_restart_loop
     with theater.client() as c:
         c.spawn(path)
         assert c.call("mine", b"x") == b"1"
+        if change == "deleted":
+            component.unlink()
+        else:
+            component.write_bytes((Path(__file__).parent / "components" / "echo.wat").read_bytes())
         pid = ps(c, "mine")["pid"]
-        component.unlink()
+        os.kill(pid, signal.SIGKILL)
+        pid = wait_running(c, "mine", pid)["pid"]
+        assert c.call("mine", b"x") == b"2"  # the counter it was spawned as, its state restored
+        for cached in (theater.home.root / "cache").glob("*.*"):
+            cached.unlink()
         os.kill(pid, signal.SIGKILL)
         info = wait_status(c, "mine", "failed")
-        assert "load-failed" in info["last_exit"] and "cannot read" in info["last_exit"]
-        assert info["restarts"] == 1
+        cause = "cannot read" if change == "deleted" else "changed since it was spawned (sha256 mismatch)"
+        assert "load-failed" in info["last_exit"] and cause in info["last_exit"], info["last_exit"]
+        assert info["restarts"] == 2
     [*_, last] = records(theater, "mine")
     assert last.kind is Kind.EXIT and last.fields()["reason"] == "load-failed"
     assert_verified(theater)

@@ -119,6 +119,18 @@ class SupervisorLink:
                 return reply.body
 
 
+def _read_component(spec: AgentSpec) -> bytes:
+    """The component's bytes, to compile here (no artifact was offered, or it did not load)."""
+    try:
+        with open(spec.component_path, "rb") as f:
+            component = f.read()
+    except OSError as exc:
+        raise LoadError(f"cannot read {spec.component_path}: {exc.strerror}") from None
+    if hashlib.sha256(component).hexdigest() != spec.component_sha256:
+        raise LoadError(f"{spec.component_path} changed since it was spawned (sha256 mismatch)")
+    return component
+
+
 class Agent:
     """One agent in this worker: its sandbox, its committed state and its recorder."""
 
@@ -132,13 +144,6 @@ class Agent:
     ) -> None:
         if sha256(state).hex() != spec.state_hash:
             raise LoadError("the state sent does not match the spec's state hash")
-        try:
-            with open(spec.component_path, "rb") as f:
-                component = f.read()
-        except OSError as exc:
-            raise LoadError(f"cannot read {spec.component_path}: {exc.strerror}") from None
-        if hashlib.sha256(component).hexdigest() != spec.component_sha256:
-            raise LoadError(f"{spec.component_path} changed since it was spawned (sha256 mismatch)")
         self.limits = spec.limits
         self.state = state
         self.recorder = Recorder(key, spec.agent_id, spec.head_seq, bytes.fromhex(spec.head_hash), bytes.fromhex(spec.state_hash))
@@ -159,7 +164,7 @@ class Agent:
                 compiled = load_artifact(engine, artifact, artifact_key(spec.component_sha256, spec.limits))
             except LoadError as exc:
                 print(f"worker: not using the cached artifact ({exc}); compiling", file=sys.stderr, flush=True)
-        self.sandbox = Sandbox(engine, compiled or component, spec.limits, interfaces, exports)
+        self.sandbox = Sandbox(engine, compiled or _read_component(spec), spec.limits, interfaces, exports)
 
     def run(self, call: wire.Call) -> wire.Result:
         self.runtime.begin_call()
