@@ -39,6 +39,14 @@ AGENT_EXPORTS = {
     "handle": "func(state: string, message: string) -> result<record{state: string, reply: option<string>}, string>",
 }
 TYPES_INTERFACE = "theater:agent/types@0.1.0"
+WASI_VERSION_PREFIX = "0.2."
+
+
+def is_wasi_import(name: str) -> bool:
+    """A WASI 0.2 interface (``wasi:<package>/<interface>@0.2.<patch>``): linked by ``worker._caps.wasi``
+    or as traps, never refused at load."""
+    base, _, version = name.partition("@")
+    return base.startswith("wasi:") and version.startswith(WASI_VERSION_PREFIX)
 
 # Last line of a wasmtime trap message -> failure status.
 _TRAPS = (
@@ -228,16 +236,18 @@ class Sandbox:
         limits: Limits,
         interfaces: dict[str, Linker],
         exports: dict[str, str] = AGENT_EXPORTS,
+        wasi: Callable[[str], Linker | None] | None = None,
     ) -> None:
         """``component`` is the component's bytes (compiled here) or a component already compiled
-        or loaded for ``engine``."""
+        or loaded for ``engine``. ``wasi`` links the WASI 0.2 interfaces a language runtime imports
+        (``worker._caps.wasi``): each one it has no linker for, and every function not linked, traps."""
         self.engine = engine
         self.limits = limits
         self.exports = exports
         self.component = component if isinstance(component, wc.Component) else compile_component(engine, component)
         self._params = (_Val * 2)()
         self._result = _Val()
-        self._check_imports(interfaces)
+        wasi_imports = self._check_imports(interfaces, wasi is not None)
         self.linker = wc.Linker(engine)
         with self.linker.root() as root:
             with root.add_instance(TYPES_INTERFACE):
@@ -245,6 +255,14 @@ class Sandbox:
             for name, link in interfaces.items():
                 with root.add_instance(name) as inst:
                     link(inst)
+            for name in wasi_imports:
+                assert wasi is not None
+                wasi_link = wasi(name)
+                if wasi_link is not None:
+                    with root.add_instance(name) as inst:
+                        wasi_link(inst)
+        if wasi_imports:
+            self.linker.define_unknown_imports_as_traps(self.component)
         self.timer = DeadlineTimer(engine)
         self._store: wasmtime.Store | None = None
         self._dropped = False
@@ -253,14 +271,17 @@ class Sandbox:
         self._instantiate()  # fail at load, not at the first call
         self._check_exports()
 
-    def _check_imports(self, interfaces: dict[str, Linker]) -> None:
+    def _check_imports(self, interfaces: dict[str, Linker], wasi: bool) -> list[str]:
+        """Refuse any import that is neither granted nor WASI 0.2; return the WASI ones."""
         wanted = self.component.type.imports(self.engine)
         allowed = set(interfaces) | {TYPES_INTERFACE}
-        denied = sorted(name for name in wanted if name not in allowed)
+        wasi_imports = [name for name in wanted if wasi and name not in allowed and is_wasi_import(name)]
+        denied = sorted(name for name in wanted if name not in allowed and name not in wasi_imports)
         if denied:
             raise LoadError(
                 "component imports capabilities its policy does not grant: " + ", ".join(denied)
             )
+        return wasi_imports
 
     def _check_exports(self) -> None:
         assert self._store is not None

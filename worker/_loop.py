@@ -18,7 +18,7 @@ from theater.records import Kind, sha256
 from theater.spec import CAPABILITIES, AgentSpec
 
 from ._boundary import from_guest, from_guest_utf8, to_guest
-from ._caps import runtime, supervision
+from ._caps import runtime, supervision, wasi
 from ._engine import AGENT_EXPORTS, HostLimit, Lifted, Sandbox, artifact_key, load_artifact, make_engine
 from ._errors import CallFailed, LoadError
 from ._harden import lock_down, require
@@ -164,7 +164,8 @@ class Agent:
                 compiled = load_artifact(engine, artifact, artifact_key(spec.component_sha256, spec.limits))
             except LoadError as exc:
                 print(f"worker: not using the cached artifact ({exc}); compiling", file=sys.stderr, flush=True)
-        self.sandbox = Sandbox(engine, compiled or _read_component(spec), spec.limits, interfaces, exports)
+        wasi_links = wasi.Wasi(self.recorder, spec.limits, self.runtime.count_host_call).linker_for
+        self.sandbox = Sandbox(engine, compiled or _read_component(spec), spec.limits, interfaces, exports, wasi_links)
 
     def run(self, call: wire.Call) -> wire.Result:
         self.runtime.begin_call()
