@@ -86,16 +86,18 @@ def _executor() -> ThreadPoolExecutor:
 
 @dataclass(frozen=True, slots=True)
 class Prechecked:
-    """A result's records parsed ahead, and their signatures under ``key`` being checked on the pool."""
+    """A result's records parsed ahead, and their signatures under ``key`` being checked on the pool,
+    ``chunk`` records per task (a result with many records is spread over every thread)."""
 
     records: list[Record]
     key: Ed25519PublicKey
-    signatures: Future[list[bool]]
+    chunk: int
+    signatures: list[Future[list[bool]]]
 
     def verified(self, index: int, record: Record, key: Ed25519PublicKey) -> bool:
         if key is not self.key or self.records[index] is not record:
             return False
-        return self.signatures.result()[index]
+        return self.signatures[index // self.chunk].result()[index % self.chunk]
 
 
 def _verify_all(records: list[Record], key: Ed25519PublicKey) -> list[bool]:
@@ -121,7 +123,10 @@ def precheck(frames: list[bytes], *, verifier: ChainVerifier, limits: Limits) ->
         return None  # check_result says why
     if any(r.signer is not Signer.WORKER for r in records):
         return None
-    return Prechecked(records, key, _executor().submit(_verify_all, records, key))
+    chunk = -(-len(records) // VERIFY_THREADS)
+    pool = _executor()
+    tasks = [pool.submit(_verify_all, records[i:i + chunk], key) for i in range(0, len(records), chunk)]
+    return Prechecked(records, key, chunk, tasks)
 
 
 def check_result(

@@ -56,6 +56,7 @@ WATCHDOG_GRACE_S = 5.0
 MAX_CONTROL_DATA = 64 * 1024 * 1024
 BATCH = 256
 EXIT_LOAD_FAILED = 3
+MIN_FRAMES_OF_TWO_RECORDS = 6  # identity, header, meta, state (if any), then one frame per record
 RESULT_HEADER = wire.header(wire.WorkerType.RESULT)
 
 
@@ -557,10 +558,11 @@ class Supervisor:
             self.log(f"{agent.name}: cannot send to worker: {exc}")
 
     def _precheck(self, messages: list[list[bytes]]) -> dict[int, Prechecked]:
-        """With two or more results in a drain batch, start checking all their signatures on the
-        verify pool (Ed25519 releases the GIL) while this thread parses and links them in order."""
+        """With two or more records in a drain batch, start checking all their signatures on the
+        verify pool (Ed25519 releases the GIL) while this thread parses and links them in order.
+        (A lone one-record result is checked in line: handing it over would only add latency.)"""
         results = [f for f in messages if len(f) > 2 and f[1] == RESULT_HEADER]
-        if len(results) < 2:
+        if len(results) < 2 and not any(len(f) >= MIN_FRAMES_OF_TWO_RECORDS for f in results):
             return {}
         out = {}
         for frames in results:
