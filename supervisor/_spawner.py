@@ -323,6 +323,10 @@ class Spawner:
         token = secrets.token_bytes(32)
         read_end, write_end = os.pipe()
         try:
+            _write_boot(write_end, endpoint, token)  # waiting in the pipe: the worker never waits for us
+        finally:
+            os.close(write_end)
+        try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 request = {"workdir": str(workdir), "artifact": artifact, "compile": compile_request}
@@ -330,16 +334,11 @@ class Spawner:
             finally:
                 os.close(log_fd)
         except ZygoteGone as exc:
-            os.close(read_end)
-            os.close(write_end)
             self._replace_zygote(str(exc))
             return spawn_worker(endpoint, incarnation, log_path, workdir, self._command)
-        os.close(read_end)
-        try:
-            pidfd = os.pidfd_open(pid)  # our child: nobody else can reap it, so the pid is still its own
-            _write_boot(write_end, endpoint, token)  # only now may the worker start its own hardening
         finally:
-            os.close(write_end)
+            os.close(read_end)
+        pidfd = os.pidfd_open(pid)  # our child (CLONE_PARENT): its pid stays its own until we reap it
         return WorkerProcess(pid=pid, pidfd=pidfd, token=token, incarnation=incarnation)
 
     def close(self) -> None:
