@@ -1,0 +1,208 @@
+"""The control socket's requests: spawn, call, send, stop, restart, wait, and their replies.
+
+Every request is authenticated by the control token before it gets here; every
+reply to a call is sent only once the result it carries is committed."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from theater import wire
+from theater.errors import ProtocolError
+
+from ._agent import Agent, Member, Node, Pending
+from ._errors import NotFound, Refused, SupervisorError
+from ._ledger import Checked
+
+BATCH = 256  # messages taken from one socket per loop turn
+
+
+class ControlRequests:
+    """Part of :class:`supervisor.Supervisor` (its state lives there): what clients ask of it."""
+
+    def _drain_control(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ident = frames[0]
+            rid = 0
+            try:
+                if len(frames) not in (3, 4) or wire.parse_header(frames[1], wire.ClientType) is not wire.ClientType.REQUEST:
+                    raise ProtocolError("a request is a header, a JSON frame and an optional data frame")
+                body = wire.decode_json(frames[2], "request")
+                rid = body.get("id", 0) if isinstance(body.get("id", 0), int) else 0
+                if not hmac.compare_digest(str(body.get("token", "")), self.token):
+                    raise Refused("bad control token")
+                data = frames[3] if len(frames) == 4 else None
+                self._handle_request(ident, rid, str(body.get("op")), body, data)
+            except SupervisorError as exc:
+                self._reply_error(ident, rid, exc.code, str(exc))
+            except ProtocolError as exc:
+                self._reply_error(ident, rid, "protocol", str(exc))
+            except Exception as exc:  # a client must never be able to crash the supervisor
+                self.log(f"internal error serving a request: {type(exc).__name__}: {exc}")
+                self._reply_error(ident, rid, "internal", f"internal error: {type(exc).__name__}")
+
+    def _handle_request(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
+        if op == "ping":
+            self._reply(ident, rid, {"pid": os.getpid(), "home": str(self.home.root), "agents": len(self.agents)})
+        elif op == "spawn":
+            self._op_spawn(ident, rid, body)
+        elif op in ("send", "call"):
+            self._op_message(ident, rid, op, body, data)
+        elif op == "ps":
+            self._reply(ident, rid, {"agents": [a.summary() for a in self.agents.values()]})
+        elif op == "stop":
+            self._op_stop(ident, rid, body)
+        elif op == "restart":
+            self._op_restart(ident, rid, body)
+        elif op == "tree":
+            self._reply(ident, rid, {"roots": [m.tree() for m in self._roots()]})
+        elif op == "wait":
+            self._op_wait(ident, rid, body)
+        elif op == "down":
+            self.down_waiters.append((ident, rid))
+            self.request_down()
+        else:
+            raise Refused(f"unknown operation {op!r}")
+
+    def _find(self, ref: object) -> Agent:
+        if not isinstance(ref, str):
+            raise NotFound("agent must be a name or an id")
+        agent = self.by_name.get(ref)
+        if agent is None:
+            with contextlib.suppress(ValueError):
+                agent = self.agents.get(uuid.UUID(ref).bytes)
+        if agent is None:
+            raise NotFound(f"no agent named or with id {ref!r}")
+        return agent
+
+    def _find_member(self, ref: object) -> Member:
+        if isinstance(ref, str) and ref in self.nodes:
+            return self.nodes[ref]
+        if isinstance(ref, str):
+            for node in self.nodes.values():
+                if node.uuid == ref:
+                    return node
+        return self._find(ref)
+
+    def _op_restart(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
+        member = self._find_member(body.get("agent"))
+        if not self.running:
+            raise Refused("the supervisor is shutting down")
+        if isinstance(member, Node) and member.busy:
+            raise Refused(f"supervisor {member.name} is in the middle of a restart")
+        self.restart_member(member, lambda: self._reply(ident, rid, member.tree()))
+
+    def _op_spawn(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
+        manifest = body.get("manifest")
+        if not isinstance(manifest, str) or not os.path.isabs(manifest):
+            raise Refused("spawn needs the manifest's absolute path")
+        member = self.spawn_local(Path(manifest))
+        member.spawn_waiters.append((ident, rid))
+
+    def _op_message(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
+        agent = self._find(body.get("agent"))
+        data = data or b""
+        limits = agent.config.limits
+        if len(data) > limits.max_message_bytes:
+            raise Refused(f"message of {len(data)} bytes exceeds {agent.name}'s max_message_bytes {limits.max_message_bytes}")
+        if agent.status in ("stopped", "failed", "stopping"):
+            raise Refused(f"agent {agent.name} is {agent.status}")
+        if len(agent.mailbox) >= limits.mailbox:
+            raise Refused(f"agent {agent.name}'s mailbox is full ({limits.mailbox} messages)")
+        pending = Pending(wire.Call(next(self.call_ids), wire.CallKind.HANDLE, data))
+        if op == "call":
+            pending.reply_to = (ident, rid)
+            timeout_ms = body.get("timeout_ms", 10_000)
+            if not isinstance(timeout_ms, int) or not 1 <= timeout_ms <= 3_600_000:
+                raise Refused("timeout_ms must be an integer in 1..3600000")
+            self.timers.after(timeout_ms / 1000, lambda: self._answer_error(pending, "timeout", f"no reply from {agent.name} within {timeout_ms} ms"))
+        agent.mailbox.append(pending)
+        if op == "send":
+            self._reply(ident, rid, {"queued": len(agent.mailbox)})
+        self._dispatch(agent)
+
+    def _op_stop(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
+        member = self._find_member(body.get("agent"))
+
+        def stopped() -> None:
+            for agent in self._agents_under(member):
+                agent.held = True
+                self._commit_desired(agent, "stopped")
+                self._settle(agent, "stopped")
+            owner_node = member.parent if isinstance(member, Agent) else None
+            if owner_node is not None and owner_node.owner is not None and member in owner_node.children:
+                owner_node.children.remove(member)  # an agent's own child, stopped by the operator
+                self._notify_owner(owner_node, member, member.last_exit or "stopped")
+            if isinstance(member, Node):
+                member.status = "stopped"
+                self._store_node(member, desired="stopped")
+            self._reply(ident, rid, member.tree())
+
+        self._stop_member(member, "stopped", stopped, why="stopped by the operator")
+
+    def _op_wait(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
+        agent = self._find(body.get("agent"))
+        after, wait_ms = body.get("after", -1), body.get("wait_ms", 0)
+        if not isinstance(after, int) or not isinstance(wait_ms, int) or not 0 <= wait_ms <= 600_000:
+            raise Refused("wait needs integer after and wait_ms in 0..600000")
+        head = agent.verifier.next_seq - 1
+        if head > after or wait_ms == 0:
+            self._reply(ident, rid, {"head": head})
+            return
+        entry = (ident, rid, after)
+        self.waiters.setdefault(agent.id, []).append(entry)
+
+        def expire() -> None:
+            lst = self.waiters.get(agent.id, [])
+            if entry in lst:
+                lst.remove(entry)
+                self._reply(ident, rid, {"head": agent.verifier.next_seq - 1})
+
+        self.timers.after(wait_ms / 1000, expire)
+
+    def _wake_waiters(self, agent: Agent) -> None:
+        lst = self.waiters.pop(agent.id, None)
+        if lst:
+            head = agent.verifier.next_seq - 1
+            for ident, rid, _ in lst:
+                self._reply(ident, rid, {"head": head})
+
+    def _answer(self, pending: Pending, checked: Checked) -> None:
+        if pending.reply_to is None or pending.answered:
+            return
+        pending.answered = True
+        ident, rid = pending.reply_to
+        if checked.status == "ok":
+            result = {"status": "ok", "has_reply": checked.reply is not None, "seq": checked.final.seq}
+            self._reply(ident, rid, result, checked.reply)
+        else:
+            self._reply_error(ident, rid, checked.status, checked.error)
+
+    def _answer_error(self, pending: Pending, code: str, message: str) -> None:
+        if pending.reply_to is None or pending.answered:
+            return
+        pending.answered = True
+        self._reply_error(*pending.reply_to, code, message)
+
+    def _reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None) -> None:
+        frames = [ident, wire.header(wire.ClientType.REPLY), wire.encode_json({"id": rid, "ok": True, "result": result})]
+        if data is not None:
+            frames.append(data)
+        with contextlib.suppress(zmq.ZMQError):
+            self.control.send_multipart(frames, copy=False)
+
+    def _reply_error(self, ident: bytes, rid: int, code: str, message: str) -> None:
+        body = {"id": rid, "ok": False, "error": {"code": code, "message": message}}
+        with contextlib.suppress(zmq.ZMQError):
+            self.control.send_multipart([ident, wire.header(wire.ClientType.REPLY), wire.encode_json(body)])
