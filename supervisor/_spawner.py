@@ -172,6 +172,9 @@ class Zygote:
         self.ready = False
         self.started = time.monotonic()
         self._ids = 0
+        # Spare workers the fork-server announced and has not handed out: our children (CLONE_PARENT),
+        # so ours to end and reap if they end unused.
+        self.spares: dict[int, int] = {}  # pid -> pidfd
 
     def wait_ready(self, timeout: float) -> bool:
         """True once the fork-server has said it is ready (waits at most ``timeout``)."""
@@ -213,6 +216,15 @@ class Zygote:
             self.ready = True
         elif message.get("note") == "compiled":
             self._on_note(message)
+        elif message.get("note") == "spare" and isinstance(message.get("pid"), int):
+            with contextlib.suppress(OSError):  # already reaped elsewhere: nothing to track
+                self.spares[message["pid"]] = os.pidfd_open(message["pid"])
+        elif message.get("note") == "spare-ended" and message.get("pid") in self.spares:
+            _end(self.spares.pop(message["pid"]))
+
+    def take_spare(self, pid: int) -> int | None:
+        """The pidfd of the spare worker ``pid`` if a spawn just handed it out, else None."""
+        return self.spares.pop(pid, None)
 
     def _recv(self, timeout: float) -> dict[str, Any] | None:
         """One message, or None if none came in ``timeout``; ZygoteGone if the fork-server is gone."""
@@ -234,7 +246,10 @@ class Zygote:
         return message
 
     def close(self) -> str:
-        """End the fork-server; return how it ended."""
+        """End the fork-server and its unused spare; return how the fork-server ended."""
+        for pidfd in self.spares.values():
+            _end(pidfd)
+        self.spares.clear()
         self.sock.close()
         if self.proc.poll() is None:
             self.proc.kill()
@@ -243,6 +258,17 @@ class Zygote:
         except subprocess.TimeoutExpired:
             return "did not end"
         return exit_reason(code)
+
+
+def _end(pidfd: int) -> None:
+    """Kill and reap a child that was never given an agent."""
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    finally:
+        os.close(pidfd)
 
 
 class Spawner:
@@ -338,7 +364,9 @@ class Spawner:
             return spawn_worker(endpoint, incarnation, log_path, workdir, self._command)
         finally:
             os.close(read_end)
-        pidfd = os.pidfd_open(pid)  # our child (CLONE_PARENT): its pid stays its own until we reap it
+        pidfd = zygote.take_spare(pid)
+        if pidfd is None:
+            pidfd = os.pidfd_open(pid)  # our child (CLONE_PARENT): its pid stays its own until we reap it
         return WorkerProcess(pid=pid, pidfd=pidfd, token=token, incarnation=incarnation)
 
     def close(self) -> None:

@@ -27,9 +27,10 @@ from supervisor._config import load_manifest, policy_dirs
 from supervisor._spawner import Spawner, exit_reason
 from theater import wire
 from theater.artifacts import artifact_key, file_signature
+from theater.client import Client
 from theater.home import Home
 from theater.records import Kind
-from theater.spec import Limits
+from theater.spec import HARDENING_LAYERS, Limits
 from worker._boundary import from_guest, from_guest_utf8, to_guest
 from worker._engine import Sandbox, compile_component, lifted_from_generic, load_artifact, make_engine
 from worker._errors import CallFailed, LoadError
@@ -100,14 +101,59 @@ def test_forked_workers_harden_themselves_make_own_keys_and_are_the_supervisors_
         assert c.call("a", b"y") == b"2"
 
 
+def _spare_of(t: Theater, c: Client, not_pid: int | None = None) -> psutil.Process:
+    """The fork-server's spare worker: a forked worker of the supervisor's that no agent has (yet)."""
+    assert t.proc is not None
+    supervisor = t.proc.pid
+
+    def spare() -> psutil.Process | None:
+        taken = {a["pid"] for a in c.ps()}
+        return next((p for p in _children(supervisor) if p.name() == "theater-worker" and p.pid not in taken
+                     and p.pid != not_pid and p.status() != psutil.STATUS_ZOMBIE), None)
+
+    return wait_until(spare, 20, "the fork-server's spare worker")  # type: ignore[return-value]
+
+
+def test_a_spawn_takes_the_spare_worker_hardened_before_it_was_needed(theater: Theater) -> None:
+    """Between spawns the fork-server keeps one worker forked, hardened and connected; a spawn gives it
+    its agent (so the agent's worker is that very process), and a new spare follows."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("a", "echo.wat"))  # the artifact is compiled and cached
+        spare = _spare_of(theater, c)
+        assert len(spare.threads()) > 1  # its ZeroMQ threads: it connected before it had an agent
+        c.spawn(theater.manifest("b", "echo.wat"))  # the same component: its artifact is ready
+        assert ps(c, "b")["pid"] == spare.pid
+        assert c.call("b", b"x") == b"x"
+        following = _spare_of(theater, c, not_pid=spare.pid)
+        assert following.pid != spare.pid
+    [genesis] = [r for r in records(theater, "b") if r.kind is Kind.GENESIS]
+    confinement = json.loads(genesis.fields()["confinement"])
+    assert {k: v for k, v in confinement.items() if "." not in k} == {
+        layer: "applied" for layer in ("hygiene", *HARDENING_LAYERS)}
+
+
+def test_a_spare_that_dies_unused_is_reaped_and_replaced(theater: Theater) -> None:
+    """SIGKILL the spare: the supervisor (its parent) reaps it, the fork-server makes another,
+    and spawns go on."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("a", "echo.wat"))
+        dead = _spare_of(theater, c)
+        dead.kill()
+        _spare_of(theater, c, not_pid=dead.pid)  # the fork-server saw it end and made another
+        c.spawn(theater.manifest("b", "echo.wat"))  # the supervisor takes the fork-server's notes here
+        assert c.call("b", b"hi") == b"hi"
+        wait_until(lambda: not psutil.pid_exists(dead.pid), 10, "the dead spare to be reaped")
+
+
 def test_no_worker_or_fork_server_outlives_a_killed_supervisor(theater: Theater) -> None:
-    """SIGKILL the supervisor: the fork-server and every forked worker end with it."""
+    """SIGKILL the supervisor: the fork-server, its spare and every forked worker end with it."""
     with theater.client() as c:
         c.spawn(theater.manifest("a", "counter.wat"))
         c.spawn(theater.manifest("b", "echo.wat"))
         workers = [a["pid"] for a in c.ps()]
+        spare = _spare_of(theater, c)
     zygote = _zygote_of(theater)
-    everyone = [zygote.pid, *workers]
+    everyone = [zygote.pid, spare.pid, *workers]
     assert all(not gone(pid) for pid in everyone)
     theater.kill()
     wait_until(lambda: all(gone(pid) for pid in everyone), 10, "the fork-server and workers to die with the supervisor")

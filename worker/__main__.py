@@ -11,21 +11,30 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._loop import Link
 
 
-def run(bootstrap_fd: int, artifact: dict[str, object] | None = None) -> int:
+def run(bootstrap_fd: int, artifact: dict[str, object] | None = None,
+        confinement: dict[str, str] | None = None, link: Link | None = None) -> int:
     """Read the bootstrap pipe, apply confinement, then serve the agent until stopped.
 
     ``artifact``: the compiled component the supervisor vouched for (see
     ``worker._engine.load_artifact``), handed over by the fork-server; None: compile.
+    ``confinement`` and ``link``: the report of the hardening already applied and the
+    key and connection already made (a spare worker does both before it is given an
+    agent); None: do it now.
     """
     with os.fdopen(bootstrap_fd, "rb") as pipe:
         boot = json.loads(pipe.read(65536))
     from ._harden import harden_before_connect
     from ._loop import serve  # everything the worker runs is imported before it is confined
 
-    confinement = harden_before_connect(int(boot["parent_pid"]), boot["endpoint"])
-    return serve(boot["endpoint"], bytes.fromhex(boot["token"]), confinement, artifact)
+    if confinement is None:
+        confinement = harden_before_connect(int(boot["parent_pid"]), boot["endpoint"])
+    return serve(boot["endpoint"], bytes.fromhex(boot["token"]), confinement, artifact, link)
 
 
 def main() -> int:

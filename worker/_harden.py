@@ -161,18 +161,20 @@ def _status(layer: str) -> str:
 ATTEMPTED_LAYERS: frozenset[str] = frozenset(HARDENING_LAYERS)
 
 
-def harden_before_connect(parent_pid: int, endpoint: str, layers: frozenset[str] | None = None) -> dict[str, str]:
+def harden_before_connect(parent_pid: int, endpoint: str, layers: frozenset[str] | None = None,
+                          keep: frozenset[int] = frozenset()) -> dict[str, str]:
     """Apply every layer that this machine allows; return the report for the hello.
 
     The report maps ``hygiene`` and each layer of ``HARDENING_LAYERS`` to
     "applied", "unavailable: <why>" or "skipped" (not attempted), plus a few
-    ``<layer>.<detail>`` entries.
+    ``<layer>.<detail>`` entries. ``keep``: descriptors the hygiene step leaves open (a spare
+    worker's line to its fork-server).
     """
     global _state
     layers = ATTEMPTED_LAYERS if layers is None else layers
     _state = _State(pid=os.getpid())
     report = _state.report
-    report["hygiene"] = _hygiene(parent_pid, report)
+    report["hygiene"] = _hygiene(parent_pid, report, keep)
     _state.proc_status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
     _state.proc_tasks = os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     steps = (
@@ -196,7 +198,7 @@ def harden_before_connect(parent_pid: int, endpoint: str, layers: frozenset[str]
     return dict(report)
 
 
-def _hygiene(parent_pid: int, report: dict[str, str]) -> str:
+def _hygiene(parent_pid: int, report: dict[str, str], keep: frozenset[int]) -> str:
     """Die with the supervisor, no core dumps or ptrace by peers, private umask, nothing inherited."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the signal was armed
@@ -204,7 +206,7 @@ def _hygiene(parent_pid: int, report: dict[str, str]) -> str:
     _prctl(PR_SET_DUMPABLE, 0)
     os.umask(0o077)
     os.environ.clear()
-    closed = _close_strays()
+    closed = _close_strays(keep)
     report["hygiene.fds"] = f"kept 0-2, closed {closed} stray"
     if os.getsid(0) != os.getpid():
         with contextlib.suppress(OSError):
@@ -223,13 +225,13 @@ def _hygiene(parent_pid: int, report: dict[str, str]) -> str:
     return _unavailable("; ".join(problems)) if problems else APPLIED
 
 
-def _close_strays() -> int:
+def _close_strays(keep: frozenset[int]) -> int:
     """Close every descriptor but the standard three (and, in a forked worker, wasmtime's memfds
     and the Landlock ruleset the fork-server prepared)."""
     closed = 0
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd <= 2 or fd == _prepared.ruleset:
+        if fd <= 2 or fd == _prepared.ruleset or fd in keep:
             continue
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
@@ -542,7 +544,7 @@ def landlock_abi() -> int:
 READABLE_IN_HOME = ("cache",)  # compiled artifacts the supervisor vouched for
 
 
-def _home(endpoint: str) -> Path:
+def home_of(endpoint: str) -> Path:
     """The supervisor's home, from its worker socket ``<home>/run/workers.sock``."""
     sock = Path(endpoint.removeprefix("ipc://"))
     return Path(os.path.realpath(sock.parent.parent if sock.parent.name == "run" else sock.parent))
@@ -550,7 +552,7 @@ def _home(endpoint: str) -> Path:
 
 def _protected_paths(endpoint: str) -> list[Path]:
     """What a worker must not read: the supervisor's home (its key, token, store, logs), /proc, /sys."""
-    return [_home(endpoint), Path("/proc"), Path("/sys")]
+    return [home_of(endpoint), Path("/proc"), Path("/sys")]
 
 
 def _read_roots(protected: list[Path]) -> list[str]:
@@ -620,7 +622,7 @@ def _restrict(ruleset: int) -> None:
 
 def _read_ruleset(endpoint: str) -> int:
     """A ruleset that grants reading everywhere but the supervisor's home (its cache/ excepted), /proc and /sys."""
-    home = _home(endpoint)
+    home = home_of(endpoint)
     protected = _protected_paths(endpoint)
     readable = [*_read_roots(protected), *(str(home / d) for d in READABLE_IN_HOME if (home / d).is_dir())]
     return _ruleset(landlock_abi(), [(root, LL_READ_FILE | LL_READ_DIR) for root in readable])

@@ -6,7 +6,7 @@ import hashlib
 import os
 import sys
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -24,7 +24,7 @@ from ._errors import CallFailed, LoadError
 from ._harden import lock_down, require
 from ._recorder import Recorder
 
-__all__ = ["serve"]
+__all__ = ["Link", "connect", "serve"]
 
 SPEC_TIMEOUT_MS = 30_000
 MAX_ERROR_CHARS = 4096
@@ -33,20 +33,36 @@ EXIT_PROTOCOL = 4
 LAST_FRAMES_MS = 2000  # how long an exiting worker waits for its last frames to leave
 
 
-def serve(endpoint: str, token: bytes, confinement: dict[str, str], artifact: dict[str, Any] | None = None) -> int:
+class Link(NamedTuple):
+    """This worker's key and its connection to the supervisor, made before it has an agent."""
+
+    key: Ed25519PrivateKey
+    public: bytes
+    ctx: zmq.Context  # type: ignore[type-arg]
+    sock: zmq.Socket  # type: ignore[type-arg]
+
+
+def connect(endpoint: str) -> Link:
+    """A fresh key and a connected socket (a spare worker makes both while it waits for an agent)."""
     key = Ed25519PrivateKey.generate()
     public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = LAST_FRAMES_MS
     sock.connect(endpoint)
+    return Link(key, public, ctx, sock)
+
+
+def serve(endpoint: str, token: bytes, confinement: dict[str, str], artifact: dict[str, Any] | None = None,
+          link: Link | None = None) -> int:
+    link = link or connect(endpoint)
     try:
-        return _serve(sock, key, public, token, confinement, artifact)
+        return _serve(link.sock, link.key, link.public, token, confinement, artifact)
     finally:
         # Deliver whatever was sent last (a result, a fault) before the exit: a forked
         # worker ends with os._exit, which would otherwise drop ZeroMQ's queue.
-        sock.close()
-        ctx.term()
+        link.sock.close()
+        link.ctx.term()
 
 
 def _serve(

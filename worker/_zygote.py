@@ -32,6 +32,16 @@ once its compile job is done). The workers map it with
 ``Component.deserialize_file``, so the pages of the code are shared and hold
 exactly the bytes that were checked.
 
+Between spawns this process keeps one spare worker: forked into a fresh
+cgroup, set up, hardened, with its key made and its ZeroMQ socket connected,
+waiting on a socketpair. A spawn whose artifact is ready hands the spare its
+bootstrap pipe, log file and artifact over that line (the spare answers the
+supervisor's hello as any worker) instead of forking; the next spare is made
+50 ms later, so its fork and hardening do not compete with the agent just
+started. A spawn that must wait for a compile, or finds no spare, forks as
+before. The supervisor, the spare's parent, is told of each spare so it can
+reap one that ends unused.
+
 Messages (JSON, one per datagram, descriptors as SCM_RIGHTS):
 
     -> {"op": "spawn", "id", "workdir", "artifact": {"key", "path", "sha256"} | null,
@@ -40,6 +50,8 @@ Messages (JSON, one per datagram, descriptors as SCM_RIGHTS):
     <- {"id", "pid"} | {"id", "error"}
     <- {"note": "compiled", "key", "ok", "sha256", "signature", "size", "seconds" | "error"}
     <- {"ready": pid, "threads": n, "clone_parent": bool}             (once, at start)
+    <- {"note": "spare", "pid"} | {"note": "spare-ended", "pid"}
+    to a spare: {"artifact": {"key", "sha256", "size"}} with [bootstrap read end, log file, artifact memfd]
 """
 
 from __future__ import annotations
@@ -76,6 +88,8 @@ COMPILE_CPU_S = 600  # a compile job's CPU seconds (an 18 MB Python guest takes 
 COMPILE_AS_BYTES = 16 * 1024**3  # a compile job's address space
 PROGRESS_EVERY_S = 2.0
 MAX_SEALED = 64  # artifacts kept as memfds; the least recently spawned is dropped first
+SPARES = True  # keep one worker forked and hardened ahead of the next spawn
+SPARE_AFTER_S = 0.05  # after a spare is given out, how long this process waits before it makes the next
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # Called with the GIL held, exactly as os.fork calls fork().
@@ -196,6 +210,56 @@ def _become_worker(boot_fd: int, log_fd: int, workdir: str, artifact: Any, go_fd
             os._exit(code)
 
 
+def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int) -> None:
+    """In a spare child: set up, harden, make a key and connect as a worker would, then wait for
+    an agent. Never returns.
+
+    Nothing here depends on the agent: the bootstrap (endpoint, token), the log
+    file and the artifact arrive over ``line_fd`` from the fork-server when a
+    spawn takes this spare; until then stdout and stderr are /dev/null. If the
+    fork-server ends first, so does the spare.
+    """
+    code = 1
+    try:
+        _prctl(PR_SET_NAME, b"theater-worker")
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.chdir(workdir)
+        os.umask(0o077)
+        for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        _close_inherited({0, 1, 2, line_fd, *_harden.inherited_fds()})
+        from worker.__main__ import run
+        from worker._loop import connect
+
+        confinement = _harden.harden_before_connect(parent_pid, endpoint, keep=frozenset({line_fd}))
+        link = connect(endpoint)
+        with socket.socket(fileno=line_fd) as line:
+            data, fds, _flags, _addr = socket.recv_fds(line, MAX_MESSAGE, 3)
+        if not data or len(fds) != 3:  # the fork-server ended before this spare was needed
+            code = 0
+            return
+        boot_fd, log_fd, artifact_fd = fds
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        code = run(boot_fd, {**json.loads(data)["artifact"], "fd": artifact_fd}, confinement, link)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
 def seal_artifact(key: str, path: str, sha256: str) -> tuple[int, int]:
     """Copy a cached artifact into a sealed memfd, checking its SHA-256 on the way: (fd, size).
 
@@ -296,10 +360,24 @@ def _compile_job(request: dict[str, Any], result_fd: int) -> None:
 # --- the server ------------------------------------------------------------------------------
 
 
+@dataclass
+class Spare:
+    """A worker forked and hardened ahead of need, waiting on ``line`` for its agent."""
+
+    pid: int
+    line: socket.socket
+
+
 class Zygote:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, endpoint: str, parent_pid: int) -> None:
         self.sock = sock
+        self.endpoint = endpoint
+        self.parent_pid = parent_pid
         self.regroup = False  # a fork left this process in a group that is not a fresh one
+        self.spare: Spare | None = None
+        self.spares_made = 0
+        self.spares_enabled = SPARES
+        self.spare_after = 0.0  # the next spare is made once this process has been idle until then
         self.jobs: dict[str, Job] = {}
         self.sealed: OrderedDict[str, tuple[str, int, int]] = OrderedDict()  # key -> (sha256, fd, size)
 
@@ -327,21 +405,88 @@ class Zygote:
 
     def serve(self) -> int:
         while True:
+            self._prepare_next()
             timeout = PROGRESS_EVERY_S if self.jobs else None
+            if self.spare is None and self.spares_enabled:
+                timeout = max(0.0, min(timeout or SPARE_AFTER_S, self.spare_after - time.monotonic()))
             fds = [self.sock.fileno(), *(job.result_fd for job in self.jobs.values())]
+            if self.spare is not None:
+                fds.append(self.spare.line.fileno())  # a spare never writes: readable means it ended
             ready, _, _ = select.select(fds, [], [], timeout)
             for job in list(self.jobs.values()):
                 if job.result_fd in ready:
                     self._job_output(job)
+            if self.spare is not None and self.spare.line.fileno() in ready:
+                self._spare_ended("it ended before it was needed")
             if self.sock.fileno() in ready and not self._request():
                 return 0
-            if self.regroup:  # after the reply: the next worker's group is made while nobody waits
-                self._regroup()
             now = time.monotonic()
             for job in self.jobs.values():
                 if now >= job.next_progress:
                     job.next_progress = now + PROGRESS_EVERY_S
                     log(f"still compiling {job.label}: {now - job.started:.1f} s so far")
+
+    def _prepare_next(self) -> None:
+        """While nobody waits: a fresh cgroup for the next fork, and a spare worker born in it."""
+        if self.regroup:
+            self._regroup()
+        if self.spare is None and self.spares_enabled and time.monotonic() >= self.spare_after:
+            self._make_spare()
+            if self.regroup:
+                self._regroup()
+
+    def _make_spare(self) -> None:
+        threads = thread_count()
+        if threads != 1:
+            log(f"{threads} threads; no spare worker")
+            return
+        self.spares_made += 1
+        workdir = _harden.home_of(self.endpoint) / "run" / "workers" / f"spare-{os.getpid()}-{self.spares_made}"
+        ours = theirs = None
+        try:
+            workdir.mkdir(mode=0o700, parents=True)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = clone_parent()
+        except OSError as exc:
+            for end in (ours, theirs):
+                if end is not None:
+                    end.close()
+            log(f"cannot make a spare worker ({exc}); every worker is forked on demand from now on")
+            self.spares_enabled = False
+            return
+        if pid == 0:
+            ours.close()
+            _become_spare(theirs.detach(), str(workdir), self.endpoint, self.parent_pid)
+        theirs.close()
+        self.regroup = True
+        self.spare = Spare(pid, ours)
+        self._send({"note": "spare", "pid": pid})
+
+    def _spare_ended(self, why: str) -> None:
+        """The spare is unusable: the supervisor (its parent) ends it and reaps it."""
+        assert self.spare is not None
+        spare, self.spare = self.spare, None
+        spare.line.close()
+        log(f"spare worker {spare.pid}: {why}")
+        self._send({"note": "spare-ended", "pid": spare.pid})
+
+    def _give_spare(self, boot_fd: int, log_fd: int, artifact: dict[str, Any]) -> int | None:
+        """Hand the waiting spare its agent; its pid, or None if there is no spare that can take it."""
+        spare = self.spare
+        if spare is None:
+            return None
+        try:
+            message = json.dumps({"artifact": {k: v for k, v in artifact.items() if k != "fd"}}).encode()
+            socket.send_fds(spare.line, [message], [boot_fd, log_fd, artifact["fd"]])
+        except OSError as exc:
+            self._spare_ended(f"cannot be given its agent ({exc})")
+            return None
+        self.spare = None
+        spare.line.close()
+        # The next spare is made a little later, not while the agent just given out is loading:
+        # on two cores its fork and hardening would slow that agent's start by as much as they save.
+        self.spare_after = time.monotonic() + SPARE_AFTER_S
+        return spare.pid
 
     def _regroup(self) -> None:
         self.regroup = False
@@ -384,6 +529,10 @@ class Zygote:
             job = self.jobs.get(compile_request["key"]) or self._start_job(compile_request)
             go_r, go_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             job.waiters.append(go_w)
+        if artifact is not None:  # the common case: the spare, already hardened, takes the agent
+            pid = self._give_spare(boot_fd, log_fd, artifact)
+            if pid is not None:
+                return pid
         if self.regroup:  # a compile job was just forked from this process's own group
             self._regroup()
         threads = thread_count()
@@ -483,7 +632,7 @@ def main(argv: list[str]) -> int:
     sock.send(json.dumps({"ready": os.getpid(), "threads": threads, "clone_parent": CLONE_PARENT_SUPPORTED}).encode())
     if threads != 1:
         log(f"{threads} threads after imports; a zygote must have one, so it refuses to fork")
-    return Zygote(sock).serve()
+    return Zygote(sock, endpoint, parent_pid).serve()
 
 
 if __name__ == "__main__":
