@@ -64,8 +64,7 @@ from ._errors import HardeningFailed
 
 __all__ = [
     "APPLIED", "HardeningFailed", "enter_next_cgroup", "harden_before_connect", "inherited_fds", "landlock_abi",
-    "leave_cgroups",
-    "lock_down", "prepare_for_workers", "require", "sweep_cgroups",
+    "leave_cgroups", "lock_down", "prepare_for_workers", "prepare_lock_down", "require", "sweep_cgroups",
 ]
 
 APPLIED = "applied"
@@ -130,6 +129,7 @@ class _State:
     cgroup_files: dict[str, int] = field(default_factory=dict)  # "pids.max" -> fd
     proc_status: int = -1  # /proc/self/status and /proc/self/task, opened before Landlock hides /proc
     proc_tasks: int = -1
+    allowlist: list[tuple[int, int, int, int]] | None = None  # compiled ahead by a spare worker
 
 
 _state = _State()
@@ -917,9 +917,16 @@ def lock_down(limits: Limits) -> None:
         if _status("landlock") == APPLIED:
             _restrict(_ruleset(landlock_abi(), []))  # this (the guest's) thread may open nothing
         if _status("seccomp") == APPLIED:
-            _install(compile_filter(ALLOWLIST, KILL, _state.pid))
+            _install(_state.allowlist or compile_filter(ALLOWLIST, KILL, _state.pid))
     except OSError as exc:
         raise HardeningFailed(f"hardening-failed: lock-down after the hello reported it applied: {_why(exc)}") from None
+
+
+def prepare_lock_down() -> None:
+    """Compile the seccomp allowlist now (it depends only on this process), so ``lock_down``
+    only installs it: a spare worker does this while it waits for an agent."""
+    if _status("seccomp") == APPLIED:
+        _state.allowlist = compile_filter(ALLOWLIST, KILL, _state.pid)
 
 
 def address_space_limit(limits: Limits, mapped: int) -> int:

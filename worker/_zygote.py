@@ -236,6 +236,7 @@ def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int) ->
         from worker._loop import connect
 
         confinement = _harden.harden_before_connect(parent_pid, endpoint, keep=frozenset({line_fd}))
+        _harden.prepare_lock_down()
         link = connect(endpoint)
         with socket.socket(fileno=line_fd) as line:
             data, fds, _flags, _addr = socket.recv_fds(line, MAX_MESSAGE, 3)
