@@ -72,8 +72,9 @@ import sys
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from . import _harden
 from ._engine import ARTIFACT_MEMFD_PREFIX, ARTIFACT_SEALS
@@ -167,36 +168,28 @@ def _close_inherited(keep: set[int]) -> None:
             os.close(fd)
 
 
-def _become_worker(boot_fd: int, log_fd: int, workdir: str, artifact: Any, go_fd: int | None) -> None:
-    """In the child: what Popen would have set up, then the worker's own entry point. Never returns."""
+def _as_worker(workdir: str, output_fd: int, keep: set[int]) -> None:
+    """In a forked child: what Popen would have set up for a worker (its name, session, standard
+    streams, private working directory, umask, default signals, no other inherited descriptors)."""
+    _prctl(PR_SET_NAME, b"theater-worker")
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
+    os.chdir(workdir)
+    os.umask(0o077)
+    for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    _close_inherited({0, 1, 2, *keep, *_harden.inherited_fds()})
+
+
+def _exit_with(body: Callable[[], int]) -> NoReturn:
+    """Run a forked worker's ``body`` and end the process with its status, whatever happens."""
     code = 1
     try:
-        _prctl(PR_SET_NAME, b"theater-worker")
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.chdir(workdir)
-        os.umask(0o077)
-        for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        keep = {0, 1, 2, boot_fd, *_harden.inherited_fds()}
-        if go_fd is not None:
-            keep.add(go_fd)
-        if artifact is not None:
-            keep.add(artifact["fd"])
-        _close_inherited(keep)
-        if go_fd is not None:  # the component is being compiled: wait for the job's verdict
-            with socket.socket(fileno=go_fd) as go:
-                verdict, fds, _flags, _addr = socket.recv_fds(go, MAX_MESSAGE, 1)
-            artifact = json.loads(verdict) if verdict and fds else None
-            if artifact is not None:
-                artifact["fd"] = fds[0]
-        from worker.__main__ import run
-
-        code = run(boot_fd, artifact)
+        code = body()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -210,28 +203,43 @@ def _become_worker(boot_fd: int, log_fd: int, workdir: str, artifact: Any, go_fd
             os._exit(code)
 
 
-def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int) -> None:
+def _become_worker(boot_fd: int, log_fd: int, workdir: str, artifact: Any, go_fd: int | None) -> NoReturn:
+    """In the child: what Popen would have set up, then the worker's own entry point."""
+
+    def body() -> int:
+        keep = {boot_fd}
+        if go_fd is not None:
+            keep.add(go_fd)
+        if artifact is not None:
+            keep.add(artifact["fd"])
+        _as_worker(workdir, log_fd, keep)
+        offered = artifact
+        if go_fd is not None:  # the component is being compiled: wait for the job's verdict
+            with socket.socket(fileno=go_fd) as go:
+                verdict, fds, _flags, _addr = socket.recv_fds(go, MAX_MESSAGE, 1)
+            offered = json.loads(verdict) if verdict and fds else None
+            if offered is not None:
+                offered["fd"] = fds[0]
+        from worker.__main__ import run
+
+        return run(boot_fd, offered)
+
+    _exit_with(body)
+
+
+def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int) -> NoReturn:
     """In a spare child: set up, harden, make a key and connect as a worker would, then wait for
-    an agent. Never returns.
+    an agent.
 
     Nothing here depends on the agent: the bootstrap (endpoint, token), the log
     file and the artifact arrive over ``line_fd`` from the fork-server when a
     spawn takes this spare; until then stdout and stderr are /dev/null. If the
     fork-server ends first, so does the spare.
     """
-    code = 1
-    try:
-        _prctl(PR_SET_NAME, b"theater-worker")
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        os.chdir(workdir)
-        os.umask(0o077)
-        for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        _close_inherited({0, 1, 2, line_fd, *_harden.inherited_fds()})
+
+    def body() -> int:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        _as_worker(workdir, devnull, {line_fd})
         from worker.__main__ import run
         from worker._loop import connect
 
@@ -241,24 +249,14 @@ def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int) ->
         with socket.socket(fileno=line_fd) as line:
             data, fds, _flags, _addr = socket.recv_fds(line, MAX_MESSAGE, 3)
         if not data or len(fds) != 3:  # the fork-server ended before this spare was needed
-            code = 0
-            return
+            return 0
         boot_fd, log_fd, artifact_fd = fds
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-        code = run(boot_fd, {**json.loads(data)["artifact"], "fd": artifact_fd}, confinement, link)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        return run(boot_fd, {**json.loads(data)["artifact"], "fd": artifact_fd}, confinement, link)
+
+    _exit_with(body)
 
 
 def seal_artifact(key: str, path: str, sha256: str) -> tuple[int, int]:
