@@ -270,6 +270,19 @@ def test_a_hardened_worker_cannot_escape(probes: Any, user: str, request: pytest
     assert doctor["machine"]["euid"] == (0 if user.startswith("root") else NOBODY)
 
 
+@pytest.mark.parametrize("layers", ["all", "rlimits,no_new_privs,namespaces,cgroups,seccomp"])
+def test_a_forked_worker_keeps_no_landlock_ruleset(probes: Any, layers: str) -> None:
+    """The Landlock ruleset a fork-server prepared is closed in every worker before its hello, whether
+    the worker restricted itself with it or left Landlock out (an open one could be added to)."""
+    t = probes("root-fork-server", layers)
+    with t.client() as c:
+        pid = _spawn(t, c, "p")
+        assert c.call("p", b"x") == b"x"
+    targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    assert targets and not any("landlock" in target for target in targets), targets
+    assert _confinement(t, "p")["landlock"] == ("applied" if layers == "all" else "skipped")
+
+
 def test_forked_workers_are_born_each_in_a_cgroup_of_their_own(probes: Any) -> None:
     """Between spawns the fork-server moves itself into a fresh group, so the next worker is born
     in it and needs no move: each group holds exactly one worker, its pids limit at its threads."""

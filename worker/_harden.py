@@ -195,6 +195,9 @@ def harden_before_connect(parent_pid: int, endpoint: str, layers: frozenset[str]
             report[layer] = _unavailable(_why(exc))
         except Exception as exc:  # an unexpected kernel interface: the layer is not in force
             report[layer] = _unavailable(f"{type(exc).__name__}: {exc}")
+    if _prepared.ruleset >= 0:  # not used (Landlock skipped or unavailable): a ruleset must not outlive this
+        os.close(_prepared.ruleset)
+        _prepared.ruleset = -1
     return dict(report)
 
 
