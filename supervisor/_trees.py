@@ -19,7 +19,7 @@ from theater.chain import ChainVerifier
 from theater.errors import ProtocolError
 
 from ._agent import Agent, Member, Node, Pending
-from ._config import TreeConfig, config_to_dict, load_any, policy_dirs
+from ._config import AgentConfig, TreeConfig, config_to_dict, load_any, policy_dirs
 from ._errors import ConfigError, NotFound, Refused, StoreError
 from ._store import Commit
 from ._tree import add_restart, is_abnormal, plan_restart, should_restart
@@ -101,8 +101,9 @@ class TreeExecution:
         if not CHILD_NAME_RE.fullmatch(name):
             raise Refused("a child name is 1-32 characters of a-z, 0-9, '-', '_', starting with a letter or digit")
         full = f"{parent.name}.{name}"
-        if full in self.by_name:
-            raise Refused(f"{parent.name} already has a child named {name!r}")
+        earlier = self.by_name.get(full)
+        if earlier is not None and (earlier.alive or earlier.status not in ("stopped", "failed")):
+            raise Refused(f"{parent.name} already has a child named {name!r} ({earlier.status})")
         live = sum(1 for c in parent.children.children if isinstance(c, Agent) and c.status not in ("stopped", "failed"))
         if live >= parent.config.limits.max_children:
             raise Refused(f"{parent.name} already has {live} children (max_children {parent.config.limits.max_children})")
@@ -112,13 +113,34 @@ class TreeExecution:
             raise Refused("args must be bytes (characters U+0000..U+00FF)") from None
         if len(data) > template.limits.max_message_bytes:
             raise Refused(f"args of {len(data)} bytes exceed the template's max_message_bytes")
-        child = Agent(id=uuid.uuid4().bytes, config=dataclasses.replace(template, name=full, init_args=data),
-                      verifier=ChainVerifier(self.public_key), state=b"", initialized=False, incarnation=-1,
-                      in_store=False, parent=parent.children)
-        self._register(child)
+        config = dataclasses.replace(template, name=full, init_args=data)
+        if earlier is not None:
+            child = self._spawn_again(parent, earlier, config)
+        else:
+            child = Agent(id=uuid.uuid4().bytes, config=config, verifier=ChainVerifier(self.public_key), state=b"",
+                          initialized=False, incarnation=-1, in_store=False, parent=parent.children)
+            self._register(child)
         parent.children.children.append(child)
-        self._start_member(child, lambda: None)
+        self._start_worker(child)
         return child.uuid
+
+    def _spawn_again(self, parent: Agent, child: Agent, config: AgentConfig) -> Agent:
+        """A child name used before (the child stopped, or ended with a previous supervisor process):
+        the same agent and chain start again from the initial state, as OTP restarts a child by its id.
+        Its configuration is in its genesis record, so the template must still give the same one."""
+        assert parent.children is not None
+        if dataclasses.replace(child.config, init_args=config.init_args) != config:
+            raise Refused(f"{child.name} ran before with another configuration (its template or component "
+                          "changed since); give the child another name")
+        child.config = config
+        child.state, child.initialized = b"", False
+        child.parent, child.orphan, child.held = parent.children, False, False
+        child.restarts = []
+        child.last_exit = f"spawned again by {parent.name}"
+        if child in parent.children.children:
+            parent.children.children.remove(child)
+        self._commit_desired(child, "running")
+        return child
 
     def _stop_child(self, parent: Agent, ref: object) -> None:
         assert parent.children is not None

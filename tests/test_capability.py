@@ -243,6 +243,46 @@ def test_stopped_child_is_reported_to_the_parent(theater: Theater) -> None:
 # --- 4. only one's own children -------------------------------------------------------------
 
 
+def test_a_child_name_is_free_again_once_that_child_stopped(theater: Theater) -> None:
+    """Spawning a stopped child's name again starts the same agent (same id, same chain) from its initial
+    state, as OTP restarts a child by its id; a name whose child still runs is refused."""
+    with theater.client() as c:
+        c.spawn(parent_manifest(theater))
+        w = spawn_child(c, "parent", "worker", "w")
+        assert [c.call("parent.w", b"x") for _ in range(2)] == [b"1", b"2"]
+        assert say(c, "parent", "spawn:worker:w") == "err:parent already has a child named 'w' (running)"
+        assert say(c, "parent", f"stop:{w}") == "ok"
+        wait_status(c, "parent.w", "stopped")
+        assert spawn_child(c, "parent", "worker", "w") == w
+        assert c.call("parent.w", b"x") == b"1"  # initialised afresh
+        assert say(c, "parent", "children") == w
+    chain = records(theater, "parent.w")
+    again = [r for r in chain if r.kind is Kind.WORKER_KEY]
+    assert [r.fields()["reason"] for r in again] == ["spawned again by parent"]
+    assert [r.kind for r in chain if r.seq > again[0].seq][:1] == [Kind.INIT]
+    assert_verified(theater)
+
+
+def test_after_a_supervisor_restart_a_parent_spawns_its_children_again(theater: Theater) -> None:
+    """An agent's own children end with the supervisor process (they are not resumed: the parent decides);
+    the restarted parent can spawn them again under the same names and ids."""
+    with theater.client() as c:
+        c.spawn(parent_manifest(theater))
+        w = spawn_child(c, "parent", "worker", "w")
+        assert c.call("parent.w", b"x") == b"1"
+    theater.stop()
+    theater.start()
+    with theater.client() as c:
+        wait_running(c, "parent")
+        assert say(c, "parent", "children") == ""
+        assert ps(c, "parent.w")["status"] == "stopped"
+        assert spawn_child(c, "parent", "worker", "w") == w
+        assert ps(c, "parent.w")["parent"] == "parent"
+        assert c.call("parent.w", b"x") == b"1"
+        assert say(c, "parent", "children") == w
+    assert_verified(theater)
+
+
 def test_an_agent_acts_only_on_its_own_children(theater: Theater) -> None:
     """A cannot stop B's child, B itself, itself, or a top-level agent; nothing it asks for changes them."""
     with theater.client() as c:
