@@ -12,8 +12,10 @@ import os
 import select
 import shutil
 import signal
+import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +255,28 @@ def test_fork_server_compiles_once_and_workers_get_exact_exit_statuses(spawner: 
     key = artifact_key(config.component_sha256, config.limits)
     assert sp.cache.lookup(key) is not None
     assert (home.root / "cache" / f"{key}.tag").exists()
+
+
+@pytest.mark.parametrize("ceiling", ["cpu", "memory"])
+def test_a_compile_job_past_its_ceiling_ends_alone_and_the_worker_compiles(
+    short_root: Callable[[str], Path], ceiling: str,
+) -> None:
+    """Compile jobs read guest bytes under ceilings on CPU time and address space: one that hits its
+    ceiling ends (and says so), nothing is cached, and the waiting worker compiles the component itself."""
+    t = Theater(short_root(f"ceiling-{ceiling}"))
+    t.start([sys.executable, str(ROOT / "tests" / "run_ceiling_supervisor.py"), str(t.home.root), ceiling])
+    try:
+        with t.client() as c:
+            c.spawn(t.manifest("a", "echo.wat"))
+            assert c.call("a", b"hi") == b"hi"
+        log = supervisor_log(t)
+        # The hard CPU limit kills; an allocation past the address space aborts in the compiler, or
+        # raises MemoryError in Python first.
+        ends = ["was killed by SIGKILL"] if ceiling == "cpu" else ["was killed by SIGABRT", "MemoryError"]
+        assert "failed after" in log and any(end in log for end in ends), log[-3000:]
+        assert not list((t.home.root / "cache").glob("*.cwasm"))
+    finally:
+        t.stop()
 
 
 # --- the artifact cache ----------------------------------------------------------------------------

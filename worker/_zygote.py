@@ -581,7 +581,12 @@ class Zygote:
         try:
             result = json.loads(job.output)
         except ValueError:
-            result = {"ok": False, "error": f"the compile job ended with wait status {status} and no result"}
+            code = os.waitstatus_to_exitcode(status)
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            with contextlib.suppress(ValueError):
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else how
+            result = {"ok": False, "error": f"the compile job {how} with no result (a ceiling: CPU "
+                                            f"{COMPILE_CPU_S} s, address space {COMPILE_AS_BYTES >> 20} MiB?)"}
         artifact = None
         if result.get("ok"):
             log(f"compiled {job.label} in {seconds:.2f} s (artifact {result['size']:,} bytes)")
