@@ -51,7 +51,7 @@ class Agent:
     on_ready: list[Callable[[], None]] = field(default_factory=list)  # run once init is committed
     children: Node | None = None  # set when the agent holds the supervision capability
     stop_why: str = ""  # why we are stopping it, for its exit record
-    orphan: bool = False  # an agent's own child from before a supervisor restart: not restarted, not a root
+    orphan_of: str = ""  # the parent's name, for a child from before a supervisor restart: not restarted, not a root
     held: bool = False
     discard_results: bool = False  # its worker is being killed after a failed commit  # stopped by the operator: its tree does not start it until `restart`
 
@@ -85,7 +85,7 @@ class Agent:
             "policy": self.config.policy,
             "uptime_s": round(time.time() - self.started_at, 3) if self.status == "running" else 0,
             "last_exit": self.last_exit,
-            "parent": self.parent.name if self.parent else None,
+            "parent": self.parent.name if self.parent else (self.orphan_of or None),
         }
 
     def tree(self) -> dict[str, object]:

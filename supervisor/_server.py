@@ -210,7 +210,7 @@ class Supervisor(TreeExecution, ControlRequests):
                     "incarnation": agent.incarnation, "reason": "supervisor-restart",
                     "detail": "the previous supervisor ended; its worker ended with it",
                 })
-            agent.orphan = bool(row.config.get("parent"))  # until its tree, if it has one, claims it below
+            agent.orphan_of = row.config.get("parent") or ""  # until its tree, if it has one, claims it below
             self._register(agent)
             if row.desired == "running" and not row.config.get("parent"):  # tree members start with their tree
                 self.log(f"resuming {agent.name} from record {agent.verifier.next_seq - 1}")

@@ -44,13 +44,13 @@ class TreeExecution:
                               state=b"", initialized=False, incarnation=-1, in_store=False, status="stopped")
                 self._register(agent)
             agent.parent = node
-            agent.orphan = False
+            agent.orphan_of = ""
             node.children.append(agent)
         return node
 
     def _roots(self) -> list[Member]:
         """Top-level agents and tree roots, in the order they were started."""
-        return [*[a for a in self.agents.values() if a.parent is None and not a.orphan], *self.trees]
+        return [*[a for a in self.agents.values() if a.parent is None and not a.orphan_of], *self.trees]
 
     def _agents_under(self, member: Member) -> list[Agent]:
         if isinstance(member, Agent):
@@ -134,7 +134,7 @@ class TreeExecution:
                           "changed since); give the child another name")
         child.config = config
         child.state, child.initialized = b"", False
-        child.parent, child.orphan, child.held = parent.children, False, False
+        child.parent, child.orphan_of, child.held = parent.children, "", False
         child.restarts = []
         child.last_exit = f"spawned again by {parent.name}"
         if child in parent.children.children:

@@ -217,7 +217,7 @@ def test_stopped_child_is_not_restarted(theater: Theater) -> None:
         assert c.call("parent.k", b"x") == b"1"
         again = say(c, "parent", f"stop:{w}")  # a stopped child has left its parent's children
         assert again.startswith("err:") and "not one of parent's children" in again
-        assert ps(c, "parent.w")["status"] == "stopped"
+        assert (ps(c, "parent.w")["status"], ps(c, "parent.w")["parent"]) == ("stopped", "parent")
         assert ps(c, "parent.w")["restarts"] == 0
     [exit_] = of(records(theater, "parent.w"), Kind.EXIT)
     assert exit_.fields()["reason"] == "stopped"
@@ -275,7 +275,7 @@ def test_after_a_supervisor_restart_a_parent_spawns_its_children_again(theater: 
     with theater.client() as c:
         wait_running(c, "parent")
         assert say(c, "parent", "children") == ""
-        assert ps(c, "parent.w")["status"] == "stopped"
+        assert (ps(c, "parent.w")["status"], ps(c, "parent.w")["parent"]) == ("stopped", "parent")
         assert spawn_child(c, "parent", "worker", "w") == w
         assert ps(c, "parent.w")["parent"] == "parent"
         assert c.call("parent.w", b"x") == b"1"
@@ -431,7 +431,7 @@ def test_too_many_child_restarts_take_the_parent_down_with_its_children(theater:
         after = wait_running(c, "parent", parent_pid)  # the parent exited and, being permanent, was restarted
         assert after["restarts"] == 1
         wait_until(lambda: all(gone(pid) for pid in child_pids), 10, "every child's worker to end")
-        assert ps(c, "parent.w")["status"] == "stopped"
+        assert (ps(c, "parent.w")["status"], ps(c, "parent.w")["parent"]) == ("stopped", "parent")
         assert ps(c, "parent.k")["status"] in ("stopped", "failed")
         assert ps(c, "parent.w")["pid"] is None and ps(c, "parent.k")["pid"] is None
         assert say(c, "parent", "children") == ""
