@@ -246,10 +246,7 @@ class Zygote:
         return message
 
     def close(self) -> str:
-        """End the fork-server and its unused spare; return how the fork-server ended."""
-        for pidfd in self.spares.values():
-            _end(pidfd)
-        self.spares.clear()
+        """End the fork-server, then its unused spare; return how the fork-server ended."""
         self.sock.close()
         if self.proc.poll() is None:
             self.proc.kill()
@@ -257,6 +254,10 @@ class Zygote:
             code = self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             return "did not end"
+        finally:
+            for pidfd in self.spares.values():
+                _end(pidfd)
+            self.spares.clear()
         return exit_reason(code)
 
 

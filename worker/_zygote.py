@@ -373,6 +373,7 @@ class Zygote:
         self.endpoint = endpoint
         self.parent_pid = parent_pid
         self.regroup = False  # a fork left this process in a group that is not a fresh one
+        self.gone = False  # the supervisor's end of the socket is closed
         self.spare: Spare | None = None
         self.spares_made = 0
         self.spares_enabled = SPARES
@@ -403,7 +404,7 @@ class Zygote:
         os.close(fd)
 
     def serve(self) -> int:
-        while True:
+        while not self.gone:
             self._prepare_next()
             timeout = PROGRESS_EVERY_S if self.jobs else None
             if self.spare is None and self.spares_enabled:
@@ -415,15 +416,16 @@ class Zygote:
             for job in list(self.jobs.values()):
                 if job.result_fd in ready:
                     self._job_output(job)
+            if self.sock.fileno() in ready and not self._request():
+                return 0  # the supervisor closed its end: it is going down
             if self.spare is not None and self.spare.line.fileno() in ready:
                 self._spare_ended("it ended before it was needed")
-            if self.sock.fileno() in ready and not self._request():
-                return 0
             now = time.monotonic()
             for job in self.jobs.values():
                 if now >= job.next_progress:
                     job.next_progress = now + PROGRESS_EVERY_S
                     log(f"still compiling {job.label}: {now - job.started:.1f} s so far")
+        return 0
 
     def _prepare_next(self) -> None:
         """While nobody waits: a fresh cgroup for the next fork, and a spare worker born in it."""
@@ -494,7 +496,10 @@ class Zygote:
             log(f"the next worker makes its own cgroup: {why}")
 
     def _send(self, message: dict[str, Any]) -> None:
-        self.sock.send(json.dumps(message).encode())
+        try:
+            self.sock.send(json.dumps(message).encode())
+        except OSError:  # the supervisor closed its end (it is going down): end quietly, as on EOF
+            self.gone = True
 
     def _request(self) -> bool:
         try:
