@@ -110,8 +110,14 @@ def _spare_of(t: Theater, c: Client, not_pid: int | None = None) -> psutil.Proce
 
     def spare() -> psutil.Process | None:
         taken = {a["pid"] for a in c.ps()}
-        return next((p for p in _children(supervisor) if p.name() == "theater-worker" and p.pid not in taken
-                     and p.pid != not_pid and p.status() != psutil.STATUS_ZOMBIE), None)
+        for p in _children(supervisor):
+            try:
+                if (p.name() == "theater-worker" and p.pid not in taken and p.pid != not_pid
+                        and p.status() != psutil.STATUS_ZOMBIE):
+                    return p
+            except psutil.Error:  # it ended while we looked
+                continue
+        return None
 
     return wait_until(spare, 20, "the fork-server's spare worker")  # type: ignore[return-value]
 
@@ -122,7 +128,8 @@ def test_a_spawn_takes_the_spare_worker_hardened_before_it_was_needed(theater: T
     with theater.client() as c:
         c.spawn(theater.manifest("a", "echo.wat"))  # the artifact is compiled and cached
         spare = _spare_of(theater, c)
-        assert len(spare.threads()) > 1  # its ZeroMQ threads: it connected before it had an agent
+        # Its ZeroMQ threads: it connects before it has an agent.
+        wait_until(lambda: len(spare.threads()) > 1, 20, "the spare to connect")
         c.spawn(theater.manifest("b", "echo.wat"))  # the same component: its artifact is ready
         assert ps(c, "b")["pid"] == spare.pid
         assert c.call("b", b"x") == b"x"
