@@ -16,7 +16,8 @@ Every other WASI function (files, sockets, stdio, exit, monotonic clocks and
 polling) is linked as a trap: calling it fails the call, as any trap does.
 Each value handed in is a ``host-call`` record, like the runtime interface's,
 and counts against ``max_host_calls_per_call``; random lengths are capped by
-``max_random_bytes``. docs/wit.md lists the record encodings.
+``max_random_bytes``. docs/wit.md (section 6.4) says what a guest sees, docs/event-records.md
+(section 5.5) how each value is recorded.
 """
 
 from __future__ import annotations
