@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import fcntl
 import gc
+import hashlib
 import os
 import threading
 import time
@@ -214,6 +215,18 @@ def load_artifact(engine: wasmtime.Engine, artifact: dict[str, Any], expected_ke
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def read_component(path: str, sha256: str) -> bytes:
+    """The component file's bytes, which must still be those spawned (raise LoadError otherwise)."""
+    try:
+        with open(path, "rb") as f:
+            component = f.read()
+    except OSError as exc:
+        raise LoadError(f"cannot read {path}: {exc.strerror}") from None
+    if hashlib.sha256(component).hexdigest() != sha256:
+        raise LoadError(f"{path} changed since it was spawned (sha256 mismatch)")
+    return component
 
 
 def compile_component(engine: wasmtime.Engine, component_bytes: bytes) -> wc.Component:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import uuid
@@ -19,7 +18,16 @@ from theater.spec import CAPABILITIES, AgentSpec
 
 from ._boundary import from_guest, from_guest_utf8, to_guest
 from ._caps import runtime, supervision, wasi
-from ._engine import AGENT_EXPORTS, HostLimit, Lifted, Sandbox, artifact_key, load_artifact, make_engine
+from ._engine import (
+    AGENT_EXPORTS,
+    HostLimit,
+    Lifted,
+    Sandbox,
+    artifact_key,
+    load_artifact,
+    make_engine,
+    read_component,
+)
 from ._errors import CallFailed, LoadError
 from ._harden import lock_down, require
 from ._recorder import Recorder
@@ -135,18 +143,6 @@ class SupervisorLink:
                 return reply.body
 
 
-def _read_component(spec: AgentSpec) -> bytes:
-    """The component's bytes, to compile here (no artifact was offered, or it did not load)."""
-    try:
-        with open(spec.component_path, "rb") as f:
-            component = f.read()
-    except OSError as exc:
-        raise LoadError(f"cannot read {spec.component_path}: {exc.strerror}") from None
-    if hashlib.sha256(component).hexdigest() != spec.component_sha256:
-        raise LoadError(f"{spec.component_path} changed since it was spawned (sha256 mismatch)")
-    return component
-
-
 class Agent:
     """One agent in this worker: its sandbox, its committed state and its recorder."""
 
@@ -181,7 +177,7 @@ class Agent:
             except LoadError as exc:
                 print(f"worker: not using the cached artifact ({exc}); compiling", file=sys.stderr, flush=True)
         wasi_links = wasi.Wasi(self.recorder, spec.limits, self.runtime.count_host_call).linker_for
-        self.sandbox = Sandbox(engine, compiled or _read_component(spec), spec.limits, interfaces, exports, wasi_links)
+        self.sandbox = Sandbox(engine, compiled or read_component(spec.component_path, spec.component_sha256), spec.limits, interfaces, exports, wasi_links)
 
     def run(self, call: wire.Call) -> wire.Result:
         self.runtime.begin_call()

@@ -321,16 +321,13 @@ def _compile_job(request: dict[str, Any], result_fd: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (COMPILE_AS_BYTES, COMPILE_AS_BYTES))
         from theater.spec import Limits
 
-        from ._engine import artifact_key, compile_component, file_signature, make_engine
+        from ._engine import artifact_key, compile_component, file_signature, make_engine, read_component
 
         limits = Limits.from_dict(request["limits"])
         key = request["key"]
         if artifact_key(request["component_sha256"], limits) != key:
             raise ValueError("the compile request's key does not match its component and limits")
-        with open(request["component_path"], "rb") as f:
-            source = f.read()
-        if hashlib.sha256(source).hexdigest() != request["component_sha256"]:
-            raise ValueError(f"{request['component_path']} changed since it was spawned (sha256 mismatch)")
+        source = read_component(request["component_path"], request["component_sha256"])
         engine = make_engine(limits, parallel_compilation=True)
         blob = compile_component(engine, source).serialize()
         final = request["path"]
