@@ -26,8 +26,27 @@ class Pending:
     answered: bool = False
 
 
+class _Member:
+    """What agents and supervisor nodes are alike in: a name, an id and a restart spec, from their config."""
+
+    id: bytes
+    config: AgentConfig | TreeConfig
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def uuid(self) -> str:
+        return str(uuid.UUID(bytes=self.id))
+
+    @property
+    def restart(self) -> RestartSpec:
+        return self.config.restart
+
+
 @dataclass(eq=False)
-class Agent:
+class Agent(_Member):
     id: bytes
     config: AgentConfig
     verifier: ChainVerifier
@@ -56,20 +75,8 @@ class Agent:
     discard_results: bool = False  # its worker is being killed after a failed commit  # stopped by the operator: its tree does not start it until `restart`
 
     @property
-    def restart(self) -> RestartSpec:
-        return self.config.restart
-
-    @property
     def alive(self) -> bool:
         return self.worker is not None and not self.worker.exited
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def uuid(self) -> str:
-        return str(uuid.UUID(bytes=self.id))
 
     def summary(self) -> dict[str, object]:
         return {
@@ -97,7 +104,7 @@ class Agent:
 
 
 @dataclass(eq=False)
-class Node:
+class Node(_Member):
     """A supervisor in a tree: flags, ordered children, restart history, and the plan being executed."""
 
     id: bytes
@@ -113,18 +120,6 @@ class Node:
     last_exit: str = ""
     spawn_waiters: list[tuple[bytes, int]] = field(default_factory=list)
     owner: Agent | None = None  # the agent whose own children these are (supervision capability)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def uuid(self) -> str:
-        return str(uuid.UUID(bytes=self.id))
-
-    @property
-    def restart(self) -> RestartSpec:
-        return self.config.restart
 
     @property
     def alive(self) -> bool:
