@@ -19,7 +19,7 @@ from theater.artifacts import file_signature
 from theater.spec import CAPABILITIES, DEFAULT_HARDENING, HARDENING_LAYERS, LIMIT_BOUNDS, Hardening, Limits
 
 from ._errors import ConfigError
-from ._tree import STRATEGIES, Flags
+from ._supervision import STRATEGIES, Flags
 
 __all__ = [
     "AgentConfig",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,8 @@ import zmq
 from theater import wire
 from theater.errors import ProtocolError
 
-from ._agent import Agent, Member, Node, Pending
-from ._errors import NotFound, Refused, SupervisorError
+from ._agent import Agent, Pending
+from ._errors import Refused, SupervisorError
 from ._ledger import Checked
 
 BATCH = 256  # messages taken from one socket per loop turn
@@ -66,7 +65,7 @@ class ControlRequests:
         elif op == "restart":
             self._op_restart(ident, rid, body)
         elif op == "tree":
-            self._reply(ident, rid, {"roots": [m.tree() for m in self._roots()]})
+            self._reply(ident, rid, {"roots": [self.supervision.entry(m) for m in self.supervision.roots()]})
         elif op == "wait":
             self._op_wait(ident, rid, body)
         elif op == "down":
@@ -75,43 +74,18 @@ class ControlRequests:
         else:
             raise Refused(f"unknown operation {op!r}")
 
-    def _find(self, ref: object) -> Agent:
-        if not isinstance(ref, str):
-            raise NotFound("agent must be a name or an id")
-        agent = self.by_name.get(ref)
-        if agent is None:
-            with contextlib.suppress(ValueError):
-                agent = self.agents.get(uuid.UUID(ref).bytes)
-        if agent is None:
-            raise NotFound(f"no agent named or with id {ref!r}")
-        return agent
-
-    def _find_member(self, ref: object) -> Member:
-        if isinstance(ref, str) and ref in self.nodes:
-            return self.nodes[ref]
-        if isinstance(ref, str):
-            for node in self.nodes.values():
-                if node.uuid == ref:
-                    return node
-        return self._find(ref)
-
     def _op_restart(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
-        member = self._find_member(body.get("agent"))
-        if not self.running:
-            raise Refused("the supervisor is shutting down")
-        if isinstance(member, Node) and member.busy:
-            raise Refused(f"supervisor {member.name} is in the middle of a restart")
-        self.restart_member(member, lambda: self._reply(ident, rid, member.tree()))
+        member = self.supervision.member(body.get("agent"))
+        self.supervision.restart(member, (ident, rid))
 
     def _op_spawn(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
         manifest = body.get("manifest")
         if not isinstance(manifest, str) or not os.path.isabs(manifest):
             raise Refused("spawn needs the manifest's absolute path")
-        member = self.spawn_local(Path(manifest))
-        member.spawn_waiters.append((ident, rid))
+        self.supervision.spawn(Path(manifest), (ident, rid))
 
     def _op_message(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
-        agent = self._find(body.get("agent"))
+        agent = self.find(body.get("agent"))
         data = data or b""
         limits = agent.config.limits
         if len(data) > limits.max_message_bytes:
@@ -130,29 +104,13 @@ class ControlRequests:
         agent.mailbox.append(pending)
         if op == "send":
             self._reply(ident, rid, {"queued": len(agent.mailbox)})
-        self._dispatch(agent)
+        self.dispatch(agent)
 
     def _op_stop(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
-        member = self._find_member(body.get("agent"))
-
-        def stopped() -> None:
-            for agent in self._agents_under(member):
-                agent.held = True
-                self._commit_desired(agent, "stopped")
-                self._settle(agent, "stopped")
-            owner_node = member.parent if isinstance(member, Agent) else None
-            if owner_node is not None and owner_node.owner is not None and member in owner_node.children:
-                owner_node.children.remove(member)  # an agent's own child, stopped by the operator
-                self._notify_owner(owner_node, member, member.last_exit or "stopped")
-            if isinstance(member, Node):
-                member.status = "stopped"
-                self._store_node(member, desired="stopped")
-            self._reply(ident, rid, member.tree())
-
-        self._stop_member(member, "stopped", stopped, why="stopped by the operator")
+        self.supervision.stop(self.supervision.member(body.get("agent")), (ident, rid))
 
     def _op_wait(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
-        agent = self._find(body.get("agent"))
+        agent = self.find(body.get("agent"))
         after, wait_ms = body.get("after", -1), body.get("wait_ms", 0)
         if not isinstance(after, int) or not isinstance(wait_ms, int) or not 0 <= wait_ms <= 600_000:
             raise Refused("wait needs integer after and wait_ms in 0..600000")
@@ -194,6 +152,9 @@ class ControlRequests:
             return
         pending.answered = True
         self._reply_error(*pending.reply_to, code, message)
+
+    def reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None) -> None:
+        self._reply(ident, rid, result, data)
 
     def _reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None) -> None:
         frames = [ident, wire.header(wire.ClientType.REPLY), wire.encode_json({"id": rid, "ok": True, "result": result})]

@@ -38,15 +38,15 @@ from theater.home import Home
 from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256, sign_record
 from theater.spec import AgentSpec
 
-from ._agent import Agent, Node, Pending
-from ._config import AgentConfig, TreeConfig, config_from_dict
+from ._agent import Agent, Pending
+from ._config import AgentConfig
 from ._control import BATCH, ControlRequests
-from ._errors import StoreError, SupervisorError
+from ._errors import ConfigError, NotFound, Refused, StoreError, SupervisorError
 from ._ledger import Checked, Prechecked, Violation, check_result, precheck
 from ._spawner import WORKER_COMMAND, Spawner, WorkerProcess, exit_reason
 from ._store import Commit, EventStore
-from ._tree import Flags, add_restart, is_abnormal, should_restart
-from ._trees import TreeExecution
+from ._supervision import Status
+from ._trees import Supervision
 
 __all__ = ["Supervisor", "load_or_create_key"]
 
@@ -114,7 +114,7 @@ class Timers:
             fn()
 
 
-class Supervisor(TreeExecution, ControlRequests):
+class Supervisor(ControlRequests):
     def __init__(
         self,
         home: Home,
@@ -145,8 +145,7 @@ class Supervisor(TreeExecution, ControlRequests):
         self.spawner = Spawner(home, self.log, self._worker_command, zygote_command=zygote_command)  # starts it
         self.agents: dict[bytes, Agent] = {}
         self.by_name: dict[str, Agent] = {}
-        self.nodes: dict[str, Node] = {}
-        self.trees: list[Node] = []
+        self.supervision = Supervision(self)
         self.by_identity: dict[bytes, Agent] = {}
         self.by_token: dict[bytes, Agent] = {}
         self.by_pidfd: dict[int, Agent] = {}
@@ -202,44 +201,35 @@ class Supervisor(TreeExecution, ControlRequests):
             agent = Agent(
                 id=row.id, config=config, verifier=verifier, state=row.state,
                 initialized=row.initialized, incarnation=row.incarnation, in_store=True,
-                status=row.desired if row.desired != "running" else "starting", held=row.desired == "stopped",
             )
+            agent.leaf.status = Status(row.desired) if row.desired != "running" else Status.STOPPED
+            agent.leaf.held = row.desired == "stopped"
             # The previous supervisor's workers died with it (parent-death signal).
             if worker_alive_in_chain:
-                self._append_supervisor(agent, Kind.EXIT, {
+                self.append_record(agent, Kind.EXIT, {
                     "incarnation": agent.incarnation, "reason": "supervisor-restart",
                     "detail": "the previous supervisor ended; its worker ended with it",
                 })
             agent.orphan_of = row.config.get("parent") or ""  # until its tree, if it has one, claims it below
-            self._register(agent)
-            if row.desired == "running" and not row.config.get("parent"):  # tree members start with their tree
-                self.log(f"resuming {agent.name} from record {agent.verifier.next_seq - 1}")
-                self._start_worker(agent)
-        for tree_id, _name, data, desired in self.store.trees():
-            config = config_from_dict(data)
-            assert isinstance(config, TreeConfig)
-            root = self._build_node(config, None, tree_id)
-            self.trees.append(root)
-            if desired == "running":
-                self.log(f"resuming tree {root.name}")
-                self._start_member(root, lambda: None, counted=False)
-            else:
-                root.status = desired
-        for agent in self.agents.values():
-            if agent.parent is None and agent.worker is None and agent.status == "starting":
-                # An agent's own children are not restarted with it; they stay stopped after a restart.
-                agent.status = "stopped"
-                self._commit_desired(agent, "stopped")
+            self.register(agent)
+        self.supervision.resume()
 
-    def _register(self, agent: Agent) -> None:
+    def register(self, agent: Agent) -> None:
         self.agents[agent.id] = agent
         self.by_name[agent.name] = agent
-        sup = agent.config.supervision
-        if "supervision" in agent.config.capabilities and agent.children is None:
-            flags = sup.flags if sup is not None else Flags()
-            own = TreeConfig(name=agent.name, flags=flags, restart=agent.restart, children=())
-            agent.children = Node(id=uuid.uuid5(uuid.UUID(bytes=agent.id), "children").bytes, config=own,
-                                  owner=agent, status="running")
+        if "supervision" in agent.config.capabilities and agent.leaf.owns is None:
+            self.supervision.own_children(agent)
+
+    def find(self, ref: object) -> Agent:
+        if not isinstance(ref, str):
+            raise NotFound("agent must be a name or an id")
+        agent = self.by_name.get(ref)
+        if agent is None:
+            with contextlib.suppress(ValueError):
+                agent = self.agents.get(uuid.UUID(ref).bytes)
+        if agent is None:
+            raise NotFound(f"no agent named or with id {ref!r}")
+        return agent
 
     # --- the loop -------------------------------------------------------------
 
@@ -303,8 +293,7 @@ class Supervisor(TreeExecution, ControlRequests):
             return
         self.running = False
         self.log("shutting down: stopping every agent")
-        for member in reversed(self._roots()):  # each tree stops its children in reverse start order
-            self._stop_member(member, "shutdown", lambda: None, why="the supervisor is shutting down")
+        self.supervision.shutdown()  # each tree stops its children in reverse start order
 
     def _shutdown_done(self) -> bool:
         if self.running:
@@ -317,8 +306,7 @@ class Supervisor(TreeExecution, ControlRequests):
 
     # --- workers: spawn, hello, results, exits ----------------------------------
 
-    def _start_worker(self, agent: Agent) -> None:
-        agent.status = "starting"
+    def start_worker(self, agent: Agent) -> None:
         agent.discard_results = False
         workdir = self.home.run / "workers" / agent.uuid
         worker = self.spawner.spawn(
@@ -376,7 +364,7 @@ class Supervisor(TreeExecution, ControlRequests):
                     if _crash_reason(pending.call.kind, checked.status) is None and not checked.finish:
                         # Pipelined: the worker runs the next message while this result is made durable.
                         # Nothing is answered until the commit below has returned.
-                        self._dispatch(agent)
+                        self.dispatch(agent)
         self._flush_batch()
 
     def _flush_batch(self) -> None:
@@ -419,7 +407,7 @@ class Supervisor(TreeExecution, ControlRequests):
                 self._write_genesis(agent, hello.worker_key, confinement, before_commit=self._send_spec)
             else:
                 reason = agent.last_exit or "start"
-                self._append_supervisor(agent, Kind.WORKER_KEY, {
+                self.append_record(agent, Kind.WORKER_KEY, {
                     "incarnation": agent.incarnation, "worker_key": hello.worker_key,
                     "confinement": confinement, "reason": reason,
                 }, before_commit=self._send_spec, incarnation=agent.incarnation)
@@ -431,7 +419,7 @@ class Supervisor(TreeExecution, ControlRequests):
             agent.mailbox.appendleft(Pending(wire.Call(next(self.call_ids), wire.CallKind.INIT, agent.config.init_args)))
         else:
             self._became_ready(agent)
-        self._dispatch(agent)
+        self.dispatch(agent)
 
     def _send_spec(self, agent: Agent, head: Record) -> None:
         """What the worker needs to load the agent, its chain head being ``head`` (not yet durable:
@@ -446,7 +434,7 @@ class Supervisor(TreeExecution, ControlRequests):
 
     def _write_genesis(self, agent: Agent, worker_key: bytes, confinement: str,
                        before_commit: Callable[[Agent, Record], None] = lambda agent, head: None) -> None:
-        stored = {**agent.config.as_dict(), "parent": agent.parent.name if agent.parent else None}
+        stored = {**agent.config.as_dict(), "parent": agent.parent_name}
         config = wire.encode_json(stored).decode()
         genesis = sign_record(
             self.key, kind=Kind.GENESIS, agent_id=agent.id, seq=0, time_ns=time.time_ns(),
@@ -460,7 +448,7 @@ class Supervisor(TreeExecution, ControlRequests):
         agent.in_store = True
         self._committed(agent, [genesis])
 
-    def _append_supervisor(self, agent: Agent, kind: Kind, fields: dict[str, Any],
+    def append_record(self, agent: Agent, kind: Kind, fields: dict[str, Any],
                            before_commit: Callable[[Agent, Record], None] = lambda agent, head: None,
                            **commit: Any) -> Record:
         self._flush_batch()  # results already checked precede this record in the chain and the store
@@ -485,23 +473,20 @@ class Supervisor(TreeExecution, ControlRequests):
                 self._on_record(agent, record)
 
     def _became_ready(self, agent: Agent) -> None:
-        agent.status = "running"
         agent.started_at = time.time()
+        self.supervision.ready(agent)
         for ident, rid in agent.spawn_waiters:
             self._reply(ident, rid, agent.summary())
         agent.spawn_waiters.clear()
-        callbacks, agent.on_ready = agent.on_ready, []
-        for fn in callbacks:
-            fn()
 
-    def _dispatch(self, agent: Agent) -> None:
+    def dispatch(self, agent: Agent) -> None:
         """Send the next queued message if the worker is connected and idle."""
         worker = agent.worker
         if agent.in_flight is not None or not agent.mailbox or worker is None or worker.identity is None:
             return
         if worker.kill_reason is not None or worker.exited:  # on its way out; the next worker gets the mailbox
             return
-        if agent.status not in ("running", "starting"):
+        if agent.status not in (Status.RUNNING, Status.STARTING, Status.RESTARTING):
             return
         pending = agent.mailbox.popleft()
         agent.in_flight = pending
@@ -581,9 +566,9 @@ class Supervisor(TreeExecution, ControlRequests):
                 worker.kill(crash)
                 continue
             if checked.finish and worker is not None:
-                self._stop_worker(agent, "normal")
+                self.stop_worker(agent, "normal")
                 continue
-            self._dispatch(agent)
+            self.dispatch(agent)
 
     def _reload_head(self, agent: Agent) -> None:
         row = self.store.agent(agent.id)
@@ -615,7 +600,7 @@ class Supervisor(TreeExecution, ControlRequests):
             return
         worker.kill("protocol-violation")
         try:
-            self._append_supervisor(agent, Kind.VIOLATION, {
+            self.append_record(agent, Kind.VIOLATION, {
                 "incarnation": worker.incarnation, "reason": reason, "evidence": evidence,
             })
         except StoreError as exc:
@@ -646,77 +631,75 @@ class Supervisor(TreeExecution, ControlRequests):
             self._answer_error(agent.in_flight, "worker-died", f"the agent's worker ended during the call ({agent.last_exit}); nothing was committed")
             agent.in_flight = None
         agent.worker = None
-        if agent.children is not None and agent.children.alive and not agent.children.busy:
-            # It crashed: a supervisor's children do not outlive it (OTP); they are not restarted with it.
-            self._stop_own_children(agent, f"its supervisor {agent.name} exited ({reason})", lambda: None)
-
         if not agent.in_store:  # it ended before its first hello: there is no chain to record in
-            callbacks = [*agent.on_stopped, *agent.on_ready]
-            agent.on_stopped, agent.on_ready = [], []
-            if agent.parent is not None and agent in agent.parent.children:
-                agent.parent.children.remove(agent)
+            self.supervision.never_started(agent)
             self._fail_spawn(agent, f"{reason}: {detail}")
-            for fn in callbacks:
-                fn()
             return
-        if agent.on_stopped:  # a stop we asked for (operator, shutdown, or a restart plan)
-            self._record_exit(agent, worker, reason, detail, desired=None)
-            agent.status = "stopped"
-            callbacks, agent.on_stopped = agent.on_stopped, []
-            for fn in callbacks:
-                fn()
-            return
-        if agent.parent is not None:
-            self._record_exit(agent, worker, reason, detail, desired=None)
-            agent.status = "stopped" if not is_abnormal(reason) else "failed"
-            waiting, agent.on_ready = agent.on_ready, []  # a plan that was starting it carries on
-            self._child_exited(agent.parent, agent, reason)
-            for fn in waiting:
-                fn()
-            return
-        # A top-level agent: the only child of its own one_for_one supervisor.
-        spec = agent.restart
-        restart = reason not in ("load-failed", "hardening-failed") and should_restart(spec.type, reason)
-        if restart:
-            agent.restarts, restart = add_restart(agent.restarts, time.monotonic(), spec.period_ms, spec.intensity)
-            if not restart:
-                detail += f"; more than {spec.intensity} restarts in {spec.period_ms} ms, giving up"
-                agent.last_exit = f"{reason}: {detail}"
-        desired = None if restart else ("stopped" if not is_abnormal(reason) else "failed")
-        self._record_exit(agent, worker, reason, detail, desired=desired)
-        if restart:
-            self._restart_agent(agent)
-            return
-        self._settle(agent, "stopped" if not is_abnormal(reason) else "failed")
+        violated = reason == "protocol-violation" and worker.identity is not None
+        self.supervision.exited(agent, worker.incarnation, reason, detail, violated=violated)
 
-    def _record_exit(self, agent: Agent, worker: WorkerProcess, reason: str, detail: str, *, desired: str | None) -> None:
-        if reason == "protocol-violation" and worker.identity is not None:
-            if desired is not None:  # the violation record already ended this worker's part of the chain
-                with contextlib.suppress(StoreError):
-                    self.store.commit([Commit(agent_id=agent.id, records=[], desired=desired)])
+    def _on_host_request(self, agent: Agent, frames: list[bytes]) -> None:
+        """A guest's supervision call, relayed by its worker: act only on this agent's own children."""
+        try:
+            request = wire.HostRequest.decode(frames, "host request")
+        except ProtocolError as exc:
+            self._violation(agent, f"malformed host request: {exc}", b"".join(frames)[:256])
             return
-        with contextlib.suppress(StoreError):
-            self._append_supervisor(agent, Kind.EXIT, {"incarnation": worker.incarnation, "reason": reason, "detail": detail}, desired=desired)
+        if agent.in_flight is None or agent.leaf.owns is None or "supervision" not in agent.config.capabilities:
+            self._violation(agent, "host request outside a call, or without the supervision capability")
+            return
+        body = request.body
+        op = body.get("op")
+        try:
+            if op == "spawn":
+                child = self.supervision.spawn_child(agent, body.get("template"), body.get("name"), body.get("args"))
+                answer: dict[str, Any] = {"ok": True, "id": child}
+            elif op == "stop":
+                self.supervision.stop_child(agent, body.get("child"))
+                answer = {"ok": True}
+            elif op == "children":
+                answer = {"ok": True, "children": self.supervision.children_of(agent)}
+            else:
+                answer = {"ok": False, "error": f"unknown supervision operation {op!r}"}
+        except (Refused, NotFound, ConfigError) as exc:
+            answer = {"ok": False, "error": str(exc)}
+        self._send_worker(agent, wire.HostRequest(request.request_id, answer).encode(wire.SupervisorType.HOST_REPLY))
 
-    def _restart_agent(self, agent: Agent) -> None:
-        agent.restart_count += 1
-        agent.status = "restarting"
-        if agent.restart.from_state == "initial":
-            agent.state, agent.initialized = b"", False
-        self._start_worker(agent)
+    def _fail_spawn(self, agent: Agent, why: str) -> None:
+        self.agents.pop(agent.id, None)
+        self.by_name.pop(agent.name, None)
+        for ident, rid in agent.spawn_waiters:
+            self._reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {why}")
+        agent.spawn_waiters.clear()
 
-    def _settle(self, agent: Agent, status: str) -> None:
+    def stop_worker(self, agent: Agent, reason: str) -> None:
+        """Ask the worker to stop; kill it after the agent's shutdown timeout (at once for brutal_kill)."""
+        worker = agent.worker
+        if worker is None or worker.exited:
+            return
+        worker.kill_reason = worker.kill_reason or reason
+        timeout_ms = agent.restart.shutdown_ms
+        if worker.identity is None or timeout_ms is None or timeout_ms == 0:
+            worker.kill(reason)
+            return
+        self._send_worker(agent, [wire.header(wire.SupervisorType.STOP)])
+
+        def too_slow() -> None:
+            if not worker.exited:
+                worker.fault = f"did not stop within its shutdown timeout of {timeout_ms} ms; killed"
+                worker.kill(reason)
+
+        self.timers.after(timeout_ms / 1000, too_slow)
+
+    def reset_state(self, agent: Agent, why: str) -> None:
+        """The agent starts again from its initial state: the next worker calls init."""
+        agent.state, agent.initialized = b"", False
+
+    def settle(self, agent: Agent) -> None:
         """The agent will not run again by itself: answer everyone waiting on it."""
-        agent.status = status
         for pending in agent.mailbox:
             self._answer_error(pending, "agent-stopped", f"agent {agent.name} is {agent.status}")
         agent.mailbox.clear()
-        for ident, rid in agent.stop_waiters:
-            self._reply(ident, rid, agent.summary())
-        agent.stop_waiters.clear()
         for ident, rid in agent.spawn_waiters:
             self._reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {agent.last_exit}")
         agent.spawn_waiters.clear()
-        waiting, agent.on_ready = agent.on_ready, []  # whoever waited for it to start learns it will not
-        for fn in waiting:
-            fn()

@@ -696,6 +696,9 @@ class Engine:
         if job.purpose is Purpose.RESTART:
             assert node is not None
             node.status = Status.RUNNING
+            for child in [c for c in node.children if c.restart == "temporary" and not c.up and not c.held]:
+                node.children.remove(child)  # a temporary sibling the plan stopped leaves the node (OTP)
+                self._emit(Removed(child.name))
             self._after_job(node)
         elif job.purpose is Purpose.GIVE_UP:
             assert node is not None
@@ -749,9 +752,10 @@ class Engine:
         if isinstance(target, Sup) and target is root and target.kind is NodeKind.TREE:
             self._emit(StoreTree(target.name, Status.STOPPED if stopped else Status.RUNNING))
         owner = target.parent
-        if stopped and owner is not None and owner.kind is NodeKind.OWNED and target in owner.children:
-            owner.children.remove(target)
-            self._emit(Removed(target.name))
+        if stopped and owner is not None and owner.kind is NodeKind.OWNED:
+            if target in owner.children:
+                owner.children.remove(target)
+                self._emit(Removed(target.name))
             self._notify(owner, target, "stopped")
         self._emit(Done(job.ticket, job.subject))
 

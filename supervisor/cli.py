@@ -249,11 +249,11 @@ def cmd_run(args: argparse.Namespace, home: Home) -> int:
             print(f"{agent.name:<12} {one_line(record)}", flush=True)
 
     sup = Supervisor(home, on_record=show, log=lambda line: print(line, file=sys.stderr, flush=True))
-    existing = sup.by_name.get(config.name) or sup.nodes.get(config.name)
+    existing = sup.by_name.get(config.name) or sup.supervision.nodes.get(config.name)
     if existing is None:
-        sup.spawn_local(Path(args.manifest).resolve())
+        sup.supervision.spawn(Path(args.manifest).resolve(), None)
     elif existing.status in ("stopped", "failed"):  # already in this home: start it again rather than spawn twice
-        sup.restart_member(existing)
+        sup.supervision.restart(existing, None)
     _err(f"running {config.name}; talk to it with `theater --home {home.root} call NAME DATA`; Ctrl-C stops")
     sup.serve_forever()
     return EXIT_OK
