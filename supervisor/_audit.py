@@ -52,9 +52,14 @@ def verify_home(home: Home, agent: str | None = None) -> list[ChainReport]:
         rows = db.execute("SELECT id, name, head_seq, head_hash, state_hash, state FROM agents ORDER BY created_ns").fetchall()
         if agent is not None:
             rows = [r for r in rows if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
-            if not rows:
-                raise NotFound(f"no agent named or with id {agent!r} in {home.store}")
-        return [_verify_one(db, key, *row) for row in rows]
+            if not rows and not db.execute("SELECT 1 FROM nodes WHERE name=? OR hex(id)=?",
+                                            (agent, agent.replace("-", "").upper())).fetchone():
+                raise NotFound(f"no agent or supervisor node named or with id {agent!r} in {home.store}")
+        reports = [_verify_one(db, key, *row) for row in rows]
+        nodes = db.execute("SELECT id, name, head_seq, head_hash FROM nodes ORDER BY created_ns").fetchall()
+        if agent is not None:
+            nodes = [r for r in nodes if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
+        return reports + [_verify_one(db, key, *row, sha256(b""), b"") for row in nodes]
     finally:
         db.close()
 

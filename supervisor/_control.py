@@ -16,7 +16,7 @@ import zmq
 from theater import wire
 from theater.errors import ProtocolError
 
-from ._agent import Agent, Pending
+from ._agent import Pending
 from ._errors import Refused, SupervisorError
 from ._ledger import Checked
 
@@ -110,31 +110,29 @@ class ControlRequests:
         self.supervision.stop(self.supervision.member(body.get("agent")), (ident, rid))
 
     def _op_wait(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
-        agent = self.find(body.get("agent"))
+        """Answer once the chain of an agent or a tree node has a record after ``after``, or at ``wait_ms``."""
+        ref = body.get("agent")
+        chain_id, head = self.supervision.chain_head(ref)
         after, wait_ms = body.get("after", -1), body.get("wait_ms", 0)
         if not isinstance(after, int) or not isinstance(wait_ms, int) or not 0 <= wait_ms <= 600_000:
             raise Refused("wait needs integer after and wait_ms in 0..600000")
-        head = agent.verifier.next_seq - 1
         if head > after or wait_ms == 0:
             self._reply(ident, rid, {"head": head})
             return
         entry = (ident, rid, after)
-        self.waiters.setdefault(agent.id, []).append(entry)
+        self.waiters.setdefault(chain_id, []).append(entry)
 
         def expire() -> None:
-            lst = self.waiters.get(agent.id, [])
+            lst = self.waiters.get(chain_id, [])
             if entry in lst:
                 lst.remove(entry)
-                self._reply(ident, rid, {"head": agent.verifier.next_seq - 1})
+                self._reply(ident, rid, {"head": self.supervision.chain_head(ref)[1]})
 
         self.timers.after(wait_ms / 1000, expire)
 
-    def _wake_waiters(self, agent: Agent) -> None:
-        lst = self.waiters.pop(agent.id, None)
-        if lst:
-            head = agent.verifier.next_seq - 1
-            for ident, rid, _ in lst:
-                self._reply(ident, rid, {"head": head})
+    def wake_waiters(self, chain_id: bytes, head: int) -> None:
+        for ident, rid, _ in self.waiters.pop(chain_id, None) or ():
+            self._reply(ident, rid, {"head": head})
 
     def _answer(self, pending: Pending, checked: Checked) -> None:
         if pending.reply_to is None or pending.answered:

@@ -449,13 +449,14 @@ class Supervisor(ControlRequests):
         self._committed(agent, [genesis])
 
     def append_record(self, agent: Agent, kind: Kind, fields: dict[str, Any],
-                           before_commit: Callable[[Agent, Record], None] = lambda agent, head: None,
-                           **commit: Any) -> Record:
+                      before_commit: Callable[[Agent, Record], None] = lambda agent, head: None,
+                      state_hash: bytes | None = None, **commit: Any) -> Record:
+        """Sign a supervisor record into the agent's chain and commit it (``state_hash``: a state reset's)."""
         self._flush_batch()  # results already checked precede this record in the chain and the store
         v = agent.verifier
         record = sign_record(
             self.key, kind=kind, agent_id=agent.id, seq=v.next_seq, time_ns=time.time_ns(),
-            prev_hash=v.head_hash, state_hash=v.state_hash or sha256(agent.state), fields=fields,
+            prev_hash=v.head_hash, state_hash=state_hash or v.state_hash or sha256(agent.state), fields=fields,
         )
         scratch = copy.copy(v)
         scratch.advance(record)
@@ -467,7 +468,7 @@ class Supervisor(ControlRequests):
 
     def _committed(self, agent: Agent, records: list[Record]) -> None:
         """Called once records are durable: wake event waiters, feed the foreground printer."""
-        self._wake_waiters(agent)
+        self.wake_waiters(agent.id, agent.verifier.next_seq - 1)
         if self._on_record is not None:
             for record in records:
                 self._on_record(agent, record)
@@ -692,7 +693,15 @@ class Supervisor(ControlRequests):
         self.timers.after(timeout_ms / 1000, too_slow)
 
     def reset_state(self, agent: Agent, why: str) -> None:
-        """The agent starts again from its initial state: the next worker calls init."""
+        """The agent starts again from its initial state: the next worker calls init. The chain says so
+        (a `state-reset` record stating the empty state's hash), so the next worker's records link."""
+        if agent.in_store:
+            try:
+                self.append_record(agent, Kind.STATE_RESET, {"reason": why}, state_hash=sha256(b""),
+                                   state=b"", initialized=False)
+            except StoreError as exc:
+                self.log(f"{agent.name}: cannot record the state reset: {exc}; it resumes its committed state")
+                return
         agent.state, agent.initialized = b"", False
 
     def settle(self, agent: Agent) -> None:

@@ -54,6 +54,13 @@ CREATE TABLE IF NOT EXISTS trees (
     desired    TEXT NOT NULL,
     created_ns INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS nodes (
+    id         BLOB PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    created_ns INTEGER NOT NULL,
+    head_seq   INTEGER NOT NULL,
+    head_hash  BLOB NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
     BEGIN SELECT RAISE(ABORT, 'event records are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
@@ -144,6 +151,20 @@ class EventStore:
                 "INSERT INTO trees VALUES (?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET desired=excluded.desired",
                 (tree_id, name, json.dumps(config, sort_keys=True), desired, time.time_ns()),
             )
+
+    def append_node(self, node_id: bytes, name: str, record: Record) -> None:
+        """Append one record to a supervisor node's chain (its genesis creates the node's row)."""
+        with self._tx():
+            self._insert(record)
+            if record.seq == 0:
+                self.db.execute("INSERT INTO nodes VALUES (?,?,?,?,?)",
+                                (node_id, name, time.time_ns(), record.seq, record.hash))
+            else:
+                self.db.execute("UPDATE nodes SET head_seq=?, head_hash=? WHERE id=?", (record.seq, record.hash, node_id))
+
+    def node_head(self, node_id: bytes) -> tuple[int, bytes] | None:
+        row = self.db.execute("SELECT head_seq, head_hash FROM nodes WHERE id=?", (node_id,)).fetchone()
+        return (row[0], row[1]) if row else None
 
     def trees(self) -> list[tuple[bytes, str, dict[str, Any], str]]:
         rows = self.db.execute("SELECT id, name, config, desired FROM trees ORDER BY created_ns").fetchall()

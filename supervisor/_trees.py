@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from theater import wire
 from theater.chain import ChainVerifier
-from theater.records import Kind
+from theater.records import Kind, Record, sha256, sign_record
 
 from ._agent import Agent, Member, Node, Pending
 from ._config import AgentConfig, TreeConfig, config_to_dict, load_any, policy_dirs
@@ -70,6 +70,7 @@ class Supervision:
         self.trees: list[Node] = []  # tree roots, in spawn order
         self._exits: dict[str, tuple[int, str, str]] = {}  # agent -> (incarnation, reason, detail) to record
         self._violated: set[str] = set()  # agents whose last worker's part of the chain a violation ended
+        self.chains: dict[str, ChainVerifier] = {}  # tree nodes' own chains, by node name
 
     # --- building ---------------------------------------------------------------------
 
@@ -79,6 +80,7 @@ class Supervision:
         node = Node(id=node_id or uuid.uuid5(uuid.NAMESPACE_OID, f"theater-tree:{config.name}").bytes,
                     config=config, sup=sup)
         self.nodes[node.name] = node
+        self._open_chain(node, parent=config_parent_name(self.nodes, node))
         for child in config.children:
             if isinstance(child, TreeConfig):
                 sup.children.append(self.build_node(child).sup)
@@ -332,12 +334,51 @@ class Supervision:
             self.sv.append_record(agent, Kind.EXIT, {"incarnation": incarnation, "reason": reason, "detail": detail},
                                   desired=want)
 
+    def _open_chain(self, node: Node, parent: str) -> None:
+        """A tree node's chain: positioned at its stored head, or begun with its genesis."""
+        head = self.sv.store.node_head(node.id)
+        verifier = ChainVerifier(self.sv.public_key)
+        self.chains[node.name] = verifier
+        if head is not None:
+            verifier.agent_id, verifier.node = node.id, True
+            verifier.next_seq, verifier.head_hash, verifier.state_hash = head[0] + 1, head[1], sha256(b"")
+            return
+        config = {**node.config.flags.as_dict(), "restart": node.restart.type,
+                  "children": [c.name for c in node.config.children]}
+        self._append_node(node, Kind.NODE_GENESIS, {"name": node.name, "config": wire.encode_json(config).decode(),
+                                                     "parent": parent})
+
+    def _append_node(self, node: Node, kind: Kind, fields: dict[str, str]) -> Record | None:
+        verifier = self.chains[node.name]
+        record = sign_record(self.sv.key, kind=kind, agent_id=node.id, seq=verifier.next_seq, time_ns=time.time_ns(),
+                             prev_hash=verifier.head_hash, state_hash=sha256(b""), fields=fields)
+        try:
+            self.sv.store.append_node(node.id, node.name, record)
+        except StoreError as exc:
+            self.sv.log(f"{node.name}: cannot record {kind.name.lower()}: {exc}")
+            return None
+        verifier.advance(record)
+        self.sv.wake_waiters(node.id, record.seq)
+        return record
+
     def _node_record(self, action: NodeRecord) -> None:
         node = self.nodes.get(action.node)
         if node is None:
             return
         fields = ", ".join(f"{k}={v}" for k, v in action.fields.items())
         self.sv.log(f"{node.name}: {action.event} ({fields})")
+        kind = {"start": Kind.NODE_START, "restart": Kind.NODE_RESTART, "give-up": Kind.NODE_GIVE_UP,
+                "terminate": Kind.NODE_TERMINATE}[action.event]
+        if action.event == "start":
+            node.started_at = time.time()
+        self._append_node(node, kind, action.fields)
+
+    def chain_head(self, ref: object) -> tuple[bytes, int]:
+        """The id and head of an agent's or a tree node's chain."""
+        member = self.member(ref)
+        if isinstance(member, Node):
+            return member.id, self.chains[member.name].next_seq - 1
+        return member.id, member.verifier.next_seq - 1
 
     def _notify(self, owner: Agent, child: Agent, reason: str) -> None:
         """Tell an agent that supervises its own children that one of them exited (recorded in both chains)."""
@@ -380,6 +421,14 @@ class Supervision:
             "children": [self.entry(self.nodes[c.name] if isinstance(c, Sup) else self.sv.by_name[c.name])
                          for c in sup.children],
         }
+
+
+def config_parent_name(nodes: dict[str, Node], node: Node) -> str:
+    """The name of the node whose config lists ``node`` as a child ("" for a root)."""
+    for other in nodes.values():
+        if any(isinstance(c, TreeConfig) and c.name == node.name for c in other.config.children):
+            return other.name
+    return ""
 
 
 def load_stored_tree(data: dict[str, object]) -> TreeConfig:

@@ -179,12 +179,12 @@ def _agent_id(home: Home, ref: str) -> bytes:
 
     db = open_readonly(home.store)
     try:
-        for agent_id, name in db.execute("SELECT id, name FROM agents"):
+        for agent_id, name in db.execute("SELECT id, name FROM agents UNION ALL SELECT id, name FROM nodes"):
             if ref in (name, str(uuid.UUID(bytes=agent_id))):
                 return agent_id
     finally:
         db.close()
-    raise SupervisorError(f"no agent named or with id {ref!r} in {home.store}")
+    raise SupervisorError(f"no agent or supervisor node named or with id {ref!r} in {home.store}")
 
 
 def _records_after(home: Home, agent_id: bytes, after: int) -> list[Record]:

@@ -192,7 +192,8 @@ def records(t: Theater, name: str, *, check_seq: bool = True) -> list[Record]:
     """The agent's stored chain, read-only from SQLite; with ``check_seq`` its seqs must run 0, 1, 2..."""
     db = open_readonly(t.home.store)
     try:
-        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
+        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=? UNION ALL SELECT id FROM nodes WHERE name=?",
+                                   (name, name)).fetchall()
         rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
     finally:
         db.close()

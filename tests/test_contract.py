@@ -158,6 +158,13 @@ SAMPLE_FIELDS: dict[Kind, dict[str, Any]] = {
     Kind.EXIT: {"incarnation": 0, "reason": "stopped", "detail": ""},
     Kind.VIOLATION: {"incarnation": 7, "reason": "bad header", "evidence": b"\x09\x09"},
     Kind.CHILD_EXIT: {"child": bytes(16), "exit_hash": bytes(32), "reason": "trap: deadline; restarting", "status": "ok", "error": "", "fuel": 5},
+    Kind.STATE_RESET: {"reason": "restarted from its initial state"},
+    Kind.NODE_GENESIS: {"name": "shop", "config": "{}", "parent": ""},
+    Kind.NODE_START: {"reason": "restart"},
+    Kind.NODE_RESTART: {"child": "db", "reason": "trap", "strategy": "rest_for_one", "stop": "web", "start": "db,web",
+                        "retry": "no"},
+    Kind.NODE_GIVE_UP: {"child": "db", "reason": "trap", "detail": "more than 3 restarts in 5000 ms (last: db, trap)"},
+    Kind.NODE_TERMINATE: {"reason": "shutdown", "detail": "the supervisor is shutting down"},
 }
 
 

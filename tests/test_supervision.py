@@ -43,7 +43,7 @@ from conftest import (
 from supervisor._audit import open_readonly
 from theater import wire
 from theater.client import Client, ClientError, NotRunning
-from theater.records import Kind
+from theater.records import Kind, sha256
 
 VENV_THEATER = Path(sys.executable).parent / "theater"
 COMMAND = [str(VENV_THEATER)] if VENV_THEATER.exists() else [sys.executable, "-m", "supervisor"]
@@ -663,9 +663,14 @@ def test_restart_resumes_from_the_last_committed_state_and_the_chain_continues(t
 
     fresh = records(theater, "fresh")
     kinds = [r.kind for r in fresh]
-    assert kinds == [Kind.GENESIS, Kind.INIT, *[Kind.HANDLE] * 4, Kind.EXIT, Kind.WORKER_KEY, Kind.INIT, Kind.HANDLE]
-    assert fresh[8].fields()["status"] == "ok"  # init was called again...
-    assert fresh[8].state_hash == fresh[1].state_hash  # ...and gave the initial state again
+    assert kinds == [Kind.GENESIS, Kind.INIT, *[Kind.HANDLE] * 4, Kind.EXIT, Kind.STATE_RESET, Kind.WORKER_KEY,
+                     Kind.INIT, Kind.HANDLE]
+    reset = fresh[7]  # the chain says the state went back to the empty initial state, and why
+    assert reset.state_hash == sha256(b"") != fresh[6].state_hash
+    assert reset.fields()["reason"] == 'restarted from its initial state (from = "initial")'
+    assert fresh[8].state_hash == sha256(b"")  # the new worker's key record links to the reset state
+    assert fresh[9].fields()["status"] == "ok"  # init was called again...
+    assert fresh[9].state_hash == fresh[1].state_hash  # ...and gave the initial state again
     assert fresh[-1].fields()["reply"] == b"1"
     assert_verified(theater)
 
@@ -841,3 +846,40 @@ def test_operator_restart_of_a_failed_top_level_agent_starts_a_fresh_intensity(t
         info = wait_until(lambda: (i := ps(c, "solo"))["status"] in ("running", "failed") and i["pid"] != pid and i,
                           20, "solo restarted or failed")
         assert info["status"] == "running", info  # type: ignore[index]
+
+
+# --- 9. supervisor nodes have chains ------------------------------------------------------------
+
+
+def test_a_tree_nodes_decisions_are_signed_into_its_own_chain(theater: Theater) -> None:
+    """start, restart (with the child and reason), give-up (with the offender), terminate: each a record of the
+    node's chain, signed by the supervisor, shown by `events` and followed by `wait`."""
+    kids = [agent("a"), agent("b")]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids, "one_for_all", intensity=1, period_ms=60000)))
+        head = c.wait_events("root", -1, 0)
+        pid = ps(c, "b")["pid"]
+        _crash(c, "b")
+        wait_running(c, "b", pid, restarts=1)
+        assert c.wait_events("root", head, 10_000) > head  # `events root --follow` wakes on the node's records
+        _crash(c, "b")
+        _wait_member(c, "root", "failed")
+    chain = records(theater, "root")
+    kinds = [r.kind for r in chain]
+    assert kinds == [Kind.NODE_GENESIS, Kind.NODE_START, Kind.NODE_RESTART, Kind.NODE_GIVE_UP, Kind.NODE_TERMINATE]
+    genesis = chain[0].fields()
+    assert genesis["name"] == "root" and genesis["parent"] == ""
+    assert json.loads(genesis["config"]) == {"strategy": "one_for_all", "intensity": 1, "period_ms": 60000,
+                                              "restart": "permanent", "children": ["a", "b"]}
+    restart = chain[2].fields()
+    assert (restart["child"], restart["reason"], restart["stop"], restart["start"]) == ("b", "trap", "a", "a,b")
+    give_up = chain[3].fields()
+    assert (give_up["child"], give_up["reason"]) == ("b", "trap")
+    assert give_up["detail"] == "more than 1 restarts in 60000 ms (last: b, trap)"
+    assert chain[4].fields()["reason"] == "shutdown"
+    assert all(r.state_hash == sha256(b"") for r in chain)
+    assert_verified(theater)
+    shown = subprocess.run([sys.executable, "-m", "supervisor", "--home", str(theater.home.root), "events", "root"],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "node-restart" in shown.stdout and "node-give-up" in shown.stdout

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import RecordError
-from .records import ZERO_HASH, Kind, Record, Signer, verify_record
+from .records import GENESES, NODE_KINDS, ZERO_HASH, Kind, Record, Signer, verify_record
 
 __all__ = ["ChainVerifier", "verify_chain"]
 
@@ -35,6 +35,7 @@ class ChainVerifier:
         self.state_hash: bytes | None = None
         self.worker_key: Ed25519PublicKey | None = None
         self.incarnation = -1
+        self.node = False  # the chain is a supervisor node's (it began with node-genesis)
 
     def key_for(self, record: Record) -> Ed25519PublicKey:
         if record.signer is Signer.SUPERVISOR:
@@ -51,13 +52,19 @@ class ChainVerifier:
             raise RecordError(f"record has sequence {record.seq}, expected {self.next_seq}")
         if record.prev_hash != self.head_hash:
             raise RecordError(f"record {record.seq}: previous-hash does not match the chain head")
-        if (record.kind is Kind.GENESIS) != (record.seq == 0):
+        if (record.kind in GENESES) != (record.seq == 0):
             raise RecordError(f"record {record.seq}: a chain starts with genesis, and only there")
+        if record.seq > 0 and (record.kind in NODE_KINDS) != self.node:
+            whose = "a supervisor node's" if record.kind in NODE_KINDS else "an agent's"
+            raise RecordError(f"record {record.seq}: {whose} record in the chain of "
+                              f"{'a supervisor node' if self.node else 'an agent'}")
+        if record.kind is Kind.STATE_RESET and self.worker_key is not None:
+            raise RecordError(f"record {record.seq}: a state reset while a worker key is in force")
         if record.signer is Signer.WORKER and self.worker_key is None:
             raise RecordError(f"record {record.seq}: worker record while no worker key is in force")
         if record.seq > 0 and record.state_hash != self.state_hash:
             changes = record.kind in _STATE_CHANGING and record.fields()["status"] == "ok"
-            if not changes:
+            if not changes and record.kind is not Kind.STATE_RESET:
                 raise RecordError(
                     f"record {record.seq} ({record.kind.name.lower()}) changes the state hash"
                 )
@@ -73,6 +80,8 @@ class ChainVerifier:
             self.incarnation = fields.get("incarnation", 0)
         elif record.kind in (Kind.EXIT, Kind.VIOLATION):
             self.worker_key = None
+        if record.seq == 0:
+            self.node = record.kind is Kind.NODE_GENESIS
         self.agent_id = record.agent_id
         self.next_seq = record.seq + 1
         self.head_hash = record.hash

@@ -85,6 +85,18 @@ class Kind(enum.IntEnum):
     EXIT = 7  # supervisor: the worker ended, and why
     VIOLATION = 8  # supervisor: the worker broke the protocol and was killed
     CHILD_EXIT = 9  # worker: the agent was told one of its children exited
+    STATE_RESET = 10  # supervisor: the agent starts again from its initial state
+    NODE_GENESIS = 11  # supervisor: a supervisor node of a tree exists (a node chain's first record)
+    NODE_START = 12  # supervisor: the node starts its children
+    NODE_RESTART = 13  # supervisor: the node restarts children after one exited
+    NODE_GIVE_UP = 14  # supervisor: the node restarted too often and gives up
+    NODE_TERMINATE = 15  # supervisor: the node's children have stopped; the node is down
+
+
+# The kinds of a supervisor node's chain; every other kind belongs to agents' chains.
+NODE_KINDS = frozenset({Kind.NODE_GENESIS, Kind.NODE_START, Kind.NODE_RESTART, Kind.NODE_GIVE_UP,
+                        Kind.NODE_TERMINATE})
+GENESES = frozenset({Kind.GENESIS, Kind.NODE_GENESIS})
 
 
 # Which key may sign each kind.
@@ -98,6 +110,12 @@ SIGNER_OF: dict[Kind, Signer] = {
     Kind.EXIT: Signer.SUPERVISOR,
     Kind.VIOLATION: Signer.SUPERVISOR,
     Kind.CHILD_EXIT: Signer.WORKER,
+    Kind.STATE_RESET: Signer.SUPERVISOR,
+    Kind.NODE_GENESIS: Signer.SUPERVISOR,
+    Kind.NODE_START: Signer.SUPERVISOR,
+    Kind.NODE_RESTART: Signer.SUPERVISOR,
+    Kind.NODE_GIVE_UP: Signer.SUPERVISOR,
+    Kind.NODE_TERMINATE: Signer.SUPERVISOR,
 }
 
 # Payload schema of each kind: fields in order, each (name, type). Types:
@@ -160,6 +178,34 @@ FIELDS: dict[Kind, tuple[tuple[str, str], ...]] = {
         ("status", "str"),
         ("error", "str"),
         ("fuel", "u64"),
+    ),
+    Kind.STATE_RESET: (
+        ("reason", "str"),
+    ),
+    Kind.NODE_GENESIS: (
+        ("name", "str"),
+        ("config", "str"),
+        ("parent", "str"),
+    ),
+    Kind.NODE_START: (
+        ("reason", "str"),
+    ),
+    Kind.NODE_RESTART: (
+        ("child", "str"),
+        ("reason", "str"),
+        ("strategy", "str"),
+        ("stop", "str"),
+        ("start", "str"),
+        ("retry", "str"),
+    ),
+    Kind.NODE_GIVE_UP: (
+        ("child", "str"),
+        ("reason", "str"),
+        ("detail", "str"),
+    ),
+    Kind.NODE_TERMINATE: (
+        ("reason", "str"),
+        ("detail", "str"),
     ),
 }
 

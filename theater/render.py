@@ -54,8 +54,13 @@ def one_line(record: Record) -> str:
         detail = f"{f['function']} -> {_preview(f['output'])!r}"
     elif record.kind is Kind.LOG:
         detail = f"[{f['level']}] {f['message']}" + (" (truncated)" if f["truncated"] else "")
-    elif record.kind is Kind.EXIT:
-        detail = f"{f['reason']}: {f['detail']}"
+    elif record.kind in (Kind.EXIT, Kind.NODE_GIVE_UP, Kind.NODE_TERMINATE):
+        detail = (f"{f['child']} " if "child" in f else "") + f"{f['reason']}: {f['detail']}"
+    elif record.kind is Kind.NODE_GENESIS:
+        detail = f"name={f['name']} parent={f['parent'] or '-'} config={f['config']}"
+    elif record.kind is Kind.NODE_RESTART:
+        detail = (f"{f['child']} {f['reason']}; {f['strategy']}: stop [{f['stop']}] start [{f['start']}]"
+                  + (" (again: a start failed)" if f["retry"] == "yes" else ""))
     else:
         detail = f"{f['reason']}"
     return f"#{record.seq:<5} {stamp} {kind:<10} {detail}"
