@@ -162,7 +162,7 @@ def test_verify_unknown_agent_fails(theater: Theater) -> None:
     spawn(theater, "echo", "echo.wat")
     proc = cli(theater.home.root, "verify", "nobody")
     assert proc.returncode == 1
-    assert "no agent named or with id 'nobody'" in proc.stderr
+    assert "no agent or supervisor node named or with id 'nobody'" in proc.stderr
 
 
 @pytest.mark.parametrize(("extra", "fragments"), [
