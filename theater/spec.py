@@ -73,7 +73,7 @@ class Limits:
         return cls(**data)
 
 
-# OS confinement layers a worker applies to itself (worker/_harden.py, docs/hardening.md).
+# OS confinement layers a worker applies to itself (worker/_harden/, docs/hardening.md).
 HARDENING_LAYERS = ("rlimits", "no_new_privs", "seccomp", "landlock", "namespaces", "cgroups")
 
 
