@@ -19,7 +19,7 @@ from theater.artifacts import file_signature
 from theater.spec import CAPABILITIES, DEFAULT_HARDENING, HARDENING_LAYERS, LIMIT_BOUNDS, Hardening, Limits
 
 from ._errors import ConfigError
-from ._supervision import STRATEGIES, Flags
+from ._supervision import DEFAULT_INTENSITY, DEFAULT_PERIOD_MS, STRATEGIES, Flags
 
 __all__ = [
     "AgentConfig",
@@ -63,8 +63,8 @@ class RestartSpec:
     """
 
     type: str = "permanent"
-    intensity: int = 3
-    period_ms: int = 5000
+    intensity: int = DEFAULT_INTENSITY
+    period_ms: int = DEFAULT_PERIOD_MS
     shutdown_ms: int | None = 5000
     from_state: str = "last"
 
@@ -368,8 +368,8 @@ def _flags(table: _Table) -> Flags:
     strategy = table.get("strategy", str, "one_for_one")
     if strategy not in STRATEGIES:
         raise table.err("strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
-    intensity = _ranged(table, "intensity", 3, 0, 1000)
-    period = _ranged(table, "period_ms", 5000, 1, 86_400_000)
+    intensity = _ranged(table, "intensity", DEFAULT_INTENSITY, 0, 1000)
+    period = _ranged(table, "period_ms", DEFAULT_PERIOD_MS, 1, 86_400_000)
     return Flags(strategy, intensity, period)
 
 
@@ -500,8 +500,8 @@ def _restart(table: _Table, *, default_shutdown: int) -> RestartSpec:
     typ = table.get("type", str, "permanent")
     if typ not in RESTART_TYPES:
         raise table.err("type", f"{typ!r} is not one of {', '.join(RESTART_TYPES)}")
-    intensity = _ranged(table, "intensity", 3, 0, 1000)
-    period = _ranged(table, "period_ms", 5000, 1, 86_400_000)
+    intensity = _ranged(table, "intensity", DEFAULT_INTENSITY, 0, 1000)
+    period = _ranged(table, "period_ms", DEFAULT_PERIOD_MS, 1, 86_400_000)
     shutdown = table.get("shutdown", (int, str), default_shutdown)
     if isinstance(shutdown, str) and shutdown != "brutal_kill":
         raise table.err("shutdown", f"{shutdown!r} must be a timeout in ms or \"brutal_kill\"")

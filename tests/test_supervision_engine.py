@@ -87,10 +87,15 @@ def tree(strategy: str = "one_for_one", n: int = 3, *, intensity: int = 3, perio
     return Sup(name, Flags(strategy, intensity, period_ms), children=list(kids))
 
 
-def started(root: Sup) -> tuple[Engine, World]:
+def built(root: Sup) -> tuple[Engine, World]:
+    """An engine holding ``root``, not started yet, and its world."""
     engine = Engine()
     engine.add(root)
-    world = World(engine)
+    return engine, World(engine)
+
+
+def started(root: Sup) -> tuple[Engine, World]:
+    engine, world = built(root)
     world.run(engine.spawn(root, world.now, ticket="t"))
     return engine, world
 
@@ -123,9 +128,7 @@ def test_intensity_window_excludes_its_boundary() -> None:
 
 def test_a_tree_starts_children_in_order_and_answers_once_all_are_ready() -> None:
     root = tree("one_for_all", 3)
-    engine = Engine()
-    engine.add(root)
-    world = World(engine)
+    engine, world = built(root)
     out = world.run(engine.spawn(root, 0.0, ticket="t"))
     assert names(out, Start) == ["a", "b", "c"]
     assert out[0] == StoreTree("root", Status.RUNNING)
@@ -136,9 +139,7 @@ def test_a_tree_starts_children_in_order_and_answers_once_all_are_ready() -> Non
 
 def test_each_start_waits_for_the_previous_child_to_be_ready() -> None:
     root = tree("one_for_one", 2)
-    engine = Engine()
-    engine.add(root)
-    world = World(engine)
+    engine, world = built(root)
     world.slow.add("a")
     out = world.run(engine.spawn(root, 0.0, ticket="t"))
     assert names(out, Start) == ["a"]
@@ -363,9 +364,7 @@ def test_a_child_that_cannot_load_during_a_group_restart_gives_up_at_once() -> N
 
 def test_first_start_goes_on_without_a_child_that_cannot_load() -> None:
     root = tree("one_for_one", 3)
-    engine = Engine()
-    engine.add(root)
-    world = World(engine)
+    engine, world = built(root)
     world.fail_start["b"] = deque(["load-failed"])
     out = world.run(engine.spawn(root, 0.0, ticket="t"))
     assert names(out, Start) == ["a", "b", "c"] and out[-1] == Done("t", "root")
@@ -374,9 +373,7 @@ def test_first_start_goes_on_without_a_child_that_cannot_load() -> None:
 
 def test_an_init_crash_at_first_start_goes_through_the_restart_rules() -> None:
     root = tree("one_for_one", 2)
-    engine = Engine()
-    engine.add(root)
-    world = World(engine)
+    engine, world = built(root)
     world.fail_start["a"] = deque(["guest-error"])
     out = world.run(engine.spawn(root, 0.0, ticket="t"))
     assert names(out, Start) == ["a", "b", "a"] and root.restart_count == 1
