@@ -6,19 +6,22 @@ the engine's :class:`~supervisor._supervision.Leaf` and ``Sup``; these hold the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from theater import wire
 from theater.chain import ChainVerifier
 
 from ._config import AgentConfig, RestartSpec, TreeConfig
+from ._errors import NotFound
 from ._spawner import WorkerProcess
 from ._supervision import Leaf, NodeKind, Status, Sup
 
-__all__ = ["Agent", "Member", "Node", "Pending"]
+__all__ = ["Agent", "Agents", "Member", "Node", "Pending"]
 
 
 @dataclass(eq=False)
@@ -123,3 +126,43 @@ class Node(_Member):
 
 
 Member = Agent | Node
+
+
+class Agents:
+    """Every agent the supervisor knows, by id and by name (names are unique in a home)."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[bytes, Agent] = {}
+        self.by_name: dict[str, Agent] = {}
+
+    def add(self, agent: Agent) -> None:
+        self.by_id[agent.id] = agent
+        self.by_name[agent.name] = agent
+
+    def remove(self, agent: Agent) -> None:
+        self.by_id.pop(agent.id, None)
+        self.by_name.pop(agent.name, None)
+
+    def __iter__(self) -> Iterator[Agent]:
+        return iter(list(self.by_id.values()))
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def get(self, name: str) -> Agent | None:
+        return self.by_name.get(name)
+
+    def __getitem__(self, name: str) -> Agent:
+        return self.by_name[name]
+
+    def find(self, ref: object) -> Agent:
+        """An agent by name, or by id in any spelling :class:`uuid.UUID` accepts."""
+        if not isinstance(ref, str):
+            raise NotFound("agent must be a name or an id")
+        agent = self.by_name.get(ref)
+        if agent is None:
+            with contextlib.suppress(ValueError):
+                agent = self.by_id.get(uuid.UUID(ref).bytes)
+        if agent is None:
+            raise NotFound(f"no agent named or with id {ref!r}")
+        return agent

@@ -51,6 +51,9 @@ class Policy:
     hardening: Hardening = DEFAULT_HARDENING
 
 
+SHUTDOWN_INFINITY = -1  # `shutdown = "infinity"`, as stored in a configuration's `shutdown_ms`
+
+
 @dataclass(frozen=True, slots=True)
 class RestartSpec:
     """A child's restart spec, as in OTP.
@@ -65,8 +68,21 @@ class RestartSpec:
     type: str = "permanent"
     intensity: int = DEFAULT_INTENSITY
     period_ms: int = DEFAULT_PERIOD_MS
-    shutdown_ms: int | None = 5000
+    shutdown_ms: int | None = 5000  # None: brutal_kill; SHUTDOWN_INFINITY: wait for as long as it takes
     from_state: str = "last"
+
+    @property
+    def kills_at_once(self) -> bool:
+        return self.shutdown_ms is None or self.shutdown_ms == 0
+
+    @property
+    def waits_forever(self) -> bool:
+        return self.shutdown_ms == SHUTDOWN_INFINITY
+
+    def shutdown_text(self) -> str:
+        if self.shutdown_ms is None:
+            return "brutal_kill"
+        return "infinity" if self.waits_forever else f"{self.shutdown_ms} ms"
 
     def as_dict(self) -> dict[str, Any]:
         return {"type": self.type, "intensity": self.intensity, "period_ms": self.period_ms,
@@ -344,7 +360,7 @@ def _node(top: _Table, base: Path, dirs: list[Path], seen: tuple[Path, ...]) -> 
 def _tree(top: _Table, base: Path, dirs: list[Path], seen: tuple[Path, ...]) -> TreeConfig:
     name = _name(top)
     flags = _flags(top)
-    restart = _restart(top.table("restart"), default_shutdown=30_000)
+    restart = _restart(top.table("restart"), default_shutdown="infinity")
     entries = top.get("children", list, [])
     if not entries:
         raise top.err("children", "a supervisor needs at least one child")
@@ -496,20 +512,20 @@ def _supervision(table: _Table, base: Path, dirs: list[Path], caps: tuple[str, .
     return SupervisionSpec(flags, tuple(templates))
 
 
-def _restart(table: _Table, *, default_shutdown: int) -> RestartSpec:
+def _restart(table: _Table, *, default_shutdown: int | str) -> RestartSpec:
     typ = table.get("type", str, "permanent")
     if typ not in RESTART_TYPES:
         raise table.err("type", f"{typ!r} is not one of {', '.join(RESTART_TYPES)}")
     intensity = _ranged(table, "intensity", DEFAULT_INTENSITY, 0, 1000)
     period = _ranged(table, "period_ms", DEFAULT_PERIOD_MS, 1, 86_400_000)
     shutdown = table.get("shutdown", (int, str), default_shutdown)
-    if isinstance(shutdown, str) and shutdown != "brutal_kill":
-        raise table.err("shutdown", f"{shutdown!r} must be a timeout in ms or \"brutal_kill\"")
+    if isinstance(shutdown, str) and shutdown not in ("brutal_kill", "infinity"):
+        raise table.err("shutdown", f"{shutdown!r} must be a timeout in ms, \"brutal_kill\" or \"infinity\"")
     if isinstance(shutdown, int) and not 0 <= shutdown <= 3_600_000:
         raise table.err("shutdown", f"{shutdown} is out of range 0..3600000")
     from_state = table.get("from", str, "last")
     if from_state not in ("last", "initial"):
         raise table.err("from", f"{from_state!r} must be \"last\" (last committed state) or \"initial\"")
     table.finish()
-    return RestartSpec(type=typ, intensity=intensity, period_ms=period,
-                       shutdown_ms=None if shutdown == "brutal_kill" else shutdown, from_state=from_state)
+    shutdown_ms = None if shutdown == "brutal_kill" else SHUTDOWN_INFINITY if shutdown == "infinity" else shutdown
+    return RestartSpec(type=typ, intensity=intensity, period_ms=period, shutdown_ms=shutdown_ms, from_state=from_state)

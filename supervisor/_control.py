@@ -1,35 +1,68 @@
-"""The control socket's requests: spawn, call, send, stop, restart, wait, and their replies.
+"""Clients' requests: authenticated, decoded into typed requests (``theater.control``), served, answered.
 
-Every request is authenticated by the control token before it gets here; every
-reply to a call is sent only once the result it carries is committed."""
+Every request must carry the control token; every reply to a call is sent only
+once the result it carries is committed. A client can never crash the
+supervisor: anything unexpected while serving becomes an ``internal`` error reply.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hmac
 import os
+import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from theater import control as req
 from theater import wire
 from theater.errors import ProtocolError
 
-from ._agent import Pending
+from ._agent import Agents, Pending
 from ._errors import Refused, SupervisorError
 from ._ledger import Checked
+from ._timers import Timers
 
-BATCH = 256  # messages taken from one socket per loop turn
+if TYPE_CHECKING:
+    from ._trees import Supervision
+    from ._workers import Workers
+
+__all__ = ["Control"]
+
+BATCH = 256  # requests taken from the socket per loop turn
+MAX_CONTROL_DATA = 64 * 1024 * 1024
+Waiter = tuple[bytes, int, int]  # client identity, request id, the head it has seen
 
 
-class ControlRequests:
-    """Part of :class:`supervisor.Supervisor` (its state lives there): what clients ask of it."""
+class Control:
+    def __init__(self, home_root: Path, endpoint: str, token_path: Path, ctx: zmq.Context[zmq.Socket[bytes]],
+                 agents: Agents, timers: Timers, log: Callable[[str], None]) -> None:
+        self.home_root = home_root
+        self.agents = agents
+        self.timers = timers
+        self.log = log
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.linger = 0
+        self.socket.maxmsgsize = MAX_CONTROL_DATA + 2 * wire.MAX_JSON_BYTES
+        self.socket.bind(endpoint)
+        self.token = secrets.token_hex(32)
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.token)
+        self.waiters: dict[bytes, list[Waiter]] = {}  # chain id -> clients waiting for its next record
+        self.down_waiters: list[tuple[bytes, int]] = []
+        # Set by the supervisor once all parts exist.
+        self.supervision: Supervision
+        self.workers: Workers
+        self.request_down: Callable[[], None]
 
-    def _drain_control(self) -> None:
+    def drain(self) -> None:
         for _ in range(BATCH):
             try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             ident = frames[0]
@@ -41,52 +74,47 @@ class ControlRequests:
                 rid = body.get("id", 0) if isinstance(body.get("id", 0), int) else 0
                 if not hmac.compare_digest(str(body.get("token", "")), self.token):
                     raise Refused("bad control token")
-                data = frames[3] if len(frames) == 4 else None
-                self._handle_request(ident, rid, str(body.get("op")), body, data)
+                request = req.decode_request(body.get("op"), body, frames[3] if len(frames) == 4 else None)
+                self._serve(ident, rid, request)
+            except req.BadRequest as exc:
+                self.reply_error(ident, rid, "refused", str(exc))
             except SupervisorError as exc:
-                self._reply_error(ident, rid, exc.code, str(exc))
+                self.reply_error(ident, rid, exc.code, str(exc))
             except ProtocolError as exc:
-                self._reply_error(ident, rid, "protocol", str(exc))
+                self.reply_error(ident, rid, "protocol", str(exc))
             except Exception as exc:  # a client must never be able to crash the supervisor
                 self.log(f"internal error serving a request: {type(exc).__name__}: {exc}")
-                self._reply_error(ident, rid, "internal", f"internal error: {type(exc).__name__}")
+                self.reply_error(ident, rid, "internal", f"internal error: {type(exc).__name__}")
 
-    def _handle_request(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
-        if op == "ping":
-            self._reply(ident, rid, {"pid": os.getpid(), "home": str(self.home.root), "agents": len(self.agents)})
-        elif op == "spawn":
-            self._op_spawn(ident, rid, body)
-        elif op in ("send", "call"):
-            self._op_message(ident, rid, op, body, data)
-        elif op == "ps":
-            self._reply(ident, rid, {"agents": [a.summary() for a in self.agents.values()]})
-        elif op == "stop":
-            self._op_stop(ident, rid, body)
-        elif op == "restart":
-            self._op_restart(ident, rid, body)
-        elif op == "tree":
-            self._reply(ident, rid, {"roots": [self.supervision.entry(m) for m in self.supervision.roots()]})
-        elif op == "wait":
-            self._op_wait(ident, rid, body)
-        elif op == "down":
-            self.down_waiters.append((ident, rid))
-            self.request_down()
-        else:
-            raise Refused(f"unknown operation {op!r}")
+    def _serve(self, ident: bytes, rid: int, request: req.Request) -> None:
+        ticket = (ident, rid)
+        match request:
+            case req.Ping():
+                self.reply(ident, rid, {"pid": os.getpid(), "home": str(self.home_root), "agents": len(self.agents)})
+            case req.Spawn(manifest):
+                self.supervision.spawn(Path(manifest), ticket)
+            case req.Send(agent, data):
+                queued = self._queue(agent, data, None)
+                self.reply(ident, rid, {"queued": queued})
+            case req.Call(agent, data, timeout_ms):
+                self._queue(agent, data, (ticket, timeout_ms))
+            case req.Ps():
+                self.reply(ident, rid, {"agents": [a.summary() for a in self.agents]})
+            case req.Tree():
+                self.reply(ident, rid, {"roots": [self.supervision.entry(m) for m in self.supervision.roots()]})
+            case req.Stop(agent):
+                self.supervision.stop(self.supervision.member(agent), ticket)
+            case req.Restart(agent):
+                self.supervision.restart(self.supervision.member(agent), ticket)
+            case req.Wait(agent, after, wait_ms):
+                self._wait(ident, rid, agent, after, wait_ms)
+            case req.Down():
+                self.down_waiters.append(ticket)
+                self.request_down()
 
-    def _op_restart(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
-        member = self.supervision.member(body.get("agent"))
-        self.supervision.restart(member, (ident, rid))
-
-    def _op_spawn(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
-        manifest = body.get("manifest")
-        if not isinstance(manifest, str) or not os.path.isabs(manifest):
-            raise Refused("spawn needs the manifest's absolute path")
-        self.supervision.spawn(Path(manifest), (ident, rid))
-
-    def _op_message(self, ident: bytes, rid: int, op: str, body: dict[str, Any], data: bytes | None) -> None:
-        agent = self.find(body.get("agent"))
-        data = data or b""
+    def _queue(self, ref: str, data: bytes, call: tuple[tuple[bytes, int], int] | None) -> int:
+        """Put a message in the agent's mailbox (bounded); a call is answered when its result is committed."""
+        agent = self.agents.find(ref)
         limits = agent.config.limits
         if len(data) > limits.max_message_bytes:
             raise Refused(f"message of {len(data)} bytes exceeds {agent.name}'s max_message_bytes {limits.max_message_bytes}")
@@ -94,30 +122,21 @@ class ControlRequests:
             raise Refused(f"agent {agent.name} is {agent.status}")
         if len(agent.mailbox) >= limits.mailbox:
             raise Refused(f"agent {agent.name}'s mailbox is full ({limits.mailbox} messages)")
-        pending = Pending(wire.Call(next(self.call_ids), wire.CallKind.HANDLE, data))
-        if op == "call":
-            pending.reply_to = (ident, rid)
-            timeout_ms = body.get("timeout_ms", 10_000)
-            if not isinstance(timeout_ms, int) or not 1 <= timeout_ms <= 3_600_000:
-                raise Refused("timeout_ms must be an integer in 1..3600000")
-            self.timers.after(timeout_ms / 1000, lambda: self._answer_error(pending, "timeout", f"no reply from {agent.name} within {timeout_ms} ms"))
+        pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.HANDLE, data))
+        if call is not None:
+            pending.reply_to, timeout_ms = call
+            self.timers.after(timeout_ms / 1000, lambda: self.answer_error(
+                pending, "timeout", f"no reply from {agent.name} within {timeout_ms} ms"))
         agent.mailbox.append(pending)
-        if op == "send":
-            self._reply(ident, rid, {"queued": len(agent.mailbox)})
-        self.dispatch(agent)
+        queued = len(agent.mailbox)
+        self.workers.dispatch(agent)
+        return queued
 
-    def _op_stop(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
-        self.supervision.stop(self.supervision.member(body.get("agent")), (ident, rid))
-
-    def _op_wait(self, ident: bytes, rid: int, body: dict[str, Any]) -> None:
+    def _wait(self, ident: bytes, rid: int, ref: str, after: int, wait_ms: int) -> None:
         """Answer once the chain of an agent or a tree node has a record after ``after``, or at ``wait_ms``."""
-        ref = body.get("agent")
         chain_id, head = self.supervision.chain_head(ref)
-        after, wait_ms = body.get("after", -1), body.get("wait_ms", 0)
-        if not isinstance(after, int) or not isinstance(wait_ms, int) or not 0 <= wait_ms <= 600_000:
-            raise Refused("wait needs integer after and wait_ms in 0..600000")
         if head > after or wait_ms == 0:
-            self._reply(ident, rid, {"head": head})
+            self.reply(ident, rid, {"head": head})
             return
         entry = (ident, rid, after)
         self.waiters.setdefault(chain_id, []).append(entry)
@@ -126,42 +145,49 @@ class ControlRequests:
             lst = self.waiters.get(chain_id, [])
             if entry in lst:
                 lst.remove(entry)
-                self._reply(ident, rid, {"head": self.supervision.chain_head(ref)[1]})
+                self.reply(ident, rid, {"head": self.supervision.chain_head(ref)[1]})
 
         self.timers.after(wait_ms / 1000, expire)
 
-    def wake_waiters(self, chain_id: bytes, head: int) -> None:
+    def wake(self, chain_id: bytes, head: int) -> None:
         for ident, rid, _ in self.waiters.pop(chain_id, None) or ():
-            self._reply(ident, rid, {"head": head})
+            self.reply(ident, rid, {"head": head})
 
-    def _answer(self, pending: Pending, checked: Checked) -> None:
+    def finish_down(self, stopped: int) -> None:
+        for ident, rid in self.down_waiters:
+            self.reply(ident, rid, {"stopped": stopped})
+
+    # --- answers ------------------------------------------------------------------------------
+
+    def answer(self, pending: Pending, checked: Checked) -> None:
+        """A call's committed result, to its caller."""
         if pending.reply_to is None or pending.answered:
             return
         pending.answered = True
         ident, rid = pending.reply_to
         if checked.status == "ok":
             result = {"status": "ok", "has_reply": checked.reply is not None, "seq": checked.final.seq}
-            self._reply(ident, rid, result, checked.reply)
+            self.reply(ident, rid, result, checked.reply)
         else:
-            self._reply_error(ident, rid, checked.status, checked.error)
+            self.reply_error(ident, rid, checked.status, checked.error)
 
-    def _answer_error(self, pending: Pending, code: str, message: str) -> None:
+    def answer_error(self, pending: Pending, code: str, message: str) -> None:
         if pending.reply_to is None or pending.answered:
             return
         pending.answered = True
-        self._reply_error(*pending.reply_to, code, message)
+        self.reply_error(*pending.reply_to, code, message)
 
     def reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None) -> None:
-        self._reply(ident, rid, result, data)
-
-    def _reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None) -> None:
         frames = [ident, wire.header(wire.ClientType.REPLY), wire.encode_json({"id": rid, "ok": True, "result": result})]
         if data is not None:
             frames.append(data)
         with contextlib.suppress(zmq.ZMQError):
-            self.control.send_multipart(frames, copy=False)
+            self.socket.send_multipart(frames, copy=False)
 
-    def _reply_error(self, ident: bytes, rid: int, code: str, message: str) -> None:
+    def reply_error(self, ident: bytes, rid: int, code: str, message: str) -> None:
         body = {"id": rid, "ok": False, "error": {"code": code, "message": message}}
         with contextlib.suppress(zmq.ZMQError):
-            self.control.send_multipart([ident, wire.header(wire.ClientType.REPLY), wire.encode_json(body)])
+            self.socket.send_multipart([ident, wire.header(wire.ClientType.REPLY), wire.encode_json(body)])
+
+    def close(self) -> None:
+        self.socket.close(0)

@@ -45,6 +45,7 @@ __all__ = [
     "Start",
     "Status",
     "Stop",
+    "StopNode",
     "StoreTree",
     "Sup",
     "add_restart",
@@ -224,6 +225,14 @@ class Stop:
 
 
 @dataclass(frozen=True, slots=True)
+class StopNode:
+    """A tree node begins to stop its children, last first; past the node's own shutdown timeout
+    (unless `infinity`) whatever still runs under it is killed."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class RecordExit:
     """Record the end of an agent's worker, adding ``note`` to its detail and storing ``desired`` if set."""
 
@@ -290,7 +299,7 @@ class Done:
     member: str
 
 
-Action = Start | Stop | RecordExit | Settle | NodeRecord | Notify | OwnerGaveUp | Removed | StoreTree | Done
+Action = Start | Stop | StopNode | RecordExit | Settle | NodeRecord | Notify | OwnerGaveUp | Removed | StoreTree | Done
 
 
 # --- the engine ------------------------------------------------------------------
@@ -652,6 +661,8 @@ class Engine:
             reason = job.reason if member.kind is NodeKind.AGENT_ROOT else "shutdown"
             self._schedule(Job(member, Purpose.STOP, steps, reason=reason,
                                why=job.why or f"supervisor {member.name} stopping"))
+            if member.kind is NodeKind.TREE:
+                self._emit(StopNode(member.name))
             return True
         if member.owns is not None and member.owns.up:  # its own children stop first, last first
             job.steps.appendleft(("stop", member))

@@ -13,17 +13,19 @@ import dataclasses
 import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from theater import wire
 from theater.chain import ChainVerifier
-from theater.records import Kind, Record, sha256, sign_record
+from theater.records import Kind, Record, sha256
 
-from ._agent import Agent, Member, Node, Pending
+from ._agent import Agent, Agents, Member, Node, Pending
 from ._config import AgentConfig, TreeConfig, config_to_dict, load_any, policy_dirs
 from ._errors import NotFound, Refused, StoreError
-from ._store import Commit
+from ._record_path import RecordPath
+from ._store import Commit, EventStore
 from ._supervision import (
     Action,
     Done,
@@ -40,12 +42,14 @@ from ._supervision import (
     Start,
     Status,
     Stop,
+    StopNode,
     StoreTree,
     Sup,
 )
 
 if TYPE_CHECKING:
-    from ._server import Supervisor
+    from ._control import Control
+    from ._workers import Workers
 
 __all__ = ["Supervision"]
 
@@ -63,8 +67,16 @@ def _implicit(agent: Agent) -> Sup:
 class Supervision:
     """The executor of the supervision engine, inside the supervisor's loop."""
 
-    def __init__(self, sv: Supervisor) -> None:
-        self.sv = sv
+    def __init__(self, agents: Agents, records: RecordPath, workers: Workers, control: Control, store: EventStore, *,
+                 policy_root: Path, running: Callable[[], bool], log: Callable[[str], None]) -> None:
+        self.agents = agents
+        self.records = records
+        self.workers = workers
+        self.control = control
+        self.store = store
+        self.policy_root = policy_root
+        self.running = running
+        self.log = log
         self.engine = Engine()
         self.nodes: dict[str, Node] = {}  # tree nodes by name
         self.trees: list[Node] = []  # tree roots, in spawn order
@@ -85,11 +97,11 @@ class Supervision:
             if isinstance(child, TreeConfig):
                 sup.children.append(self.build_node(child).sup)
                 continue
-            agent = self.sv.by_name.get(child.name)
+            agent = self.agents.by_name.get(child.name)
             if agent is None:
-                agent = Agent(id=uuid.uuid4().bytes, config=child, verifier=ChainVerifier(self.sv.public_key),
+                agent = Agent(id=uuid.uuid4().bytes, config=child, verifier=ChainVerifier(self.records.public_key),
                               state=b"", initialized=False, incarnation=-1, in_store=False)
-                self.sv.register(agent)
+                self.register(agent)
             agent.orphan_of = ""
             sup.children.append(agent.leaf)
         return node
@@ -104,7 +116,7 @@ class Supervision:
 
     def roots(self) -> list[Member]:
         """Top-level agents and tree roots, in the order they were started."""
-        agents = [a for a in self.sv.agents.values() if a.leaf.parent is not None
+        agents = [a for a in self.agents if a.leaf.parent is not None
                   and a.leaf.parent.kind is NodeKind.AGENT_ROOT]
         return [*agents, *self.trees]
 
@@ -115,23 +127,23 @@ class Supervision:
             for node in self.nodes.values():
                 if node.uuid == ref:
                     return node
-        return self.sv.find(ref)
+        return self.agents.find(ref)
 
     def agents_under(self, member: Member) -> list[Agent]:
         if isinstance(member, Agent):
             return [member]
-        return [self.sv.by_name[m.name] for m in member.sup.walk() if isinstance(m, Leaf)]
+        return [self.agents.by_name[m.name] for m in member.sup.walk() if isinstance(m, Leaf)]
 
     # --- what clients and agents ask -------------------------------------------------------
 
     def spawn(self, manifest: Path, ticket: Ticket | None) -> Member:
         """Load a manifest and start its agent or tree; an agent is stored once its worker says hello."""
-        if not self.sv.running:
+        if not self.running():
             raise Refused("the supervisor is shutting down")
-        config = load_any(manifest, policy_dirs(self.sv.home.root))
+        config = load_any(manifest, policy_dirs(self.policy_root))
         names = [c.name for c in config.walk()] if isinstance(config, TreeConfig) else [config.name]
         for name in names:
-            existing = self.sv.by_name.get(name) or self.nodes.get(name)
+            existing = self.agents.by_name.get(name) or self.nodes.get(name)
             if existing is not None:
                 raise Refused(f"a member named {name!r} already exists ({existing.uuid}, {existing.status})")
         if isinstance(config, TreeConfig):
@@ -140,9 +152,9 @@ class Supervision:
             self.engine.add(root.sup)
             self.apply(self.engine.spawn(root.sup, time.monotonic(), ticket))
             return root
-        agent = Agent(id=uuid.uuid4().bytes, config=config, verifier=ChainVerifier(self.sv.public_key),
+        agent = Agent(id=uuid.uuid4().bytes, config=config, verifier=ChainVerifier(self.records.public_key),
                       state=b"", initialized=False, incarnation=-1, in_store=False)
-        self.sv.register(agent)
+        self.register(agent)
         if ticket is not None:
             agent.spawn_waiters.append(ticket)
         top = _implicit(agent)
@@ -150,31 +162,62 @@ class Supervision:
         self.apply(self.engine.spawn(top, time.monotonic()))
         return agent
 
+    def register(self, agent: Agent) -> None:
+        self.agents.add(agent)
+        if "supervision" in agent.config.capabilities and agent.leaf.owns is None:
+            self.own_children(agent)
+
+    def _load_stored(self) -> None:
+        """Every stored agent, positioned at its chain's head; a worker that died with the previous
+        supervisor gets its exit record now."""
+        for row in self.store.agents():
+            config = AgentConfig.from_dict(row.config)
+            verifier = ChainVerifier(self.records.public_key)
+            verifier.agent_id = row.id
+            verifier.next_seq = row.head_seq + 1
+            verifier.head_hash = row.head_hash
+            verifier.state_hash = row.state_hash
+            last = Record.parse(next(self.store.records(row.id, after=row.head_seq - 1)))
+            if last.hash != row.head_hash:
+                raise StoreError(f"agent {row.name}: stored head does not match its last record")
+            agent = Agent(id=row.id, config=config, verifier=verifier, state=row.state,
+                          initialized=row.initialized, incarnation=row.incarnation, in_store=True)
+            agent.leaf.status = Status(row.desired) if row.desired != "running" else Status.STOPPED
+            agent.leaf.held = row.desired == "stopped"
+            if last.kind not in (Kind.EXIT, Kind.VIOLATION):  # its worker died with the previous supervisor
+                self.records.append(agent, Kind.EXIT, {
+                    "incarnation": agent.incarnation, "reason": "supervisor-restart",
+                    "detail": "the previous supervisor ended; its worker ended with it",
+                })
+            agent.orphan_of = row.config.get("parent") or ""  # until its tree, if it has one, claims it
+            self.register(agent)
+
     def resume(self) -> None:
         """After a supervisor start: top-level agents and trees whose desired state is running start again."""
-        rows = {row.id: row for row in self.sv.store.agents()}
-        for agent in list(self.sv.agents.values()):
+        self._load_stored()
+        rows = {row.id: row for row in self.store.agents()}
+        for agent in list(self.agents):
             if not agent.orphan_of:
                 top = _implicit(agent)
                 self.engine.add(top)
                 if rows[agent.id].desired == "running":
-                    self.sv.log(f"resuming {agent.name} from record {agent.verifier.next_seq - 1}")
+                    self.log(f"resuming {agent.name} from record {agent.verifier.next_seq - 1}")
                     self.apply(self.engine.spawn(top, time.monotonic(), resume=True))
                 else:
                     top.status = agent.leaf.status
-        for tree_id, _name, data, desired in self.sv.store.trees():
+        for tree_id, _name, data, desired in self.store.trees():
             config = load_stored_tree(data)
             root = self.build_node(config, tree_id)
             self.trees.append(root)
             self.engine.add(root.sup)
             if desired == "running":
-                self.sv.log(f"resuming tree {root.name}")
+                self.log(f"resuming tree {root.name}")
                 self.apply(self.engine.spawn(root.sup, time.monotonic(), resume=True))
             else:
                 for m in root.sup.walk():
                     if isinstance(m, Sup):
                         m.status = Status(desired)
-        for agent in self.sv.agents.values():
+        for agent in self.agents:
             if agent.leaf.parent is None and rows[agent.id].desired == "running":
                 # An agent's own children are not restarted with it; they stay stopped after a restart.
                 self.commit_desired(agent, Status.STOPPED)
@@ -184,7 +227,7 @@ class Supervision:
 
     def restart(self, member: Member, ticket: Ticket | None) -> None:
         """Stop a member if it runs, then start it from its committed state: not counted."""
-        if not self.sv.running:
+        if not self.running():
             raise Refused("the supervisor is shutting down")
         for agent in self.agents_under(member):
             agent.last_exit = agent.last_exit or "restarted by the operator"
@@ -206,7 +249,7 @@ class Supervision:
         if not CHILD_NAME_RE.fullmatch(name):
             raise Refused("a child name is 1-32 characters of a-z, 0-9, '-', '_', starting with a letter or digit")
         full = f"{parent.name}.{name}"
-        earlier = self.sv.by_name.get(full)
+        earlier = self.agents.by_name.get(full)
         if earlier is not None and (earlier.alive or earlier.status not in (Status.STOPPED, Status.FAILED)):
             raise Refused(f"{parent.name} already has a child named {name!r} ({earlier.status})")
         live = sum(1 for c in own.children if c.status not in (Status.STOPPED, Status.FAILED))
@@ -222,9 +265,9 @@ class Supervision:
         if earlier is not None:
             child = self._spawn_again(parent, earlier, config)
         else:
-            child = Agent(id=uuid.uuid4().bytes, config=config, verifier=ChainVerifier(self.sv.public_key), state=b"",
+            child = Agent(id=uuid.uuid4().bytes, config=config, verifier=ChainVerifier(self.records.public_key), state=b"",
                           initialized=False, incarnation=-1, in_store=False)
-            self.sv.register(child)
+            self.register(child)
         self.apply(self.engine.start_child(own, child.leaf, time.monotonic()))
         return child.uuid
 
@@ -236,7 +279,7 @@ class Supervision:
             raise Refused(f"{child.name} ran before with another configuration (its template or component "
                           "changed since); give the child another name")
         child.config = config
-        self.sv.reset_state(child, f"spawned again by {parent.name}")
+        self.reset_state(child, f"spawned again by {parent.name}")
         child.orphan_of = ""
         child.last_exit = f"spawned again by {parent.name}"
         if child.leaf.parent is not None and child.leaf in child.leaf.parent.children:
@@ -248,7 +291,7 @@ class Supervision:
     def stop_child(self, parent: Agent, ref: object) -> None:
         own = parent.leaf.owns
         assert own is not None
-        child = next((self.sv.by_name[c.name] for c in own.children if self.sv.by_name[c.name].uuid == ref), None)
+        child = next((self.agents.by_name[c.name] for c in own.children if self.agents.by_name[c.name].uuid == ref), None)
         if child is None:
             raise NotFound(f"{str(ref)[:64]!r} is not one of {parent.name}'s children")
         self.apply(self.engine.stop(child.name, time.monotonic(), reason="stopped",
@@ -256,7 +299,7 @@ class Supervision:
 
     def children_of(self, parent: Agent) -> list[str]:
         own = parent.leaf.owns
-        return [self.sv.by_name[c.name].uuid for c in own.children] if own is not None else []
+        return [self.agents.by_name[c.name].uuid for c in own.children] if own is not None else []
 
     # --- what workers do -----------------------------------------------------------------------
 
@@ -272,6 +315,30 @@ class Supervision:
         if agent.name in self._exits:  # not a member of any tree (a child from before a supervisor restart)
             self._record_exit(agent, "", None)
 
+    def reset_state(self, agent: Agent, why: str) -> None:
+        """The agent starts again from its initial state: the next worker calls init. The chain says so
+        (a `state-reset` record stating the empty state's hash), so the next worker's records link."""
+        if agent.in_store:
+            try:
+                self.records.append(agent, Kind.STATE_RESET, {"reason": why}, state_hash=sha256(b""),
+                                    state=b"", initialized=False)
+            except StoreError as exc:
+                self.log(f"{agent.name}: cannot record the state reset: {exc}; it resumes its committed state")
+                return
+        agent.state, agent.initialized = b"", False
+
+    def host_request(self, agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
+        """A guest's `supervision` call: it acts only on this agent's own children."""
+        op = body.get("op")
+        if op == "spawn":
+            return {"ok": True, "id": self.spawn_child(agent, body.get("template"), body.get("name"), body.get("args"))}
+        if op == "stop":
+            self.stop_child(agent, body.get("child"))
+            return {"ok": True}
+        if op == "children":
+            return {"ok": True, "children": self.children_of(agent)}
+        return {"ok": False, "error": f"unknown supervision operation {str(op)[:64]!r}"}
+
     def never_started(self, agent: Agent) -> None:
         """An agent whose worker ended before its first hello: it has no chain, and is forgotten."""
         self.apply(self.engine.forget(agent.name, time.monotonic()))
@@ -281,29 +348,31 @@ class Supervision:
     def apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Start):
-                agent = self.sv.by_name[action.name]
+                agent = self.agents.by_name[action.name]
                 if action.counted:
                     agent.restart_count += 1
                     if agent.restart.from_state == "initial" and agent.in_store:
-                        self.sv.reset_state(agent, "restarted from its initial state (from = \"initial\")")
-                self.sv.start_worker(agent)
+                        self.reset_state(agent, "restarted from its initial state (from = \"initial\")")
+                self.workers.start(agent)
             elif isinstance(action, Stop):
-                agent = self.sv.by_name[action.name]
+                agent = self.agents.by_name[action.name]
                 agent.stop_why = action.why
-                self.sv.stop_worker(agent, action.reason)
+                self.workers.stop(agent, action.reason)
+            elif isinstance(action, StopNode):
+                self._node_deadline(self.nodes[action.name])
             elif isinstance(action, RecordExit):
-                self._record_exit(self.sv.by_name[action.name], action.note, action.desired)
+                self._record_exit(self.agents.by_name[action.name], action.note, action.desired)
             elif isinstance(action, Settle):
-                agent = self.sv.by_name[action.name]
-                self.sv.settle(agent)
+                agent = self.agents.by_name[action.name]
+                self.workers.settle(agent)
                 if action.desired is not None:
                     self.commit_desired(agent, action.desired)
             elif isinstance(action, NodeRecord):
                 self._node_record(action)
             elif isinstance(action, Notify):
-                self._notify(self.sv.by_name[action.owner], self.sv.by_name[action.child], action.reason)
+                self._notify(self.agents.by_name[action.owner], self.agents.by_name[action.child], action.reason)
             elif isinstance(action, OwnerGaveUp):
-                owner = self.sv.by_name[action.owner]
+                owner = self.agents.by_name[action.owner]
                 worker = owner.worker
                 if worker is not None and not worker.exited:
                     worker.fault = action.why
@@ -313,10 +382,28 @@ class Supervision:
             elif isinstance(action, StoreTree):
                 node = self.nodes[action.root]
                 with contextlib.suppress(StoreError):
-                    self.sv.store.save_tree(node.id, node.name, config_to_dict(node.config), str(action.desired))
+                    self.store.save_tree(node.id, node.name, config_to_dict(node.config), str(action.desired))
             elif isinstance(action, Done) and isinstance(action.ticket, tuple):
                 ident, rid = action.ticket
-                self.sv.reply(ident, rid, self.entry(self.member(action.member)))
+                self.control.reply(ident, rid, self.entry(self.member(action.member)))
+
+    def _node_deadline(self, node: Node) -> None:
+        """OTP: a supervisor child gets its shutdown time to stop its whole subtree, then is killed."""
+        spec = node.restart
+        if spec.waits_forever:
+            return
+        limit_ms = spec.shutdown_ms or 0
+
+        def too_slow() -> None:
+            if node.sup.status is not Status.STOPPING:
+                return
+            for agent in self.agents_under(node):
+                worker = agent.worker
+                if worker is not None and not worker.exited:
+                    worker.fault = f"supervisor {node.name} did not stop within its shutdown timeout of {limit_ms} ms; killed"
+                    worker.kill(worker.kill_reason or "shutdown")
+
+        self.workers.timers.after(limit_ms / 1000, too_slow)
 
     def _record_exit(self, agent: Agent, note: str, desired: Status | None) -> None:
         incarnation, reason, detail = self._exits.pop(agent.name, (agent.incarnation, "shutdown", ""))
@@ -328,45 +415,36 @@ class Supervision:
             self._violated.discard(agent.name)
             if want is not None:
                 with contextlib.suppress(StoreError):
-                    self.sv.store.commit([Commit(agent_id=agent.id, records=[], desired=want)])
+                    self.store.commit([Commit(agent_id=agent.id, records=[], desired=want)])
             return
         with contextlib.suppress(StoreError):
-            self.sv.append_record(agent, Kind.EXIT, {"incarnation": incarnation, "reason": reason, "detail": detail},
+            self.records.append(agent, Kind.EXIT, {"incarnation": incarnation, "reason": reason, "detail": detail},
                                   desired=want)
 
     def _open_chain(self, node: Node, parent: str) -> None:
         """A tree node's chain: positioned at its stored head, or begun with its genesis."""
-        head = self.sv.store.node_head(node.id)
-        verifier = ChainVerifier(self.sv.public_key)
-        self.chains[node.name] = verifier
-        if head is not None:
-            verifier.agent_id, verifier.node = node.id, True
-            verifier.next_seq, verifier.head_hash, verifier.state_hash = head[0] + 1, head[1], sha256(b"")
-            return
         config = {**node.config.flags.as_dict(), "restart": node.restart.type,
                   "children": [c.name for c in node.config.children]}
-        self._append_node(node, Kind.NODE_GENESIS, {"name": node.name, "config": wire.encode_json(config).decode(),
-                                                     "parent": parent})
-
-    def _append_node(self, node: Node, kind: Kind, fields: dict[str, str]) -> Record | None:
-        verifier = self.chains[node.name]
-        record = sign_record(self.sv.key, kind=kind, agent_id=node.id, seq=verifier.next_seq, time_ns=time.time_ns(),
-                             prev_hash=verifier.head_hash, state_hash=sha256(b""), fields=fields)
         try:
-            self.sv.store.append_node(node.id, node.name, record)
+            self.chains[node.name] = self.records.open_node_chain(node.id, node.name, config, parent)
         except StoreError as exc:
-            self.sv.log(f"{node.name}: cannot record {kind.name.lower()}: {exc}")
-            return None
-        verifier.advance(record)
-        self.sv.wake_waiters(node.id, record.seq)
-        return record
+            self.log(f"{node.name}: cannot open its chain: {exc}")
+
+    def _append_node(self, node: Node, kind: Kind, fields: dict[str, str]) -> None:
+        verifier = self.chains.get(node.name)
+        if verifier is None:
+            return
+        try:
+            self.records.append_node(node.id, node.name, verifier, kind, fields)
+        except StoreError as exc:
+            self.log(f"{node.name}: cannot record {kind.name.lower()}: {exc}")
 
     def _node_record(self, action: NodeRecord) -> None:
         node = self.nodes.get(action.node)
         if node is None:
             return
         fields = ", ".join(f"{k}={v}" for k, v in action.fields.items())
-        self.sv.log(f"{node.name}: {action.event} ({fields})")
+        self.log(f"{node.name}: {action.event} ({fields})")
         kind = {"start": Kind.NODE_START, "restart": Kind.NODE_RESTART, "give-up": Kind.NODE_GIVE_UP,
                 "terminate": Kind.NODE_TERMINATE}[action.event]
         if action.event == "start":
@@ -388,12 +466,12 @@ class Supervision:
         if reason.endswith("; restarting"):
             said = f"{child.last_exit}; restarting" if child.last_exit else reason
         data = wire.encode_child_exit(child.id, child.verifier.head_hash, said[:1024])
-        owner.mailbox.append(Pending(wire.Call(next(self.sv.call_ids), wire.CallKind.CHILD_EXIT, data)))
-        self.sv.dispatch(owner)
+        owner.mailbox.append(Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.CHILD_EXIT, data)))
+        self.workers.dispatch(owner)
 
     def commit_desired(self, agent: Agent, desired: Status) -> None:
         with contextlib.suppress(StoreError):
-            self.sv.store.commit([Commit(agent_id=agent.id, records=[], desired=str(desired))])
+            self.store.commit([Commit(agent_id=agent.id, records=[], desired=str(desired))])
 
     # --- what `tree` shows ----------------------------------------------------------------------
 
@@ -403,7 +481,7 @@ class Supervision:
             own = member.leaf.owns
             if own is not None:
                 out["strategy"] = own.flags.strategy
-                out["children"] = [self.entry(self.sv.by_name[c.name]) for c in own.children]
+                out["children"] = [self.entry(self.agents.by_name[c.name]) for c in own.children]
             return out
         sup = member.sup
         return {
@@ -418,7 +496,7 @@ class Supervision:
             "status": str(sup.status),
             "uptime_s": round(time.time() - member.started_at, 3) if sup.status is Status.RUNNING else 0,
             "last_exit": sup.last_exit,
-            "children": [self.entry(self.nodes[c.name] if isinstance(c, Sup) else self.sv.by_name[c.name])
+            "children": [self.entry(self.nodes[c.name] if isinstance(c, Sup) else self.agents.by_name[c.name])
                          for c in sup.children],
         }
 

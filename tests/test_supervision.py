@@ -883,3 +883,41 @@ def test_a_tree_nodes_decisions_are_signed_into_its_own_chain(theater: Theater) 
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "node-restart" in shown.stdout and "node-give-up" in shown.stdout
+
+
+def test_shutdown_infinity_waits_for_the_call_in_progress(theater: Theater) -> None:
+    """`shutdown = "infinity"`: a stop waits for the worker however long its call takes (here until the
+    call's own 1.5 s deadline), and never kills it for being slow."""
+    write_lab_policy(theater)
+    limits = {"wall_time_ms": 1500, "fuel_per_call": 10**12}
+    kids = [agent("patient", "spin.wat", policy=LAB_POLICY, limits=limits, restart={"shutdown": "infinity"})]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids)))
+        _busy(c, "patient")
+        start = time.monotonic()
+        assert c.stop("patient")["status"] == "stopped"
+        assert time.monotonic() - start >= 1.0  # it waited for the call to reach its deadline
+    [ended] = _exits(theater, "patient")
+    assert ended["reason"] == "stopped"
+    assert "did not stop within" not in ended["detail"]
+    assert_verified(theater)
+
+
+def test_a_nodes_shutdown_timeout_bounds_its_whole_subtree(theater: Theater) -> None:
+    """OTP: a supervisor child's `shutdown` is the time its whole subtree gets to stop; then what still runs is
+    killed, even a child whose own shutdown is infinity. A node's default is infinity."""
+    write_lab_policy(theater)
+    kids = [sup("inner", [agent("busy", "spin.wat", policy=LAB_POLICY, limits=SPIN_LIMITS,
+                                restart={"shutdown": "infinity"})], restart={"shutdown": 300})]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids)))
+        _busy(c, "busy")
+        start = time.monotonic()
+        assert c.stop("inner")["status"] == "stopped"
+        assert 0.3 <= time.monotonic() - start < 20
+    [ended] = _exits(theater, "busy")
+    assert ended["reason"] == "shutdown"
+    assert ended["detail"] == "supervisor inner did not stop within its shutdown timeout of 300 ms; killed"
+    chain = records(theater, "inner")
+    assert chain[-1].kind is Kind.NODE_TERMINATE
+    assert_verified(theater)

@@ -1,0 +1,142 @@
+"""The record path: every record the supervisor stores passes here, in chain order.
+
+Workers' results, checked by the ledger, wait in a batch that is committed as
+one durable transaction per loop turn; a record the supervisor signs itself
+(genesis, worker-key, exit, violation, state-reset, a node's decisions) first
+commits the batch, so the store holds each chain in the order it was made.
+Nothing is answered before its commit: whoever waits is told through the hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from theater import wire
+from theater.chain import ChainVerifier
+from theater.records import Kind, Record, sha256, sign_record
+
+from ._agent import Agent, Pending
+from ._errors import StoreError
+from ._ledger import Checked
+from ._store import Commit, EventStore
+
+__all__ = ["RecordPath", "Result"]
+
+Result = tuple[Agent, Pending, Checked]
+BeforeCommit = Callable[[Agent, Record], None]
+
+
+def _nothing(agent: Agent, head: Record) -> None:
+    pass
+
+
+class RecordPath:
+    def __init__(self, key: Ed25519PrivateKey, store: EventStore) -> None:
+        self.key = key
+        self.public_key: Ed25519PublicKey = key.public_key()
+        self.store = store
+        self.batch: list[Result] = []
+        # Set by the parts that act on commits: the workers answer results, clients wait for heads.
+        self.on_results: Callable[[list[Result], StoreError | None], None] = lambda batch, error: None
+        self.on_head: Callable[[bytes, int], None] = lambda chain_id, head: None
+        self.on_record: Callable[[Agent, Record], None] | None = None
+
+    # --- workers' results -------------------------------------------------------------------
+
+    def add_result(self, result: Result) -> None:
+        self.batch.append(result)
+
+    def flush(self) -> None:
+        """Commit the results checked so far, in one transaction; every supervisor record follows them."""
+        if not self.batch:
+            return
+        batch, self.batch = self.batch, []
+        try:
+            self.store.commit([checked.commit for _, _, checked in batch])
+        except StoreError as exc:
+            self.on_results(batch, exc)
+            return
+        for agent, _, checked in batch:
+            if checked.commit.state is not None:
+                agent.state = checked.commit.state
+            self.committed(agent, checked.commit.records)
+        self.on_results(batch, None)
+
+    # --- the supervisor's own records --------------------------------------------------------
+
+    def genesis(self, agent: Agent, worker_key: bytes, confinement: str, before_commit: BeforeCommit = _nothing) -> None:
+        """The agent's first record: its configuration (as stored, with its parent) and its first worker's key."""
+        stored = {**agent.config.as_dict(), "parent": agent.parent_name}
+        config = wire.encode_json(stored).decode()
+        record = sign_record(
+            self.key, kind=Kind.GENESIS, agent_id=agent.id, seq=0, time_ns=time.time_ns(),
+            prev_hash=bytes(32), state_hash=sha256(b""),
+            fields={"name": agent.name, "component_sha256": bytes.fromhex(agent.config.component_sha256),
+                    "config": config, "worker_key": worker_key, "confinement": confinement},
+        )
+        agent.verifier.advance(record)
+        before_commit(agent, record)
+        self.store.create_agent(agent.id, agent.name, stored, record, agent.state)
+        agent.in_store = True
+        self.committed(agent, [record])
+
+    def append(self, agent: Agent, kind: Kind, fields: dict[str, Any], before_commit: BeforeCommit = _nothing,
+               state_hash: bytes | None = None, **commit: Any) -> Record:
+        """Sign a supervisor record into the agent's chain and commit it (``state_hash``: a state reset's)."""
+        self.flush()  # results already checked precede this record in the chain and the store
+        v = agent.verifier
+        record = sign_record(
+            self.key, kind=kind, agent_id=agent.id, seq=v.next_seq, time_ns=time.time_ns(),
+            prev_hash=v.head_hash, state_hash=state_hash or v.state_hash or sha256(agent.state), fields=fields,
+        )
+        scratch = copy.copy(v)
+        scratch.advance(record)
+        before_commit(agent, record)
+        self.store.commit([Commit(agent_id=agent.id, records=[record], **commit)])
+        agent.verifier = scratch
+        self.committed(agent, [record])
+        return record
+
+    def committed(self, agent: Agent, records: list[Record]) -> None:
+        """Records are durable: wake whoever waits on the chain, feed the foreground printer."""
+        self.on_head(agent.id, agent.verifier.next_seq - 1)
+        if self.on_record is not None:
+            for record in records:
+                self.on_record(agent, record)
+
+    def reload_head(self, agent: Agent) -> None:
+        """After a failed commit: the agent's chain and state are what the store holds."""
+        row = self.store.agent(agent.id)
+        if row is None:
+            return
+        agent.verifier.next_seq = row.head_seq + 1
+        agent.verifier.head_hash = row.head_hash
+        agent.verifier.state_hash = row.state_hash
+        agent.state = row.state
+
+    # --- supervisor nodes' chains --------------------------------------------------------------
+
+    def open_node_chain(self, node_id: bytes, name: str, config: dict[str, Any], parent: str) -> ChainVerifier:
+        """A tree node's chain: positioned at its stored head, or begun with its genesis."""
+        verifier = ChainVerifier(self.public_key)
+        head = self.store.node_head(node_id)
+        if head is not None:
+            verifier.agent_id, verifier.node = node_id, True
+            verifier.next_seq, verifier.head_hash, verifier.state_hash = head[0] + 1, head[1], sha256(b"")
+            return verifier
+        self.append_node(node_id, name, verifier, Kind.NODE_GENESIS,
+                         {"name": name, "config": wire.encode_json(config).decode(), "parent": parent})
+        return verifier
+
+    def append_node(self, node_id: bytes, name: str, verifier: ChainVerifier, kind: Kind, fields: dict[str, str]) -> None:
+        self.flush()
+        record = sign_record(self.key, kind=kind, agent_id=node_id, seq=verifier.next_seq, time_ns=time.time_ns(),
+                             prev_hash=verifier.head_hash, state_hash=sha256(b""), fields=fields)
+        self.store.append_node(node_id, name, record)
+        verifier.advance(record)
+        self.on_head(node_id, record.seq)

@@ -1,0 +1,425 @@
+"""Workers' lives as the supervisor sees them: start, hello, results, the mailbox, stops, violations, exits.
+
+One ZeroMQ ROUTER socket for every worker and one pidfd per worker. A worker
+is trusted with nothing: its hello must prove its key and pid, its results go
+through the ledger's checks, anything malformed is a recorded violation and
+the worker is killed. Its readiness and its exit go to the supervision
+executor, which decides what happens next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import zmq
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from theater import wire
+from theater.errors import ProtocolError
+from theater.home import Home
+from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256
+from theater.spec import AgentSpec
+
+from ._agent import Agent, Agents, Pending
+from ._errors import StoreError
+from ._ledger import Checked, Prechecked, Violation, check_result, precheck
+from ._record_path import RecordPath, Result
+from ._spawner import Spawner, WorkerProcess, exit_reason
+from ._supervision import Status
+from ._timers import Timers
+
+if TYPE_CHECKING:
+    from ._control import Control
+    from ._host import HostRequests
+    from ._trees import Supervision
+
+__all__ = ["BATCH", "Workers"]
+
+BATCH = 256  # messages taken from one socket per loop turn
+HELLO_TIMEOUT_S = 20.0
+LAST_FRAMES_MS = 100  # how long a dead worker's last frame may trail its exit
+WATCHDOG_GRACE_S = 5.0
+EXIT_LOAD_FAILED = 3
+MIN_FRAMES_OF_TWO_RECORDS = 6  # identity, header, meta, state (if any), then one frame per record
+RESULT_HEADER = wire.header(wire.WorkerType.RESULT)
+
+
+def crash_reason(kind: wire.CallKind, status: str) -> str | None:
+    """The exit reason a failed call means, or None if the agent carries on.
+
+    A guest ``err`` from handle is an answer, not a crash; from init it means
+    the agent could not start. Every other failure is a crash (OTP: the process died).
+    """
+    if status == "ok":
+        return None
+    if status == "guest-error":
+        return "guest-error" if kind is wire.CallKind.INIT else None
+    return "trap"
+
+
+class Workers:
+    def __init__(self, home: Home, ctx: zmq.Context[zmq.Socket[bytes]], spawner: Spawner, agents: Agents,
+                 records: RecordPath, timers: Timers, poller: zmq.Poller, log: Callable[[str], None]) -> None:
+        self.home = home
+        self.spawner = spawner
+        self.agents = agents
+        self.records = records
+        self.timers = timers
+        self.poller = poller
+        self.log = log
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.linger = 0
+        self.socket.router_mandatory = True
+        self.socket.maxmsgsize = MAX_RECORD_BYTES
+        self.socket.bind(home.workers_endpoint)
+        self.by_identity: dict[bytes, Agent] = {}
+        self.by_token: dict[bytes, Agent] = {}
+        self.by_pidfd: dict[int, Agent] = {}
+        self.call_ids = itertools.count(1)
+        self.ending: set[Agent] = set()  # reaped, waiting for a last frame that may trail the exit
+        records.on_results = self._results_committed
+        # The parts a worker's outcomes go to; set by the supervisor once all parts exist.
+        self.supervision: Supervision
+        self.control: Control
+        self.host: HostRequests
+
+    # --- start and hello ---------------------------------------------------------------------
+
+    def start(self, agent: Agent) -> None:
+        agent.discard_results = False
+        workdir = self.home.run / "workers" / agent.uuid
+        worker = self.spawner.spawn(
+            self.home.workers_endpoint, agent.incarnation + 1, self.home.logs / f"{agent.name}.log", workdir,
+            agent.config,
+        )
+        agent.worker = worker
+        self.by_token[worker.token] = agent
+        self.by_pidfd[worker.pidfd] = agent
+        self.poller.register(worker.pidfd, zmq.POLLIN)
+        self.timers.after(HELLO_TIMEOUT_S, lambda: self._hello_timeout(agent, worker))
+
+    def _hello_timeout(self, agent: Agent, worker: WorkerProcess) -> None:
+        if agent.worker is worker and worker.identity is None and not worker.exited:
+            self.log(f"{agent.name}: worker {worker.pid} sent no hello in {HELLO_TIMEOUT_S}s; killing it")
+            worker.kill("no-hello")
+
+    def _on_hello(self, identity: bytes, frames: list[bytes], known: Agent | None) -> None:
+        if known is not None:
+            self.violation(known, "second hello on an established connection")
+            return
+        try:
+            hello = wire.Hello.decode(frames)
+        except ProtocolError as exc:
+            self.log(f"dropping a malformed hello: {exc}")
+            return
+        agent = self.by_token.pop(hello.token, None)
+        worker = agent.worker if agent else None
+        if agent is None or worker is None or worker.token != hello.token:
+            self.log("dropping a hello with an unknown token")
+            return
+        try:
+            key = Ed25519PublicKey.from_public_bytes(hello.worker_key)
+            key.verify(hello.proof, wire.HELLO_DOMAIN + hello.token)
+        except (ValueError, InvalidSignature):
+            worker.kill("bad-hello")
+            self.log(f"{agent.name}: hello proof does not verify; killed")
+            return
+        if hello.pid != worker.pid:
+            worker.kill("bad-hello")
+            self.log(f"{agent.name}: hello from pid {hello.pid}, expected {worker.pid}; killed")
+            return
+        worker.identity = identity
+        self.by_identity[identity] = agent
+        agent.incarnation = worker.incarnation
+        confinement = wire.encode_json(hello.confinement).decode()
+        try:  # the spec goes out before the key record's commit: the worker loads while it is made durable
+            if not agent.in_store:
+                self.records.genesis(agent, hello.worker_key, confinement, before_commit=self._send_spec)
+            else:
+                self.records.append(agent, Kind.WORKER_KEY, {
+                    "incarnation": agent.incarnation, "worker_key": hello.worker_key,
+                    "confinement": confinement, "reason": agent.last_exit or "start",
+                }, before_commit=self._send_spec, incarnation=agent.incarnation)
+        except StoreError as exc:
+            self.log(f"{agent.name}: cannot record the worker's key: {exc}; killing it")
+            worker.kill("store-failed")
+            return
+        if not agent.initialized:
+            agent.mailbox.appendleft(Pending(wire.Call(next(self.call_ids), wire.CallKind.INIT, agent.config.init_args)))
+        else:
+            self._ready(agent)
+        self.dispatch(agent)
+
+    def _send_spec(self, agent: Agent, head: Record) -> None:
+        """What the worker needs to load the agent, its chain head being ``head`` (not yet durable:
+        the worker's first result is committed after it, and nothing is answered before that)."""
+        spec = AgentSpec(
+            agent_id=agent.uuid, name=agent.name, component_path=agent.config.component_path,
+            component_sha256=agent.config.component_sha256, capabilities=agent.config.capabilities,
+            limits=agent.config.limits, head_seq=head.seq, head_hash=head.hash.hex(),
+            state_hash=sha256(agent.state).hex(), hardening=agent.config.hardening,
+        )
+        self.send(agent, [wire.header(wire.SupervisorType.SPEC), wire.encode_json(spec.to_json()), agent.state])
+
+    def _ready(self, agent: Agent) -> None:
+        self.supervision.ready(agent)
+        for ident, rid in agent.spawn_waiters:
+            self.control.reply(ident, rid, agent.summary())
+        agent.spawn_waiters.clear()
+
+    # --- messages and results ------------------------------------------------------------------
+
+    def drain(self) -> None:
+        messages = []
+        for _ in range(BATCH):
+            try:
+                messages.append(self.socket.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        prechecked = self._precheck(messages)
+        for frames in messages:
+            identity, body = frames[0], frames[1:]
+            agent = self.by_identity.get(identity)
+            try:
+                typ = wire.parse_header(body[0], wire.WorkerType) if body else None
+            except ProtocolError as exc:
+                if agent is not None:
+                    self.violation(agent, f"bad header: {exc}", body[0][:64])
+                continue
+            if typ is wire.WorkerType.HELLO:
+                self._on_hello(identity, body[1:], agent)
+            elif agent is None:
+                self.log(f"dropping a {typ} frame from an unknown peer")
+            elif typ is wire.WorkerType.FAULT:
+                self._on_fault(agent, body[1:])
+            elif typ is wire.WorkerType.HOST_REQUEST:
+                self.records.flush()  # what the agent did before asking is committed first
+                self.host.handle(agent, body[1:])
+            elif agent.discard_results:
+                continue
+            elif typ is wire.WorkerType.RESULT:
+                checked = self._check(agent, body[1:], prechecked.get(id(frames)))
+                if checked is not None:
+                    pending = agent.in_flight
+                    assert pending is not None
+                    self.records.add_result((agent, pending, checked))
+                    agent.verifier = checked.verifier  # the next result links to this one
+                    agent.in_flight = None
+                    if crash_reason(pending.call.kind, checked.status) is None and not checked.finish:
+                        # Pipelined: the worker runs the next message while this result is made durable.
+                        # Nothing is answered until the commit has returned.
+                        self.dispatch(agent)
+        self.records.flush()
+
+    def dispatch(self, agent: Agent) -> None:
+        """Send the next queued message if the worker is connected and idle."""
+        worker = agent.worker
+        if agent.in_flight is not None or not agent.mailbox or worker is None or worker.identity is None:
+            return
+        if worker.kill_reason is not None or worker.exited:  # on its way out; the next worker gets the mailbox
+            return
+        if agent.status not in (Status.RUNNING, Status.STARTING, Status.RESTARTING):
+            return
+        pending = agent.mailbox.popleft()
+        agent.in_flight = pending
+        self.send(agent, pending.call.encode())
+        grace = agent.config.limits.wall_time_ms / 1000 + WATCHDOG_GRACE_S
+        self.timers.after(grace, lambda: self._watchdog(agent, worker, pending))
+
+    def _watchdog(self, agent: Agent, worker: WorkerProcess, pending: Pending) -> None:
+        if agent.worker is worker and agent.in_flight is pending and not worker.exited:
+            self.log(f"{agent.name}: worker {worker.pid} did not answer within its deadline plus grace; killing it")
+            worker.kill("unresponsive")
+
+    def send(self, agent: Agent, frames: list[bytes]) -> None:
+        assert agent.worker is not None and agent.worker.identity is not None
+        try:
+            self.socket.send_multipart([agent.worker.identity, *frames], copy=False)
+        except zmq.ZMQError as exc:  # the peer went away; its pidfd will tell us why
+            self.log(f"{agent.name}: cannot send to worker: {exc}")
+
+    def _precheck(self, messages: list[list[bytes]]) -> dict[int, Prechecked]:
+        """With two or more records in a drain batch, start checking all their signatures on the
+        verify pool (Ed25519 releases the GIL) while this thread parses and links them in order.
+        (A lone one-record result is checked in line: handing it over would only add latency.)"""
+        results = [f for f in messages if len(f) > 2 and f[1] == RESULT_HEADER]
+        if len(results) < 2 and not any(len(f) >= MIN_FRAMES_OF_TWO_RECORDS for f in results):
+            return {}
+        out = {}
+        for frames in results:
+            agent = self.by_identity.get(frames[0])
+            if agent is not None and agent.in_flight is not None:
+                ahead = precheck(frames[2:], verifier=agent.verifier, limits=agent.config.limits)
+                if ahead is not None:
+                    out[id(frames)] = ahead
+        return out
+
+    def _check(self, agent: Agent, frames: list[bytes], prechecked: Prechecked | None = None) -> Checked | None:
+        if agent.in_flight is None:
+            self.violation(agent, "result with no call in flight", b"".join(frames[:1]))
+            return None
+        try:
+            return check_result(frames, verifier=agent.verifier, limits=agent.config.limits, call=agent.in_flight.call,
+                                prechecked=prechecked)
+        except Violation as v:
+            self.violation(agent, v.reason, v.evidence)
+        except Exception as exc:  # never let a worker's bytes crash the supervisor
+            self.violation(agent, f"result could not be checked: {type(exc).__name__}: {exc}")
+        return None
+
+    def _results_committed(self, batch: list[Result], error: StoreError | None) -> None:
+        """A batch of results is durable (or could not be made so): answer, and act on crashes and finishes."""
+        if error is not None:
+            # Nothing in this batch is durable: tell callers, restart the workers from the stored head.
+            self.log(f"commit failed: {error}")
+            for agent, pending, _ in batch:
+                self.control.answer_error(pending, "store", f"the result could not be stored: {error}")
+                self.records.reload_head(agent)
+                if agent.worker:
+                    agent.discard_results = True  # its chain ran ahead of the store: nothing more is taken from it
+                    agent.worker.kill("store-failed")
+            return
+        for agent, pending, checked in batch:
+            worker = agent.worker
+            if pending.call.kind is wire.CallKind.INIT and checked.status == "ok":
+                agent.initialized = True
+                self._ready(agent)
+            self.control.answer(pending, checked)
+            crash = crash_reason(pending.call.kind, checked.status)
+            if checked.status != "ok" and crash is None:
+                agent.instance_restarts += 1  # the worker discards the instance after any failed call
+            if crash is not None and worker is not None:
+                # The agent crashed: its worker ends and its supervisor decides what happens next.
+                worker.fault = f"{checked.status}: {checked.error}"[:4096]
+                worker.kill(crash)
+                continue
+            if checked.finish and worker is not None:
+                self.stop(agent, "normal")
+                continue
+            self.dispatch(agent)
+
+    # --- faults, violations, stops, exits ------------------------------------------------------
+
+    def _on_fault(self, agent: Agent, frames: list[bytes]) -> None:
+        """The worker could not run the agent (bad component, missing required hardening): why, before it exits."""
+        worker = agent.worker
+        if worker is None:
+            return
+        try:
+            fault = wire.decode_json(frames[0], "fault") if len(frames) == 1 else {}
+        except ProtocolError:
+            return
+        worker.fault = str(fault.get("detail", ""))[:4096]
+        if fault.get("reason") in ("load-failed", "hardening-failed"):
+            worker.kill_reason = worker.kill_reason or str(fault["reason"])
+
+    def violation(self, agent: Agent, reason: str, evidence: bytes = b"") -> None:
+        evidence = evidence[:4096]
+        worker = agent.worker
+        self.log(f"{agent.name}: protocol violation: {reason}; killing worker")
+        if worker is None or worker.kill_reason == "protocol-violation":
+            return
+        worker.kill("protocol-violation")
+        try:
+            self.records.append(agent, Kind.VIOLATION, {
+                "incarnation": worker.incarnation, "reason": reason, "evidence": evidence,
+            })
+        except StoreError as exc:
+            self.log(f"{agent.name}: cannot record the violation: {exc}")
+
+    def stop(self, agent: Agent, reason: str) -> None:
+        """Ask the worker to stop; kill it after the agent's shutdown timeout (at once for brutal_kill;
+        never for infinity)."""
+        worker = agent.worker
+        if worker is None or worker.exited:
+            return
+        worker.kill_reason = worker.kill_reason or reason
+        spec = agent.restart
+        if worker.identity is None or spec.kills_at_once:
+            worker.kill(reason)
+            return
+        self.send(agent, [wire.header(wire.SupervisorType.STOP)])
+        if spec.waits_forever:
+            return
+        timeout_ms = spec.shutdown_ms
+
+        def too_slow() -> None:
+            if not worker.exited:
+                worker.fault = f"did not stop within its shutdown timeout of {timeout_ms} ms; killed"
+                worker.kill(reason)
+
+        self.timers.after((timeout_ms or 0) / 1000, too_slow)
+
+    def on_exit(self, agent: Agent) -> None:
+        """A worker's pidfd fired: reap it; once its last frame had its chance to arrive, record and decide."""
+        worker = agent.worker
+        assert worker is not None
+        self.poller.unregister(worker.pidfd)
+        self.by_pidfd.pop(worker.pidfd, None)
+        code = worker.reap()
+
+        def expecting() -> bool:  # a result or a fault it sent before it exited may trail its pidfd
+            return worker.identity is not None and (
+                agent.in_flight is not None or (code == EXIT_LOAD_FAILED and worker.fault is None))
+
+        if expecting() and self.socket.poll(0):
+            self.drain()
+        if expecting():
+            # Never block the loop for it: look again shortly; other agents are served meanwhile.
+            self.ending.add(agent)
+            self.timers.after(LAST_FRAMES_MS / 1000, lambda: self._ended(agent, worker, code))
+            return
+        self._ended(agent, worker, code)
+
+    def _ended(self, agent: Agent, worker: WorkerProcess, code: int) -> None:
+        self.ending.discard(agent)
+        if worker.identity is not None and self.socket.poll(0):
+            self.drain()
+        self.by_token.pop(worker.token, None)
+        if worker.identity is not None:
+            self.by_identity.pop(worker.identity, None)
+        how = exit_reason(code)
+        reason = worker.kill_reason or ("load-failed" if code == EXIT_LOAD_FAILED else "worker-died")
+        why, agent.stop_why = agent.stop_why, ""
+        detail = worker.fault or (f"{why} ({how})" if why else how)
+        agent.last_exit = f"{reason}: {detail}"
+        self.log(f"{agent.name}: worker {worker.pid} {how} ({reason})")
+        if agent.in_flight is not None:
+            self.control.answer_error(agent.in_flight, "worker-died", f"the agent's worker ended during the call "
+                                      f"({agent.last_exit}); nothing was committed")
+            agent.in_flight = None
+        if agent.worker is worker:
+            agent.worker = None
+        if not agent.in_store:  # it ended before its first hello: there is no chain to record in
+            self.supervision.never_started(agent)
+            self.agents.remove(agent)
+            for ident, rid in agent.spawn_waiters:
+                self.control.reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {reason}: {detail}")
+            agent.spawn_waiters.clear()
+            return
+        violated = reason == "protocol-violation" and worker.identity is not None
+        self.supervision.exited(agent, worker.incarnation, reason, detail, violated=violated)
+
+    def settle(self, agent: Agent) -> None:
+        """The agent will not run again by itself: answer everyone waiting on it."""
+        for pending in agent.mailbox:
+            self.control.answer_error(pending, "agent-stopped", f"agent {agent.name} is {agent.status}")
+        agent.mailbox.clear()
+        for ident, rid in agent.spawn_waiters:
+            self.control.reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {agent.last_exit}")
+        agent.spawn_waiters.clear()
+
+    def alive(self) -> bool:
+        """Some worker runs, or the end of one is still being recorded."""
+        return bool(self.ending) or any(a.worker is not None and not a.worker.exited for a in self.agents)
+
+    def close(self) -> None:
+        for agent in self.agents:
+            if agent.worker and not agent.worker.exited:
+                agent.worker.kill("shutdown")
+        with contextlib.suppress(zmq.ZMQError):
+            self.socket.close(0)

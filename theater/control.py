@@ -1,0 +1,146 @@
+"""Control requests, typed: what a client may ask of a supervisor, each checked once where it is decoded.
+
+A request on the wire is a JSON object (``op``, ``id``, ``token`` and the
+operation's arguments, ``docs/wire-protocol.md`` section 8) and an optional
+data frame. :func:`decode_request` turns it into one of the classes below or
+raises :class:`BadRequest` naming the argument that is wrong; the supervisor
+dispatches on the class, never on a string.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import TheaterError
+
+__all__ = [
+    "BadRequest",
+    "Call",
+    "Down",
+    "Ping",
+    "Ps",
+    "Request",
+    "Restart",
+    "Send",
+    "Spawn",
+    "Stop",
+    "Tree",
+    "Wait",
+    "decode_request",
+]
+
+MAX_CALL_TIMEOUT_MS = 3_600_000
+DEFAULT_CALL_TIMEOUT_MS = 10_000
+MAX_WAIT_MS = 600_000
+
+
+class BadRequest(TheaterError):
+    """A request whose operation is unknown or whose arguments are wrong (error code ``refused``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    manifest: str  # an absolute path the supervisor can read
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    agent: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    agent: str
+    data: bytes
+    timeout_ms: int = DEFAULT_CALL_TIMEOUT_MS
+
+
+@dataclass(frozen=True, slots=True)
+class Ps:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Tree:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    agent: str  # an agent, or a supervisor node
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    agent: str  # an agent, or a supervisor node
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    agent: str  # an agent, or a supervisor node: whose chain
+    after: int = -1
+    wait_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Down:
+    pass
+
+
+Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Down
+
+
+def _name(body: dict[str, Any]) -> str:
+    ref = body.get("agent")
+    if not isinstance(ref, str):
+        raise BadRequest("agent must be a name or an id")
+    return ref
+
+
+def _int(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = body.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"{key} must be an integer in {low}..{high}")
+    return value
+
+
+def decode_request(op: object, body: dict[str, Any], data: bytes | None) -> Request:
+    """The typed request for ``op`` with ``body``'s arguments and the optional data frame."""
+    if op == "ping":
+        return Ping()
+    if op == "spawn":
+        manifest = body.get("manifest")
+        if not isinstance(manifest, str) or not os.path.isabs(manifest):
+            raise BadRequest("spawn needs the manifest's absolute path")
+        return Spawn(manifest)
+    if op == "send":
+        return Send(_name(body), data or b"")
+    if op == "call":
+        return Call(_name(body), data or b"", _int(body, "timeout_ms", DEFAULT_CALL_TIMEOUT_MS, 1, MAX_CALL_TIMEOUT_MS))
+    if op == "ps":
+        return Ps()
+    if op == "tree":
+        return Tree()
+    if op == "stop":
+        return Stop(_name(body))
+    if op == "restart":
+        return Restart(_name(body))
+    if op == "wait":
+        after = body.get("after", -1)
+        if not isinstance(after, int) or isinstance(after, bool):
+            raise BadRequest("wait needs integer after and wait_ms in 0..600000")
+        wait_ms = body.get("wait_ms", 0)
+        if not isinstance(wait_ms, int) or isinstance(wait_ms, bool) or not 0 <= wait_ms <= MAX_WAIT_MS:
+            raise BadRequest("wait needs integer after and wait_ms in 0..600000")
+        return Wait(_name(body), after, wait_ms)
+    if op == "down":
+        return Down()
+    raise BadRequest(f"unknown operation {str(op)[:64]!r}")
