@@ -59,7 +59,9 @@ def verify_home(home: Home, agent: str | None = None) -> list[ChainReport]:
         nodes = db.execute("SELECT id, name, head_seq, head_hash FROM nodes ORDER BY created_ns").fetchall()
         if agent is not None:
             nodes = [r for r in nodes if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
-        return reports + [_verify_one(db, key, *row, sha256(b""), b"") for row in nodes]
+        empty = sha256(b"")  # a node's chain has no state: every record states the empty state's hash
+        return reports + [_verify_one(db, key, node_id, name, head_seq, head_hash, empty, b"")
+                          for node_id, name, head_seq, head_hash in nodes]
     finally:
         db.close()
 

@@ -91,10 +91,14 @@ class WorkerProcess:
 class AgentLike(Protocol):
     """What the spawner needs of an agent's configuration to find or compile its artifact."""
 
-    name: str
-    component_path: str
-    component_sha256: str
-    limits: Limits
+    @property
+    def name(self) -> str: ...
+    @property
+    def component_path(self) -> str: ...
+    @property
+    def component_sha256(self) -> str: ...
+    @property
+    def limits(self) -> Limits: ...
 
 
 WORKER_COMMAND = (sys.executable, "-m", "worker")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -205,7 +206,7 @@ def cmd_events(args: argparse.Namespace, home: Home) -> int:
     try:
         while True:
             for record in _records_after(home, agent_id, last):
-                _out(args, describe(record), lambda r=record: one_line(r))
+                _out(args, describe(record), functools.partial(one_line, record))
                 last = record.seq
             sys.stdout.flush()
             if client is None:

@@ -40,7 +40,7 @@ class Client:
             self._token = self.home.token.read_text().strip()
         except FileNotFoundError:
             raise NotRunning(f"no supervisor is running at {self.home.root} (start one with `theater up`)") from None
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
         self._sock.connect(self.home.control_endpoint)

@@ -154,7 +154,8 @@ class Hello:
         confinement = decode_json(frames[1], "hello confinement")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in confinement.items()):
             raise ProtocolError("hello confinement must map strings to strings")
-        return cls(*_HELLO.unpack(frames[0]), confinement=confinement)
+        token, worker_key, proof, pid = _HELLO.unpack(frames[0])
+        return cls(token, worker_key, proof, pid, confinement)
 
 
 _RESULT_META = struct.Struct(">QB")
