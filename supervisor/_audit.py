@@ -9,18 +9,18 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from theater.chain import verify_chain
 from theater.errors import RecordError
 from theater.home import Home
-from theater.records import sha256
+from theater.records import Record, sha256
 
 from ._errors import NotFound, StoreError
+from ._store import find_chain, open_readonly, read_chain
 
-__all__ = ["ChainReport", "open_readonly", "verify_home"]
+__all__ = ["ChainReport", "chain_records", "open_readonly", "verify_home"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +35,16 @@ class ChainReport:
         return {"id": self.agent_id, "name": self.name, "records": self.records, "ok": self.ok, "problem": self.problem}
 
 
-def open_readonly(path: Path) -> sqlite3.Connection:
-    if not path.exists():
-        raise StoreError(f"{path}: no event store here")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+def chain_records(home: Home, ref: str, after: int = -1) -> list[Record]:
+    """One chain's records after ``after``, read from the store itself (no supervisor needed)."""
+    db = open_readonly(home.store)
+    try:
+        found = find_chain(db, ref)
+        if found is None:
+            raise NotFound(f"no agent or supervisor node named or with id {ref!r} in {home.store}")
+        return [Record.parse(raw) for raw in read_chain(db, found[0], after)]
+    finally:
+        db.close()
 
 
 def verify_home(home: Home, agent: str | None = None) -> list[ChainReport]:
@@ -68,7 +74,7 @@ def verify_home(home: Home, agent: str | None = None) -> list[ChainReport]:
 
 def _verify_one(db: sqlite3.Connection, key: Ed25519PublicKey, agent_id: bytes, name: str, head_seq: int,
                 head_hash: bytes, state_hash: bytes, state: bytes) -> ChainReport:
-    raws = [raw for (raw,) in db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,))]
+    raws = list(read_chain(db, agent_id))
     ident = str(uuid.UUID(bytes=agent_id))
     try:
         verifier = verify_chain(raws, key)

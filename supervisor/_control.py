@@ -12,6 +12,7 @@ import hmac
 import os
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ import zmq
 from theater import control as req
 from theater import wire
 from theater.errors import ProtocolError
+from theater.home import Home
 
 from ._agent import Agents, Pending
 from ._errors import Refused, SupervisorError
@@ -27,6 +29,7 @@ from ._ledger import Checked
 from ._timers import Timers
 
 if TYPE_CHECKING:
+    from ._record_path import RecordPath
     from ._trees import Supervision
     from ._workers import Workers
 
@@ -53,8 +56,10 @@ class Control:
         with os.fdopen(fd, "w") as f:
             f.write(self.token)
         self.waiters: dict[bytes, list[Waiter]] = {}  # chain id -> clients waiting for its next record
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self.down_waiters: list[tuple[bytes, int]] = []
         # Set by the supervisor once all parts exist.
+        self.records: RecordPath
         self.supervision: Supervision
         self.workers: Workers
         self.request_down: Callable[[], None]
@@ -108,6 +113,10 @@ class Control:
                 self.supervision.restart(self.supervision.member(agent), ticket)
             case req.Wait(agent, after, wait_ms):
                 self._wait(ident, rid, agent, after, wait_ms)
+            case req.Events(agent, after):
+                self._events(ident, rid, agent, after)
+            case req.Verify(agent):
+                self._verify(ident, rid, agent)
             case req.Down():
                 self.down_waiters.append(ticket)
                 self.request_down()
@@ -148,6 +157,41 @@ class Control:
                 self.reply(ident, rid, {"head": self.supervision.chain_head(ref)[1]})
 
         self.timers.after(wait_ms / 1000, expire)
+
+    def _events(self, ident: bytes, rid: int, ref: str, after: int) -> None:
+        """A chain's committed records after ``after``, as many as fit one reply (at least one)."""
+        chain_id, head = self.supervision.chain_head(ref)
+        raws: list[bytes] = []
+        size = 0
+        for raw in self.records.store.records(chain_id, after):
+            if raws and size + len(raw) > req.EVENTS_REPLY_BYTES:
+                break
+            raws.append(raw)
+            size += len(raw)
+        last = after + len(raws)
+        self.reply(ident, rid, {"count": len(raws), "head": head, "more": last < head}, req.pack_records(raws))
+
+    def _verify(self, ident: bytes, rid: int, ref: str | None) -> None:
+        """Verify the home's chains as `theater verify` does, off the loop; answer when done."""
+        from ._audit import verify_home
+
+        job = self._pool.submit(verify_home, Home(self.home_root), ref)
+
+        def done() -> None:
+            if not job.done():
+                self.timers.after(0.02, done)
+                return
+            try:
+                reports = job.result()
+            except SupervisorError as exc:
+                self.reply_error(ident, rid, exc.code, str(exc))
+                return
+            except Exception as exc:  # a corrupt store must not take the supervisor down
+                self.reply_error(ident, rid, "store", f"cannot verify: {type(exc).__name__}: {exc}")
+                return
+            self.reply(ident, rid, {"chains": [r.as_dict() for r in reports]})
+
+        self.timers.after(0.02, done)
 
     def wake(self, chain_id: bytes, head: int) -> None:
         for ident, rid, _ in self.waiters.pop(chain_id, None) or ():
@@ -190,4 +234,5 @@ class Control:
             self.socket.send_multipart([ident, wire.header(wire.ClientType.REPLY), wire.encode_json(body)])
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.socket.close(0)

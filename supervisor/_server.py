@@ -104,7 +104,7 @@ class Supervisor:
         # The parts that hear of each other's outcomes.
         self.records.on_head = self.control.wake
         self.workers.supervision, self.workers.control, self.workers.host = self.supervision, self.control, self.host
-        self.control.supervision, self.control.workers = self.supervision, self.workers
+        self.control.supervision, self.control.workers, self.control.records = self.supervision, self.workers, self.records
         self.control.request_down = self.request_down
         self.host.register("supervision", self.supervision.host_request)
         home.pid_file.write_text(str(os.getpid()))

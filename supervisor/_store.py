@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from theater.records import Record
 
 from ._errors import StoreError
 
-__all__ = ["AgentRow", "EventStore"]
+__all__ = ["AgentRow", "EventStore", "find_chain", "open_readonly", "read_chain"]
 
 SCHEMA_VERSION = 1
 
@@ -187,11 +188,38 @@ class EventStore:
         return _agent_row(row) if row else None
 
     def records(self, agent_id: bytes, after: int = -1, limit: int = 1_000_000) -> Iterator[bytes]:
-        cur = self.db.execute(
-            "SELECT raw FROM records WHERE agent_id=? AND seq>? ORDER BY seq LIMIT ?", (agent_id, after, limit)
-        )
-        for (raw,) in cur:
-            yield raw
+        return read_chain(self.db, agent_id, after, limit)
+
+    def find_chain(self, ref: str) -> tuple[bytes, str] | None:
+        return find_chain(self.db, ref)
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """The store, read-only (a live supervisor may be writing it): for verify, events and audits."""
+    if not path.exists():
+        raise StoreError(f"{path}: no event store here")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def read_chain(db: sqlite3.Connection, chain_id: bytes, after: int = -1, limit: int = 1_000_000) -> Iterator[bytes]:
+    """The raw records of one chain (an agent's or a tree node's) after ``after``, in order.
+    Every reader of chains goes through here."""
+    cur = db.execute("SELECT raw FROM records WHERE agent_id=? AND seq>? ORDER BY seq LIMIT ?", (chain_id, after, limit))
+    for (raw,) in cur:
+        yield raw
+
+
+def find_chain(db: sqlite3.Connection, ref: str) -> tuple[bytes, str] | None:
+    """The id and name of the agent or tree node named ``ref``, or with id ``ref``."""
+    try:
+        wanted = uuid.UUID(ref).bytes
+    except ValueError:
+        wanted = None
+    for table in ("agents", "nodes"):
+        row = db.execute(f"SELECT id, name FROM {table} WHERE name=? OR id=?", (ref, wanted)).fetchone()
+        if row is not None:
+            return row[0], row[1]
+    return None
 
 
 class _Transaction:

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,7 +140,7 @@ def cmd_stop(args: argparse.Namespace, home: Home) -> int:
 
 def cmd_tree(args: argparse.Namespace, home: Home) -> int:
     with Client(home) as c:
-        roots = c.request("tree")[0]["roots"]
+        roots = c.tree()
 
     def lines(member: dict[str, Any], depth: int) -> list[str]:
         pad = "  " * depth
@@ -170,46 +169,41 @@ def cmd_doctor(args: argparse.Namespace, home: Home) -> int:
 
 def cmd_restart(args: argparse.Namespace, home: Home) -> int:
     with Client(home, timeout=120) as c:
-        info = c.request("restart", agent=args.agent, timeout=120)[0]
+        info = c.restart(args.agent)
     _out(args, info, f"{info['name']} {info['status']}")
     return EXIT_OK
 
 
-def _agent_id(home: Home, ref: str) -> bytes:
-    from ._audit import open_readonly
-
-    db = open_readonly(home.store)
-    try:
-        for agent_id, name in db.execute("SELECT id, name FROM agents UNION ALL SELECT id, name FROM nodes"):
-            if ref in (name, str(uuid.UUID(bytes=agent_id))):
-                return agent_id
-    finally:
-        db.close()
-    raise SupervisorError(f"no agent or supervisor node named or with id {ref!r} in {home.store}")
-
-
-def _records_after(home: Home, agent_id: bytes, after: int) -> list[Record]:
-    from ._audit import open_readonly
-
-    db = open_readonly(home.store)
-    try:
-        rows = db.execute("SELECT raw FROM records WHERE agent_id=? AND seq>? ORDER BY seq", (agent_id, after)).fetchall()
-    finally:
-        db.close()
-    return [Record.parse(raw) for (raw,) in rows]
-
-
 def cmd_events(args: argparse.Namespace, home: Home) -> int:
-    agent_id = _agent_id(home, args.agent)
+    """A chain's records: through the supervisor when one runs (and always with --follow), otherwise read
+    from the store itself."""
+    from ._audit import chain_records
+
+    try:
+        client: Client | None = Client(home)
+    except NotRunning:
+        if args.follow:
+            raise
+        client = None
     last = -1
-    client = Client(home) if args.follow else None
     try:
         while True:
-            for record in _records_after(home, agent_id, last):
+            if client is None:
+                batch = chain_records(home, args.agent, last)
+            else:
+                try:
+                    batch = client.events(args.agent, last)
+                except NotRunning:
+                    if args.follow:
+                        raise
+                    client.close()
+                    client = None
+                    continue
+            for record in batch:
                 _out(args, describe(record), functools.partial(one_line, record))
                 last = record.seq
             sys.stdout.flush()
-            if client is None:
+            if not args.follow or client is None:
                 return EXIT_OK
             client.wait_events(args.agent, last, 30_000)
     except KeyboardInterrupt:

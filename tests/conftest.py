@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor._audit import open_readonly, verify_home
+from supervisor._audit import chain_records, verify_home
 from theater.client import Client, ClientError, NotRunning
 from theater.home import Home
 from theater.records import Kind, Record
@@ -189,15 +189,9 @@ def wait_status(c: Client, name: str, *statuses: str, timeout: float = 20.0) -> 
 
 
 def records(t: Theater, name: str, *, check_seq: bool = True) -> list[Record]:
-    """The agent's stored chain, read-only from SQLite; with ``check_seq`` its seqs must run 0, 1, 2..."""
-    db = open_readonly(t.home.store)
-    try:
-        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=? UNION ALL SELECT id FROM nodes WHERE name=?",
-                                   (name, name)).fetchall()
-        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
-    finally:
-        db.close()
-    chain = [Record.parse(raw) for (raw,) in rows]
+    """The stored chain of an agent or a tree node, read-only from SQLite; with ``check_seq`` its seqs must
+    run 0, 1, 2..."""
+    chain = chain_records(t.home, name)
     if check_seq:
         assert [r.seq for r in chain] == list(range(len(chain))), name
     return chain

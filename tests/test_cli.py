@@ -16,6 +16,8 @@ import pytest
 import zmq
 
 from theater import wire
+from theater.client import ClientError
+from theater.control import EVENTS_REPLY_BYTES
 
 if TYPE_CHECKING:
     from conftest import Theater
@@ -223,3 +225,33 @@ def test_supervisor_survives_a_deeply_nested_control_request(theater: Theater) -
         sock.close(0)
     assert answered, f"no reply; supervisor exit status {theater.proc.poll()}"
     assert json.loads(ok(theater.home.root, "ps", "--json")) == []
+
+
+def test_events_and_verify_go_through_the_client_and_match_the_store(theater: Theater) -> None:
+    """Client.events gives the same records as the store holds (agents and tree nodes alike), across
+    several replies; Client.verify gives what the offline verifier gives; with no supervisor, `events`
+    reads the store itself."""
+    from supervisor._audit import chain_records, verify_home
+
+    spawn(theater, "echo", "echo.wat")
+    with theater.client() as c:
+        for i in range(5):
+            c.call("echo", f"m{i}".encode())
+        for i in range(6):  # ~2 MB records (message and reply): the chain takes more than one reply of 8 MiB
+            c.call("echo", bytes([65 + i]) * 1_000_000)
+        got = c.events("echo")
+        assert sum(len(r.raw) for r in got) > EVENTS_REPLY_BYTES
+        assert [r.raw for r in got] == [r.raw for r in chain_records(theater.home, "echo")]
+        assert [r.seq for r in got] == list(range(got[-1].seq + 1))
+        assert [r.seq for r in c.events("echo", after=3)] == list(range(4, got[-1].seq + 1))
+        assert c.verify() == [r.as_dict() for r in verify_home(theater.home)]
+        with pytest.raises(ClientError) as missing:
+            c.events("nobody")
+        assert missing.value.code == "not-found"
+    online = cli(theater.home.root, "events", "echo", "--json")
+    theater.stop()
+    offline = cli(theater.home.root, "events", "echo", "--json")
+    assert online.returncode == offline.returncode == 0, (online.stderr, offline.stderr)
+    assert online.stdout.count("\n") == len(got)
+    assert offline.stdout.startswith(online.stdout)  # the same records, then the exit `down` wrote
+    assert json.loads(offline.stdout.splitlines()[-1])["kind"] == "exit"

@@ -7,15 +7,17 @@ directory, so only the owning user can reach it.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from . import wire
+from . import control, wire
 from .errors import TheaterError
 from .home import Home
+from .records import Record
 
 __all__ = ["Client", "ClientError", "NotRunning"]
 
@@ -32,6 +34,22 @@ class NotRunning(TheaterError):
     """No supervisor answers at this home."""
 
 
+def _supervisor_gone(home: Home) -> bool:
+    """The pid file names a process that no longer exists: the supervisor was killed. Anything less
+    certain (no pid file, a process we may not signal) is left to the request's own timeout."""
+    try:
+        pid = int(home.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 class Client:
     def __init__(self, home: Home | Path | str, *, timeout: float = 30.0) -> None:
         self.home = home if isinstance(home, Home) else Home(home)
@@ -40,6 +58,9 @@ class Client:
             self._token = self.home.token.read_text().strip()
         except FileNotFoundError:
             raise NotRunning(f"no supervisor is running at {self.home.root} (start one with `theater up`)") from None
+        if _supervisor_gone(self.home):
+            raise NotRunning(f"the supervisor at {self.home.root} is not running (it ended without cleaning up); "
+                             "start it with `theater up`")
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
@@ -97,6 +118,29 @@ class Client:
 
     def stop(self, agent: str) -> dict[str, Any]:
         return self.request("stop", agent=agent)[0]
+
+    def restart(self, agent: str, *, timeout: float = 120.0) -> dict[str, Any]:
+        """Stop a member (agent or supervisor node) if it runs and start it again; its tree entry once ready."""
+        return self.request("restart", agent=agent, timeout=timeout)[0]
+
+    def tree(self) -> list[dict[str, Any]]:
+        return self.request("tree")[0]["roots"]
+
+    def events(self, agent: str, after: int = -1) -> list[Record]:
+        """The committed records of an agent's or a supervisor node's chain after ``after``, in order."""
+        out: list[Record] = []
+        while True:
+            result, data = self.request("events", agent=agent, after=after)
+            out += [Record.parse(raw) for raw in control.unpack_records(data or b"")]
+            if not result.get("more") or not result.get("count"):
+                return out
+            after = out[-1].seq
+
+    def verify(self, agent: str | None = None, *, timeout: float = 600.0) -> list[dict[str, Any]]:
+        """Every chain of the home (or one) checked by the supervisor as `theater verify` does offline."""
+        if agent is None:
+            return self.request("verify", timeout=timeout)[0]["chains"]
+        return self.request("verify", timeout=timeout, agent=agent)[0]["chains"]
 
     def wait_events(self, agent: str, after: int, wait_ms: int) -> int:
         return int(self.request("wait", agent=agent, after=after, wait_ms=wait_ms, timeout=wait_ms / 1000 + 5)[0]["head"])

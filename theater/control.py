@@ -19,6 +19,7 @@ __all__ = [
     "BadRequest",
     "Call",
     "Down",
+    "Events",
     "Ping",
     "Ps",
     "Request",
@@ -27,8 +28,11 @@ __all__ = [
     "Spawn",
     "Stop",
     "Tree",
+    "Verify",
     "Wait",
     "decode_request",
+    "pack_records",
+    "unpack_records",
 ]
 
 MAX_CALL_TIMEOUT_MS = 3_600_000
@@ -91,11 +95,43 @@ class Wait:
 
 
 @dataclass(frozen=True, slots=True)
+class Events:
+    agent: str  # an agent, or a supervisor node: whose chain
+    after: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    agent: str | None = None  # one chain, or every chain of the home
+
+
+@dataclass(frozen=True, slots=True)
 class Down:
     pass
 
 
-Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Down
+Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down
+
+# An `events` reply carries records in its data frame, each as u32 big-endian length + raw record, up to
+# this many bytes (and always at least one record); `more` says whether the chain goes on.
+EVENTS_REPLY_BYTES = 8 * 1024 * 1024
+
+
+def pack_records(raws: list[bytes]) -> bytes:
+    return b"".join(len(raw).to_bytes(4, "big") + raw for raw in raws)
+
+
+def unpack_records(data: bytes) -> list[bytes]:
+    out, off = [], 0
+    while off < len(data):
+        if off + 4 > len(data):
+            raise BadRequest("events data frame: truncated length")
+        n = int.from_bytes(data[off:off + 4], "big")
+        if off + 4 + n > len(data):
+            raise BadRequest("events data frame: truncated record")
+        out.append(data[off + 4:off + 4 + n])
+        off += 4 + n
+    return out
 
 
 def _name(body: dict[str, Any]) -> str:
@@ -141,6 +177,16 @@ def decode_request(op: object, body: dict[str, Any], data: bytes | None) -> Requ
         if not isinstance(wait_ms, int) or isinstance(wait_ms, bool) or not 0 <= wait_ms <= MAX_WAIT_MS:
             raise BadRequest("wait needs integer after and wait_ms in 0..600000")
         return Wait(_name(body), after, wait_ms)
+    if op == "events":
+        after = body.get("after", -1)
+        if not isinstance(after, int) or isinstance(after, bool) or after < -1:
+            raise BadRequest("events needs an integer after >= -1")
+        return Events(_name(body), after)
+    if op == "verify":
+        ref = body.get("agent")
+        if ref is not None and not isinstance(ref, str):
+            raise BadRequest("agent must be a name or an id")
+        return Verify(ref)
     if op == "down":
         return Down()
     raise BadRequest(f"unknown operation {str(op)[:64]!r}")
