@@ -19,7 +19,7 @@ from theater.artifacts import file_signature
 from theater.spec import CAPABILITIES, DEFAULT_HARDENING, HARDENING_LAYERS, LIMIT_BOUNDS, Hardening, Limits
 
 from ._errors import ConfigError
-from ._supervision import DEFAULT_INTENSITY, DEFAULT_PERIOD_MS, STRATEGIES, Flags
+from ._supervision import DEFAULT_INTENSITY, DEFAULT_PERIOD_MS, DEFAULT_SHUTDOWN_MS, STRATEGIES, Flags
 
 __all__ = [
     "AgentConfig",
@@ -68,7 +68,7 @@ class RestartSpec:
     type: str = "permanent"
     intensity: int = DEFAULT_INTENSITY
     period_ms: int = DEFAULT_PERIOD_MS
-    shutdown_ms: int | None = 5000  # None: brutal_kill; SHUTDOWN_INFINITY: wait for as long as it takes
+    shutdown_ms: int | None = DEFAULT_SHUTDOWN_MS  # None: brutal_kill; SHUTDOWN_INFINITY: wait for as long as it takes
     from_state: str = "last"
 
     @property
@@ -416,7 +416,7 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
         raise top.err("init_args", f"is {len(init_bytes)} bytes, more than {MAX_INIT_ARGS_BYTES}")
     caps = _capabilities(top, policy.capabilities)
     narrowed = _limits(top.table("limits"), policy.limits)
-    restart = _restart(top.table("restart"), default_shutdown=5000)
+    restart = _restart(top.table("restart"), default_shutdown=DEFAULT_SHUTDOWN_MS)
     hardening = _hardening(top.table("hardening"), policy.hardening)
 
     component = (base / component_rel).resolve()

@@ -57,6 +57,7 @@ STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 RESTART_TYPES = ("permanent", "transient", "temporary")
 DEFAULT_INTENSITY = 3
 DEFAULT_PERIOD_MS = 5000
+DEFAULT_SHUTDOWN_MS = 5000  # an agent's; a supervisor node's default is infinity, as in OTP
 # Exit reasons that are not crashes: OTP's `normal` and `shutdown`, and the operator's `stop`.
 NOT_ABNORMAL = frozenset({"normal", "shutdown", "stopped"})
 # Failures that would only repeat: the component cannot load, or the confinement cannot be applied.

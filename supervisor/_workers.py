@@ -29,7 +29,7 @@ from ._errors import StoreError
 from ._ledger import Checked, Prechecked, Violation, check_result, precheck
 from ._record_path import RecordPath, Result
 from ._spawner import Spawner, WorkerProcess, exit_reason
-from ._supervision import Status
+from ._supervision import PERMANENT_FAILURES, Status
 from ._timers import Timers
 
 if TYPE_CHECKING:
@@ -314,7 +314,7 @@ class Workers:
         except ProtocolError:
             return
         worker.fault = str(fault.get("detail", ""))[:4096]
-        if fault.get("reason") in ("load-failed", "hardening-failed"):
+        if fault.get("reason") in PERMANENT_FAILURES:
             worker.kill_reason = worker.kill_reason or str(fault["reason"])
 
     def violation(self, agent: Agent, reason: str, evidence: bytes = b"") -> None:
