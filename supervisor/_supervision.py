@@ -431,12 +431,6 @@ class Engine:
             self._schedule(Job(None, Purpose.STOP, deque([("stop", root)]), reason="shutdown", why=why, target=root))
         return self._drain()
 
-    def stop_owned(self, node: Sup, now: float, why: str) -> list[Action]:
-        """An agent's own children stop, for good (their supervisor agent is stopping)."""
-        self._now = now
-        self._stop_owned(node, why)
-        return self._drain()
-
     def start_child(self, node: Sup, leaf: Leaf, now: float) -> list[Action]:
         """An agent spawned a child of its own: it starts at once, under the agent's own node."""
         self._now = now
