@@ -75,7 +75,8 @@ class Agent(_Member):
     discard_results: bool = False  # its worker is being killed after a failed commit
 
     def __post_init__(self) -> None:
-        self.leaf = Leaf(self.config.name, restart=self.config.restart.type)
+        self.leaf = Leaf(self.config.name, restart=self.config.restart.type,
+                         shutdown_ms=self.config.restart.kill_after_ms)
 
     @property
     def status(self) -> Status:

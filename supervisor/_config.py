@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from theater.artifacts import file_signature
-from theater.spec import CAPABILITIES, DEFAULT_HARDENING, HARDENING_LAYERS, LIMIT_BOUNDS, Hardening, Limits
+from theater.capabilities import CAPABILITIES, always_granted
+from theater.spec import DEFAULT_HARDENING, HARDENING_LAYERS, LIMIT_BOUNDS, Hardening, Limits
 
 from ._errors import ConfigError
 from ._supervision import DEFAULT_INTENSITY, DEFAULT_PERIOD_MS, DEFAULT_SHUTDOWN_MS, STRATEGIES, Flags
@@ -72,17 +73,11 @@ class RestartSpec:
     from_state: str = "last"
 
     @property
-    def kills_at_once(self) -> bool:
-        return self.shutdown_ms is None or self.shutdown_ms == 0
-
-    @property
-    def waits_forever(self) -> bool:
-        return self.shutdown_ms == SHUTDOWN_INFINITY
-
-    def shutdown_text(self) -> str:
+    def kill_after_ms(self) -> int | None:
+        """The engine's view: how long a stop waits before it kills (0: at once; None: never)."""
         if self.shutdown_ms is None:
-            return "brutal_kill"
-        return "infinity" if self.waits_forever else f"{self.shutdown_ms} ms"
+            return 0
+        return None if self.shutdown_ms == SHUTDOWN_INFINITY else self.shutdown_ms
 
     def as_dict(self) -> dict[str, Any]:
         return {"type": self.type, "intensity": self.intensity, "period_ms": self.period_ms,
@@ -247,15 +242,15 @@ def _limits(table: _Table, ceiling: Limits | None) -> dict[str, int]:
 
 
 def _capabilities(table: _Table, allowed: tuple[str, ...] | None) -> tuple[str, ...]:
-    caps = table.get("capabilities", list, ["runtime"])
+    """The listed capabilities, known and within ``allowed``; the always-granted ones first if not listed."""
+    always = list(always_granted())
+    caps = table.get("capabilities", list, always)
     for cap in caps:
         if not isinstance(cap, str) or cap not in CAPABILITIES:
             raise table.err("capabilities", f"unknown capability {cap!r} (known: {', '.join(CAPABILITIES)})")
         if allowed is not None and cap not in allowed:
             raise table.err("capabilities", f"{cap!r} is not granted by the policy; a manifest may only narrow its policy")
-    if "runtime" not in caps:
-        caps = ["runtime", *caps]
-    return tuple(dict.fromkeys(caps))
+    return tuple(dict.fromkeys([*(cap for cap in always if cap not in caps), *caps]))
 
 
 def policy_dirs(home: Path | None) -> list[Path]:

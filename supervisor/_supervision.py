@@ -127,6 +127,7 @@ class Leaf:
 
     name: str
     restart: str = "permanent"
+    shutdown_ms: int | None = DEFAULT_SHUTDOWN_MS  # how long a stop waits before it kills; None: infinity
     status: Status = Status.STOPPED
     held: bool = False  # stopped by the operator: no plan starts it until the operator restarts it
     parent: Sup | None = None
@@ -149,6 +150,7 @@ class Sup:
     flags: Flags = field(default_factory=Flags)
     restart: str = "permanent"
     kind: NodeKind = NodeKind.TREE
+    shutdown_ms: int | None = None  # the whole subtree's time to stop; None: infinity (OTP's default)
     children: list[Member] = field(default_factory=list)
     parent: Sup | None = None
     owner: str = ""  # OWNED: the agent whose children these are; AGENT_ROOT: the agent
@@ -218,19 +220,22 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class Stop:
-    """Ask the agent's worker to stop within its shutdown timeout; its exit comes back as an event."""
+    """Ask the agent's worker to stop; kill it after ``kill_after_ms`` (0: at once, brutal_kill; None:
+    never, infinity). Its exit comes back as an event."""
 
     name: str
     reason: str
     why: str
+    kill_after_ms: int | None = DEFAULT_SHUTDOWN_MS
 
 
 @dataclass(frozen=True, slots=True)
 class StopNode:
-    """A tree node begins to stop its children, last first; past the node's own shutdown timeout
-    (unless `infinity`) whatever still runs under it is killed."""
+    """A tree node begins to stop its children, last first; after ``kill_after_ms`` (None: never,
+    infinity) whatever still runs under it is killed."""
 
     name: str
+    kill_after_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -657,7 +662,7 @@ class Engine:
             self._schedule(Job(member, Purpose.STOP, steps, reason=reason,
                                why=job.why or f"supervisor {member.name} stopping"))
             if member.kind is NodeKind.TREE:
-                self._emit(StopNode(member.name))
+                self._emit(StopNode(member.name, member.shutdown_ms))
             return True
         if member.owns is not None and member.owns.up:  # its own children stop first, last first
             job.steps.appendleft(("stop", member))
@@ -669,7 +674,7 @@ class Engine:
             return False
         member.status = Status.STOPPING
         member.waiter = job
-        self._emit(Stop(member.name, job.reason, job.why))
+        self._emit(Stop(member.name, job.reason, job.why, member.shutdown_ms))
         return True
 
     def _start(self, member: Member, job: Job | None) -> bool:

@@ -88,7 +88,7 @@ class Supervision:
 
     def build_node(self, config: TreeConfig, node_id: bytes | None = None) -> Node:
         """Node objects for a tree config; agents already in the store keep their chains."""
-        sup = Sup(config.name, config.flags, restart=config.restart.type)
+        sup = Sup(config.name, config.flags, restart=config.restart.type, shutdown_ms=config.restart.kill_after_ms)
         node = Node(id=node_id or uuid.uuid5(uuid.NAMESPACE_OID, f"theater-tree:{config.name}").bytes,
                     config=config, sup=sup)
         self.nodes[node.name] = node
@@ -357,9 +357,9 @@ class Supervision:
             elif isinstance(action, Stop):
                 agent = self.agents.by_name[action.name]
                 agent.stop_why = action.why
-                self.workers.stop(agent, action.reason)
-            elif isinstance(action, StopNode):
-                self._node_deadline(self.nodes[action.name])
+                self.workers.stop(agent, action.reason, action.kill_after_ms)
+            elif isinstance(action, StopNode) and action.kill_after_ms is not None:
+                self._node_deadline(self.nodes[action.name], action.kill_after_ms)
             elif isinstance(action, RecordExit):
                 self._record_exit(self.agents.by_name[action.name], action.note, action.desired)
             elif isinstance(action, Settle):
@@ -387,12 +387,8 @@ class Supervision:
                 ident, rid = action.ticket
                 self.control.reply(ident, rid, self.entry(self.member(action.member)))
 
-    def _node_deadline(self, node: Node) -> None:
+    def _node_deadline(self, node: Node, limit_ms: int) -> None:
         """OTP: a supervisor child gets its shutdown time to stop its whole subtree, then is killed."""
-        spec = node.restart
-        if spec.waits_forever:
-            return
-        limit_ms = spec.shutdown_ms or 0
 
         def too_slow() -> None:
             if node.sup.status is not Status.STOPPING:

@@ -298,7 +298,7 @@ class Workers:
                 worker.kill(crash)
                 continue
             if checked.finish and worker is not None:
-                self.stop(agent, "normal")
+                self.stop(agent, "normal", agent.leaf.shutdown_ms)
                 continue
             self.dispatch(agent)
 
@@ -331,28 +331,26 @@ class Workers:
         except StoreError as exc:
             self.log(f"{agent.name}: cannot record the violation: {exc}")
 
-    def stop(self, agent: Agent, reason: str) -> None:
-        """Ask the worker to stop; kill it after the agent's shutdown timeout (at once for brutal_kill;
-        never for infinity)."""
+    def stop(self, agent: Agent, reason: str, kill_after_ms: int | None) -> None:
+        """Ask the worker to stop; kill it after ``kill_after_ms`` (0: at once, brutal_kill; None: never)."""
         worker = agent.worker
         if worker is None or worker.exited:
             return
         worker.kill_reason = worker.kill_reason or reason
-        spec = agent.restart
-        if worker.identity is None or spec.kills_at_once:
+        if worker.identity is None or kill_after_ms == 0:
             worker.kill(reason)
             return
         self.send(agent, [wire.header(wire.SupervisorType.STOP)])
-        if spec.waits_forever:
+        if kill_after_ms is None:
             return
-        timeout_ms = spec.shutdown_ms
+        timeout_ms = kill_after_ms
 
         def too_slow() -> None:
             if not worker.exited:
                 worker.fault = f"did not stop within its shutdown timeout of {timeout_ms} ms; killed"
                 worker.kill(reason)
 
-        self.timers.after((timeout_ms or 0) / 1000, too_slow)
+        self.timers.after(timeout_ms / 1000, too_slow)
 
     def on_exit(self, agent: Agent) -> None:
         """A worker's pidfd fired: reap it; once its last frame had its chance to arrive, record and decide."""

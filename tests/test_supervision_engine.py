@@ -26,6 +26,7 @@ from supervisor._supervision import (
     Start,
     Status,
     Stop,
+    StopNode,
     StoreTree,
     Sup,
     add_restart,
@@ -521,3 +522,21 @@ def test_a_crash_storm_always_ends_in_a_settled_tree(strategy: str) -> None:
         world.tick(50)
     assert root.job is None and root.deferred == []
     assert all(c.status in (Status.RUNNING, Status.STOPPED, Status.FAILED) for c in root.children)
+
+
+# --- shutdown timeouts ----------------------------------------------------------------------
+
+
+def test_each_stop_carries_the_childs_own_shutdown() -> None:
+    """A stop kills after the child's shutdown: its timeout in ms, 0 for brutal_kill, never (None) for
+    infinity; a node's stop carries its own limit for its whole subtree (infinity by default, as in OTP)."""
+    inner = Sup("inner", Flags(), shutdown_ms=300, children=[Leaf("i1", shutdown_ms=None)])
+    root = Sup("root", Flags("one_for_all"), children=[
+        Leaf("a", shutdown_ms=2000), Leaf("b", shutdown_ms=0), inner, Leaf("c", shutdown_ms=None)])
+    world = running(root)
+    out = world.run(world.engine.shutdown([root], world.now, "down"))
+    stops = {a.name: a.kill_after_ms for a in out if isinstance(a, Stop)}
+    assert stops == {"c": None, "i1": None, "b": 0, "a": 2000}
+    assert names(out, Stop) == ["c", "i1", "b", "a"]  # reverse start order, the subtree in its place
+    # the root's own default is infinity; the subtree's limit is its own
+    assert [(a.name, a.kill_after_ms) for a in out if isinstance(a, StopNode)] == [("root", None), ("inner", 300)]
