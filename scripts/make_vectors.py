@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from theater import wire  # noqa: E402
+from theater.capabilities import CAPABILITIES  # noqa: E402
 from theater.records import (  # noqa: E402
     DOMAIN,
     FIELDS,
@@ -37,7 +38,7 @@ from theater.records import (  # noqa: E402
     sha256,
     sign_record,
 )
-from theater.spec import CAPABILITIES, AgentSpec, Limits  # noqa: E402
+from theater.spec import AgentSpec, Limits  # noqa: E402
 
 VECTORS = ROOT / "tests" / "vectors"
 
@@ -51,7 +52,7 @@ AGENT_UUID = "00112233-4455-6677-8899-aabbccddeeff"
 AGENT_ID = uuid.UUID(AGENT_UUID).bytes
 OTHER_AGENT_ID = uuid.UUID("ffeeddcc-bbaa-9988-7766-554433221100").bytes
 T0 = 1_700_000_000_000_000_000  # 2023-11-14T22:13:20Z, in ns
-RUNTIME = CAPABILITIES["runtime"]
+RUNTIME = CAPABILITIES["runtime"].interface
 CONFINEMENT = wire.encode_json({"landlock": "enforced", "no_new_privs": "on", "seccomp": "enforced"}).decode()
 COMPONENT_SHA256 = sha256(b"(component)")  # stands in for a real component's digest
 

@@ -17,7 +17,8 @@ from supervisor._config import (
     policy_dirs,
 )
 from supervisor._errors import ConfigError
-from theater.spec import CAPABILITIES, LIMIT_BOUNDS, Limits
+from theater.capabilities import CAPABILITIES, Capability
+from theater.spec import LIMIT_BOUNDS, Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = tomllib.loads((ROOT / "policies" / "default.toml").read_text())
@@ -318,7 +319,7 @@ def test_non_string_capability_is_refused(agent_dir: Path) -> None:
 
 def test_capability_not_granted_by_the_policy_is_refused(agent_dir: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A known capability the policy does not grant is refused; a site policy granting it lets it through."""
-    monkeypatch.setitem(CAPABILITIES, "clock", "theater:agent/clock@0.1.0")
+    monkeypatch.setitem(CAPABILITIES, "clock", Capability("clock", "theater:agent/clock@0.1.0"))
     path = manifest(agent_dir, 'capabilities = ["clock"]\n')
     message = config_error(path, home)
     assert "capabilities: 'clock' is not granted by the policy" in message

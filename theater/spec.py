@@ -9,15 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .capabilities import CAPABILITIES
 from .errors import ProtocolError
 
-__all__ = ["CAPABILITIES", "DEFAULT_HARDENING", "HARDENING_LAYERS", "LIMIT_BOUNDS", "AgentSpec", "Hardening", "Limits"]
-
-# Capability name -> WIT interface. Later capabilities add one entry each.
-CAPABILITIES: dict[str, str] = {
-    "runtime": "theater:agent/runtime@0.1.0",
-    "supervision": "theater:agent/supervision@0.1.0",
-}
+__all__ = ["DEFAULT_HARDENING", "HARDENING_LAYERS", "LIMIT_BOUNDS", "AgentSpec", "Hardening", "Limits"]
 
 KIB = 1024
 MIB = 1024 * KIB
