@@ -28,7 +28,7 @@ from wasmtime.component._enter import enter_wasm
 from theater.artifacts import artifact_key, engine_config, file_signature
 from theater.spec import Limits
 
-from ._errors import CallFailed, LoadError
+from ._errors import CallFailed, HostLimit, LoadError
 
 __all__ = [
     "DeadlineTimer", "Lifted", "Sandbox", "artifact_key", "classify", "compile_component", "describe",
@@ -420,10 +420,6 @@ class Sandbox:
         """Drop the current instance (after a failed call) so the next call starts fresh."""
         if self._store is not None:
             self._drop()
-
-
-class HostLimit(Exception):
-    """A host import refused a guest request that exceeds a policy limit."""
 
 
 class Lifted(NamedTuple):

@@ -3,13 +3,15 @@
     CallFailed            one call failed; the worker carries on
       status: out-of-fuel | deadline | memory | stack-overflow | trap |
               guest-error | host-limit | malformed-result | too-large
+    HostLimit             a host function refused the guest (a policy limit); the call fails
+                          with status host-limit
     LoadError             the component cannot be run as an agent (fatal)
       HardeningFailed     the OS confinement the agent's policy requires is not in force (fatal)
 """
 
 from __future__ import annotations
 
-__all__ = ["CallFailed", "HardeningFailed", "LoadError"]
+__all__ = ["CallFailed", "HardeningFailed", "HostLimit", "LoadError"]
 
 
 class CallFailed(Exception):
@@ -19,6 +21,10 @@ class CallFailed(Exception):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+
+
+class HostLimit(Exception):
+    """A host import refused a guest request that exceeds a policy limit."""
 
 
 class LoadError(Exception):

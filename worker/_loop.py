@@ -12,15 +12,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from theater import wire
+from theater.capabilities import CAPABILITIES
 from theater.errors import ProtocolError
 from theater.records import Kind, sha256
-from theater.spec import CAPABILITIES, AgentSpec
+from theater.spec import AgentSpec
 
 from ._boundary import from_guest, from_guest_utf8, to_guest
 from ._caps import runtime, supervision, wasi
 from ._engine import (
     AGENT_EXPORTS,
-    HostLimit,
     Lifted,
     Sandbox,
     artifact_key,
@@ -28,7 +28,7 @@ from ._engine import (
     make_engine,
     read_component,
 )
-from ._errors import CallFailed, LoadError
+from ._errors import CallFailed, HostLimit, LoadError
 from ._harden import lock_down, require
 from ._recorder import Recorder
 
@@ -168,7 +168,7 @@ class Agent:
                 raise LoadError("the supervision capability needs a supervisor to ask")
             linkers["supervision"] = supervision.Supervision(self.recorder, ask, self.runtime.count_host_call).link
             exports[supervision.CHILD_EXIT_EXPORT[0]] = supervision.CHILD_EXIT_EXPORT[1]
-        interfaces = {CAPABILITIES[cap]: linkers[cap] for cap in spec.capabilities}
+        interfaces = {CAPABILITIES[cap].interface: linkers[cap] for cap in spec.capabilities}
         engine = make_engine(spec.limits)
         compiled = None
         if artifact is not None:  # compiled once, elsewhere: map it instead of compiling

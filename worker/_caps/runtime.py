@@ -12,7 +12,7 @@ from theater.records import Kind
 from theater.spec import Limits
 
 from .._boundary import to_guest
-from .._engine import HostLimit
+from .._errors import HostLimit
 from .._recorder import Recorder
 
 INTERFACE = "theater:agent/runtime@0.1.0"

@@ -16,7 +16,7 @@ from wasmtime import component as wc
 from theater import wire
 from theater.records import Kind
 
-from .._engine import HostLimit
+from .._errors import HostLimit
 from .._recorder import Recorder
 
 INTERFACE = "theater:agent/supervision@0.1.0"

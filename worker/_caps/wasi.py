@@ -33,7 +33,7 @@ from wasmtime import component as wc
 from theater.records import Kind
 from theater.spec import Limits
 
-from .._engine import HostLimit
+from .._errors import HostLimit
 from .._recorder import Recorder
 
 CLOCK_RESOLUTION_NS = 1000
