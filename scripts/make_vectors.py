@@ -266,8 +266,10 @@ def frames_document() -> dict[str, Any]:
          {"fault": {"detail": "no such export", "reason": "load-failed"}}),
         ("stop", "supervisor -> worker", [wire.header(wire.SupervisorType.STOP)], {}),
         ("host request", "worker -> supervisor",
-         wire.HostRequest(1, {"op": "spawn", "template": "worker", "name": "w", "args": ""}).encode(wire.WorkerType.HOST_REQUEST),
-         {"request_id": 1, "body": {"op": "spawn", "template": "worker", "name": "w", "args": ""}}),
+         wire.HostRequest(1, {"op": "spawn", "template": "worker", "name": "w", "args": ""}, "supervision")
+         .encode(wire.WorkerType.HOST_REQUEST),
+         {"request_id": 1, "interface": "supervision",
+          "body": {"op": "spawn", "template": "worker", "name": "w", "args": ""}}),
         ("host reply", "supervisor -> worker",
          wire.HostRequest(1, {"ok": True, "id": CHILD_UUID}).encode(wire.SupervisorType.HOST_REPLY),
          {"request_id": 1, "body": {"ok": True, "id": CHILD_UUID}}),

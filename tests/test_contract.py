@@ -572,10 +572,14 @@ def test_package_layering(package: str, forbidden: set[str]) -> None:
 def test_supervision_frames_decode_to_their_golden_meaning() -> None:
     """The host request, host reply and child-exit call vectors decode to what frames.json says they mean."""
     for name, typ in (("host request", wire.WorkerType), ("host reply", wire.SupervisorType)):
-        frames = frames_of(name)
-        assert wire.parse_header(frames[0], typ).name == name.upper().replace(" ", "_")
+        frames, meaning = frames_of(name), MESSAGES[name]["decoded"]
+        frame_type = wire.parse_header(frames[0], typ)
+        assert frame_type.name == name.upper().replace(" ", "_")
         decoded = wire.HostRequest.decode(frames[1:], name)
-        assert (decoded.request_id, decoded.body) == (MESSAGES[name]["decoded"]["request_id"], MESSAGES[name]["decoded"]["body"])
+        assert (decoded.request_id, decoded.interface, decoded.body) == (
+            meaning["request_id"], meaning.get("interface"), meaning["body"])
+        assert decoded.encode(frame_type) == frames
+    assert wire.decode_json(frames_of("host request")[2], "host request")["interface"] == "supervision"
     frames = frames_of("call child-exit")
     call = wire.Call.decode(frames[1:])
     child, exit_hash, reason = wire.decode_child_exit(call.data)
@@ -584,3 +588,15 @@ def test_supervision_frames_decode_to_their_golden_meaning() -> None:
     assert (str(uuid.UUID(bytes=child)), exit_hash.hex(), reason) == (meaning["child"], meaning["exit_hash"], meaning["reason"])
     with pytest.raises(ProtocolError, match="shorter than 48 bytes"):
         wire.decode_child_exit(call.data[:47])
+
+
+def test_host_request_names_its_interface() -> None:
+    """A host request carries its interface in the body's `interface` key; decoded, the body is the interface's own."""
+    request = wire.HostRequest(7, {"op": "get", "key": "k"}, "kv")
+    frames = request.encode(wire.WorkerType.HOST_REQUEST)
+    assert frames[2] == b'{"interface":"kv","key":"k","op":"get"}'
+    assert wire.HostRequest.decode(frames[1:], "host request") == request
+    reply = wire.HostRequest.decode(wire.HostRequest(7, {"ok": True}).encode(wire.SupervisorType.HOST_REPLY)[1:], "host reply")
+    assert reply.interface is None and reply.body == {"ok": True}
+    with pytest.raises(ProtocolError, match="interface must be a string"):
+        wire.HostRequest.decode([frames[1], b'{"interface":3,"op":"get"}'], "host request")

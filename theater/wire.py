@@ -18,6 +18,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "HELLO_DOMAIN",
+    "HOST_INTERFACE_KEY",
     "VERSION",
     "Call",
     "CallKind",
@@ -92,21 +93,36 @@ def decode_child_exit(data: bytes) -> tuple[bytes, bytes, str]:
 _REQUEST_META = struct.Struct(">Q")
 
 
+HOST_INTERFACE_KEY = "interface"
+
+
 @dataclass(frozen=True, slots=True)
 class HostRequest:
-    """A host call the worker cannot answer alone (supervision): id and a JSON body."""
+    """HOST_REQUEST and HOST_REPLY: an 8-byte id frame and a JSON body.
+
+    A request names the interface it is for, a capability's name
+    (``theater.capabilities``), in its body's ``interface`` key. Decoded,
+    :attr:`interface` holds that name and :attr:`body` the rest: the interface's
+    operation ``op`` and its arguments. A reply names no interface (None).
+    """
 
     request_id: int
     body: dict[str, Any]
+    interface: str | None = None
 
     def encode(self, typ: int) -> list[bytes]:
-        return [header(typ), _REQUEST_META.pack(self.request_id), encode_json(self.body)]
+        body = self.body if self.interface is None else {**self.body, HOST_INTERFACE_KEY: self.interface}
+        return [header(typ), _REQUEST_META.pack(self.request_id), encode_json(body)]
 
     @classmethod
     def decode(cls, frames: list[bytes], what: str) -> HostRequest:
         if len(frames) != 2 or len(frames[0]) != _REQUEST_META.size:
             raise ProtocolError(f"{what} must be an 8-byte id frame and a JSON frame")
-        return cls(_REQUEST_META.unpack(frames[0])[0], decode_json(frames[1], what))
+        body = decode_json(frames[1], what)
+        interface = body.pop(HOST_INTERFACE_KEY, None)
+        if interface is not None and not isinstance(interface, str):
+            raise ProtocolError(f"{what}: {HOST_INTERFACE_KEY} must be a string")
+        return cls(_REQUEST_META.unpack(frames[0])[0], body, interface)
 
 
 def header(typ: int) -> bytes:
