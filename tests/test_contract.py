@@ -6,6 +6,7 @@ import ast
 import copy
 import json
 import random
+import re
 import subprocess
 import sys
 import uuid
@@ -600,3 +601,19 @@ def test_host_request_names_its_interface() -> None:
     assert reply.interface is None and reply.body == {"ok": True}
     with pytest.raises(ProtocolError, match="interface must be a string"):
         wire.HostRequest.decode([frames[1], b'{"interface":3,"op":"get"}'], "host request")
+
+
+def test_capabilities_are_interfaces_of_the_wit_package_and_have_host_modules() -> None:
+    """Each capability is an interface of wit/agent.wit at the package's version, and the worker registers exactly them."""
+    from theater.capabilities import CAPABILITIES
+    from worker._caps import REGISTRY
+
+    wit = (ROOT / "wit" / "agent.wit").read_text()
+    package = re.search(r"^package (\S+)@(\S+);", wit, re.M)
+    assert package is not None
+    declared = set(re.findall(r"^interface ([a-z][a-z0-9-]*) \{", wit, re.M))
+    for name, cap in CAPABILITIES.items():
+        assert name in declared
+        assert cap.interface == f"{package[1]}/{name}@{package[2]}"
+    assert list(REGISTRY) == list(CAPABILITIES)
+    assert all(REGISTRY[name].interface == cap.interface for name, cap in CAPABILITIES.items())

@@ -12,13 +12,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from theater import wire
-from theater.capabilities import CAPABILITIES
 from theater.errors import ProtocolError
 from theater.records import Kind, sha256
 from theater.spec import AgentSpec
 
 from ._boundary import from_guest, from_guest_utf8, to_guest
-from ._caps import runtime, supervision, wasi
+from ._caps import Ask, Host, language_runtime, link_granted
 from ._engine import (
     AGENT_EXPORTS,
     Lifted,
@@ -126,16 +125,17 @@ class SupervisorLink:
         self._sock = sock
         self._ids = 0
 
-    def ask(self, body: dict[str, Any]) -> dict[str, Any]:
+    def ask(self, interface: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Send ``body`` as a HOST_REQUEST for ``interface`` (a capability's name) and wait for its answer."""
         self._ids += 1
-        self._sock.send_multipart(wire.HostRequest(self._ids, body).encode(wire.WorkerType.HOST_REQUEST))
+        self._sock.send_multipart(wire.HostRequest(self._ids, body, interface).encode(wire.WorkerType.HOST_REQUEST))
         while True:
             if not self._sock.poll(self.TIMEOUT_MS):
                 raise HostLimit("the supervisor did not answer a host request in time")
             frames = self._sock.recv_multipart()
             typ = wire.parse_header(frames[0], wire.SupervisorType)
-            if typ is wire.SupervisorType.STOP:
-                supervision.exit_now()
+            if typ is wire.SupervisorType.STOP:  # stopped mid-call: exit at once, nothing of the call is sent
+                os._exit(0)
             if typ is not wire.SupervisorType.HOST_REPLY:
                 raise ProtocolError(f"unexpected {typ.name} frame while waiting for a host reply")
             reply = wire.HostRequest.decode(frames[1:], "host reply")
@@ -151,7 +151,7 @@ class Agent:
         spec: AgentSpec,
         state: bytes,
         key: Ed25519PrivateKey,
-        ask: supervision.Ask | None = None,
+        ask: Ask,
         artifact: dict[str, Any] | None = None,
     ) -> None:
         if sha256(state).hex() != spec.state_hash:
@@ -159,16 +159,10 @@ class Agent:
         self.limits = spec.limits
         self.state = state
         self.recorder = Recorder(key, spec.agent_id, spec.head_seq, bytes.fromhex(spec.head_hash), bytes.fromhex(spec.state_hash))
-        self.runtime = runtime.Runtime(self.recorder, spec.limits, spec.agent_id)
-        # Link exactly the granted capabilities; each is one host module under _caps/.
-        linkers = {"runtime": self.runtime.link}
-        exports = dict(AGENT_EXPORTS)
-        if "supervision" in spec.capabilities:
-            if ask is None:
-                raise LoadError("the supervision capability needs a supervisor to ask")
-            linkers["supervision"] = supervision.Supervision(self.recorder, ask, self.runtime.count_host_call).link
-            exports[supervision.CHILD_EXIT_EXPORT[0]] = supervision.CHILD_EXIT_EXPORT[1]
-        interfaces = {CAPABILITIES[cap].interface: linkers[cap] for cap in spec.capabilities}
+        self.host = Host(self.recorder, spec.limits, spec.agent_id, ask)
+        # Exactly the granted capabilities, each from its host module (worker/_caps/), and the exports they require.
+        interfaces, required = link_granted(spec.capabilities, self.host)
+        exports = {**AGENT_EXPORTS, **required}
         engine = make_engine(spec.limits)
         compiled = None
         if artifact is not None:  # compiled once, elsewhere: map it instead of compiling
@@ -176,11 +170,12 @@ class Agent:
                 compiled = load_artifact(engine, artifact, artifact_key(spec.component_sha256, spec.limits))
             except LoadError as exc:
                 print(f"worker: not using the cached artifact ({exc}); compiling", file=sys.stderr, flush=True)
-        wasi_links = wasi.Wasi(self.recorder, spec.limits, self.runtime.count_host_call).linker_for
-        self.sandbox = Sandbox(engine, compiled or read_component(spec.component_path, spec.component_sha256), spec.limits, interfaces, exports, wasi_links)
+        component = compiled or read_component(spec.component_path, spec.component_sha256)
+        wasi = language_runtime(self.host).linker_for  # not a capability: whatever WASI 0.2 the component imports
+        self.sandbox = Sandbox(engine, component, spec.limits, interfaces, exports, wasi)
 
     def run(self, call: wire.Call) -> wire.Result:
-        self.runtime.begin_call()
+        self.host.begin_call()
         kind, export = _KINDS[call.kind]
         new_state: bytes | None = None
         reply: bytes | None = None

@@ -1,4 +1,4 @@
-"""`theater:agent/runtime`: log, self-id, now, random-bytes. Always granted, always recorded."""
+"""`theater:agent/runtime`: log, self-id, now, random-bytes, finish. Always granted, always recorded."""
 
 from __future__ import annotations
 
@@ -9,29 +9,21 @@ from typing import Any
 from wasmtime import component as wc
 
 from theater.records import Kind
-from theater.spec import Limits
 
 from .._boundary import to_guest
 from .._errors import HostLimit
-from .._recorder import Recorder
+from ._host import Host, HostCapability
 
-INTERFACE = "theater:agent/runtime@0.1.0"
 LEVELS = ("debug", "info", "warn", "error")
 
 
 class Runtime:
-    """Per-call counters reset by :meth:`begin_call`; every value handed in is recorded."""
+    """Every value handed in is recorded; log lines are counted per call against ``max_logs_per_call``."""
 
-    def __init__(self, recorder: Recorder, limits: Limits, agent_id: str) -> None:
-        self._recorder = recorder
-        self._limits = limits
-        self._agent_id = agent_id
-        self._logs = 0
-        self._host_calls = 0
-
-    def begin_call(self) -> None:
-        self._logs = 0
-        self._host_calls = 0
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self._limits = host.limits
+        self._agent_id = host.agent_id
 
     def link(self, inst: wc.LinkerInstance) -> None:
         inst.add_func("log", self.log)
@@ -40,32 +32,19 @@ class Runtime:
         inst.add_func("random-bytes", self.random_bytes)
         inst.add_func("finish", self.finish)
 
-    def count_host_call(self) -> None:
-        """Every recorded host call, of any interface, counts against max_host_calls_per_call."""
-        self._host_calls += 1
-        if self._host_calls > self._limits.max_host_calls_per_call:
-            raise HostLimit(
-                f"more than {self._limits.max_host_calls_per_call} host calls in one call (max_host_calls_per_call)"
-            )
-
     def _record(self, function: str, data_in: bytes, data_out: bytes) -> None:
-        self.count_host_call()
-        self._recorder.append(
-            Kind.HOST_CALL,
-            {"interface": INTERFACE, "function": function, "input": data_in, "output": data_out},
-        )
+        self._host.record(INTERFACE, function, data_in, data_out)
 
     def log(self, _store: Any, level: str, message: str) -> None:
-        self._logs += 1
-        if self._logs > self._limits.max_logs_per_call:
-            raise HostLimit(f"more than {self._limits.max_logs_per_call} log lines in one call (max_logs_per_call)")
+        lines = self._limits.max_logs_per_call
+        self._host.count("log", lines, f"more than {lines} log lines in one call (max_logs_per_call)")
         raw = message.encode("utf-8", "surrogatepass")
         limit = self._limits.max_log_bytes
         truncated = len(raw) > limit
         if truncated:
             raw = raw[:limit]
         text = raw.decode("utf-8", "ignore")
-        self._recorder.append(Kind.LOG, {"level": level if level in LEVELS else "info", "message": text, "truncated": int(truncated)})
+        self._host.recorder.append(Kind.LOG, {"level": level if level in LEVELS else "info", "message": text, "truncated": int(truncated)})
 
     def self_id(self, _store: Any) -> str:
         self._record("self-id", b"", self._agent_id.encode())
@@ -86,3 +65,8 @@ class Runtime:
         data = os.urandom(length)
         self._record("random-bytes", length.to_bytes(4, "big"), data)
         return to_guest(data)
+
+
+# The declaration worker._caps registers: always granted (theater.capabilities), no export required.
+CAPABILITY = HostCapability("runtime", Runtime)
+INTERFACE = CAPABILITY.interface

@@ -1,5 +1,10 @@
 """WASI 0.2 for language runtimes: what a guest's runtime needs to start, and nothing to escape with.
 
+Not a capability: no policy grants or withholds it, and this module declares no
+``CAPABILITY`` (``worker._caps``). Every agent whose component imports WASI 0.2
+gets it, because what it answers is harmless and recorded, and what could
+reach outside the sandbox traps.
+
 Guest toolchains for languages with a runtime (componentize-py's CPython, for
 one) import the WASI 0.2 interfaces whether or not the agent's own code uses
 them, and the runtime calls a few of them as it starts (its hash seed, its
@@ -24,17 +29,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 from wasmtime import component as wc
 
-from theater.records import Kind
-from theater.spec import Limits
-
 from .._errors import HostLimit
-from .._recorder import Recorder
+from ._host import Host, Linker
 
 CLOCK_RESOLUTION_NS = 1000
 
@@ -42,15 +43,14 @@ CLOCK_RESOLUTION_NS = 1000
 class Wasi:
     """The WASI functions a worker answers; the rest of WASI traps."""
 
-    def __init__(self, recorder: Recorder, limits: Limits, count_host_call: Callable[[], None]) -> None:
-        self._recorder = recorder
-        self._limits = limits
-        self._count = count_host_call
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self._limits = host.limits
 
-    def linker_for(self, name: str) -> Callable[[wc.LinkerInstance], None] | None:
+    def linker_for(self, name: str) -> Linker | None:
         """How to link the imported interface ``name``, or None: its functions trap."""
         base = name.partition("@")[0]
-        linkers: dict[str, Callable[[wc.LinkerInstance], None]] = {
+        linkers: dict[str, Linker] = {
             "wasi:cli/environment": self._environment,
             "wasi:filesystem/preopens": lambda inst: inst.add_func("get-directories", lambda _store: []),
             "wasi:random/random": lambda inst: self._random(inst, name, "get-random-bytes", "get-random-u64"),
@@ -62,10 +62,7 @@ class Wasi:
         return linkers.get(base)
 
     def _record(self, interface: str, function: str, data_in: bytes, data_out: bytes) -> None:
-        self._count()
-        self._recorder.append(
-            Kind.HOST_CALL, {"interface": interface, "function": function, "input": data_in, "output": data_out},
-        )
+        self._host.record(interface, function, data_in, data_out)
 
     @staticmethod
     def _environment(inst: wc.LinkerInstance) -> None:
