@@ -36,10 +36,14 @@ class HostRequests:
         except ProtocolError as exc:
             self.workers.violation(agent, f"malformed host request: {exc}", b"".join(frames)[:256])
             return
-        capability = str(getattr(request, "interface", None) or request.body.get("interface") or "supervision")
+        capability = request.interface
+        if capability is None:
+            self.workers.violation(agent, "host request names no interface")
+            return
         handler = self.handlers.get(capability)
         if agent.in_flight is None or handler is None or capability not in agent.config.capabilities:
-            self.workers.violation(agent, f"host request outside a call, or without the {capability[:64]} capability")
+            self.workers.violation(agent, f"host request outside a call, or for {capability[:64]!r}, which the agent "
+                                          "does not hold or the supervisor does not serve")
             return
         try:
             answer = handler(agent, request.body)
