@@ -221,7 +221,7 @@ def run_probe() -> dict[str, Any]:
         ctx.term()
 
 
-def _converse(sock: zmq.Socket, proc: subprocess.Popen[bytes]) -> dict[str, Any]:  # type: ignore[type-arg]
+def _converse(sock: zmq.Socket, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     timeout_ms = int(PROBE_TIMEOUT_S * 1000)
     if not sock.poll(timeout_ms):
         return {"error": f"the probe sent nothing in {PROBE_TIMEOUT_S:.0f} s (exit status {proc.poll()})"}

@@ -45,15 +45,15 @@ class Link(NamedTuple):
 
     key: Ed25519PrivateKey
     public: bytes
-    ctx: zmq.Context  # type: ignore[type-arg]
-    sock: zmq.Socket  # type: ignore[type-arg]
+    ctx: zmq.Context
+    sock: zmq.Socket
 
 
 def connect(endpoint: str) -> Link:
     """A fresh key and a connected socket (a spare worker makes both while it waits for an agent)."""
     key = Ed25519PrivateKey.generate()
     public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = LAST_FRAMES_MS
     sock.connect(endpoint)
@@ -73,7 +73,7 @@ def serve(endpoint: str, token: bytes, confinement: dict[str, str], artifact: di
 
 
 def _serve(
-    sock: zmq.Socket,  # type: ignore[type-arg]
+    sock: zmq.Socket,
     key: Ed25519PrivateKey,
     public: bytes,
     token: bytes,
@@ -121,7 +121,7 @@ class SupervisorLink:
 
     TIMEOUT_MS = 10_000
 
-    def __init__(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
+    def __init__(self, sock: zmq.Socket) -> None:
         self._sock = sock
         self._ids = 0
 

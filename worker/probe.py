@@ -75,7 +75,8 @@ def probe(endpoint: str, limits: Limits) -> dict[str, object]:
         lock = "completed"
     except _harden.HardeningFailed as exc:
         lock = f"failed: {exc}"
-    result = {"report": report, "lock_down": lock, "attempts": {name: _attempt(fn) for name, fn in ATTEMPTS.items()}}
+    result: dict[str, object] = {"report": report, "lock_down": lock,
+                                 "attempts": {name: _attempt(fn) for name, fn in ATTEMPTS.items()}}
     sock.send(json.dumps(result).encode())
     sock.close()
     ctx.term()
