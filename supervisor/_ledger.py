@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from theater import wire
+from theater.capabilities import CAPABILITIES
 from theater.chain import ChainVerifier
 from theater.errors import ProtocolError, RecordError
 from theater.records import DOMAIN, SIGNATURE_BYTES, STATUSES, Kind, Record, Signer, sha256
@@ -29,6 +30,8 @@ __all__ = ["Checked", "Prechecked", "Violation", "check_result", "precheck"]
 VERIFY_THREADS = 2
 
 WORKER_KINDS = (Kind.HOST_CALL, Kind.LOG)
+RUNTIME_INTERFACE = CAPABILITIES["runtime"].interface
+MAX_SHUTDOWN_DETAIL_BYTES = 1024  # 256 characters of UTF-8
 
 
 class Violation(Exception):
@@ -50,7 +53,7 @@ class Checked:
     status: str
     error: str
     reply: bytes | None
-    finish: bool  # the guest called runtime.finish: end the agent normally after this call
+    ending: tuple[str, str] | None  # the guest called runtime.finish or .shutdown: (exit reason, detail)
 
 
 _EXPECTED = {
@@ -185,5 +188,22 @@ def check_result(
     commit = Commit(agent_id=final.agent_id, records=records, state=state)
     if expected is Kind.INIT and status == "ok":
         commit.initialized = True
-    finish = any(r.kind is Kind.HOST_CALL and r.fields()["function"] == "finish" for r in records[:-1])
-    return Checked(commit=commit, final=final, verifier=scratch, status=status, error=error, reply=reply, finish=finish)
+    return Checked(commit=commit, final=final, verifier=scratch, status=status, error=error, reply=reply,
+                   ending=_ending(records[:-1]))
+
+
+def _ending(records: list[Record]) -> tuple[str, str] | None:
+    """How the guest asked to end, if it did (the last request wins): runtime.finish is `normal`,
+    runtime.shutdown is `shutdown` with the guest's detail, bounded here too: the worker is not trusted."""
+    ending = None
+    for r in records:
+        if r.kind is not Kind.HOST_CALL:
+            continue
+        fields = r.fields()
+        if fields["interface"] != RUNTIME_INTERFACE:
+            continue
+        if fields["function"] == "finish":
+            ending = ("normal", "")
+        elif fields["function"] == "shutdown":
+            ending = ("shutdown", fields["input"][:MAX_SHUTDOWN_DETAIL_BYTES].decode("utf-8", "replace"))
+    return ending

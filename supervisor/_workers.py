@@ -209,7 +209,7 @@ class Workers:
                     self.records.add_result((agent, pending, checked))
                     agent.verifier = checked.verifier  # the next result links to this one
                     agent.in_flight = None
-                    if crash_reason(pending.call.kind, checked.status) is None and not checked.finish:
+                    if crash_reason(pending.call.kind, checked.status) is None and checked.ending is None:
                         # Pipelined: the worker runs the next message while this result is made durable.
                         # Nothing is answered until the commit has returned.
                         self.dispatch(agent)
@@ -297,8 +297,10 @@ class Workers:
                 worker.fault = f"{checked.status}: {checked.error}"[:4096]
                 worker.kill(crash)
                 continue
-            if checked.finish and worker is not None:
-                self.stop(agent, "normal", agent.leaf.shutdown_ms)
+            if checked.ending is not None and worker is not None:
+                reason, detail = checked.ending
+                agent.stop_why = f"it ended itself: {detail}" if detail else ""
+                self.stop(agent, reason, agent.leaf.shutdown_ms)
                 continue
             self.dispatch(agent)
 

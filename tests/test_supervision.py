@@ -295,6 +295,34 @@ def test_restart_types_on_normal_and_abnormal_exits(theater: Theater) -> None:
     assert_verified(theater)
 
 
+def test_an_agent_may_end_with_reason_shutdown(theater: Theater) -> None:
+    """runtime.shutdown(detail) is OTP's {shutdown, Term}: not a crash. The call is committed and answered, then
+    the agent ends with reason `shutdown` and its detail; a permanent agent is restarted, a transient one is not."""
+    kids = [agent("perm", "ender.wat"), agent("trans", "ender.wat", restart={"type": "transient"})]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids, intensity=10, period_ms=60000)))
+        pids = _pids(c, ["perm", "trans"])
+        assert c.call("perm", b"finish") == b"1"
+        wait_running(c, "perm", pids["perm"], restarts=1)
+        assert c.call("perm", b"y") == b"2"
+        assert c.call("trans", b"finish") == b"1"
+        assert wait_status(c, "trans", "stopped")["restarts"] == 0
+        with pytest.raises(ClientError) as too_long:  # a detail past 256 characters is a host limit: a crash
+            c.call("perm", b"long")
+        assert too_long.value.code == "host-limit" and "at most 256 characters" in str(too_long.value)
+        wait_running(c, "perm", None, restarts=2)
+        assert c.call("perm", b"z") == b"3"
+    for name in ("trans",):
+        [ended] = _exits(theater, name)
+        assert (ended["reason"], ended["detail"]) == ("shutdown", "it ended itself: done by itself (exited with status 0)")
+        [asked] = [r.fields() for r in records(theater, name) if r.kind is Kind.HOST_CALL]
+        assert (asked["function"], asked["input"]) == ("shutdown", b"done by itself")
+    first, second = _exits(theater, "perm")
+    assert (first["reason"], first["detail"]) == ("shutdown", "it ended itself: done by itself (exited with status 0)")
+    assert second["reason"] == "trap" and "at most 256 characters" in second["detail"]
+    assert_verified(theater)
+
+
 def test_top_level_agents_on_a_normal_exit(theater: Theater) -> None:
     """A top-level agent is the only child of its own one_for_one supervisor: a normal exit restarts only permanent."""
     types = ["permanent", "transient", "temporary"]

@@ -1,4 +1,4 @@
-"""`theater:agent/runtime`: log, self-id, now, random-bytes, finish. Always granted, always recorded."""
+"""`theater:agent/runtime`: log, self-id, now, random-bytes, finish, shutdown. Always granted, always recorded."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .._errors import HostLimit
 from ._host import Host, HostCapability
 
 LEVELS = ("debug", "info", "warn", "error")
+MAX_SHUTDOWN_DETAIL = 256
 
 
 class Runtime:
@@ -31,6 +32,7 @@ class Runtime:
         inst.add_func("now", self.now)
         inst.add_func("random-bytes", self.random_bytes)
         inst.add_func("finish", self.finish)
+        inst.add_func("shutdown", self.shutdown)
 
     def _record(self, function: str, data_in: bytes, data_out: bytes) -> None:
         self._host.record(INTERFACE, function, data_in, data_out)
@@ -58,6 +60,12 @@ class Runtime:
     def finish(self, _store: Any) -> None:
         """Recorded; the supervisor ends the agent normally once this call is committed."""
         self._record("finish", b"", b"")
+
+    def shutdown(self, _store: Any, detail: str) -> None:
+        """Recorded; the supervisor ends the agent with reason `shutdown` and this detail once the call is committed."""
+        if len(detail) > MAX_SHUTDOWN_DETAIL:
+            raise HostLimit(f"runtime.shutdown: the detail is at most {MAX_SHUTDOWN_DETAIL} characters")
+        self._record("shutdown", detail.encode("utf-8", "surrogatepass"), b"")
 
     def random_bytes(self, _store: Any, length: int) -> str:
         if length > self._limits.max_random_bytes:
