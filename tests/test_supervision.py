@@ -703,6 +703,43 @@ def test_restart_resumes_from_the_last_committed_state_and_the_chain_continues(t
     assert_verified(theater)
 
 
+def test_restart_from_initial_takes_the_records_init_writes_before_its_result(theater: Theater) -> None:
+    """from = "initial" after a non-empty state was committed: the log and host-call records that the second
+    init writes before its init record carry the empty state's hash, which the state-reset record put in the
+    chain, so they are accepted; the agent runs again once (no crash loop, its supervisor does not give up)."""
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", [agent("fresh", "init_logs.wat", restart={"from": "initial"})],
+                                           intensity=5, period_ms=60000)))
+        assert [c.call("fresh", b"x") for _ in range(3)] == [b"1", b"2", b"3"]
+        pid = ps(c, "fresh")["pid"]
+        _crash(c, "fresh")
+        wait_running(c, "fresh", pid, restarts=1)
+        assert c.call("fresh", b"y") == b"1"  # the initial state: init ran again
+        node = _member(c, "fresh")
+        assert (node["status"], node["restarts"]) == ("running", 1), node
+        root = _member(c, "root")
+        assert (root["status"], root["restarts"]) == ("running", 1), root
+
+    chain = records(theater, "fresh")  # contiguous seq checked there
+    kinds = [r.kind for r in chain]
+    init_calls = [Kind.LOG, Kind.HOST_CALL, Kind.INIT]  # init logs, reads the clock, then returns
+    assert kinds == [Kind.GENESIS, *init_calls, *[Kind.HANDLE] * 4, Kind.EXIT, Kind.STATE_RESET, Kind.WORKER_KEY,
+                     *init_calls, Kind.HANDLE], kinds
+    assert [e["reason"] for e in _exits(theater, "fresh")] == ["trap"]
+    empty = sha256(b"")
+    assert chain[6].state_hash == chain[7].state_hash == chain[8].state_hash == sha256(b"3")  # kept by trap, exit
+    reset = chain[9]
+    assert reset.fields()["reason"] == 'restarted from its initial state (from = "initial")'
+    assert reset.state_hash == chain[10].state_hash == empty  # the new worker's key links to the reset state
+    for log, call, init in (chain[1:4], chain[11:14]):  # each worker's init records, the second's included
+        assert (log.fields()["level"], log.fields()["message"]) == ("info", "init")
+        assert (call.fields()["interface"], call.fields()["function"]) == ("theater:agent/runtime@0.1.0", "now")
+        assert log.state_hash == call.state_hash == empty  # written before init's result, on the empty state
+        assert init.fields()["status"] == "ok" and init.state_hash == sha256(b"0")
+    assert chain[-1].fields()["reply"] == b"1"
+    assert_verified(theater)
+
+
 # --- 8. `theater restart` and `theater tree` ------------------------------------------------------
 
 
