@@ -120,6 +120,7 @@ class Node(_Member):
     config: TreeConfig
     sup: Sup
     started_at: float = field(default_factory=time.time)
+    head_ns: int = 0  # when its chain's last record was written (this supervisor process)
 
     @property
     def status(self) -> Status:

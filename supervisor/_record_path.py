@@ -133,10 +133,12 @@ class RecordPath:
                          {"name": name, "config": wire.encode_json(config).decode(), "parent": parent})
         return verifier
 
-    def append_node(self, node_id: bytes, name: str, verifier: ChainVerifier, kind: Kind, fields: dict[str, str]) -> None:
+    def append_node(self, node_id: bytes, name: str, verifier: ChainVerifier, kind: Kind,
+                    fields: dict[str, str]) -> Record:
         self.flush()
         record = sign_record(self.key, kind=kind, agent_id=node_id, seq=verifier.next_seq, time_ns=time.time_ns(),
                              prev_hash=verifier.head_hash, state_hash=sha256(b""), fields=fields)
         self.store.append_node(node_id, name, record)
         verifier.advance(record)
         self.on_head(node_id, record.seq)
+        return record

@@ -431,7 +431,7 @@ class Supervision:
         if verifier is None:
             return
         try:
-            self.records.append_node(node.id, node.name, verifier, kind, fields)
+            node.head_ns = self.records.append_node(node.id, node.name, verifier, kind, fields).time_ns
         except StoreError as exc:
             self.log(f"{node.name}: cannot record {kind.name.lower()}: {exc}")
 
@@ -492,6 +492,8 @@ class Supervision:
             "status": str(sup.status),
             "uptime_s": round(time.time() - member.started_at, 3) if sup.status is Status.RUNNING else 0,
             "last_exit": sup.last_exit,
+            "head": self.chains[member.name].next_seq - 1 if member.name in self.chains else -1,
+            "head_ns": member.head_ns,
             "children": [self.entry(self.nodes[c.name] if isinstance(c, Sup) else self.agents.by_name[c.name])
                          for c in sup.children],
         }
