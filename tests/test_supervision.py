@@ -929,7 +929,9 @@ def test_a_tree_nodes_decisions_are_signed_into_its_own_chain(theater: Theater) 
         assert c.wait_events("root", head, 10_000) > head  # `events root --follow` wakes on the node's records
         _crash(c, "b")
         _wait_member(c, "root", "failed")
+        shown = _member(c, "root")
     chain = records(theater, "root")
+    assert (shown["head"], shown["head_ns"]) == (chain[-1].seq, chain[-1].time_ns)  # `tree --json` shows the chain
     kinds = [r.kind for r in chain]
     assert kinds == [Kind.NODE_GENESIS, Kind.NODE_START, Kind.NODE_RESTART, Kind.NODE_GIVE_UP, Kind.NODE_TERMINATE]
     genesis = chain[0].fields()
