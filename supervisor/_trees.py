@@ -22,7 +22,7 @@ from theater.chain import ChainVerifier
 from theater.records import Kind, Record, sha256
 
 from ._agent import Agent, Agents, Member, Node, Pending
-from ._config import AgentConfig, TreeConfig, config_to_dict, load_any, policy_dirs
+from ._config import AgentConfig, TreeConfig, config_from_dict, config_to_dict, load_any, policy_dirs
 from ._errors import NotFound, Refused, StoreError
 from ._record_path import RecordPath
 from ._store import Commit, EventStore
@@ -86,16 +86,17 @@ class Supervision:
 
     # --- building ---------------------------------------------------------------------
 
-    def build_node(self, config: TreeConfig, node_id: bytes | None = None) -> Node:
-        """Node objects for a tree config; agents already in the store keep their chains."""
+    def build_node(self, config: TreeConfig, node_id: bytes | None = None, parent: str = "") -> Node:
+        """Node objects for a tree config (``parent``: the enclosing node's name); agents already in the
+        store keep their chains."""
         sup = Sup(config.name, config.flags, restart=config.restart.type, shutdown_ms=config.restart.kill_after_ms)
         node = Node(id=node_id or uuid.uuid5(uuid.NAMESPACE_OID, f"theater-tree:{config.name}").bytes,
                     config=config, sup=sup)
         self.nodes[node.name] = node
-        self._open_chain(node, parent=config_parent_name(self.nodes, node))
+        self._open_chain(node, parent)
         for child in config.children:
             if isinstance(child, TreeConfig):
-                sup.children.append(self.build_node(child).sup)
+                sup.children.append(self.build_node(child, parent=config.name).sup)
                 continue
             agent = self.agents.by_name.get(child.name)
             if agent is None:
@@ -499,17 +500,8 @@ class Supervision:
         }
 
 
-def config_parent_name(nodes: dict[str, Node], node: Node) -> str:
-    """The name of the node whose config lists ``node`` as a child ("" for a root)."""
-    for other in nodes.values():
-        if any(isinstance(c, TreeConfig) and c.name == node.name for c in other.config.children):
-            return other.name
-    return ""
-
-
 def load_stored_tree(data: dict[str, object]) -> TreeConfig:
-    from ._config import config_from_dict
-
     config = config_from_dict(data)
-    assert isinstance(config, TreeConfig)
+    if not isinstance(config, TreeConfig):
+        raise StoreError(f"the stored tree {data.get('name')!r} is not a supervisor's configuration")
     return config
