@@ -13,14 +13,13 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from theater import wire
 from theater.capabilities import CAPABILITIES
 from theater.chain import ChainVerifier
 from theater.errors import ProtocolError, RecordError
-from theater.records import DOMAIN, SIGNATURE_BYTES, STATUSES, Kind, Record, Signer, sha256
+from theater.records import STATUSES, Kind, Record, Signer, sha256, signature_valid
 from theater.spec import Limits
 
 from ._store import Commit
@@ -104,14 +103,7 @@ class Prechecked:
 
 
 def _verify_all(records: list[Record], key: Ed25519PublicKey) -> list[bool]:
-    out = []
-    for r in records:
-        try:
-            key.verify(r.signature, DOMAIN + r.raw[:-SIGNATURE_BYTES])
-            out.append(True)
-        except InvalidSignature:
-            out.append(False)
-    return out
+    return [signature_valid(r, key) for r in records]
 
 
 def precheck(frames: list[bytes], *, verifier: ChainVerifier, limits: Limits) -> Prechecked | None:

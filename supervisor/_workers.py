@@ -15,13 +15,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import zmq
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from theater import wire
-from theater.errors import ProtocolError
+from theater.errors import ProtocolError, RecordError
 from theater.home import Home
-from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256
+from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256, verify_hello
 from theater.spec import AgentSpec
 
 from ._agent import Agent, Agents, Pending
@@ -122,9 +120,8 @@ class Workers:
             self.log("dropping a hello with an unknown token")
             return
         try:
-            key = Ed25519PublicKey.from_public_bytes(hello.worker_key)
-            key.verify(hello.proof, wire.HELLO_DOMAIN + hello.token)
-        except (ValueError, InvalidSignature):
+            verify_hello(hello.worker_key, hello.token, hello.proof)
+        except RecordError:
             worker.kill("bad-hello")
             self.log(f"{agent.name}: hello proof does not verify; killed")
             return

@@ -38,6 +38,7 @@ __all__ = [
     "DOMAIN",
     "FIELDS",
     "HEADER",
+    "HELLO_DOMAIN",
     "MAX_RECORD_BYTES",
     "STATUSES",
     "VERSION",
@@ -48,7 +49,10 @@ __all__ = [
     "decode_payload",
     "encode_payload",
     "sha256",
+    "sign_hello",
     "sign_record",
+    "signature_valid",
+    "verify_hello",
     "verify_record",
 ]
 
@@ -394,6 +398,33 @@ def sign_record(
         raw=raw,
         hash=sha256(raw),
     )
+
+
+def signature_valid(record: Record, public_key: Ed25519PublicKey) -> bool:
+    """Whether the record's signature verifies under ``public_key`` (the ledger's batch check)."""
+    try:
+        public_key.verify(record.signature, DOMAIN + record.raw[: -SIGNATURE_BYTES])
+    except InvalidSignature:
+        return False
+    return True
+
+
+HELLO_DOMAIN = b"theater/hello/v1\x00"
+
+
+def sign_hello(key: Ed25519PrivateKey, token: bytes) -> bytes:
+    """A worker's proof that it holds the key it announces, bound to its spawn token."""
+    return key.sign(HELLO_DOMAIN + token)
+
+
+def verify_hello(worker_key: bytes, token: bytes, proof: bytes) -> Ed25519PublicKey:
+    """The worker's announced key, if ``proof`` is its signature of ``token``; RecordError otherwise."""
+    try:
+        key = Ed25519PublicKey.from_public_bytes(worker_key)
+        key.verify(proof, HELLO_DOMAIN + token)
+    except (ValueError, InvalidSignature):
+        raise RecordError("the hello's proof does not verify under the key it announces") from None
+    return key
 
 
 def verify_record(record: Record, public_key: Ed25519PublicKey) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ProtocolError
+from .records import HELLO_DOMAIN  # the hello's proof is signed and checked in records, with every signature
 
 __all__ = [
     "HELLO_DOMAIN",
@@ -37,7 +38,6 @@ __all__ = [
 ]
 
 VERSION = 1
-HELLO_DOMAIN = b"theater/hello/v1\x00"
 _HEADER = struct.Struct(">BB")
 
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from theater import wire
 from theater.errors import ProtocolError
-from theater.records import Kind, sha256
+from theater.records import Kind, sha256, sign_hello
 from theater.spec import AgentSpec
 
 from ._boundary import from_guest, from_guest_utf8, to_guest
@@ -80,7 +80,7 @@ def _serve(
     confinement: dict[str, str],
     artifact: dict[str, Any] | None,
 ) -> int:
-    proof = key.sign(wire.HELLO_DOMAIN + token)
+    proof = sign_hello(key, token)
     sock.send_multipart(wire.Hello(token, public, proof, os.getpid(), confinement).encode())
     if not sock.poll(SPEC_TIMEOUT_MS):
         return EXIT_PROTOCOL
