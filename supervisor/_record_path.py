@@ -114,21 +114,17 @@ class RecordPath:
         row = self.store.agent(agent.id)
         if row is None:
             return
-        agent.verifier.next_seq = row.head_seq + 1
-        agent.verifier.head_hash = row.head_hash
-        agent.verifier.state_hash = row.state_hash
+        agent.verifier = ChainVerifier.at_head(self.public_key, agent.id, row.head_seq, row.head_hash, row.state_hash)
         agent.state = row.state
 
     # --- supervisor nodes' chains --------------------------------------------------------------
 
     def open_node_chain(self, node_id: bytes, name: str, config: dict[str, Any], parent: str) -> ChainVerifier:
         """A tree node's chain: positioned at its stored head, or begun with its genesis."""
-        verifier = ChainVerifier(self.public_key)
         head = self.store.node_head(node_id)
         if head is not None:
-            verifier.agent_id, verifier.node = node_id, True
-            verifier.next_seq, verifier.head_hash, verifier.state_hash = head[0] + 1, head[1], sha256(b"")
-            return verifier
+            return ChainVerifier.at_head(self.public_key, node_id, head[0], head[1], sha256(b""), node=True)
+        verifier = ChainVerifier(self.public_key)
         self.append_node(node_id, name, verifier, Kind.NODE_GENESIS,
                          {"name": name, "config": wire.encode_json(config).decode(), "parent": parent})
         return verifier

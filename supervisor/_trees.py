@@ -173,11 +173,8 @@ class Supervision:
         supervisor gets its exit record now."""
         for row in self.store.agents():
             config = AgentConfig.from_dict(row.config)
-            verifier = ChainVerifier(self.records.public_key)
-            verifier.agent_id = row.id
-            verifier.next_seq = row.head_seq + 1
-            verifier.head_hash = row.head_hash
-            verifier.state_hash = row.state_hash
+            verifier = ChainVerifier.at_head(self.records.public_key, row.id, row.head_seq, row.head_hash,
+                                             row.state_hash)
             last = Record.parse(next(self.store.records(row.id, after=row.head_seq - 1)))
             if last.hash != row.head_hash:
                 raise StoreError(f"agent {row.name}: stored head does not match its last record")

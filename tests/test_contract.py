@@ -26,6 +26,7 @@ from theater.records import (
     MAX_RECORD_BYTES,
     SIGNER_OF,
     VERSION,
+    ZERO_HASH,
     Kind,
     Record,
     Signer,
@@ -617,3 +618,22 @@ def test_capabilities_are_interfaces_of_the_wit_package_and_have_host_modules() 
         assert cap.interface == f"{package[1]}/{name}@{package[2]}"
     assert list(REGISTRY) == list(CAPABILITIES)
     assert all(REGISTRY[name].interface == cap.interface for name, cap in CAPABILITIES.items())
+
+
+def test_a_verifier_at_a_stored_head_takes_what_follows_and_refuses_the_rest() -> None:
+    """ChainVerifier.at_head: positioned after record N, it accepts N+1 linked to N's hash and state, and
+    nothing else; no worker key is in force until a worker-key record."""
+    key = Ed25519PrivateKey.generate()
+    agent = bytes(range(16))
+    genesis = sign_record(key, kind=Kind.GENESIS, agent_id=agent, seq=0, time_ns=1, prev_hash=ZERO_HASH,
+                          state_hash=sha256(b""), fields=SAMPLE_FIELDS[Kind.GENESIS])
+    verifier = ChainVerifier.at_head(key.public_key(), agent, 0, genesis.hash, sha256(b""))
+    exit_ = sign_record(key, kind=Kind.EXIT, agent_id=agent, seq=1, time_ns=2, prev_hash=genesis.hash,
+                        state_hash=sha256(b""), fields=SAMPLE_FIELDS[Kind.EXIT])
+    other = sign_record(key, kind=Kind.EXIT, agent_id=bytes(16), seq=1, time_ns=2, prev_hash=genesis.hash,
+                        state_hash=sha256(b""), fields=SAMPLE_FIELDS[Kind.EXIT])
+    with pytest.raises(RecordError, match="another agent"):
+        verifier.advance(other)
+    assert verifier.worker_key is None
+    verifier.advance(exit_)
+    assert (verifier.next_seq, verifier.head_hash) == (2, exit_.hash)

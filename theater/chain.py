@@ -37,6 +37,19 @@ class ChainVerifier:
         self.incarnation = -1
         self.node = False  # the chain is a supervisor node's (it began with node-genesis)
 
+    @classmethod
+    def at_head(cls, supervisor_key: Ed25519PublicKey, agent_id: bytes, head_seq: int, head_hash: bytes,
+                state_hash: bytes, *, node: bool = False) -> ChainVerifier:
+        """A verifier positioned after a stored chain's head, with no worker key in force: what follows
+        the head is checked as if the chain had been verified up to it."""
+        verifier = cls(supervisor_key)
+        verifier.agent_id = agent_id
+        verifier.next_seq = head_seq + 1
+        verifier.head_hash = head_hash
+        verifier.state_hash = state_hash
+        verifier.node = node
+        return verifier
+
     def key_for(self, record: Record) -> Ed25519PublicKey:
         if record.signer is Signer.SUPERVISOR:
             return self.supervisor_key
