@@ -1,15 +1,17 @@
-"""The supervisor's error tree.
+"""The supervisor's error tree: every exception the supervisor defines is here.
 
-    SupervisorError
+    SupervisorError        reported to a client; ``code`` travels on the wire
     ├── ConfigError        a manifest or policy is invalid (names file, key, problem)
     ├── StoreError         the event store cannot be opened, is locked or is corrupt
     ├── NotFound           no agent by that name or id
     └── Refused            a request is valid but cannot be served now (mailbox full, agent stopped…)
+    Violation              a worker broke the protocol: it is killed and the violation recorded
+    ZygoteGone             the fork-server died, hung or refused: workers start from a fresh interpreter
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "NotFound", "Refused", "StoreError", "SupervisorError"]
+__all__ = ["ConfigError", "NotFound", "Refused", "StoreError", "SupervisorError", "Violation", "ZygoteGone"]
 
 
 class SupervisorError(Exception):
@@ -32,3 +34,16 @@ class NotFound(SupervisorError):
 
 class Refused(SupervisorError):
     code = "refused"
+
+
+class Violation(Exception):
+    """A worker broke the protocol. ``evidence`` is what it sent (bounded)."""
+
+    def __init__(self, reason: str, evidence: bytes = b"") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.evidence = evidence[:4096]
+
+
+class ZygoteGone(Exception):
+    """The fork-server did not answer: it died, hung, or refused."""

@@ -22,24 +22,16 @@ from theater.errors import ProtocolError, RecordError
 from theater.records import STATUSES, Kind, Record, Signer, sha256, signature_valid
 from theater.spec import Limits
 
+from ._errors import Violation
 from ._store import Commit
 
-__all__ = ["Checked", "Prechecked", "Violation", "check_result", "precheck"]
+__all__ = ["Checked", "Prechecked", "check_result", "precheck"]
 
 VERIFY_THREADS = 2
 
 WORKER_KINDS = (Kind.HOST_CALL, Kind.LOG)
 RUNTIME_INTERFACE = CAPABILITIES["runtime"].interface
 MAX_SHUTDOWN_DETAIL_BYTES = 1024  # 256 characters of UTF-8
-
-
-class Violation(Exception):
-    """A worker broke the protocol. ``evidence`` is what it sent (bounded)."""
-
-    def __init__(self, reason: str, evidence: bytes = b"") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.evidence = evidence[:4096]
 
 
 @dataclass(frozen=True, slots=True)

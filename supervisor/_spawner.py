@@ -42,6 +42,7 @@ from theater.home import Home
 from theater.spec import Limits
 
 from ._artifacts import ArtifactCache
+from ._errors import ZygoteGone
 
 __all__ = ["WORKER_COMMAND", "ZYGOTE_COMMAND", "Spawner", "WorkerProcess", "exit_reason", "spawn_worker"]
 
@@ -146,10 +147,6 @@ def exit_reason(code: int) -> str:
             name = "unknown"
         return f"killed by signal {-code} ({name})"
     return f"exited with status {code}"
-
-
-class ZygoteGone(Exception):
-    """The fork-server did not answer: it died, hung, or refused."""
 
 
 class Zygote:

@@ -110,7 +110,7 @@ class EventStore:
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreError(f"{path}: schema version {row[0]}, this build reads {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{path}: cannot open the event store: {exc}") from None
+            raise StoreError(f"{path}: cannot open the event store: {exc}") from exc
 
     def close(self) -> None:
         self.db.close()
@@ -236,10 +236,10 @@ class _Transaction:
                 return
             except sqlite3.Error as err:
                 self.db.execute("ROLLBACK")
-                raise StoreError(f"{self.path}: commit failed: {err}") from None
+                raise StoreError(f"{self.path}: commit failed: {err}") from err
         self.db.execute("ROLLBACK")
         if issubclass(typ, sqlite3.Error):
-            raise StoreError(f"{self.path}: write failed: {exc}") from None
+            raise StoreError(f"{self.path}: write failed: {exc}") from exc
 
 
 def _agent_row(r: tuple[Any, ...]) -> AgentRow:

@@ -23,8 +23,8 @@ from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256, verify_hello
 from theater.spec import AgentSpec
 
 from ._agent import Agent, Agents, Pending
-from ._errors import StoreError
-from ._ledger import Checked, Prechecked, Violation, check_result, precheck
+from ._errors import StoreError, Violation
+from ._ledger import Checked, Prechecked, check_result, precheck
 from ._record_path import RecordPath, Result
 from ._spawner import Spawner, WorkerProcess, exit_reason
 from ._supervision import PERMANENT_FAILURES, Status
