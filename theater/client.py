@@ -15,23 +15,11 @@ from typing import Any
 import zmq
 
 from . import control, wire
-from .errors import TheaterError
+from .errors import ClientError, NotRunning, TheaterError
 from .home import Home
 from .records import Record
 
 __all__ = ["Client", "ClientError", "NotRunning"]
-
-
-class ClientError(TheaterError):
-    """The supervisor answered with an error. ``code`` says which kind."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class NotRunning(TheaterError):
-    """No supervisor answers at this home."""
 
 
 def _supervisor_gone(home: Home) -> bool:

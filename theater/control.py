@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import TheaterError
+from .errors import BadRequest
 
 __all__ = [
     "BadRequest",
@@ -38,10 +38,6 @@ __all__ = [
 MAX_CALL_TIMEOUT_MS = 3_600_000
 DEFAULT_CALL_TIMEOUT_MS = 10_000
 MAX_WAIT_MS = 600_000
-
-
-class BadRequest(TheaterError):
-    """A request whose operation is unknown or whose arguments are wrong (error code ``refused``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,12 +2,15 @@
 
     TheaterError
     ├── RecordError        a record is malformed, mis-signed or breaks its chain
-    └── ProtocolError      a frame is malformed, oversized or of an unknown type
+    ├── ProtocolError      a frame is malformed, oversized or of an unknown type
+    ├── BadRequest         a control request's operation is unknown or an argument is wrong
+    ├── ClientError        the supervisor answered a client's request with an error (``code``)
+    └── NotRunning         no supervisor answers at this home
 """
 
 from __future__ import annotations
 
-__all__ = ["ProtocolError", "RecordError", "TheaterError"]
+__all__ = ["BadRequest", "ClientError", "NotRunning", "ProtocolError", "RecordError", "TheaterError"]
 
 
 class TheaterError(Exception):
@@ -20,3 +23,19 @@ class RecordError(TheaterError):
 
 class ProtocolError(TheaterError):
     """Raised when a wire frame is malformed, oversized or unexpected."""
+
+
+class BadRequest(TheaterError):
+    """A control request whose operation is unknown or whose arguments are wrong (error code ``refused``)."""
+
+
+class ClientError(TheaterError):
+    """The supervisor answered with an error. ``code`` says which kind."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotRunning(TheaterError):
+    """No supervisor answers at this home."""
