@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from theater.artifacts import artifact_key, file_signature
+from theater.forkserver import ArtifactOffer, Compiled, CompileRequest
 from theater.spec import Limits
 
 from ._errors import SupervisorError
@@ -69,8 +70,8 @@ class ArtifactCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.cwasm"
 
-    def lookup(self, key: str) -> dict[str, Any] | None:
-        """``{"key", "path", "sha256"}`` of a verified artifact, or None (then it must be compiled)."""
+    def lookup(self, key: str) -> ArtifactOffer | None:
+        """The verified artifact to offer a worker, or None (then it must be compiled)."""
         path = self.path(key)
         try:
             signature = file_signature(os.stat(path, follow_symlinks=False))
@@ -82,7 +83,7 @@ class ArtifactCache:
             known = self._verify(key, path)
             if known is None:
                 return None
-        return {"key": key, "path": str(path), "sha256": known.sha256}
+        return ArtifactOffer(key, str(path), known.sha256)
 
     def _verify(self, key: str, path: Path) -> _Verified | None:
         self._verified.pop(key, None)
@@ -121,21 +122,18 @@ class ArtifactCache:
                 p.unlink()
 
     def compile_request(self, key: str, component_path: str, component_sha256: str, limits: Limits,
-                        label: str) -> dict[str, Any]:
+                        label: str) -> CompileRequest:
         self.compiling.add(key)
-        return {
-            "key": key, "path": str(self.path(key)), "component_path": component_path,
-            "component_sha256": component_sha256, "limits": limits.as_dict(), "label": label,
-        }
+        return CompileRequest(key, str(self.path(key)), component_path, component_sha256, limits.as_dict(), label)
 
-    def compiled(self, note: dict[str, Any]) -> None:
+    def compiled(self, note: Compiled) -> None:
         """A compile job's report (through the fork-server): record and tag the artifact it wrote."""
-        key = str(note.get("key", ""))
+        key = note.key
         self.compiling.discard(key)
-        if not note.get("ok"):
-            self._log(f"compiling {key[:12]}… failed: {note.get('error')}")
+        if not note.ok:
+            self._log(f"compiling {key[:12]}… failed: {note.error}")
             return
-        sha, size, signature = str(note["sha256"]), int(note["size"]), list(note["signature"])
+        sha, size, signature = note.sha256, note.size, list(note.signature)
         self._write_tag(key, sha, size)
         self._verified[key] = _Verified(sha, signature, size)
 

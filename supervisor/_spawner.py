@@ -23,7 +23,6 @@ artifact from a sealed memfd instead of compiling.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import secrets
@@ -36,8 +35,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from theater.errors import ProtocolError
+from theater.forkserver import (
+    MAX_MESSAGE,
+    ArtifactOffer,
+    Boot,
+    Compiled,
+    CompileRequest,
+    FromForkServer,
+    Ready,
+    SpareBorn,
+    SpareEnded,
+    Spawn,
+    Spawned,
+    SpawnRefused,
+    decode_from_fork_server,
+)
 from theater.home import Home
 from theater.spec import Limits
 
@@ -51,7 +66,6 @@ ZYGOTE_READY_TIMEOUT_S = 30.0
 MAX_ZYGOTE_FAILURES = 3
 CLONE_MACHINES = ("x86_64", "aarch64")  # where worker/_zygote.py knows the clone system call
 ZYGOTE_REPLY_TIMEOUT_S = 5.0
-MAX_MESSAGE = 1 << 20
 
 
 @dataclass(eq=False)
@@ -135,8 +149,7 @@ def spawn_worker(
 
 
 def _write_boot(fd: int, endpoint: str, token: bytes) -> None:
-    boot = {"endpoint": endpoint, "token": token.hex(), "parent_pid": os.getpid()}
-    os.write(fd, json.dumps(boot).encode())
+    os.write(fd, Boot(endpoint, token, os.getpid()).encode())
 
 
 def exit_reason(code: int) -> str:
@@ -152,7 +165,7 @@ def exit_reason(code: int) -> str:
 class Zygote:
     """The supervisor's handle on one fork-server process."""
 
-    def __init__(self, cwd: Path, endpoint: str, on_note: Callable[[dict[str, Any]], None],
+    def __init__(self, cwd: Path, endpoint: str, on_note: Callable[[Compiled], None],
                  command: Sequence[str] = ZYGOTE_COMMAND) -> None:
         self._on_note = on_note
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -187,22 +200,23 @@ class Zygote:
             self._handle_unsolicited(message)
         return True
 
-    def spawn(self, request: dict[str, Any], fds: list[int]) -> int:
+    def spawn(self, workdir: str, artifact: ArtifactOffer | None, compile_request: CompileRequest | None,
+              fds: list[int]) -> int:
         self._ids += 1
-        request = {**request, "op": "spawn", "id": self._ids}
+        request = Spawn(self._ids, workdir, artifact, compile_request)
         try:
-            socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
+            socket.send_fds(self.sock, [request.encode()], fds)
         except OSError as exc:
-            raise ZygoteGone(f"cannot send to it: {exc}") from None
+            raise ZygoteGone(f"cannot send to it: {exc}") from exc
         deadline = time.monotonic() + ZYGOTE_REPLY_TIMEOUT_S
         while True:
             message = self._recv(max(0.0, deadline - time.monotonic()))
             if message is None:
                 raise ZygoteGone(f"no answer within {ZYGOTE_REPLY_TIMEOUT_S} s")
-            if message.get("id") == self._ids:
-                if "pid" in message:
-                    return int(message["pid"])
-                raise ZygoteGone(f"it refused: {message.get('error')}")
+            if isinstance(message, Spawned) and message.id == request.id:
+                return message.pid
+            if isinstance(message, SpawnRefused) and message.id == request.id:
+                raise ZygoteGone(f"it refused: {message.error}")
             self._handle_unsolicited(message)
 
     def drain(self) -> None:
@@ -210,24 +224,27 @@ class Zygote:
         while (message := self._recv(0.0)) is not None:
             self._handle_unsolicited(message)
 
-    def _handle_unsolicited(self, message: dict[str, Any]) -> None:
-        if "ready" in message:
-            if message.get("threads") != 1 or not message.get("clone_parent"):
-                raise ZygoteGone(f"it cannot fork workers safely here ({message})")
-            self.ready = True
-        elif message.get("note") == "compiled":
-            self._on_note(message)
-        elif message.get("note") == "spare" and isinstance(message.get("pid"), int):
-            with contextlib.suppress(OSError):  # already reaped elsewhere: nothing to track
-                self.spares[message["pid"]] = os.pidfd_open(message["pid"])
-        elif message.get("note") == "spare-ended" and message.get("pid") in self.spares:
-            _end(self.spares.pop(message["pid"]))
+    def _handle_unsolicited(self, message: FromForkServer) -> None:
+        match message:
+            case Ready(threads=threads, clone_parent=clone_parent):
+                if threads != 1 or not clone_parent:
+                    raise ZygoteGone(f"it cannot fork workers safely here ({message})")
+                self.ready = True
+            case Compiled():
+                self._on_note(message)
+            case SpareBorn(pid=pid):
+                with contextlib.suppress(OSError):  # already reaped elsewhere: nothing to track
+                    self.spares[pid] = os.pidfd_open(pid)
+            case SpareEnded(pid=pid) if pid in self.spares:
+                _end(self.spares.pop(pid))
+            case _:  # a late answer to a spawn already given up on
+                pass
 
     def take_spare(self, pid: int) -> int | None:
         """The pidfd of the spare worker ``pid`` if a spawn just handed it out, else None."""
         return self.spares.pop(pid, None)
 
-    def _recv(self, timeout: float) -> dict[str, Any] | None:
+    def _recv(self, timeout: float) -> FromForkServer | None:
         """One message, or None if none came in ``timeout``; ZygoteGone if the fork-server is gone."""
         ready, _, _ = select.select([self.sock], [], [], timeout)
         if not ready:
@@ -235,16 +252,13 @@ class Zygote:
         try:
             data = self.sock.recv(MAX_MESSAGE)
         except OSError as exc:
-            raise ZygoteGone(f"its socket failed: {exc}") from None
+            raise ZygoteGone(f"its socket failed: {exc}") from exc
         if not data:
             raise ZygoteGone("it closed its socket")
         try:
-            message = json.loads(data)
-        except ValueError:
-            raise ZygoteGone("it sent something that is not JSON") from None
-        if not isinstance(message, dict):
-            raise ZygoteGone("it sent something that is not a JSON object")
-        return message
+            return decode_from_fork_server(data)
+        except ProtocolError as exc:
+            raise ZygoteGone(f"it sent a malformed message: {exc}") from exc
 
     def close(self) -> str:
         """End the fork-server, then its unused spare; return how the fork-server ended."""
@@ -357,8 +371,7 @@ class Spawner:
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                request = {"workdir": str(workdir), "artifact": artifact, "compile": compile_request}
-                pid = zygote.spawn(request, [read_end, log_fd])
+                pid = zygote.spawn(str(workdir), artifact, compile_request, [read_end, log_fd])
             finally:
                 os.close(log_fd)
         except ZygoteGone as exc:

@@ -18,6 +18,7 @@ import zmq
 
 from theater import wire
 from theater.errors import ProtocolError, RecordError
+from theater.exits import WorkerExit
 from theater.home import Home
 from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256, verify_hello
 from theater.spec import AgentSpec
@@ -41,7 +42,6 @@ BATCH = 256  # messages taken from one socket per loop turn
 HELLO_TIMEOUT_S = 20.0
 LAST_FRAMES_MS = 100  # how long a dead worker's last frame may trail its exit
 WATCHDOG_GRACE_S = 5.0
-EXIT_LOAD_FAILED = 3
 MIN_FRAMES_OF_TWO_RECORDS = 6  # identity, header, meta, state (if any), then one frame per record
 RESULT_HEADER = wire.header(wire.WorkerType.RESULT)
 
@@ -361,7 +361,7 @@ class Workers:
 
         def expecting() -> bool:  # a result or a fault it sent before it exited may trail its pidfd
             return worker.identity is not None and (
-                agent.in_flight is not None or (code == EXIT_LOAD_FAILED and worker.fault is None))
+                agent.in_flight is not None or (code == WorkerExit.LOAD_FAILED and worker.fault is None))
 
         if expecting() and self.socket.poll(0):
             self.drain()
@@ -380,7 +380,7 @@ class Workers:
         if worker.identity is not None:
             self.by_identity.pop(worker.identity, None)
         how = exit_reason(code)
-        reason = worker.kill_reason or ("load-failed" if code == EXIT_LOAD_FAILED else "worker-died")
+        reason = worker.kill_reason or ("load-failed" if code == WorkerExit.LOAD_FAILED else "worker-died")
         why, agent.stop_why = agent.stop_why, ""
         detail = worker.fault or (f"{why} ({how})" if why else how)
         agent.last_exit = f"{reason}: {detail}"

@@ -637,3 +637,52 @@ def test_a_verifier_at_a_stored_head_takes_what_follows_and_refuses_the_rest() -
     assert verifier.worker_key is None
     verifier.advance(exit_)
     assert (verifier.next_seq, verifier.head_hash) == (2, exit_.hash)
+
+
+# --- the bootstrap, the fork-server's messages, exit codes ---------------------------------------
+
+
+def test_fork_server_messages_round_trip_and_refuse_what_is_malformed() -> None:
+    """Each message decodes to exactly what was encoded; a wrong type, a missing field, an unknown note,
+    an oversized datagram or a bootstrap with a bad token is a ProtocolError naming the problem."""
+    from theater import forkserver as fs
+
+    boot = fs.Boot("ipc:///tmp/h/run/workers.sock", bytes(range(32)), 4242)
+    assert fs.Boot.decode(boot.encode()) == boot
+    offer = fs.ArtifactOffer("k" * 64, "/h/cache/k", "ab" * 32)
+    compile_ = fs.CompileRequest("k" * 64, "/h/cache/k", "/a/c.wasm", "cd" * 32, {"fuel_per_call": 1}, "c")
+    for request in (fs.Spawn(7, "/h/run/workers/x", offer, None), fs.Spawn(8, "/w", None, compile_)):
+        assert fs.Spawn.decode(request.encode()) == request
+    for message in (fs.Ready(12, 1, True), fs.Spawned(7, 99), fs.SpawnRefused(7, "RuntimeError: threads"),
+                    fs.Compiled("k", True, 0.5, "ab" * 32, 1234, (1, 2, 3)), fs.Compiled("k", False, 0.5, error="boom"),
+                    fs.SpareBorn(5), fs.SpareEnded(5)):
+        assert fs.decode_from_fork_server(message.encode()) == message
+    bad = [
+        (fs.Boot.decode, b'{"endpoint": "ipc://x", "token": "00", "parent_pid": 1}', "'token' is not 32 bytes"),
+        (fs.Boot.decode, b'{"endpoint": "tcp://x:1", "token": "' + b"00" * 32 + b'", "parent_pid": 1}', "ipc://"),
+        (fs.Boot.decode, b'{"endpoint": "ipc://x", "token": "' + b"00" * 32 + b'", "parent_pid": true}', "parent_pid"),
+        (fs.Boot.decode, b"[1]", "not a JSON object"),
+        (fs.Spawn.decode, b'{"op": "fork", "id": 1}', "unknown op"),
+        (fs.Spawn.decode, b'{"op": "spawn", "id": "1", "workdir": "/w"}', "'id'"),
+        (fs.Spawn.decode, b'{"op": "spawn", "id": 1, "workdir": "/w", "artifact": {"key": "k"}}', "'path'"),
+        (fs.decode_from_fork_server, b'{"note": "gossip"}', "unknown note"),
+        (fs.decode_from_fork_server, b'{"ready": 1, "threads": 1, "clone_parent": 1}', "'clone_parent'"),
+        (fs.decode_from_fork_server, b'{"note": "compiled", "key": "k", "ok": true, "seconds": 1, "sha256": "x",'
+                                     b' "size": 1, "signature": ["a"]}', "'signature'"),
+        (fs.decode_from_fork_server, b"{}", "neither"),
+        (fs.decode_from_fork_server, b" " * (fs.MAX_MESSAGE + 1), "more than"),
+    ]
+    for decode, data, why in bad:
+        with pytest.raises(ProtocolError, match=re.escape(why)):
+            decode(data)
+
+
+def test_exit_codes_are_defined_once() -> None:
+    """The worker's exit statuses are the contract's; the hardening layer and the supervisor use the same."""
+    from supervisor import _workers
+    from theater.exits import WorkerExit
+    from worker import _harden
+
+    assert [int(c) for c in WorkerExit] == [0, 2, 3, 4, 70]
+    assert _harden.EXIT_PARENT_GONE is WorkerExit.PARENT_GONE
+    assert "LOAD_FAILED" in {e.name for e in WorkerExit} and not hasattr(_workers, "EXIT_LOAD_FAILED")

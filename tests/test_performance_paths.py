@@ -30,6 +30,7 @@ from supervisor._spawner import Spawner, exit_reason
 from theater import wire
 from theater.artifacts import artifact_key, file_signature
 from theater.client import Client
+from theater.forkserver import ArtifactOffer, Compiled
 from theater.home import Home
 from theater.records import Kind
 from theater.spec import HARDENING_LAYERS, Limits
@@ -289,15 +290,14 @@ def test_a_compile_job_past_its_ceiling_ends_alone_and_the_worker_compiles(
 # --- the artifact cache ----------------------------------------------------------------------------
 
 
-def _compiled_into(cache: ArtifactCache, key: str, source: bytes) -> dict[str, Any]:
+def _compiled_into(cache: ArtifactCache, key: str, source: bytes) -> Compiled:
     """Write an artifact as a compile job would, and report it as the fork-server would."""
     import hashlib
 
     blob = compile_component(make_engine(LIMITS), source).serialize()
     path = cache.path(key)
     path.write_bytes(blob)
-    note = {"note": "compiled", "key": key, "ok": True, "sha256": hashlib.sha256(blob).hexdigest(),
-            "size": len(blob), "signature": file_signature(os.stat(path))}
+    note = Compiled(key, True, 0.1, hashlib.sha256(blob).hexdigest(), len(blob), tuple(file_signature(os.stat(path))))
     cache.compiled(note)
     return note
 
@@ -313,7 +313,7 @@ def test_artifact_cache_hit_miss_and_every_kind_of_tampering(tmp_path: Path) -> 
     assert cache.lookup(key) is None
     note = _compiled_into(cache, key, source)
     hit = cache.lookup(key)
-    assert hit == {"key": key, "path": str(cache.path(key)), "sha256": note["sha256"]}
+    assert hit == ArtifactOffer(key, str(cache.path(key)), note.sha256)
     assert ArtifactCache(tmp_path / "cache", lines.append).lookup(key) == hit  # a restarted supervisor: re-hashed
 
     def refused(damage: Any, why: str) -> None:

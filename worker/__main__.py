@@ -8,10 +8,13 @@ environment.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import TYPE_CHECKING
+
+from theater.errors import ProtocolError
+from theater.exits import WorkerExit
+from theater.forkserver import MAX_MESSAGE, Boot
 
 if TYPE_CHECKING:
     from ._loop import Link
@@ -28,19 +31,24 @@ def run(bootstrap_fd: int, artifact: dict[str, object] | None = None,
     agent); None: do it now.
     """
     with os.fdopen(bootstrap_fd, "rb") as pipe:
-        boot = json.loads(pipe.read(65536))
+        data = pipe.read(MAX_MESSAGE + 1)
+    try:
+        boot = Boot.decode(data)
+    except ProtocolError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return WorkerExit.PROTOCOL
     from ._harden import harden_before_connect
     from ._loop import serve  # everything the worker runs is imported before it is confined
 
     if confinement is None:
-        confinement = harden_before_connect(int(boot["parent_pid"]), boot["endpoint"])
-    return serve(boot["endpoint"], bytes.fromhex(boot["token"]), confinement, artifact, link)
+        confinement = harden_before_connect(boot.parent_pid, boot.endpoint)
+    return serve(boot.endpoint, boot.token, confinement, artifact, link)
 
 
 def main() -> int:
     if len(sys.argv) != 3 or sys.argv[1] != "--bootstrap-fd":
         print("usage: python -m worker --bootstrap-fd N (started by the supervisor)", file=sys.stderr)
-        return 2
+        return WorkerExit.USAGE
     return run(int(sys.argv[2]))
 
 

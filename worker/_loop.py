@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from theater import wire
 from theater.errors import ProtocolError
+from theater.exits import WorkerExit
 from theater.records import Kind, sha256, sign_hello
 from theater.spec import AgentSpec
 
@@ -35,8 +36,6 @@ __all__ = ["Link", "connect", "serve"]
 
 SPEC_TIMEOUT_MS = 30_000
 MAX_ERROR_CHARS = 4096
-EXIT_LOAD_FAILED = 3
-EXIT_PROTOCOL = 4
 LAST_FRAMES_MS = 2000  # how long an exiting worker waits for its last frames to leave
 
 
@@ -83,7 +82,7 @@ def _serve(
     proof = sign_hello(key, token)
     sock.send_multipart(wire.Hello(token, public, proof, os.getpid(), confinement).encode())
     if not sock.poll(SPEC_TIMEOUT_MS):
-        return EXIT_PROTOCOL
+        return WorkerExit.PROTOCOL
     try:
         frames = sock.recv_multipart()
         if wire.parse_header(frames[0], wire.SupervisorType) is not wire.SupervisorType.SPEC or len(frames) != 3:
@@ -92,7 +91,7 @@ def _serve(
         state = frames[2]
     except ProtocolError as exc:
         print(f"worker: {exc}", file=sys.stderr)
-        return EXIT_PROTOCOL
+        return WorkerExit.PROTOCOL
     link = SupervisorLink(sock)
     try:
         require(spec.hardening)  # before any guest byte is read
@@ -100,7 +99,7 @@ def _serve(
         lock_down(spec.limits)  # compiled and instantiated: now the seccomp allowlist, before any guest call
     except LoadError as exc:
         sock.send_multipart([wire.header(wire.WorkerType.FAULT), wire.encode_json({"reason": exc.reason, "detail": str(exc)})])
-        return EXIT_LOAD_FAILED
+        return WorkerExit.LOAD_FAILED
     while True:
         frames = sock.recv_multipart()
         try:
@@ -112,7 +111,7 @@ def _serve(
             call = wire.Call.decode(frames[1:])
         except ProtocolError as exc:
             print(f"worker: {exc}", file=sys.stderr)
-            return EXIT_PROTOCOL
+            return WorkerExit.PROTOCOL
         sock.send_multipart(agent.run(call).encode())
 
 

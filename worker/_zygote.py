@@ -42,16 +42,13 @@ started. A spawn that must wait for a compile, or finds no spare, forks as
 before. The supervisor, the spare's parent, is told of each spare so it can
 reap one that ends unused.
 
-Messages (JSON, one per datagram, descriptors as SCM_RIGHTS):
-
-    -> {"op": "spawn", "id", "workdir", "artifact": {"key", "path", "sha256"} | null,
-        "compile": {"key", "path", "component_path", "component_sha256", "limits", "label"} | null}
-       with descriptors [bootstrap read end, log file]
-    <- {"id", "pid"} | {"id", "error"}
-    <- {"note": "compiled", "key", "ok", "sha256", "signature", "size", "seconds" | "error"}
-    <- {"ready": pid, "threads": n, "clone_parent": bool}             (once, at start)
-    <- {"note": "spare", "pid"} | {"note": "spare-ended", "pid"}
-    to a spare: {"artifact": {"key", "sha256", "size"}} with [bootstrap read end, log file, artifact memfd]
+Its messages with the supervisor are the typed ones of ``theater.forkserver``
+(one JSON datagram each, descriptors as SCM_RIGHTS; ``docs/wire-protocol.md``
+section 9): ``Spawn`` with [bootstrap read end, log file] in; ``Spawned`` or
+``SpawnRefused``, ``Compiled``, ``Ready`` (once, at start), ``SpareBorn`` and
+``SpareEnded`` out. Between this process and its own children (inside the
+worker package): to a spare, {"artifact": {"key", "sha256", "size"}} with
+[bootstrap read end, log file, artifact memfd].
 """
 
 from __future__ import annotations
@@ -76,12 +73,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from theater.errors import ProtocolError
+from theater.exits import WorkerExit
+from theater.forkserver import (
+    MAX_MESSAGE,
+    Compiled,
+    CompileRequest,
+    FromForkServer,
+    Ready,
+    SpareBorn,
+    SpareEnded,
+    Spawn,
+    Spawned,
+    SpawnRefused,
+)
+
 from . import _harden
 from ._engine import ARTIFACT_MEMFD_PREFIX, ARTIFACT_SEALS
 
 __all__ = ["CLONE_PARENT_SUPPORTED", "clone_parent", "main", "thread_count"]
 
-MAX_MESSAGE = 1 << 20
 PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
@@ -304,7 +315,7 @@ class Job:
     next_progress: float = 0.0
 
 
-def _compile_job(request: dict[str, Any], result_fd: int) -> None:
+def _compile_job(request: CompileRequest, result_fd: int) -> None:
     """In a child of the zygote: compile one component into the cache. Never returns."""
     code = 1
     result: dict[str, Any]
@@ -323,14 +334,13 @@ def _compile_job(request: dict[str, Any], result_fd: int) -> None:
 
         from ._engine import artifact_key, compile_component, file_signature, make_engine, read_component
 
-        limits = Limits.from_dict(request["limits"])
-        key = request["key"]
-        if artifact_key(request["component_sha256"], limits) != key:
+        limits = Limits.from_dict(request.limits)
+        if artifact_key(request.component_sha256, limits) != request.key:
             raise ValueError("the compile request's key does not match its component and limits")
-        source = read_component(request["component_path"], request["component_sha256"])
+        source = read_component(request.component_path, request.component_sha256)
         engine = make_engine(limits, parallel_compilation=True)
         blob = compile_component(engine, source).serialize()
-        final = request["path"]
+        final = request.path
         tmp = f"{final}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -458,7 +468,7 @@ class Zygote:
         theirs.close()
         self.regroup = True
         self.spare = Spare(pid, ours)
-        self._send({"note": "spare", "pid": pid})
+        self._send(SpareBorn(pid))
 
     def _spare_ended(self, why: str) -> None:
         """The spare is unusable: the supervisor (its parent) ends it and reaps it."""
@@ -466,7 +476,7 @@ class Zygote:
         spare, self.spare = self.spare, None
         spare.line.close()
         log(f"spare worker {spare.pid}: {why}")
-        self._send({"note": "spare-ended", "pid": spare.pid})
+        self._send(SpareEnded(spare.pid))
 
     def _give_spare(self, boot_fd: int, log_fd: int, artifact: dict[str, Any]) -> int | None:
         """Hand the waiting spare its agent; its pid, or None if there is no spare that can take it."""
@@ -492,9 +502,9 @@ class Zygote:
         if why:
             log(f"the next worker makes its own cgroup: {why}")
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: FromForkServer) -> None:
         try:
-            self.sock.send(json.dumps(message).encode())
+            self.sock.send(message.encode())
         except OSError:  # the supervisor closed its end (it is going down): end quietly, as on EOF
             self.gone = True
 
@@ -505,29 +515,29 @@ class Zygote:
             return False
         if not data:
             return False  # the supervisor closed its end
-        request: dict[str, Any] = {}
+        request_id = 0
         try:
-            request = json.loads(data)
-            if request.get("op") != "spawn" or len(fds) != 2:
-                raise ValueError(f"unknown request {request.get('op')!r} with {len(fds)} descriptors")
-            pid = self._spawn(request, fds[0], fds[1])
-            self._send({"id": request.get("id"), "pid": pid})
+            request = Spawn.decode(data)
+            request_id = request.id
+            if len(fds) != 2:
+                raise ProtocolError(f"a spawn request comes with 2 descriptors, not {len(fds)}")
+            self._send(Spawned(request.id, self._spawn(request, fds[0], fds[1])))
         except Exception as exc:
-            self._send({"id": request.get("id"), "error": f"{type(exc).__name__}: {exc}"})
+            self._send(SpawnRefused(request_id, f"{type(exc).__name__}: {exc}"))
         finally:
             for fd in fds:
                 os.close(fd)
         return True
 
-    def _spawn(self, request: dict[str, Any], boot_fd: int, log_fd: int) -> int:
-        offered = request.get("artifact")
-        compile_request = request.get("compile")
+    def _spawn(self, request: Spawn, boot_fd: int, log_fd: int) -> int:
+        offered = request.artifact
+        compile_request = request.compile
         artifact = None
         if offered is not None:
-            artifact = self._sealed(offered["key"], offered["path"], offered["sha256"])
+            artifact = self._sealed(offered.key, offered.path, offered.sha256)
         go_r = go_w = None
         if compile_request is not None and artifact is None:
-            job = self.jobs.get(compile_request["key"]) or self._start_job(compile_request)
+            job = self.jobs.get(compile_request.key) or self._start_job(compile_request)
             go_r, go_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             job.waiters.append(go_w)
         if artifact is not None:  # the common case: the spare, already hardened, takes the agent
@@ -541,13 +551,13 @@ class Zygote:
             raise RuntimeError(f"the zygote has {threads} threads; refusing to fork")
         pid = clone_parent()
         if pid == 0:
-            _become_worker(boot_fd, log_fd, request["workdir"], artifact, None if go_r is None else go_r.detach())
+            _become_worker(boot_fd, log_fd, request.workdir, artifact, None if go_r is None else go_r.detach())
         self.regroup = True
         if go_r is not None:
             go_r.close()
         return pid
 
-    def _start_job(self, request: dict[str, Any]) -> Job:
+    def _start_job(self, request: CompileRequest) -> Job:
         result_r, result_w = os.pipe()
         threads = thread_count()
         if threads != 1:
@@ -560,14 +570,14 @@ class Zygote:
             self.sock.close()
             _compile_job(request, result_w)
         os.close(result_w)
-        label = request.get("label") or request["component_path"]
+        label = request.label or request.component_path
         try:
-            size = os.stat(request["component_path"]).st_size
+            size = os.stat(request.component_path).st_size
         except OSError:
             size = 0
-        log(f"compiling {label} ({size:,} bytes, sha256 {request['component_sha256'][:12]}…)")
+        log(f"compiling {label} ({size:,} bytes, sha256 {request.component_sha256[:12]}…)")
         now = time.monotonic()
-        job = Job(request["key"], request["path"], label, pid, result_r, now, next_progress=now + PROGRESS_EVERY_S)
+        job = Job(request.key, request.path, label, pid, result_r, now, next_progress=now + PROGRESS_EVERY_S)
         self.jobs[job.key] = job
         return job
 
@@ -604,18 +614,22 @@ class Zygote:
                 pass  # that worker is gone
             finally:
                 go.close()
-        self._send({"note": "compiled", "key": job.key, "seconds": seconds, **result})
+        if result.get("ok"):
+            self._send(Compiled(job.key, True, seconds, str(result["sha256"]), int(result["size"]),
+                                tuple(int(v) for v in result["signature"])))
+        else:
+            self._send(Compiled(job.key, False, seconds, error=str(result.get("error", ""))))
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 6 or argv[0] != "--socket-fd" or argv[2] != "--parent-pid" or argv[4] != "--endpoint":
         print("usage: python -m worker._zygote --socket-fd N --parent-pid P --endpoint E (started by the supervisor)",
               file=sys.stderr)
-        return 2
+        return WorkerExit.USAGE
     sock_fd, parent_pid, endpoint = int(argv[1]), int(argv[3]), argv[5]
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the supervisor died before the signal was armed
-        return 70
+        return WorkerExit.PARENT_GONE
     _prctl(PR_SET_NAME, b"theater-zygote")
     sock = socket.socket(fileno=sock_fd)
     # Everything a worker imports, imported once here.
@@ -635,7 +649,7 @@ def main(argv: list[str]) -> int:
     gc.collect()
     gc.freeze()  # children never scan (and so never copy) the pages of what was imported here
     threads = thread_count()
-    sock.send(json.dumps({"ready": os.getpid(), "threads": threads, "clone_parent": CLONE_PARENT_SUPPORTED}).encode())
+    sock.send(Ready(os.getpid(), threads, CLONE_PARENT_SUPPORTED).encode())
     if threads != 1:
         log(f"{threads} threads after imports; a zygote must have one, so it refuses to fork")
     return Zygote(sock, endpoint, parent_pid).serve()

@@ -60,6 +60,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from theater.exits import WorkerExit
 from theater.spec import HARDENING_LAYERS, Hardening, Limits
 
 from .._errors import HardeningFailed
@@ -75,7 +76,7 @@ __all__ = [
     "prepare_for_workers", "prepare_lock_down", "require", "sweep_cgroups",
 ]
 
-EXIT_PARENT_GONE = 70
+EXIT_PARENT_GONE = WorkerExit.PARENT_GONE
 
 # The layers a worker attempts. Narrowed only by measurements and tests that run the worker
 # from Python (scripts/bench_hardening.py); no policy, manifest or guest can reach it.
