@@ -211,15 +211,7 @@ def build_python_agent(t: Running) -> Path | None:
 
 
 def _records(t: Running, name: str) -> list[Record]:
-    import sqlite3
-
-    db = sqlite3.connect(f"file:{t.home.store}?mode=ro", uri=True)
-    try:
-        [(agent_id,)] = db.execute("SELECT id FROM agents WHERE name=?", (name,)).fetchall()
-        rows = db.execute("SELECT raw FROM records WHERE agent_id=? ORDER BY seq", (agent_id,)).fetchall()
-    finally:
-        db.close()
-    return [Record.parse(raw) for (raw,) in rows]
+    return t.client.events(name)
 
 
 def call_round_trip(t: Running, n: int, size: int) -> tuple[list[float], dict[str, float]]:
