@@ -1,6 +1,6 @@
 """Theater benchmarks: each figure beside a baseline measured in the same run, as a ratio.
 
-Run through ``scripts/bench``. Prints one row per target (P1..P7 of
+Run through ``scripts/bench``. Prints one row per target (P1..P7 and R1 of
 docs/performance.md) with its same-run baseline; ``--json`` for machines;
 ``--peers`` also installs Circus, supervisord and Extism into a throwaway
 venv under /tmp and measures them in the same run. Targets are read from this
@@ -329,6 +329,44 @@ def restart_to_reply(t: Running, n: int, idle_before: float = IDLE_BEFORE_S,
     return out, {k: statistics.median(v) for k, v in phases.items()}
 
 
+def crash_storm(t: Running, victims: int, n: int) -> tuple[list[float], list[float]]:
+    """R1: a healthy agent's call latency, idle and while ``victims`` workers, each in the middle of a call,
+    are SIGKILLed at once and restarted. Returns (idle round trips, round trips during the storms)."""
+    t.client.spawn(t.manifest("healthy", "echo.wat"))
+    names = [f"victim{i}" for i in range(victims)]
+    for name in names:
+        t.client.spawn(t.manifest(name, "spin.wat", restart={"intensity": 1000, "period_ms": 1000}))
+    for _ in range(20):
+        t.client.call("healthy", b"x")
+    idle = []
+    for _ in range(n):
+        start = time.perf_counter()
+        t.client.call("healthy", b"x")
+        idle.append(time.perf_counter() - start)
+    storm: list[float] = []
+    for _ in range(3):
+        for name in names:  # every victim busy in a call, so its end waits for a last frame that never comes
+            t.client.send(name, b"go")
+        deadline = time.monotonic() + 30
+        while any(a["mailbox"] for a in t.client.ps() if a["name"] in names):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the victims did not take their calls")
+        pids = [a["pid"] for a in t.client.ps() if a["name"] in names and a["pid"]]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        end = time.monotonic() + 0.5  # calls across the storm: the kills, the exits, the restarts
+        while time.monotonic() < end:
+            start = time.perf_counter()
+            t.client.call("healthy", b"x")
+            storm.append(time.perf_counter() - start)
+        deadline = time.monotonic() + 30
+        while not all(a["status"] == "running" and a["pid"] not in pids
+                      for a in t.client.ps() if a["name"] in names):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the victims did not come back")
+    return idle, storm
+
+
 def idle_pss(t: Running, n: int) -> tuple[float, float]:
     """P6: PSS (MiB) of ``n`` idle echo workers, mean per worker, and of the fork-server."""
     names = [f"idle{i}" for i in range(n)]
@@ -476,6 +514,7 @@ def main() -> int:
         restart_b2b, _ = restart_to_reply(t, 5 if q else 15, idle_before=0.0, name="restart-b2b")
         rate, records = stored_records_per_second(t, 10, 50 if q else 300)
         chatty_rate, chatty_records = stored_records_per_second(t, 10, 10 if q else 60, "chatty.wat")
+        storm_idle, storm = crash_storm(t, 20, 200 if q else 1000)
         idle_n = args.idle or (30 if q else 200)
         pss, zygote_pss = idle_pss(t, idle_n)
     finally:
@@ -523,6 +562,9 @@ def main() -> int:
         row("P5", f"  {phase}, p50", value, statistics.median(restart) * ms, "P5 total", "ms", "-")
     row("P5", "  restarts back to back (most forked on demand, no spare ready), p50",
         statistics.median(restart_b2b) * ms, statistics.median(restart) * ms, "P5 total", "ms", "-")
+    row("R1", "crash storm: healthy agent's call p99 while 20 busy workers are killed", pct(storm, 99) * ms,
+        pct(storm_idle, 99) * ms, "the same agent's idle p99", "ms", "<= 3x baseline")
+    row("R1", "  the same, p50", pct(storm, 50) * ms, pct(storm_idle, 50) * ms, "the same agent's idle p50", "ms", "-")
     row("P6", f"idle agent PSS, mean of {idle_n} (extrapolated to 1000)", pss, zygote_pss,
         "the fork-server's own PSS", "MiB", "<= 10 MiB")
     for label in [k for k in p7 if not k.endswith(" generic")]:
