@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import tomllib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ __all__ = [
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch
 MAX_COMPONENT_BYTES = 256 * 1024 * 1024
 MAX_INIT_ARGS_BYTES = 1024 * 1024
+MAX_MANIFEST_BYTES = 1024 * 1024  # a manifest, an included manifest or a policy
+MAX_NAMED_KEYS = 10  # unknown keys an error lists by name
 BUILTIN_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 RESTART_TYPES = ("permanent", "transient", "temporary")
 
@@ -211,19 +214,66 @@ def _article(name: str) -> str:
 
 
 def _also(unknown: list[str]) -> str:
-    return f" (also: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+    """The other unknown keys, at most ``MAX_NAMED_KEYS`` of them: an error must stay readable."""
+    rest = unknown[1:]
+    if not rest:
+        return ""
+    shown = ", ".join(key[:64] for key in rest[:MAX_NAMED_KEYS])
+    more = f" and {len(rest) - MAX_NAMED_KEYS} more" if len(rest) > MAX_NAMED_KEYS else ""
+    return f" (also: {shown}{more})"
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: Path, cap: int) -> int:
+    """A descriptor on ``path`` if it is a regular file of at most ``cap`` bytes (symlinks followed).
+
+    The open never blocks (O_NONBLOCK: a FIFO opens at once) and the check is on the
+    opened descriptor, so no client request can stall the supervisor's loop or make
+    it read a device without end. Raises ConfigError naming the file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a file")
+        problem = f"is {kind}, not a regular file"
+    elif st.st_size > cap:
+        problem = f"is {st.st_size} bytes, more than {cap}"
+    if problem is not None:
+        os.close(fd)
+        raise ConfigError(f"{path}: {problem}")
+    return fd
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    fd = open_regular(path, MAX_MANIFEST_BYTES)
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        chunks, size = [], 0
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_MANIFEST_BYTES:
+                raise ConfigError(f"{path}: is more than {MAX_MANIFEST_BYTES} bytes")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        return tomllib.loads(b"".join(chunks).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: it is not UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {str(exc)[:256]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML here: its tables or arrays are nested too deeply") from None
 
 
 def _limits(table: _Table, ceiling: Limits | None) -> dict[str, int]:
@@ -264,7 +314,7 @@ def load_policy(name: str, dirs: list[Path]) -> Policy:
         raise ConfigError(f"policy name {name!r} is not a plain name (a-z, 0-9, '-', '_')")
     for d in dirs:
         path = d / f"{name}.toml"
-        if path.is_file():
+        if path.exists() or path.is_symlink():  # whatever it is: reading it says what is wrong with it
             break
     else:
         raise ConfigError(f"no policy named {name!r} in {', '.join(map(str, dirs))}")
@@ -306,7 +356,7 @@ def component_digest(path: Path) -> str:
     spend ~15 ms hashing the same bytes every time; ``file_signature`` changes on
     any write, truncation or replacement of the file.
     """
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, MAX_COMPONENT_BYTES), "rb") as f:
         signature = file_signature(os.fstat(f.fileno()))
         known = _DIGESTS.get(str(path))
         if known is not None and known[0] == signature:
@@ -418,14 +468,12 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
     if component.suffix not in (".wasm", ".wat"):
         raise top.err("component", f"{component_rel!r} must name a .wasm or .wat file")
     try:
-        size = component.stat().st_size
-        if not component.is_file():
-            raise top.err("component", f"{component} is not a regular file")
-        if size > MAX_COMPONENT_BYTES:
-            raise top.err("component", f"{component} is {size} bytes, more than {MAX_COMPONENT_BYTES}")
         digest = component_digest(component)
-    except FileNotFoundError:
-        raise top.err("component", f"{component} does not exist") from None
+    except ConfigError as exc:
+        problem = str(exc).removeprefix(f"{component}: ")
+        if problem == "no such file":
+            raise top.err("component", f"{component} does not exist") from None
+        raise top.err("component", f"{component} {problem}") from None
     except OSError as exc:
         raise top.err("component", f"cannot read {component}: {exc.strerror}") from None
     limits = Limits(**{**policy.limits.as_dict(), **narrowed})

@@ -37,6 +37,7 @@ __all__ = ["Control"]
 
 BATCH = 256  # requests taken from the socket per loop turn
 MAX_CONTROL_DATA = 64 * 1024 * 1024
+MAX_ERROR_CHARS = 4096
 Waiter = tuple[bytes, int, int]  # client identity, request id, the head it has seen
 
 
@@ -229,6 +230,8 @@ class Control:
             self.socket.send_multipart(frames, copy=False)
 
     def reply_error(self, ident: bytes, rid: int, code: str, message: str) -> None:
+        if len(message) > MAX_ERROR_CHARS:  # an error always fits what a client reads
+            message = message[:MAX_ERROR_CHARS] + "…"
         body = {"id": rid, "ok": False, "error": {"code": code, "message": message}}
         with contextlib.suppress(zmq.ZMQError):
             self.socket.send_multipart([ident, wire.header(wire.ClientType.REPLY), wire.encode_json(body)])

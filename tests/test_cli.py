@@ -255,3 +255,22 @@ def test_events_and_verify_go_through_the_client_and_match_the_store(theater: Th
     assert online.stdout.count("\n") == len(got)
     assert offline.stdout.startswith(online.stdout)  # the same records, then the exit `down` wrote
     assert json.loads(offline.stdout.splitlines()[-1])["kind"] == "exit"
+
+
+def test_a_manifest_that_is_a_fifo_or_a_device_is_refused_at_once_and_nothing_stalls(theater: Theater) -> None:
+    """spawn of a FIFO (whose open would block) or of /dev/zero (which never ends) is a config error answered
+    at once; the supervisor serves other agents all along and stops cleanly."""
+    import os
+
+    spawn(theater, "echo", "echo.wat")
+    fifo = theater.dir / "fifo.toml"
+    os.mkfifo(fifo)
+    zero = theater.dir / "zero.toml"
+    zero.symlink_to("/dev/zero")
+    for path, what in ((fifo, "is a FIFO, not a regular file"), (zero, "is a character device, not a regular file")):
+        proc = cli(theater.home.root, "spawn", str(path))
+        assert proc.returncode == 1 and what in proc.stderr, proc.stderr
+        with theater.client() as c:
+            assert c.call("echo", b"still here") == b"still here"
+    down = cli(theater.home.root, "down")
+    assert down.returncode == 0, down.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import tomllib
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import pytest
 
 from supervisor._config import (
     BUILTIN_POLICIES,
+    MAX_MANIFEST_BYTES,
     AgentConfig,
     RestartSpec,
+    load_any,
     load_manifest,
     load_policy,
     policy_dirs,
@@ -264,7 +267,7 @@ def test_component_that_is_a_directory_is_refused(agent_dir: Path) -> None:
     """A component path naming a directory is refused as not a regular file."""
     (agent_dir / "dir.wasm").mkdir()
     message = config_error(manifest(agent_dir, head='name = "agent"\ncomponent = "dir.wasm"\n'))
-    assert "is not a regular file" in message
+    assert "is a directory, not a regular file" in message
 
 
 def test_invalid_toml_is_refused(agent_dir: Path) -> None:
@@ -387,3 +390,44 @@ def test_init_args_longer_than_the_message_limit_are_refused(agent_dir: Path) ->
     """init_args must fit max_message_bytes, else init could never run and the agent would crash-loop."""
     message = config_error(manifest(agent_dir, 'init_args = "abcd"\n[limits]\nmax_message_bytes = 3\n'))
     assert "init_args" in message and "max_message_bytes 3" in message
+
+
+# --- files that are not what they claim, and errors that must stay readable ------------------
+
+
+def test_manifests_policies_includes_and_components_must_be_regular_files(agent_dir: Path, home: Path) -> None:
+    """A FIFO (which would block an open), /dev/zero and a symlink to it (which would be read without end),
+    a directory and an oversized file are refused at once, naming the file and what it is."""
+    fifo = agent_dir / "fifo.toml"
+    os.mkfifo(fifo)
+    assert "is a FIFO, not a regular file" in config_error(fifo)
+    zero = agent_dir / "zero.toml"
+    zero.symlink_to("/dev/zero")
+    assert "is a character device, not a regular file" in config_error(zero)
+    assert "is a character device, not a regular file" in config_error(Path("/dev/zero"))
+    (agent_dir / "dir.toml").mkdir()
+    assert "is a directory, not a regular file" in config_error(agent_dir / "dir.toml")
+    big = write(agent_dir, "# " + "x" * MAX_MANIFEST_BYTES + "\n", "big.toml")
+    assert f"more than {MAX_MANIFEST_BYTES}" in config_error(big)
+    # a policy that is a FIFO, an include that is /dev/zero, a component that is a FIFO
+    (home / "policies").mkdir()
+    os.mkfifo(home / "policies" / "piped.toml")
+    assert "is a FIFO, not a regular file" in config_error(manifest(agent_dir, 'policy = "piped"\n'), home)
+    tree = write(agent_dir, 'name = "t"\n[[children]]\nmanifest = "zero.toml"\n', "tree.toml")
+    with pytest.raises(ConfigError, match="character device, not a regular file"):
+        load_any(tree, policy_dirs(None))
+    os.mkfifo(agent_dir / "piped.wasm")
+    assert "is a FIFO, not a regular file" in config_error(manifest(agent_dir, head='name = "a"\ncomponent = "piped.wasm"\n'))
+
+
+def test_a_toml_nested_too_deeply_is_a_config_error(agent_dir: Path) -> None:
+    deep = write(agent_dir, "x = " + "[" * 200_000 + "]" * 200_000 + "\n", "deep.toml")
+    assert "nested too deeply" in config_error(deep)
+
+
+def test_tens_of_thousands_of_unknown_keys_give_a_short_error(agent_dir: Path) -> None:
+    """As many unknown keys as fit the size cap: the error names the first few and counts the rest."""
+    keys = "".join(f"k{i} = 1\n" for i in range(80_000))
+    message = config_error(manifest(agent_dir, keys))
+    assert message.count(", ") == 9 and "and 79989 more" in message
+    assert len(message) < 2000
