@@ -32,6 +32,10 @@ VERIFY_THREADS = 2
 WORKER_KINDS = (Kind.HOST_CALL, Kind.LOG)
 RUNTIME_INTERFACE = CAPABILITIES["runtime"].interface
 MAX_SHUTDOWN_DETAIL_BYTES = 1024  # 256 characters of UTF-8
+# Bounds on what a worker may sign, beyond the policy's own limits (docs/event-records.md section 8):
+MAX_NAME_BYTES = 256  # a log level, a host call's interface or function name
+MAX_ERROR_BYTES = 4 * 4096  # a call's error: the worker cuts it to 4,096 characters (at most 4 bytes each)
+HOST_CALL_SLACK = 64 * 1024  # a host call's JSON framing around a message (supervision.spawn's args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,8 @@ def check_result(
             raise Violation(f"rejected record: {exc}", raw) from None
         records.append(record)
     final = records[-1]
+    for record in records:
+        _within_policy(record, limits)
     expected = _EXPECTED[call.kind]
     if final.kind is not expected or any(r.kind not in WORKER_KINDS for r in records[:-1]):
         raise Violation(f"a {expected.name.lower()} result must be host calls and logs, then one {expected.name.lower()} record", final.raw)
@@ -174,6 +180,33 @@ def check_result(
         commit.initialized = True
     return Checked(commit=commit, final=final, verifier=scratch, status=status, error=error, reply=reply,
                    ending=_ending(records[:-1]))
+
+
+def host_call_bound(limits: Limits) -> int:
+    """The most an honest worker puts in a host call's input or output under ``limits``: a message
+    (supervision.spawn's args) in its JSON, or a random-bytes answer."""
+    return max(limits.max_message_bytes, limits.max_random_bytes) + HOST_CALL_SLACK
+
+
+def _within_policy(record: Record, limits: Limits) -> None:
+    """Every field a worker signs is no larger than an honest worker under the agent's policy could make
+    it; anything larger is a violation, whoever signed it."""
+    fields = record.fields()
+    sizes: list[tuple[str, int, int]] = []
+    if record.kind is Kind.LOG:
+        sizes = [("level", len(fields["level"]), MAX_NAME_BYTES),
+                 ("message", len(fields["message"].encode("utf-8", "surrogatepass")), limits.max_log_bytes)]
+    elif record.kind is Kind.HOST_CALL:
+        bound = host_call_bound(limits)
+        sizes = [("interface", len(fields["interface"]), MAX_NAME_BYTES),
+                 ("function", len(fields["function"]), MAX_NAME_BYTES),
+                 ("input", len(fields["input"]), bound), ("output", len(fields["output"]), bound)]
+    elif record.kind in (Kind.INIT, Kind.HANDLE, Kind.CHILD_EXIT):
+        sizes = [("error", len(fields["error"].encode("utf-8", "surrogatepass")), MAX_ERROR_BYTES)]
+    for name, size, limit in sizes:
+        if size > limit:
+            raise Violation(f"record {record.seq} ({record.kind.name.lower().replace('_', '-')}): {name} of "
+                            f"{size} bytes exceeds {limit} allowed by the agent's policy", record.raw[:256])
 
 
 def _ending(records: list[Record]) -> tuple[str, str] | None:
