@@ -42,7 +42,13 @@ MAX_COMPONENT_BYTES = 256 * 1024 * 1024
 MAX_INIT_ARGS_BYTES = 1024 * 1024
 MAX_MANIFEST_BYTES = 1024 * 1024  # a manifest, an included manifest or a policy
 MAX_NAMED_KEYS = 10  # unknown keys an error lists by name
-BUILTIN_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+def _builtin_policies() -> Path:
+    """The built-in policies: installed beside this module (a wheel), or the checkout's policies/."""
+    installed = Path(__file__).resolve().parent / "policies"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "policies"
+
+
+BUILTIN_POLICIES = _builtin_policies()
 RESTART_TYPES = ("permanent", "transient", "temporary")
 
 
