@@ -61,6 +61,15 @@ def _ptrace(arg: str) -> object:
     return f"ptrace returned {result}, errno {ctypes.get_errno()}"
 
 
+def _rseq() -> object:
+    """rseq with no area: the kernel answers EINVAL if the call reaches it, seccomp EPERM if it does not."""
+    import errno
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.syscall(334, None, 0, 0, 0)  # SYS_rseq on x86_64
+    return f"rseq returned {result}, errno {errno.errorcode.get(ctypes.get_errno(), '?')}"
+
+
 def _read(path: str) -> object:
     with open(path, "rb") as f:
         return f.read(64)
@@ -115,6 +124,7 @@ PROBES: dict[str, Callable[[str], object]] = {
     "alloc": _alloc,
     "flood-log": lambda arg: _flood_log(),
     "exec-mmap": lambda arg: _exec_mmap(),
+    "rseq": lambda arg: _rseq(),
 }
 
 

@@ -65,6 +65,11 @@ ALLOWLIST: dict[str, str | int | ArgRule] = {
     # Threads that already run: locks, yields, sleeps, clocks, randomness, identity.
     **dict.fromkeys(("futex", "sched_yield", "nanosleep", "clock_nanosleep", "clock_gettime", "gettimeofday",
                      "time", "getrandom", "getpid", "gettid", "getppid"), ALLOW),
+    # glibc registers each new thread's restartable-sequence area as the thread starts, and aborts the
+    # whole process ("rseq registration failed") if that fails. A thread cloned just before lock-down
+    # can start after it on a loaded machine, so rseq must pass; it only names memory of the calling
+    # thread to the kernel. (New threads after lock-down stay impossible: clone fails below.)
+    "rseq": ALLOW,
     # Signals: wasmtime turns traps into signals on the faulting thread; abort() signals itself.
     **dict.fromkeys(("rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall"), ALLOW),
     "kill": ArgRule(0, ALLOW, EPERM, equals=SELF_PID),
@@ -85,7 +90,7 @@ ALLOWLIST: dict[str, str | int | ArgRule] = {
         "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4", "recvmsg", "sendmsg",
         "getsockopt", "setsockopt", "getsockname", "getpeername", "shutdown",
         "clone", "fork", "vfork", "tkill", "rt_sigpending", "rt_sigtimedwait", "set_robust_list",
-        "get_robust_list", "rseq", "futex_waitv", "membarrier", "mlock", "munlock", "msync", "mincore",
+        "get_robust_list", "futex_waitv", "membarrier", "mlock", "munlock", "msync", "mincore",
         "pkey_mprotect", "uname", "sysinfo", "getuid", "geteuid", "getgid", "getegid", "getrusage", "times",
         "clock_getres", "sched_getaffinity", "sched_setaffinity", "setsid", "setpgid", "prctl", "getrlimit",
         "prlimit64", "setrlimit", "seccomp", "landlock_create_ruleset", "landlock_add_rule",
