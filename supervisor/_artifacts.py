@@ -134,7 +134,13 @@ class ArtifactCache:
             self._log(f"compiling {key[:12]}… failed: {note.error}")
             return
         sha, size, signature = note.sha256, note.size, list(note.signature)
-        self._write_tag(key, sha, size)
+        try:
+            self._write_tag(key, sha, size)
+        except OSError as exc:  # a full disk: the artifact stays untagged, so it is compiled again next time
+            self._log(f"cannot tag the artifact {key[:12]}…: {exc.strerror}; it will be compiled again")
+            with contextlib.suppress(OSError):
+                self.path(key).unlink()
+            return
         self._verified[key] = _Verified(sha, signature, size)
 
     # --- tags ---------------------------------------------------------------------
@@ -147,10 +153,15 @@ class ArtifactCache:
         tag = {"key": key, "sha256": sha256, "size": size, "mac": self._mac(key, sha256, size)}
         final = self.root / f"{key}.tag"
         tmp = self.root / f"{key}.tag.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(tag, f)
-        os.replace(tmp, final)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(tag, f)
+            os.replace(tmp, final)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     def _read_tag(self, key: str) -> dict[str, Any] | None:
         try:

@@ -24,7 +24,7 @@ from theater.errors import ProtocolError
 from theater.home import Home
 
 from ._agent import Agents, Pending
-from ._errors import Refused, SupervisorError
+from ._errors import Refused, StoreUnavailable, SupervisorError
 from ._ledger import Checked
 from ._timers import Timers
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["Control"]
 
 BATCH = 256  # requests taken from the socket per loop turn
+
 MAX_CONTROL_DATA = 64 * 1024 * 1024
 MAX_ERROR_CHARS = 4096
 Waiter = tuple[bytes, int, int]  # client identity, request id, the head it has seen
@@ -94,9 +95,16 @@ class Control:
 
     def _serve(self, ident: bytes, rid: int, request: req.Request) -> None:
         ticket = (ident, rid)
+        problem = self.records.store.problem
+        if problem is not None:
+            self.supervision.watch_store()
+        if problem is not None and isinstance(request, req.Spawn | req.Send | req.Call):
+            raise StoreUnavailable(f"the event store cannot be written ({problem}); nothing was taken: "
+                                   "try again once there is space")
         match request:
             case req.Ping():
-                self.reply(ident, rid, {"pid": os.getpid(), "home": str(self.home_root), "agents": len(self.agents)})
+                self.reply(ident, rid, {"pid": os.getpid(), "home": str(self.home_root), "agents": len(self.agents),
+                                        "store_problem": problem})
             case req.Spawn(manifest):
                 self.supervision.spawn(Path(manifest), ticket)
             case req.Send(agent, data):
@@ -105,7 +113,7 @@ class Control:
             case req.Call(agent, data, timeout_ms):
                 self._queue(agent, data, (ticket, timeout_ms))
             case req.Ps():
-                self.reply(ident, rid, {"agents": [a.summary() for a in self.agents]})
+                self.reply(ident, rid, {"agents": [a.summary() for a in self.agents], "store_problem": problem})
             case req.Tree():
                 self.reply(ident, rid, {"roots": [self.supervision.entry(m) for m in self.supervision.roots()]})
             case req.Stop(agent):

@@ -3,6 +3,7 @@
     SupervisorError        reported to a client; ``code`` travels on the wire
     ├── ConfigError        a manifest or policy is invalid (names file, key, problem)
     ├── StoreError         the event store cannot be opened, is locked or is corrupt
+    │   └── StoreUnavailable   it cannot be written now (a full disk): work that needs it is refused
     ├── NotFound           no agent by that name or id
     └── Refused            a request is valid but cannot be served now (mailbox full, agent stopped…)
     Violation              a worker broke the protocol: it is killed and the violation recorded
@@ -11,7 +12,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "NotFound", "Refused", "StoreError", "SupervisorError", "Violation", "ZygoteGone"]
+__all__ = ["ConfigError", "NotFound", "Refused", "StoreError", "StoreUnavailable", "SupervisorError", "Violation", "ZygoteGone"]
 
 
 class SupervisorError(Exception):
@@ -26,6 +27,10 @@ class ConfigError(SupervisorError):
 
 class StoreError(SupervisorError):
     code = "store"
+
+
+class StoreUnavailable(StoreError):
+    """Work that needs the event store is refused while it cannot be written (a full disk…)."""
 
 
 class NotFound(SupervisorError):

@@ -7,6 +7,7 @@ returned is on disk. Triggers refuse any UPDATE or DELETE of a record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -99,6 +100,7 @@ class Commit:
 class EventStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.problem: str | None = None  # why the last write failed, until one succeeds (a full disk…)
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -177,7 +179,16 @@ class EventStore:
         )
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self.db, self.path)
+        return _Transaction(self)
+
+    def probe(self) -> bool:
+        """Whether the store can be written again (after a full disk, say): one small durable write."""
+        try:
+            with self._tx():
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('probed_ns', ?)", (str(time.time_ns()),))
+        except StoreError:
+            return False
+        return True
 
     def agents(self) -> list[AgentRow]:
         rows = self.db.execute("SELECT * FROM agents ORDER BY created_ns").fetchall()
@@ -223,23 +234,37 @@ def find_chain(db: sqlite3.Connection, ref: str) -> tuple[bytes, str] | None:
 
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
-        self.db, self.path = db, path
+    """One write transaction; its outcome is the store's ``problem`` (None once a write succeeds)."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.db, self.path = store.db, store.path
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as err:
+            self.store.problem = str(err)
+            raise StoreError(f"{self.path}: cannot begin a write: {err}") from err
 
     def __exit__(self, typ: Any, exc: Any, tb: Any) -> None:
         if typ is None:
             try:
                 self.db.execute("COMMIT")
+                self.store.problem = None
                 return
             except sqlite3.Error as err:
-                self.db.execute("ROLLBACK")
+                self._rollback()
+                self.store.problem = str(err)
                 raise StoreError(f"{self.path}: commit failed: {err}") from err
-        self.db.execute("ROLLBACK")
+        self._rollback()
         if issubclass(typ, sqlite3.Error):
+            self.store.problem = str(exc)
             raise StoreError(f"{self.path}: write failed: {exc}") from exc
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):  # a full disk may refuse even that; nothing was committed
+            self.db.execute("ROLLBACK")
 
 
 def _agent_row(r: tuple[Any, ...]) -> AgentRow:

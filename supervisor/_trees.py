@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["Supervision"]
 
 CHILD_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+STORE_PROBE_S = 0.5  # how often a store that could not be written is tried again
 Ticket = tuple[bytes, int]  # a client's identity and request id, answered when a job ends
 
 
@@ -83,6 +84,8 @@ class Supervision:
         self._exits: dict[str, tuple[int, str, str]] = {}  # agent -> (incarnation, reason, detail) to record
         self._violated: set[str] = set()  # agents whose last worker's part of the chain a violation ended
         self.chains: dict[str, ChainVerifier] = {}  # tree nodes' own chains, by node name
+        self._waiting_for_store: list[Agent] = []  # starts held while the store cannot be written
+        self._watching = False
 
     # --- building ---------------------------------------------------------------------
 
@@ -351,7 +354,11 @@ class Supervision:
                     agent.restart_count += 1
                     if agent.restart.from_state == "initial" and agent.in_store:
                         self.reset_state(agent, "restarted from its initial state (from = \"initial\")")
-                self.workers.start(agent)
+                if self.store.problem is not None:  # its key could not be recorded: start it once writes work
+                    self._waiting_for_store.append(agent)
+                    self.watch_store()
+                    continue
+                self._start_worker(agent)
             elif isinstance(action, Stop):
                 agent = self.agents.by_name[action.name]
                 agent.stop_why = action.why
@@ -384,6 +391,42 @@ class Supervision:
             elif isinstance(action, Done) and isinstance(action.ticket, tuple):
                 ident, rid = action.ticket
                 self.control.reply(ident, rid, self.entry(self.member(action.member)))
+
+    def watch_store(self) -> None:
+        """While the store cannot be written (a full disk…), try a small write every half second; once
+        one succeeds, start the workers that were held."""
+        if self._watching:
+            return
+        self._watching = True
+        troubled = self.store.problem is not None
+        if troubled:
+            self.log(f"the event store cannot be written ({self.store.problem}); spawns and messages are refused "
+                     "and restarts wait until it can")
+
+        def look() -> None:
+            if not self.store.probe():
+                self.workers.timers.after(STORE_PROBE_S, look)
+                return
+            self._watching = False
+            if troubled:
+                self.log("the event store can be written again")
+            held, self._waiting_for_store = self._waiting_for_store, []
+            for agent in held:
+                if agent.worker is None and agent.status in (Status.STARTING, Status.RESTARTING):
+                    self._start_worker(agent)
+
+        self.workers.timers.after(STORE_PROBE_S, look)
+
+    def _start_worker(self, agent: Agent) -> None:
+        """Start the agent's worker; if the machine refuses (no space for its log, no descriptors…), the
+        start is held and tried again with the store's probe, instead of taking the supervisor down."""
+        try:
+            self.workers.start(agent)
+        except OSError as exc:
+            self.log(f"{agent.name}: cannot start a worker ({exc}); trying again shortly")
+            self._waiting_for_store.append(agent)
+            if not self._watching:
+                self.watch_store()
 
     def _node_deadline(self, node: Node, limit_ms: int) -> None:
         """OTP: a supervisor child gets its shutdown time to stop its whole subtree, then is killed."""

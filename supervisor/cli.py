@@ -117,7 +117,11 @@ def cmd_call(args: argparse.Namespace, home: Home) -> int:
 
 def cmd_ps(args: argparse.Namespace, home: Home) -> int:
     with Client(home) as c:
-        agents = c.ps()
+        report = c.request("ps")[0]
+    agents = report["agents"]
+    if report.get("store_problem"):
+        _err(f"warning: the event store cannot be written ({report['store_problem']}): spawns and messages are "
+             "refused, and restarts wait, until it can")
 
     def table() -> str:
         if not agents:

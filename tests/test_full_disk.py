@@ -1,0 +1,116 @@
+"""The event store's filesystem fills up mid-traffic, then has space again.
+
+The home lives on a small tmpfs made by the test. No call is answered as
+committed that was not; the supervisor stays up, says what is wrong (`ping`,
+`ps`), refuses new work that needs the disk, holds restarts, and carries on
+by itself once there is space. Nothing committed is lost and every chain
+verifies.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Theater, assert_verified, records, wait_until
+
+from theater.client import Client, ClientError
+from theater.records import Kind
+
+MESSAGE_BYTES = 200_000
+
+
+def _fill(path: Path) -> Path:
+    """Take every byte left on the filesystem."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def _wait_serving(c: Client, name: str) -> None:
+    """The store can be written again (the supervisor's probe said so) and the agent runs."""
+    wait_until(lambda: c.ping()["store_problem"] is None, 30, "the store to be writable again")
+    wait_until(lambda: next(a for a in c.ps() if a["name"] == name)["status"] == "running", 30, f"{name} to run again")
+
+
+@pytest.fixture
+def small_disk(short_root: Callable[[str], Path]) -> Iterator[Path]:
+    root = short_root("disk")
+    (root / "h").mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M,mode=0700", "tmpfs", str(root / "h")],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); the test needs root")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root / "h")], capture_output=True)
+
+
+def test_a_full_disk_loses_nothing_committed_and_the_supervisor_carries_on(small_disk: Path) -> None:
+    t = Theater(small_disk)
+    t.start()
+    try:
+        with t.client(timeout=60) as c:
+            c.spawn(str(t.manifest("echo", "echo.wat")))
+            acked: dict[bytes, bytes] = {}
+            refused = None
+            for i in range(200):
+                message = bytes([65 + i % 26]) * MESSAGE_BYTES + str(i).encode()
+                try:
+                    acked[message] = c.call("echo", message) or b""
+                except ClientError as exc:
+                    refused = exc
+                    break
+            assert refused is not None, "the disk never filled"
+            assert refused.code == "store" and "could not be stored" in str(refused), refused
+
+            # Room again: it carries on by itself.
+            subprocess.run(["mount", "-o", "remount,size=8M", str(t.home.root)], check=True)
+            _wait_serving(c, "echo")
+            acked[b"room"] = c.call("echo", b"room") or b""
+
+            # Full for good: fold the WAL into the database and truncate it, then take every byte left,
+            # so that no write fits, however small (a WAL keeps the space of earlier writes).
+            db = sqlite3.connect(t.home.store)
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                db.close()
+            filler = _fill(t.home.root / "filler")
+            with pytest.raises(ClientError) as full:
+                c.call("echo", b"while full")
+            assert full.value.code == "store" and "could not be stored" in str(full.value), full.value
+            assert c.ping()["store_problem"]  # the supervisor is up and says what is wrong
+            with pytest.raises(ClientError) as again:
+                c.call("echo", b"while full")
+            assert again.value.code == "store" and "cannot be written" in str(again.value)
+            with pytest.raises(ClientError) as spawn:
+                c.spawn(str(t.manifest("other", "echo.wat")))
+            assert spawn.value.code == "store"
+            ps = subprocess.run([sys.executable, "-m", "supervisor", "--home", str(t.home.root), "ps"],
+                                capture_output=True, text=True, timeout=60)
+            assert ps.returncode == 0 and "the event store cannot be written" in ps.stderr, ps.stderr
+
+            filler.unlink()  # space again
+            _wait_serving(c, "echo")
+            assert c.call("echo", b"after") == b"after"
+    finally:
+        t.stop()
+    chain = records(t, "echo")
+    stored = {r.fields()["message"]: r.fields()["reply"] for r in chain if r.kind is Kind.HANDLE}
+    missing = [m[:8] for m, reply in acked.items() if stored.get(m) != reply]
+    assert not missing, f"acknowledged but not stored: {missing}"
+    assert stored[b"after"] == b"after"
+    assert_verified(t)
