@@ -70,6 +70,14 @@ def _rseq() -> object:
     return f"rseq returned {result}, errno {errno.errorcode.get(ctypes.get_errno(), '?')}"
 
 
+def _sched() -> object:
+    """What ZeroMQ's I/O thread does as it starts: read its scheduling policy and set it again."""
+    policy = os.sched_getscheduler(0)
+    param = os.sched_getparam(0)
+    os.sched_setscheduler(0, policy, param)
+    return f"policy {policy}, priority {param.sched_priority}"
+
+
 def _read(path: str) -> object:
     with open(path, "rb") as f:
         return f.read(64)
@@ -125,6 +133,7 @@ PROBES: dict[str, Callable[[str], object]] = {
     "flood-log": lambda arg: _flood_log(),
     "exec-mmap": lambda arg: _exec_mmap(),
     "rseq": lambda arg: _rseq(),
+    "sched": lambda arg: _sched(),
 }
 
 

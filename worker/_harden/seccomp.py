@@ -70,6 +70,10 @@ ALLOWLIST: dict[str, str | int | ArgRule] = {
     # can start after it on a loaded machine, so rseq must pass; it only names memory of the calling
     # thread to the kernel. (New threads after lock-down stay impossible: clone fails below.)
     "rseq": ALLOW,
+    # Likewise ZeroMQ's I/O thread, as it starts, reads its scheduling policy and sets it again
+    # unchanged (pthread_getschedparam, pthread_setschedparam) and aborts if either fails. Without
+    # privileges these can only move a thread between the normal policies.
+    **dict.fromkeys(("sched_getparam", "sched_getscheduler", "sched_setscheduler"), ALLOW),
     # Signals: wasmtime turns traps into signals on the faulting thread; abort() signals itself.
     **dict.fromkeys(("rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall"), ALLOW),
     "kill": ArgRule(0, ALLOW, EPERM, equals=SELF_PID),
