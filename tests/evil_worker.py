@@ -13,6 +13,16 @@ handle call in this process is altered according to MODE:
     garbage  a RESULT whose meta frame is random bytes
     twice    send the (honest, padded with valid log records) RESULT twice, back to back:
              the copy answers no call
+
+or so that, in the second handle call, before the guest runs, the worker sends a
+HOST_REQUEST on its socket and then waits for the reply, as the real worker's
+``SupervisorLink.ask`` does (if an answer came, it would finish the call honestly):
+
+    grab-unheld     a well-formed ``supervision`` request ``{"op": "children"}``, from an agent
+                    whose policy does not grant ``supervision`` (the counter, default policy)
+    grab-unknown    a well-formed request for interface ``kv``, which no handler serves (op ``get``)
+    grab-none       a body ``{"op": "children"}`` with no ``interface`` key at all
+    grab-malformed  a ``supervision`` request whose id frame is 3 bytes instead of 8
 """
 
 from __future__ import annotations
@@ -28,7 +38,11 @@ from theater import wire
 from theater.records import Kind, Record, sign_record
 
 PADDING_LOGS = 90
-MODES = ("forge", "tamper", "replay", "reorder", "state", "garbage", "twice")
+MODES = (
+    "forge", "tamper", "replay", "reorder", "state", "garbage", "twice",
+    "grab-unheld", "grab-unknown", "grab-none", "grab-malformed",
+)
+MALFORMED_ID_BYTES = 3
 
 
 class _Frames:
@@ -112,9 +126,42 @@ EVIL = {
 }
 
 
+# mode -> (interface, body) of the host request it sends; grab-malformed then cuts the id frame.
+GRABS: dict[str, tuple[str | None, dict[str, Any]]] = {
+    "grab-unheld": ("supervision", {"op": "children"}),
+    "grab-unknown": ("kv", {"op": "get", "key": "count"}),
+    "grab-none": (None, {"op": "children"}),
+    "grab-malformed": ("supervision", {"op": "children"}),
+}
+
+
+def host_request_frames(mode: str, request_id: int) -> list[bytes]:
+    """The HOST_REQUEST that ``mode`` sends, as the worker's ``SupervisorLink.ask`` encodes it, then spoiled."""
+    interface, body = GRABS[mode]
+    frames = wire.HostRequest(request_id, body, interface).encode(wire.WorkerType.HOST_REQUEST)
+    if mode == "grab-malformed":
+        frames[1] = frames[1][:MALFORMED_ID_BYTES]
+    return frames
+
+
+def _grab(link: Any, mode: str) -> None:
+    """Send ``mode``'s host request on the worker's socket, then wait for its reply as ``SupervisorLink.ask`` does."""
+    link._ids += 1
+    sock: zmq.Socket = link._sock
+    sock.send_multipart(host_request_frames(mode, link._ids))
+    if not sock.poll(link.TIMEOUT_MS):
+        print("evil worker: no answer to the host request; carrying on", file=sys.stderr, flush=True)
+        return
+    frames = sock.recv_multipart()
+    typ = wire.parse_header(frames[0], wire.SupervisorType)
+    if typ is wire.SupervisorType.STOP:  # stopped mid-call: exit at once, as the real worker does
+        os._exit(0)
+    print(f"evil worker: the supervisor sent {typ.name} instead of killing me; carrying on", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     mode = sys.argv.pop(1) if len(sys.argv) > 1 else ""
-    if mode not in EVIL:
+    if mode not in EVIL and mode not in GRABS:
         print(f"usage: evil_worker.py {{{','.join(MODES)}}} --bootstrap-fd N", file=sys.stderr)
         return 2
     if mode == "twice":
@@ -126,6 +173,9 @@ def main() -> int:
     handled: list[list[bytes]] = []  # records of each handle call in this process
 
     def run(self: _loop.Agent, call: wire.Call) -> Any:
+        if mode in GRABS and call.kind is wire.CallKind.HANDLE and len(handled) == 1:
+            print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)
+            _grab(self.host._ask.__self__, mode)  # type: ignore[attr-defined]  # the worker's SupervisorLink
         if mode == "twice" and call.kind is wire.CallKind.HANDLE and len(handled) == 1:
             # Validly signed padding: checking this result keeps the supervisor busy for a
             # few milliseconds, so the copy sent right behind it is drained in the same turn.
@@ -135,7 +185,7 @@ def main() -> int:
         if call.kind is not wire.CallKind.HANDLE:
             return result
         handled.append(list(result.records))
-        if len(handled) == 2:
+        if len(handled) == 2 and mode in EVIL:
             print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)
             return EVIL[mode](result, handled[0])
         return result

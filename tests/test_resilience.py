@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import evil_worker
 import pytest
 import zmq
 from conftest import (
@@ -299,6 +300,52 @@ def test_lying_worker_is_caught_and_nothing_it_sent_is_stored(theater: Theater, 
     assert fields["incarnation"] == 0
     messages = [h.fields()["message"] for h in of(chain, Kind.HANDLE)]
     assert messages == [b"first", b"third"]  # nothing of the bad result, and no replayed copy
+    after = chain[violation.seq + 1]
+    assert after.kind is Kind.WORKER_KEY and after.fields()["incarnation"] == 1
+    assert "protocol-violation" in after.fields()["reason"]
+    assert f"protocol violation: {fields['reason']}" in supervisor_log(theater)
+    assert_verified(theater)
+
+
+# mode -> a fragment the violation's reason must contain (supervisor/_host.py)
+HOST_REQUEST_MODES = {
+    "grab-unheld": "host request outside a call, or for 'supervision', which the agent does not hold",
+    "grab-unknown": "for 'kv', which the agent does not hold or the supervisor does not serve",
+    "grab-none": "host request names no interface",
+    "grab-malformed": "malformed host request: host request must be an 8-byte id frame and a JSON frame",
+}
+
+
+@pytest.mark.parametrize("mode", sorted(HOST_REQUEST_MODES))
+def test_hostile_host_request_is_a_violation_and_nothing_of_the_call_is_stored(theater: Theater, mode: str) -> None:
+    """A worker that asks mid-call for a capability it lacks, one nobody serves, none, or with a bad id frame
+    is killed, recorded, restarted; the call it was in is not committed."""
+    theater.stop()
+    theater.start(extra=[sys.executable, str(RUN_SUPERVISOR), str(theater.home.root), mode])
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat"))
+        assert ps(c, "ctr")["policy"] == "default"  # no supervision capability
+        assert c.call("ctr", b"first") == b"1"
+        pid = ps(c, "ctr")["pid"]
+        with pytest.raises(ClientError) as died:
+            c.call("ctr", b"second")
+        assert died.value.code == "worker-died"
+        info = wait_running(c, "ctr", pid)
+        assert info["restarts"] == 1
+        # The hostile request is on each process's 2nd handle call: the new worker's 1st is honest.
+        assert c.call("ctr", b"third") == b"2"
+
+    chain = records(theater, "ctr")
+    [violation] = of(chain, Kind.VIOLATION)
+    fields = violation.fields()
+    assert HOST_REQUEST_MODES[mode] in fields["reason"], fields["reason"]
+    assert fields["incarnation"] == 0
+    if mode == "grab-malformed":
+        assert fields["evidence"] == b"".join(evil_worker.host_request_frames(mode, 1)[1:])
+    messages = [h.fields()["message"] for h in of(chain, Kind.HANDLE)]
+    assert messages == [b"first", b"third"]
+    before = chain[violation.seq - 1]  # the first call's handle record: no log or host call of the second
+    assert before.kind is Kind.HANDLE and before.fields()["message"] == b"first"
     after = chain[violation.seq + 1]
     assert after.kind is Kind.WORKER_KEY and after.fields()["incarnation"] == 1
     assert "protocol-violation" in after.fields()["reason"]
