@@ -1,17 +1,22 @@
 """The ledger: the only way a worker's records reach the event store.
 
-It checks a worker's RESULT whole — frame structure, every record's sequence,
-hash link, signer and signature, that the final record answers the call that
-was sent, and that the state sent matches the state hash signed — before
-anything is stored or acknowledged. Any failure is a :class:`Violation`.
+It checks a worker's RESULT whole — frame structure, the result's size, every
+record's size against what an honest worker could write under the agent's
+policy, every record's sequence, hash link, signer and signature, that the
+final record answers the call that was sent, and that the state sent matches
+the state hash signed — before anything is stored or acknowledged. Any failure
+is a :class:`Violation`. The size checks come first and are length comparisons
+on fields already decoded, so a result past a bound costs no signature check.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -19,23 +24,65 @@ from theater import wire
 from theater.capabilities import CAPABILITIES
 from theater.chain import ChainVerifier
 from theater.errors import ProtocolError, RecordError
-from theater.records import STATUSES, Kind, Record, Signer, sha256, signature_valid
+from theater.records import HEADER, SIGNATURE_BYTES, STATUSES, Kind, Record, Signer, sha256, signature_valid
 from theater.spec import Limits
 
 from ._errors import Violation
 from ._store import Commit
 
-__all__ = ["Checked", "Prechecked", "check_result", "precheck"]
+__all__ = ["HOST_FUNCTIONS", "WASI_FUNCTIONS", "Checked", "Prechecked", "check_result", "precheck", "result_bound"]
 
 VERIFY_THREADS = 2
 
 WORKER_KINDS = (Kind.HOST_CALL, Kind.LOG)
+FINAL_KINDS = (Kind.INIT, Kind.HANDLE, Kind.CHILD_EXIT)
 RUNTIME_INTERFACE = CAPABILITIES["runtime"].interface
-MAX_SHUTDOWN_DETAIL_BYTES = 1024  # 256 characters of UTF-8
-# Bounds on what a worker may sign, beyond the policy's own limits (docs/event-records.md section 8):
-MAX_NAME_BYTES = 256  # a log level, a host call's interface or function name
-MAX_ERROR_BYTES = 4 * 4096  # a call's error: the worker cuts it to 4,096 characters (at most 4 bytes each)
-HOST_CALL_SLACK = 64 * 1024  # a host call's JSON framing around a message (supervision.spawn's args)
+SUPERVISION_INTERFACE = CAPABILITIES["supervision"].interface
+
+# --- what an honest worker can sign, under the agent's policy ---------------------------------
+#
+# docs/event-records.md section 8 lists every bound with its derivation; each comes from the
+# worker's own code (worker/_caps/, worker/_loop.py). A record past one is a violation, whoever
+# signed it: a compromised worker holds a valid key and can sign anything.
+
+RECORD_OVERHEAD = HEADER.size + SIGNATURE_BYTES  # 167: the fixed header and the signature
+MAX_LEVEL_BYTES = 5  # runtime.log writes debug, info, warn or error (any other level as info)
+MAX_STATUS_BYTES = max(len(s) for s in STATUSES)  # 16: malformed-result
+MAX_ERROR_BYTES = 4 * 4096  # a guest's error is cut to 4,096 characters; the worker's own messages are shorter
+MAX_SHUTDOWN_DETAIL_BYTES = 4 * 256  # runtime.shutdown refuses a detail of more than 256 characters
+MAX_WASM_NAME_BYTES = 100_000  # the longest name wasmtime parses in a component: a WASI import's, with its version
+MAX_JSON_BYTES = wire.MAX_JSON_BYTES  # a HOST_REQUEST or HOST_REPLY body: a supervision call's input or output
+MAX_STOP_INPUT_BYTES = len('{"child":""}') + 256 * 12  # 3,084: a child id of 256 characters, each escaped to 12 bytes
+WASI_VERSION_PREFIX = "0.2."  # a worker links WASI 0.2.x only (worker/_engine.py is_wasi_import)
+
+# A host function's input and output: at most this many bytes, or the policy limit of that name.
+Size = int | str
+
+# (interface, function) -> (input, output), for the theater:agent interfaces (recorded with their exact name).
+HOST_FUNCTIONS: dict[tuple[str, str], tuple[Size, Size]] = {
+    (RUNTIME_INTERFACE, "self-id"): (0, 36),  # the agent id as UUID text
+    (RUNTIME_INTERFACE, "now"): (0, 8),  # a u64
+    (RUNTIME_INTERFACE, "random-bytes"): (4, "max_random_bytes"),  # the length as a u32; the bytes
+    (RUNTIME_INTERFACE, "finish"): (0, 0),
+    (RUNTIME_INTERFACE, "shutdown"): (MAX_SHUTDOWN_DETAIL_BYTES, 0),  # the detail as UTF-8
+    # A supervision call's input is its HOST_REQUEST's JSON less `op` and `interface`; its output is the
+    # HOST_REPLY's JSON as the worker decoded it. Both frames are at most MAX_JSON_BYTES, or nothing is recorded.
+    (SUPERVISION_INTERFACE, "spawn"): (MAX_JSON_BYTES, MAX_JSON_BYTES),
+    (SUPERVISION_INTERFACE, "stop"): (MAX_STOP_INPUT_BYTES, MAX_JSON_BYTES),
+    (SUPERVISION_INTERFACE, "children"): (len("{}"), MAX_JSON_BYTES),
+}
+
+# (interface without its @version, function) -> (input, output), for the WASI 0.2 functions a worker answers
+# (worker/_caps/wasi.py). The interface is recorded with the version the component imports: at most
+# MAX_WASM_NAME_BYTES, and 0.2.x.
+WASI_FUNCTIONS: dict[tuple[str, str], tuple[Size, Size]] = {
+    ("wasi:random/random", "get-random-bytes"): (8, "max_random_bytes"),  # the length as a u64; the bytes
+    ("wasi:random/random", "get-random-u64"): (0, 8),
+    ("wasi:random/insecure", "get-insecure-random-bytes"): (8, "max_random_bytes"),
+    ("wasi:random/insecure", "get-insecure-random-u64"): (0, 8),
+    ("wasi:random/insecure-seed", "insecure-seed"): (0, 16),  # two u64s
+    ("wasi:clocks/wall-clock", "now"): (0, 12),  # seconds as a u64, nanoseconds as a u32
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +109,44 @@ def max_records(limits: Limits) -> int:
     return limits.max_logs_per_call + limits.max_host_calls_per_call + 1
 
 
+def _size(size: Size, limits: Limits) -> int:
+    return getattr(limits, size) if isinstance(size, str) else size
+
+
+@functools.lru_cache(maxsize=256)
+def _calls_bound(limits: Limits) -> int:
+    """The most the log and host-call records of one result take under ``limits``: each kind's count
+    limit times its largest record."""
+    log = 4 + MAX_LEVEL_BYTES + 4 + limits.max_log_bytes + 1
+    host_call = max(
+        [4 + len(interface) + 4 + len(function) + 4 + _size(i, limits) + 4 + _size(o, limits)
+         for (interface, function), (i, o) in HOST_FUNCTIONS.items()]
+        + [4 + MAX_WASM_NAME_BYTES + 4 + len(function) + 4 + _size(i, limits) + 4 + _size(o, limits)
+           for (_, function), (i, o) in WASI_FUNCTIONS.items()])
+    return (limits.max_logs_per_call * (RECORD_OVERHEAD + log)
+            + limits.max_host_calls_per_call * (RECORD_OVERHEAD + host_call))
+
+
+def result_bound(limits: Limits, call: wire.Call) -> int:
+    """The most bytes (records and state) an honest worker's RESULT for ``call`` takes under ``limits``.
+
+    The log and host-call records at their count limits, each at its largest, then the final record and
+    the state: either the call succeeded (status ``ok``, no error, a reply of up to ``max_message_bytes``
+    for a handle call, a state of up to ``max_state_bytes``) or it failed (a status of up to 16 bytes, an
+    error of up to MAX_ERROR_BYTES, no reply, no state). The final record repeats the call's data.
+    """
+    data = len(call.data)
+    if call.kind is wire.CallKind.CHILD_EXIT:  # child (16), exit hash (32), reason: the call's data, in three
+        echo, reply_ok, reply_failed = 4 + 4 + 4 + data, 0, 0
+    elif call.kind is wire.CallKind.HANDLE:  # message; the reply is an opt-bytes
+        echo, reply_ok, reply_failed = 4 + data, 1 + 4 + limits.max_message_bytes, 1
+    else:  # init: args
+        echo, reply_ok, reply_failed = 4 + data, 0, 0
+    ok = reply_ok + 4 + len("ok") + 4 + 8 + limits.max_state_bytes  # status, an empty error, fuel; the state
+    failed = reply_failed + 4 + MAX_STATUS_BYTES + 4 + MAX_ERROR_BYTES + 8
+    return _calls_bound(limits) + RECORD_OVERHEAD + echo + max(ok, failed)
+
+
 # --- signatures of a drain batch, checked in parallel -----------------------------------------
 #
 # Ed25519 verification releases the GIL, so the signatures of every result in a
@@ -69,6 +154,8 @@ def max_records(limits: Limits) -> int:
 # the records; check_result then only waits for the outcome. A signature checked
 # ahead counts only for the same bytes under the same key: anything else is
 # checked again in line, so this never accepts what check_result alone would refuse.
+# Records past a bound are not handed to the pool: precheck applies every bound
+# that does not depend on the call first, and check_result reuses what it found.
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -83,11 +170,21 @@ def _executor() -> ThreadPoolExecutor:
 
 
 @dataclass(frozen=True, slots=True)
+class _Bounded:
+    """A result's records hold to every bound that does not depend on the call, under ``limits``."""
+
+    limits: Limits
+    ending: tuple[str, str] | None  # the guest called runtime.finish or .shutdown: (exit reason, detail)
+
+
+@dataclass(frozen=True, slots=True)
 class Prechecked:
-    """A result's records parsed ahead, and their signatures under ``key`` being checked on the pool,
-    ``chunk`` records per task (a result with many records is spread over every thread)."""
+    """A result's records parsed and held to the policy's bounds ahead, and their signatures under ``key``
+    being checked on the pool, ``chunk`` records per task (a result with many records is spread over every
+    thread)."""
 
     records: list[Record]
+    bounded: _Bounded
     key: Ed25519PublicKey
     chunk: int
     signatures: list[Future[list[bool]]]
@@ -103,21 +200,24 @@ def _verify_all(records: list[Record], key: Ed25519PublicKey) -> list[bool]:
 
 
 def precheck(frames: list[bytes], *, verifier: ChainVerifier, limits: Limits) -> Prechecked | None:
-    """Parse a RESULT's records and start checking their signatures; None if it must be checked in line."""
+    """Parse a RESULT's records, hold them to the policy, and start checking their signatures; None if it
+    must be checked in line (check_result then says what is wrong, if anything is)."""
     key = verifier.worker_key
     if key is None:
         return None
     try:
         result = wire.Result.decode(frames, max_records=max_records(limits))
         records = [Record.parse(raw) for raw in result.records]
-    except (ProtocolError, RecordError):
-        return None  # check_result says why
-    if any(r.signer is not Signer.WORKER for r in records):
+        if (any(r.signer is not Signer.WORKER for r in records) or records[-1].kind not in FINAL_KINDS
+                or any(r.kind not in WORKER_KINDS for r in records[:-1])):
+            return None
+        bounded = _bound(records, limits)
+    except (ProtocolError, RecordError, Violation):
         return None
     chunk = -(-len(records) // VERIFY_THREADS)
     pool = _executor()
     tasks = [pool.submit(_verify_all, records[i:i + chunk], key) for i in range(0, len(records), chunk)]
-    return Prechecked(records, key, chunk, tasks)
+    return Prechecked(records, bounded, key, chunk, tasks)
 
 
 def check_result(
@@ -134,43 +234,36 @@ def check_result(
         raise Violation(f"malformed result: {exc}", b"".join(frames[:2])) from None
     if result.call_id != call.call_id:
         raise Violation(f"result answers call {result.call_id}, but call {call.call_id} is in flight")
+    state = result.state
+    total = sum(map(len, result.records)) + (0 if state is None else len(state))
+    bound = result_bound(limits, call)
+    if total > bound:
+        raise Violation(f"result of {total} bytes exceeds {bound}, the most the agent's policy allows for this call",
+                        frames[0])
+    if state is not None and len(state) > limits.max_state_bytes:
+        raise Violation(f"state of {len(state)} bytes exceeds max_state_bytes ({limits.max_state_bytes})", state[:256])
+    ahead = prechecked if prechecked is not None and _same(prechecked.records, result.records) else None
+    records = ahead.records if ahead is not None else _parse(result.records)
+    final = records[-1]
+    expected = _EXPECTED[call.kind]
+    if final.kind is not expected or any(r.kind not in WORKER_KINDS for r in records[:-1]):
+        raise Violation(f"a {expected.name.lower()} result must be host calls and logs, then one {expected.name.lower()} record", final.raw)
+    bounded = ahead.bounded if ahead is not None and ahead.bounded.limits == limits else _bound(records, limits)
+    fields = final.fields()
+    sent_matches = _repeats_call(final, fields, call)
     scratch = copy.copy(verifier)
-    records: list[Record] = []
-    ahead = prechecked if prechecked is not None and len(prechecked.records) == len(result.records) else None
-    for i, raw in enumerate(result.records):
+    for i, record in enumerate(records):
         try:
-            record = ahead.records[i] if ahead is not None and ahead.records[i].raw is raw else Record.parse(raw)
             if ahead is not None and ahead.verified(i, record, scratch.key_for(record)):
                 scratch.advance(record, signature_checked=True)
             else:
                 scratch.advance(record)
         except RecordError as exc:
-            raise Violation(f"rejected record: {exc}", raw) from None
-        records.append(record)
-    final = records[-1]
-    for record in records:
-        _within_policy(record, limits)
-    expected = _EXPECTED[call.kind]
-    if final.kind is not expected or any(r.kind not in WORKER_KINDS for r in records[:-1]):
-        raise Violation(f"a {expected.name.lower()} result must be host calls and logs, then one {expected.name.lower()} record", final.raw)
-    fields = final.fields()
-    if expected is Kind.CHILD_EXIT:
-        child, exit_hash, reason = wire.decode_child_exit(call.data)
-        sent_matches = (fields["child"], fields["exit_hash"], fields["reason"]) == (child, exit_hash, reason)
-    else:
-        sent_matches = (fields["args"] if expected is Kind.INIT else fields["message"]) == call.data
+            raise Violation(f"rejected record: {exc}", record.raw) from None
     if not sent_matches:
         raise Violation(f"the {expected.name.lower()} record does not carry the message that was sent", final.raw)
     status, error = fields["status"], fields["error"]
-    if status not in STATUSES:
-        raise Violation(f"unknown call status {status[:64]!r}", final.raw[:256])
-    reply = fields.get("reply")
-    if reply is not None and len(reply) > limits.max_message_bytes:
-        raise Violation(f"reply of {len(reply)} bytes exceeds max_message_bytes", final.raw[:256])
-    state = result.state
     if state is not None:
-        if len(state) > limits.max_state_bytes:
-            raise Violation(f"state of {len(state)} bytes exceeds max_state_bytes", state[:256])
         if sha256(state) != final.state_hash:
             raise Violation("the state sent does not match the state hash signed in the record", final.raw)
     elif final.state_hash != verifier.state_hash:
@@ -178,49 +271,116 @@ def check_result(
     commit = Commit(agent_id=final.agent_id, records=records, state=state)
     if expected is Kind.INIT and status == "ok":
         commit.initialized = True
-    return Checked(commit=commit, final=final, verifier=scratch, status=status, error=error, reply=reply,
-                   ending=_ending(records[:-1]))
+    return Checked(commit=commit, final=final, verifier=scratch, status=status, error=error, reply=fields.get("reply"),
+                   ending=bounded.ending)
 
 
-def host_call_bound(limits: Limits) -> int:
-    """The most an honest worker puts in a host call's input or output under ``limits``: a message
-    (supervision.spawn's args) in its JSON, or a random-bytes answer."""
-    return max(limits.max_message_bytes, limits.max_random_bytes) + HOST_CALL_SLACK
+def _same(parsed: list[Record], raws: list[bytes]) -> bool:
+    """The records parsed ahead are those of this result, byte string for byte string."""
+    return len(parsed) == len(raws) and all(r.raw is raw for r, raw in zip(parsed, raws, strict=True))
 
 
-def _within_policy(record: Record, limits: Limits) -> None:
-    """Every field a worker signs is no larger than an honest worker under the agent's policy could make
-    it; anything larger is a violation, whoever signed it."""
-    fields = record.fields()
-    sizes: list[tuple[str, int, int]] = []
-    if record.kind is Kind.LOG:
-        sizes = [("level", len(fields["level"]), MAX_NAME_BYTES),
-                 ("message", len(fields["message"].encode("utf-8", "surrogatepass")), limits.max_log_bytes)]
-    elif record.kind is Kind.HOST_CALL:
-        bound = host_call_bound(limits)
-        sizes = [("interface", len(fields["interface"]), MAX_NAME_BYTES),
-                 ("function", len(fields["function"]), MAX_NAME_BYTES),
-                 ("input", len(fields["input"]), bound), ("output", len(fields["output"]), bound)]
-    elif record.kind in (Kind.INIT, Kind.HANDLE, Kind.CHILD_EXIT):
-        sizes = [("error", len(fields["error"].encode("utf-8", "surrogatepass")), MAX_ERROR_BYTES)]
-    for name, size, limit in sizes:
-        if size > limit:
-            raise Violation(f"record {record.seq} ({record.kind.name.lower().replace('_', '-')}): {name} of "
-                            f"{size} bytes exceeds {limit} allowed by the agent's policy", record.raw[:256])
+def _parse(raws: list[bytes]) -> list[Record]:
+    records = []
+    for raw in raws:
+        try:
+            records.append(Record.parse(raw))
+        except RecordError as exc:
+            raise Violation(f"rejected record: {exc}", raw) from None
+    return records
 
 
-def _ending(records: list[Record]) -> tuple[str, str] | None:
-    """How the guest asked to end, if it did (the last request wins): runtime.finish is `normal`,
-    runtime.shutdown is `shutdown` with the guest's detail, bounded here too: the worker is not trusted."""
-    ending = None
-    for r in records:
-        if r.kind is not Kind.HOST_CALL:
-            continue
-        fields = r.fields()
-        if fields["interface"] != RUNTIME_INTERFACE:
-            continue
-        if fields["function"] == "finish":
-            ending = ("normal", "")
-        elif fields["function"] == "shutdown":
-            ending = ("shutdown", fields["input"][:MAX_SHUTDOWN_DETAIL_BYTES].decode("utf-8", "replace"))
-    return ending
+# --- the bounds -------------------------------------------------------------------------------
+
+
+def _too_large(record: Record, name: str, size: int, limit: int, why: str) -> Violation:
+    kind = record.kind.name.lower().replace("_", "-")
+    return Violation(f"record {record.seq} ({kind}): {name} of {size} bytes exceeds {limit} ({why})", record.raw[:256])
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _check_bytes(record: Record, name: str, value: bytes, limit: int, why: str) -> None:
+    if len(value) > limit:
+        raise _too_large(record, name, len(value), limit, why)
+
+
+def _check_text(record: Record, name: str, text: str, limit: int, why: str) -> None:
+    """Hold a str field's UTF-8 size to ``limit``. Its length in characters is a lower bound, and its size
+    for ASCII; other text is encoded only if it has at most ``limit`` characters (so at most 4 * ``limit``
+    bytes), or on the way to a violation."""
+    if len(text) > limit or _utf8_size(text) > limit:
+        raise _too_large(record, name, _utf8_size(text), limit, why)
+
+
+def _bound(records: list[Record], limits: Limits) -> _Bounded:
+    """Hold every log and host-call record, and the final record's own outcome, to what an honest worker
+    under ``limits`` writes; records of other kinds are left to the kind rule. Also reads how the guest
+    asked to end, if it did (the last request wins)."""
+    logs = sum(1 for r in records if r.kind is Kind.LOG)
+    if logs > limits.max_logs_per_call:
+        raise Violation(f"result carries {logs} log records, more than max_logs_per_call ({limits.max_logs_per_call})")
+    host_calls = sum(1 for r in records if r.kind is Kind.HOST_CALL)
+    if host_calls > limits.max_host_calls_per_call:
+        raise Violation(f"result carries {host_calls} host-call records, more than max_host_calls_per_call "
+                        f"({limits.max_host_calls_per_call})")
+    ending: tuple[str, str] | None = None
+    for record in records:
+        kind = record.kind
+        if kind is Kind.LOG:
+            fields = record.fields()
+            _check_text(record, "level", fields["level"], MAX_LEVEL_BYTES, "debug, info, warn or error")
+            _check_text(record, "message", fields["message"], limits.max_log_bytes, "max_log_bytes")
+        elif kind is Kind.HOST_CALL:
+            fields = record.fields()
+            interface, function = fields["interface"], fields["function"]
+            label, (size_in, size_out) = _host_function(record, interface, function)
+            for name, size in (("input", size_in), ("output", size_out)):
+                why = f"{label}, {size}" if isinstance(size, str) else label
+                _check_bytes(record, name, fields[name], _size(size, limits), why)
+            if interface == RUNTIME_INTERFACE and function == "finish":
+                ending = ("normal", "")
+            elif interface == RUNTIME_INTERFACE and function == "shutdown":
+                ending = ("shutdown", fields["input"].decode("utf-8", "replace"))
+        elif kind in FINAL_KINDS and record is records[-1]:
+            fields = record.fields()
+            _check_text(record, "error", fields["error"], MAX_ERROR_BYTES, "a guest's error, cut to 4,096 characters")
+            reply = fields.get("reply")
+            if reply is not None:
+                _check_bytes(record, "reply", reply, limits.max_message_bytes, "max_message_bytes")
+            status = fields["status"]
+            if status not in STATUSES:
+                raise Violation(f"unknown call status {status[:64]!r}", record.raw[:256])
+    return _Bounded(limits, ending)
+
+
+def _host_function(record: Record, interface: str, function: str) -> tuple[str, tuple[Size, Size]]:
+    """How the host function recorded is labelled in a reason, and the most its input and output hold."""
+    sizes = HOST_FUNCTIONS.get((interface, function))
+    if sizes is not None:
+        return f"{interface.partition('@')[0]} {function}", sizes
+    if interface.startswith("wasi:"):
+        _check_text(record, "interface", interface, MAX_WASM_NAME_BYTES, "the longest name in a component")
+        base, _, version = interface.partition("@")
+        sizes = WASI_FUNCTIONS.get((base, function)) if version.startswith(WASI_VERSION_PREFIX) else None
+        if sizes is not None:
+            return f"{base} {function}", sizes
+    raise Violation(f"record {record.seq} (host-call): function {function[:64]!r} of interface {interface[:64]!r} "
+                    "is not one a worker records", record.raw[:256])
+
+
+def _repeats_call(record: Record, fields: dict[str, Any], call: wire.Call) -> bool:
+    """Hold the fields the final record repeats from the call to the sizes sent; whether they are what was sent."""
+    if call.kind is wire.CallKind.CHILD_EXIT:
+        child, exit_hash, reason = wire.decode_child_exit(call.data)
+        _check_bytes(record, "child", fields["child"], len(child), "the child id sent")
+        _check_bytes(record, "exit_hash", fields["exit_hash"], len(exit_hash), "the exit hash sent")
+        _check_text(record, "reason", fields["reason"], len(call.data) - len(child) - len(exit_hash), "the reason sent")
+        return bool((fields["child"], fields["exit_hash"], fields["reason"]) == (child, exit_hash, reason))
+    if call.kind is wire.CallKind.INIT:
+        _check_bytes(record, "args", fields["args"], len(call.data), "the init arguments sent")
+        return bool(fields["args"] == call.data)
+    _check_bytes(record, "message", fields["message"], len(call.data), "the message sent")
+    return bool(fields["message"] == call.data)
