@@ -10,8 +10,9 @@ import contextlib
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from theater import wire
 from theater.chain import ChainVerifier
@@ -21,16 +22,42 @@ from ._errors import NotFound
 from ._spawner import WorkerProcess
 from ._supervision import Leaf, NodeKind, Status, Sup
 
-__all__ = ["Agent", "Agents", "Member", "Node", "Pending"]
+if TYPE_CHECKING:
+    from ._ledger import Checked
+
+__all__ = ["Agent", "Agents", "Effects", "Member", "Node", "Pending", "Served"]
+
+
+# Told a call's outcome instead of a client: (the committed result, or None and an error code and message).
+OnAnswer = Callable[["Checked | None", str, str], None]
+# A host call the supervisor answered during a call, as the worker must record it:
+# (WIT interface, function, input, output), input and output as wire.host_call_bytes.
+Served = tuple[str, str, bytes, bytes]
+
+
+@dataclass(eq=False)
+class Effects:
+    """What a call did through the supervisor that takes effect only if the call commits with status ok."""
+
+    kv: dict[str, bytes | None] = field(default_factory=dict)  # key -> new value (None: deleted)
+    kv_usage: tuple[int, int] | None = None  # (keys, bytes) with these writes, once the call wrote one
+    sends: list[tuple[Agent, Pending]] = field(default_factory=list)  # messages to deliver on commit
+    timers: list[tuple[int, int, bytes]] = field(default_factory=list)  # new timers: (id, due ns, message)
+    cancels: list[int] = field(default_factory=list)  # timers cancelled
 
 
 @dataclass(eq=False)
 class Pending:
-    """A message waiting for, or in, the worker. ``reply_to`` is (client identity, request id)."""
+    """A message waiting for, or in, the worker. ``reply_to`` is (client identity, request id); an agent
+    waiting on the outcome is told through ``on_answer``."""
 
     call: wire.Call
     reply_to: tuple[bytes, int] | None = None
     answered: bool = False
+    on_answer: OnAnswer | None = None
+    timer_id: int | None = None  # the agent's timer this message is; consumed when its result commits
+    served: list[Served] = field(default_factory=list)  # host calls answered so far, in order
+    effects: Effects = field(default_factory=Effects)
 
 
 class _Member:
@@ -73,6 +100,8 @@ class Agent(_Member):
     stop_why: str = ""  # why we are stopping it, for its exit record
     orphan_of: str = ""  # the parent's name, for a child from before a supervisor restart: not restarted, not a root
     discard_results: bool = False  # its worker is being killed after a failed commit
+    waiting_on: Agent | None = None  # the agent whose reply its call in flight waits for (messaging.call)
+    reserved: int = 0  # mailbox places held for messages sent by calls not yet committed
 
     def __post_init__(self) -> None:
         self.leaf = Leaf(self.config.name, restart=self.config.restart.type,

@@ -12,7 +12,7 @@ import re
 import stat
 import tomllib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from theater.artifacts import file_signature
 from theater.capabilities import CAPABILITIES, always_granted
 from theater.spec import DEFAULT_HARDENING, HARDENING_LAYERS, LIMIT_BOUNDS, Hardening, Limits
 
+from ._caps.grants import GRANTS, Grant, grant_from_dict, parse_grant
 from ._errors import ConfigError
 from ._supervision import DEFAULT_INTENSITY, DEFAULT_PERIOD_MS, DEFAULT_SHUTDOWN_MS, STRATEGIES, Flags
 
@@ -59,6 +60,7 @@ class Policy:
     capabilities: tuple[str, ...]
     limits: Limits
     hardening: Hardening = DEFAULT_HARDENING
+    grants: dict[str, Grant] = field(default_factory=dict, hash=False)  # capability -> its settings
 
 
 SHUTDOWN_INFINITY = -1  # `shutdown = "infinity"`, as stored in a configuration's `shutdown_ms`
@@ -142,9 +144,15 @@ class AgentConfig:
     init_args: bytes
     supervision: SupervisionSpec | None = None
     hardening: Hardening = DEFAULT_HARDENING
+    grants: dict[str, Grant] = field(default_factory=dict, hash=False)  # capability -> its settings
+
+    def grant(self, capability: str) -> Any:
+        """The settings of a granted capability that has them (``_caps.grants``)."""
+        return self.grants[capability]
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "grants": {cap: grant.as_dict() for cap, grant in self.grants.items()},
             "supervision": self.supervision.as_dict() if self.supervision else None,
             "name": self.name,
             "component_path": self.component_path,
@@ -170,6 +178,7 @@ class AgentConfig:
             init_args=data["init_args"].encode("latin-1"),
             supervision=SupervisionSpec.from_dict(data["supervision"]) if data.get("supervision") else None,
             hardening=Hardening.from_dict(data["hardening"]) if "hardening" in data else DEFAULT_HARDENING,
+            grants={cap: grant_from_dict(cap, g) for cap, g in data.get("grants", {}).items()},
         )
 
     def template(self, name: str) -> AgentConfig | None:
@@ -332,8 +341,21 @@ def load_policy(name: str, dirs: list[Path]) -> Policy:
     if missing:
         raise ConfigError(f"{path}: [limits] must set every limit; missing {', '.join(missing)}")
     hardening = _hardening(top.table("hardening"), None)
+    grants = _grants(top, caps, {})
     top.finish()
-    return Policy(name=name, description=description, capabilities=caps, limits=Limits(**values), hardening=hardening)
+    return Policy(name=name, description=description, capabilities=caps, limits=Limits(**values), hardening=hardening,
+                  grants=grants)
+
+
+def _grants(top: _Table, caps: tuple[str, ...], ceiling: dict[str, Grant]) -> dict[str, Grant]:
+    """Each granted capability's settings table (``_caps.grants``), within ``ceiling`` (a manifest's policy's)."""
+    grants = {}
+    for cap in GRANTS:
+        if cap in caps:
+            grants[cap] = parse_grant(cap, top.table(cap), ceiling.get(cap))
+        elif cap in top.data:
+            raise top.err(cap, f"settings for the {cap} capability, which is not granted here")
+    return grants
 
 
 def config_to_dict(config: AgentConfig | TreeConfig) -> dict[str, Any]:
@@ -469,6 +491,7 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
     narrowed = _limits(top.table("limits"), policy.limits)
     restart = _restart(top.table("restart"), default_shutdown=DEFAULT_SHUTDOWN_MS)
     hardening = _hardening(top.table("hardening"), policy.hardening)
+    grants = _grants(top, caps, policy.grants)
 
     component = (base / component_rel).resolve()
     if component.suffix not in (".wasm", ".wat"):
@@ -501,6 +524,7 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
         init_args=init_bytes,
         supervision=supervision,
         hardening=hardening,
+        grants=grants,
     )
 
 

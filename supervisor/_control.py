@@ -214,9 +214,13 @@ class Control:
 
     def answer(self, pending: Pending, checked: Checked) -> None:
         """A call's committed result, to its caller."""
-        if pending.reply_to is None or pending.answered:
+        if pending.answered or (pending.reply_to is None and pending.on_answer is None):
             return
         pending.answered = True
+        if pending.on_answer is not None:
+            pending.on_answer(checked, "", "")
+            return
+        assert pending.reply_to is not None
         ident, rid = pending.reply_to
         if checked.status == "ok":
             result = {"status": "ok", "has_reply": checked.reply is not None, "seq": checked.final.seq}
@@ -225,9 +229,13 @@ class Control:
             self.reply_error(ident, rid, checked.status, checked.error)
 
     def answer_error(self, pending: Pending, code: str, message: str) -> None:
-        if pending.reply_to is None or pending.answered:
+        if pending.answered or (pending.reply_to is None and pending.on_answer is None):
             return
         pending.answered = True
+        if pending.on_answer is not None:
+            pending.on_answer(None, code, message)
+            return
+        assert pending.reply_to is not None
         self.reply_error(*pending.reply_to, code, message)
 
     def reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None) -> None:

@@ -27,6 +27,7 @@ from theater.errors import ProtocolError, RecordError
 from theater.records import HEADER, SIGNATURE_BYTES, STATUSES, Kind, Record, Signer, sha256, signature_valid
 from theater.spec import Limits
 
+from ._agent import Served
 from ._errors import Violation
 from ._store import Commit
 
@@ -35,9 +36,10 @@ __all__ = ["HOST_FUNCTIONS", "WASI_FUNCTIONS", "Checked", "Prechecked", "check_r
 VERIFY_THREADS = 2
 
 WORKER_KINDS = (Kind.HOST_CALL, Kind.LOG)
-FINAL_KINDS = (Kind.INIT, Kind.HANDLE, Kind.CHILD_EXIT)
+FINAL_KINDS = (Kind.INIT, Kind.HANDLE, Kind.CHILD_EXIT, Kind.MESSAGE)
 RUNTIME_INTERFACE = CAPABILITIES["runtime"].interface
-SUPERVISION_INTERFACE = CAPABILITIES["supervision"].interface
+# Interfaces the supervisor serves (host requests): their host-call records must be exactly what it answered.
+SERVED_INTERFACES = frozenset(c.interface for c in CAPABILITIES.values() if not c.always_granted)
 
 # --- what an honest worker can sign, under the agent's policy ---------------------------------
 #
@@ -51,8 +53,6 @@ MAX_STATUS_BYTES = max(len(s) for s in STATUSES)  # 16: malformed-result
 MAX_ERROR_BYTES = 4 * 4096  # a guest's error is cut to 4,096 characters; the worker's own messages are shorter
 MAX_SHUTDOWN_DETAIL_BYTES = 4 * 256  # runtime.shutdown refuses a detail of more than 256 characters
 MAX_WASM_NAME_BYTES = 100_000  # the longest name wasmtime parses in a component: a WASI import's, with its version
-MAX_JSON_BYTES = wire.MAX_JSON_BYTES  # a HOST_REQUEST or HOST_REPLY body: a supervision call's input or output
-MAX_STOP_INPUT_BYTES = len('{"child":""}') + 256 * 12  # 3,084: a child id of 256 characters, each escaped to 12 bytes
 WASI_VERSION_PREFIX = "0.2."  # a worker links WASI 0.2.x only (worker/_engine.py is_wasi_import)
 
 # A host function's input and output: at most this many bytes, or the policy limit of that name.
@@ -65,12 +65,9 @@ HOST_FUNCTIONS: dict[tuple[str, str], tuple[Size, Size]] = {
     (RUNTIME_INTERFACE, "random-bytes"): (4, "max_random_bytes"),  # the length as a u32; the bytes
     (RUNTIME_INTERFACE, "finish"): (0, 0),
     (RUNTIME_INTERFACE, "shutdown"): (MAX_SHUTDOWN_DETAIL_BYTES, 0),  # the detail as UTF-8
-    # A supervision call's input is its HOST_REQUEST's JSON less `op` and `interface`; its output is the
-    # HOST_REPLY's JSON as the worker decoded it. Both frames are at most MAX_JSON_BYTES, or nothing is recorded.
-    (SUPERVISION_INTERFACE, "spawn"): (MAX_JSON_BYTES, MAX_JSON_BYTES),
-    (SUPERVISION_INTERFACE, "stop"): (MAX_STOP_INPUT_BYTES, MAX_JSON_BYTES),
-    (SUPERVISION_INTERFACE, "children"): (len("{}"), MAX_JSON_BYTES),
 }
+# The interfaces the supervisor serves (SERVED_INTERFACES) need no bounds here: their records must be exactly
+# the host calls it answered, which it bounded as it answered them.
 
 # (interface without its @version, function) -> (input, output), for the WASI 0.2 functions a worker answers
 # (worker/_caps/wasi.py). The interface is recorded with the version the component imports: at most
@@ -102,7 +99,15 @@ _EXPECTED = {
     wire.CallKind.INIT: Kind.INIT,
     wire.CallKind.HANDLE: Kind.HANDLE,
     wire.CallKind.CHILD_EXIT: Kind.CHILD_EXIT,
+    wire.CallKind.MESSAGE: Kind.MESSAGE,
 }
+MAX_ORIGIN_BYTES = max(len(o.label) for o in wire.Origin)
+
+
+def served_bytes(served: list[Served]) -> int:
+    """What the host-call records of ``served`` take, exactly."""
+    return sum(RECORD_OVERHEAD + 4 + len(i.encode()) + 4 + len(f.encode()) + 4 + len(a) + 4 + len(b)
+               for i, f, a, b in served)
 
 
 def max_records(limits: Limits) -> int:
@@ -127,24 +132,27 @@ def _calls_bound(limits: Limits) -> int:
             + limits.max_host_calls_per_call * (RECORD_OVERHEAD + host_call))
 
 
-def result_bound(limits: Limits, call: wire.Call) -> int:
+def result_bound(limits: Limits, call: wire.Call, served: list[Served] = []) -> int:  # noqa: B006 - never mutated
     """The most bytes (records and state) an honest worker's RESULT for ``call`` takes under ``limits``.
 
     The log and host-call records at their count limits, each at its largest, then the final record and
     the state: either the call succeeded (status ``ok``, no error, a reply of up to ``max_message_bytes``
-    for a handle call, a state of up to ``max_state_bytes``) or it failed (a status of up to 16 bytes, an
-    error of up to MAX_ERROR_BYTES, no reply, no state). The final record repeats the call's data.
+    for a handle or message call, a state of up to ``max_state_bytes``) or it failed (a status of up to 16
+    bytes, an error of up to MAX_ERROR_BYTES, no reply, no state). The final record repeats the call's
+    data. The host calls the supervisor answered (``served``) take exactly what they take.
     """
     data = len(call.data)
     if call.kind is wire.CallKind.CHILD_EXIT:  # child (16), exit hash (32), reason: the call's data, in three
         echo, reply_ok, reply_failed = 4 + 4 + 4 + data, 0, 0
     elif call.kind is wire.CallKind.HANDLE:  # message; the reply is an opt-bytes
         echo, reply_ok, reply_failed = 4 + data, 1 + 4 + limits.max_message_bytes, 1
+    elif call.kind is wire.CallKind.MESSAGE:  # origin, then sender (16), message id (16), message: the data, in three
+        echo, reply_ok, reply_failed = 4 + MAX_ORIGIN_BYTES + 4 + 4 + 4 + data, 1 + 4 + limits.max_message_bytes, 1
     else:  # init: args
         echo, reply_ok, reply_failed = 4 + data, 0, 0
     ok = reply_ok + 4 + len("ok") + 4 + 8 + limits.max_state_bytes  # status, an empty error, fuel; the state
     failed = reply_failed + 4 + MAX_STATUS_BYTES + 4 + MAX_ERROR_BYTES + 8
-    return _calls_bound(limits) + RECORD_OVERHEAD + echo + max(ok, failed)
+    return _calls_bound(limits) + served_bytes(served) + RECORD_OVERHEAD + echo + max(ok, failed)
 
 
 # --- signatures of a drain batch, checked in parallel -----------------------------------------
@@ -175,6 +183,11 @@ class _Bounded:
 
     limits: Limits
     ending: tuple[str, str] | None  # the guest called runtime.finish or .shutdown: (exit reason, detail)
+    served: int = 0  # host-call records of the interfaces the supervisor serves
+
+
+class _Served(Exception):
+    """A record of a host call the supervisor answered: it can only be checked against the answers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +224,8 @@ def precheck(frames: list[bytes], *, verifier: ChainVerifier, limits: Limits) ->
         if (any(r.signer is not Signer.WORKER for r in records) or records[-1].kind not in FINAL_KINDS
                 or any(r.kind not in WORKER_KINDS for r in records[:-1])):
             return None
-        bounded = _bound(records, limits)
-    except (ProtocolError, RecordError, Violation):
+        bounded = _bound(records, limits, None)
+    except (ProtocolError, RecordError, Violation, _Served):
         return None
     chunk = -(-len(records) // VERIFY_THREADS)
     pool = _executor()
@@ -227,7 +240,10 @@ def check_result(
     limits: Limits,
     call: wire.Call,
     prechecked: Prechecked | None = None,
+    served: list[Served] = [],  # noqa: B006 - never mutated
 ) -> Checked:
+    """``served``: the host calls the supervisor answered during the call, which the worker must have
+    recorded exactly, in order (all of them, if the call succeeded)."""
     try:
         result = wire.Result.decode(frames, max_records=max_records(limits))
     except ProtocolError as exc:
@@ -236,7 +252,7 @@ def check_result(
         raise Violation(f"result answers call {result.call_id}, but call {call.call_id} is in flight")
     state = result.state
     total = sum(map(len, result.records)) + (0 if state is None else len(state))
-    bound = result_bound(limits, call)
+    bound = result_bound(limits, call, served)
     if total > bound:
         raise Violation(f"result of {total} bytes exceeds {bound}, the most the agent's policy allows for this call",
                         frames[0])
@@ -248,8 +264,14 @@ def check_result(
     expected = _EXPECTED[call.kind]
     if final.kind is not expected or any(r.kind not in WORKER_KINDS for r in records[:-1]):
         raise Violation(f"a {expected.name.lower()} result must be host calls and logs, then one {expected.name.lower()} record", final.raw)
-    bounded = ahead.bounded if ahead is not None and ahead.bounded.limits == limits else _bound(records, limits)
+    if ahead is not None and ahead.bounded.limits == limits and not ahead.bounded.served:
+        bounded = ahead.bounded
+    else:
+        bounded = _bound(records, limits, served)
     fields = final.fields()
+    if bounded.served < len(served) and fields["status"] == "ok":
+        raise Violation(f"the supervisor answered {len(served)} host requests, the result records {bounded.served}",
+                        final.raw[:256])
     sent_matches = _repeats_call(final, fields, call)
     scratch = copy.copy(verifier)
     for i, record in enumerate(records):
@@ -315,10 +337,11 @@ def _check_text(record: Record, name: str, text: str, limit: int, why: str) -> N
         raise _too_large(record, name, _utf8_size(text), limit, why)
 
 
-def _bound(records: list[Record], limits: Limits) -> _Bounded:
+def _bound(records: list[Record], limits: Limits, served: list[Served] | None) -> _Bounded:
     """Hold every log and host-call record, and the final record's own outcome, to what an honest worker
-    under ``limits`` writes; records of other kinds are left to the kind rule. Also reads how the guest
-    asked to end, if it did (the last request wins)."""
+    under ``limits`` writes; records of other kinds are left to the kind rule. A host call the supervisor
+    served must be the next one of ``served``, byte for byte (None: not known yet, raise _Served). Also
+    reads how the guest asked to end, if it did (the last request wins)."""
     logs = sum(1 for r in records if r.kind is Kind.LOG)
     if logs > limits.max_logs_per_call:
         raise Violation(f"result carries {logs} log records, more than max_logs_per_call ({limits.max_logs_per_call})")
@@ -327,14 +350,23 @@ def _bound(records: list[Record], limits: Limits) -> _Bounded:
         raise Violation(f"result carries {host_calls} host-call records, more than max_host_calls_per_call "
                         f"({limits.max_host_calls_per_call})")
     ending: tuple[str, str] | None = None
+    n_served = 0
     for record in records:
         kind = record.kind
         if kind is Kind.LOG:
             fields = record.fields()
             _check_text(record, "level", fields["level"], MAX_LEVEL_BYTES, "debug, info, warn or error")
             _check_text(record, "message", fields["message"], limits.max_log_bytes, "max_log_bytes")
+        elif kind is Kind.HOST_CALL and (fields := record.fields())["interface"] in SERVED_INTERFACES:
+            if served is None:
+                raise _Served
+            got = (fields["interface"], fields["function"], fields["input"], fields["output"])
+            if n_served >= len(served) or got != served[n_served]:
+                raise Violation(f"record {record.seq} (host-call): {fields['function'][:64]!r} of "
+                                f"{fields['interface'][:64]!r} is not the host call the supervisor answered "
+                                f"({n_served + 1} of {len(served)})", record.raw[:256])
+            n_served += 1
         elif kind is Kind.HOST_CALL:
-            fields = record.fields()
             interface, function = fields["interface"], fields["function"]
             label, (size_in, size_out) = _host_function(record, interface, function)
             for name, size in (("input", size_in), ("output", size_out)):
@@ -353,7 +385,7 @@ def _bound(records: list[Record], limits: Limits) -> _Bounded:
             status = fields["status"]
             if status not in STATUSES:
                 raise Violation(f"unknown call status {status[:64]!r}", record.raw[:256])
-    return _Bounded(limits, ending)
+    return _Bounded(limits, ending, n_served)
 
 
 def _host_function(record: Record, interface: str, function: str) -> tuple[str, tuple[Size, Size]]:
@@ -382,5 +414,13 @@ def _repeats_call(record: Record, fields: dict[str, Any], call: wire.Call) -> bo
     if call.kind is wire.CallKind.INIT:
         _check_bytes(record, "args", fields["args"], len(call.data), "the init arguments sent")
         return bool(fields["args"] == call.data)
+    if call.kind is wire.CallKind.MESSAGE:
+        origin, sender, message_id, message = wire.decode_message(call.data)
+        _check_text(record, "origin", fields["origin"], MAX_ORIGIN_BYTES, "send, call or timer")
+        _check_bytes(record, "sender", fields["sender"], len(sender), "the sender id sent")
+        _check_bytes(record, "message_id", fields["message_id"], len(message_id), "the message id sent")
+        _check_bytes(record, "message", fields["message"], len(message), "the message sent")
+        return bool((fields["origin"], fields["sender"], fields["message_id"], fields["message"])
+                    == (origin.label, sender, message_id, message))
     _check_bytes(record, "message", fields["message"], len(call.data), "the message sent")
     return bool(fields["message"] == call.data)

@@ -7,6 +7,7 @@ It never runs guest code and never blocks on a worker: every wait is a timer.
     RecordPath   every stored record, in chain order, then answers  (_record_path.py)
     Supervision  the OTP engine's executor                          (_trees.py, _supervision.py)
     HostRequests guests' requests, dispatched by capability         (_host.py)
+                 served by messaging, kv, timers                    (_caps/)
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from theater.home import Home
 from theater.records import Record
 
 from ._agent import Agent, Agents
+from ._caps.effects import CallEffects
+from ._caps.kv import Kv
+from ._caps.messaging import Messaging
+from ._caps.timers import AgentTimers
 from ._control import Control
 from ._errors import SupervisorError
 from ._host import HostRequests
@@ -106,11 +111,20 @@ class Supervisor:
         self.workers.supervision, self.workers.control, self.workers.host = self.supervision, self.control, self.host
         self.control.supervision, self.control.workers, self.control.records = self.supervision, self.workers, self.records
         self.control.request_down = self.request_down
+        self.messaging = Messaging(self.agents, self.workers, self.host, self.timers, self.log)
+        self.agent_timers = AgentTimers(self.store, self.agents, self.workers, self.timers, self.log)
+        self.workers.effects = CallEffects(self.messaging, self.agent_timers)
+        self.workers.agent_timers = self.agent_timers
+        self.workers.running = lambda: self.running
         self.host.register("supervision", self.supervision.host_request)
+        self.host.register("messaging", self.messaging.host_request)
+        self.host.register("kv", Kv(self.store).host_request)
+        self.host.register("timers", self.agent_timers.host_request)
         home.pid_file.write_text(str(os.getpid()))
         self.poller.register(self.control.socket, zmq.POLLIN)
         self.poller.register(self.workers.socket, zmq.POLLIN)
         self.supervision.resume()
+        self.agent_timers.resume()
 
     def log(self, message: str) -> None:
         self._log(f"{time.strftime('%H:%M:%S')} supervisor: {message}")

@@ -63,6 +63,19 @@ CREATE TABLE IF NOT EXISTS nodes (
     head_seq   INTEGER NOT NULL,
     head_hash  BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS kv (
+    agent_id BLOB NOT NULL,
+    key      TEXT NOT NULL,
+    value    BLOB NOT NULL,
+    PRIMARY KEY (agent_id, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS timers (
+    id       INTEGER PRIMARY KEY,
+    agent_id BLOB NOT NULL,
+    due_ns   INTEGER NOT NULL,
+    message  BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS timers_by_agent ON timers (agent_id);
 CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
     BEGIN SELECT RAISE(ABORT, 'event records are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
@@ -95,6 +108,9 @@ class Commit:
     initialized: bool | None = None
     incarnation: int | None = None
     desired: str | None = None
+    kv: dict[str, bytes | None] | None = None  # the call's key-value writes (None: a delete)
+    timers_added: list[tuple[int, int, bytes]] | None = None  # (id, due ns, message)
+    timers_removed: list[int] | None = None  # cancelled, or delivered by this commit's call
 
 
 class EventStore:
@@ -146,6 +162,49 @@ class EventStore:
                         args.append(value)
                 if sets:
                     self.db.execute(f"UPDATE agents SET {', '.join(sets)} WHERE id=?", (*args, c.agent_id))
+                for key, value in (c.kv or {}).items():
+                    if value is None:
+                        self.db.execute("DELETE FROM kv WHERE agent_id=? AND key=?", (c.agent_id, key))
+                    else:
+                        self.db.execute("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (c.agent_id, key, value))
+                for timer_id, due_ns, message in c.timers_added or ():
+                    self.db.execute("INSERT INTO timers VALUES (?,?,?,?)", (timer_id, c.agent_id, due_ns, message))
+                for timer_id in c.timers_removed or ():
+                    self.db.execute("DELETE FROM timers WHERE id=? AND agent_id=?", (timer_id, c.agent_id))
+
+    # --- key-value stores and timers (the kv and timers capabilities) ------------------------
+
+    def kv_get(self, agent_id: bytes, key: str) -> bytes | None:
+        row = self.db.execute("SELECT value FROM kv WHERE agent_id=? AND key=?", (agent_id, key)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def kv_size(self, agent_id: bytes, key: str) -> int | None:
+        """What the key and its value take, in bytes (None: no such key)."""
+        row = self.db.execute("SELECT length(CAST(key AS BLOB)) + length(value) FROM kv WHERE agent_id=? AND key=?",
+                              (agent_id, key)).fetchone()
+        return None if row is None else int(row[0])
+
+    def kv_usage(self, agent_id: bytes) -> tuple[int, int]:
+        """(keys, bytes of keys and values) of an agent's store."""
+        row = self.db.execute("SELECT count(*), coalesce(sum(length(CAST(key AS BLOB)) + length(value)), 0) "
+                              "FROM kv WHERE agent_id=?", (agent_id,)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def kv_keys(self, agent_id: bytes, prefix: str) -> list[str]:
+        """The keys that start with ``prefix`` (compared as text, never as a LIKE or GLOB pattern)."""
+        rows = self.db.execute("SELECT key FROM kv WHERE agent_id=? AND substr(key, 1, ?)=? ORDER BY key",
+                               (agent_id, len(prefix), prefix))
+        return [r[0] for r in rows]
+
+    def timers(self) -> list[tuple[int, bytes, int, bytes]]:
+        """Every pending timer: (id, agent id, due ns, message), soonest first."""
+        rows = self.db.execute("SELECT id, agent_id, due_ns, message FROM timers ORDER BY due_ns, id").fetchall()
+        return [(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+    def remove_timers(self, agent_id: bytes) -> None:
+        """Cancel every timer of an agent (it stopped)."""
+        with self._tx():
+            self.db.execute("DELETE FROM timers WHERE agent_id=?", (agent_id,))
 
     def save_tree(self, tree_id: bytes, name: str, config: dict[str, Any], desired: str) -> None:
         """Insert or update a supervision tree's root: its whole config and desired state."""

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from theater import wire
 from theater.chain import ChainVerifier
@@ -24,6 +24,7 @@ from theater.records import Kind, Record, sha256
 from ._agent import Agent, Agents, Member, Node, Pending
 from ._config import AgentConfig, TreeConfig, config_from_dict, config_to_dict, load_any, policy_dirs
 from ._errors import NotFound, Refused, StoreError
+from ._host import Answer, HostCall
 from ._record_path import RecordPath
 from ._store import Commit, EventStore
 from ._supervision import (
@@ -328,17 +329,18 @@ class Supervision:
                 return
         agent.state, agent.initialized = b"", False
 
-    def host_request(self, agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
+    def host_request(self, call: HostCall) -> Answer:
         """A guest's `supervision` call: it acts only on this agent's own children."""
-        op = body.get("op")
+        agent, op, args = call.agent, call.op, call.args
         if op == "spawn":
-            return {"ok": True, "id": self.spawn_child(agent, body.get("template"), body.get("name"), body.get("args"))}
+            return Answer({"ok": True, "id": self.spawn_child(agent, args.get("template"), args.get("name"),
+                                                              args.get("args"))})
         if op == "stop":
-            self.stop_child(agent, body.get("child"))
-            return {"ok": True}
+            self.stop_child(agent, args.get("child"))
+            return Answer({"ok": True})
         if op == "children":
-            return {"ok": True, "children": self.children_of(agent)}
-        return {"ok": False, "error": f"unknown supervision operation {str(op)[:64]!r}"}
+            return Answer({"ok": True, "children": self.children_of(agent)})
+        return Answer({"ok": False, "error": f"unknown supervision operation {op!r}"})
 
     def never_started(self, agent: Agent) -> None:
         """An agent whose worker ended before its first hello: it has no chain, and is forgotten."""

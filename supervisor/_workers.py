@@ -32,6 +32,8 @@ from ._supervision import PERMANENT_FAILURES, Status
 from ._timers import Timers
 
 if TYPE_CHECKING:
+    from ._caps.effects import CallEffects
+    from ._caps.timers import AgentTimers
     from ._control import Control
     from ._host import HostRequests
     from ._trees import Supervision
@@ -84,6 +86,9 @@ class Workers:
         self.supervision: Supervision
         self.control: Control
         self.host: HostRequests
+        self.effects: CallEffects
+        self.agent_timers: AgentTimers
+        self.running: Callable[[], bool] = lambda: True
 
     # --- start and hello ---------------------------------------------------------------------
 
@@ -203,9 +208,11 @@ class Workers:
                 if checked is not None:
                     pending = agent.in_flight
                     assert pending is not None
+                    self.effects.stage(pending, checked)
                     self.records.add_result((agent, pending, checked))
                     agent.verifier = checked.verifier  # the next result links to this one
                     agent.in_flight = None
+                    agent.waiting_on = None
                     if crash_reason(pending.call.kind, checked.status) is None and checked.ending is None:
                         # Pipelined: the worker runs the next message while this result is made durable.
                         # Nothing is answered until the commit has returned.
@@ -261,7 +268,7 @@ class Workers:
             return None
         try:
             return check_result(frames, verifier=agent.verifier, limits=agent.config.limits, call=agent.in_flight.call,
-                                prechecked=prechecked)
+                                prechecked=prechecked, served=agent.in_flight.served)
         except Violation as v:
             self.violation(agent, v.reason, v.evidence)
         except Exception as exc:  # never let a worker's bytes crash the supervisor
@@ -274,6 +281,7 @@ class Workers:
             # Nothing in this batch is durable: tell callers, restart the workers from the stored head.
             self.log(f"commit failed: {error}")
             for agent, pending, _ in batch:
+                self.effects.dropped(pending)
                 self.control.answer_error(pending, "store", f"the result could not be stored: {error}")
                 self.records.reload_head(agent)
                 if agent.worker:
@@ -285,6 +293,7 @@ class Workers:
             if pending.call.kind is wire.CallKind.INIT and checked.status == "ok":
                 agent.initialized = True
                 self._ready(agent)
+            self.effects.committed(agent, pending, checked)
             self.control.answer(pending, checked)
             crash = crash_reason(pending.call.kind, checked.status)
             if checked.status != "ok" and crash is None:
@@ -313,6 +322,8 @@ class Workers:
         except ProtocolError:
             return
         worker.fault = str(fault.get("detail", ""))[:4096]
+        if "does not grant" in worker.fault:  # name the policy that would have to grant it
+            worker.fault += f"; the agent's policy is {agent.config.policy!r}"
         if fault.get("reason") in PERMANENT_FAILURES:
             worker.kill_reason = worker.kill_reason or str(fault["reason"])
 
@@ -386,9 +397,11 @@ class Workers:
         agent.last_exit = f"{reason}: {detail}"
         self.log(f"{agent.name}: worker {worker.pid} {how} ({reason})")
         if agent.in_flight is not None:
+            self.effects.dropped(agent.in_flight)
             self.control.answer_error(agent.in_flight, "worker-died", f"the agent's worker ended during the call "
                                       f"({agent.last_exit}); nothing was committed")
             agent.in_flight = None
+            agent.waiting_on = None
         if agent.worker is worker:
             agent.worker = None
         if not agent.in_store:  # it ended before its first hello: there is no chain to record in
@@ -402,7 +415,13 @@ class Workers:
         self.supervision.exited(agent, worker.incarnation, reason, detail, violated=violated)
 
     def settle(self, agent: Agent) -> None:
-        """The agent will not run again by itself: answer everyone waiting on it."""
+        """The agent will not run again by itself: answer everyone waiting on it; its timers end with it
+        (unless the supervisor is going down: then they wait for the next one)."""
+        if self.running():
+            try:
+                self.agent_timers.stopped(agent)
+            except StoreError as exc:
+                self.log(f"{agent.name}: its timers could not be removed: {exc}")
         for pending in agent.mailbox:
             self.control.answer_error(pending, "agent-stopped", f"agent {agent.name} is {agent.status}")
         agent.mailbox.clear()

@@ -161,6 +161,8 @@ SAMPLE_FIELDS: dict[Kind, dict[str, Any]] = {
     Kind.VIOLATION: {"incarnation": 7, "reason": "bad header", "evidence": b"\x09\x09"},
     Kind.CHILD_EXIT: {"child": bytes(16), "exit_hash": bytes(32), "reason": "trap: deadline; restarting", "status": "ok", "error": "", "fuel": 5},
     Kind.STATE_RESET: {"reason": "restarted from its initial state"},
+    Kind.MESSAGE: {"origin": "call", "sender": bytes(range(16)), "message_id": b"\xff" * 16, "message": b"\x00hi",
+                   "reply": None, "status": "ok", "error": "", "fuel": 7},
     Kind.NODE_GENESIS: {"name": "shop", "config": "{}", "parent": ""},
     Kind.NODE_START: {"reason": "restart"},
     Kind.NODE_RESTART: {"child": "db", "reason": "trap", "strategy": "rest_for_one", "stop": "web", "start": "db,web",

@@ -26,9 +26,8 @@ from supervisor._errors import Violation
 from supervisor._ledger import (
     HOST_FUNCTIONS,
     MAX_ERROR_BYTES,
-    MAX_JSON_BYTES,
-    MAX_STOP_INPUT_BYTES,
     MAX_WASM_NAME_BYTES,
+    SERVED_INTERFACES,
     WASI_FUNCTIONS,
     Checked,
     check_result,
@@ -44,7 +43,6 @@ from theater.records import STATUSES, ZERO_HASH, Kind, Record, sha256, sign_reco
 from theater.spec import Limits
 from worker._caps._host import Host
 from worker._caps.runtime import Runtime
-from worker._caps.supervision import Supervision
 from worker._caps.wasi import Wasi
 from worker._recorder import Recorder
 
@@ -156,19 +154,6 @@ RECORD_CASES: dict[str, tuple[Signed, Signed, str, int]] = {
     "finish output": (host_call("finish"), host_call("finish", output=b"o"), "output", 0),
     "shutdown detail": (host_call("shutdown", (SMILE * 256).encode()), host_call("shutdown", (SMILE * 256 + "x").encode()),
                         "input", 1024),
-    "spawn input": (host_call("spawn", b"i" * MAX_JSON_BYTES, interface=SUPERVISION),
-                    host_call("spawn", b"i" * (MAX_JSON_BYTES + 1), interface=SUPERVISION), "input", MAX_JSON_BYTES),
-    "spawn output": (host_call("spawn", output=b"o" * MAX_JSON_BYTES, interface=SUPERVISION),
-                     host_call("spawn", output=b"o" * (MAX_JSON_BYTES + 1), interface=SUPERVISION), "output",
-                     MAX_JSON_BYTES),
-    "stop input": (host_call("stop", wire.encode_json({"child": SMILE * 256}), interface=SUPERVISION),
-                   host_call("stop", wire.encode_json({"child": SMILE * 256 + "x"}), interface=SUPERVISION), "input",
-                   MAX_STOP_INPUT_BYTES),
-    "children input": (host_call("children", b"{}", interface=SUPERVISION),
-                       host_call("children", b"{ }", interface=SUPERVISION), "input", 2),
-    "children output": (host_call("children", output=b"o" * MAX_JSON_BYTES, interface=SUPERVISION),
-                        host_call("children", output=b"o" * (MAX_JSON_BYTES + 1), interface=SUPERVISION), "output",
-                        MAX_JSON_BYTES),
     "wasi get-random-bytes input": (host_call("get-random-bytes", bytes(8), interface=WASI_RANDOM),
                                     host_call("get-random-bytes", bytes(9), interface=WASI_RANDOM), "input", 8),
     "wasi get-random-bytes output": (host_call("get-random-bytes", bytes(8), bytes(R), interface=WASI_RANDOM),
@@ -199,13 +184,50 @@ def test_every_field_of_a_log_or_host_call_is_held_to_its_bound(what: str, ahead
 
 
 def test_every_host_function_of_every_capability_has_bounds() -> None:
-    """Adding a capability means telling the ledger what its host functions record."""
-    assert {interface for interface, _ in HOST_FUNCTIONS} == {c.interface for c in CAPABILITIES.values()}
+    """Adding a capability means telling the ledger what its host functions record: bounds for what the
+    worker answers itself (runtime), an exact match with the supervisor's answers for the rest."""
+    bounded = {interface for interface, _ in HOST_FUNCTIONS}
+    assert bounded | SERVED_INTERFACES == {c.interface for c in CAPABILITIES.values()}
+    assert not bounded & SERVED_INTERFACES
+
+
+ANSWERED = (SUPERVISION, "children", b"{}", b'{"children":[],"ok":true}')
+KV_ANSWERED = ("theater:agent/kv@0.1.0", "get", b'{"key":"k"}', b'{"found":true,"ok":true}\x00value')
+
+
+def served_call(answered: tuple[str, str, bytes, bytes], **change: bytes) -> Signed:
+    interface, function, input_, output = answered
+    return host_call(function, change.get("input", input_), change.get("output", output), interface=interface)
+
+
+@pytest.mark.parametrize("answered", [ANSWERED, KV_ANSWERED], ids=["supervision", "kv"])
+def test_a_host_call_the_supervisor_served_must_be_recorded_exactly_as_answered(answered: Any) -> None:
+    """The supervisor knows what it answered: a record of a served interface that differs in one byte, one
+    it never answered, or a successful call that leaves an answer out, is a violation. Such a result is
+    never checked ahead (the answers are known only where the call is checked)."""
+
+    def check(*before: Signed, served: list[Any], **final: Any) -> Checked:
+        chain = Chain()
+        frames = chain.frames(*before, **final)
+        assert precheck(frames, verifier=chain.verifier, limits=LIMITS) is None or not before
+        return check_result(frames, verifier=chain.verifier, limits=LIMITS, call=HANDLE, served=served)
+
+    check(served_call(answered), served=[answered])
+    for forged in (served_call(answered, output=answered[3] + b"!"), served_call(answered, input=b"{ }")):
+        with pytest.raises(Violation, match=r"^record 1 \(host-call\): .* is not the host call the supervisor "
+                                            r"answered \(1 of 1\)$"):
+            check(forged, served=[answered])
+    with pytest.raises(Violation, match=r"is not the host call the supervisor answered \(1 of 0\)$"):
+        check(served_call(answered), served=[])
+    with pytest.raises(Violation, match=r"^the supervisor answered 2 host requests, the result records 1$"):
+        check(served_call(answered), served=[answered, answered])
+    # A call that failed may have stopped waiting before an answer came: what it recorded is still exact.
+    check(served_call(answered), served=[answered, answered], status="host-limit", reply=None, error="late")
 
 
 @PATHS
 @pytest.mark.parametrize(("interface", "function"), [
-    (RUNTIME, "log"), (RUNTIME, "sleep"), (SUPERVISION, "kill"), ("theater:agent/kv@0.1.0", "get"),
+    (RUNTIME, "log"), (RUNTIME, "sleep"), ("theater:agent/runtime@0.2.0", "now"),
     ("wasi:random/random@0.3.0", "get-random-u64"), ("wasi:random/random", "get-random-u64"),
     ("wasi:filesystem/types@0.2.0", "read"), ("wasi:clocks/wall-clock@0.2.0", "resolution"),
 ])
@@ -324,7 +346,9 @@ def test_each_kind_is_held_to_its_count(ahead: bool) -> None:
 
 SMALL = dataclasses.replace(LIMITS, max_logs_per_call=1, max_host_calls_per_call=1, max_log_bytes=8,
                             max_message_bytes=32768, max_state_bytes=1024)
-LARGEST_HOST_CALL = host_call("spawn", b"i" * MAX_JSON_BYTES, b"o" * MAX_JSON_BYTES, interface=SUPERVISION)
+LONGEST_INSECURE = "wasi:random/insecure@0.2.0-" + "a" * (MAX_WASM_NAME_BYTES - len("wasi:random/insecure@0.2.0-"))
+LARGEST_HOST_CALL = host_call("get-insecure-random-bytes", bytes(8), bytes(SMALL.max_random_bytes),
+                              interface=LONGEST_INSECURE)
 
 
 @PATHS
@@ -382,21 +406,23 @@ class Functions:
         self.funcs[name] = func
 
 
-def supervisor_side(capability: str, body: dict[str, Any]) -> dict[str, Any]:
+def supervisor_side(capability: str, body: dict[str, Any], data: bytes | None,
+                    wait_ms: int) -> tuple[dict[str, Any], bytes | None]:
     """The request crosses the wire as the real worker sends it and the supervisor reads it (a frame past
     the JSON limit is refused there); the answer is the largest HOST_REPLY the worker reads."""
-    request = wire.HostRequest(1, body, capability).encode(wire.WorkerType.HOST_REQUEST)
+    request = wire.HostRequest(1, body, capability, data).encode(wire.WorkerType.HOST_REQUEST)
     wire.HostRequest.decode(request[1:], "host request")
-    answer = {"ok": False, "error": "e" * (MAX_JSON_BYTES - len(wire.encode_json({"ok": False, "error": ""})))}
+    answer = {"ok": False, "error": "e" * (wire.MAX_JSON_BYTES - len(wire.encode_json({"ok": False, "error": ""})))}
     reply = wire.HostRequest(1, answer).encode(wire.SupervisorType.HOST_REPLY)
-    assert len(reply[2]) == MAX_JSON_BYTES
-    return wire.HostRequest.decode(reply[1:], "host reply").body
+    assert len(reply[2]) == wire.MAX_JSON_BYTES
+    decoded = wire.HostRequest.decode(reply[1:], "host reply")
+    return decoded.body, decoded.data
 
 
 def largest_spawn_args() -> str:
     """The longest args whose spawn request (template and name at 256 characters) the supervisor reads."""
     empty = {"op": "spawn", "template": "t" * 256, "name": SMILE * 256, "args": "", "interface": "supervision"}
-    return "a" * (MAX_JSON_BYTES - len(wire.encode_json(empty)))
+    return "a" * (wire.MAX_JSON_BYTES - len(wire.encode_json(empty)))
 
 
 def honest_calls(host: Host) -> None:
@@ -411,12 +437,6 @@ def honest_calls(host: Host) -> None:
     rt["random-bytes"](None, host.limits.max_random_bytes)
     rt["shutdown"](None, SMILE * 256)
     rt["finish"](None)
-    funcs = Functions()
-    Supervision(host).link(funcs)  # type: ignore[arg-type]
-    sup = funcs.funcs
-    sup["spawn"](None, "t" * 256, SMILE * 256, largest_spawn_args())
-    sup["stop"](None, SMILE * 256)
-    sup["children"](None)
     wasi = Wasi(host)
     for interface in ("wasi:random/random@0.2.3", "wasi:random/insecure@0.2.0", "wasi:random/insecure-seed@0.2.0",
                       "wasi:clocks/wall-clock@0.2.0", "wasi:cli/environment@0.2.0", "wasi:filesystem/preopens@0.2.0",
@@ -435,7 +455,7 @@ def honest_calls(host: Host) -> None:
 @PATHS
 @pytest.mark.parametrize("policy", ["default", "strict", "supervisor"])
 def test_what_the_worker_records_at_its_own_limits_passes(policy: str, ahead: bool) -> None:
-    """The worker's own host functions (runtime, supervision, WASI), each called with the largest arguments it
+    """The worker's own host functions (runtime, WASI), each called with the largest arguments it
     accepts, sign records the ledger takes under the same policy; and each one it records has a bound."""
     limits = load_policy(policy, policy_dirs(None)).limits
     chain = Chain()
@@ -454,8 +474,6 @@ def test_what_the_worker_records_at_its_own_limits_passes(policy: str, ahead: bo
     assert calls == known  # every function a worker records is bounded, and every bound is of one it records
     largest = {f["function"]: (len(f["input"]), len(f["output"]))
                for f in (r.fields() for r in signed if r.kind is Kind.HOST_CALL)}
-    assert largest["spawn"] == (MAX_JSON_BYTES - len(',"interface":"supervision"') - len('"op":"spawn",'), MAX_JSON_BYTES)
-    assert largest["stop"][0] == MAX_STOP_INPUT_BYTES  # the bound is exactly what an honest worker reaches
     assert largest["shutdown"][0] == 1024
     assert {len(r.fields()["message"].encode()) for r in signed if r.kind is Kind.LOG} == {limits.max_log_bytes, 1}
 

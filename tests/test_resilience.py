@@ -312,7 +312,7 @@ HOST_REQUEST_MODES = {
     "grab-unheld": "host request outside a call, or for 'supervision', which the agent does not hold",
     "grab-unknown": "for 'kv', which the agent does not hold or the supervisor does not serve",
     "grab-none": "host request names no interface",
-    "grab-malformed": "malformed host request: host request must be an 8-byte id frame and a JSON frame",
+    "grab-malformed": "malformed host request: host request must be an 8-byte id frame, a JSON frame and an optional data frame",
 }
 
 

@@ -40,6 +40,9 @@ CAPABILITIES: dict[str, Capability] = {
     for cap in (
         Capability("runtime", "theater:agent/runtime@0.1.0", always_granted=True),
         Capability("supervision", "theater:agent/supervision@0.1.0"),
+        Capability("messaging", "theater:agent/messaging@0.1.0"),
+        Capability("kv", "theater:agent/kv@0.1.0"),
+        Capability("timers", "theater:agent/timers@0.1.0"),
     )
 }
 

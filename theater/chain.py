@@ -16,7 +16,7 @@ from .records import GENESES, NODE_KINDS, ZERO_HASH, Kind, Record, Signer, verif
 __all__ = ["ChainVerifier", "verify_chain"]
 
 # Kinds whose "ok" outcome may change the agent's state.
-_STATE_CHANGING = (Kind.INIT, Kind.HANDLE, Kind.CHILD_EXIT)
+_STATE_CHANGING = (Kind.INIT, Kind.HANDLE, Kind.CHILD_EXIT, Kind.MESSAGE)
 
 
 class ChainVerifier:

@@ -95,6 +95,7 @@ class Kind(enum.IntEnum):
     NODE_RESTART = 13  # supervisor: the node restarts children after one exited
     NODE_GIVE_UP = 14  # supervisor: the node restarted too often and gives up
     NODE_TERMINATE = 15  # supervisor: the node's children have stopped; the node is down
+    MESSAGE = 16  # worker: one message from another agent or a timer, and its outcome
 
 
 # The kinds of a supervisor node's chain; every other kind belongs to agents' chains.
@@ -114,6 +115,7 @@ SIGNER_OF: dict[Kind, Signer] = {
     Kind.EXIT: Signer.SUPERVISOR,
     Kind.VIOLATION: Signer.SUPERVISOR,
     Kind.CHILD_EXIT: Signer.WORKER,
+    Kind.MESSAGE: Signer.WORKER,
     Kind.STATE_RESET: Signer.SUPERVISOR,
     Kind.NODE_GENESIS: Signer.SUPERVISOR,
     Kind.NODE_START: Signer.SUPERVISOR,
@@ -185,6 +187,16 @@ FIELDS: dict[Kind, tuple[tuple[str, str], ...]] = {
     ),
     Kind.STATE_RESET: (
         ("reason", "str"),
+    ),
+    Kind.MESSAGE: (
+        ("origin", "str"),
+        ("sender", "bytes"),
+        ("message_id", "bytes"),
+        ("message", "bytes"),
+        ("reply", "opt-bytes"),
+        ("status", "str"),
+        ("error", "str"),
+        ("fuel", "u64"),
     ),
     Kind.NODE_GENESIS: (
         ("name", "str"),

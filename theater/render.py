@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from .records import Kind, Record
@@ -48,6 +49,12 @@ def one_line(record: Record) -> str:
         detail = f"status={f['status']} fuel={f['fuel']}" + (f" error={f['error']!r}" if f["error"] else "")
     elif record.kind is Kind.HANDLE:
         detail = f"message={_preview(f['message'])!r} reply={_preview(f['reply'])!r} status={f['status']} fuel={f['fuel']}"
+        if f["error"]:
+            detail += f" error={f['error'][:120]!r}"
+    elif record.kind is Kind.MESSAGE:
+        sender = str(uuid.UUID(bytes=f["sender"])) if len(f["sender"]) == 16 else f["sender"].hex()
+        detail = (f"{f['origin']} from={sender[:8]} message={_preview(f['message'])!r} reply={_preview(f['reply'])!r} "
+                  f"status={f['status']} fuel={f['fuel']}")
         if f["error"]:
             detail += f" error={f['error'][:120]!r}"
     elif record.kind is Kind.HOST_CALL:

@@ -26,14 +26,18 @@ __all__ = [
     "ClientType",
     "Hello",
     "HostRequest",
+    "Origin",
     "Result",
     "SupervisorType",
     "WorkerType",
     "decode_child_exit",
     "decode_json",
+    "decode_message",
     "encode_child_exit",
     "encode_json",
+    "encode_message",
     "header",
+    "host_call_bytes",
     "parse_header",
 ]
 
@@ -70,6 +74,37 @@ class CallKind(enum.IntEnum):
     INIT = 0
     HANDLE = 1
     CHILD_EXIT = 2
+    MESSAGE = 3
+
+
+class Origin(enum.IntEnum):
+    """Where a MESSAGE call's message comes from."""
+
+    SEND = 0  # another agent's messaging.send
+    CALL = 1  # another agent's messaging.call, waiting for the reply
+    TIMER = 2  # the agent's own timer
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+_MESSAGE = struct.Struct(">B16s16s")
+
+
+def encode_message(origin: Origin, sender: bytes, message_id: bytes, message: bytes) -> bytes:
+    """The data of a MESSAGE call: origin (1), sender id (16), message id (16), then the message."""
+    return _MESSAGE.pack(origin, sender, message_id) + message
+
+
+def decode_message(data: bytes) -> tuple[Origin, bytes, bytes, bytes]:
+    if len(data) < _MESSAGE.size:
+        raise ProtocolError(f"message call data shorter than {_MESSAGE.size} bytes")
+    origin, sender, message_id = _MESSAGE.unpack_from(data)
+    try:
+        return Origin(origin), sender, message_id, data[_MESSAGE.size:]
+    except ValueError:
+        raise ProtocolError(f"unknown message origin {origin}") from None
 
 
 _CHILD_EXIT = struct.Struct(">16s32s")
@@ -109,20 +144,31 @@ class HostRequest:
     request_id: int
     body: dict[str, Any]
     interface: str | None = None
+    data: bytes | None = None  # bytes that travel beside the JSON (a message, a value, a body), never inside it
 
     def encode(self, typ: int) -> list[bytes]:
         body = self.body if self.interface is None else {**self.body, HOST_INTERFACE_KEY: self.interface}
-        return [header(typ), _REQUEST_META.pack(self.request_id), encode_json(body)]
+        frames = [header(typ), _REQUEST_META.pack(self.request_id), encode_json(body)]
+        if self.data is not None:
+            frames.append(self.data)
+        return frames
 
     @classmethod
     def decode(cls, frames: list[bytes], what: str) -> HostRequest:
-        if len(frames) != 2 or len(frames[0]) != _REQUEST_META.size:
-            raise ProtocolError(f"{what} must be an 8-byte id frame and a JSON frame")
+        if len(frames) not in (2, 3) or len(frames[0]) != _REQUEST_META.size:
+            raise ProtocolError(f"{what} must be an 8-byte id frame, a JSON frame and an optional data frame")
         body = decode_json(frames[1], what)
         interface = body.pop(HOST_INTERFACE_KEY, None)
         if interface is not None and not isinstance(interface, str):
             raise ProtocolError(f"{what}: {HOST_INTERFACE_KEY} must be a string")
-        return cls(_REQUEST_META.unpack(frames[0])[0], body, interface)
+        data = frames[2] if len(frames) == 3 else None
+        return cls(_REQUEST_META.unpack(frames[0])[0], body, interface, data)
+
+
+def host_call_bytes(obj: dict[str, Any], data: bytes | None) -> bytes:
+    """A served host call's input or output as recorded: the canonical JSON, then NUL and the data, if any
+    (canonical JSON never holds a NUL byte, so the split is unambiguous)."""
+    return encode_json(obj) if data is None else encode_json(obj) + b"\0" + data
 
 
 def header(typ: int) -> bytes:

@@ -291,8 +291,10 @@ class Sandbox:
         wasi_imports = [name for name in wanted if wasi and name not in allowed and is_wasi_import(name)]
         denied = sorted(name for name in wanted if name not in allowed and name not in wasi_imports)
         if denied:
+            granted = ", ".join(sorted(interfaces)) or "none beyond runtime"
             raise LoadError(
                 "component imports capabilities its policy does not grant: " + ", ".join(denied)
+                + f" (granted: {granted})"
             )
         return wasi_imports
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from typing import Any, NamedTuple
 
@@ -118,18 +119,19 @@ def _serve(
 class SupervisorLink:
     """Host requests the worker cannot answer alone, asked of the supervisor mid-call."""
 
-    TIMEOUT_MS = 10_000
-
     def __init__(self, sock: zmq.Socket) -> None:
         self._sock = sock
         self._ids = 0
 
-    def ask(self, interface: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Send ``body`` as a HOST_REQUEST for ``interface`` (a capability's name) and wait for its answer."""
+    def ask(self, interface: str, body: dict[str, Any], data: bytes | None, wait_ms: int) -> tuple[dict[str, Any], bytes | None]:
+        """Send ``body`` (and ``data``) as a HOST_REQUEST for ``interface`` (a capability's name) and wait
+        at most ``wait_ms`` for its answer."""
         self._ids += 1
-        self._sock.send_multipart(wire.HostRequest(self._ids, body, interface).encode(wire.WorkerType.HOST_REQUEST))
+        request = wire.HostRequest(self._ids, body, interface, data)
+        self._sock.send_multipart(request.encode(wire.WorkerType.HOST_REQUEST), copy=data is None or len(data) < 65536)
+        deadline = time.monotonic() + wait_ms / 1000
         while True:
-            if not self._sock.poll(self.TIMEOUT_MS):
+            if not self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
                 raise HostLimit("the supervisor did not answer a host request in time")
             frames = self._sock.recv_multipart()
             typ = wire.parse_header(frames[0], wire.SupervisorType)
@@ -139,7 +141,7 @@ class SupervisorLink:
                 raise ProtocolError(f"unexpected {typ.name} frame while waiting for a host reply")
             reply = wire.HostRequest.decode(frames[1:], "host reply")
             if reply.request_id == self._ids:
-                return reply.body
+                return reply.body, reply.data
 
 
 class Agent:
@@ -181,9 +183,19 @@ class Agent:
         status, error = "ok", ""
         self.sandbox.last_fuel = 0  # a call refused before it runs uses no fuel
         try:
-            if kind is not Kind.CHILD_EXIT and len(call.data) > self.limits.max_message_bytes:
-                raise CallFailed("too-large", f"message of {len(call.data)} bytes exceeds max_message_bytes")
-            if kind is Kind.CHILD_EXIT:
+            message = wire.decode_message(call.data)[3] if kind is Kind.MESSAGE else call.data
+            if kind is not Kind.CHILD_EXIT and len(message) > self.limits.max_message_bytes:
+                raise CallFailed("too-large", f"message of {len(message)} bytes exceeds max_message_bytes")
+            if kind is Kind.MESSAGE:
+                origin, sender, _, _ = wire.decode_message(call.data)
+                if origin is wire.Origin.TIMER:  # the agent's own message, back through handle
+                    lifted, _ = self.sandbox.call_agent("handle", self.state, message)
+                    new_state, reply, error = self._lifted_outcome(lifted)
+                else:
+                    result, _ = self.sandbox.call(export, to_guest(self.state), str(uuid.UUID(bytes=sender)),
+                                                  to_guest(message))
+                    new_state, reply, error = self._outcome(kind, result)
+            elif kind is Kind.CHILD_EXIT:
                 child, exit_hash, reason = wire.decode_child_exit(call.data)
                 args = (str(uuid.UUID(bytes=child)), reason)
                 result, _ = self.sandbox.call(export, to_guest(self.state), *args)
@@ -205,6 +217,10 @@ class Agent:
         elif kind is Kind.CHILD_EXIT:
             child, exit_hash, reason = wire.decode_child_exit(call.data)
             fields = {"child": child, "exit_hash": exit_hash, "reason": reason, "status": status, "error": error, "fuel": fuel}
+        elif kind is Kind.MESSAGE:
+            origin, sender, message_id, message = wire.decode_message(call.data)
+            fields = {"origin": origin.label, "sender": sender, "message_id": message_id, "message": message,
+                      "reply": reply, "status": status, "error": error, "fuel": fuel}
         else:
             fields = {"message": call.data, "reply": reply, "status": status, "error": error, "fuel": fuel}
         self.recorder.append(kind, fields, new_state=new_state)
@@ -241,6 +257,7 @@ _KINDS = {
     wire.CallKind.INIT: (Kind.INIT, "init"),
     wire.CallKind.HANDLE: (Kind.HANDLE, "handle"),
     wire.CallKind.CHILD_EXIT: (Kind.CHILD_EXIT, "child-exit"),
+    wire.CallKind.MESSAGE: (Kind.MESSAGE, "receive"),
 }
 
 

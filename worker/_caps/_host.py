@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -16,11 +17,13 @@ from theater.spec import Limits
 from .._errors import HostLimit
 from .._recorder import Recorder
 
-__all__ = ["Ask", "Host", "HostCapability", "HostFunctions", "Linker"]
+__all__ = ["Ask", "Host", "HostCapability", "HostFunctions", "Linker", "guest_bytes", "guest_text"]
 
 Linker = Callable[[wc.LinkerInstance], None]
-# Ask the supervisor (HOST_REQUEST, HOST_REPLY): interface (a capability name), body -> answer.
-Ask = Callable[[str, dict[str, Any]], dict[str, Any]]
+# Ask the supervisor (HOST_REQUEST, HOST_REPLY): interface (a capability name), body, data, how long to wait
+# (ms) -> the answer and its data.
+Ask = Callable[[str, dict[str, Any], bytes | None, int], tuple[dict[str, Any], bytes | None]]
+ASK_WAIT_MS = 10_000  # how long a host request waits for its answer, past any wait the request itself names
 
 
 class HostFunctions(Protocol):
@@ -66,9 +69,15 @@ class Host:
         self.agent_id = agent_id
         self._ask = ask
         self._counts: dict[str, int] = {}
+        self._started = time.monotonic()
 
     def begin_call(self) -> None:
         self._counts.clear()
+        self._started = time.monotonic()
+
+    def remaining_ms(self) -> int:
+        """What is left of this call's wall-clock deadline (``wall_time_ms``), in ms, at least 0."""
+        return max(0, self.limits.wall_time_ms - int((time.monotonic() - self._started) * 1000))
 
     def count(self, what: str, limit: int, refusal: str) -> None:
         """Count one ``what`` in this call; past ``limit``, refuse with ``refusal`` (the call fails, host-limit)."""
@@ -87,18 +96,41 @@ class Host:
             Kind.HOST_CALL, {"interface": interface, "function": function, "input": data_in, "output": data_out},
         )
 
-    def ask(self, capability: str, body: dict[str, Any]) -> dict[str, Any]:
-        """A host request to the supervisor: ``body`` is ``{"op": <function>, …arguments}``.
+    def ask(self, capability: str, body: dict[str, Any], data: bytes | None = None,
+            wait_ms: int = 0) -> tuple[dict[str, Any], bytes | None]:
+        """A host request to the supervisor: ``body`` is ``{"op": <function>, …arguments}``, ``data`` any
+        bytes beside it; ``wait_ms`` how long the supervisor may take on purpose (a messaging call).
 
         Counted before it is sent; once answered, recorded as one ``host-call``
-        record (function ``op``, input the arguments and output the answer, each
-        as canonical JSON) before the guest sees the answer.
+        record (function ``op``; input the arguments, output the answer, each as
+        ``wire.host_call_bytes``) before the guest sees the answer.
         """
         self.count_host_call()
-        answer = self._ask(capability, body)
+        answer, answer_data = self._ask(capability, body, data, wait_ms + ASK_WAIT_MS)
         args = {key: value for key, value in body.items() if key != "op"}
         self.recorder.append(Kind.HOST_CALL, {
             "interface": CAPABILITIES[capability].interface, "function": str(body["op"]),
-            "input": wire.encode_json(args), "output": wire.encode_json(answer),
+            "input": wire.host_call_bytes(args, data), "output": wire.host_call_bytes(answer, answer_data),
         })
-        return answer
+        return answer, answer_data
+
+
+def guest_text(text: object, what: str, limit: int) -> str:
+    """A guest-supplied string of at most ``limit`` UTF-8 bytes, or the call fails (host-limit)."""
+    if not isinstance(text, str):
+        raise HostLimit(f"{what} is not a string")
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise HostLimit(f"{what} is more than {limit} bytes")
+    return text
+
+
+def guest_bytes(text: object, what: str, limit: int) -> bytes:
+    """A guest-supplied ``bytes`` value (see wit/agent.wit) of at most ``limit`` bytes, or the call fails."""
+    if not isinstance(text, str):
+        raise HostLimit(f"{what} is not bytes")
+    if len(text) > limit:
+        raise HostLimit(f"{what} of {len(text)} bytes is more than {limit}")
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise HostLimit(f"{what} has character U+{ord(text[exc.start]):04X}, outside U+0000..U+00FF") from None

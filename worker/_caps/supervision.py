@@ -29,7 +29,7 @@ class Supervision:
         inst.add_func("children", self.children)
 
     def _ask(self, op: str, **args: Any) -> dict[str, Any]:
-        return self._host.ask(CAPABILITY.name, {"op": op, **args})
+        return self._host.ask(CAPABILITY.name, {"op": op, **args})[0]
 
     def spawn(self, _store: Any, template: str, name: str, args: str) -> wc.Variant:
         if len(template) > MAX_TEXT or len(name) > MAX_TEXT:

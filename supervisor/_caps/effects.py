@@ -1,0 +1,54 @@
+"""A call's effects through the supervisor: staged into its commit, carried out once it is durable.
+
+Everything a call asked of the supervisor beyond an answer — key-value writes,
+messages sent, timers set or cancelled — waits beside the call
+(``Pending.effects``). If the call succeeds, the writes and timers go into the
+transaction that commits its records, and once that returned the messages are
+delivered and the timers armed; if it fails, or never commits, they are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._agent import Agent, Pending
+
+if TYPE_CHECKING:
+    from .._ledger import Checked
+    from .messaging import Messaging
+    from .timers import AgentTimers
+
+__all__ = ["CallEffects"]
+
+
+class CallEffects:
+    def __init__(self, messaging: Messaging, timers: AgentTimers) -> None:
+        self.messaging = messaging
+        self.timers = timers
+
+    def stage(self, pending: Pending, checked: Checked) -> None:
+        """Put what a checked result commits beside its records into its commit."""
+        commit, effects = checked.commit, pending.effects
+        if pending.timer_id is not None:  # a delivered timer is used up by any committed outcome
+            commit.timers_removed = [pending.timer_id]
+        if checked.status != "ok":
+            return
+        if effects.kv:
+            commit.kv = effects.kv
+        if effects.timers:
+            commit.timers_added = effects.timers
+        if effects.cancels:
+            commit.timers_removed = [*(commit.timers_removed or ()), *effects.cancels]
+
+    def committed(self, agent: Agent, pending: Pending, checked: Checked) -> None:
+        effects = pending.effects
+        if checked.status != "ok":
+            self.dropped(pending)
+            return
+        self.timers.committed(agent, effects.timers, effects.cancels)
+        sends, effects.sends = effects.sends, []
+        self.messaging.deliver(sends)
+
+    def dropped(self, pending: Pending) -> None:
+        """The call will not commit (or failed): nothing it did through the supervisor takes effect."""
+        self.messaging.release(pending.effects.sends)

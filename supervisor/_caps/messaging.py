@@ -1,0 +1,192 @@
+"""`theater:agent/messaging`: agents' messages and calls to each other, routed by the supervisor.
+
+The supervisor sees every message, so it is the one place that can say who
+sent it (the receiver is told the sender's id, never what the sender claims),
+bound every mailbox, and see a call cycle the moment it would close: each
+agent waits on at most one call at a time (``Agent.waiting_on``), so following
+those edges from the target back to the caller finds the cycle at once.
+
+A ``send`` is delivered once the sending call is committed, with status ok (a
+call that fails sends nothing); a ``call`` is delivered at once, since the
+caller waits for it. Each delivery is a MESSAGE call to the target: its record
+names the sender's id and the message id, and the caller's host-call record
+holds the same message id and the hash of the target's record, so an auditor
+can follow a conversation both ways.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from theater import wire
+
+from .._agent import Agent, Agents, Pending
+from .._host import Answer, HostCall, HostRequests
+from .._supervision import NodeKind, Status
+from .._timers import Timers
+from .grants import MessagingGrant, matches
+
+if TYPE_CHECKING:
+    from .._ledger import Checked
+    from .._workers import Workers
+
+__all__ = ["Messaging"]
+
+MAX_ADDRESS_CHARS = 256
+RECEIVING = (Status.RUNNING, Status.STARTING, Status.RESTARTING)
+
+
+class Messaging:
+    def __init__(self, agents: Agents, workers: Workers, host: HostRequests, timers: Timers,
+                 log: Callable[[str], None]) -> None:
+        self.agents = agents
+        self.workers = workers
+        self.host = host
+        self.timers = timers
+        self.log = log
+
+    # --- host requests ---------------------------------------------------------------------
+
+    def host_request(self, call: HostCall) -> Answer | None:
+        if call.op not in ("send", "call"):
+            return _error("denied", f"unknown messaging operation {call.op!r}")
+        sender, args, message = call.agent, call.args, call.data or b""
+        to = args.get("to")
+        if not isinstance(to, str) or not 0 < len(to) <= MAX_ADDRESS_CHARS:
+            return _error("unknown-address", "an address is an agent's name or id, 1-256 characters")
+        target = self._find(to)
+        if target is None:
+            return _error("unknown-address", f"no agent named or with id {to!r}")
+        refusal = self._refusal(sender, target, len(message))
+        if refusal is not None:
+            return refusal
+        message_id = uuid.uuid4().bytes
+        if call.op == "send":
+            origin = wire.Origin.SEND
+            pending = self._pending(origin, sender, message_id, message)
+            call.pending.effects.sends.append((target, pending))
+            target.reserved += 1
+            return Answer({"ok": True, "message_id": message_id.hex()})
+        timeout_ms = args.get("timeout_ms")
+        if type(timeout_ms) is not int or timeout_ms < 0:
+            return _error("timeout", "timeout_ms must be a non-negative integer")
+        timeout_ms = min(timeout_ms, sender.config.limits.wall_time_ms)  # the caller's call ends by then anyway
+        path = self._cycle(sender, target)
+        if path is not None:
+            return _error("cycle", f"the call would wait on itself: {path}")
+        pending = self._pending(wire.Origin.CALL, sender, message_id, message)
+        pending.on_answer = lambda checked, code, detail: self._answer(call, target, message_id, checked, code, detail)
+        sender.waiting_on = target
+        target.mailbox.append(pending)
+        self.timers.after(timeout_ms / 1000, lambda: self._timeout(call, pending, target, timeout_ms))
+        self.workers.dispatch(target)
+        return None
+
+    def _find(self, address: str) -> Agent | None:
+        try:
+            return self.agents.find(address)
+        except Exception:  # NotFound, or not a name or id at all
+            return None
+
+    def _refusal(self, sender: Agent, target: Agent, size: int) -> Answer | None:
+        """Why ``sender`` may not message ``target`` now, if it may not."""
+        if target is not sender:
+            mine: MessagingGrant = sender.config.grant("messaging")
+            if not matches(mine.to, target.name, _relations(target, sender)):
+                return _error("denied", f"{sender.name}'s policy does not let it message {target.name} "
+                                        f"([messaging] to = {list(mine.to)})")
+            theirs: MessagingGrant | None = target.config.grants.get("messaging")  # type: ignore[assignment]
+            if theirs is None:
+                return _error("denied", f"{target.name} does not hold the messaging capability: it takes no messages")
+            if not matches(theirs.from_, sender.name, _relations(sender, target)):
+                return _error("denied", f"{target.name}'s policy does not let it hear from {sender.name} "
+                                        f"([messaging] from = {list(theirs.from_)})")
+        if target.status not in RECEIVING:
+            return _error("not-running", f"{target.name} is {target.status}")
+        limit = min(sender.config.limits.max_message_bytes, target.config.limits.max_message_bytes)
+        if size > limit:
+            return _error("too-large", f"a message of {size} bytes is more than {limit} (max_message_bytes of "
+                                       f"{sender.name} and {target.name})")
+        if len(target.mailbox) + target.reserved >= target.config.limits.mailbox:
+            return _error("mailbox-full", f"{target.name}'s mailbox is full ({target.config.limits.mailbox} messages)")
+        return None
+
+    def _cycle(self, caller: Agent, target: Agent) -> str | None:
+        """The wait-for path from ``caller`` back to itself through ``target``, if this call would close one."""
+        path = [caller]
+        at: Agent | None = target
+        while at is not None and at not in path:
+            path.append(at)
+            at = at.waiting_on
+        if at is not caller:
+            return None
+        return " -> ".join(a.name for a in [*path, caller])
+
+    def _pending(self, origin: wire.Origin, sender: Agent, message_id: bytes, message: bytes) -> Pending:
+        data = wire.encode_message(origin, sender.id, message_id, message)
+        return Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.MESSAGE, data))
+
+    # --- outcomes ----------------------------------------------------------------------------
+
+    def _answer(self, call: HostCall, target: Agent, message_id: bytes, checked: Checked | None, code: str,
+                detail: str) -> None:
+        """The target's committed outcome (or why there is none), to the waiting caller."""
+        if call.agent.waiting_on is target:
+            call.agent.waiting_on = None
+        ids = {"message_id": message_id.hex()}
+        if checked is None:
+            answer = _error("target-crashed", f"{target.name}: {code}: {detail}", ids)
+        elif checked.status == "guest-error":
+            answer = _error("guest-error", checked.error, ids)
+        elif checked.status != "ok":
+            answer = _error("target-crashed", f"{target.name}'s call failed: {checked.status}: {checked.error}", ids)
+        else:
+            answer = Answer({"ok": True, **ids, "seq": checked.final.seq, "record": checked.final.hash.hex(),
+                             "has_reply": checked.reply is not None}, checked.reply)
+        self.host.answer(call, answer)
+
+    def _timeout(self, call: HostCall, pending: Pending, target: Agent, timeout_ms: int) -> None:
+        if pending.answered:
+            return
+        pending.answered = True  # whatever the target does with it now, this caller has stopped waiting
+        if pending in target.mailbox:  # not delivered yet: nobody waits for it any more
+            target.mailbox.remove(pending)
+        if call.agent.waiting_on is target:
+            call.agent.waiting_on = None
+        self.host.answer(call, _error("timeout", f"no reply from {target.name} within {timeout_ms} ms",
+                                      {"message_id": wire.decode_message(pending.call.data)[2].hex()}))
+
+    def deliver(self, sends: list[tuple[Agent, Pending]]) -> None:
+        """A committed call's sends, into their targets' mailboxes (their places were held since the send)."""
+        for target, pending in sends:
+            target.reserved -= 1
+            if target.status not in RECEIVING:
+                self.log(f"{target.name}: a message for it was dropped: it is {target.status}")
+                continue
+            target.mailbox.append(pending)
+            self.workers.dispatch(target)
+
+    def release(self, sends: list[tuple[Agent, Pending]]) -> None:
+        """A call that will not commit: its sends are dropped, their places freed."""
+        for target, _ in sends:
+            target.reserved -= 1
+        sends.clear()
+
+
+def _error(case: str, detail: str, extra: dict[str, str] | None = None) -> Answer:
+    return Answer({"ok": False, "error": case, "detail": detail[:1024], **(extra or {})})
+
+
+def _relations(who: Agent, other: Agent) -> set[str]:
+    """How ``who`` stands to ``other`` in the supervision tree: its @parent, one of its @children, a @sibling."""
+    out = set()
+    if who.leaf.owns is not None and other.leaf.parent is who.leaf.owns:
+        out.add("@parent")
+    if other.leaf.owns is not None and who.leaf.parent is other.leaf.owns:
+        out.add("@children")
+    parent = who.leaf.parent
+    if parent is not None and parent is other.leaf.parent and parent.kind is not NodeKind.AGENT_ROOT:
+        out.add("@siblings")
+    return out

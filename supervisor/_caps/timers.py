@@ -1,0 +1,151 @@
+"""`theater:agent/timers`: messages an agent sends itself later, kept in the event store.
+
+A timer exists once the call that set it is committed (its row is written in
+that call's transaction), and so does a cancel. When it is due, the supervisor
+puts a MESSAGE call (origin ``timer``, the timer's id as the message id) in the
+agent's mailbox; the transaction that commits that call's records removes the
+timer. A worker that ends before its result is committed leaves the timer in
+place, and it is delivered again: at least once, never silently lost. Timers
+survive worker and supervisor restarts; they are removed when the agent stops.
+Due times are wall-clock nanoseconds, so a supervisor restart keeps them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from theater import wire
+
+from .._agent import Agent, Agents, Pending
+from .._host import Answer, HostCall
+from .._store import EventStore
+from .._supervision import Status
+from .._timers import Timers
+from .grants import TimersGrant
+
+if TYPE_CHECKING:
+    from .._ledger import Checked
+    from .._workers import Workers
+
+__all__ = ["AgentTimers"]
+
+RETRY_S = 0.5  # a due timer whose agent is not running, or whose mailbox is full, is tried again this often
+MAX_ID = 2**63 - 1
+RECEIVING = (Status.RUNNING, Status.STARTING, Status.RESTARTING)
+
+
+class AgentTimers:
+    def __init__(self, store: EventStore, agents: Agents, workers: Workers, loop: Timers,
+                 log: Callable[[str], None]) -> None:
+        self.store = store
+        self.agents = agents
+        self.workers = workers
+        self.loop = loop
+        self.log = log
+        self.pending: dict[int, tuple[bytes, int, bytes]] = {}  # committed: id -> (agent id, due ns, message)
+        self.delivering: set[int] = set()  # in a mailbox or in flight
+
+    def resume(self) -> None:
+        """After a supervisor start: every committed timer, armed again."""
+        for timer_id, agent_id, due_ns, message in self.store.timers():
+            self.pending[timer_id] = (agent_id, due_ns, message)
+            self._arm(timer_id, due_ns)
+
+    # --- host requests ---------------------------------------------------------------------
+
+    def host_request(self, call: HostCall) -> Answer:
+        grant: TimersGrant = call.agent.config.grant("timers")
+        effects = call.pending.effects
+        if call.op == "after":
+            delay = call.args.get("delay_ms")
+            message = call.data or b""
+            if type(delay) is not int or not 0 <= delay <= grant.max_delay_ms:
+                return Answer({"ok": False, "error": f"a delay of {delay} ms is outside 0..max_delay_ms "
+                                                     f"({grant.max_delay_ms})"})
+            limit = call.agent.config.limits.max_message_bytes
+            if len(message) > limit:
+                return Answer({"ok": False, "error": f"a message of {len(message)} bytes is more than "
+                                                     f"max_message_bytes ({limit})"})
+            mine = sum(1 for agent_id, _, _ in self.pending.values() if agent_id == call.agent.id)
+            if mine + len(effects.timers) - len(effects.cancels) >= grant.max_pending:
+                return Answer({"ok": False, "error": f"{grant.max_pending} timers are pending already "
+                                                     "(max_pending)"})
+            timer_id = self._new_id(effects.timers)
+            effects.timers.append((timer_id, time.time_ns() + delay * 1_000_000, message))
+            return Answer({"ok": True, "id": timer_id})
+        if call.op == "cancel":
+            wanted = call.args.get("id")
+            if type(wanted) is not int:
+                return Answer({"ok": True, "cancelled": False})
+            new = [t for t in effects.timers if t[0] == wanted]
+            if new:
+                effects.timers.remove(new[0])
+                return Answer({"ok": True, "cancelled": True})
+            held = self.pending.get(wanted)
+            if held is None or held[0] != call.agent.id or wanted in effects.cancels:
+                return Answer({"ok": True, "cancelled": False})
+            effects.cancels.append(wanted)
+            return Answer({"ok": True, "cancelled": True})
+        return Answer({"ok": False, "error": f"unknown timers operation {call.op!r}"})
+
+    def _new_id(self, new: list[tuple[int, int, bytes]]) -> int:
+        while True:
+            timer_id = secrets.randbelow(MAX_ID) + 1
+            if timer_id not in self.pending and all(t[0] != timer_id for t in new):
+                return timer_id
+
+    # --- committed calls -------------------------------------------------------------------
+
+    def committed(self, agent: Agent, added: list[tuple[int, int, bytes]], cancelled: list[int]) -> None:
+        for timer_id, due_ns, message in added:
+            self.pending[timer_id] = (agent.id, due_ns, message)
+            self._arm(timer_id, due_ns)
+        for timer_id in cancelled:
+            self.pending.pop(timer_id, None)
+
+    def consumed(self, timer_id: int) -> None:
+        """The call that delivered the timer is committed (and its row removed with it)."""
+        self.pending.pop(timer_id, None)
+        self.delivering.discard(timer_id)
+
+    def stopped(self, agent: Agent) -> None:
+        """The agent stopped: its timers are removed."""
+        mine = [t for t, (agent_id, _, _) in self.pending.items() if agent_id == agent.id]
+        if not mine:
+            return
+        for timer_id in mine:
+            self.pending.pop(timer_id, None)
+        self.store.remove_timers(agent.id)
+
+    # --- delivery ----------------------------------------------------------------------------
+
+    def _arm(self, timer_id: int, due_ns: int) -> None:
+        self.loop.after(max(0.0, (due_ns - time.time_ns()) / 1e9), lambda: self._fire(timer_id))
+
+    def _fire(self, timer_id: int) -> None:
+        held = self.pending.get(timer_id)
+        if held is None or timer_id in self.delivering:
+            return
+        agent_id, _, message = held
+        agent = self.agents.by_id.get(agent_id)
+        if agent is None:
+            return
+        if agent.status not in RECEIVING or len(agent.mailbox) + agent.reserved >= agent.config.limits.mailbox:
+            self.loop.after(RETRY_S, lambda: self._fire(timer_id))
+            return
+        data = wire.encode_message(wire.Origin.TIMER, agent.id, timer_id.to_bytes(16, "big"), message)
+        pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.MESSAGE, data), timer_id=timer_id)
+        pending.on_answer = lambda checked, code, detail: self._outcome(timer_id, checked)
+        self.delivering.add(timer_id)
+        agent.mailbox.append(pending)
+        self.workers.dispatch(agent)
+
+    def _outcome(self, timer_id: int, checked: Checked | None) -> None:
+        if checked is not None:
+            self.consumed(timer_id)
+            return
+        self.delivering.discard(timer_id)  # not committed: deliver it again
+        self.loop.after(RETRY_S, lambda: self._fire(timer_id))

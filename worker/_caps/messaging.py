@@ -1,0 +1,63 @@
+"""`theater:agent/messaging`: send to and call other agents, through the supervisor.
+
+Each is a host request (interface ``messaging``); the message travels in the
+request's data frame. A call waits for the supervisor's answer for at most its
+timeout, cut to what is left of this call's wall-clock deadline. The answer is
+recorded, as every value handed to the guest is. An agent granted messaging
+must export ``receive``: other agents' messages arrive through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wasmtime import component as wc
+
+from .._boundary import to_guest
+from ._host import Host, HostCapability, guest_bytes, guest_text
+
+MAX_ADDRESS_BYTES = 256
+ERRORS = ("unknown-address", "denied", "not-running", "mailbox-full", "too-large", "timeout", "target-crashed",
+          "guest-error", "cycle")
+
+
+class Messaging:
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    def link(self, inst: wc.LinkerInstance) -> None:
+        inst.add_func("send", self.send)
+        inst.add_func("call", self.call)
+
+    def _message(self, fn: str, to: object, message: object) -> tuple[str, bytes]:
+        address = guest_text(to, f"messaging.{fn}: the address", MAX_ADDRESS_BYTES)
+        data = guest_bytes(message, f"messaging.{fn}: the message", self._host.limits.max_message_bytes)
+        return address, data
+
+    def send(self, _store: Any, to: str, message: str) -> wc.Variant:
+        address, data = self._message("send", to, message)
+        answer, _ = self._host.ask(CAPABILITY.name, {"op": "send", "to": address}, data)
+        return wc.Variant("ok", None) if answer.get("ok") else _error(answer)
+
+    def call(self, _store: Any, to: str, message: str, timeout_ms: int) -> wc.Variant:
+        address, data = self._message("call", to, message)
+        wait = min(timeout_ms, self._host.remaining_ms())
+        answer, reply = self._host.ask(CAPABILITY.name, {"op": "call", "to": address, "timeout_ms": wait}, data,
+                                       wait_ms=wait)
+        if not answer.get("ok"):
+            return _error(answer)
+        return wc.Variant("ok", None if reply is None else to_guest(reply))
+
+
+def _error(answer: dict[str, Any]) -> wc.Variant:
+    case = answer.get("error")
+    return wc.Variant("err", wc.Variant(case if case in ERRORS else "denied", str(answer.get("detail", ""))))
+
+
+# The declaration worker._caps registers: granted by policy; the guest must export receive.
+CAPABILITY = HostCapability(
+    "messaging",
+    Messaging,
+    exports={"receive": "func(state: string, sender: string, message: string) -> "
+                        "result<record{state: string, reply: option<string>}, string>"},
+)

@@ -1,0 +1,37 @@
+"""`theater:agent/timers`: messages this agent sends itself later, kept by the supervisor.
+
+Each function is a host request (interface ``timers``); the message travels in
+the data frame. A due timer's message arrives through ``handle``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wasmtime import component as wc
+
+from ._host import Host, HostCapability, guest_bytes
+
+
+class Timers:
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    def link(self, inst: wc.LinkerInstance) -> None:
+        inst.add_func("after", self.after)
+        inst.add_func("cancel", self.cancel)
+
+    def after(self, _store: Any, delay_ms: int, message: str) -> wc.Variant:
+        data = guest_bytes(message, "timers.after: the message", self._host.limits.max_message_bytes)
+        answer, _ = self._host.ask(CAPABILITY.name, {"op": "after", "delay_ms": delay_ms}, data)
+        if answer.get("ok"):
+            return wc.Variant("ok", int(answer["id"]))
+        return wc.Variant("err", str(answer.get("error", "refused")))
+
+    def cancel(self, _store: Any, timer_id: int) -> bool:
+        answer, _ = self._host.ask(CAPABILITY.name, {"op": "cancel", "id": timer_id})
+        return bool(answer.get("cancelled"))
+
+
+# The declaration worker._caps registers: granted by policy, no export required.
+CAPABILITY = HostCapability("timers", Timers)
