@@ -88,6 +88,28 @@ def raw_zmq_round_trip(n: int, size: int) -> list[float]:
     return out
 
 
+def raw_zmq_messages_per_second(n: int, size: int) -> float:
+    """One-way messages/s over a pyzmq ipc PUSH/PULL pair between two processes: M2's baseline."""
+    tmp = tempfile.mkdtemp(prefix="thb-")
+    endpoint = f"ipc://{tmp}/raw.sock"
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(endpoint)
+    sender = f"import zmq,sys\ns=zmq.Context().socket(zmq.PUSH)\ns.connect(sys.argv[1])\n" \
+             f"[s.send(b'x'*{size}) for _ in range({n})]\ns.close(linger=-1)"
+    peer = subprocess.Popen([sys.executable, "-c", sender, endpoint])
+    pull.recv()
+    start = time.perf_counter()
+    for _ in range(n - 1):
+        pull.recv()
+    rate = (n - 1) / (time.perf_counter() - start)
+    peer.wait()
+    pull.close(0)
+    ctx.term()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rate
+
+
 def raw_wasmtime_call(n: int, size: int) -> list[float]:
     import wasmtime
     from wasmtime import component as wc
@@ -139,9 +161,11 @@ class Running:
         subprocess.run([sys.executable, "-m", "supervisor", "--home", str(self.home.root), "up", "--detach"], check=True, capture_output=True)
         self.client = Client(self.home, timeout=120)
 
-    def manifest(self, name: str, component: str, restart: dict[str, int] | None = None, **limits: int) -> Path:
+    def manifest(self, name: str, component: str, restart: dict[str, int] | None = None, policy: str = "default",
+                 capabilities: str = '["runtime"]', **limits: int) -> Path:
         path = self.root / f"{name}.toml"
-        text = f'name = "{name}"\ncomponent = "{COMPONENTS / component}"\n'
+        text = f'name = "{name}"\ncomponent = "{COMPONENTS / component}"\npolicy = "{policy}"\n'
+        text += f"capabilities = {capabilities}\n"
         if limits:
             text += "[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items())
         if restart:
@@ -234,6 +258,41 @@ def call_round_trip(t: Running, n: int, size: int) -> tuple[list[float], dict[st
     back = [(w[1] - h.time_ns) / 1e6 for h, w in zip(handles, walls, strict=True)]
     return out, {"to the worker, guest call, signed": statistics.median(there),
                  "back: verified, committed (fsync), replied": statistics.median(back)}
+
+
+def agent_call_round_trip(t: Running, n: int) -> tuple[list[float], list[float]]:
+    """M1: a client call whose handler makes one messaging call to another agent, beside the same client
+    call that makes none: the difference is the agent -> agent call (route, deliver, run, commit, answer)."""
+    for name in ("m1a", "m1b"):
+        t.client.spawn(t.manifest(name, "messenger.wat", policy="messaging", capabilities='["runtime", "messaging"]'))
+    with_call, without = [], []
+    for _ in range(20):
+        t.client.call("m1a", b"call:5000:m1b:state")
+    for _ in range(n):
+        start = time.perf_counter()
+        t.client.call("m1a", b"call:5000:m1b:state")
+        with_call.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        t.client.call("m1a", b"state")
+        without.append(time.perf_counter() - start)
+    return with_call, without
+
+
+def router_messages_per_second(t: Running, rounds: int, per_round: int = 500) -> float:
+    """M2: messages/s from one agent to another through the supervisor: calls of ``per_round`` sends each
+    (within the messaging policy's mailbox and host-call limits), timed until the target has committed
+    every message (each a MESSAGE call with its own signed, stored record)."""
+    for name in ("m2a", "m2b"):
+        t.client.spawn(t.manifest(name, "messenger.wat", policy="messaging", capabilities='["runtime", "messaging"]'))
+    head = len(_records(t, "m2b")) - 1
+    start = time.perf_counter()
+    for _ in range(rounds):
+        want = head + per_round
+        reply = t.client.call("m2a", f"sendn:{per_round}:m2b:state".encode())
+        assert reply == b"ok", reply
+        while head < want:
+            head = t.client.wait_events("m2b", head, 10_000)
+    return rounds * per_round / (time.perf_counter() - start)
 
 
 def stored_records_per_second(t: Running, agents: int, per_agent: int,
@@ -496,6 +555,7 @@ def main() -> int:
 
     interp = fresh_interpreter(5 if q else 15)
     zmq100 = raw_zmq_round_trip(500 if q else 3000, 100)
+    zmq_rate = raw_zmq_messages_per_second(20000 if q else 200000, 100)
     wt100 = raw_wasmtime_call(500 if q else 3000, 100)
     vrate = verify_rate(2000 if q else 10000)
     vrate2 = raw_verify_rate_parallel(4000 if q else 20000, 2)
@@ -515,6 +575,8 @@ def main() -> int:
         rate, records = stored_records_per_second(t, 10, 50 if q else 300)
         chatty_rate, chatty_records = stored_records_per_second(t, 10, 10 if q else 60, "chatty.wat")
         storm_idle, storm = crash_storm(t, 20, 200 if q else 1000)
+        m1, m1_without = agent_call_round_trip(t, 300 if q else 2000)
+        m2 = router_messages_per_second(t, 2 if q else 10)
         idle_n = args.idle or (30 if q else 200)
         pss, zygote_pss = idle_pss(t, idle_n)
     finally:
@@ -565,6 +627,16 @@ def main() -> int:
     row("R1", "crash storm: healthy agent's call p99 while 20 busy workers are killed", pct(storm, 99) * ms,
         pct(storm_idle, 99) * ms, "the same agent's idle p99", "ms", "<= 3x baseline")
     row("R1", "  the same, p50", pct(storm, 50) * ms, pct(storm_idle, 50) * ms, "the same agent's idle p50", "ms", "-")
+    hop50 = (pct(m1, 50) - pct(m1_without, 50)) * ms
+    hop99 = (pct(m1, 99) - pct(m1_without, 99)) * ms
+    row("M1", "agent -> agent call round trip (the call's share of a client call), p50", hop50,
+        pct(zmq100, 50) * ms, "raw pyzmq ipc round trip 100 B", "ms", "-")
+    row("M1", "agent -> agent call round trip (the call's share of a client call), p99", hop99,
+        pct(zmq100, 99) * ms, "raw pyzmq ipc round trip 100 B", "ms", "-")
+    row("M1", "  client -> a -> b -> a -> client, p50", pct(m1, 50) * ms, pct(m1_without, 50) * ms,
+        "client -> a -> client, same run", "ms", "-")
+    row("M2", "messages/s through the router, each delivered, run, signed, stored", m2, zmq_rate,
+        "raw pyzmq ipc one-way messages/s, 100 B", "msg/s", "-", higher_better=True)
     row("P6", f"idle agent PSS, mean of {idle_n} (extrapolated to 1000)", pss, zygote_pss,
         "the fork-server's own PSS", "MiB", "<= 10 MiB")
     for label in [k for k in p7 if not k.endswith(" generic")]:

@@ -138,7 +138,7 @@ class Control:
             raise Refused(f"message of {len(data)} bytes exceeds {agent.name}'s max_message_bytes {limits.max_message_bytes}")
         if agent.status in ("stopped", "failed", "stopping"):
             raise Refused(f"agent {agent.name} is {agent.status}")
-        if len(agent.mailbox) >= limits.mailbox:
+        if len(agent.mailbox) + agent.reserved >= limits.mailbox:  # places held for agents' sends count
             raise Refused(f"agent {agent.name}'s mailbox is full ({limits.mailbox} messages)")
         pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.HANDLE, data))
         if call is not None:

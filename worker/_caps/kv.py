@@ -38,9 +38,10 @@ class Kv:
         answer, value = self._ask("get", key)
         return to_guest(value) if answer.get("found") and value is not None else None
 
-    def set(self, _store: Any, key: str, value: str) -> wc.Variant:
+    def set(self, _store: Any, key: str, value: str) -> str | None:
+        """result<_, string>: wasmtime-py takes it untagged (None for ok, the error text for err)."""
         answer, _ = self._ask("set", key, guest_bytes(value, "kv.set: the value", MAX_VALUE_BYTES))
-        return wc.Variant("ok", None) if answer.get("ok") else wc.Variant("err", str(answer.get("error", "refused")))
+        return None if answer.get("ok") else str(answer.get("error", "refused"))
 
     def delete(self, _store: Any, key: str) -> bool:
         answer, _ = self._ask("delete", key)

@@ -34,24 +34,29 @@ class Messaging:
         data = guest_bytes(message, f"messaging.{fn}: the message", self._host.limits.max_message_bytes)
         return address, data
 
-    def send(self, _store: Any, to: str, message: str) -> wc.Variant:
+    # wasmtime-py takes these results untagged, as the bare value of their case (None, a Record, or the
+    # call-error's Variant): their sides differ in Python type. (A result whose ok side holds an option
+    # could not carry an err at all: an option accepts any Python object. Hence `call-reply`.)
+    def send(self, _store: Any, to: str, message: str) -> wc.Variant | None:
         address, data = self._message("send", to, message)
         answer, _ = self._host.ask(CAPABILITY.name, {"op": "send", "to": address}, data)
-        return wc.Variant("ok", None) if answer.get("ok") else _error(answer)
+        return None if answer.get("ok") else _error(answer)
 
-    def call(self, _store: Any, to: str, message: str, timeout_ms: int) -> wc.Variant:
+    def call(self, _store: Any, to: str, message: str, timeout_ms: int) -> wc.Record | wc.Variant:
         address, data = self._message("call", to, message)
         wait = min(timeout_ms, self._host.remaining_ms())
         answer, reply = self._host.ask(CAPABILITY.name, {"op": "call", "to": address, "timeout_ms": wait}, data,
                                        wait_ms=wait)
         if not answer.get("ok"):
             return _error(answer)
-        return wc.Variant("ok", None if reply is None else to_guest(reply))
+        answered = wc.Record()
+        answered.reply = None if reply is None else to_guest(reply)  # type: ignore[attr-defined]
+        return answered
 
 
 def _error(answer: dict[str, Any]) -> wc.Variant:
     case = answer.get("error")
-    return wc.Variant("err", wc.Variant(case if case in ERRORS else "denied", str(answer.get("detail", ""))))
+    return wc.Variant(case if case in ERRORS else "denied", str(answer.get("detail", "")))
 
 
 # The declaration worker._caps registers: granted by policy; the guest must export receive.

@@ -21,12 +21,13 @@ class Timers:
         inst.add_func("after", self.after)
         inst.add_func("cancel", self.cancel)
 
-    def after(self, _store: Any, delay_ms: int, message: str) -> wc.Variant:
+    def after(self, _store: Any, delay_ms: int, message: str) -> int | str:
+        """result<u64, string>: wasmtime-py takes it untagged (the id for ok, the error text for err)."""
         data = guest_bytes(message, "timers.after: the message", self._host.limits.max_message_bytes)
         answer, _ = self._host.ask(CAPABILITY.name, {"op": "after", "delay_ms": delay_ms}, data)
         if answer.get("ok"):
-            return wc.Variant("ok", int(answer["id"]))
-        return wc.Variant("err", str(answer.get("error", "refused")))
+            return int(answer["id"])
+        return str(answer.get("error", "refused"))
 
     def cancel(self, _store: Any, timer_id: int) -> bool:
         answer, _ = self._host.ask(CAPABILITY.name, {"op": "cancel", "id": timer_id})

@@ -1,0 +1,130 @@
+"""The timers capability: a real agent (tests/components/alarm.wat) waking itself up. Timers are
+committed with their call, survive worker and supervisor crashes, end with the agent, and every bound is hit."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Theater, assert_verified, of, ps, records, start_after_crash, wait_running, wait_until
+
+from theater.client import Client, ClientError
+from theater.records import Kind
+
+COMPONENT = "alarm.wat"
+
+
+def alarm(t: Theater, name: str = "t", **timers: int) -> Path:
+    extra: dict[str, Any] = {"timers": timers} if timers else {}
+    return t.manifest(name, COMPONENT, policy="messaging", capabilities=["runtime", "timers"], **extra)
+
+
+def ask(c: Client, text: str, name: str = "t") -> str:
+    reply = c.call(name, text.encode())
+    assert reply is not None
+    return reply.decode()
+
+
+def pending_timers(t: Theater) -> list[int]:
+    db = sqlite3.connect(f"file:{t.home.store}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in db.execute("SELECT id FROM timers ORDER BY id")]
+    finally:
+        db.close()
+
+
+def has_line(c: Client, line: str, name: str = "t") -> bool:
+    return f"{line}\n" in ask(c, "state", name)
+
+
+def test_a_timer_delivers_its_message_through_handle(theater: Theater) -> None:
+    with theater.client() as c:
+        c.spawn(alarm(theater))
+        reply = ask(c, "after:50:wake-up")
+        assert reply.startswith("id:")
+        timer_id = int(reply[3:])
+        wait_until(lambda: has_line(c, "wake-up"), what="the timer's message")
+        wait_until(lambda: not pending_timers(theater), what="the timer consumed")
+    [fired] = of(records(theater, "t"), Kind.MESSAGE)
+    f = fired.fields()
+    assert (f["origin"], f["message"], int.from_bytes(f["message_id"], "big")) == ("timer", b"wake-up", timer_id)
+    assert_verified(theater)
+
+
+def test_a_cancelled_timer_never_fires(theater: Theater) -> None:
+    with theater.client() as c:
+        c.spawn(alarm(theater))
+        first = ask(c, "after:100:cancelled")[3:]
+        assert ask(c, f"cancel:{first}") == "true"
+        assert ask(c, f"cancel:{first}") == "false"
+        assert ask(c, "cancel:12345") == "false"
+        ask(c, "after:200:later")
+        wait_until(lambda: has_line(c, "later"), what="the later timer")
+        assert "cancelled" not in ask(c, "state")
+
+
+def test_a_call_that_fails_sets_no_timer(theater: Theater) -> None:
+    with theater.client() as c:
+        c.spawn(alarm(theater))
+        with pytest.raises(ClientError):
+            c.call("t", b"after-then-trap:0:never")
+        wait_running(c, "t")
+        assert pending_timers(theater) == []
+        ask(c, "after:0:marker")
+        wait_until(lambda: has_line(c, "marker"), what="a later timer")
+        assert "never" not in ask(c, "state")
+
+
+def test_timers_survive_a_worker_crash(theater: Theater) -> None:
+    with theater.client() as c:
+        c.spawn(alarm(theater))
+        ask(c, "after:1500:after-crash")
+        pid = ps(c, "t")["pid"]
+        with pytest.raises(ClientError):
+            c.call("t", b"after-then-trap:0:x")
+        wait_running(c, "t", pid)
+        wait_until(lambda: has_line(c, "after-crash"), what="the timer after the restart")
+
+
+def test_timers_survive_a_supervisor_kill(theater: Theater) -> None:
+    with theater.client() as c:
+        c.spawn(alarm(theater))
+        ask(c, "after:1000:after-restart")
+    assert len(pending_timers(theater)) == 1  # committed with its call
+    theater.kill()
+    start_after_crash(theater)
+    with theater.client() as c:
+        wait_running(c, "t")
+        wait_until(lambda: has_line(c, "after-restart"), what="the timer after the supervisor restart")
+    assert pending_timers(theater) == []
+    assert_verified(theater)
+
+
+def test_timers_end_when_the_agent_stops(theater: Theater) -> None:
+    with theater.client() as c:
+        c.spawn(alarm(theater))
+        ask(c, "after:60000:never")
+        assert len(pending_timers(theater)) == 1
+        c.stop("t")
+    assert pending_timers(theater) == []
+
+
+def test_timers_wait_for_a_supervisor_shut_down_cleanly(theater: Theater) -> None:
+    with theater.client() as c:
+        c.spawn(alarm(theater))
+        ask(c, "after:60000:later")
+    theater.stop()
+    assert len(pending_timers(theater)) == 1  # `down` is not the agent stopping: it resumes with the next start
+
+
+def test_each_timer_bound_is_enforced(theater: Theater) -> None:
+    with theater.client() as c:
+        c.spawn(alarm(theater, max_pending=2, max_delay_ms=10_000))
+        assert ask(c, "after:10001:x") == "err:a delay of 10001 ms is outside 0..max_delay_ms (10000)"
+        assert ask(c, "after:10000:a").startswith("id:")
+        assert ask(c, "after:10000:b").startswith("id:")
+        assert ask(c, "after:10000:c") == "err:2 timers are pending already (max_pending)"
+        with pytest.raises(ClientError, match=r"timers\.max_pending: 101 exceeds the policy's 100"):
+            c.spawn(alarm(theater, "wide", max_pending=101))
