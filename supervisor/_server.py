@@ -7,7 +7,7 @@ It never runs guest code and never blocks on a worker: every wait is a timer.
     RecordPath   every stored record, in chain order, then answers  (_record_path.py)
     Supervision  the OTP engine's executor                          (_trees.py, _supervision.py)
     HostRequests guests' requests, dispatched by capability         (_host.py)
-                 served by messaging, kv, timers                    (_caps/)
+                 served by messaging, kv, timers, http              (_caps/)
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from theater.records import Record
 
 from ._agent import Agent, Agents
 from ._caps.effects import CallEffects
+from ._caps.http import Egress
 from ._caps.kv import Kv
 from ._caps.messaging import Messaging
 from ._caps.timers import AgentTimers
@@ -120,6 +121,8 @@ class Supervisor:
         self.host.register("messaging", self.messaging.host_request)
         self.host.register("kv", Kv(self.store).host_request)
         self.host.register("timers", self.agent_timers.host_request)
+        self.egress = Egress(self.host, self.timers, home.secrets, self.log)
+        self.host.register("http", self.egress.host_request)
         home.pid_file.write_text(str(os.getpid()))
         self.poller.register(self.control.socket, zmq.POLLIN)
         self.poller.register(self.workers.socket, zmq.POLLIN)
@@ -188,6 +191,7 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self.control.close()
+        self.egress.close()
         self.ctx.term()
         self.store.close()
         self._lock.close()

@@ -258,10 +258,57 @@ def cmd_run(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def cmd_secret(args: argparse.Namespace, home: Home) -> int:
+    """Secrets live in the home, never pass the control socket, and are read by the supervisor per request."""
+    from ._caps.grants import SECRET_NAME_RE
+    from ._caps.http import SECRET_BYTES
+
+    home.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(home.secrets, 0o700)
+    if args.action == "list":
+        names = sorted(p.name for p in home.secrets.iterdir() if SECRET_NAME_RE.fullmatch(p.name))
+        _out(args, {"secrets": names}, lambda: "\n".join(names) if names else "(no secrets)")
+        return EXIT_OK
+    name = args.name or ""
+    if not SECRET_NAME_RE.fullmatch(name):
+        _err(f"secret name {name!r} must be 1-63 of a-z, 0-9, '-', '_'")
+        return EXIT_USAGE
+    path = home.secrets / name
+    if args.action == "rm":
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            _err(f"no secret named {name!r}")
+            return EXIT_FAIL
+        _out(args, {"removed": name}, f"removed secret {name}")
+        return EXIT_OK
+    if sys.stdin.isatty():
+        import getpass
+
+        value = getpass.getpass(f"value of secret {name}: ").encode()
+    else:
+        value = sys.stdin.buffer.read(SECRET_BYTES + 1).rstrip(b"\r\n")
+    if len(value) > SECRET_BYTES:
+        _err(f"a secret is at most {SECRET_BYTES} bytes")
+        return EXIT_FAIL
+    if not value or any(c in value for c in b"\r\n\0"):
+        _err("a secret is one line of text: not empty, no line break or NUL inside")
+        return EXIT_FAIL
+    tmp = home.secrets / f".{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(value)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _out(args, {"set": name}, f"secret {name} set ({len(value)} bytes)")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
     "up": cmd_up, "down": cmd_down, "spawn": cmd_spawn, "run": cmd_run, "send": cmd_send, "call": cmd_call,
     "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
-    "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor,
+    "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor, "secret": cmd_secret,
 }
 
 
@@ -300,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("restart", parents=[common], help="stop an agent or subtree and start it again")
     rs.add_argument("agent")
     sub.add_parser("doctor", parents=[common], help="which OS hardening layers work here, and what each policy gets")
+    se = sub.add_parser("secret", parents=[common], help="named secrets that [http] rules add to requests")
+    se.add_argument("action", choices=("set", "list", "rm"), help="set NAME (value on stdin), list, rm NAME")
+    se.add_argument("name", nargs="?")
     return p
 
 

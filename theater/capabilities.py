@@ -43,6 +43,7 @@ CAPABILITIES: dict[str, Capability] = {
         Capability("messaging", "theater:agent/messaging@0.1.0"),
         Capability("kv", "theater:agent/kv@0.1.0"),
         Capability("timers", "theater:agent/timers@0.1.0"),
+        Capability("http", "theater:agent/http@0.1.0"),
     )
 }
 

@@ -11,6 +11,7 @@ no HTTP hosts).
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -20,7 +21,8 @@ from .._errors import ConfigError
 if TYPE_CHECKING:
     from .._config import _Table
 
-__all__ = ["GRANTS", "Grant", "KvGrant", "MessagingGrant", "TimersGrant", "grant_from_dict", "parse_grant"]
+__all__ = ["GRANTS", "Grant", "HttpGrant", "KvGrant", "MessagingGrant", "Origin", "SecretRule", "TimersGrant",
+           "grant_from_dict", "parse_grant"]
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -138,8 +140,187 @@ def matches(patterns: tuple[str, ...], name: str, relations: set[str]) -> bool:
     return any(p in relations if p in RELATIONS else fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+# --- http ---------------------------------------------------------------------------------------
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+_HOST_RE = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+SECRET_NAME_RE = re.compile(r"[a-z0-9_-]{1,63}")
+_SECRET_REF_RE = re.compile(r"\{secret:([^}]*)\}")
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """``scheme://host[:port]``: a host, or ``*.`` and a domain for every name under it."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Origin:
+        """Raise ValueError naming what is wrong."""
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme not in ("http", "https"):
+            raise ValueError("must start with http:// or https://")
+        if "/" in rest or "@" in rest or "?" in rest or "#" in rest:
+            raise ValueError("must be scheme://host[:port], with no user, path or query")
+        host, colon, port_text = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
+        if not colon:
+            host, port_text = rest, ""
+        host = host.lower()
+        if not _HOST_RE.fullmatch(host) or len(host) > 253:
+            raise ValueError(f"{host!r} is not a host name, an IPv4 address or *.domain")
+        port = int(port_text) if port_text.isdigit() else (443 if scheme == "https" else 80) if not port_text else -1
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port_text!r} is not a port number")
+        return cls(scheme, host, port)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    def admits(self, scheme: str, host: str, port: int) -> bool:
+        """Whether a request to ``scheme://host:port`` is within this origin."""
+        if (scheme, port) != (self.scheme, self.port):
+            return False
+        if self.host.startswith("*."):
+            return host.endswith(self.host[1:]) and len(host) > len(self.host) - 1
+        return host == self.host
+
+    def within(self, others: tuple[Origin, ...]) -> bool:
+        """Whether this origin admits nothing that none of ``others`` admits."""
+        return any(self == o or (not self.host.startswith("*.") and o.admits(self.scheme, self.host, self.port))
+                   or (self.host.startswith("*.") and o.host.startswith("*.") and o.scheme == self.scheme
+                       and o.port == self.port and self.host.endswith(o.host[1:]))
+                   for o in others)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRule:
+    """For requests to ``origin``, the supervisor sets ``header`` to ``value`` with each ``{secret:NAME}``
+    replaced by that secret, read from the home at the time of the request."""
+
+    origin: Origin
+    header: str
+    value: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(_SECRET_REF_RE.findall(self.value))
+
+    def as_dict(self) -> dict[str, str]:
+        return {"origin": str(self.origin), "header": self.header, "value": self.value}
+
+
+@dataclass(frozen=True, slots=True)
+class HttpGrant:
+    """Where an agent may send HTTP requests, how big and how long, and what the supervisor adds."""
+
+    allow: tuple[Origin, ...] = ()
+    methods: tuple[str, ...] = ("GET",)
+    private: tuple[Origin, ...] = ()
+    secrets: tuple[SecretRule, ...] = ()
+    max_request_bytes: int = MIB
+    max_response_bytes: int = MIB
+    timeout_ms: int = 10_000
+
+    NUMBERS: ClassVar[dict[str, tuple[int, int, int, str]]] = {
+        "max_request_bytes": (0, 16 * MIB, MIB, "a request's body, bytes"),
+        "max_response_bytes": (0, 16 * MIB, MIB, "a response's body, bytes"),
+        "timeout_ms": (1, 60_000, 10_000, "a whole request, ms"),
+    }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"allow": [str(o) for o in self.allow], "methods": list(self.methods),
+                "private": [str(o) for o in self.private], "secrets": [r.as_dict() for r in self.secrets],
+                "max_request_bytes": self.max_request_bytes, "max_response_bytes": self.max_response_bytes,
+                "timeout_ms": self.timeout_ms}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HttpGrant:
+        return cls(allow=tuple(Origin.parse(o) for o in data["allow"]), methods=tuple(data["methods"]),
+                   private=tuple(Origin.parse(o) for o in data["private"]),
+                   secrets=tuple(SecretRule(Origin.parse(r["origin"]), r["header"], r["value"])
+                                 for r in data["secrets"]),
+                   **{k: int(data[k]) for k in cls.NUMBERS})
+
+    @classmethod
+    def parse(cls, table: _Table, ceiling: HttpGrant | None) -> HttpGrant:
+        top = ceiling or cls()
+        allow = _origins(table, "allow", top.allow if ceiling else None)
+        private = _origins(table, "private", top.private if ceiling else None) if "private" in table.data \
+            else (top.private if ceiling else ())
+        if ceiling is not None and "allow" not in table.data:
+            allow = top.allow
+        outside = [str(o) for o in private if not o.within(allow)]
+        if outside:
+            raise table.err("private", f"{', '.join(outside)} not in allow; private names origins of allow")
+        methods = table.get("methods", list, list(top.methods))
+        for m in methods:
+            if m not in METHODS:
+                raise table.err("methods", f"{m!r} is not one of {', '.join(METHODS)}")
+            if ceiling is not None and m not in ceiling.methods:
+                raise table.err("methods", f"{m!r} is not allowed by the policy; a manifest may only narrow it")
+        secrets = _secret_rules(table, top.secrets if ceiling else None)
+        if "secrets" not in table.data and ceiling is not None:
+            secrets = top.secrets
+        numbers = {}
+        for name, (low, high, default, what) in cls.NUMBERS.items():
+            limit = getattr(top, name) if ceiling is not None else default
+            value = table.get(name, int, limit)
+            if not low <= value <= high:
+                raise table.err(name, f"{value} is out of range {low}..{high} ({what})")
+            if ceiling is not None and value > limit:
+                raise table.err(name, f"{value} exceeds the policy's {limit}; a manifest may only narrow its policy")
+            numbers[name] = value
+        table.finish()
+        return cls(allow=allow, methods=tuple(dict.fromkeys(methods)), private=private, secrets=secrets, **numbers)
+
+
+def _origins(table: _Table, key: str, ceiling: tuple[Origin, ...] | None) -> tuple[Origin, ...]:
+    out = []
+    for text in table.get(key, list, []):
+        if not isinstance(text, str):
+            raise table.err(key, f"{text!r} is not an origin string")
+        try:
+            origin = Origin.parse(text)
+        except ValueError as exc:
+            raise table.err(key, f"{text!r} {exc}") from None
+        if ceiling is not None and not origin.within(ceiling):
+            raise table.err(key, f"{text!r} is not within the policy's; a manifest may only narrow its policy")
+        out.append(origin)
+    return tuple(dict.fromkeys(out))
+
+
+def _secret_rules(table: _Table, ceiling: tuple[SecretRule, ...] | None) -> tuple[SecretRule, ...]:
+    rules = []
+    for i, entry in enumerate(table.get("secrets", list, [])):
+        where = f"secrets[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"origin", "header", "value"} \
+                or not all(isinstance(v, str) for v in entry.values()):
+            raise table.err(where, "must be a table of exactly origin, header and value (strings)")
+        try:
+            origin = Origin.parse(entry["origin"])
+        except ValueError as exc:
+            raise table.err(where, f"origin {entry['origin']!r} {exc}") from None
+        if not HEADER_NAME_RE.fullmatch(entry["header"]):
+            raise table.err(where, f"header {entry['header']!r} is not a header name")
+        if any(c in entry["value"] for c in "\r\n\0"):
+            raise table.err(where, "value holds a line break or NUL")
+        rule = SecretRule(origin, entry["header"].lower(), entry["value"])
+        if not rule.names:
+            raise table.err(where, "value names no {secret:NAME}")
+        bad = [n for n in rule.names if not SECRET_NAME_RE.fullmatch(n)]
+        if bad:
+            raise table.err(where, f"secret name {bad[0]!r} is not 1-63 of a-z, 0-9, '-', '_'")
+        if ceiling is not None and rule not in ceiling:
+            raise table.err(where, "is not one of the policy's secrets rules; a manifest may only narrow them")
+        rules.append(rule)
+    return tuple(rules)
+
+
 # capability -> its settings' type; capabilities without settings have no entry.
-GRANTS: dict[str, Any] = {"messaging": MessagingGrant, "kv": KvGrant, "timers": TimersGrant}
+GRANTS: dict[str, Any] = {"messaging": MessagingGrant, "kv": KvGrant, "timers": TimersGrant, "http": HttpGrant}
 
 
 def parse_grant(capability: str, table: _Table, ceiling: Grant | None) -> Grant:

@@ -1,0 +1,262 @@
+"""The http capability: a real agent (tests/components/fetcher.wat) reaching a real HTTP server on the
+loopback address through the supervisor, under policies written for each test. Every refusal and bound is
+hit for real; secrets are added at the boundary and never reach the guest or a record."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Theater, assert_verified, records
+
+from supervisor._caps.grants import Origin
+from supervisor._caps.http import internal
+from theater import wire
+from theater.client import Client, ClientError
+from theater.records import Kind
+
+COMPONENT = "fetcher.wat"
+SECRET = "s3cr3t-value-that-must-not-leak"
+
+
+class Server:
+    """A loopback HTTP server: /echo answers with what it got, /big?n=N with N bytes, /slow waits for
+    ``release``, /auth echoes the Authorization header in its body and a header."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.seen: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _answer(self, body: bytes, headers: dict[str, str] | None = None) -> None:
+                self.send_response(200)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length) if length else b""
+                outer.seen.append({"method": self.command, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                   "body": body})
+                if self.path.startswith("/big"):
+                    self._answer(b"b" * int(self.path.split("=")[1]))
+                elif self.path == "/slow":
+                    outer.release.wait(60)
+                    self._answer(b"late")
+                elif self.path == "/auth":
+                    auth = self.headers.get("Authorization", "")
+                    self._answer(f"auth={auth}".encode(), {"X-Echo": auth})
+                else:
+                    self._answer(f"{self.command} {self.path} {body.decode()}".encode())
+
+            do_GET = do_POST = do_PUT = _serve
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server()
+    yield s
+    s.close()
+
+
+def policy(t: Theater, name: str, http: str) -> None:
+    """A policy granting runtime and http, with ``http`` as its [http] table's body."""
+    text = (Path(__file__).resolve().parent.parent / "policies" / "default.toml").read_text()
+    text = text.replace('capabilities = ["runtime"]', 'capabilities = ["runtime", "http"]')
+    text = text.replace("[hardening]", f"[http]\n{http}\n\n[hardening]")
+    t.home.policies.mkdir(exist_ok=True)
+    (t.home.policies / f"{name}.toml").write_text(text)
+
+
+def local(server: Server, *, extra: str = "", private: bool = True, host: str = "127.0.0.1") -> str:
+    origin = f"http://{host}:{server.port}"
+    return f'allow = ["{origin}"]\n' + (f'private = ["{origin}"]\n' if private else "") + extra
+
+
+def fetcher(t: Theater, c: Client, policy_name: str, name: str = "f", **extra: Any) -> None:
+    c.spawn(t.manifest(name, COMPONENT, policy=policy_name, capabilities=["runtime", "http"], **extra))
+
+
+def ask(c: Client, text: str, name: str = "f") -> str:
+    reply = c.call(name, text.encode(), timeout=30)
+    assert reply is not None
+    return reply.decode()
+
+
+def test_get_and_post_reach_the_server_and_are_recorded(theater: Theater, server: Server) -> None:
+    policy(theater, "web", local(server, extra='methods = ["GET", "POST"]'))
+    with theater.client() as c:
+        fetcher(theater, c, "web")
+        url = f"http://127.0.0.1:{server.port}"
+        assert ask(c, f"GET {url}/hello?x=1") == "200 GET /hello?x=1 "
+        assert ask(c, f"POST {url}/submit the body") == "200 POST /submit the body"
+        assert ask(c, f"h=X-Trace:abc;GET {url}/h") == "200 GET /h "
+    assert server.seen[2]["headers"]["x-trace"] == "abc"
+    assert server.seen[0]["headers"]["host"] == f"127.0.0.1:{server.port}"
+    [get, post, _] = [r.fields() for r in records(theater, "f") if r.kind is Kind.HOST_CALL]
+    assert get["input"] == wire.host_call_bytes({"method": "GET", "url": f"{url}/hello?x=1", "headers": []}, b"")
+    head, body = post["output"].split(b"\0", 1)
+    assert json.loads(head)["status"] == 200 and body == b"POST /submit the body"
+    assert_verified(theater)
+
+
+def test_what_the_policy_does_not_allow_is_denied(theater: Theater, server: Server) -> None:
+    policy(theater, "web", local(server))
+    with theater.client() as c:
+        fetcher(theater, c, "web")
+        url = f"http://127.0.0.1:{server.port}"
+        assert ask(c, f"POST {url}/x body").startswith("err:denied:method 'POST' is not allowed")
+        assert ask(c, f"GET http://127.0.0.1:{server.port + 1}/x").startswith("err:denied:")
+        assert ask(c, "GET https://example.com/").startswith("err:denied:https://example.com:443 is not allowed")
+        assert ask(c, f"GET http://user:pw@127.0.0.1:{server.port}/").startswith("err:denied:")
+        assert ask(c, "GET file:///etc/passwd").startswith("err:denied:")
+        assert ask(c, f"h=Host:evil.example;GET {url}/").startswith("err:denied:header 'Host' is set by the supervisor")
+    assert server.seen == []
+
+
+def test_internal_addresses_are_refused_unless_the_policy_names_them(theater: Theater, server: Server) -> None:
+    """The test server is on loopback: allowed but not named in `private`, it is refused after DNS, and a
+    name that resolves there (localhost) is refused the same way."""
+    policy(theater, "outside", f'allow = ["http://127.0.0.1:{server.port}", "http://localhost:{server.port}"]')
+    with theater.client() as c:
+        fetcher(theater, c, "outside")
+        for host in ("127.0.0.1", "localhost"):
+            reply = ask(c, f"GET http://{host}:{server.port}/x")
+            assert reply.startswith(f"err:private-address:{host} resolves to 127.0.0.1, an internal address"), reply
+    assert server.seen == []
+
+
+def test_sizes_are_capped_both_ways(theater: Theater, server: Server) -> None:
+    policy(theater, "small", local(server, extra='methods = ["POST", "GET"]\nmax_request_bytes = 10\n'
+                                                 "max_response_bytes = 100"))
+    with theater.client() as c:
+        fetcher(theater, c, "small")
+        url = f"http://127.0.0.1:{server.port}"
+        assert ask(c, f"POST {url}/p {'x' * 10}") == f"200 POST /p {'x' * 10}"
+        assert ask(c, f"POST {url}/p {'x' * 11}").startswith("err:too-large:a request body of 11 bytes")
+        assert ask(c, f"GET {url}/big?n=100") == "200 " + "b" * 100
+        assert ask(c, f"GET {url}/big?n=101").startswith("err:too-large:the response body is more than")
+
+
+def test_a_slow_server_times_out(theater: Theater, server: Server) -> None:
+    """The server holds the request until the test releases it, after the answer came back."""
+    policy(theater, "quick", local(server, extra="timeout_ms = 300"))
+    with theater.client() as c:
+        fetcher(theater, c, "quick")
+        assert ask(c, f"GET http://127.0.0.1:{server.port}/slow").startswith("err:timeout:no complete response")
+        server.release.set()
+        assert ask(c, f"GET http://127.0.0.1:{server.port}/fine") == "200 GET /fine "
+
+
+def set_secret(t: Theater, name: str, value: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "supervisor", "--home", str(t.home.root), "secret", "set", name],
+                          input=value.encode(), capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert (t.home.secrets / name).stat().st_mode & 0o777 == 0o600
+
+
+def test_secrets_are_added_at_the_boundary_and_never_seen_or_recorded(theater: Theater, server: Server) -> None:
+    url = f"http://127.0.0.1:{server.port}"
+    rule = f'secrets = [{{ origin = "{url}", header = "Authorization", value = "Bearer {{secret:api}}" }}]'
+    policy(theater, "keyed", local(server, extra=rule))
+    set_secret(theater, "api", SECRET)
+    with theater.client() as c:
+        fetcher(theater, c, "keyed")
+        # The server sees the secret; it echoes it back in its body and a header; the guest gets it redacted.
+        assert ask(c, f"GET {url}/auth") == "200 auth=Bearer {secret:api}"
+        assert ask(c, f"h=Authorization:mine;GET {url}/auth").startswith("err:denied:header 'Authorization' is set")
+    assert server.seen[0]["headers"]["authorization"] == f"Bearer {SECRET}"
+    chain = records(theater, "f")
+    assert all(SECRET.encode() not in r.raw for r in chain)
+    [call, refused] = [r.fields() for r in chain if r.kind is Kind.HOST_CALL]
+    assert json.loads(refused["output"])["error"] == "denied"
+    assert ["X-Echo", "Bearer {secret:api}"] in json.loads(call["output"].split(b"\0", 1)[0])["headers"]
+    assert SECRET.encode() not in theater.home.store.read_bytes()
+    assert_verified(theater)
+
+
+def test_a_missing_secret_is_named_not_leaked(theater: Theater, server: Server) -> None:
+    url = f"http://127.0.0.1:{server.port}"
+    rule = f'secrets = [{{ origin = "{url}", header = "Authorization", value = "Bearer {{secret:absent}}" }}]'
+    policy(theater, "keyed", local(server, extra=rule))
+    with theater.client() as c:
+        fetcher(theater, c, "keyed")
+        assert ask(c, f"GET {url}/auth").startswith("err:denied:no secret named 'absent'")
+    assert server.seen == []
+
+
+def test_ungranted_http_import_is_refused_at_spawn(theater: Theater) -> None:
+    with theater.client() as c:
+        with pytest.raises(ClientError) as info:
+            c.spawn(theater.manifest("f", COMPONENT))
+        assert "does not grant: theater:agent/http@0.1.0" in str(info.value)
+        assert "policy is 'default'" in str(info.value)
+
+
+def test_a_manifest_narrows_http_and_never_widens_it(theater: Theater, server: Server) -> None:
+    policy(theater, "web", local(server, extra='methods = ["GET", "POST"]'))
+    with theater.client() as c:
+        with pytest.raises(ClientError, match=r"http\.allow: 'http://example\.com' is not within the policy's"):
+            fetcher(theater, c, "web", name="wide", http={"allow": ["http://example.com"]})
+        with pytest.raises(ClientError, match=r"http\.methods: 'PUT' is not allowed by the policy"):
+            fetcher(theater, c, "web", name="put", http={"methods": ["PUT"]})
+        fetcher(theater, c, "web", name="narrow", http={"methods": ["GET"]})
+        assert ask(c, f"POST http://127.0.0.1:{server.port}/x y", "narrow").startswith("err:denied:method 'POST'")
+
+
+def test_secret_cli(theater: Theater) -> None:
+    set_secret(theater, "one", "v1")
+    proc = subprocess.run([sys.executable, "-m", "supervisor", "--home", str(theater.home.root), "secret", "list"],
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["one"] and "v1" not in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "supervisor", "--home", str(theater.home.root), "secret", "set",
+                          "../x"], input=b"v", capture_output=True, check=False)
+    assert bad.returncode == 2 and b"must be 1-63" in bad.stderr
+    assert theater.home.secrets.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize(("address", "inside"), [
+    ("127.0.0.1", True), ("10.1.2.3", True), ("172.16.0.1", True), ("192.168.1.1", True), ("169.254.169.254", True),
+    ("0.0.0.0", True), ("100.64.0.1", True), ("224.0.0.1", True), ("::1", True), ("fe80::1", True), ("fc00::1", True),
+    ("::ffff:127.0.0.1", True), ("8.8.8.8", False), ("2606:4700::1111", False),
+])
+def test_internal_address_ranges(address: str, inside: bool) -> None:
+    assert internal(address) is inside
+
+
+def test_origin_patterns() -> None:
+    wild = Origin.parse("https://*.example.com")
+    assert wild.admits("https", "api.example.com", 443) and wild.admits("https", "a.b.example.com", 443)
+    assert not wild.admits("https", "example.com", 443) and not wild.admits("http", "api.example.com", 80)
+    assert not wild.admits("https", "evilexample.com", 443)
+    assert Origin.parse("http://127.0.0.1:8080").admits("http", "127.0.0.1", 8080)
+    assert Origin.parse("https://api.example.com").within((wild,))
+    assert not wild.within((Origin.parse("https://api.example.com"),))
+    for bad in ("ftp://x", "http://a/b", "http://x:0", "http://u@x", "https://*", "http://a b"):
+        with pytest.raises(ValueError):
+            Origin.parse(bad)

@@ -1,0 +1,53 @@
+"""`theater:agent/http`: HTTP requests, made by the supervisor (this worker has no network).
+
+`fetch` is one host request (interface ``http``) with the body as its data;
+the supervisor checks it against the agent's policy, adds its secrets, makes
+the request and answers with the response (its body as data). The worker
+waits for at most what is left of this call's wall-clock deadline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wasmtime import component as wc
+
+from .._boundary import to_guest
+from ._host import Host, HostCapability, guest_bytes, guest_text
+
+MAX_URL_BYTES = 8192
+MAX_HEADERS = 64
+MAX_HEADER_BYTES = 8192
+MAX_BODY_BYTES = 16 * 1024 * 1024  # the largest max_request_bytes a policy may set
+ERRORS = ("denied", "private-address", "too-large", "timeout", "failed")
+
+
+class Http:
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    def link(self, inst: wc.LinkerInstance) -> None:
+        inst.add_func("fetch", self.fetch)
+
+    def fetch(self, _store: Any, method: str, url: str, headers: list[tuple[str, str]], body: str) -> wc.Record | wc.Variant:
+        """result<response, http-error>: wasmtime-py takes it untagged (a Record, or the error's Variant)."""
+        if len(headers) > MAX_HEADERS:
+            return wc.Variant("denied", f"at most {MAX_HEADERS} headers")
+        pairs = [[guest_text(k, "http.fetch: a header name", MAX_HEADER_BYTES),
+                  guest_text(v, "http.fetch: a header value", MAX_HEADER_BYTES)] for k, v in headers]
+        args = {"op": "fetch", "method": guest_text(method, "http.fetch: the method", 16),
+                "url": guest_text(url, "http.fetch: the URL", MAX_URL_BYTES), "headers": pairs}
+        data = guest_bytes(body, "http.fetch: the body", MAX_BODY_BYTES)
+        answer, reply = self._host.ask(CAPABILITY.name, args, data, wait_ms=self._host.remaining_ms())
+        if not answer.get("ok"):
+            case = answer.get("error")
+            return wc.Variant(case if case in ERRORS else "failed", str(answer.get("detail", "")))
+        response = wc.Record()
+        response.status = int(answer["status"])  # type: ignore[attr-defined]
+        response.headers = [(str(k), str(v)) for k, v in answer.get("headers", [])]  # type: ignore[attr-defined]
+        response.body = to_guest(reply or b"")  # type: ignore[attr-defined]
+        return response
+
+
+# The declaration worker._caps registers: granted by policy, no export required.
+CAPABILITY = HostCapability("http", Http)
