@@ -48,6 +48,7 @@ SEEDS = {
     "worker-1": bytes(range(64, 96)),
 }
 CHILD_UUID = "00112233-4455-6677-8899-aabbccddee01"
+MESSAGE_ID = bytes(range(0x30, 0x40))  # a message id as the supervisor chooses one (16 bytes)
 AGENT_UUID = "00112233-4455-6677-8899-aabbccddeeff"
 AGENT_ID = uuid.UUID(AGENT_UUID).bytes
 OTHER_AGENT_ID = uuid.UUID("ffeeddcc-bbaa-9988-7766-554433221100").bytes
@@ -96,6 +97,10 @@ def chain_plan() -> list[tuple[str, Kind, dict[str, Any], bytes | None]]:
             "incarnation": 1, "worker_key": public("worker-1"), "confinement": CONFINEMENT, "reason": "killed",
         }, None),
         ("worker-1", Kind.HANDLE, {"message": b"again", "reply": b"43", "status": "ok", "error": "", "fuel": 2346}, b"43"),
+        ("worker-1", Kind.MESSAGE, {
+            "origin": "call", "sender": uuid.UUID(CHILD_UUID).bytes, "message_id": MESSAGE_ID, "message": b"add:1",
+            "reply": b"44", "status": "ok", "error": "", "fuel": 2400,
+        }, b"44"),
     ]
 
 
@@ -273,6 +278,21 @@ def frames_document() -> dict[str, Any]:
         ("host reply", "supervisor -> worker",
          wire.HostRequest(1, {"ok": True, "id": CHILD_UUID}).encode(wire.SupervisorType.HOST_REPLY),
          {"request_id": 1, "body": {"ok": True, "id": CHILD_UUID}}),
+        ("call message", "supervisor -> worker",
+         wire.Call(5, wire.CallKind.MESSAGE, wire.encode_message(wire.Origin.CALL, uuid.UUID(CHILD_UUID).bytes,
+                                                                 MESSAGE_ID, b"add:1")).encode(),
+         {"call_id": 5, "kind": "message", "origin": "call", "sender": CHILD_UUID, "message_id": MESSAGE_ID.hex(),
+          "message": b"add:1".hex()}),
+        ("host request with data", "worker -> supervisor",
+         wire.HostRequest(2, {"op": "call", "to": "counter", "timeout_ms": 1000}, "messaging", b"add:1")
+         .encode(wire.WorkerType.HOST_REQUEST),
+         {"request_id": 2, "interface": "messaging", "body": {"op": "call", "to": "counter", "timeout_ms": 1000},
+          "data": b"add:1".hex()}),
+        ("host reply with data", "supervisor -> worker",
+         wire.HostRequest(2, {"ok": True, "has_reply": True, "message_id": MESSAGE_ID.hex(), "seq": 9,
+                              "record": "00" * 32}, None, b"44").encode(wire.SupervisorType.HOST_REPLY),
+         {"request_id": 2, "body": {"ok": True, "has_reply": True, "message_id": MESSAGE_ID.hex(), "seq": 9,
+                                    "record": "00" * 32}, "data": b"44".hex()}),
         ("call child-exit", "supervisor -> worker",
          wire.Call(4, wire.CallKind.CHILD_EXIT, wire.encode_child_exit(uuid.UUID(CHILD_UUID).bytes, chain[6].hash,
                                                                         "trap: deadline: wasm trap: interrupt; restarting")).encode(),

@@ -73,13 +73,13 @@ def frames_of(name: str) -> list[bytes]:
 def test_vector_chain_verifies() -> None:
     """The golden chain verifies with the published supervisor key and ends at its last record."""
     verifier = verify_chain(RAWS, SUPERVISOR_KEY)
-    assert verifier.next_seq == len(CHAIN) == 9
+    assert verifier.next_seq == len(CHAIN) == 10
     assert verifier.head_hash.hex() == CHAIN[-1]["hash"]
-    assert verifier.state_hash == sha256(b"43")
+    assert verifier.state_hash == sha256(b"44")
     assert verifier.incarnation == 1
     assert verifier.agent_id.hex() == RECORDS["agent_id"].replace("-", "")
     assert [e["kind"] for e in CHAIN] == [
-        "genesis", "init", "log", "host_call", "handle", "handle", "exit", "worker_key", "handle",
+        "genesis", "init", "log", "host_call", "handle", "handle", "exit", "worker_key", "handle", "message",
     ]
 
 
