@@ -51,6 +51,41 @@ def ps(home: Path) -> dict[str, dict]:  # type: ignore[type-arg]
     return {a["name"]: a for a in json.loads(theater(home, "ps", "--json").stdout)}
 
 
+def build_team() -> Path | None:
+    """examples/agents/team/team.wasm, built with componentize-py (None if it is not installed)."""
+    componentize = Path(sys.executable).parent / "componentize-py"
+    wasm = AGENTS / "team" / "team.wasm"
+    if not componentize.exists():
+        return None
+    if not wasm.exists() or wasm.stat().st_mtime < (AGENTS / "team" / "app.py").stat().st_mtime:
+        subprocess.run([str(componentize), "-d", str(ROOT / "wit"), "-w", "messaging-agent", "componentize", "app",
+                        "-o", str(wasm)], cwd=AGENTS / "team", check=True, capture_output=True, timeout=300)
+    return wasm
+
+
+def team_scene(home: Path) -> None:
+    """Agents that talk: a coordinator calls two workers, one of which crashes on every third job."""
+    step("agents that talk: a coordinator calls two workers (Python, messaging capability)")
+    if build_team() is None:
+        say("   skipped: componentize-py is not installed (scripts/setup installs it)")
+        return
+    theater(home, "spawn", str(AGENTS / "team.toml"))
+    reply = theater(home, "call", "coordinator", "square-all:1,2,3,4,5,6", "--timeout", "30").stdout.strip()
+    say(f"   coordinator replied: {reply}")
+    flaky = ps(home)["flaky"]
+    say(f"   flaky crashed on a multiple of 3 and its supervisor restarted it (restarts: {flaky['restarts']})")
+    events = [json.loads(line) for line in theater(home, "events", "coordinator", "--json").stdout.splitlines()]
+    calls = [e for e in events if e["kind"] == "host-call" and e["fields"]["function"] == "call"]
+    first = json.loads(bytes.fromhex(calls[0]["fields"]["output"]).split(b"\0", 1)[0])
+    received = [json.loads(line) for line in theater(home, "events", "steady", "--json").stdout.splitlines()]
+    match = next(e for e in received if e["hash"] == first["record"])
+    coordinator_id = ps(home)["coordinator"]["id"].replace("-", "")
+    if match["kind"] != "message" or match["fields"]["sender"] != coordinator_id:
+        sys.exit(f"demo: steady's record {match['seq']} does not name the coordinator as its sender")
+    say(f"   both sides are on record: the coordinator's call #{calls[0]['seq']} names steady's record "
+        f"#{match['seq']} by hash; that record names the coordinator as sender")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--home", type=Path, help="keep the demo's state here instead of a temporary directory")
@@ -94,6 +129,8 @@ def main() -> int:
         theater(home, "spawn", str(AGENTS / "pipeline.toml"))
         for line in theater(home, "tree").stdout.strip().splitlines():
             say("   " + line)
+
+        team_scene(home)
 
         step("the counter's chain (last 6 records)")
         for line in theater(home, "events", "counter").stdout.strip().splitlines()[-6:]:
