@@ -14,7 +14,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,22 +53,10 @@ def ps(home: Path) -> dict[str, dict]:  # type: ignore[type-arg]
     return {a["name"]: a for a in json.loads(theater(home, "ps", "--json").stdout)}
 
 
-def build_team() -> Path | None:
-    """examples/agents/team/team.wasm, built with componentize-py (None if it is not installed)."""
-    componentize = Path(sys.executable).parent / "componentize-py"
-    wasm = AGENTS / "team" / "team.wasm"
-    if not componentize.exists():
-        return None
-    if not wasm.exists() or wasm.stat().st_mtime < (AGENTS / "team" / "app.py").stat().st_mtime:
-        subprocess.run([str(componentize), "-d", str(ROOT / "wit"), "-w", "messaging-agent", "componentize", "app",
-                        "-o", str(wasm)], cwd=AGENTS / "team", check=True, capture_output=True, timeout=300)
-    return wasm
-
-
 def team_scene(home: Path) -> None:
     """Agents that talk: a coordinator calls two workers, one of which crashes on every third job."""
     step("agents that talk: a coordinator calls two workers (Python, messaging capability)")
-    if build_team() is None:
+    if build_python("team", "messaging-agent") is None:
         say("   skipped: componentize-py is not installed (scripts/setup installs it)")
         return
     theater(home, "spawn", str(AGENTS / "team.toml"))
@@ -84,6 +74,73 @@ def team_scene(home: Path) -> None:
         sys.exit(f"demo: steady's record {match['seq']} does not name the coordinator as its sender")
     say(f"   both sides are on record: the coordinator's call #{calls[0]['seq']} names steady's record "
         f"#{match['seq']} by hash; that record names the coordinator as sender")
+
+
+def build_python(app: str, world: str) -> Path | None:
+    """examples/agents/<app>/<app>.wasm, built with componentize-py (None if it is not installed)."""
+    componentize = Path(sys.executable).parent / "componentize-py"
+    wasm = AGENTS / app / f"{app}.wasm"
+    if not componentize.exists():
+        return None
+    if not wasm.exists() or wasm.stat().st_mtime < (AGENTS / app / "app.py").stat().st_mtime:
+        subprocess.run([str(componentize), "-d", str(ROOT / "wit"), "-w", world, "componentize", "app",
+                        "-o", str(wasm)], cwd=AGENTS / app, check=True, capture_output=True, timeout=300)
+    return wasm
+
+
+API_KEY = "demo-key-8c1f2a"
+
+
+def weather_api() -> tuple[ThreadingHTTPServer, int]:
+    """A local API that wants a bearer key, and (carelessly) echoes it back."""
+
+    class Api(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            auth = self.headers.get("Authorization", "")
+            city = self.path.partition("city=")[2] or "nowhere"
+            ok = auth == f"Bearer {API_KEY}"
+            body = (f"sunny in {city} (you sent {auth})" if ok else "401: no key").encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def weather_scene(home: Path) -> None:
+    """An agent calls a local HTTP API; the supervisor adds the key, the agent and the records never see it."""
+    step("HTTP egress with a secret: the supervisor adds the API key, the agent never sees it")
+    wasm = build_python("weather", "http-agent")
+    if wasm is None:
+        say("   skipped: componentize-py is not installed (scripts/setup installs it)")
+        return
+    server, port = weather_api()
+    try:
+        subprocess.run([*THEATER, "--home", str(home), "secret", "set", "weather"], input=API_KEY.encode(),
+                       check=True, capture_output=True, timeout=60)
+        policy = (AGENTS / "weather-api.toml").read_text().replace("8787", str(port))
+        (home / "policies").mkdir(exist_ok=True)
+        (home / "policies" / "weather-api.toml").write_text(policy)
+        manifest = (AGENTS / "weather.toml").read_text().replace("8787", str(port))
+        manifest = manifest.replace('component = "weather/weather.wasm"', f'component = "{wasm}"')
+        (home / "weather.toml").write_text(manifest)
+        theater(home, "spawn", str(home / "weather.toml"))
+        reply = theater(home, "call", "weather", "forecast:lisbon", "--timeout", "30").stdout.strip()
+        say(f"   weather replied: {reply}")
+        store = (home / "events.sqlite3").read_bytes() + (home / "events.sqlite3-wal").read_bytes() \
+            if (home / "events.sqlite3-wal").exists() else (home / "events.sqlite3").read_bytes()
+        if API_KEY.encode() in store or API_KEY in reply:
+            sys.exit("demo: the API key reached the agent or the event store")
+        say("   the API saw the key; the agent's reply and every stored record hold {secret:weather} instead")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def main() -> int:
@@ -131,6 +188,7 @@ def main() -> int:
             say("   " + line)
 
         team_scene(home)
+        weather_scene(home)
 
         step("the counter's chain (last 6 records)")
         for line in theater(home, "events", "counter").stdout.strip().splitlines()[-6:]:
