@@ -258,6 +258,52 @@ def cmd_run(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def cmd_replay(args: argparse.Namespace, home: Home) -> int:
+    """Run an agent's component again on its chain's recorded inputs, in a confined process; compare."""
+    import tempfile
+
+    from worker.replay import encode_input
+
+    from ._audit import chain_records, verify_home
+    from ._config import MAX_COMPONENT_BYTES, open_regular
+
+    broken = [r for r in verify_home(home, args.agent) if not r.ok]
+    if broken:
+        _err(f"{args.agent}: the chain does not verify, so it cannot be replayed: {broken[0].problem}")
+        return EXIT_FAIL
+    records = chain_records(home, args.agent)
+    genesis = records[0].fields() if records and records[0].kind.name == "GENESIS" else None
+    if genesis is None:
+        _err(f"{args.agent}: not an agent's chain (a supervisor node's chain has no component to replay)")
+        return EXIT_FAIL
+    config = json.loads(genesis["config"])
+    path = config["component_path"]
+    with os.fdopen(open_regular(Path(path), MAX_COMPONENT_BYTES), "rb") as f:
+        component = f.read()
+    config["component_sha256"] = genesis["component_sha256"].hex()
+    with tempfile.TemporaryDirectory(prefix="theater-replay-") as cwd:  # private and empty, as a worker's
+        proc = subprocess.run([sys.executable, "-m", "worker.replay"], input=encode_input(
+            component, config, [r.raw for r in records]), capture_output=True, cwd=cwd, timeout=args.timeout,
+            check=False)
+    try:
+        report = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        _err(f"{args.agent}: the replay process ended with status {proc.returncode} and no report: "
+             f"{proc.stderr.decode(errors='replace')[-2000:]}")
+        return EXIT_FAIL
+    if "error" in report:
+        _err(f"{args.agent}: cannot replay: {report['error']}")
+        return EXIT_FAIL
+
+    def text() -> str:
+        if report["ok"]:
+            return f"ok     {args.agent}: {report['calls']} calls replayed from {report['records']} records, all as recorded"
+        return f"DIVERGES {args.agent} at record {report['diverged_at']}: {report['divergence']}"
+
+    _out(args, report, text)
+    return EXIT_OK if report["ok"] else EXIT_FAIL
+
+
 def cmd_secret(args: argparse.Namespace, home: Home) -> int:
     """Secrets live in the home, never pass the control socket, and are read by the supervisor per request."""
     from ._caps.grants import SECRET_NAME_RE
@@ -308,7 +354,7 @@ def cmd_secret(args: argparse.Namespace, home: Home) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
     "up": cmd_up, "down": cmd_down, "spawn": cmd_spawn, "run": cmd_run, "send": cmd_send, "call": cmd_call,
     "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
-    "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor, "secret": cmd_secret,
+    "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor, "secret": cmd_secret, "replay": cmd_replay,
 }
 
 
@@ -347,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("restart", parents=[common], help="stop an agent or subtree and start it again")
     rs.add_argument("agent")
     sub.add_parser("doctor", parents=[common], help="which OS hardening layers work here, and what each policy gets")
+    rp = sub.add_parser("replay", parents=[common], help="run an agent again on its recorded inputs; exit 1 if it diverges")
+    rp.add_argument("agent")
+    rp.add_argument("--timeout", type=float, default=600.0, help="seconds the replay may take")
     se = sub.add_parser("secret", parents=[common], help="named secrets that [http] rules add to requests")
     se.add_argument("action", choices=("set", "list", "rm"), help="set NAME (value on stdin), list, rm NAME")
     se.add_argument("name", nargs="?")

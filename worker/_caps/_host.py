@@ -89,6 +89,13 @@ class Host:
         limit = self.limits.max_host_calls_per_call
         self.count("host-call", limit, f"more than {limit} host calls in one call (max_host_calls_per_call)")
 
+    def value(self, interface: str, function: str, data_in: bytes, make: Callable[[], bytes]) -> bytes:
+        """A value from outside for the guest: ``make()`` gives it (as its recorded bytes), and it is counted
+        and recorded before the guest sees it. A replay (``worker/replay.py``) gives the recorded bytes instead."""
+        data_out = make()
+        self.record(interface, function, data_in, data_out)
+        return data_out
+
     def record(self, interface: str, function: str, data_in: bytes, data_out: bytes) -> None:
         """Count a host call and record what it handed to the guest (``interface`` as recorded: WIT name and version)."""
         self.count_host_call()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from wasmtime import component as wc
@@ -34,8 +35,8 @@ class Runtime:
         inst.add_func("finish", self.finish)
         inst.add_func("shutdown", self.shutdown)
 
-    def _record(self, function: str, data_in: bytes, data_out: bytes) -> None:
-        self._host.record(INTERFACE, function, data_in, data_out)
+    def _value(self, function: str, data_in: bytes, make: Callable[[], bytes]) -> bytes:
+        return self._host.value(INTERFACE, function, data_in, make)
 
     def log(self, _store: Any, level: str, message: str) -> None:
         lines = self._limits.max_logs_per_call
@@ -49,30 +50,25 @@ class Runtime:
         self._host.recorder.append(Kind.LOG, {"level": level if level in LEVELS else "info", "message": text, "truncated": int(truncated)})
 
     def self_id(self, _store: Any) -> str:
-        self._record("self-id", b"", self._agent_id.encode())
-        return self._agent_id
+        return self._value("self-id", b"", self._agent_id.encode).decode()
 
     def now(self, _store: Any) -> int:
-        value = time.time_ns()
-        self._record("now", b"", value.to_bytes(8, "big"))
-        return value
+        return int.from_bytes(self._value("now", b"", lambda: time.time_ns().to_bytes(8, "big")), "big")
 
     def finish(self, _store: Any) -> None:
         """Recorded; the supervisor ends the agent normally once this call is committed."""
-        self._record("finish", b"", b"")
+        self._value("finish", b"", bytes)
 
     def shutdown(self, _store: Any, detail: str) -> None:
         """Recorded; the supervisor ends the agent with reason `shutdown` and this detail once the call is committed."""
         if len(detail) > MAX_SHUTDOWN_DETAIL:
             raise HostLimit(f"runtime.shutdown: the detail is at most {MAX_SHUTDOWN_DETAIL} characters")
-        self._record("shutdown", detail.encode("utf-8", "surrogatepass"), b"")
+        self._value("shutdown", detail.encode("utf-8", "surrogatepass"), bytes)
 
     def random_bytes(self, _store: Any, length: int) -> str:
         if length > self._limits.max_random_bytes:
             raise HostLimit(f"random-bytes({length}) exceeds max_random_bytes {self._limits.max_random_bytes}")
-        data = os.urandom(length)
-        self._record("random-bytes", length.to_bytes(4, "big"), data)
-        return to_guest(data)
+        return to_guest(self._value("random-bytes", length.to_bytes(4, "big"), lambda: os.urandom(length)))
 
 
 # The declaration worker._caps registers: always granted (theater.capabilities), no export required.

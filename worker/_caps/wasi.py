@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -61,8 +62,8 @@ class Wasi:
         }
         return linkers.get(base)
 
-    def _record(self, interface: str, function: str, data_in: bytes, data_out: bytes) -> None:
-        self._host.record(interface, function, data_in, data_out)
+    def _value(self, interface: str, function: str, data_in: bytes, make: Callable[[], bytes]) -> bytes:
+        return self._host.value(interface, function, data_in, make)
 
     @staticmethod
     def _environment(inst: wc.LinkerInstance) -> None:
@@ -74,32 +75,29 @@ class Wasi:
         def random_bytes(_store: Any, length: int) -> bytes:
             if length > self._limits.max_random_bytes:
                 raise HostLimit(f"{bytes_fn}({length}) exceeds max_random_bytes {self._limits.max_random_bytes}")
-            data = os.urandom(length)
-            self._record(interface, bytes_fn, length.to_bytes(8, "big"), data)
-            return data
+            return self._value(interface, bytes_fn, length.to_bytes(8, "big"), lambda: os.urandom(length))
 
         def random_u64(_store: Any) -> int:
-            data = os.urandom(8)
-            self._record(interface, u64_fn, b"", data)
-            return int.from_bytes(data, "big")
+            return int.from_bytes(self._value(interface, u64_fn, b"", lambda: os.urandom(8)), "big")
 
         inst.add_func(bytes_fn, random_bytes)
         inst.add_func(u64_fn, random_u64)
 
     def _seed(self, inst: wc.LinkerInstance, interface: str) -> None:
         def insecure_seed(_store: Any) -> tuple[int, int]:
-            data = os.urandom(16)
-            self._record(interface, "insecure-seed", b"", data)
+            data = self._value(interface, "insecure-seed", b"", lambda: os.urandom(16))
             return int.from_bytes(data[:8], "big"), int.from_bytes(data[8:], "big")
 
         inst.add_func("insecure-seed", insecure_seed)
 
     def _wall_clock(self, inst: wc.LinkerInstance, interface: str) -> None:
         def now(_store: Any) -> SimpleNamespace:
-            ns = time.time_ns()
-            seconds, nanoseconds = divmod(ns, 1_000_000_000)
-            self._record(interface, "now", b"", seconds.to_bytes(8, "big") + nanoseconds.to_bytes(4, "big"))
-            return SimpleNamespace(seconds=seconds, nanoseconds=nanoseconds)
+            def make() -> bytes:
+                seconds, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+                return seconds.to_bytes(8, "big") + nanoseconds.to_bytes(4, "big")
+
+            data = self._value(interface, "now", b"", make)
+            return SimpleNamespace(seconds=int.from_bytes(data[:8], "big"), nanoseconds=int.from_bytes(data[8:], "big"))
 
         inst.add_func("now", now)
         inst.add_func("resolution", lambda _store: SimpleNamespace(seconds=0, nanoseconds=CLOCK_RESOLUTION_NS))
