@@ -128,3 +128,11 @@ def test_each_timer_bound_is_enforced(theater: Theater) -> None:
         assert ask(c, "after:10000:c") == "err:2 timers are pending already (max_pending)"
         with pytest.raises(ClientError, match=r"timers\.max_pending: 101 exceeds the policy's 100"):
             c.spawn(alarm(theater, "wide", max_pending=101))
+
+
+def test_ungranted_timers_import_is_refused_at_spawn(theater: Theater) -> None:
+    with theater.client() as c:
+        with pytest.raises(ClientError) as info:
+            c.spawn(theater.manifest("t", COMPONENT))
+        assert "does not grant: theater:agent/timers@0.1.0" in str(info.value)
+        assert "policy is 'default'" in str(info.value)
