@@ -6,19 +6,21 @@ no supervisor has to be running.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from theater.chain import verify_chain
 from theater.errors import RecordError
 from theater.home import Home
-from theater.records import Record, sha256
+from theater.records import Kind, Record, sha256
 
 from ._errors import NotFound, StoreError
-from ._store import find_chain, open_readonly, read_chain
+from ._store import find_chain, open_readonly, read_chain, read_chain_rows
 
 __all__ = ["ChainReport", "chain_records", "open_readonly", "verify_home"]
 
@@ -48,33 +50,50 @@ def chain_records(home: Home, ref: str, after: int = -1) -> list[Record]:
 
 
 def verify_home(home: Home, agent: str | None = None) -> list[ChainReport]:
+    """Every chain of the home (or the one of ``agent``), as ``theater verify`` reports them."""
     try:
         key = Ed25519PublicKey.from_public_bytes(home.public_key.read_bytes())
     except FileNotFoundError:
         raise StoreError(f"{home.public_key}: the supervisor's public key is missing") from None
-    db = open_readonly(home.store)
     try:
-        db.execute("BEGIN")  # one snapshot: a live supervisor may commit while we read
-        rows = db.execute("SELECT id, name, head_seq, head_hash, state_hash, state FROM agents ORDER BY created_ns").fetchall()
-        if agent is not None:
-            rows = [r for r in rows if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
-            if not rows and not db.execute("SELECT 1 FROM nodes WHERE name=? OR hex(id)=?",
-                                            (agent, agent.replace("-", "").upper())).fetchone():
-                raise NotFound(f"no agent or supervisor node named or with id {agent!r} in {home.store}")
-        reports = [_verify_one(db, key, *row) for row in rows]
-        nodes = db.execute("SELECT id, name, head_seq, head_hash FROM nodes ORDER BY created_ns").fetchall()
-        if agent is not None:
-            nodes = [r for r in nodes if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
-        empty = sha256(b"")  # a node's chain has no state: every record states the empty state's hash
-        return reports + [_verify_one(db, key, node_id, name, head_seq, head_hash, empty, b"")
-                          for node_id, name, head_seq, head_hash in nodes]
-    finally:
-        db.close()
+        db = open_readonly(home.store)
+        try:
+            db.execute("BEGIN")  # one snapshot: a live supervisor may commit while we read
+            return _verify_store(db, key, agent, home)
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{home.store}: not a readable event store: {exc}") from None
+
+
+def _verify_store(db: sqlite3.Connection, key: Ed25519PublicKey, agent: str | None, home: Home) -> list[ChainReport]:
+    rows = db.execute("SELECT id, name, head_seq, head_hash, state_hash, state, config FROM agents "
+                      "ORDER BY created_ns").fetchall()
+    nodes = db.execute("SELECT id, name, head_seq, head_hash FROM nodes ORDER BY created_ns").fetchall()
+    if agent is not None:
+        rows = [r for r in rows if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
+        nodes = [r for r in nodes if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
+        if not rows and not nodes:
+            raise NotFound(f"no agent or supervisor node named or with id {agent!r} in {home.store}")
+    reports = [_verify_one(db, key, agent_id, name, head_seq, head_hash, state_hash, state, json.loads(config))
+               for agent_id, name, head_seq, head_hash, state_hash, state, config in rows]
+    empty = sha256(b"")  # a node's chain has no state: every record states the empty state's hash
+    reports += [_verify_one(db, key, node_id, name, head_seq, head_hash, empty, b"", None)
+                for node_id, name, head_seq, head_hash in nodes]
+    if agent is None:  # chains no row accounts for: a deleted agent, or records slipped in
+        known = {r[0] for r in rows} | {n[0] for n in nodes}
+        for (chain_id, count) in db.execute("SELECT agent_id, count(*) FROM records GROUP BY agent_id"):
+            if chain_id not in known:
+                ident = str(uuid.UUID(bytes=chain_id)) if len(chain_id) == 16 else chain_id.hex()
+                reports.append(ChainReport(ident, "?", count, False,
+                                           "records of a chain that no agents or nodes row names"))
+    return reports
 
 
 def _verify_one(db: sqlite3.Connection, key: Ed25519PublicKey, agent_id: bytes, name: str, head_seq: int,
-                head_hash: bytes, state_hash: bytes, state: bytes) -> ChainReport:
-    raws = list(read_chain(db, agent_id))
+                head_hash: bytes, state_hash: bytes, state: bytes, row_config: dict[str, Any] | None) -> ChainReport:
+    rows = list(read_chain_rows(db, agent_id))
+    raws = [row[-1] for row in rows]
     ident = str(uuid.UUID(bytes=agent_id))
     try:
         verifier = verify_chain(raws, key)
@@ -84,6 +103,24 @@ def _verify_one(db: sqlite3.Connection, key: Ed25519PublicKey, agent_id: bytes, 
             raise RecordError(f"the stored head (record {head_seq}) is not the chain's last record ({verifier.next_seq - 1})")
         if verifier.state_hash != state_hash or sha256(state) != state_hash:
             raise RecordError("the stored state does not match the chain's state hash")
+        records = [Record.parse(raw) for raw in raws]
+        for (seq, kind, time_ns, hash_, _), record in zip(rows, records, strict=True):
+            if (seq, kind, time_ns, hash_) != (record.seq, int(record.kind), record.time_ns, record.hash):
+                raise RecordError(f"record {record.seq}: the store's columns (seq, kind, time, hash) differ from "
+                                  "the signed record")
+        genesis = records[0].fields()
+        if genesis.get("name", name) != name:
+            raise RecordError(f"the agents row names {name!r}, its genesis {genesis['name']!r}")
+        if row_config is not None and json.loads(genesis["config"]) != row_config:
+            raise RecordError("the agents row's configuration differs from the one its genesis signed")
+        for record in records:
+            if record.kind is Kind.CHILD_EXIT:
+                f = record.fields()
+                found = db.execute("SELECT kind FROM records WHERE agent_id=? AND hash=?",
+                                   (f["child"], f["exit_hash"])).fetchone()
+                if found is None or found[0] not in (Kind.EXIT, Kind.VIOLATION):
+                    raise RecordError(f"record {record.seq} (child-exit) names exit record {f['exit_hash'].hex()[:16]}… "
+                                      f"of child {uuid.UUID(bytes=f['child'])}, which is not in that child's chain")
     except RecordError as exc:
         return ChainReport(ident, name, len(raws), False, str(exc))
     return ChainReport(ident, name, len(raws), True, "")

@@ -21,7 +21,7 @@ from theater.records import Record
 
 from ._errors import StoreError
 
-__all__ = ["AgentRow", "EventStore", "find_chain", "open_readonly", "read_chain"]
+__all__ = ["AgentRow", "EventStore", "find_chain", "open_readonly", "read_chain", "read_chain_rows"]
 
 SCHEMA_VERSION = 1
 
@@ -277,6 +277,11 @@ def read_chain(db: sqlite3.Connection, chain_id: bytes, after: int = -1, limit: 
     cur = db.execute("SELECT raw FROM records WHERE agent_id=? AND seq>? ORDER BY seq LIMIT ?", (chain_id, after, limit))
     for (raw,) in cur:
         yield raw
+
+
+def read_chain_rows(db: sqlite3.Connection, chain_id: bytes) -> Iterator[tuple[int, int, int, bytes, bytes]]:
+    """A chain's rows as stored, (seq, kind, time_ns, hash, raw), in order: for checking the copy columns."""
+    yield from db.execute("SELECT seq, kind, time_ns, hash, raw FROM records WHERE agent_id=? ORDER BY seq", (chain_id,))
 
 
 def find_chain(db: sqlite3.Connection, ref: str) -> tuple[bytes, str] | None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from theater import wire
 from theater.chain import ChainVerifier
@@ -176,7 +177,8 @@ class Supervision:
         """Every stored agent, positioned at its chain's head; a worker that died with the previous
         supervisor gets its exit record now."""
         for row in self.store.agents():
-            config = AgentConfig.from_dict(row.config)
+            signed = self._signed_config(row.id, row.name, row.config)
+            config = AgentConfig.from_dict(signed)
             verifier = ChainVerifier.at_head(self.records.public_key, row.id, row.head_seq, row.head_hash,
                                              row.state_hash)
             last = Record.parse(next(self.store.records(row.id, after=row.head_seq - 1)))
@@ -191,8 +193,22 @@ class Supervision:
                     "incarnation": agent.incarnation, "reason": "supervisor-restart",
                     "detail": "the previous supervisor ended; its worker ended with it",
                 })
-            agent.orphan_of = row.config.get("parent") or ""  # until its tree, if it has one, claims it
+            agent.orphan_of = signed.get("parent") or ""  # until its tree, if it has one, claims it
             self.register(agent)
+
+    def _signed_config(self, agent_id: bytes, name: str, row_config: dict[str, Any]) -> dict[str, Any]:
+        """The configuration the agent's genesis record signed: what every worker of the agent runs.
+
+        The ``agents`` row holds a copy for lookups; it is not signed, so a row that differs from the
+        genesis (an edited store) is never run, only reported (``theater verify`` says so too)."""
+        genesis = Record.parse(next(self.store.records(agent_id)))
+        if genesis.kind is not Kind.GENESIS:
+            raise StoreError(f"agent {name}: its chain does not start with a genesis record")
+        signed: dict[str, Any] = json.loads(genesis.fields()["config"])
+        if signed != row_config:
+            self.log(f"agent {name}: the stored row's configuration differs from the one its genesis signed; "
+                     "running the signed one (theater verify reports the row)")
+        return signed
 
     def resume(self) -> None:
         """After a supervisor start: top-level agents and trees whose desired state is running start again."""
