@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from theater.chain import verify_chain
+from theater.checkpoint import Checkpoint, fingerprint
 from theater.errors import RecordError
 from theater.home import Home
 from theater.records import Kind, Record, sha256
@@ -49,17 +51,31 @@ def chain_records(home: Home, ref: str, after: int = -1) -> list[Record]:
         db.close()
 
 
-def verify_home(home: Home, agent: str | None = None) -> list[ChainReport]:
-    """Every chain of the home (or the one of ``agent``), as ``theater verify`` reports them."""
+def verify_home(home: Home, agent: str | None = None, *, pinned: bytes | None = None,
+                checkpoint: Checkpoint | None = None) -> list[ChainReport]:
+    """Every chain of the home (or the one of ``agent``), as ``theater verify`` reports them.
+
+    ``pinned``: the supervisor's public key as the auditor holds it (otherwise the home's own
+    ``supervisor.pub`` is trusted). ``checkpoint``: a checkpoint (signed by that key) whose every head the
+    store must still hold."""
     try:
-        key = Ed25519PublicKey.from_public_bytes(home.public_key.read_bytes())
+        raw = pinned if pinned is not None else home.public_key.read_bytes()
+        key = Ed25519PublicKey.from_public_bytes(raw)
     except FileNotFoundError:
         raise StoreError(f"{home.public_key}: the supervisor's public key is missing") from None
+    except ValueError:
+        raise StoreError("the public key is not 32 bytes of an Ed25519 key") from None
+    if checkpoint is not None and checkpoint.public_key != raw:
+        raise StoreError(f"the checkpoint was signed by key {fingerprint(checkpoint.public_key)}, not by "
+                         f"{fingerprint(raw)}")
     try:
         db = open_readonly(home.store)
         try:
             db.execute("BEGIN")  # one snapshot: a live supervisor may commit while we read
-            return _verify_store(db, key, agent, home)
+            reports = _verify_store(db, key, agent, home)
+            if checkpoint is not None:
+                reports += _against(db, checkpoint, {r.agent_id: r.name for r in reports})
+            return reports
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
@@ -88,6 +104,27 @@ def _verify_store(db: sqlite3.Connection, key: Ed25519PublicKey, agent: str | No
                 reports.append(ChainReport(ident, "?", count, False,
                                            "records of a chain that no agents or nodes row names"))
     return reports
+
+
+def _against(db: sqlite3.Connection, point: Checkpoint, names: dict[str, str]) -> list[ChainReport]:
+    """What the store lost since ``point``: each head it pinned must still be in its chain, unchanged."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(point.time_ns / 1e9))
+    out = []
+    for head in point.heads:
+        ident = str(uuid.UUID(bytes=head.chain)) if len(head.chain) == 16 else head.chain.hex()
+        found = db.execute("SELECT hash FROM records WHERE agent_id=? AND seq=?", (head.chain, head.seq)).fetchone()
+        last = db.execute("SELECT max(seq), count(*) FROM records WHERE agent_id=?", (head.chain,)).fetchone()
+        if found is not None and found[0] == head.hash:
+            continue
+        if last[1] == 0:
+            problem = f"deleted: the checkpoint of {when} UTC holds this chain at record {head.seq}; the store has none of it"
+        elif found is None:
+            problem = (f"truncated or transactions lost: the checkpoint of {when} UTC holds record {head.seq}; "
+                       f"the chain ends at {last[0]}")
+        else:
+            problem = f"rolled back or rewritten: record {head.seq} is not the one the checkpoint of {when} UTC holds"
+        out.append(ChainReport(ident, names.get(ident, "?"), int(last[1]), False, problem))
+    return out
 
 
 def _verify_one(db: sqlite3.Connection, key: Ed25519PublicKey, agent_id: bytes, name: str, head_seq: int,

@@ -29,6 +29,7 @@ from ._ledger import Checked
 from ._timers import Timers
 
 if TYPE_CHECKING:
+    from ._checkpoints import Checkpoints
     from ._record_path import RecordPath
     from ._trees import Supervision
     from ._workers import Workers
@@ -65,6 +66,7 @@ class Control:
         self.supervision: Supervision
         self.workers: Workers
         self.request_down: Callable[[], None]
+        self.checkpoints: Checkpoints
 
     def drain(self) -> None:
         for _ in range(BATCH):
@@ -129,6 +131,8 @@ class Control:
             case req.Down():
                 self.down_waiters.append(ticket)
                 self.request_down()
+            case req.Checkpoint():
+                self.reply(ident, rid, self.checkpoints.make())
 
     def _queue(self, ref: str, data: bytes, call: tuple[tuple[bytes, int], int] | None) -> int:
         """Put a message in the agent's mailbox (bounded); a call is answered when its result is committed."""

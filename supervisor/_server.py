@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -34,6 +35,7 @@ from ._caps.http import Egress
 from ._caps.kv import Kv
 from ._caps.messaging import Messaging
 from ._caps.timers import AgentTimers
+from ._checkpoints import Checkpoints
 from ._control import Control
 from ._errors import SupervisorError
 from ._host import HostRequests
@@ -75,8 +77,10 @@ class Supervisor:
         on_record: Callable[[Agent, Record], None] | None = None,
         worker_command: Sequence[str] = WORKER_COMMAND,
         zygote_command: Sequence[str] | None = None,
+        witness: Path | None = None,
     ) -> None:
-        """``worker_command`` and ``zygote_command`` (the fork-server for those workers) exist for
+        """``witness``: a directory outside the home that gets a copy of every checkpoint.
+        ``worker_command`` and ``zygote_command`` (the fork-server for those workers) exist for
         tests that run a deliberately misbehaving or probing worker; they are reachable only from
         Python, never from a manifest, a policy or the CLI."""
         self.home = home
@@ -112,6 +116,7 @@ class Supervisor:
         self.workers.supervision, self.workers.control, self.workers.host = self.supervision, self.control, self.host
         self.control.supervision, self.control.workers, self.control.records = self.supervision, self.workers, self.records
         self.control.request_down = self.request_down
+        self.control.checkpoints = Checkpoints(home, self.records, self.store, self.timers, self.log, witness)
         self.messaging = Messaging(self.agents, self.workers, self.host, self.timers, self.log)
         self.agent_timers = AgentTimers(self.store, self.agents, self.workers, self.timers, self.log)
         self.workers.effects = CallEffects(self.messaging, self.agent_timers)

@@ -249,6 +249,12 @@ class EventStore:
             return False
         return True
 
+    def heads(self) -> list[tuple[bytes, int, bytes]]:
+        """Every chain's committed head: (id, seq, hash), agents' and supervisor nodes'."""
+        rows = self.db.execute("SELECT id, head_seq, head_hash FROM agents UNION ALL "
+                               "SELECT id, head_seq, head_hash FROM nodes").fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
     def agents(self) -> list[AgentRow]:
         rows = self.db.execute("SELECT * FROM agents ORDER BY created_ns").fetchall()
         return [_agent_row(r) for r in rows]

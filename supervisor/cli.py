@@ -61,8 +61,9 @@ def cmd_up(args: argparse.Namespace, home: Home) -> int:
     if args.detach:
         home.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(home.logs / "supervisor.log", "ab") as log:
+            witness = ["--witness", str(args.witness.resolve())] if args.witness else []
             proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor", "--home", str(home.root), "up"],
+                [sys.executable, "-m", "supervisor", "--home", str(home.root), "up", *witness],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
         deadline = time.monotonic() + UP_TIMEOUT_S
@@ -81,7 +82,7 @@ def cmd_up(args: argparse.Namespace, home: Home) -> int:
         return EXIT_FAIL
     from ._server import Supervisor
 
-    sup = Supervisor(home)
+    sup = Supervisor(home, witness=args.witness.resolve() if args.witness else None)
     sup.serve_forever()
     return EXIT_OK
 
@@ -218,9 +219,29 @@ def cmd_events(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, home: Home) -> int:
+    from theater.checkpoint import Checkpoint, fingerprint
+    from theater.errors import RecordError
+
     from ._audit import verify_home
 
-    reports = verify_home(home, args.agent)
+    pinned = None
+    if args.pubkey is not None:
+        raw = args.pubkey.read_bytes().strip()
+        pinned = raw if len(raw) == 32 else bytes.fromhex(raw.decode("ascii", "replace"))
+    if args.fingerprint is not None:
+        held = (pinned if pinned is not None else home.public_key.read_bytes())
+        if fingerprint(held) != args.fingerprint.strip().lower():
+            _err(f"the supervisor key {fingerprint(held)} is not the one whose fingerprint you hold")
+            return EXIT_FAIL
+        pinned = held
+    point = None
+    if args.checkpoint is not None:
+        try:
+            point = Checkpoint.parse(args.checkpoint.read_bytes())
+        except RecordError as exc:
+            _err(f"{args.checkpoint}: {exc}")
+            return EXIT_FAIL
+    reports = verify_home(home, args.agent, pinned=pinned, checkpoint=point)
 
     def text() -> str:
         if not reports:
@@ -304,6 +325,27 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
+def cmd_key(args: argparse.Namespace, home: Home) -> int:
+    """The supervisor's public key and its fingerprint: what an auditor pins (verify --fingerprint)."""
+    from theater.checkpoint import fingerprint
+
+    public = home.public_key.read_bytes()
+    _out(args, {"public_key": public.hex(), "fingerprint": fingerprint(public)},
+         f"public key   {public.hex()}\nfingerprint  {fingerprint(public)}")
+    return EXIT_OK
+
+
+def cmd_checkpoint(args: argparse.Namespace, home: Home) -> int:
+    with Client(home) as c:
+        info = c.request("checkpoint")[0]
+    if args.output is not None:
+        args.output.write_bytes(Path(info["files"][0]).read_bytes())
+        info["files"].append(str(args.output))
+    _out(args, info, lambda: f"checkpoint of {info['chains']} chains, root {info['root']}\n"
+                             + "\n".join(f"  {f}" for f in info["files"]))
+    return EXIT_OK
+
+
 def cmd_secret(args: argparse.Namespace, home: Home) -> int:
     """Secrets live in the home, never pass the control socket, and are read by the supervisor per request."""
     from ._caps.grants import SECRET_NAME_RE
@@ -355,6 +397,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
     "up": cmd_up, "down": cmd_down, "spawn": cmd_spawn, "run": cmd_run, "send": cmd_send, "call": cmd_call,
     "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
     "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor, "secret": cmd_secret, "replay": cmd_replay,
+    "key": cmd_key, "checkpoint": cmd_checkpoint,
 }
 
 
@@ -369,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = sub.add_parser("up", parents=[common], help="start the supervisor")
     up.add_argument("--detach", action="store_true", help="run in the background and return once it answers")
+    up.add_argument("--witness", type=Path, help="a directory outside the home that gets a copy of every checkpoint")
     sub.add_parser("down", parents=[common], help="stop every agent and the supervisor")
     s = sub.add_parser("spawn", parents=[common], help="start an agent from its manifest; prints its id")
     s.add_argument("manifest", type=Path)
@@ -387,12 +431,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
     v = sub.add_parser("verify", parents=[common], help="verify every chain offline (exit 1 if any is broken)")
     v.add_argument("agent", nargs="?")
+    v.add_argument("--pubkey", type=Path, help="the supervisor's public key as you hold it (32 raw bytes or hex), "
+                                               "instead of the home's")
+    v.add_argument("--fingerprint", help="the supervisor key's fingerprint as you hold it (theater key)")
+    v.add_argument("--checkpoint", type=Path, help="a checkpoint whose every head the store must still hold")
     st = sub.add_parser("stop", parents=[common], help="stop an agent or a subtree (it stays stopped across restarts)")
     st.add_argument("agent")
     sub.add_parser("tree", parents=[common], help="the live supervision tree")
     rs = sub.add_parser("restart", parents=[common], help="stop an agent or subtree and start it again")
     rs.add_argument("agent")
     sub.add_parser("doctor", parents=[common], help="which OS hardening layers work here, and what each policy gets")
+    sub.add_parser("key", parents=[common], help="the supervisor's public key and fingerprint, for auditors to pin")
+    cp = sub.add_parser("checkpoint", parents=[common], help="sign every chain's head now; keep a copy elsewhere")
+    cp.add_argument("-o", "--output", type=Path, help="also write the checkpoint to this file (a witness copy)")
     rp = sub.add_parser("replay", parents=[common], help="run an agent again on its recorded inputs; exit 1 if it diverges")
     rp.add_argument("agent")
     rp.add_argument("--timeout", type=float, default=600.0, help="seconds the replay may take")

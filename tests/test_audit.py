@@ -129,3 +129,112 @@ def test_a_corrupt_store_is_a_located_error_not_a_traceback(theater: Theater) ->
     code, _, err = verify(theater)
     assert code == 1
     assert f"{theater.home.store}: not a readable event store" in err and "Traceback" not in err, err
+
+
+# --- checkpoints and a pinned key: what a home's writer cannot undo --------------------------------------
+
+
+def cli(t: Theater, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CLI, "--home", str(t.home.root), *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert not check or proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    return proc
+
+
+def checkpointed(t: Theater, tmp: Path) -> Path:
+    """Two agents with some history, stopped (each chain ends with its exit record), a checkpoint copied out
+    of the home, and the supervisor down."""
+    with t.client() as c:
+        for name in ("one", "two"):
+            c.spawn(t.manifest(name, "counter.wat"))
+            c.call(name, b"tick")
+            c.stop(name)
+    out = tmp / "witness.json"
+    info = json.loads(cli(t, "checkpoint", "-o", str(out), "--json").stdout)
+    assert info["chains"] == 2 and Path(info["files"][0]).parent == t.home.checkpoints
+    t.stop()
+    assert verify(t)[0] == 0
+    return out
+
+
+def test_a_checkpoint_catches_a_chain_cut_at_its_end(theater: Theater, tmp_path: Path) -> None:
+    point = checkpointed(theater, tmp_path)
+    db = sqlite3.connect(theater.home.store)
+    agent_id, head = db.execute("SELECT id, head_seq FROM agents WHERE name='two'").fetchone()
+    prev = Record.parse(db.execute("SELECT raw FROM records WHERE agent_id=? AND seq=?", (agent_id, head - 1)).fetchone()[0])
+    db.close()
+    edit(theater, f"DELETE FROM records WHERE agent_id=? AND seq={head}", args=(agent_id,))  # its exit record
+    edit(theater, "UPDATE agents SET head_seq=?, head_hash=? WHERE id=?", args=(head - 1, prev.hash, agent_id))
+    assert verify(theater)[0] == 0  # consistent in itself: nothing inside the home shows the cut
+    code, reports, _ = subprocess_verify(theater, "--checkpoint", str(point))
+    assert code == 1
+    [problem] = [r["problem"] for r in reports if not r["ok"]]
+    assert problem.startswith("truncated or transactions lost: the checkpoint of") and f"ends at {head - 1}" in problem
+
+
+def test_a_checkpoint_catches_a_deleted_agent_and_a_rolled_back_home(theater: Theater, tmp_path: Path) -> None:
+    point = checkpointed(theater, tmp_path)
+    edit(theater, "DELETE FROM records WHERE agent_id=(SELECT id FROM agents WHERE name='one')",
+         "DELETE FROM agents WHERE name='one'")
+    assert verify(theater)[0] == 0
+    code, reports, _ = subprocess_verify(theater, "--checkpoint", str(point))
+    assert code == 1 and [r["problem"].split(":")[0] for r in reports if not r["ok"]] == ["deleted"]
+
+
+def test_a_checkpoint_catches_a_record_rewritten_with_the_home_s_own_key(theater: Theater, tmp_path: Path) -> None:
+    """Whoever can read supervisor.key can re-sign a supervisor record; the checkpoint kept elsewhere still
+    holds the original's hash."""
+    point = checkpointed(theater, tmp_path)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from theater.records import sign_record
+
+    key = Ed25519PrivateKey.from_private_bytes(theater.home.key.read_bytes())
+    db = sqlite3.connect(theater.home.store)
+    agent_id, head = db.execute("SELECT id, head_seq FROM agents WHERE name='one'").fetchone()
+    last = Record.parse(db.execute("SELECT raw FROM records WHERE agent_id=? AND seq=?", (agent_id, head)).fetchone()[0])
+    db.close()
+    forged = sign_record(key, kind=last.kind, agent_id=last.agent_id, seq=last.seq, time_ns=last.time_ns,
+                         prev_hash=last.prev_hash, state_hash=last.state_hash,
+                         fields={**last.fields(), "detail": "nothing to see here"})
+    edit(theater, "UPDATE records SET raw=?, hash=? WHERE agent_id=? AND seq=?",
+         args=(forged.raw, forged.hash, agent_id, head))
+    edit(theater, "UPDATE agents SET head_hash=? WHERE id=?", args=(forged.hash, agent_id))
+    assert verify(theater)[0] == 0  # the home's key signed it: nothing inside the home tells
+    code, reports, _ = subprocess_verify(theater, "--checkpoint", str(point))
+    assert code == 1
+    assert [r["problem"].split(":")[0] for r in reports if not r["ok"]] == ["rolled back or rewritten"]
+
+
+def test_a_pinned_key_is_what_verify_trusts(theater: Theater, tmp_path: Path) -> None:
+    with theater.client() as c:
+        c.spawn(theater.manifest("e", "echo.wat"))
+    theater.stop()
+    shown = json.loads(cli(theater, "key", "--json").stdout)
+    assert shown["public_key"] == theater.home.public_key.read_bytes().hex()
+    assert cli(theater, "verify", "--fingerprint", shown["fingerprint"]).returncode == 0
+    wrong = cli(theater, "verify", "--fingerprint", "00" * 32, check=False)
+    assert wrong.returncode == 1 and "is not the one whose fingerprint you hold" in wrong.stderr
+    other = tmp_path / "other.pub"
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other.write_text(Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex())
+    code, reports, _ = subprocess_verify(theater, "--pubkey", str(other))
+    assert code == 1 and all(not r["ok"] for r in reports)  # the home's chains are not signed by the key held
+
+
+def test_a_witness_gets_every_checkpoint(theater: Theater, tmp_path: Path) -> None:
+    theater.stop()
+    witness = tmp_path / "witness"
+    theater.start([*CLI, "--home", str(theater.home.root), "up", "--witness", str(witness)])
+    with theater.client() as c:
+        c.spawn(theater.manifest("e", "echo.wat"))
+    info = json.loads(cli(theater, "checkpoint", "--json").stdout)
+    copy = witness / Path(info["files"][0]).name
+    assert str(copy) in info["files"] and copy.read_bytes() == Path(info["files"][0]).read_bytes()
+    assert cli(theater, "verify", "--checkpoint", str(copy)).returncode == 0
+
+
+def subprocess_verify(t: Theater, *extra: str) -> tuple[int, list[dict[str, Any]], str]:
+    proc = cli(t, "verify", "--json", *extra, check=False)
+    return proc.returncode, (json.loads(proc.stdout) if proc.stdout.strip() else []), proc.stderr

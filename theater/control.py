@@ -18,6 +18,7 @@ from .errors import BadRequest
 __all__ = [
     "BadRequest",
     "Call",
+    "Checkpoint",
     "Down",
     "Events",
     "Ping",
@@ -106,7 +107,12 @@ class Down:
     pass
 
 
-Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    pass
+
+
+Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down | Checkpoint
 
 # An `events` reply carries records in its data frame, each as u32 big-endian length + raw record, up to
 # this many bytes (and always at least one record); `more` says whether the chain goes on.
@@ -185,4 +191,6 @@ def decode_request(op: object, body: dict[str, Any], data: bytes | None) -> Requ
         return Verify(ref)
     if op == "down":
         return Down()
+    if op == "checkpoint":
+        return Checkpoint()
     raise BadRequest(f"unknown operation {str(op)[:64]!r}")

@@ -38,6 +38,7 @@ class Home:
         self.public_key = self.root / "supervisor.pub"
         self.store = self.root / "events.sqlite3"
         self.policies = self.root / "policies"
+        self.checkpoints = self.root / "checkpoints"  # signed statements of every chain's head (theater checkpoint)
         self.secrets = self.root / "secrets"  # one file per secret (theater secret set), 0600 in a 0700 directory
         self.control_sock = self.run / "control.sock"
         self.workers_sock = self.run / "workers.sock"

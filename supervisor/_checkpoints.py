@@ -1,0 +1,83 @@
+"""Checkpoints: the supervisor signs every chain's head, keeps the statement, and hands it to a witness.
+
+On demand (``theater checkpoint``) and every ``INTERVAL_S`` while chains grow,
+the results already checked are committed first, then every agent's and
+node's committed head goes into one signed statement (``theater.checkpoint``)
+written to ``<home>/checkpoints/<time_ns>.json`` and, if the supervisor was
+started with a witness directory, copied there too: somewhere the home's
+writer cannot rewrite is where a checkpoint earns its keep.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from theater.checkpoint import Checkpoint, Head
+from theater.home import Home
+
+from ._errors import StoreError
+from ._record_path import RecordPath
+from ._store import EventStore
+from ._timers import Timers
+
+__all__ = ["Checkpoints"]
+
+INTERVAL_S = 600.0
+
+
+class Checkpoints:
+    def __init__(self, home: Home, records: RecordPath, store: EventStore, timers: Timers, log: Callable[[str], None],
+                 witness: Path | None = None) -> None:
+        self.home = home
+        self.records = records
+        self.store = store
+        self.timers = timers
+        self.log = log
+        self.witness = witness
+        self._last: tuple[Head, ...] | None = None
+        timers.after(INTERVAL_S, self._periodic)
+
+    def make(self) -> dict[str, Any]:
+        """Sign and keep a checkpoint of every committed head; what it is and where it went."""
+        self.records.flush()
+        heads = [Head(chain, seq, head) for chain, seq, head in self.store.heads()]
+        point = Checkpoint.make(heads, self.records.key, time.time_ns())
+        self.home.checkpoints.mkdir(mode=0o700, exist_ok=True)
+        path = self.home.checkpoints / f"{point.time_ns}.json"
+        _write(path, point.to_json())
+        copies = [str(path)]
+        if self.witness is not None:
+            try:
+                self.witness.mkdir(mode=0o700, parents=True, exist_ok=True)
+                copy = self.witness / path.name
+                shutil.copyfile(path, copy)
+                copies.append(str(copy))
+            except OSError as exc:
+                self.log(f"checkpoint {path.name}: the witness {self.witness} did not take it: {exc}")
+        self._last = point.heads
+        return {"time_ns": point.time_ns, "chains": len(point.heads), "root": point.body()["root"], "files": copies}
+
+    def _periodic(self) -> None:
+        self.timers.after(INTERVAL_S, self._periodic)
+        heads = tuple(sorted((Head(c, s, h) for c, s, h in self.store.heads()), key=lambda h: h.chain))
+        if heads == self._last or self.store.problem is not None:
+            return
+        try:
+            self.make()
+        except (OSError, StoreError) as exc:
+            self.log(f"periodic checkpoint failed: {exc}")
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,104 @@
+"""Signed checkpoints: the supervisor's statement of every chain's head, for keeping outside the home.
+
+A chain verifies by itself, but nothing inside a home shows that a chain was
+cut at its end, rolled back, or removed whole with its row: what is left is
+consistent. A checkpoint, copied somewhere the home's writer cannot reach (a
+witness), pins each chain's head (sequence and hash) at one moment under the
+supervisor's signature; a later store must still hold each of those records.
+``docs/event-records.md`` section 12 specifies the format for an independent
+verifier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .errors import RecordError
+
+__all__ = ["CHECKPOINT_DOMAIN", "Checkpoint", "Head", "fingerprint", "merkle_root"]
+
+CHECKPOINT_DOMAIN = b"theater-checkpoint-v1\x00"
+VERSION = 1
+
+
+def fingerprint(public_key: bytes) -> str:
+    """A key's fingerprint: SHA-256 of its 32 raw bytes, hex, in groups of four for reading aloud."""
+    digest = hashlib.sha256(public_key).hexdigest()
+    return ":".join(digest[i:i + 4] for i in range(0, len(digest), 4))
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    chain: bytes  # the chain's id: an agent's or a supervisor node's (16 bytes)
+    seq: int
+    hash: bytes
+
+    def leaf(self) -> bytes:
+        return hashlib.sha256(b"\x00" + self.chain + self.seq.to_bytes(8, "big") + self.hash).digest()
+
+
+def merkle_root(heads: list[Head]) -> bytes:
+    """Leaves in chain-id order; a parent is SHA-256(0x01 || left || right); an odd node moves up as is;
+    no heads: SHA-256 of nothing."""
+    level = [h.leaf() for h in sorted(heads, key=lambda h: h.chain)]
+    if not level:
+        return hashlib.sha256(b"").digest()
+    while len(level) > 1:
+        level = [hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest() if i + 1 < len(level) else level[i]
+                 for i in range(0, len(level), 2)]
+    return level[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    time_ns: int
+    heads: tuple[Head, ...]  # in chain-id order
+    public_key: bytes
+    signature: bytes = b""
+
+    def body(self) -> dict[str, Any]:
+        """Everything but the signature, as JSON values."""
+        return {"version": VERSION, "time_ns": self.time_ns, "public_key": self.public_key.hex(),
+                "root": merkle_root(list(self.heads)).hex(),
+                "chains": [{"id": h.chain.hex(), "seq": h.seq, "hash": h.hash.hex()} for h in self.heads]}
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: the domain, then the body as canonical JSON."""
+        return CHECKPOINT_DOMAIN + json.dumps(self.body(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def make(cls, heads: list[Head], key: Ed25519PrivateKey, time_ns: int) -> Checkpoint:
+        public = key.public_key().public_bytes_raw()
+        unsigned = cls(time_ns, tuple(sorted(heads, key=lambda h: h.chain)), public)
+        return cls(unsigned.time_ns, unsigned.heads, public, key.sign(unsigned.signed_bytes()))
+
+    def to_json(self) -> bytes:
+        return json.dumps({**self.body(), "signature": self.signature.hex()}, sort_keys=True, indent=1).encode() + b"\n"
+
+    @classmethod
+    def parse(cls, data: bytes) -> Checkpoint:
+        """Parse and check a checkpoint file's own consistency (root, order, signature under its own key);
+        raise RecordError naming what is wrong. Whether the key is the right one is the caller's question."""
+        try:
+            doc = json.loads(data)
+            if doc["version"] != VERSION:
+                raise RecordError(f"checkpoint version {doc['version']}, this build reads {VERSION}")
+            heads = tuple(Head(bytes.fromhex(c["id"]), int(c["seq"]), bytes.fromhex(c["hash"])) for c in doc["chains"])
+            point = cls(int(doc["time_ns"]), heads, bytes.fromhex(doc["public_key"]), bytes.fromhex(doc["signature"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RecordError(f"not a checkpoint: {type(exc).__name__}: {exc}") from None
+        if list(heads) != sorted(heads, key=lambda h: h.chain) or len({h.chain for h in heads}) != len(heads):
+            raise RecordError("checkpoint chains are not in id order, or repeat")
+        if point.body()["root"] != doc["root"]:
+            raise RecordError("checkpoint root does not match its chains")
+        try:
+            Ed25519PublicKey.from_public_bytes(point.public_key).verify(point.signature, point.signed_bytes())
+        except (InvalidSignature, ValueError):
+            raise RecordError("checkpoint signature does not verify") from None
+        return point
