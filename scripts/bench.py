@@ -332,6 +332,28 @@ def stored_records_per_second(t: Running, agents: int, per_agent: int,
     return records / elapsed, records
 
 
+def verify_and_replay_rates(t: Running, agent: str) -> tuple[float, int, float, int]:
+    """V1 and V2: `theater verify`'s records/s over the whole bench home, and a replay's records/s of one
+    agent's chain (in this process, without the replay process's confinement: the re-execution itself)."""
+    import json as _json
+
+    from supervisor._audit import chain_records, verify_home
+    from worker.replay import replay
+
+    start = time.perf_counter()
+    reports = verify_home(t.home)
+    verified = sum(r.records for r in reports)
+    verify_rate = verified / (time.perf_counter() - start)
+    chain = chain_records(t.home, agent)
+    config = _json.loads(chain[0].fields()["config"])
+    config["component_sha256"] = chain[0].fields()["component_sha256"].hex()
+    component = Path(config["component_path"]).read_bytes()
+    start = time.perf_counter()
+    report = replay(chain, component, config)
+    assert report.ok, report
+    return verify_rate, verified, len(chain) / (time.perf_counter() - start), len(chain)
+
+
 def sqlite_commit_ms(t: Running, n: int) -> float:
     """One durable commit on the same disk as the event store, in the same settings."""
     import sqlite3
@@ -574,6 +596,7 @@ def main() -> int:
         restart_b2b, _ = restart_to_reply(t, 5 if q else 15, idle_before=0.0, name="restart-b2b")
         rate, records = stored_records_per_second(t, 10, 50 if q else 300)
         chatty_rate, chatty_records = stored_records_per_second(t, 10, 10 if q else 60, "chatty.wat")
+        v_rate, v_records, r_rate, r_records = verify_and_replay_rates(t, "load-counter0")
         storm_idle, storm = crash_storm(t, 20, 200 if q else 1000)
         m1, m1_without = agent_call_round_trip(t, 300 if q else 2000)
         m2 = router_messages_per_second(t, 2 if q else 10)
@@ -612,6 +635,10 @@ def main() -> int:
         "Ed25519 verifies/s, one thread", "rec/s", ">= 10,000/s", True)
     row("P3", f"  the same, 11 records per call (chatty.wat, {chatty_records} records)", chatty_rate, vrate,
         "Ed25519 verifies/s, one thread", "rec/s", "-", True)
+    row("V1", f"theater verify: records/s over the whole home ({v_records} records)", v_rate, rate,
+        "P3: records/s stored live", "rec/s", "-", higher_better=True)
+    row("V2", f"replay: records/s re-executed and compared ({r_records} records, counter.wat)", r_rate, rate,
+        "P3: records/s stored live", "rec/s", "-", higher_better=True)
     row("P3", "  (Ed25519 verifies/s, two threads, same run)", vrate2, vrate, "Ed25519 verifies/s, one thread",
         "rec/s", "-", True)
     row("P4", f"runaway guest: past its 50 ms deadline, p50 (max {max(over):.2f})", statistics.median(over),

@@ -298,10 +298,14 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
         _err(f"{args.agent}: not an agent's chain (a supervisor node's chain has no component to replay)")
         return EXIT_FAIL
     config = json.loads(genesis["config"])
-    path = config["component_path"]
-    with os.fdopen(open_regular(Path(path), MAX_COMPONENT_BYTES), "rb") as f:
+    path = args.component or Path(config["component_path"])
+    with os.fdopen(open_regular(path, MAX_COMPONENT_BYTES), "rb") as f:
         component = f.read()
     config["component_sha256"] = genesis["component_sha256"].hex()
+    if args.component is not None:  # a rebuilt component, on purpose: where does it first behave otherwise?
+        import hashlib
+
+        config["component_sha256"] = hashlib.sha256(component).hexdigest()
     with tempfile.TemporaryDirectory(prefix="theater-replay-") as cwd:  # private and empty, as a worker's
         proc = subprocess.run([sys.executable, "-m", "worker.replay"], input=encode_input(
             component, config, [r.raw for r in records]), capture_output=True, cwd=cwd, timeout=args.timeout,
@@ -447,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", parents=[common], help="run an agent again on its recorded inputs; exit 1 if it diverges")
     rp.add_argument("agent")
     rp.add_argument("--timeout", type=float, default=600.0, help="seconds the replay may take")
+    rp.add_argument("--component", type=Path, help="replay with this component instead of the one the genesis "
+                                                   "names (a rebuild): the report is where it first differs")
     se = sub.add_parser("secret", parents=[common], help="named secrets that [http] rules add to requests")
     se.add_argument("action", choices=("set", "list", "rm"), help="set NAME (value on stdin), list, rm NAME")
     se.add_argument("name", nargs="?")

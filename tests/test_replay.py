@@ -172,3 +172,20 @@ def test_a_changed_component_is_refused(theater: Theater) -> None:
     code, _, err = run_replay(theater, "e")
     assert code == 1 and "the component is not the one the chain's genesis names" in err, err
     assert [r.kind for r in records(theater, "e")][:1] == [Kind.GENESIS]
+
+
+def test_a_rebuilt_component_is_caught_at_its_first_different_record(theater: Theater) -> None:
+    """trap_on.wat's chain replayed with echo.wat as a "rebuild": init already runs differently (other code,
+    other fuel, and echo keeps the empty args as its state where trap_on writes '0'): the report names the
+    init record, the first that differs."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "trap_on.wat"))
+        c.call("ctr", b"one")
+    theater.stop()
+    proc = subprocess.run([sys.executable, "-m", "supervisor", "--home", str(theater.home.root), "replay", "ctr",
+                           "--component", str(COMPONENTS / "echo.wat"), "--json"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    report = json.loads(proc.stdout)
+    first_call = next(r.seq for r in records(theater, "ctr") if r.kind is Kind.INIT)
+    assert proc.returncode == 1 and report["diverged_at"] == first_call, report
+    assert report["divergence"].startswith("init field fuel: the replay gives"), report
