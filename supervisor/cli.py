@@ -283,7 +283,7 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     """Run an agent's component again on its chain's recorded inputs, in a confined process; compare."""
     import tempfile
 
-    from worker.replay import encode_input
+    from theater.replay import encode_input
 
     from ._audit import chain_records, verify_home
     from ._config import MAX_COMPONENT_BYTES, open_regular

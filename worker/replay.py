@@ -13,7 +13,7 @@ state hash. Instances live as they did: a fresh one for each worker
 reported with its record's sequence number, and the replay stops there.
 
 Run as ``python -m worker.replay``: the component and the records come on
-stdin (``theater replay`` writes them; see :func:`encode_input`), the process
+stdin (``theater replay`` writes them: ``theater/replay.py``), the process
 confines itself as a worker does before it runs any guest code, and the report
 is one JSON object on stdout. Exit status 0: the chain replays exactly; 1: it
 diverges; 2: it could not be replayed.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 import uuid
 from collections import deque
@@ -34,17 +33,17 @@ from typing import Any
 from theater import wire
 from theater.capabilities import CAPABILITIES
 from theater.records import Kind, Record, sha256
+from theater.replay import decode_input
 from theater.spec import Limits
 
 from ._caps import Host, language_runtime, link_granted
 from ._engine import AGENT_EXPORTS, Sandbox, compile_component, make_engine
 from ._errors import HostLimit, LoadError
 
-__all__ = ["Report", "encode_input", "replay"]
+__all__ = ["Report", "replay"]
 
 FINAL_KINDS = (Kind.INIT, Kind.HANDLE, Kind.CHILD_EXIT, Kind.MESSAGE)
 NO_ANSWER = "the supervisor did not answer a host request in time"  # what a live worker says when none came
-_LEN = struct.Struct(">I")
 
 
 @dataclass
@@ -228,28 +227,11 @@ def replay(records: list[Record], component: bytes, config: dict[str, Any],
 # --- the process `theater replay` runs -------------------------------------------------------------
 
 
-def encode_input(component: bytes, config: dict[str, Any], records: list[bytes]) -> bytes:
-    """What ``python -m worker.replay`` reads on stdin: length-prefixed config JSON, component, then records."""
-    parts = [wire.encode_json(config), component, *records]
-    return b"".join(_LEN.pack(len(p)) + p for p in parts)
-
-
-def _read_input(data: bytes) -> tuple[dict[str, Any], bytes, list[bytes]]:
-    parts, at = [], 0
-    while at < len(data):
-        (n,) = _LEN.unpack_from(data, at)
-        parts.append(data[at + 4:at + 4 + n])
-        at += 4 + n
-    if len(parts) < 2:
-        raise ValueError("replay input needs a config and a component")
-    return json.loads(parts[0]), parts[1], parts[2:]
-
-
 def main() -> int:
     from ._harden import harden_before_connect, lock_down
 
     try:
-        config, component, raws = _read_input(sys.stdin.buffer.read())
+        config, component, raws = decode_input(sys.stdin.buffer.read())
         if sha256(component).hex() != config["component_sha256"]:
             raise LoadError("the component is not the one the chain's genesis names (its SHA-256 differs)")
         records = [Record.parse(raw) for raw in raws]
