@@ -6,6 +6,7 @@ no supervisor has to be running.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -161,3 +162,75 @@ def _verify_one(db: sqlite3.Connection, key: Ed25519PublicKey, agent_id: bytes, 
     except RecordError as exc:
         return ChainReport(ident, name, len(raws), False, str(exc))
     return ChainReport(ident, name, len(raws), True, "")
+
+
+# --- bundles: chains carried to another machine ------------------------------------------------------
+
+BUNDLE_FORMAT = "theater-bundle"
+
+
+def export_bundle(home: Home, refs: list[str], checkpoint: Checkpoint | None = None) -> bytes:
+    """A self-contained JSON file: the named chains' records, the supervisor's public key and, if given, a
+    checkpoint. ``verify_bundle`` (or anyone with ``docs/event-records.md``) checks it anywhere."""
+    try:
+        db = open_readonly(home.store)
+        try:
+            db.execute("BEGIN")
+            chains = []
+            for ref in refs:
+                found = find_chain(db, ref)
+                if found is None:
+                    raise NotFound(f"no agent or supervisor node named or with id {ref!r} in {home.store}")
+                chains.append({"id": str(uuid.UUID(bytes=found[0])), "name": found[1],
+                               "records": [raw.hex() for raw in read_chain(db, found[0])]})
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{home.store}: not a readable event store: {exc}") from None
+    doc = {"format": BUNDLE_FORMAT, "version": 1, "supervisor_public_key": home.public_key.read_bytes().hex(),
+           "chains": chains, "checkpoint": json.loads(checkpoint.to_json()) if checkpoint is not None else None}
+    return json.dumps(doc, indent=1).encode() + b"\n"
+
+
+def verify_bundle(data: bytes, pinned: bytes | None = None) -> list[ChainReport]:
+    """Every chain of a bundle, verified from its records alone, under the pinned key if one is given
+    (else the bundle's own); and the bundle's checkpoint, if any, against them."""
+    try:
+        doc = json.loads(data)
+        if doc.get("format") != BUNDLE_FORMAT or doc.get("version") != 1:
+            raise ValueError("not a version-1 theater bundle")
+        raw_key = pinned if pinned is not None else bytes.fromhex(doc["supervisor_public_key"])
+        key = Ed25519PublicKey.from_public_bytes(raw_key)
+        chains = [(c["id"], c["name"], [bytes.fromhex(r) for r in c["records"]]) for c in doc["chains"]]
+        point = Checkpoint.parse(json.dumps(doc["checkpoint"]).encode()) if doc.get("checkpoint") else None
+    except (ValueError, KeyError, TypeError, RecordError) as exc:
+        raise StoreError(f"not a readable bundle: {type(exc).__name__}: {exc}") from None
+    if point is not None and point.public_key != raw_key:
+        raise StoreError(f"the bundle's checkpoint was signed by key {fingerprint(point.public_key)}, not by "
+                         f"{fingerprint(raw_key)}")
+    reports = []
+    heads: dict[bytes, dict[int, bytes]] = {}
+    for ident, name, raws in chains:
+        try:
+            verifier = verify_chain(raws, key)
+            if str(uuid.UUID(bytes=verifier.agent_id)) != ident:
+                raise RecordError("the records are of another chain than the bundle says")
+            first = Record.parse(raws[0]).fields()
+            if first.get("name", name) != name:
+                raise RecordError(f"the bundle names the chain {name!r}, its genesis {first['name']!r}")
+            heads[uuid.UUID(ident).bytes] = {Record.parse(r).seq: hashlib.sha256(r).digest() for r in raws}
+            reports.append(ChainReport(ident, name, len(raws), True, ""))
+        except RecordError as exc:
+            reports.append(ChainReport(ident, name, len(raws), False, str(exc)))
+    if point is not None:
+        for head in point.heads:
+            held = heads.get(head.chain)
+            if held is None:
+                continue  # a chain the checkpoint covers but the bundle does not carry
+            ident = str(uuid.UUID(bytes=head.chain))
+            if held.get(head.seq) != head.hash:
+                problem = ("truncated: the bundle's checkpoint holds record " if head.seq not in held
+                           else "rewritten: the bundle's checkpoint holds another record ") + str(head.seq)
+                reports = [ChainReport(r.agent_id, r.name, r.records, False, problem) if r.agent_id == ident else r
+                           for r in reports]
+    return reports

@@ -241,7 +241,12 @@ def cmd_verify(args: argparse.Namespace, home: Home) -> int:
         except RecordError as exc:
             _err(f"{args.checkpoint}: {exc}")
             return EXIT_FAIL
-    reports = verify_home(home, args.agent, pinned=pinned, checkpoint=point)
+    if args.bundle is not None:
+        from ._audit import verify_bundle
+
+        reports = verify_bundle(args.bundle.read_bytes(), pinned)
+    else:
+        reports = verify_home(home, args.agent, pinned=pinned, checkpoint=point)
 
     def text() -> str:
         if not reports:
@@ -329,6 +334,21 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
+def cmd_export(args: argparse.Namespace, home: Home) -> int:
+    from theater.checkpoint import Checkpoint
+
+    from ._audit import export_bundle
+
+    point = Checkpoint.parse(args.checkpoint.read_bytes()) if args.checkpoint is not None else None
+    data = export_bundle(home, args.agents, point)
+    tmp = args.output.with_name(args.output.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, args.output)
+    _out(args, {"bundle": str(args.output), "chains": len(args.agents), "bytes": len(data)},
+         f"wrote {args.output}: {len(args.agents)} chains, {len(data)} bytes")
+    return EXIT_OK
+
+
 def cmd_key(args: argparse.Namespace, home: Home) -> int:
     """The supervisor's public key and its fingerprint: what an auditor pins (verify --fingerprint)."""
     from theater.checkpoint import fingerprint
@@ -401,7 +421,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
     "up": cmd_up, "down": cmd_down, "spawn": cmd_spawn, "run": cmd_run, "send": cmd_send, "call": cmd_call,
     "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
     "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor, "secret": cmd_secret, "replay": cmd_replay,
-    "key": cmd_key, "checkpoint": cmd_checkpoint,
+    "key": cmd_key, "checkpoint": cmd_checkpoint, "export": cmd_export,
 }
 
 
@@ -439,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                "instead of the home's")
     v.add_argument("--fingerprint", help="the supervisor key's fingerprint as you hold it (theater key)")
     v.add_argument("--checkpoint", type=Path, help="a checkpoint whose every head the store must still hold")
+    v.add_argument("--bundle", type=Path, help="verify a bundle from theater export instead of the home")
+    ex = sub.add_parser("export", parents=[common], help="write chains to a self-contained bundle for an auditor")
+    ex.add_argument("agents", nargs="+", help="agents or supervisor nodes, by name or id")
+    ex.add_argument("-o", "--output", type=Path, required=True, help="the bundle file to write")
+    ex.add_argument("--checkpoint", type=Path, help="a checkpoint to carry along (its heads are checked on verify)")
     st = sub.add_parser("stop", parents=[common], help="stop an agent or a subtree (it stays stopped across restarts)")
     st.add_argument("agent")
     sub.add_parser("tree", parents=[common], help="the live supervision tree")

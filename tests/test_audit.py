@@ -238,3 +238,72 @@ def test_a_witness_gets_every_checkpoint(theater: Theater, tmp_path: Path) -> No
 def subprocess_verify(t: Theater, *extra: str) -> tuple[int, list[dict[str, Any]], str]:
     proc = cli(t, "verify", "--json", *extra, check=False)
     return proc.returncode, (json.loads(proc.stdout) if proc.stdout.strip() else []), proc.stderr
+
+
+# --- bundles: chains carried to another machine --------------------------------------------------------
+
+
+def bundle_of(t: Theater, tmp: Path) -> tuple[Path, dict[str, Any]]:
+    with t.client() as c:
+        c.spawn(t.manifest("one", "counter.wat"))
+        c.spawn(t.manifest("two", "counter.wat"))
+        for _ in range(3):
+            c.call("one", b"tick")
+            c.call("two", b"tick")
+    point = tmp / "point.json"
+    cli(t, "checkpoint", "-o", str(point))
+    t.stop()
+    out = tmp / "audit.bundle"
+    cli(t, "export", "one", "two", "-o", str(out), "--checkpoint", str(point))
+    return out, json.loads(out.read_text())
+
+
+def verify_doc(t: Theater, tmp: Path, doc: dict[str, Any], *extra: str) -> tuple[int, dict[str, str]]:
+    path = tmp / "edited.bundle"
+    path.write_text(json.dumps(doc))
+    code, reports, err = subprocess_verify(t, "--bundle", str(path), *extra)
+    assert reports or err, err
+    return code, {r["name"]: r["problem"] for r in reports if not r["ok"]}
+
+
+def test_a_bundle_verifies_elsewhere_and_every_manipulation_is_located(theater: Theater, tmp_path: Path) -> None:
+    path, doc = bundle_of(theater, tmp_path)
+    elsewhere = Theater(tmp_path / "elsewhere")  # another home, with no store: only the bundle
+    code, reports, err = subprocess_verify(elsewhere, "--bundle", str(path))
+    assert code == 0 and [r["name"] for r in reports] == ["one", "two"], (reports, err)
+
+    def edited(change: Any) -> dict[str, str]:
+        copy = json.loads(json.dumps(doc))
+        change(copy["chains"][0]["records"], copy)
+        code, problems = verify_doc(elsewhere, tmp_path, copy)
+        assert code == 1
+        return problems
+
+    def flip(at: int) -> Any:
+        def change(records: list[str], _: Any) -> None:
+            raw = bytearray(bytes.fromhex(records[2]))
+            raw[at] ^= 0x01
+            records[2] = raw.hex()
+        return change
+
+    assert edited(flip(-1))["one"] == "signature of record 2 (log) does not verify"  # a bit of the signature
+    assert edited(flip(-70))["one"].startswith("record 2 (by position) does not parse")  # a length in the payload
+    assert "sequence 3, expected 2" in edited(lambda r, _: r.pop(2))["one"]  # dropped
+    assert "sequence" in edited(lambda r, _: r.insert(3, r[3]))["one"]  # inserted again
+    assert "sequence" in edited(lambda r, _: r.__setitem__(slice(2, 4), [r[3], r[2]]))["one"]  # reordered
+
+    def splice(records: list[str], whole: Any) -> None:
+        records[3] = whole["chains"][1]["records"][3]  # the same position in the other agent's chain
+
+    assert "record 3" in edited(splice)["one"]
+    # The checkpoint was made before `down` wrote each chain's exit record: cut that and the record before it.
+    truncated = edited(lambda r, _: r.__delitem__(slice(-2, None)))
+    assert truncated == {"one": f"truncated: the bundle's checkpoint holds record {len(doc['chains'][0]['records']) - 2}"}
+    other = tmp_path / "other.pub"
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other.write_text(Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex())
+    copy = json.loads(json.dumps(doc))
+    copy["checkpoint"] = None  # else refused at once: signed by another key than the one held
+    code, problems = verify_doc(elsewhere, tmp_path, copy, "--pubkey", str(other))
+    assert code == 1 and set(problems) == {"one", "two"}

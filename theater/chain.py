@@ -111,8 +111,12 @@ def _public_key(raw: bytes, seq: int) -> Ed25519PublicKey:
 def verify_chain(records: Iterable[bytes], supervisor_key: Ed25519PublicKey) -> ChainVerifier:
     """Verify a whole chain from genesis; return the verifier positioned at its head."""
     verifier = ChainVerifier(supervisor_key)
-    for raw in records:
-        verifier.advance(Record.parse(raw))
+    for position, raw in enumerate(records):
+        try:
+            record = Record.parse(raw)
+        except RecordError as exc:  # located by where it stands, since its own sequence number is not readable
+            raise RecordError(f"record {position} (by position) does not parse: {exc}") from None
+        verifier.advance(record)
     if verifier.next_seq == 0:
         raise RecordError("empty chain")
     return verifier
