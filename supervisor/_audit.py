@@ -234,3 +234,30 @@ def verify_bundle(data: bytes, pinned: bytes | None = None) -> list[ChainReport]
                 reports = [ChainReport(r.agent_id, r.name, r.records, False, problem) if r.agent_id == ident else r
                            for r in reports]
     return reports
+
+
+# --- following a message across agents ----------------------------------------------------------------
+
+
+def trace(home: Home, message_id: str) -> list[tuple[str, Record]]:
+    """Every record of every chain that names ``message_id`` (hex): the sender's host-call record of the
+    send or call that made it, and the receiver's message record of its delivery; in time order."""
+    wanted = message_id.strip().lower()
+    try:
+        raw_id = bytes.fromhex(wanted)
+    except ValueError:
+        raise NotFound(f"{message_id!r} is not a message id (32 hex digits)") from None
+    db = open_readonly(home.store)
+    try:
+        names = {row[0]: row[1] for row in db.execute("SELECT id, name FROM agents")}
+        found = []
+        kinds = (int(Kind.MESSAGE), int(Kind.HOST_CALL))
+        for agent_id, raw in db.execute("SELECT agent_id, raw FROM records WHERE kind IN (?, ?)", kinds):
+            record = Record.parse(raw)
+            f = record.fields()
+            if (record.kind is Kind.MESSAGE and f["message_id"] == raw_id) or (record.kind is Kind.HOST_CALL and f["interface"].startswith("theater:agent/messaging@") \
+                    and f'"message_id":"{wanted}"'.encode() in f["output"].partition(b"\0")[0]):
+                found.append((names.get(agent_id, "?"), record))
+    finally:
+        db.close()
+    return sorted(found, key=lambda item: item[1].time_ns)

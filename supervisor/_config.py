@@ -6,6 +6,7 @@ narrow it, never widen it. Every error names the file, the key and the problem.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -201,6 +202,10 @@ class _Table:
         self.used.add(key)
         if key not in self.data:
             if required or default is ...:
+                typo = difflib.get_close_matches(key, [str(k) for k in self.data], n=1, cutoff=0.7)
+                if typo:  # the key is there, misspelled: say that, not that it is missing
+                    raise ConfigError(f"{self.path}: unknown key {self.prefix}{typo[0][:64]} "
+                                      f"(did you mean {self.prefix}{key}?)")
                 raise ConfigError(f"{self.path}: missing required key {self.prefix}{key}")
             return default
         value = self.data[key]
@@ -217,7 +222,9 @@ class _Table:
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            raise ConfigError(f"{self.path}: unknown key {self.prefix}{unknown[0]}" + _also(unknown))
+            near = difflib.get_close_matches(str(unknown[0]), sorted(self.used), n=1, cutoff=0.7)
+            hint = f" (did you mean {self.prefix}{near[0]}?)" if near else ""
+            raise ConfigError(f"{self.path}: unknown key {self.prefix}{str(unknown[0])[:64]}{hint}" + _also(unknown))
 
 
 def _as_tuple(typ: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -302,6 +309,7 @@ def _limits(table: _Table, ceiling: Limits | None) -> dict[str, int]:
         if ceiling is not None and value > getattr(ceiling, key):
             raise table.err(key, f"{value} exceeds the policy's ceiling {getattr(ceiling, key)}; a manifest may only narrow its policy")
         out[key] = value
+    table.used.update(LIMIT_BOUNDS)  # every limit is a known key, set or not: an unknown one is told the nearest
     table.finish()
     return out
 

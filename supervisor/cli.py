@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -40,8 +41,14 @@ def _data_arg(value: str) -> bytes:
     """DATA on the command line: text, or @FILE for a file's bytes, or - for stdin."""
     if value == "-":
         return sys.stdin.buffer.read()
+    if value.startswith("@@"):  # a message that starts with @
+        return os.fsencode(value[1:])
     if value.startswith("@"):
-        return Path(value[1:]).read_bytes()
+        try:
+            return Path(value[1:]).read_bytes()
+        except OSError as exc:
+            raise TheaterError(f"cannot read the message from {value[1:]}: {exc.strerror} "
+                               "(@FILE sends a file's bytes; write @@ for a message that starts with @)") from None
     return os.fsencode(value)  # the argument's bytes as given, even if not UTF-8
 
 
@@ -181,8 +188,18 @@ def cmd_restart(args: argparse.Namespace, home: Home) -> int:
 
 def cmd_events(args: argparse.Namespace, home: Home) -> int:
     """A chain's records: through the supervisor when one runs (and always with --follow), otherwise read
-    from the store itself."""
+    from the store itself. With --trace, the records of every chain that name one message."""
     from ._audit import chain_records
+
+    if args.trace is not None:
+        from ._audit import trace
+
+        for name, record in trace(home, args.trace):
+            _out(args, {"agent": name, **describe(record)}, f"{name:<16} {one_line(record)}")
+        return EXIT_OK
+    if args.agent is None:
+        _err("events needs an AGENT, or --trace MESSAGE_ID")
+        return EXIT_USAGE
 
     try:
         client: Client | None = Client(home)
@@ -451,8 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
     sub.add_parser("ps", parents=[common], help="list agents")
     e = sub.add_parser("events", parents=[common], help="print an agent's event records")
-    e.add_argument("agent")
+    e.add_argument("agent", nargs="?")
     e.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
+    e.add_argument("--trace", metavar="MESSAGE_ID", help="the records of every agent that name this message id "
+                                                         "(from a messaging host call's answer)")
     v = sub.add_parser("verify", parents=[common], help="verify every chain offline (exit 1 if any is broken)")
     v.add_argument("agent", nargs="?")
     v.add_argument("--pubkey", type=Path, help="the supervisor's public key as you hold it (32 raw bytes or hex), "
@@ -490,14 +509,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = getattr(args, "home", None) or args.top_home
     home = Home(chosen if chosen is not None else default_home())
     try:
+        if home.root.exists() and not home.root.is_dir():
+            return _fail(args, "usage", f"--home {home.root} is a file, not a directory",
+                         "give a directory (it is created if missing), or leave --home out")
         return COMMANDS[args.command](args, home)
     except ClientError as exc:
-        _err(f"{exc.code}: {exc}")
-    except (NotRunning, SupervisorError, TheaterError, OSError) as exc:
-        _err(str(exc))
+        return _fail(args, exc.code, str(exc), _hint(exc.code, str(exc)))
+    except NotRunning as exc:
+        return _fail(args, "not-running", str(exc), "start it with `theater up` (or `theater up --detach`)")
+    except (SupervisorError, TheaterError) as exc:
+        return _fail(args, getattr(exc, "code", "error"), str(exc), "")
+    except BrokenPipeError:  # `theater events x | head`: the reader has what it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(args, "os", f"{where}{exc.strerror or exc}", "")
     except KeyboardInterrupt:
         return 130
-    return EXIT_FAIL
+
+
+def _fail(args: argparse.Namespace, code: str, message: str, hint: str) -> int:
+    """An error: a line on stderr (and the hint), or with --json one object on stdout. Exit 1 (2: usage)."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": code, "message": message, "hint": hint}}, sort_keys=True))
+    else:
+        _err(f"{code}: {message}" if code not in ("error", "os", "usage") else message)
+        if hint:
+            print(f"  hint: {hint}", file=sys.stderr)
+    return EXIT_USAGE if code == "usage" else EXIT_FAIL
+
+
+def _hint(code: str, message: str) -> str:
+    """What to do next, where a user is most often stuck."""
+    if code == "refused" and (" is stopped" in message or " is failed" in message):
+        return "start it again with `theater restart <agent>`"
+    if code == "not-found":
+        return "`theater ps` lists the agents; `theater tree` the supervisors"
+    if code == "spawn-failed":
+        return "`theater events <agent>` shows its records; fix the manifest or component and spawn it again"
+    if (code == "config" and ".wat" in message) or (".wasm" in message and "not valid TOML" in message):
+        return "`theater spawn` takes a manifest (.toml) that names the component, not the component itself"
+    return ""
 
 
 if __name__ == "__main__":

@@ -274,3 +274,54 @@ def test_a_manifest_that_is_a_fifo_or_a_device_is_refused_at_once_and_nothing_st
             assert c.call("echo", b"still here") == b"still here"
     down = cli(theater.home.root, "down")
     assert down.returncode == 0, down.stderr
+
+
+# --- errors a new user meets: said in their terms, with what to do -------------------------------------
+
+
+def test_errors_say_what_was_wrong_and_what_to_do(theater: Theater, tmp_path: Path) -> None:
+    home = theater.home.root
+    ok(home, "spawn", str(theater.manifest("counter", "counter.wat")))
+    nofile = cli(home, "call", "counter", "@nofile")
+    assert nofile.returncode == 1 and "cannot read the message from nofile: No such file or directory" in nofile.stderr
+    assert "Errno" not in nofile.stderr
+    assert ok(home, "call", "counter", "@@at").strip() == "1"  # @@ sends a message starting with @
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("x")
+    wrong_home = cli(a_file, "ps")
+    assert wrong_home.returncode == 2 and f"--home {a_file} is a file, not a directory" in wrong_home.stderr
+    assert "Errno" not in wrong_home.stderr
+    component = cli(home, "spawn", str(Path(__file__).parent / "components" / "counter.wat"))
+    assert component.returncode == 1 and "takes a manifest (.toml) that names the component" in component.stderr
+    ok(home, "stop", "counter")
+    stopped = cli(home, "call", "counter", "x")
+    assert stopped.returncode == 1 and "hint: start it again with `theater restart <agent>`" in stopped.stderr
+
+
+def test_json_errors_are_json_on_stdout(theater: Theater) -> None:
+    proc = cli(theater.home.root, "call", "nosuch", "x", "--json")
+    assert proc.returncode == 1
+    error = json.loads(proc.stdout)["error"]
+    assert error["code"] == "not-found" and "nosuch" in error["message"] and error["hint"]
+
+
+def test_a_closed_pipe_ends_quietly(theater: Theater) -> None:
+    home = theater.home.root
+    ok(home, "spawn", str(theater.manifest("counter", "counter.wat")))
+    for _ in range(20):
+        ok(home, "call", "counter", "tick")
+    proc = subprocess.run(f"{sys.executable} -m supervisor --home {home} events counter --json | head -1",
+                          shell=True, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
+    assert json.loads(proc.stdout)["seq"] == 0
+    assert "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_misspelled_key_is_named_with_the_nearest_known_one(theater: Theater, tmp_path: Path) -> None:
+    manifest = tmp_path / "typo.toml"
+    manifest.write_text('name = "typo"\ncomponnet = "counter.wat"\n')
+    proc = cli(theater.home.root, "spawn", str(manifest))
+    assert proc.returncode == 1 and "unknown key componnet (did you mean component?)" in proc.stderr, proc.stderr
+    manifest.write_text(f'name = "typo"\ncomponent = "{Path(__file__).parent / "components" / "counter.wat"}"\n'
+                        "[limits]\nmemory_byte = 65536\n")
+    proc = cli(theater.home.root, "spawn", str(manifest))
+    assert "unknown key limits.memory_byte (did you mean limits.memory_bytes?)" in proc.stderr, proc.stderr

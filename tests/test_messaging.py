@@ -220,3 +220,20 @@ def test_ungranted_import_is_refused_at_spawn(theater: Theater) -> None:
             c.spawn(theater.manifest("m", COMPONENT))
         assert info.value.code == "spawn-failed"
         assert f"does not grant: {MESSAGING}" in str(info.value) and "policy is 'default'" in str(info.value)
+
+
+def test_events_trace_follows_a_message_across_agents(theater: Theater) -> None:
+    """`theater events --trace ID`: the caller's recorded call and the receiver's message record, in order."""
+    import subprocess
+    import sys
+
+    with theater.client() as c:
+        spawn(theater, c, "a", "b")
+        assert ask(c, "a", "call:3000:b:traced") == "ok:ack:traced"
+    [sent] = host_calls(theater, "a", "call")
+    message_id = answer_of(sent)["message_id"]
+    proc = subprocess.run([sys.executable, "-m", "supervisor", "--home", str(theater.home.root), "events", "--trace",
+                           message_id, "--json"], capture_output=True, text=True, timeout=60, check=True)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(e["agent"], e["kind"]) for e in lines] == [("b", "message"), ("a", "host-call")]
+    assert lines[0]["fields"]["message_id"] == message_id
