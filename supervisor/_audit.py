@@ -6,6 +6,7 @@ no supervisor has to be running.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -97,8 +98,17 @@ def _verify_store(db: sqlite3.Connection, key: Ed25519PublicKey, agent: str | No
     empty = sha256(b"")  # a node's chain has no state: every record states the empty state's hash
     reports += [_verify_one(db, key, node_id, name, head_seq, head_hash, empty, b"", None)
                 for node_id, name, head_seq, head_hash in nodes]
+    removed = db.execute("SELECT id, name, head_seq, head_hash, config FROM removed ORDER BY removed_ns").fetchall()
+    if agent is not None:
+        removed = [r for r in removed if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
+    for removed_id, name, head_seq, head_hash, config in removed:
+        report = _verify_one(db, key, removed_id, name, head_seq, head_hash, None, None, json.loads(config))
+        if report.ok and Record.parse(next(read_chain(db, removed_id, head_seq - 1))).kind is not Kind.REMOVED:
+            report = ChainReport(report.agent_id, name, report.records, False,
+                                 "a removed agent's chain does not end with its removed record")
+        reports.append(dataclasses.replace(report, name=f"{name} (removed)"))
     if agent is None:  # chains no row accounts for: a deleted agent, or records slipped in
-        known = {r[0] for r in rows} | {n[0] for n in nodes}
+        known = {r[0] for r in rows} | {n[0] for n in nodes} | {r[0] for r in removed}
         for (chain_id, count) in db.execute("SELECT agent_id, count(*) FROM records GROUP BY agent_id"):
             if chain_id not in known:
                 ident = str(uuid.UUID(bytes=chain_id)) if len(chain_id) == 16 else chain_id.hex()
@@ -129,7 +139,9 @@ def _against(db: sqlite3.Connection, point: Checkpoint, names: dict[str, str]) -
 
 
 def _verify_one(db: sqlite3.Connection, key: Ed25519PublicKey, agent_id: bytes, name: str, head_seq: int,
-                head_hash: bytes, state_hash: bytes, state: bytes, row_config: dict[str, Any] | None) -> ChainReport:
+                head_hash: bytes, state_hash: bytes | None, state: bytes | None,
+                row_config: dict[str, Any] | None) -> ChainReport:
+    """One chain against its row. ``state_hash`` and ``state`` None: a removed agent's, which keeps no state."""
     rows = list(read_chain_rows(db, agent_id))
     raws = [row[-1] for row in rows]
     ident = str(uuid.UUID(bytes=agent_id))
@@ -139,7 +151,7 @@ def _verify_one(db: sqlite3.Connection, key: Ed25519PublicKey, agent_id: bytes, 
             raise RecordError("the chain belongs to another agent")
         if verifier.next_seq - 1 != head_seq or verifier.head_hash != head_hash:
             raise RecordError(f"the stored head (record {head_seq}) is not the chain's last record ({verifier.next_seq - 1})")
-        if verifier.state_hash != state_hash or sha256(state) != state_hash:
+        if state is not None and (verifier.state_hash != state_hash or sha256(state) != state_hash):
             raise RecordError("the stored state does not match the chain's state hash")
         records = [Record.parse(raw) for raw in raws]
         for (seq, kind, time_ns, hash_, _), record in zip(rows, records, strict=True):

@@ -107,8 +107,8 @@ class Control:
             case req.Ping():
                 self.reply(ident, rid, {"pid": os.getpid(), "home": str(self.home_root), "agents": len(self.agents),
                                         "store_problem": problem})
-            case req.Spawn(manifest):
-                self.supervision.spawn(Path(manifest), ticket)
+            case req.Spawn(manifest, replace):
+                self.supervision.spawn(Path(manifest), ticket, replace=replace)
             case req.Send(agent, data):
                 queued = self._queue(agent, data, None)
                 self.reply(ident, rid, {"queued": queued})
@@ -133,6 +133,8 @@ class Control:
                 self.request_down()
             case req.Checkpoint():
                 self.reply(ident, rid, self.checkpoints.make())
+            case req.Remove(agent):
+                self.reply(ident, rid, self.supervision.remove(self.supervision.member(agent)))
 
     def _queue(self, ref: str, data: bytes, call: tuple[tuple[bytes, int], int] | None) -> int:
         """Put a message in the agent's mailbox (bounded); a call is answered when its result is committed."""

@@ -63,6 +63,15 @@ CREATE TABLE IF NOT EXISTS nodes (
     head_seq   INTEGER NOT NULL,
     head_hash  BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS removed (
+    id         BLOB PRIMARY KEY,
+    name       TEXT NOT NULL,
+    config     TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    removed_ns INTEGER NOT NULL,
+    head_seq   INTEGER NOT NULL,
+    head_hash  BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS kv (
     agent_id BLOB NOT NULL,
     key      TEXT NOT NULL,
@@ -111,6 +120,7 @@ class Commit:
     kv: dict[str, bytes | None] | None = None  # the call's key-value writes (None: a delete)
     timers_added: list[tuple[int, int, bytes]] | None = None  # (id, due ns, message)
     timers_removed: list[int] | None = None  # cancelled, or delivered by this commit's call
+    remove: bool = False  # the agent is removed: its row moves to `removed`, its kv data and timers go
 
 
 class EventStore:
@@ -171,6 +181,12 @@ class EventStore:
                     self.db.execute("INSERT INTO timers VALUES (?,?,?,?)", (timer_id, c.agent_id, due_ns, message))
                 for timer_id in c.timers_removed or ():
                     self.db.execute("DELETE FROM timers WHERE id=? AND agent_id=?", (timer_id, c.agent_id))
+                if c.remove:
+                    self.db.execute("INSERT INTO removed SELECT id, name, config, created_ns, ?, head_seq, head_hash "
+                                    "FROM agents WHERE id=?", (time.time_ns(), c.agent_id))
+                    self.db.execute("DELETE FROM agents WHERE id=?", (c.agent_id,))
+                    self.db.execute("DELETE FROM kv WHERE agent_id=?", (c.agent_id,))
+                    self.db.execute("DELETE FROM timers WHERE agent_id=?", (c.agent_id,))
 
     # --- key-value stores and timers (the kv and timers capabilities) ------------------------
 
@@ -255,6 +271,16 @@ class EventStore:
                                "SELECT id, head_seq, head_hash FROM nodes").fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
 
+    def removed_head(self, ref: str) -> tuple[bytes, int] | None:
+        """A removed agent's chain id and head, by its old name (the latest so named) or its id."""
+        try:
+            wanted = uuid.UUID(ref).bytes
+        except ValueError:
+            wanted = None
+        row = self.db.execute("SELECT id, head_seq FROM removed WHERE id=? OR name=? ORDER BY removed_ns DESC",
+                              (wanted, ref)).fetchone()
+        return (row[0], row[1]) if row else None
+
     def agents(self) -> list[AgentRow]:
         rows = self.db.execute("SELECT * FROM agents ORDER BY created_ns").fetchall()
         return [_agent_row(r) for r in rows]
@@ -296,7 +322,7 @@ def find_chain(db: sqlite3.Connection, ref: str) -> tuple[bytes, str] | None:
         wanted = uuid.UUID(ref).bytes
     except ValueError:
         wanted = None
-    for table in ("agents", "nodes"):
+    for table in ("agents", "nodes", "removed"):  # a live name first; a removed agent's by its old name or id
         row = db.execute(f"SELECT id, name FROM {table} WHERE name=? OR id=?", (ref, wanted)).fetchone()
         if row is not None:
             return row[0], row[1]

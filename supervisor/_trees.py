@@ -142,16 +142,23 @@ class Supervision:
 
     # --- what clients and agents ask -------------------------------------------------------
 
-    def spawn(self, manifest: Path, ticket: Ticket | None) -> Member:
-        """Load a manifest and start its agent or tree; an agent is stored once its worker says hello."""
+    def spawn(self, manifest: Path, ticket: Ticket | None, *, replace: bool = False) -> Member:
+        """Load a manifest and start its agent or tree; an agent is stored once its worker says hello.
+        ``replace``: a stopped or failed agent of the same name is removed first (as ``theater rm``)."""
         if not self.running():
             raise Refused("the supervisor is shutting down")
         config = load_any(manifest, policy_dirs(self.policy_root))
         names = [c.name for c in config.walk()] if isinstance(config, TreeConfig) else [config.name]
         for name in names:
             existing = self.agents.by_name.get(name) or self.nodes.get(name)
-            if existing is not None:
-                raise Refused(f"a member named {name!r} already exists ({existing.uuid}, {existing.status})")
+            if existing is not None and not replace:
+                raise Refused(f"a member named {name!r} already exists ({existing.uuid}, {existing.status}); "
+                              f"theater rm {name} removes a stopped or failed one, spawn --replace does both")
+        if replace:
+            for name in names:
+                existing = self.agents.by_name.get(name) or self.nodes.get(name)
+                if existing is not None:
+                    self.remove(existing)
         if isinstance(config, TreeConfig):
             root = self.build_node(config, uuid.uuid4().bytes)
             self.trees.append(root)
@@ -251,6 +258,29 @@ class Supervision:
             agent.last_exit = agent.last_exit or "restarted by the operator"
             self.commit_desired(agent, Status.RUNNING)
         self.apply(self.engine.restart(member.name, time.monotonic(), ticket))
+
+    def remove(self, member: Member) -> dict[str, Any]:
+        """``theater rm``: a stopped or failed agent's chain ends with a signed removed record, in the same
+        transaction that moves its row to ``removed`` and drops its kv data and timers; its name is free."""
+        if isinstance(member, Node):
+            raise Refused(f"{member.name} is a supervisor node: remove its tree's agents one by one is not "
+                          "possible; stop the tree instead")
+        agent = member
+        parent = agent.leaf.parent
+        if parent is not None and parent.kind is NodeKind.TREE:
+            raise Refused(f"agent {agent.name} belongs to the tree {parent.name}: it lives and goes with its tree")
+        if agent.alive or agent.status not in (Status.STOPPED, Status.FAILED):
+            raise Refused(f"agent {agent.name} is {agent.status}: stop it first (theater stop {agent.name})")
+        own = agent.leaf.owns
+        if own is not None and own.children:
+            raise Refused(f"agent {agent.name} still has children ({', '.join(c.name for c in own.children)}): "
+                          "remove them first")
+        if not agent.in_store:
+            raise Refused(f"agent {agent.name} has no chain yet")
+        record = self.records.append(agent, Kind.REMOVED, {"reason": "removed by the operator"}, remove=True)
+        self.apply(self.engine.forget(agent.name, time.monotonic()))
+        self.agents.remove(agent)
+        return {"removed": agent.name, "id": agent.uuid, "head": record.seq}
 
     def shutdown(self) -> None:
         roots = [self.engine.root_of(m.leaf if isinstance(m, Agent) else m.sup) for m in self.roots()]
@@ -507,8 +537,14 @@ class Supervision:
         self._append_node(node, kind, action.fields)
 
     def chain_head(self, ref: object) -> tuple[bytes, int]:
-        """The id and head of an agent's or a tree node's chain."""
-        member = self.member(ref)
+        """The id and head of an agent's or a tree node's chain (or a removed agent's, from the store)."""
+        try:
+            member = self.member(ref)
+        except NotFound:
+            removed = self.store.removed_head(ref) if isinstance(ref, str) else None
+            if removed is None:
+                raise
+            return removed
         if isinstance(member, Node):
             return member.id, self.chains[member.name].next_seq - 1
         return member.id, member.verifier.next_seq - 1

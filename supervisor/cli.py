@@ -103,7 +103,7 @@ def cmd_down(args: argparse.Namespace, home: Home) -> int:
 
 def cmd_spawn(args: argparse.Namespace, home: Home) -> int:
     with Client(home, timeout=args.timeout) as c:
-        info = c.spawn(args.manifest)
+        info = c.spawn(args.manifest, replace=args.replace)
     _out(args, info, info["id"])
     return EXIT_OK
 
@@ -351,6 +351,13 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
+def cmd_rm(args: argparse.Namespace, home: Home) -> int:
+    with Client(home) as c:
+        info = c.remove(args.agent)
+    _out(args, info, f"removed {info['removed']} ({info['id']}); its chain ends at record {info['head']}")
+    return EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace, home: Home) -> int:
     from theater.checkpoint import Checkpoint
 
@@ -438,7 +445,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
     "up": cmd_up, "down": cmd_down, "spawn": cmd_spawn, "run": cmd_run, "send": cmd_send, "call": cmd_call,
     "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
     "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor, "secret": cmd_secret, "replay": cmd_replay,
-    "key": cmd_key, "checkpoint": cmd_checkpoint, "export": cmd_export,
+    "key": cmd_key, "checkpoint": cmd_checkpoint, "export": cmd_export, "rm": cmd_rm,
 }
 
 
@@ -458,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("spawn", parents=[common], help="start an agent from its manifest; prints its id")
     s.add_argument("manifest", type=Path)
     s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent to be ready")
+    s.add_argument("--replace", action="store_true", help="remove a stopped or failed agent of the same name first")
+    rmp = sub.add_parser("rm", parents=[common], help="remove a stopped or failed agent (its chain ends; the name is free)")
+    rmp.add_argument("agent", help="agent name or id")
     r = sub.add_parser("run", parents=[common], help="supervisor in the foreground + spawn + follow events")
     r.add_argument("manifest", type=Path)
     for name, what in (("send", "queue a message for an agent"), ("call", "send a message and print the reply")):

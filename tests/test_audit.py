@@ -126,9 +126,13 @@ def test_a_corrupt_store_is_a_located_error_not_a_traceback(theater: Theater) ->
     for suffix in ("-wal", "-shm"):
         Path(f"{theater.home.store}{suffix}").unlink(missing_ok=True)
     theater.home.store.write_bytes(b"this is not a database" * 100)
-    code, _, err = verify(theater)
-    assert code == 1
-    assert f"{theater.home.store}: not a readable event store" in err and "Traceback" not in err, err
+    code, answer, err = verify(theater)  # --json: the error is a JSON object on stdout
+    assert code == 1 and "Traceback" not in err, err
+    error = answer["error"]  # type: ignore[call-overload]
+    assert error["code"] == "store" and error["message"].startswith(f"{theater.home.store}: not a readable event store")
+    text = subprocess.run([*CLI, "--home", str(theater.home.root), "verify"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert text.returncode == 1 and f"{theater.home.store}: not a readable event store" in text.stderr
 
 
 # --- checkpoints and a pinned key: what a home's writer cannot undo --------------------------------------

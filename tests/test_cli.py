@@ -325,3 +325,69 @@ def test_a_misspelled_key_is_named_with_the_nearest_known_one(theater: Theater, 
                         "[limits]\nmemory_byte = 65536\n")
     proc = cli(theater.home.root, "spawn", str(manifest))
     assert "unknown key limits.memory_byte (did you mean limits.memory_bytes?)" in proc.stderr, proc.stderr
+
+
+# --- theater rm: a way out for a failed or unwanted agent -----------------------------------------------
+
+
+def test_rm_frees_the_name_of_a_failed_spawn_and_its_history_stays_verifiable(theater: Theater, tmp_path: Path) -> None:
+    """The new user's story: a spawn fails, the fixed manifest cannot take the name, `rm` (or `spawn
+    --replace`) frees it; the old chain ends with a signed removed record and still verifies."""
+    home = theater.home.root
+    broken = theater.manifest("svc", "missing_export.wat")
+    failed = cli(home, "spawn", str(broken))
+    assert failed.returncode == 1 and "spawn-failed" in failed.stderr
+    fixed = theater.manifest("svc", "counter.wat")
+    taken = cli(home, "spawn", str(fixed))
+    assert taken.returncode == 1 and "theater rm svc removes a stopped or failed one" in taken.stderr
+    old = json.loads(ok(home, "ps", "--json"))[0]["id"]
+    removed = json.loads(ok(home, "rm", "svc", "--json"))
+    assert removed["removed"] == "svc" and removed["id"] == old
+    new = ok(home, "spawn", str(fixed)).strip()
+    assert new != old and ok(home, "call", "svc", "tick").strip() == "1"
+    reports = {r["name"]: r for r in json.loads(ok(home, "verify", "--json"))}
+    assert reports["svc"]["ok"] and reports["svc (removed)"]["ok"] and reports["svc (removed)"]["id"] == old
+    events = [json.loads(line) for line in ok(home, "events", old, "--json").splitlines()]
+    assert events[-1]["kind"] == "removed" and events[-1]["signer"] == "supervisor"
+    # spawn --replace does both in one step, for a stopped agent too
+    ok(home, "stop", "svc")
+    again = ok(home, "spawn", str(fixed), "--replace").strip()
+    assert again not in (old, new) and ok(home, "call", "svc", "tick").strip() == "1"  # a new agent, a new state
+
+
+def test_rm_refuses_a_running_agent_and_a_tree_member(theater: Theater) -> None:
+    home = theater.home.root
+    ok(home, "spawn", str(theater.manifest("live", "echo.wat")))
+    running = cli(home, "rm", "live")
+    assert running.returncode == 1 and "agent live is running: stop it first (theater stop live)" in running.stderr
+    assert cli(home, "rm", "nosuch").returncode == 1
+    assert json.loads(ok(home, "verify", "--json"))[0]["ok"]
+
+
+def test_a_removed_chain_takes_no_more_records(theater: Theater) -> None:
+    """The chain rule: nothing follows a removed record, whoever signs it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from theater.chain import ChainVerifier
+    from theater.errors import RecordError
+    from theater.records import ZERO_HASH, Kind, sha256, sign_record
+
+    key = Ed25519PrivateKey.generate()
+    agent = uuid.uuid4().bytes
+    verifier = ChainVerifier(key.public_key())
+    worker = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    records = [("genesis", Kind.GENESIS, {"name": "a", "component_sha256": bytes(32), "config": "{}",
+                                          "worker_key": worker, "confinement": "{}"}),
+               ("exit", Kind.EXIT, {"incarnation": 0, "reason": "stopped", "detail": ""}),
+               ("removed", Kind.REMOVED, {"reason": "removed by the operator"}),
+               ("after", Kind.STATE_RESET, {"reason": "x"})]
+    head = ZERO_HASH
+    for i, (_, kind, fields) in enumerate(records):
+        record = sign_record(key, kind=kind, agent_id=agent, seq=i, time_ns=1, prev_hash=head, state_hash=sha256(b""),
+                             fields=fields)
+        if i < 3:
+            verifier.advance(record)
+            head = record.hash
+        else:
+            with pytest.raises(RecordError, match="the chain ended with its removed record"):
+                verifier.advance(record)

@@ -161,6 +161,7 @@ SAMPLE_FIELDS: dict[Kind, dict[str, Any]] = {
     Kind.VIOLATION: {"incarnation": 7, "reason": "bad header", "evidence": b"\x09\x09"},
     Kind.CHILD_EXIT: {"child": bytes(16), "exit_hash": bytes(32), "reason": "trap: deadline; restarting", "status": "ok", "error": "", "fuel": 5},
     Kind.STATE_RESET: {"reason": "restarted from its initial state"},
+    Kind.REMOVED: {"reason": "removed by the operator"},
     Kind.MESSAGE: {"origin": "call", "sender": bytes(range(16)), "message_id": b"\xff" * 16, "message": b"\x00hi",
                    "reply": None, "status": "ok", "error": "", "fuel": 7},
     Kind.NODE_GENESIS: {"name": "shop", "config": "{}", "parent": ""},

@@ -36,6 +36,7 @@ class ChainVerifier:
         self.worker_key: Ed25519PublicKey | None = None
         self.incarnation = -1
         self.node = False  # the chain is a supervisor node's (it began with node-genesis)
+        self.removed = False  # the chain ended with a removed record: nothing may follow
 
     @classmethod
     def at_head(cls, supervisor_key: Ed25519PublicKey, agent_id: bytes, head_seq: int, head_hash: bytes,
@@ -71,6 +72,10 @@ class ChainVerifier:
             whose = "a supervisor node's" if record.kind in NODE_KINDS else "an agent's"
             raise RecordError(f"record {record.seq}: {whose} record in the chain of "
                               f"{'a supervisor node' if self.node else 'an agent'}")
+        if self.removed:
+            raise RecordError(f"record {record.seq}: the chain ended with its removed record")
+        if record.kind is Kind.REMOVED and self.worker_key is not None:
+            raise RecordError(f"record {record.seq}: a removed record while a worker key is in force")
         if record.kind is Kind.STATE_RESET and self.worker_key is not None:
             raise RecordError(f"record {record.seq}: a state reset while a worker key is in force")
         if record.signer is Signer.WORKER and self.worker_key is None:
@@ -93,6 +98,7 @@ class ChainVerifier:
             self.incarnation = fields.get("incarnation", 0)
         elif record.kind in (Kind.EXIT, Kind.VIOLATION):
             self.worker_key = None
+        self.removed = record.kind is Kind.REMOVED
         if record.seq == 0:
             self.node = record.kind is Kind.NODE_GENESIS
         self.agent_id = record.agent_id

@@ -91,8 +91,13 @@ class Client:
     def ping(self) -> dict[str, Any]:
         return self.request("ping")[0]
 
-    def spawn(self, manifest: Path | str) -> dict[str, Any]:
-        return self.request("spawn", manifest=str(Path(manifest).resolve()))[0]
+    def spawn(self, manifest: Path | str, *, replace: bool = False) -> dict[str, Any]:
+        args: dict[str, Any] = {"replace": True} if replace else {}
+        return self.request("spawn", manifest=str(Path(manifest).resolve()), **args)[0]
+
+    def remove(self, agent: str) -> dict[str, Any]:
+        """Remove a stopped or failed agent: its chain ends with a removed record and its name is free."""
+        return self.request("rm", agent=agent)[0]
 
     def send(self, agent: str, data: bytes) -> dict[str, Any]:
         return self.request("send", data, agent=agent)[0]

@@ -23,6 +23,7 @@ __all__ = [
     "Events",
     "Ping",
     "Ps",
+    "Remove",
     "Request",
     "Restart",
     "Send",
@@ -49,6 +50,7 @@ class Ping:
 @dataclass(frozen=True, slots=True)
 class Spawn:
     manifest: str  # an absolute path the supervisor can read
+    replace: bool = False  # a stopped or failed agent of the same name is removed first (theater rm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +114,12 @@ class Checkpoint:
     pass
 
 
-Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down | Checkpoint
+@dataclass(frozen=True, slots=True)
+class Remove:
+    agent: str  # a stopped or failed agent
+
+
+Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down | Checkpoint | Remove
 
 # An `events` reply carries records in its data frame, each as u32 big-endian length + raw record, up to
 # this many bytes (and always at least one record); `more` says whether the chain goes on.
@@ -158,7 +165,10 @@ def decode_request(op: object, body: dict[str, Any], data: bytes | None) -> Requ
         manifest = body.get("manifest")
         if not isinstance(manifest, str) or not os.path.isabs(manifest):
             raise BadRequest("spawn needs the manifest's absolute path")
-        return Spawn(manifest)
+        replace = body.get("replace", False)
+        if not isinstance(replace, bool):
+            raise BadRequest("replace must be true or false")
+        return Spawn(manifest, replace)
     if op == "send":
         return Send(_name(body), data or b"")
     if op == "call":
@@ -193,4 +203,6 @@ def decode_request(op: object, body: dict[str, Any], data: bytes | None) -> Requ
         return Down()
     if op == "checkpoint":
         return Checkpoint()
+    if op == "rm":
+        return Remove(_name(body))
     raise BadRequest(f"unknown operation {str(op)[:64]!r}")

@@ -96,6 +96,7 @@ class Kind(enum.IntEnum):
     NODE_GIVE_UP = 14  # supervisor: the node restarted too often and gives up
     NODE_TERMINATE = 15  # supervisor: the node's children have stopped; the node is down
     MESSAGE = 16  # worker: one message from another agent or a timer, and its outcome
+    REMOVED = 17  # supervisor: the agent is removed (theater rm); the chain ends here, its name is free
 
 
 # The kinds of a supervisor node's chain; every other kind belongs to agents' chains.
@@ -116,6 +117,7 @@ SIGNER_OF: dict[Kind, Signer] = {
     Kind.VIOLATION: Signer.SUPERVISOR,
     Kind.CHILD_EXIT: Signer.WORKER,
     Kind.MESSAGE: Signer.WORKER,
+    Kind.REMOVED: Signer.SUPERVISOR,
     Kind.STATE_RESET: Signer.SUPERVISOR,
     Kind.NODE_GENESIS: Signer.SUPERVISOR,
     Kind.NODE_START: Signer.SUPERVISOR,
@@ -186,6 +188,9 @@ FIELDS: dict[Kind, tuple[tuple[str, str], ...]] = {
         ("fuel", "u64"),
     ),
     Kind.STATE_RESET: (
+        ("reason", "str"),
+    ),
+    Kind.REMOVED: (
         ("reason", "str"),
     ),
     Kind.MESSAGE: (
