@@ -300,9 +300,11 @@ class Supervision:
         earlier = self.agents.by_name.get(full)
         if earlier is not None and (earlier.alive or earlier.status not in (Status.STOPPED, Status.FAILED)):
             raise Refused(f"{parent.name} already has a child named {name!r} ({earlier.status})")
-        live = sum(1 for c in own.children if c.status not in (Status.STOPPED, Status.FAILED))
-        if live >= parent.config.limits.max_children:
-            raise Refused(f"{parent.name} already has {live} children (max_children {parent.config.limits.max_children})")
+        limit = parent.config.limits.max_children
+        kept = len(self.kept_children(parent))
+        if earlier is None and kept >= limit:  # a stopped child counts until it is removed: the home stays bounded
+            raise Refused(f"{parent.name} keeps {kept} children, running or stopped (max_children {limit}); "
+                          "remove a stopped one (supervision.remove) to start another")
         try:
             data = args.encode("latin-1")
         except UnicodeEncodeError:
@@ -318,6 +320,18 @@ class Supervision:
             self.register(child)
         self.apply(self.engine.start_child(own, child.leaf, time.monotonic()))
         return child.uuid
+
+    def kept_children(self, parent: Agent) -> list[Agent]:
+        """The agent's own children it still has, running or stopped (not removed)."""
+        prefix = f"{parent.name}."
+        return [a for a in self.agents if a.name.startswith(prefix) and "." not in a.name[len(prefix):]]
+
+    def remove_child(self, parent: Agent, ref: object) -> None:
+        """A guest's supervision.remove: one of its own children, stopped or failed, is removed."""
+        child = next((c for c in self.kept_children(parent) if c.uuid == ref), None)
+        if child is None:
+            raise NotFound(f"{str(ref)[:64]!r} is not a child of {parent.name}")
+        self.remove(child)
 
     def _spawn_again(self, parent: Agent, child: Agent, config: AgentConfig) -> Agent:
         """A child name used before (the child stopped, or ended with a previous supervisor process):
@@ -386,6 +400,9 @@ class Supervision:
             return Answer({"ok": True})
         if op == "children":
             return Answer({"ok": True, "children": self.children_of(agent)})
+        if op == "remove":
+            self.remove_child(agent, args.get("child"))
+            return Answer({"ok": True})
         return Answer({"ok": False, "error": f"unknown supervision operation {op!r}"})
 
     def never_started(self, agent: Agent) -> None:

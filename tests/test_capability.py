@@ -312,7 +312,8 @@ def test_an_agent_acts_only_on_its_own_children(theater: Theater) -> None:
 
 
 def test_max_children_refuses_the_spawn_past_the_limit(theater: Theater) -> None:
-    """With max_children = 2 the third spawn is an err naming max_children; a stopped child frees its place."""
+    """With max_children = 2 the third spawn is an err naming max_children. A stopped child keeps its place
+    (the next test removes one): its own name may start again."""
     with theater.client() as c:
         c.spawn(parent_manifest(theater, limits={"max_children": 2}))
         first = spawn_child(c, "parent", "worker", "a")
@@ -323,8 +324,9 @@ def test_max_children_refuses_the_spawn_past_the_limit(theater: Theater) -> None
         assert len(say(c, "parent", "children").split(",")) == 2
         assert say(c, "parent", f"stop:{first}") == "ok"
         wait_status(c, "parent.a", "stopped")
-        spawn_child(c, "parent", "worker", "c")
-        assert c.call("parent.c", b"x") == b"1"
+        assert "max_children 2" in say(c, "parent", "spawn:worker:c")
+        assert spawn_child(c, "parent", "worker", "a") == first  # the same child, started again
+        assert c.call("parent.a", b"x") == b"1"
     assert_verified(theater)
 
 
@@ -551,3 +553,27 @@ def test_crash_of_a_child_restarted_after_its_parent_stopped_keeps_the_superviso
         crash(c, "parent.k")
         still_serving_once(theater, lambda: ps(c, "parent.k")["pid"] != restarted["pid"], "the crash to be handled")
         c.ping()
+
+
+def test_stopped_children_count_until_the_parent_removes_them(theater: Theater) -> None:
+    """A guest spawning and stopping children under fresh names could fill the home: max_children bounds
+    the children it keeps, running or stopped, and supervision.remove frees one (its chain ends with a
+    removed record; its name is free)."""
+    with theater.client() as c:
+        c.spawn(parent_manifest(theater, limits={"max_children": 2}))
+        first = spawn_child(c, "parent", "worker", "a")
+        second = spawn_child(c, "parent", "worker", "b")
+        assert say(c, "parent", f"stop:{first}") == "ok"
+        wait_status(c, "parent.a", "stopped")
+        refused = say(c, "parent", "spawn:worker:c")
+        assert refused == "err:parent keeps 2 children, running or stopped (max_children 2); remove a stopped " \
+                          "one (supervision.remove) to start another", refused
+        running = say(c, "parent", f"remove:{second}")
+        assert running.startswith("err:") and "stop it first" in running, running
+        assert say(c, "parent", f"remove:{first}") == "ok"
+        assert say(c, "parent", "remove:not-a-child").startswith("err:")
+        spawn_child(c, "parent", "worker", "c")
+        assert {a["name"] for a in c.ps()} == {"parent", "parent.b", "parent.c"}
+    removed = [r for r in records(theater, first) if r.kind is Kind.REMOVED]
+    assert len(removed) == 1
+    assert_verified(theater)

@@ -9,6 +9,8 @@
 ;;                                      (no second ':' means an empty name)
 ;;   "stop:<child-id>"               -> supervision.stop(child-id);
 ;;                                      reply: "ok", or "err:" + error
+;;   "remove:<child-id>"             -> supervision.remove(child-id);
+;;                                      reply: "ok", or "err:" + error
 ;;   "children"                      -> supervision.children(); reply: the ids
 ;;                                      joined with "," ("" when there are none)
 ;;   "state"                         -> reply: the current state
@@ -28,7 +30,8 @@
     (export "spawn" (func (param "template" string) (param "name" string) (param "args" string)
                           (result (result string (error string)))))
     (export "stop" (func (param "child" string) (result (result (error string)))))
-    (export "children" (func (result (list string))))))
+    (export "children" (func (result (list string))))
+    (export "remove" (func (param "child" string) (result (result (error string)))))))
   ;; ---------------------------------------------------------------------------
   ;; Linear memory and a bump allocator, in a core module of their own so that
   ;; they exist before the host functions are lowered (lowering a function that
@@ -86,6 +89,8 @@
     (memory (core memory $mem "mem")) (realloc (core func $mem "realloc"))))
   (core func $children (canon lower (func $sup "children")
     (memory (core memory $mem "mem")) (realloc (core func $mem "realloc"))))
+  (core func $remove (canon lower (func $sup "remove")
+    (memory (core memory $mem "mem")) (realloc (core func $mem "realloc"))))
   (core module $m
     (import "env" "mem" (memory 1))
     (import "env" "realloc" (func $realloc (param i32 i32 i32 i32) (result i32)))
@@ -96,6 +101,8 @@
     (import "sup" "stop" (func $stop (param i32 i32 i32)))
     ;; children(return area): list<string> (ptr +0, count +4) of (ptr, len) pairs
     (import "sup" "children" (func $children (param i32)))
+    ;; remove(child ptr/len, return area): result<_, string>, as stop
+    (import "sup" "remove" (func $remove (param i32 i32 i32)))
     (data (i32.const 64) "spawn:")
     (data (i32.const 72) "stop:")
     (data (i32.const 80) "children")
@@ -106,6 +113,7 @@
     (data (i32.const 120) "=")
     (data (i32.const 121) "\n")
     (data (i32.const 122) ",")
+    (data (i32.const 128) "remove:")
 
     ;; the first `n` bytes at `a` and at `b` are equal
     (func $same (param $a i32) (param $b i32) (param $n i32) (result i32)
@@ -206,6 +214,14 @@
           (if (i32.load8_u (i32.const 256))
             (then (return (call $reply_err (local.get $sp) (local.get $sl)))))
           (return (call $reply (local.get $sp) (local.get $sl) (i32.const 112) (i32.const 2)))))
+      ;; "remove:<child-id>"
+      (if (call $starts (local.get $mp) (local.get $ml) (i32.const 128) (i32.const 7))
+        (then
+          (call $remove (i32.add (local.get $mp) (i32.const 7)) (i32.sub (local.get $ml) (i32.const 7))
+                        (i32.const 256))
+          (if (i32.load8_u (i32.const 256))
+            (then (return (call $reply_err (local.get $sp) (local.get $sl)))))
+          (return (call $reply (local.get $sp) (local.get $sl) (i32.const 112) (i32.const 2)))))
       ;; "children" -> the ids joined with ","
       (if (call $is (local.get $mp) (local.get $ml) (i32.const 80) (i32.const 8))
         (then
@@ -269,7 +285,8 @@
     (with "sup" (instance
       (export "spawn" (func $spawn))
       (export "stop" (func $stop))
-      (export "children" (func $children))))))
+      (export "children" (func $children))
+      (export "remove" (func $remove))))))
   (export $o "outcome" (type $outcome))
   (func (export "init") (param "state" string) (param "args" string)
         (result (result string (error string)))

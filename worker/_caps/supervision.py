@@ -27,6 +27,7 @@ class Supervision:
         inst.add_func("spawn", self.spawn)
         inst.add_func("stop", self.stop)
         inst.add_func("children", self.children)
+        inst.add_func("remove", self.remove)
 
     def _ask(self, op: str, **args: Any) -> dict[str, Any]:
         return self._host.ask(CAPABILITY.name, {"op": op, **args})[0]
@@ -43,6 +44,13 @@ class Supervision:
         if len(child) > MAX_TEXT:
             raise HostLimit("supervision.stop: a child id is at most 256 characters")
         answer = self._ask("stop", child=child)
+        return None if answer.get("ok") else str(answer.get("error", "refused"))
+
+    def remove(self, _store: Any, child: str) -> str | None:
+        """result<_, string>: wasmtime-py takes it untagged (None for ok, the error text for err)."""
+        if len(child) > MAX_TEXT:
+            raise HostLimit("supervision.remove: a child id is at most 256 characters")
+        answer = self._ask("remove", child=child)
         return None if answer.get("ok") else str(answer.get("error", "refused"))
 
     def children(self, _store: Any) -> list[str]:
