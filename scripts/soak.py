@@ -45,6 +45,15 @@ def up(home: Home) -> None:
                    capture_output=True, timeout=120)
 
 
+def build_python_echo(root: Path) -> Path:
+    """examples/agents/py_echo built with componentize-py (scripts/setup installs it)."""
+    wasm = root / "py_echo.wasm"
+    componentize = Path(sys.executable).parent / "componentize-py"
+    subprocess.run([str(componentize), "-d", str(ROOT / "wit"), "-w", "agent", "componentize", "app", "-o", str(wasm)],
+                   cwd=ROOT / "examples" / "agents" / "py_echo", check=True, capture_output=True, timeout=600)
+    return wasm
+
+
 def rss_mib(home: Home) -> float:
     return psutil.Process(int(home.pid_file.read_text())).memory_info().rss / 2**20
 
@@ -118,20 +127,26 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--kill-every", type=float, default=0.2, help="seconds between worker kills")
     parser.add_argument("--seed", type=int, default=20261205)
+    parser.add_argument("--python", type=int, default=5, help="how many of the agents are Python (componentize-py)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="soak-", dir="/tmp"))
     home = Home(root / "h")
     names = [f"a{i}" for i in range(args.agents)]
-    figures: dict[str, object] = {"agents": args.agents, "messages": args.messages, "clients": args.clients}
+    figures: dict[str, object] = {"agents": args.agents, "messages": args.messages, "clients": args.clients,
+                                  "python_agents": min(args.python, args.agents)}
+    python_wasm = build_python_echo(root) if args.python > 0 else None
     up(home)
     try:
         with Client(home, timeout=120) as c:
             for i, name in enumerate(names):
-                component = "echo.wat" if i % 2 == 0 else "counter.wat"
+                if python_wasm is not None and i < args.python:
+                    component = python_wasm  # every few agents of the mix run CPython in the sandbox
+                else:
+                    component = COMPONENTS / ("echo.wat" if i % 2 == 0 else "counter.wat")
                 manifest = root / f"{name}.toml"
-                manifest.write_text(f'name = "{name}"\ncomponent = "{COMPONENTS / component}"\n'
+                manifest.write_text(f'name = "{name}"\ncomponent = "{component}"\n'
                                     "[restart]\nintensity = 1000\nperiod_ms = 1000\n")
                 c.spawn(str(manifest))
         traffic = Traffic(home, names, args.seed)
