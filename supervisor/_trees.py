@@ -14,6 +14,7 @@ import json
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,7 @@ class Supervision:
         self._violated: set[str] = set()  # agents whose last worker's part of the chain a violation ended
         self.chains: dict[str, ChainVerifier] = {}  # tree nodes' own chains, by node name
         self._waiting_for_store: list[Agent] = []  # starts held while the store cannot be written
+        self._starts: deque[Agent] = deque()  # worker starts, one per turn of the loop
         self._watching = False
 
     # --- building ---------------------------------------------------------------------
@@ -483,6 +485,22 @@ class Supervision:
         self.workers.timers.after(STORE_PROBE_S, look)
 
     def _start_worker(self, agent: Agent) -> None:
+        """Queue the agent's worker start. Starts run one per turn of the loop, in order: after a crash storm
+        the twenty replacements do not hold the loop for twenty fork-server round trips in a row, and other
+        agents' calls are served between them."""
+        self._starts.append(agent)
+        if len(self._starts) == 1:
+            self.workers.timers.after(0, self._start_next)
+
+    def _start_next(self) -> None:
+        agent = self._starts.popleft()
+        if self._starts:
+            self.workers.timers.after(0, self._start_next)  # due after this turn's timers: the next turn
+        if agent.status not in (Status.STARTING, Status.RESTARTING) or agent.alive:
+            return  # stopped, or started by other means, while it waited
+        self._start_now(agent)
+
+    def _start_now(self, agent: Agent) -> None:
         """Start the agent's worker; if the machine refuses (no space for its log, no descriptors…), the
         start is held and tried again with the store's probe, instead of taking the supervisor down."""
         try:

@@ -507,8 +507,9 @@ def test_stopping_a_child_before_its_worker_said_hello_keeps_the_supervisor_up(t
     with theater.client(timeout=2) as c:
         c.spawn(parent_manifest(theater))
         child = spawn_child(c, "parent", "worker", "early", wait=False)
-        info = ps(c, "parent.early")
-        if info["head"] != -1 or info["pid"] is None:
+        # Worker starts run one per loop turn: the pid appears a turn after the spawn's answer.
+        info = wait_until(lambda: (i := ps(c, "parent.early"))["pid"] is not None and i, what="the child's pid")
+        if info["head"] != -1:
             pytest.skip("the child's worker said hello before it could be held")
         os.kill(info["pid"], signal.SIGSTOP)  # hold it before its hello (the supervisor's SIGKILL still ends it)
         assert ps(c, "parent.early")["head"] == -1
