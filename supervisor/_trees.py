@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from theater import wire
 from theater.chain import ChainVerifier
+from theater.exits import exit_text
 from theater.records import Kind, Record, sha256
 
 from ._agent import Agent, Agents, Member, Node, Pending
@@ -529,7 +530,7 @@ class Supervision:
         incarnation, reason, detail = self._exits.pop(agent.name, (agent.incarnation, "shutdown", ""))
         if note:
             detail += note
-            agent.last_exit = f"{reason}: {detail}"
+            agent.last_exit = exit_text(reason, detail)
         want = str(desired) if desired is not None else None
         if agent.name in self._violated:  # the violation record already ended this worker's part of the chain
             self._violated.discard(agent.name)

@@ -18,7 +18,7 @@ import zmq
 
 from theater import wire
 from theater.errors import ProtocolError, RecordError
-from theater.exits import WorkerExit
+from theater.exits import WorkerExit, exit_text
 from theater.home import Home
 from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256, verify_hello
 from theater.spec import AgentSpec
@@ -394,7 +394,7 @@ class Workers:
         reason = worker.kill_reason or ("load-failed" if code == WorkerExit.LOAD_FAILED else "worker-died")
         why, agent.stop_why = agent.stop_why, ""
         detail = worker.fault or (f"{why} ({how})" if why else how)
-        agent.last_exit = f"{reason}: {detail}"
+        agent.last_exit = exit_text(reason, detail)
         self.log(f"{agent.name}: worker {worker.pid} {how} ({reason})")
         if agent.in_flight is not None:
             self.effects.dropped(agent.in_flight)

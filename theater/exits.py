@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["WorkerExit"]
+__all__ = ["WorkerExit", "exit_text"]
+
+
+def exit_text(reason: str, detail: str) -> str:
+    """An exit as one line, ``<reason>: <detail>``, without saying the reason twice when the detail starts
+    with it (a crash whose failure class is ``trap``: ``trap: wasm trap: …``, not ``trap: trap: wasm trap: …``)."""
+    if not detail:
+        return reason
+    return detail if detail == reason or detail.startswith(f"{reason}: ") else f"{reason}: {detail}"
 
 
 class WorkerExit(enum.IntEnum):

@@ -6,6 +6,7 @@ import time
 import uuid
 from typing import Any
 
+from .exits import exit_text
 from .records import Kind, Record
 
 __all__ = ["describe", "one_line"]
@@ -62,7 +63,7 @@ def one_line(record: Record) -> str:
     elif record.kind is Kind.LOG:
         detail = f"[{f['level']}] {f['message']}" + (" (truncated)" if f["truncated"] else "")
     elif record.kind in (Kind.EXIT, Kind.NODE_GIVE_UP, Kind.NODE_TERMINATE):
-        detail = (f"{f['child']} " if "child" in f else "") + f"{f['reason']}: {f['detail']}"
+        detail = (f"{f['child']} " if "child" in f else "") + exit_text(f["reason"], f["detail"])
     elif record.kind is Kind.NODE_GENESIS:
         detail = f"name={f['name']} parent={f['parent'] or '-'} config={f['config']}"
     elif record.kind is Kind.NODE_RESTART:
