@@ -99,6 +99,7 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
         self.running = True
+        self._stopped_by_down = 0
         self.timers = Timers()
         self.poller = zmq.Poller()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -171,7 +172,7 @@ class Supervisor:
                         self.workers.on_exit(agent)
                 self.timers.run_due()
                 if not self.running and not self.workers.alive():  # every worker has been reaped
-                    self.control.finish_down(len(self.agents))
+                    self.control.finish_down(self._stopped_by_down)
                     break
         finally:
             signal.set_wakeup_fd(old_fd)
@@ -186,6 +187,7 @@ class Supervisor:
         if not self.running:
             return
         self.running = False
+        self._stopped_by_down = sum(1 for agent in self.agents if agent.alive)  # what `down` answers it stopped
         self.log("shutting down: stopping every agent")
         self.supervision.shutdown()  # each tree stops its children in reverse start order
 

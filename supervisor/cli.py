@@ -522,11 +522,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if home.root.exists() and not home.root.is_dir():
             return _fail(args, "usage", f"--home {home.root} is a file, not a directory",
                          "give a directory (it is created if missing), or leave --home out")
+        if args.command in ("verify", "events", "key", "replay", "export") and _fresh(home) \
+                and getattr(args, "bundle", None) is None:
+            if args.command == "verify":
+                _out(args, [], f"no agents yet at {home.root}: nothing to verify")
+                return EXIT_OK
+            return _fail(args, "not-found", f"no agents yet at {home.root}",
+                         "start a supervisor with `theater up` and spawn an agent; the key and the store appear then")
         return COMMANDS[args.command](args, home)
     except ClientError as exc:
         return _fail(args, exc.code, str(exc), _hint(exc.code, str(exc)))
     except NotRunning as exc:
-        return _fail(args, "not-running", str(exc), "start it with `theater up` (or `theater up --detach`)")
+        hint = "" if "theater up" in str(exc) else "start it with `theater up` (or `theater up --detach`)"
+        return _fail(args, "not-running", str(exc), hint)
     except (SupervisorError, TheaterError) as exc:
         return _fail(args, getattr(exc, "code", "error"), str(exc), "")
     except BrokenPipeError:  # `theater events x | head`: the reader has what it wanted
@@ -538,6 +546,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, "os", f"{where}{exc.strerror or exc}", "")
     except KeyboardInterrupt:
         return 130
+
+
+def _fresh(home: Home) -> bool:
+    """A home no supervisor has run in yet: no store, no key."""
+    return not home.store.exists() and not home.public_key.exists()
 
 
 def _fail(args: argparse.Namespace, code: str, message: str, hint: str) -> int:

@@ -391,3 +391,20 @@ def test_a_removed_chain_takes_no_more_records(theater: Theater) -> None:
         else:
             with pytest.raises(RecordError, match="the chain ended with its removed record"):
                 verifier.advance(record)
+
+
+def test_a_fresh_home_says_there_are_no_agents_yet(tmp_path: Path) -> None:
+    home = tmp_path / "fresh"
+    verified = cli(home, "verify")
+    assert verified.returncode == 0 and "no agents yet" in verified.stdout
+    events = cli(home, "events", "x")
+    assert events.returncode == 1 and "no agents yet" in events.stderr and "hint: start a supervisor" in events.stderr
+    assert "Errno" not in events.stderr and "missing" not in events.stderr
+
+
+def test_down_counts_the_agents_it_stopped(theater: Theater) -> None:
+    home = theater.home.root
+    ok(home, "spawn", str(theater.manifest("on", "echo.wat")))
+    ok(home, "spawn", str(theater.manifest("off", "echo.wat")))
+    ok(home, "stop", "off")
+    assert json.loads(ok(home, "down", "--json")) == {"stopped": 1}
