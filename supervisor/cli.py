@@ -453,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", type=Path, default=argparse.SUPPRESS, help="state directory (default: $THEATER_HOME or ~/.local/state/theater)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output on stdout")
-    p = argparse.ArgumentParser(prog="theater", description="Run untrusted agents as sandboxed, supervised WebAssembly components.")
+    p = argparse.ArgumentParser(prog="theater", description="Run untrusted agents as sandboxed, supervised WebAssembly "
+                                "components.", epilog=GROUPS, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Accepted before or after the command; the subcommand's value wins.
     p.add_argument("--home", dest="top_home", type=Path, default=None, help="state directory (default: $THEATER_HOME or ~/.local/state/theater)")
     p.add_argument("--json", dest="top_json", action="store_true", help="machine-readable output on stdout")
@@ -463,13 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--witness", type=Path, help="a directory outside the home that gets a copy of every checkpoint")
     sub.add_parser("down", parents=[common], help="stop every agent and the supervisor")
     s = sub.add_parser("spawn", parents=[common], help="start an agent from its manifest; prints its id")
-    s.add_argument("manifest", type=Path)
+    s.add_argument("manifest", type=Path, help="an agent manifest, or a supervisor manifest (a tree)")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent to be ready")
     s.add_argument("--replace", action="store_true", help="remove a stopped or failed agent of the same name first")
     rmp = sub.add_parser("rm", parents=[common], help="remove a stopped or failed agent (its chain ends; the name is free)")
     rmp.add_argument("agent", help="agent name or id")
     r = sub.add_parser("run", parents=[common], help="supervisor in the foreground + spawn + follow events")
-    r.add_argument("manifest", type=Path)
+    r.add_argument("manifest", type=Path, help="an agent or supervisor manifest")
     for name, what in (("send", "queue a message for an agent"), ("call", "send a message and print the reply")):
         c = sub.add_parser(name, parents=[common], help=what)
         c.add_argument("agent", help="agent name or id")
@@ -478,12 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
     sub.add_parser("ps", parents=[common], help="list agents")
     e = sub.add_parser("events", parents=[common], help="print an agent's event records")
-    e.add_argument("agent", nargs="?")
+    e.add_argument("agent", nargs="?", help="agent or supervisor node, by name or id")
     e.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
     e.add_argument("--trace", metavar="MESSAGE_ID", help="the records of every agent that name this message id "
                                                          "(from a messaging host call's answer)")
     v = sub.add_parser("verify", parents=[common], help="verify every chain offline (exit 1 if any is broken)")
-    v.add_argument("agent", nargs="?")
+    v.add_argument("agent", nargs="?", help="one agent or node (default: every chain of the home)")
     v.add_argument("--pubkey", type=Path, help="the supervisor's public key as you hold it (32 raw bytes or hex), "
                                                "instead of the home's")
     v.add_argument("--fingerprint", help="the supervisor key's fingerprint as you hold it (theater key)")
@@ -494,23 +495,60 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", type=Path, required=True, help="the bundle file to write")
     ex.add_argument("--checkpoint", type=Path, help="a checkpoint to carry along (its heads are checked on verify)")
     st = sub.add_parser("stop", parents=[common], help="stop an agent or a subtree (it stays stopped across restarts)")
-    st.add_argument("agent")
+    st.add_argument("agent", help="agent or supervisor node (a subtree), by name or id")
     sub.add_parser("tree", parents=[common], help="the live supervision tree")
     rs = sub.add_parser("restart", parents=[common], help="stop an agent or subtree and start it again")
-    rs.add_argument("agent")
+    rs.add_argument("agent", help="agent or supervisor node (a subtree), by name or id")
     sub.add_parser("doctor", parents=[common], help="which OS hardening layers work here, and what each policy gets")
     sub.add_parser("key", parents=[common], help="the supervisor's public key and fingerprint, for auditors to pin")
     cp = sub.add_parser("checkpoint", parents=[common], help="sign every chain's head now; keep a copy elsewhere")
     cp.add_argument("-o", "--output", type=Path, help="also write the checkpoint to this file (a witness copy)")
     rp = sub.add_parser("replay", parents=[common], help="run an agent again on its recorded inputs; exit 1 if it diverges")
-    rp.add_argument("agent")
+    rp.add_argument("agent", help="agent, by name or id (a removed one by its id)")
     rp.add_argument("--timeout", type=float, default=600.0, help="seconds the replay may take")
     rp.add_argument("--component", type=Path, help="replay with this component instead of the one the genesis "
                                                    "names (a rebuild): the report is where it first differs")
     se = sub.add_parser("secret", parents=[common], help="named secrets that [http] rules add to requests")
     se.add_argument("action", choices=("set", "list", "rm"), help="set NAME (value on stdin), list, rm NAME")
-    se.add_argument("name", nargs="?")
+    se.add_argument("name", nargs="?", help="the secret's name (set, rm)")
+    for name, command in sub.choices.items():
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        command.epilog = f"example:\n  {EXAMPLES[name]}"
     return p
+
+
+GROUPS = """commands, by what they are for:
+  the supervisor   up, down, checkpoint, key
+  agents           spawn, run, send, call, stop, restart, rm, secret
+  inspection       ps, tree, events, verify, replay, export, doctor
+
+`theater COMMAND --help` shows a command's options and an example.
+start here:
+  theater up --detach
+  theater spawn examples/agents/counter.toml
+  theater call counter hello"""
+
+EXAMPLES = {
+    "up": "theater up --detach --witness /mnt/elsewhere/checkpoints",
+    "down": "theater down",
+    "spawn": "theater spawn examples/agents/counter.toml        # or a tree: examples/agents/team.toml",
+    "run": "theater run examples/agents/counter.toml          # Ctrl-C stops it",
+    "send": "theater send counter tick                          # @FILE for a file's bytes, - for stdin",
+    "call": "theater call counter tick --timeout 5",
+    "ps": "theater ps --json",
+    "events": "theater events counter --follow                   # or: theater events --trace <message id>",
+    "verify": "theater verify --fingerprint <fp> --checkpoint cp.json",
+    "stop": "theater stop counter",
+    "tree": "theater tree",
+    "restart": "theater restart counter",
+    "doctor": "theater doctor",
+    "secret": "printf %s \"$API_KEY\" | theater secret set openai",
+    "replay": "theater replay counter                             # --component FILE: a rebuild",
+    "key": "theater key",
+    "checkpoint": "theater checkpoint -o /mnt/elsewhere/cp.json",
+    "export": "theater export counter team -o audit.bundle --checkpoint cp.json",
+    "rm": "theater rm counter                                 # or: theater spawn counter.toml --replace",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -408,3 +410,22 @@ def test_down_counts_the_agents_it_stopped(theater: Theater) -> None:
     ok(home, "spawn", str(theater.manifest("off", "echo.wat")))
     ok(home, "stop", "off")
     assert json.loads(ok(home, "down", "--json")) == {"stopped": 1}
+
+
+def test_help_groups_commands_and_every_command_has_an_example(tmp_path: Path) -> None:
+    from supervisor.cli import EXAMPLES, GROUPS, build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subcommands.choices) == set(EXAMPLES)
+    grouped = {name.strip() for line in GROUPS.splitlines()[1:4] for name in re.split(r"\s{2,}", line.strip())[1].split(",")}
+    assert grouped == set(EXAMPLES)  # every command is in exactly the groups the help lists
+    for name, command in subcommands.choices.items():
+        assert command.description is None or command.description
+        assert any(a.help for a in subcommands._choices_actions if a.dest == name), name  # a one-line description
+        for action in command._actions:
+            if not action.option_strings:  # a positional
+                assert action.help, (name, action.dest)
+    top = cli(tmp_path, "--help")
+    assert "inspection" in top.stdout and "theater call counter hello" in top.stdout
+    assert "example:" in cli(tmp_path, "replay", "--help").stdout
