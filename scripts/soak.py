@@ -7,7 +7,7 @@ suite runs it small. Afterwards it checks, and prints:
 - every chain verifies;
 - every agent (all permanent) is running;
 - no worker or fork-server of the home is left once the supervisor is down;
-- the supervisor's RSS after warm-up, and at the end.
+- the supervisor's RSS after warm-up, and, within the restarted process, after its warm-up and at the end.
 
 Exit status 0 only if every check holds.
 """
@@ -182,6 +182,10 @@ def main() -> int:
                         raise RuntimeError("the supervisor did not die")
                     time.sleep(0.05)
                 up(home)
+                # RSS within one process: the restarted supervisor, warmed up with every agent resumed,
+                # against the same process at the end.
+                traffic.run(warmup, args.clients)
+                figures["rss_restarted_after_warmup_mib"] = round(rss_mib(home), 1)
         figures["seconds"] = round(time.monotonic() - started, 1)
         figures["answered"] = traffic.sent
         figures["errors_seen_by_clients"] = traffic.errors
