@@ -10,7 +10,6 @@ writer cannot rewrite is where a checkpoint earns its keep.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from theater.checkpoint import Checkpoint, Head
-from theater.home import Home
+from theater.home import Home, write_private
 
 from ._errors import StoreError
 from ._record_path import RecordPath
@@ -49,7 +48,7 @@ class Checkpoints:
         point = Checkpoint.make(heads, self.records.key, time.time_ns())
         self.home.checkpoints.mkdir(mode=0o700, exist_ok=True)
         path = self.home.checkpoints / f"{point.time_ns}.json"
-        _write(path, point.to_json())
+        write_private(path, point.to_json())
         copies = [str(path)]
         if self.witness is not None:
             try:
@@ -72,12 +71,3 @@ class Checkpoints:
         except (OSError, StoreError) as exc:
             self.log(f"periodic checkpoint failed: {exc}")
 
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

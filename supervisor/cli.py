@@ -16,7 +16,7 @@ from typing import Any
 
 from theater.client import Client, ClientError, NotRunning
 from theater.errors import TheaterError
-from theater.home import Home, default_home
+from theater.home import Home, default_home, write_private
 from theater.records import Record
 from theater.render import describe, one_line
 
@@ -430,13 +430,7 @@ def cmd_secret(args: argparse.Namespace, home: Home) -> int:
     if not value or any(c in value for c in b"\r\n\0"):
         _err("a secret is one line of text: not empty, no line break or NUL inside")
         return EXIT_FAIL
-    tmp = home.secrets / f".{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(value)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_private(path, value)
     _out(args, {"set": name}, f"secret {name} set ({len(value)} bytes)")
     return EXIT_OK
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["Home", "default_home"]
+__all__ = ["Home", "default_home", "write_private"]
 
 MAX_IPC_PATH = 107  # sun_path minus the terminating NUL
 
@@ -58,3 +58,15 @@ class Home:
     @property
     def workers_endpoint(self) -> str:
         return self.endpoint(self.workers_sock)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner can read, whole or not at all: a temporary file beside it (0600, never
+    through a link), made durable, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
