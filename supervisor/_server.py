@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -26,7 +27,7 @@ import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from theater.home import Home
+from theater.home import LOG_DATEFMT, LOG_FORMAT, Home
 from theater.records import Record
 
 from ._agent import Agent, Agents
@@ -46,7 +47,18 @@ from ._timers import Timers
 from ._trees import Supervision
 from ._workers import Workers
 
-__all__ = ["Supervisor", "load_or_create_key"]
+__all__ = ["Supervisor", "configure_logging", "load_or_create_key"]
+
+LOG = logging.getLogger("supervisor")
+
+
+def configure_logging(level: str) -> None:
+    """The supervisor's log on stderr (the log file, with --detach): LOG_FORMAT, at ``level`` and above."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(level.upper())
+    LOG.propagate = False
 
 
 def load_or_create_key(home: Home) -> Ed25519PrivateKey:
@@ -84,7 +96,9 @@ class Supervisor:
         tests that run a deliberately misbehaving or probing worker; they are reachable only from
         Python, never from a manifest, a policy or the CLI."""
         self.home = home
-        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._log = log  # a test's own sink; otherwise the logging module (logger "supervisor")
+        if log is None and not logging.getLogger().handlers and not LOG.handlers:
+            configure_logging("info")  # run without `theater up` (a test's script): still log to stderr
         for d in (home.root, home.run, home.logs):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
@@ -135,8 +149,11 @@ class Supervisor:
         self.supervision.resume()
         self.agent_timers.resume()
 
-    def log(self, message: str) -> None:
-        self._log(f"{time.strftime('%H:%M:%S')} supervisor: {message}")
+    def log(self, message: str, level: int = logging.INFO) -> None:
+        if self._log is not None:
+            self._log(f"{time.strftime('%H:%M:%S')} supervisor: {message}")
+        else:
+            LOG.log(level, message)
 
     @property
     def by_name(self) -> dict[str, Agent]:

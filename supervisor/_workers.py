@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -63,7 +64,8 @@ def crash_reason(kind: wire.CallKind, status: str) -> str | None:
 
 class Workers:
     def __init__(self, home: Home, ctx: zmq.Context[zmq.Socket[bytes]], spawner: Spawner, agents: Agents,
-                 records: RecordPath, timers: Timers, poller: zmq.Poller, log: Callable[[str], None]) -> None:
+                 records: RecordPath, timers: Timers, poller: zmq.Poller, log: Callable[..., None]) -> None:
+        """``log(message, level=logging.INFO)``."""
         self.home = home
         self.spawner = spawner
         self.agents = agents
@@ -279,7 +281,7 @@ class Workers:
         """A batch of results is durable (or could not be made so): answer, and act on crashes and finishes."""
         if error is not None:
             # Nothing in this batch is durable: tell callers, restart the workers from the stored head.
-            self.log(f"commit failed: {error}")
+            self.log(f"commit failed: {error}", logging.ERROR)
             for agent, pending, _ in batch:
                 self.effects.dropped(pending)
                 self.control.answer_error(pending, "store", f"the result could not be stored: {error}")
@@ -330,7 +332,7 @@ class Workers:
     def violation(self, agent: Agent, reason: str, evidence: bytes = b"") -> None:
         evidence = evidence[:4096]
         worker = agent.worker
-        self.log(f"{agent.name}: protocol violation: {reason}; killing worker")
+        self.log(f"{agent.name}: protocol violation: {reason}; killing worker", logging.WARNING)
         if worker is None or worker.kill_reason == "protocol-violation":
             return
         worker.kill("protocol-violation")
@@ -339,7 +341,7 @@ class Workers:
                 "incarnation": worker.incarnation, "reason": reason, "evidence": evidence,
             })
         except StoreError as exc:
-            self.log(f"{agent.name}: cannot record the violation: {exc}")
+            self.log(f"{agent.name}: cannot record the violation: {exc}", logging.ERROR)
 
     def stop(self, agent: Agent, reason: str, kill_after_ms: int | None) -> None:
         """Ask the worker to stop; kill it after ``kill_after_ms`` (0: at once, brutal_kill; None: never)."""

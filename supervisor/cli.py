@@ -70,7 +70,8 @@ def cmd_up(args: argparse.Namespace, home: Home) -> int:
         with open(home.logs / "supervisor.log", "ab") as log:
             witness = ["--witness", str(args.witness.resolve())] if args.witness else []
             proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor", "--home", str(home.root), "up", *witness],
+                [sys.executable, "-m", "supervisor", "--home", str(home.root), "up", "--log-level", args.log_level,
+                 *witness],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
         deadline = time.monotonic() + UP_TIMEOUT_S
@@ -87,8 +88,9 @@ def cmd_up(args: argparse.Namespace, home: Home) -> int:
                 time.sleep(0.05)
         _err("the supervisor did not answer within 30 s")
         return EXIT_FAIL
-    from ._server import Supervisor
+    from ._server import Supervisor, configure_logging
 
+    configure_logging(args.log_level)
     sup = Supervisor(home, witness=args.witness.resolve() if args.witness else None)
     sup.serve_forever()
     return EXIT_OK
@@ -351,6 +353,25 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
+def cmd_logs(args: argparse.Namespace, home: Home) -> int:
+    """The log file `up --detach` writes; with --follow, new lines as they come (Ctrl-C ends)."""
+    path = home.logs / "supervisor.log"
+    if not path.exists():
+        return _fail(args, "not-found", f"no supervisor log at {path}",
+                     "the supervisor writes it when started with `theater up --detach`; in the foreground it logs "
+                     "to the terminal")
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                continue
+            sys.stdout.flush()
+            if not args.follow:
+                return EXIT_OK
+            time.sleep(0.2)  # a terminal's follow: nothing waits on it
+
+
 def cmd_rm(args: argparse.Namespace, home: Home) -> int:
     with Client(home) as c:
         info = c.remove(args.agent)
@@ -439,7 +460,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
     "up": cmd_up, "down": cmd_down, "spawn": cmd_spawn, "run": cmd_run, "send": cmd_send, "call": cmd_call,
     "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
     "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor, "secret": cmd_secret, "replay": cmd_replay,
-    "key": cmd_key, "checkpoint": cmd_checkpoint, "export": cmd_export, "rm": cmd_rm,
+    "key": cmd_key, "checkpoint": cmd_checkpoint, "export": cmd_export, "rm": cmd_rm, "logs": cmd_logs,
 }
 
 
@@ -456,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common], help="start the supervisor")
     up.add_argument("--detach", action="store_true", help="run in the background and return once it answers")
     up.add_argument("--witness", type=Path, help="a directory outside the home that gets a copy of every checkpoint")
+    up.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                    help="the least severe lines the supervisor logs (default: info)")
+    lg = sub.add_parser("logs", parents=[common], help="the supervisor's log (of `up --detach`)")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
     sub.add_parser("down", parents=[common], help="stop every agent and the supervisor")
     s = sub.add_parser("spawn", parents=[common], help="start an agent from its manifest; prints its id")
     s.add_argument("manifest", type=Path, help="an agent manifest, or a supervisor manifest (a tree)")
@@ -512,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 GROUPS = """commands, by what they are for:
-  the supervisor   up, down, checkpoint, key
+  the supervisor   up, down, logs, checkpoint, key
   agents           spawn, run, send, call, stop, restart, rm, secret
   inspection       ps, tree, events, verify, replay, export, doctor
 
@@ -542,6 +567,7 @@ EXAMPLES = {
     "checkpoint": "theater checkpoint -o /mnt/elsewhere/cp.json",
     "export": "theater export counter team -o audit.bundle --checkpoint cp.json",
     "rm": "theater rm counter                                 # or: theater spawn counter.toml --replace",
+    "logs": "theater logs --follow",
 }
 
 

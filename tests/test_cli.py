@@ -429,3 +429,18 @@ def test_help_groups_commands_and_every_command_has_an_example(tmp_path: Path) -
     top = cli(tmp_path, "--help")
     assert "inspection" in top.stdout and "theater call counter hello" in top.stdout
     assert "example:" in cli(tmp_path, "replay", "--help").stdout
+
+
+def test_logs_have_levels_and_times_and_theater_logs_shows_them(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    missing = cli(home, "logs")
+    assert missing.returncode == 1 and "no supervisor log at" in missing.stderr and "up --detach" in missing.stderr
+    assert ok(home, "up", "--detach")
+    ok(home, "down")
+    lines = ok(home, "logs").splitlines()
+    line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR) (supervisor|zygote): ")
+    assert lines and all(line.match(x) for x in lines), lines
+    assert any(" INFO supervisor: up at " in x for x in lines)
+    ok(home, "up", "--detach", "--log-level", "warning")
+    ok(home, "down")
+    assert ok(home, "logs").splitlines() == lines  # nothing below a warning happened

@@ -14,9 +14,14 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-__all__ = ["Home", "default_home", "write_private"]
+__all__ = ["LOG_DATEFMT", "LOG_FORMAT", "Home", "default_home", "log_line", "write_private"]
+
+# Every line the supervisor and the fork-server log: time to the millisecond, level, who, what.
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 MAX_IPC_PATH = 107  # sun_path minus the terminating NUL
 
@@ -70,3 +75,9 @@ def write_private(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def log_line(who: str, level: str, message: str) -> str:
+    """One log line in LOG_FORMAT, for a process that logs without the logging module (the fork-server)."""
+    now = time.time()
+    return f"{time.strftime(LOG_DATEFMT, time.localtime(now))}.{int(now * 1000) % 1000:03d} {level} {who}: {message}"

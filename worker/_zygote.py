@@ -87,6 +87,7 @@ from theater.forkserver import (
     Spawned,
     SpawnRefused,
 )
+from theater.home import log_line
 
 from . import _harden
 from ._engine import ARTIFACT_MEMFD_PREFIX, ARTIFACT_SEALS
@@ -115,7 +116,7 @@ CLONE_PARENT_SUPPORTED = _SYS_CLONE is not None and sys.platform == "linux"
 
 
 def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} zygote: {message}", file=sys.stderr, flush=True)
+    print(log_line("zygote", "INFO", message), file=sys.stderr, flush=True)
 
 
 def thread_count() -> int:
