@@ -10,6 +10,7 @@ agent's committed state.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -108,3 +109,18 @@ def test_a_hostile_python_agent_fails_its_call_and_keeps_its_state(
         assert c.call(name, b"count") == b"2"  # restarted from the committed state
         assert c.call(name, b"open:/etc/passwd") == b"FileNotFoundError: No such file or directory"
     assert_verified(t)
+
+
+def test_a_python_agent_replays_identically(py_theater: tuple[Theater, Path]) -> None:
+    """CPython in the sandbox, replayed: its WASI clock and randomness come from the chain, so the same
+    component writes the same chain again (theater replay, in its confined process)."""
+    t, wasm = py_theater
+    with t.client() as c:
+        _spawn(t, c, "py-replay", wasm)
+        assert [c.call("py-replay", b"count") for _ in range(3)] == [b"1", b"2", b"3"]
+        c.call("py-replay", b"echo:again")
+    proc = subprocess.run([sys.executable, "-m", "supervisor", "--home", str(t.home.root), "replay", "py-replay",
+                           "--json"], capture_output=True, text=True, timeout=600, check=False)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["ok"], (report, proc.stderr[-2000:])
+    assert report["calls"] == 5
