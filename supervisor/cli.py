@@ -353,6 +353,23 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
+def cmd_new(args: argparse.Namespace, home: Home) -> int:
+    from ._authoring import new_project
+
+    project = new_project(args.name, args.lang, args.dir.resolve())
+    _out(args, {"project": str(project), "lang": args.lang},
+         lambda: f"created {project}\n" + (project / "README.md").read_text().split("\n\n", 1)[1].strip())
+    return EXIT_OK
+
+
+def cmd_build(args: argparse.Namespace, home: Home) -> int:
+    from ._authoring import build
+
+    component = build(args.project, lambda line: print(line, file=sys.stderr, flush=True))
+    _out(args, {"component": str(component) if component else None}, str(component) if component else "")
+    return EXIT_OK
+
+
 def cmd_logs(args: argparse.Namespace, home: Home) -> int:
     """The log file `up --detach` writes; with --follow, new lines as they come (Ctrl-C ends)."""
     path = home.logs / "supervisor.log"
@@ -461,6 +478,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
     "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
     "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor, "secret": cmd_secret, "replay": cmd_replay,
     "key": cmd_key, "checkpoint": cmd_checkpoint, "export": cmd_export, "rm": cmd_rm, "logs": cmd_logs,
+    "new": cmd_new, "build": cmd_build,
 }
 
 
@@ -479,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--witness", type=Path, help="a directory outside the home that gets a copy of every checkpoint")
     up.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                     help="the least severe lines the supervisor logs (default: info)")
+    nw = sub.add_parser("new", parents=[common], help="write a new agent project (source, manifest, README)")
+    nw.add_argument("name", help="the agent's name, and the project directory's")
+    nw.add_argument("--lang", choices=("python", "wat"), default="python", help="the guest language (default python)")
+    nw.add_argument("--dir", type=Path, default=Path("."), help="where to create the project (default: here)")
+    bd = sub.add_parser("build", parents=[common], help="build a project's component (skipped if up to date)")
+    bd.add_argument("project", type=Path, help="the project directory theater new made")
     lg = sub.add_parser("logs", parents=[common], help="the supervisor's log (of `up --detach`)")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
     sub.add_parser("down", parents=[common], help="stop every agent and the supervisor")
@@ -538,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 GROUPS = """commands, by what they are for:
   the supervisor   up, down, logs, checkpoint, key
-  agents           spawn, run, send, call, stop, restart, rm, secret
+  agents           new, build, spawn, run, send, call, stop, restart, rm, secret
   inspection       ps, tree, events, verify, replay, export, doctor
 
 `theater COMMAND --help` shows a command's options and an example.
@@ -568,6 +592,8 @@ EXAMPLES = {
     "export": "theater export counter team -o audit.bundle --checkpoint cp.json",
     "rm": "theater rm counter                                 # or: theater spawn counter.toml --replace",
     "logs": "theater logs --follow",
+    "new": "theater new greeter --lang python && theater build greeter",
+    "build": "theater build greeter                              # then: theater spawn greeter/greeter.toml",
 }
 
 

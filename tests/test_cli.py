@@ -444,3 +444,27 @@ def test_logs_have_levels_and_times_and_theater_logs_shows_them(tmp_path: Path) 
     ok(home, "up", "--detach", "--log-level", "warning")
     ok(home, "down")
     assert ok(home, "logs").splitlines() == lines  # nothing below a warning happened
+
+
+@pytest.mark.parametrize("lang", ["wat", "python"])
+def test_a_new_project_builds_and_answers_a_call(theater: Theater, tmp_path: Path, lang: str) -> None:
+    """`theater new`, `theater build` (skipped the second time), `theater spawn`, `theater call`: the README's
+    lines, through the real CLI."""
+    home = theater.home.root
+    created = ok(home, "new", "greeter", "--lang", lang, "--dir", str(tmp_path))
+    project = tmp_path / "greeter"
+    assert f"created {project}" in created and (project / "greeter.toml").exists()
+    again = cli(home, "new", "greeter", "--dir", str(tmp_path))
+    assert again.returncode == 1 and "exists already" in again.stderr
+    built = cli(home, "build", str(project), timeout=600)
+    assert built.returncode == 0, built.stderr
+    if lang == "python":
+        assert "built greeter.wasm" in built.stderr
+        assert "up to date" in cli(home, "build", str(project)).stderr
+    else:
+        assert "nothing to build" in built.stderr
+    proc = subprocess.run([*COMMAND, "--home", str(home), "spawn", str(project / "greeter.toml"), "--timeout", "300"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    reply = ok(home, "call", "greeter", "hello").strip()
+    assert reply == ("1: hello" if lang == "python" else "hello")
