@@ -104,10 +104,76 @@ def cmd_down(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_spawn(args: argparse.Namespace, home: Home) -> int:
-    with Client(home, timeout=args.timeout) as c:
-        info = c.spawn(args.manifest, replace=args.replace)
+    progress = None if args.json else Progress(home, args.manifest)
+    try:
+        with Client(home, timeout=args.timeout) as c:
+            info = c.spawn(args.manifest, replace=args.replace)
+    finally:
+        if progress is not None:
+            progress.end()
     _out(args, info, info["id"])
     return EXIT_OK
+
+
+class Progress:
+    """What a spawn is doing while it takes long (a first spawn compiles the component): on a terminal one
+    line kept up to date, otherwise a line every few seconds, on stderr. It shows only once the spawn has
+    taken PROGRESS_AFTER_S (the environment's THEATER_PROGRESS_AFTER_S, if set)."""
+
+    def __init__(self, home: Home, manifest: Path) -> None:
+        import threading
+
+        self.home, self.name = home, _manifest_name(manifest)
+        self.tty = sys.stderr.isatty()
+        self.after = float(os.environ.get("THEATER_PROGRESS_AFTER_S", PROGRESS_AFTER_S))
+        self.started = time.monotonic()
+        self.shown = False
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        if self.done.wait(self.after):
+            return
+        with contextlib.suppress(NotRunning, TheaterError), Client(self.home, timeout=5) as c:
+            while True:
+                self._say(f"spawn {self.name}: {self._phase(c)} ({time.monotonic() - self.started:.1f} s)")
+                if self.done.wait(0.25 if self.tty else 5.0):
+                    return
+
+    def _phase(self, c: Client) -> str:
+        entry = next((a for a in c.ps() if a["name"] == self.name), None)
+        if entry is None:
+            return "loading the manifest and starting"
+        if entry["pid"] is None:
+            return f"{entry['status']}, waiting for a worker"
+        if entry["head"] < 0:
+            return f"worker {entry['pid']} is loading the component (a first spawn compiles it)"
+        return f"worker {entry['pid']} is running init"
+
+    def _say(self, line: str) -> None:
+        self.shown = True
+        print(f"\r\033[K{line}" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=6)
+        if self.shown:
+            self._say(f"spawn {self.name}: done after {time.monotonic() - self.started:.1f} s")
+            if self.tty:
+                print(file=sys.stderr)
+
+
+PROGRESS_AFTER_S = 1.0
+
+
+def _manifest_name(manifest: Path) -> str:
+    import tomllib
+
+    try:
+        return str(tomllib.loads(manifest.read_text())["name"])
+    except (OSError, ValueError, KeyError, UnicodeDecodeError):
+        return manifest.stem
 
 
 def cmd_send(args: argparse.Namespace, home: Home) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -463,8 +464,13 @@ def test_a_new_project_builds_and_answers_a_call(theater: Theater, tmp_path: Pat
         assert "up to date" in cli(home, "build", str(project)).stderr
     else:
         assert "nothing to build" in built.stderr
+    env = {**os.environ, "THEATER_PROGRESS_AFTER_S": "0"}  # show progress from the start, not after a second
     proc = subprocess.run([*COMMAND, "--home", str(home), "spawn", str(project / "greeter.toml"), "--timeout", "300"],
-                          capture_output=True, text=True, timeout=600, check=False)
+                          capture_output=True, text=True, timeout=600, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
+    if lang == "python":  # its first spawn compiles an 18 MB component: the progress says what is going on
+        lines = proc.stderr.splitlines()
+        assert lines[0].startswith("spawn greeter: ") and "s)" in lines[0], lines
+        assert lines[-1].startswith("spawn greeter: done after "), lines
     reply = ok(home, "call", "greeter", "hello").strip()
     assert reply == ("1: hello" if lang == "python" else "hello")
