@@ -13,6 +13,7 @@ the rows carry Theater's figure from the same run as the baseline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -113,6 +114,19 @@ class _Inbox:
         return int(self.sock.recv())
 
 
+def _reap(tmp: Path) -> None:
+    """Kill whatever a peer left running from this run (its children may sit in process groups of their
+    own): every process whose command line names this run's directory."""
+    import psutil
+
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if p.pid != os.getpid() and any(str(tmp) in part for part in (p.info["cmdline"] or []))]
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=10)
+
+
 def _restarts(inbox: _Inbox, n: int, timeout_s: float) -> list[float]:
     pid = inbox.next_pid(30)
     out = []
@@ -147,6 +161,7 @@ def circus_restarts(python: Path, tmp: Path, n: int, check_delay: float) -> list
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        _reap(tmp)
         inbox.sock.close(0)
 
 
@@ -178,6 +193,7 @@ def supervisord_restarts(python: Path, tmp: Path, n: int) -> list[float]:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        _reap(tmp)
         out.close()
         inbox.sock.close(0)
 
