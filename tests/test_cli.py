@@ -474,3 +474,21 @@ def test_a_new_project_builds_and_answers_a_call(theater: Theater, tmp_path: Pat
         assert lines[-1].startswith("spawn greeter: done after "), lines
     reply = ok(home, "call", "greeter", "hello").strip()
     assert reply == ("1: hello" if lang == "python" else "hello")
+
+
+def test_a_killed_supervisor_is_reported_at_once_even_before_it_is_reaped(theater: Theater) -> None:
+    """SIGKILL leaves a zombie (the test has not waited for it yet) and a socket file no one listens on:
+    the client says so at once instead of waiting out its timeout."""
+    import signal
+
+    assert theater.proc is not None
+    os.kill(theater.proc.pid, signal.SIGKILL)
+    wait_for_zombie = [theater.proc.pid]
+    try:
+        import psutil
+        from conftest import wait_until
+        wait_until(lambda: psutil.Process(wait_for_zombie[0]).status() == psutil.STATUS_ZOMBIE, what="the zombie")
+        proc = cli(theater.home.root, "ps", timeout=10)  # far below the client's own 30 s timeout
+        assert proc.returncode == 1 and "is not running (it ended without cleaning up)" in proc.stderr, proc.stderr
+    finally:
+        theater.proc.wait()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ __all__ = ["Client", "ClientError", "NotRunning"]
 
 
 def _supervisor_gone(home: Home) -> bool:
-    """The pid file names a process that no longer exists: the supervisor was killed. Anything less
-    certain (no pid file, a process we may not signal) is left to the request's own timeout."""
+    """The supervisor was killed: its pid file names a process that no longer exists (or a zombie), or
+    nothing listens on its control socket. Anything less certain (no pid file, a process we may not
+    signal) is left to the request's own timeout."""
     try:
         pid = int(home.pid_file.read_text().strip())
     except (OSError, ValueError):
@@ -35,6 +37,22 @@ def _supervisor_gone(home: Home) -> bool:
         return True
     except OSError:
         return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":  # killed, not yet reaped
+                return True
+    except (OSError, IndexError):
+        pass
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(home.control_sock))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True  # a socket file with no one behind it
+    except OSError:
+        return False
+    finally:
+        probe.close()
     return False
 
 
