@@ -10,10 +10,12 @@ source and the WIT world are what the last build used (their hash is kept in
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ __all__ = ["LANGUAGES", "build", "new_project"]
 LANGUAGES = ("python", "wat")
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 STAMP = ".theater-build"
+PROGRESS_S = 5.0  # a line this often while a build runs
 
 
 def _shipped(folder: str) -> Path:
@@ -81,10 +84,20 @@ def build(project: Path, say: Callable[[str], None]) -> Path | None:
         raise ConfigError(f"componentize-py is not installed beside {sys.executable} (pip install componentize-py)")
     say(f"{project.name}: building {wasm.name} with componentize-py (a Python agent takes several seconds)")
     started = time.monotonic()
-    run = subprocess.run([str(componentize), "-d", str(wit), "-w", "agent", "componentize", "app", "-o", str(wasm)],
-                         cwd=project, capture_output=True, text=True, check=False)
-    if run.returncode != 0:
-        raise ConfigError(f"{project.name}: componentize-py failed:\n{(run.stderr or run.stdout).strip()[-4000:]}")
+    with tempfile.TemporaryFile() as report:
+        proc = subprocess.Popen([str(componentize), "-d", str(wit), "-w", "agent", "componentize", "app", "-o",
+                                 str(wasm)], cwd=project, stdout=report, stderr=subprocess.STDOUT,
+                                env={**os.environ, "RUST_BACKTRACE": "0", "RUST_LIB_BACKTRACE": "0"})
+        while True:  # what it is doing, while it does it
+            try:
+                proc.wait(timeout=PROGRESS_S)
+                break
+            except subprocess.TimeoutExpired:
+                say(f"{project.name}: still building ({time.monotonic() - started:.0f} s)")
+        if proc.returncode != 0:
+            report.seek(0)
+            text = report.read().decode(errors="replace").split("Stack backtrace:")[0].strip()
+            raise ConfigError(f"{project.name}: componentize-py failed:\n{text[-4000:]}")
     stamp.write_text(digest.hexdigest() + "\n")
     say(f"{project.name}: built {wasm.name} ({wasm.stat().st_size:,} bytes) in {time.monotonic() - started:.1f} s")
     return wasm

@@ -492,3 +492,14 @@ def test_a_killed_supervisor_is_reported_at_once_even_before_it_is_reaped(theate
         assert proc.returncode == 1 and "is not running (it ended without cleaning up)" in proc.stderr, proc.stderr
     finally:
         theater.proc.wait()
+
+
+def test_a_failed_build_shows_the_toolchain_s_report(theater: Theater, tmp_path: Path) -> None:
+    home = theater.home.root
+    ok(home, "new", "broken", "--dir", str(tmp_path))
+    with open(tmp_path / "broken" / "app.py", "a") as f:
+        f.write("\nthis is not python(\n")
+    proc = cli(home, "build", str(tmp_path / "broken"), timeout=600)
+    assert proc.returncode == 1
+    assert "componentize-py failed" in proc.stderr and "SyntaxError" in proc.stderr and "app.py" in proc.stderr
+    assert "Stack backtrace" not in proc.stderr
