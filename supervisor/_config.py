@@ -340,7 +340,10 @@ def load_policy(name: str, dirs: list[Path]) -> Policy:
         if path.exists() or path.is_symlink():  # whatever it is: reading it says what is wrong with it
             break
     else:
-        raise ConfigError(f"no policy named {name!r} in {', '.join(map(str, dirs))}")
+        known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(known)})" if known else ""
+        raise ConfigError(f"no policy named {name!r} in {', '.join(map(str, dirs))}{hint}")
     top = _Table(path, _read_toml(path))
     description = top.get("description", str, "")
     caps = _capabilities(top, None)
@@ -487,7 +490,12 @@ def _name(top: _Table) -> str:
 def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
     name = _name(top)
     component_rel = top.get("component", str, required=True)
-    policy = load_policy(top.get("policy", str, "default"), dirs)
+    try:
+        policy = load_policy(top.get("policy", str, "default"), dirs)
+    except ConfigError as exc:
+        if str(exc).startswith(("policy name", "no policy named")):  # the manifest's key is what is wrong
+            raise top.err("policy", str(exc)) from None
+        raise
     init_args = top.get("init_args", str, "")
     try:
         init_bytes = init_args.encode("latin-1")

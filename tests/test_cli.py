@@ -328,6 +328,10 @@ def test_a_misspelled_key_is_named_with_the_nearest_known_one(theater: Theater, 
                         "[limits]\nmemory_byte = 65536\n")
     proc = cli(theater.home.root, "spawn", str(manifest))
     assert "unknown key limits.memory_byte (did you mean limits.memory_bytes?)" in proc.stderr, proc.stderr
+    manifest.write_text(f'name = "typo"\ncomponent = "{Path(__file__).parent / "components" / "counter.wat"}"\n'
+                        'policy = "defualt"\n')
+    proc = cli(theater.home.root, "spawn", str(manifest))
+    assert f"{manifest}: policy: no policy named 'defualt'" in proc.stderr and "(did you mean 'default'?)" in proc.stderr
 
 
 # --- theater rm: a way out for a failed or unwanted agent -----------------------------------------------
