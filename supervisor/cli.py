@@ -716,7 +716,10 @@ def _fail(args: argparse.Namespace, code: str, message: str, hint: str) -> int:
 
 def _hint(code: str, message: str) -> str:
     """What to do next, where a user is most often stuck."""
-    if code == "refused" and (" is stopped" in message or " is failed" in message):
+    if code == "refused" and " is failed" in message:
+        return "see why with `theater events <agent>`; start it again with `theater restart <agent>`, or remove " \
+               "it with `theater rm <agent>`"
+    if code == "refused" and " is stopped" in message:
         return "start it again with `theater restart <agent>`"
     if code == "not-found":
         return "`theater ps` lists the agents; `theater tree` the supervisors"
