@@ -33,6 +33,21 @@ class Grant(Protocol):
     def as_dict(self) -> dict[str, Any]: ...
 
 
+def _numbers(table: _Table, bounds: dict[str, tuple[int, int, int, str]], ceiling: object | None) -> dict[str, int]:
+    """The integer settings ``bounds`` names (name -> (min, max, default, what)): each within its range and, for
+    a manifest (``ceiling``: its policy's grant), at most the policy's value, which is also its default."""
+    values = {}
+    for name, (low, high, default, what) in bounds.items():
+        top = getattr(ceiling, name) if ceiling is not None else default
+        value = table.get(name, int, top)
+        if not low <= value <= high:
+            raise table.err(name, f"{value} is out of range {low}..{high} ({what})")
+        if ceiling is not None and value > top:
+            raise table.err(name, f"{value} exceeds the policy's {top}; a manifest may only narrow its policy")
+        values[name] = value
+    return values
+
+
 @dataclass(frozen=True, slots=True)
 class _Numbers:
     """A grant of integer settings, each with bounds and a default; a manifest may only lower them."""
@@ -44,15 +59,7 @@ class _Numbers:
 
     @classmethod
     def parse(cls, table: _Table, ceiling: _Numbers | None) -> _Numbers:
-        values = {}
-        for name, (low, high, default, what) in cls.BOUNDS.items():
-            top = getattr(ceiling, name) if ceiling is not None else default
-            value = table.get(name, int, top)
-            if not low <= value <= high:
-                raise table.err(name, f"{value} is out of range {low}..{high} ({what})")
-            if ceiling is not None and value > top:
-                raise table.err(name, f"{value} exceeds the policy's {top}; a manifest may only narrow its policy")
-            values[name] = value
+        values = _numbers(table, cls.BOUNDS, ceiling)
         table.finish()
         return cls(**values)
 
@@ -264,15 +271,7 @@ class HttpGrant:
         secrets = _secret_rules(table, top.secrets if ceiling else None)
         if "secrets" not in table.data and ceiling is not None:
             secrets = top.secrets
-        numbers = {}
-        for name, (low, high, default, what) in cls.NUMBERS.items():
-            limit = getattr(top, name) if ceiling is not None else default
-            value = table.get(name, int, limit)
-            if not low <= value <= high:
-                raise table.err(name, f"{value} is out of range {low}..{high} ({what})")
-            if ceiling is not None and value > limit:
-                raise table.err(name, f"{value} exceeds the policy's {limit}; a manifest may only narrow its policy")
-            numbers[name] = value
+        numbers = _numbers(table, cls.NUMBERS, ceiling)
         table.finish()
         return cls(allow=allow, methods=tuple(dict.fromkeys(methods)), private=private, secrets=secrets, **numbers)
 
