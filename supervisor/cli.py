@@ -168,11 +168,16 @@ PROGRESS_AFTER_S = 1.0
 
 
 def _manifest_name(manifest: Path) -> str:
+    """The agent's name, for the progress lines; read as the supervisor reads a manifest (a regular file of at
+    most 1 MiB, opened without blocking: a FIFO or a device is the supervisor's to refuse, not ours to hang on)."""
     import tomllib
 
+    from ._config import MAX_MANIFEST_BYTES, open_regular
+
     try:
-        return str(tomllib.loads(manifest.read_text())["name"])
-    except (OSError, ValueError, KeyError, UnicodeDecodeError):
+        with os.fdopen(open_regular(manifest, MAX_MANIFEST_BYTES), "rb") as f:
+            return str(tomllib.loads(f.read(MAX_MANIFEST_BYTES).decode())["name"])
+    except (OSError, ValueError, KeyError, SupervisorError):
         return manifest.stem
 
 
