@@ -88,19 +88,18 @@ def _verify_store(db: sqlite3.Connection, key: Ed25519PublicKey, agent: str | No
     rows = db.execute("SELECT id, name, head_seq, head_hash, state_hash, state, config FROM agents "
                       "ORDER BY created_ns").fetchall()
     nodes = db.execute("SELECT id, name, head_seq, head_hash FROM nodes ORDER BY created_ns").fetchall()
+    removed = db.execute("SELECT id, name, head_seq, head_hash, config FROM removed ORDER BY removed_ns").fetchall()
     if agent is not None:
         rows = [r for r in rows if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
         nodes = [r for r in nodes if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
-        if not rows and not nodes:
+        removed = [r for r in removed if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
+        if not rows and not nodes and not removed:
             raise NotFound(f"no agent or supervisor node named or with id {agent!r} in {home.store}")
     reports = [_verify_one(db, key, agent_id, name, head_seq, head_hash, state_hash, state, json.loads(config))
                for agent_id, name, head_seq, head_hash, state_hash, state, config in rows]
     empty = sha256(b"")  # a node's chain has no state: every record states the empty state's hash
     reports += [_verify_one(db, key, node_id, name, head_seq, head_hash, empty, b"", None)
                 for node_id, name, head_seq, head_hash in nodes]
-    removed = db.execute("SELECT id, name, head_seq, head_hash, config FROM removed ORDER BY removed_ns").fetchall()
-    if agent is not None:
-        removed = [r for r in removed if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
     for removed_id, name, head_seq, head_hash, config in removed:
         report = _verify_one(db, key, removed_id, name, head_seq, head_hash, None, None, json.loads(config))
         if report.ok and Record.parse(next(read_chain(db, removed_id, head_seq - 1))).kind is not Kind.REMOVED:

@@ -356,6 +356,8 @@ def test_rm_frees_the_name_of_a_failed_spawn_and_its_history_stays_verifiable(th
     assert reports["svc"]["ok"] and reports["svc (removed)"]["ok"] and reports["svc (removed)"]["id"] == old
     events = [json.loads(line) for line in ok(home, "events", old, "--json").splitlines()]
     assert events[-1]["kind"] == "removed" and events[-1]["signer"] == "supervisor"
+    [alone] = json.loads(ok(home, "verify", old, "--json"))  # a removed chain by its id, on its own
+    assert alone["ok"] and alone["name"] == "svc (removed)"
     # spawn --replace does both in one step, for a stopped agent too
     ok(home, "stop", "svc")
     again = ok(home, "spawn", str(fixed), "--replace").strip()
