@@ -94,6 +94,10 @@ class HostRequests:
             answer = handler(call)
         except (Refused, NotFound, ConfigError) as exc:
             answer = Answer({"ok": False, "error": str(exc)})
+        except Exception as exc:  # a worker's arguments must never take the supervisor down: it broke the protocol
+            self.workers.violation(agent, f"host request {capability}.{op} could not be served: "
+                                          f"{type(exc).__name__}: {str(exc)[:200]}", frames[1][:256])
+            return
         if answer is not None:
             self.answer(call, answer)
 
