@@ -35,6 +35,7 @@ from theater.records import (  # noqa: E402
     ZERO_HASH,
     Kind,
     Record,
+    encode_payload,
     sha256,
     sign_record,
 )
@@ -95,6 +96,7 @@ def chain_plan() -> list[tuple[str, Kind, dict[str, Any], bytes | None]]:
         ("supervisor", Kind.EXIT, {"incarnation": 0, "reason": "killed", "detail": "signal 9"}, None),
         ("supervisor", Kind.WORKER_KEY, {
             "incarnation": 1, "worker_key": public("worker-1"), "confinement": CONFINEMENT, "reason": "killed",
+            "component_sha256": COMPONENT_SHA256,
         }, None),
         ("worker-1", Kind.HANDLE, {"message": b"again", "reply": b"43", "status": "ok", "error": "", "fuel": 2346}, b"43"),
         ("worker-1", Kind.MESSAGE, {
@@ -199,6 +201,14 @@ def invalid_cases(chain: list[Record]) -> list[dict[str, Any]]:
         ("record of another agent", [*raws[:2], resign(log, "worker-0", agent_id=OTHER_AGENT_ID)],
          "record 2 belongs to another agent"),
         ("payload length mismatch", [*raws[:2], log.raw[:-1]], "record length does not match its payload length"),
+        ("worker-key naming another component",
+         [*raws[:7], resign(chain[7], "supervisor",
+                            payload=encode_payload(Kind.WORKER_KEY, {**chain[7].fields(), "component_sha256": bytes(32)}))],
+         "record 7: the worker-key record names another component than the genesis"),
+        ("small-order worker key",  # the identity point: (R = identity, S = 0) would verify for any record
+         [resign(chain[0], "supervisor", payload=encode_payload(Kind.GENESIS, {**chain[0].fields(),
+                                                                               "worker_key": b"\x01" + bytes(31)}))],
+         "record 0: the worker key is a point of small order"),
     ]
     return [{"name": name, "records": [r.hex() for r in rs], "error": error} for name, rs, error in cases]
 

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from theater.chain import verify_chain
 from theater.checkpoint import Checkpoint, fingerprint
+from theater.ed25519 import key_weakness
 from theater.errors import RecordError
 from theater.home import Home
 from theater.records import Kind, Record, sha256
@@ -62,11 +63,9 @@ def verify_home(home: Home, agent: str | None = None, *, pinned: bytes | None = 
     store must still hold."""
     try:
         raw = pinned if pinned is not None else home.public_key.read_bytes()
-        key = Ed25519PublicKey.from_public_bytes(raw)
     except FileNotFoundError:
         raise StoreError(f"{home.public_key}: the supervisor's public key is missing") from None
-    except ValueError:
-        raise StoreError("the public key is not 32 bytes of an Ed25519 key") from None
+    key = supervisor_key(raw)
     if checkpoint is not None and checkpoint.public_key != raw:
         raise StoreError(f"the checkpoint was signed by key {fingerprint(checkpoint.public_key)}, not by "
                          f"{fingerprint(raw)}")
@@ -82,6 +81,14 @@ def verify_home(home: Home, agent: str | None = None, *, pinned: bytes | None = 
             db.close()
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{home.store}: not a readable event store: {exc}") from None
+
+
+def supervisor_key(raw: bytes) -> Ed25519PublicKey:
+    """The supervisor's public key, held to the strict key rule (``docs/event-records.md`` 2.1)."""
+    weakness = key_weakness(raw)
+    if weakness is not None:
+        raise StoreError(f"the supervisor's public key {weakness}")
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def _verify_store(db: sqlite3.Connection, key: Ed25519PublicKey, agent: str | None, home: Home) -> list[ChainReport]:
@@ -211,7 +218,7 @@ def verify_bundle(data: bytes, pinned: bytes | None = None) -> list[ChainReport]
         if doc.get("format") != BUNDLE_FORMAT or doc.get("version") != 1:
             raise ValueError("not a version-1 theater bundle")
         raw_key = pinned if pinned is not None else bytes.fromhex(doc["supervisor_public_key"])
-        key = Ed25519PublicKey.from_public_bytes(raw_key)
+        key = supervisor_key(raw_key)
         chains = [(c["id"], c["name"], [bytes.fromhex(r) for r in c["records"]]) for c in doc["chains"]]
         point = Checkpoint.parse(json.dumps(doc["checkpoint"]).encode()) if doc.get("checkpoint") else None
     except (ValueError, KeyError, TypeError, RecordError) as exc:

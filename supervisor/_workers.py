@@ -147,6 +147,7 @@ class Workers:
                 self.records.append(agent, Kind.WORKER_KEY, {
                     "incarnation": agent.incarnation, "worker_key": hello.worker_key,
                     "confinement": confinement, "reason": agent.last_exit or "start",
+                    "component_sha256": bytes.fromhex(agent.config.component_sha256),
                 }, before_commit=self._send_spec, incarnation=agent.incarnation)
         except StoreError as exc:
             self.log(f"{agent.name}: cannot record the worker's key: {exc}; killing it")

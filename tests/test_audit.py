@@ -17,7 +17,7 @@ from typing import Any
 
 from conftest import COMPONENTS, Theater, assert_verified, wait_running, wait_until
 
-from theater.records import Record
+from theater.records import Kind, Record
 
 CLI = [sys.executable, "-m", "supervisor"]
 
@@ -66,6 +66,14 @@ def test_a_restart_runs_the_signed_configuration_not_the_edited_row(theater: The
         wait_running(c, "counter")
         assert c.call("counter", b"tick") == b"2"  # the counter, not an echo of "tick"
     assert "differs from the one its genesis signed; running the signed one" in (theater.dir / "supervisor.out").read_text()
+    db = sqlite3.connect(theater.home.store)
+    raws = [Record.parse(raw) for (raw,) in db.execute(
+        "SELECT raw FROM records WHERE agent_id=(SELECT id FROM agents WHERE name='counter') ORDER BY seq")]
+    db.close()
+    counter_hash = hashlib.sha256((COMPONENTS / "counter.wat").read_bytes()).digest()
+    assert raws[0].fields()["component_sha256"] == counter_hash
+    [key_record] = [r for r in raws if r.kind is Kind.WORKER_KEY]  # the new worker states what it runs
+    assert key_record.fields()["component_sha256"] == counter_hash
 
 
 def test_a_deleted_agent_row_leaves_records_verify_reports(theater: Theater) -> None:
@@ -225,6 +233,9 @@ def test_a_pinned_key_is_what_verify_trusts(theater: Theater, tmp_path: Path) ->
     other.write_text(Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex())
     code, reports, _ = subprocess_verify(theater, "--pubkey", str(other))
     assert code == 1 and all(not r["ok"] for r in reports)  # the home's chains are not signed by the key held
+    other.write_text("01" + "00" * 31)  # the identity point: every (R = identity, S = 0) would verify under it
+    weak = cli(theater, "verify", "--pubkey", str(other), check=False)
+    assert weak.returncode != 0 and "is a point of small order" in weak.stderr
 
 
 def test_a_witness_gets_every_checkpoint(theater: Theater, tmp_path: Path) -> None:

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from theater import wire
 from theater.chain import ChainVerifier, verify_chain
+from theater.ed25519 import key_weakness
 from theater.errors import ProtocolError, RecordError
 from theater.records import (
     DOMAIN,
@@ -34,6 +36,7 @@ from theater.records import (
     encode_payload,
     sha256,
     sign_record,
+    verify_hello,
     verify_record,
 )
 from theater.spec import LIMIT_BOUNDS, AgentSpec, Limits
@@ -140,6 +143,60 @@ def test_vector_invalid_cases_cover_the_brief() -> None:
     } <= names
 
 
+def _documented_verifier() -> dict[str, Any]:
+    """The independent verifier of docs/event-records.md section 10, run as the document prints it."""
+    text = (ROOT / "docs" / "event-records.md").read_text()
+    section = text[text.index("## 10. Writing an independent verifier"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    namespace: dict[str, Any] = {}
+    exec(compile(code[:code.index("```")], "event-records.md#10", "exec"), namespace)
+    return namespace
+
+
+def test_documented_verifier_agrees_with_the_vectors() -> None:
+    """The document's own verifier accepts the golden chain and refuses every invalid case, as
+    theater/chain.py does: the format can be checked from the docs alone."""
+    verifier = _documented_verifier()
+    public = bytes.fromhex(RECORDS["supervisor_public_key"])
+    agent_id, head_seq, head, _ = verifier["verify_chain"](RAWS, public)
+    assert (agent_id, head_seq, head.hex()) == (RAWS[0][3:19], CHAIN[-1]["seq"], CHAIN[-1]["hash"])
+    for case in RECORDS["invalid"]:
+        with pytest.raises(verifier["Invalid"]):
+            verifier["verify_chain"]([bytes.fromhex(r) for r in case["records"]], public)
+
+
+def test_strict_key_rule_matches_between_code_and_docs() -> None:
+    """theater/ed25519.py and the documented verifier refuse the same keys: every small-order point,
+    non-canonical encodings, non-points; and accept real keys."""
+    strict = _documented_verifier()["strict_key"]
+    p = 2**255 - 19
+    weak = [b"\x01" + bytes(31), bytes(32), bytes(31) + b"\x80", (p - 1).to_bytes(32, "little"),
+            bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+            bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85"),
+            (p + 1).to_bytes(32, "little"), b"\x01" + bytes(30) + b"\x80", (2).to_bytes(32, "little")]
+    for raw in weak:
+        assert key_weakness(raw) is not None and not strict(raw), raw.hex()
+    for _ in range(50):
+        raw = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        assert key_weakness(raw) is None and strict(raw)
+
+
+def test_openssl_ed25519_behaviour_is_what_the_docs_say() -> None:
+    """docs/event-records.md 2.1: OpenSSL refuses S >= L but takes a small-order key, under which
+    (R = identity, S = 0) verifies anything; so the strict key rule is ours to enforce, in the hello too."""
+    identity = b"\x01" + bytes(31)
+    Ed25519PublicKey.from_public_bytes(identity).verify(identity + bytes(32), b"any message at all")
+    key = Ed25519PrivateKey.generate()
+    signature = key.sign(b"m")
+    order = 2**252 + 27742317777372353535851937790883648493
+    malleated = signature[:32] + (int.from_bytes(signature[32:], "little") + order).to_bytes(32, "little")
+    with pytest.raises(InvalidSignature):
+        key.public_key().verify(malleated, b"m")
+    token = bytes(16)
+    with pytest.raises(RecordError, match="small order"):
+        verify_hello(identity, token, identity + bytes(32))
+
+
 def test_make_vectors_check_passes() -> None:
     """scripts/make_vectors.py --check finds the vectors on disk identical to what it generates."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_vectors.py"), "--check"],
@@ -152,7 +209,8 @@ def test_make_vectors_check_passes() -> None:
 
 SAMPLE_FIELDS: dict[Kind, dict[str, Any]] = {
     Kind.GENESIS: {"name": "é-agent", "component_sha256": bytes(32), "config": "{}", "worker_key": bytes(32), "confinement": ""},
-    Kind.WORKER_KEY: {"incarnation": 2**32 - 1, "worker_key": b"\x01" * 32, "confinement": "{}", "reason": "crashed"},
+    Kind.WORKER_KEY: {"incarnation": 2**32 - 1, "worker_key": b"\x01" * 32, "confinement": "{}", "reason": "crashed",
+                      "component_sha256": bytes(32)},
     Kind.INIT: {"args": b"", "status": "ok", "error": "", "fuel": 2**64 - 1},
     Kind.HANDLE: {"message": b"\x00\xff", "reply": b"", "status": "ok", "error": "", "fuel": 0},
     Kind.HOST_CALL: {"interface": "i", "function": "random-bytes", "input": b"\x00\x00\x00\x10", "output": bytes(16)},

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from .ed25519 import key_weakness
 from .errors import RecordError
 from .records import GENESES, NODE_KINDS, ZERO_HASH, Kind, Record, Signer, verify_record
 
@@ -37,6 +38,7 @@ class ChainVerifier:
         self.incarnation = -1
         self.node = False  # the chain is a supervisor node's (it began with node-genesis)
         self.removed = False  # the chain ended with a removed record: nothing may follow
+        self.component: bytes | None = None  # the genesis's component hash, once seen
 
     @classmethod
     def at_head(cls, supervisor_key: Ed25519PublicKey, agent_id: bytes, head_seq: int, head_hash: bytes,
@@ -80,6 +82,9 @@ class ChainVerifier:
             raise RecordError(f"record {record.seq}: a state reset while a worker key is in force")
         if record.signer is Signer.WORKER and self.worker_key is None:
             raise RecordError(f"record {record.seq}: worker record while no worker key is in force")
+        if record.kind is Kind.WORKER_KEY and self.component is not None \
+                and record.fields()["component_sha256"] != self.component:
+            raise RecordError(f"record {record.seq}: the worker-key record names another component than the genesis")
         if record.seq > 0 and record.state_hash != self.state_hash:
             changes = record.kind in _STATE_CHANGING and record.fields()["status"] == "ok"
             if not changes and record.kind is not Kind.STATE_RESET:
@@ -96,6 +101,8 @@ class ChainVerifier:
             fields = record.fields()
             self.worker_key = _public_key(fields["worker_key"], record.seq)
             self.incarnation = fields.get("incarnation", 0)
+            if record.kind is Kind.GENESIS:
+                self.component = fields["component_sha256"]
         elif record.kind in (Kind.EXIT, Kind.VIOLATION):
             self.worker_key = None
         self.removed = record.kind is Kind.REMOVED
@@ -108,6 +115,9 @@ class ChainVerifier:
 
 
 def _public_key(raw: bytes, seq: int) -> Ed25519PublicKey:
+    weakness = key_weakness(raw)
+    if weakness is not None:
+        raise RecordError(f"record {seq}: the worker key {weakness}")
     try:
         return Ed25519PublicKey.from_public_bytes(raw)
     except ValueError as exc:

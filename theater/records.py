@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from .ed25519 import key_weakness
 from .errors import RecordError
 
 __all__ = [
@@ -144,6 +145,7 @@ FIELDS: dict[Kind, tuple[tuple[str, str], ...]] = {
         ("worker_key", "bytes"),
         ("confinement", "str"),
         ("reason", "str"),
+        ("component_sha256", "bytes"),
     ),
     Kind.INIT: (
         ("args", "bytes"),
@@ -435,7 +437,11 @@ def sign_hello(key: Ed25519PrivateKey, token: bytes) -> bytes:
 
 
 def verify_hello(worker_key: bytes, token: bytes, proof: bytes) -> Ed25519PublicKey:
-    """The worker's announced key, if ``proof`` is its signature of ``token``; RecordError otherwise."""
+    """The worker's announced key, if it is a strict key (``ed25519.key_weakness``) and ``proof`` is its
+    signature of ``token``; RecordError otherwise."""
+    weakness = key_weakness(worker_key)
+    if weakness is not None:
+        raise RecordError(f"the hello's key {weakness}")
     try:
         key = Ed25519PublicKey.from_public_bytes(worker_key)
         key.verify(proof, HELLO_DOMAIN + token)

@@ -1,0 +1,59 @@
+"""Strict Ed25519 public keys: what OpenSSL's verify lets through and the record format does not.
+
+OpenSSL (through ``cryptography``) rejects a signature whose ``S`` is not
+below the group order, but accepts public keys of small order (the identity
+point among them, under which the signature ``R = identity, S = 0`` verifies
+for every message) and non-canonical encodings of a point. A worker key of
+that kind would let anyone forge that worker's records, so a key is refused
+unless it is the canonical encoding of a point of large order.
+``docs/event-records.md`` section 2 states the rule for independent verifiers.
+"""
+
+from __future__ import annotations
+
+__all__ = ["key_weakness"]
+
+_P = 2**255 - 19
+_D = (-121665 * pow(121666, -1, _P)) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+def key_weakness(raw: bytes) -> str | None:
+    """Why ``raw`` is not acceptable as a 32-byte Ed25519 public key, or None if it is."""
+    if len(raw) != 32:
+        return f"is {len(raw)} bytes, not 32"
+    encoded = int.from_bytes(raw, "little")
+    y, sign = encoded & ((1 << 255) - 1), encoded >> 255
+    if y >= _P:
+        return "is a non-canonical encoding (y is not below p)"
+    x = _recover_x(y, sign)
+    if x is None:
+        return "is not the encoding of a curve point"
+    if x == 0 and sign:
+        return "is a non-canonical encoding (x is zero with its sign bit set)"
+    if _times_eight_is_identity(x, y):
+        return "is a point of small order (its signatures can be forged)"
+    return None
+
+
+def _recover_x(y: int, sign: int) -> int | None:
+    """RFC 8032 section 5.1.3, steps 2-4."""
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = (u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P)) % _P
+    if (v * x * x - u) % _P != 0:
+        x = (x * _SQRT_M1) % _P
+        if (v * x * x - u) % _P != 0:
+            return None
+    if x != 0 and (x & 1) != sign:
+        x = _P - x
+    return x
+
+
+def _times_eight_is_identity(x: int, y: int) -> bool:
+    """Three doublings in affine coordinates (RFC 8032's addition law with both points equal)."""
+    for _ in range(3):
+        xy = x * y % _P
+        denominator_x = (1 + _D * xy * xy) % _P
+        denominator_y = (1 - _D * xy * xy) % _P
+        x, y = (2 * xy * pow(denominator_x, -1, _P)) % _P, ((y * y + x * x) * pow(denominator_y, -1, _P)) % _P
+    return x == 0 and y == 1
