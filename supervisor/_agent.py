@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from theater import wire
 from theater.chain import ChainVerifier
+from theater.records import Record
 
 from ._config import AgentConfig, RestartSpec, TreeConfig
 from ._errors import NotFound
@@ -102,6 +103,20 @@ class Agent(_Member):
     discard_results: bool = False  # its worker is being killed after a failed commit
     waiting_on: Agent | None = None  # the agent whose reply its call in flight waits for (messaging.call)
     reserved: int = 0  # mailbox places held for messages sent by calls not yet committed
+    unsnapshotted: tuple[int, int] = (0, 0)  # records and bytes committed since its last state snapshot
+
+    def snapshot_due(self, records: list[Record]) -> bool:
+        """Whether this commit also snapshots the state (a later compaction's cut point): an agent with
+        ``[retention]`` limits gets one each quarter of its limit, so a cut can keep most of what it may."""
+        retention = self.config.retention
+        if not retention.limited:
+            return False
+        count, size = self.unsnapshotted
+        count, size = count + len(records), size + sum(len(r.raw) for r in records)
+        due = (retention.max_records and count >= max(1, retention.max_records // 4)) or \
+            (retention.max_bytes and size >= retention.max_bytes // 4)
+        self.unsnapshotted = (0, 0) if due else (count, size)
+        return bool(due)
 
     def __post_init__(self) -> None:
         self.leaf = Leaf(self.config.name, restart=self.config.restart.type,

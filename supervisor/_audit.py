@@ -19,13 +19,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from theater.chain import verify_chain
 from theater.checkpoint import Checkpoint, fingerprint
+from theater.compaction import Compaction
 from theater.ed25519 import key_weakness
 from theater.errors import RecordError
 from theater.home import Home
 from theater.records import Kind, Record, sha256
 
 from ._errors import NotFound, StoreError
-from ._store import find_chain, open_readonly, read_chain, read_chain_rows
+from ._store import compaction_of, find_chain, open_readonly, read_chain, read_chain_rows
 
 __all__ = ["ChainReport", "chain_records", "open_readonly", "verify_home"]
 
@@ -83,6 +84,11 @@ def verify_home(home: Home, agent: str | None = None, *, pinned: bytes | None = 
         raise StoreError(f"{home.store}: not a readable event store: {exc}") from None
 
 
+def _compaction(statement: str | None, key: Ed25519PublicKey) -> Compaction | None:
+    """A chain's compaction statement, checked under the supervisor's key (RecordError if it is not sound)."""
+    return Compaction.parse(statement, key.public_bytes_raw()) if statement is not None else None
+
+
 def supervisor_key(raw: bytes) -> Ed25519PublicKey:
     """The supervisor's public key, held to the strict key rule (``docs/event-records.md`` 2.1)."""
     weakness = key_weakness(raw)
@@ -133,6 +139,13 @@ def _against(db: sqlite3.Connection, point: Checkpoint, names: dict[str, str]) -
         last = db.execute("SELECT max(seq), count(*) FROM records WHERE agent_id=?", (head.chain,)).fetchone()
         if found is not None and found[0] == head.hash:
             continue
+        statement = compaction_of(db, head.chain)
+        if found is None and statement is not None:
+            cut = json.loads(statement)
+            if head.seq < cut["cut_seq"] - 1:
+                continue  # compacted away: the statement's signature vouches for it (docs/event-records.md 13)
+            if head.seq == cut["cut_seq"] - 1 and cut["prev_hash"] == head.hash.hex():
+                continue
         if last[1] == 0:
             problem = f"deleted: the checkpoint of {when} UTC holds this chain at record {head.seq}; the store has none of it"
         elif found is None:
@@ -152,7 +165,7 @@ def _verify_one(db: sqlite3.Connection, key: Ed25519PublicKey, agent_id: bytes, 
     raws = [row[-1] for row in rows]
     ident = str(uuid.UUID(bytes=agent_id))
     try:
-        verifier = verify_chain(raws, key)
+        verifier = verify_chain(raws, key, _compaction(compaction_of(db, agent_id), key))
         if verifier.agent_id != agent_id:
             raise RecordError("the chain belongs to another agent")
         if verifier.next_seq - 1 != head_seq or verifier.head_hash != head_hash:
@@ -200,7 +213,8 @@ def export_bundle(home: Home, refs: list[str], checkpoint: Checkpoint | None = N
                 if found is None:
                     raise NotFound(f"no agent or supervisor node named or with id {ref!r} in {home.store}")
                 chains.append({"id": str(uuid.UUID(bytes=found[0])), "name": found[1],
-                               "records": [raw.hex() for raw in read_chain(db, found[0])]})
+                               "records": [raw.hex() for raw in read_chain(db, found[0])],
+                               "compaction": compaction_of(db, found[0])})
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
@@ -219,7 +233,8 @@ def verify_bundle(data: bytes, pinned: bytes | None = None) -> list[ChainReport]
             raise ValueError("not a version-1 theater bundle")
         raw_key = pinned if pinned is not None else bytes.fromhex(doc["supervisor_public_key"])
         key = supervisor_key(raw_key)
-        chains = [(c["id"], c["name"], [bytes.fromhex(r) for r in c["records"]]) for c in doc["chains"]]
+        chains = [(c["id"], c["name"], [bytes.fromhex(r) for r in c["records"]], c.get("compaction"))
+                  for c in doc["chains"]]
         point = Checkpoint.parse(json.dumps(doc["checkpoint"]).encode()) if doc.get("checkpoint") else None
     except (ValueError, KeyError, TypeError, RecordError) as exc:
         raise StoreError(f"not a readable bundle: {type(exc).__name__}: {exc}") from None
@@ -228,9 +243,11 @@ def verify_bundle(data: bytes, pinned: bytes | None = None) -> list[ChainReport]
                          f"{fingerprint(raw_key)}")
     reports = []
     heads: dict[bytes, dict[int, bytes]] = {}
-    for ident, name, raws in chains:
+    for ident, name, raws, statement in chains:
         try:
-            verifier = verify_chain(raws, key)
+            if statement is not None and not isinstance(statement, str):
+                raise RecordError("the chain's compaction statement is not a string of JSON")
+            verifier = verify_chain(raws, key, _compaction(statement, key))
             if str(uuid.UUID(bytes=verifier.agent_id)) != ident:
                 raise RecordError("the records are of another chain than the bundle says")
             first = Record.parse(raws[0]).fields()

@@ -1,7 +1,8 @@
 """Checkpoints: the supervisor signs every chain's head, keeps the statement, and hands it to a witness.
 
-On demand (``theater checkpoint``) and every ``INTERVAL_S`` while chains grow,
-the results already checked are committed first, then every agent's and
+On demand (``theater checkpoint``) and every ``INTERVAL_S`` while chains grow
+(after retention's snapshots and compaction, ``_gc``), the results already
+checked are committed first, then every agent's and
 node's committed head goes into one signed statement (``theater.checkpoint``)
 written to ``<home>/checkpoints/<time_ns>.json`` and, if the supervisor was
 started with a witness directory, copied there too: somewhere the home's
@@ -31,13 +32,14 @@ INTERVAL_S = 600.0
 
 class Checkpoints:
     def __init__(self, home: Home, records: RecordPath, store: EventStore, timers: Timers, log: Callable[[str], None],
-                 witness: Path | None = None) -> None:
+                 witness: Path | None = None, before: Callable[[], object] = lambda: None) -> None:
         self.home = home
         self.records = records
         self.store = store
         self.timers = timers
         self.log = log
         self.witness = witness
+        self.before = before  # run before each periodic checkpoint: retention (snapshots, compaction)
         self._last: tuple[Head, ...] | None = None
         timers.after(INTERVAL_S, self._periodic)
 
@@ -67,6 +69,7 @@ class Checkpoints:
         if heads == self._last or self.store.problem is not None:
             return
         try:
+            self.before()
             self.make()
         except (OSError, StoreError) as exc:
             self.log(f"periodic checkpoint failed: {exc}")

@@ -15,7 +15,7 @@ import tomllib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from theater.artifacts import file_signature
 from theater.capabilities import CAPABILITIES, always_granted
@@ -29,6 +29,7 @@ __all__ = [
     "AgentConfig",
     "Policy",
     "RestartSpec",
+    "Retention",
     "SupervisionSpec",
     "TreeConfig",
     "config_from_dict",
@@ -55,12 +56,37 @@ RESTART_TYPES = ("permanent", "transient", "temporary")
 
 
 @dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of an agent's chain the store keeps (``[retention]``): 0 is no limit. ``theater gc`` drops
+    older records behind a signed compaction statement (``theater.compaction``) to stay within them."""
+
+    max_records: int = 0
+    max_bytes: int = 0
+
+    BOUNDS: ClassVar[dict[str, tuple[int, int, str]]] = {
+        "max_records": (10, 10**12, "records of a chain the store keeps"),
+        "max_bytes": (64 * 1024, 2**50, "bytes of a chain the store keeps"),
+    }
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.max_records or self.max_bytes)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"max_records": self.max_records, "max_bytes": self.max_bytes}
+
+
+NO_RETENTION = Retention()
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     name: str
     description: str
     capabilities: tuple[str, ...]
     limits: Limits
     hardening: Hardening = DEFAULT_HARDENING
+    retention: Retention = NO_RETENTION
     grants: dict[str, Grant] = field(default_factory=dict, hash=False)  # capability -> its settings
 
 
@@ -146,6 +172,7 @@ class AgentConfig:
     supervision: SupervisionSpec | None = None
     hardening: Hardening = DEFAULT_HARDENING
     grants: dict[str, Grant] = field(default_factory=dict, hash=False)  # capability -> its settings
+    retention: Retention = NO_RETENTION
 
     def grant(self, capability: str) -> Any:
         """The settings of a granted capability that has them (``_caps.grants``)."""
@@ -164,6 +191,7 @@ class AgentConfig:
             "restart": self.restart.as_dict(),
             "init_args": self.init_args.decode("latin-1"),
             "hardening": self.hardening.as_dict(),
+            **({"retention": self.retention.as_dict()} if self.retention.limited else {}),
         }
 
     @classmethod
@@ -180,6 +208,7 @@ class AgentConfig:
             supervision=SupervisionSpec.from_dict(data["supervision"]) if data.get("supervision") else None,
             hardening=Hardening.from_dict(data["hardening"]) if "hardening" in data else DEFAULT_HARDENING,
             grants={cap: grant_from_dict(cap, g) for cap, g in data.get("grants", {}).items()},
+            retention=Retention(**data["retention"]) if "retention" in data else NO_RETENTION,
         )
 
     def template(self, name: str) -> AgentConfig | None:
@@ -353,9 +382,27 @@ def load_policy(name: str, dirs: list[Path]) -> Policy:
         raise ConfigError(f"{path}: [limits] must set every limit; missing {', '.join(missing)}")
     hardening = _hardening(top.table("hardening"), None)
     grants = _grants(top, caps, {})
+    retention = _retention(top.table("retention"), None)
     top.finish()
     return Policy(name=name, description=description, capabilities=caps, limits=Limits(**values), hardening=hardening,
-                  grants=grants)
+                  grants=grants, retention=retention)
+
+
+def _retention(table: _Table, policy: Retention | None) -> Retention:
+    """A policy's ``[retention]`` (``policy`` None), or a manifest's, which may set a limit its policy lacks
+    or lower one it has."""
+    values = {}
+    for key, (low, high, what) in Retention.BOUNDS.items():
+        ceiling = getattr(policy, key) if policy is not None else 0
+        value = table.get(key, int, ceiling)
+        if value != 0 and not low <= value <= high:
+            raise table.err(key, f"{value} is out of range {low}..{high} ({what}), or 0 for no limit")
+        if ceiling and not 0 < value <= ceiling:
+            raise table.err(key, f"{value} exceeds the policy's {ceiling}; a manifest may only narrow its policy "
+                                 "(0 is no limit)")
+        values[key] = value
+    table.finish()
+    return Retention(**values)
 
 
 def _grants(top: _Table, caps: tuple[str, ...], ceiling: dict[str, Grant]) -> dict[str, Grant]:
@@ -508,6 +555,7 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
     restart = _restart(top.table("restart"), default_shutdown=DEFAULT_SHUTDOWN_MS)
     hardening = _hardening(top.table("hardening"), policy.hardening)
     grants = _grants(top, caps, policy.grants)
+    retention = _retention(top.table("retention"), policy.retention)
 
     component = (base / component_rel).resolve()
     if component.suffix not in (".wasm", ".wat"):
@@ -541,6 +589,7 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
         supervision=supervision,
         hardening=hardening,
         grants=grants,
+        retention=retention,
     )
 
 

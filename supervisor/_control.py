@@ -30,6 +30,7 @@ from ._timers import Timers
 
 if TYPE_CHECKING:
     from ._checkpoints import Checkpoints
+    from ._gc import Retention
     from ._record_path import RecordPath
     from ._trees import Supervision
     from ._workers import Workers
@@ -67,6 +68,7 @@ class Control:
         self.workers: Workers
         self.request_down: Callable[[], None]
         self.checkpoints: Checkpoints
+        self.retention: Retention
 
     def drain(self) -> None:
         for _ in range(BATCH):
@@ -135,6 +137,8 @@ class Control:
                 self.reply(ident, rid, self.checkpoints.make())
             case req.Remove(agent):
                 self.reply(ident, rid, self.supervision.remove(self.supervision.member(agent)))
+            case req.Gc(agents):
+                self.reply(ident, rid, {"agents": self.retention.run(list(agents))})
 
     def _queue(self, ref: str, data: bytes, call: tuple[tuple[bytes, int], int] | None) -> int:
         """Put a message in the agent's mailbox (bounded); a call is answered when its result is committed."""

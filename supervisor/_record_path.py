@@ -56,6 +56,8 @@ class RecordPath:
         if not self.batch:
             return
         batch, self.batch = self.batch, []
+        for agent, _, checked in batch:
+            checked.commit.snapshot = agent.snapshot_due(checked.commit.records)
         try:
             self.store.commit([checked.commit for _, _, checked in batch])
         except StoreError as exc:

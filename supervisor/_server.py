@@ -39,6 +39,7 @@ from ._caps.timers import AgentTimers
 from ._checkpoints import Checkpoints
 from ._control import Control
 from ._errors import SupervisorError
+from ._gc import Retention
 from ._host import HostRequests
 from ._record_path import RecordPath
 from ._spawner import WORKER_COMMAND, Spawner
@@ -131,7 +132,9 @@ class Supervisor:
         self.workers.supervision, self.workers.control, self.workers.host = self.supervision, self.control, self.host
         self.control.supervision, self.control.workers, self.control.records = self.supervision, self.workers, self.records
         self.control.request_down = self.request_down
-        self.control.checkpoints = Checkpoints(home, self.records, self.store, self.timers, self.log, witness)
+        self.control.retention = Retention(self.store, self.records, self.log)
+        self.control.checkpoints = Checkpoints(home, self.records, self.store, self.timers, self.log, witness,
+                                               before=self.control.retention.run)
         self.messaging = Messaging(self.agents, self.workers, self.host, self.timers, self.log)
         self.agent_timers = AgentTimers(self.store, self.agents, self.workers, self.timers, self.log)
         self.workers.effects = CallEffects(self.messaging, self.agent_timers)

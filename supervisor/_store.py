@@ -21,9 +21,10 @@ from theater.records import Record
 
 from ._errors import StoreError
 
-__all__ = ["AgentRow", "EventStore", "find_chain", "open_readonly", "read_chain", "read_chain_rows"]
+__all__ = ["AgentRow", "EventStore", "compaction_of", "find_chain", "open_readonly", "read_chain", "read_chain_rows"]
 
 SCHEMA_VERSION = 1
+KEEP_SNAPSHOTS = 8  # per agent: the newest state snapshots (compaction's cut points); older ones go
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -85,10 +86,26 @@ CREATE TABLE IF NOT EXISTS timers (
     message  BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS timers_by_agent ON timers (agent_id);
+CREATE TABLE IF NOT EXISTS compactions (
+    agent_id  BLOB PRIMARY KEY,
+    cut_seq   INTEGER NOT NULL,
+    statement TEXT NOT NULL,
+    state     BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    agent_id BLOB NOT NULL,
+    seq      INTEGER NOT NULL,
+    hash     BLOB NOT NULL,
+    state    BLOB NOT NULL,
+    made_ns  INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, seq)
+) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
     BEGIN SELECT RAISE(ABORT, 'event records are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
-    BEGIN SELECT RAISE(ABORT, 'event records are append-only'); END;
+DROP TRIGGER IF EXISTS records_no_delete;
+CREATE TRIGGER records_no_delete BEFORE DELETE ON records
+    WHEN OLD.seq = 0 OR NOT EXISTS (SELECT 1 FROM compactions c WHERE c.agent_id = OLD.agent_id AND OLD.seq < c.cut_seq)
+    BEGIN SELECT RAISE(ABORT, 'event records are append-only: only records a compaction statement covers may go'); END;
 """
 
 
@@ -121,6 +138,7 @@ class Commit:
     timers_added: list[tuple[int, int, bytes]] | None = None  # (id, due ns, message)
     timers_removed: list[int] | None = None  # cancelled, or delivered by this commit's call
     remove: bool = False  # the agent is removed: its row moves to `removed`, its kv data and timers go
+    snapshot: bool = False  # also keep the state at the new head (a cut point for compaction)
 
 
 class EventStore:
@@ -172,6 +190,8 @@ class EventStore:
                         args.append(value)
                 if sets:
                     self.db.execute(f"UPDATE agents SET {', '.join(sets)} WHERE id=?", (*args, c.agent_id))
+                if c.snapshot:
+                    self._snapshot(c.agent_id)
                 for key, value in (c.kv or {}).items():
                     if value is None:
                         self.db.execute("DELETE FROM kv WHERE agent_id=? AND key=?", (c.agent_id, key))
@@ -187,6 +207,7 @@ class EventStore:
                     self.db.execute("DELETE FROM agents WHERE id=?", (c.agent_id,))
                     self.db.execute("DELETE FROM kv WHERE agent_id=?", (c.agent_id,))
                     self.db.execute("DELETE FROM timers WHERE agent_id=?", (c.agent_id,))
+                    self.db.execute("DELETE FROM snapshots WHERE agent_id=?", (c.agent_id,))
 
     # --- key-value stores and timers (the kv and timers capabilities) ------------------------
 
@@ -247,6 +268,50 @@ class EventStore:
     def trees(self) -> list[tuple[bytes, str, dict[str, Any], str]]:
         rows = self.db.execute("SELECT id, name, config, desired FROM trees ORDER BY created_ns").fetchall()
         return [(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+
+    # --- retention: snapshots of committed state, and compaction ----------------------------
+
+    def snapshot(self, agent_id: bytes, keep: int = KEEP_SNAPSHOTS) -> int | None:
+        """Keep the agent's committed state at its head (the cut points of a later compaction), and only
+        the newest ``keep`` snapshots; the head's seq, or None if there is no such agent."""
+        row = self.db.execute("SELECT head_seq FROM agents WHERE id=?", (agent_id,)).fetchone()
+        if row is None:
+            return None
+        with self._tx():
+            self._snapshot(agent_id, keep)
+        return int(row[0])
+
+    def _snapshot(self, agent_id: bytes, keep: int = KEEP_SNAPSHOTS) -> None:
+        self.db.execute("INSERT OR IGNORE INTO snapshots SELECT id, head_seq, head_hash, state, ? FROM agents "
+                        "WHERE id=?", (time.time_ns(), agent_id))
+        self.db.execute("DELETE FROM snapshots WHERE agent_id=? AND seq NOT IN (SELECT seq FROM snapshots "
+                        "WHERE agent_id=? ORDER BY seq DESC LIMIT ?)", (agent_id, agent_id, keep))
+
+    def snapshots(self, agent_id: bytes) -> list[tuple[int, bytes]]:
+        """(seq, hash) of every snapshot of the agent, oldest first."""
+        return [(r[0], r[1]) for r in self.db.execute(
+            "SELECT seq, hash FROM snapshots WHERE agent_id=? ORDER BY seq", (agent_id,))]
+
+    def snapshot_state(self, agent_id: bytes, seq: int) -> bytes | None:
+        row = self.db.execute("SELECT state FROM snapshots WHERE agent_id=? AND seq=?", (agent_id, seq)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def chain_size(self, agent_id: bytes) -> tuple[int, int]:
+        """(records, bytes) the store holds of a chain."""
+        row = self.db.execute("SELECT count(*), coalesce(sum(length(raw)), 0) FROM records WHERE agent_id=?",
+                              (agent_id,)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def compaction(self, agent_id: bytes) -> str | None:
+        return compaction_of(self.db, agent_id)
+
+    def compact(self, agent_id: bytes, cut_seq: int, statement: str, state: bytes) -> None:
+        """Drop records 1 .. cut_seq - 1 behind a signed statement, in one transaction (the store's
+        trigger lets no other record go)."""
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO compactions VALUES (?,?,?,?)", (agent_id, cut_seq, statement, state))
+            self.db.execute("DELETE FROM records WHERE agent_id=? AND seq>0 AND seq<?", (agent_id, cut_seq))
+            self.db.execute("DELETE FROM snapshots WHERE agent_id=? AND seq<?", (agent_id, cut_seq - 1))
 
     def _insert(self, r: Record) -> None:
         self.db.execute(
@@ -314,6 +379,12 @@ def read_chain(db: sqlite3.Connection, chain_id: bytes, after: int = -1, limit: 
 def read_chain_rows(db: sqlite3.Connection, chain_id: bytes) -> Iterator[tuple[int, int, int, bytes, bytes]]:
     """A chain's rows as stored, (seq, kind, time_ns, hash, raw), in order: for checking the copy columns."""
     yield from db.execute("SELECT seq, kind, time_ns, hash, raw FROM records WHERE agent_id=? ORDER BY seq", (chain_id,))
+
+
+def compaction_of(db: sqlite3.Connection, chain_id: bytes) -> str | None:
+    """The chain's compaction statement (JSON), if records of it were dropped."""
+    row = db.execute("SELECT statement FROM compactions WHERE agent_id=?", (chain_id,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def find_chain(db: sqlite3.Connection, ref: str) -> tuple[bytes, str] | None:

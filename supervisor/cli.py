@@ -424,6 +424,21 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
+def cmd_gc(args: argparse.Namespace, home: Home) -> int:
+    """Snapshot every agent's state, and compact the chains past their policy's [retention] limits."""
+    with Client(home) as c:
+        info = c.request("gc", agents=args.agents)[0]
+
+    def line(e: dict[str, Any]) -> str:
+        limits = ", ".join(f"{k} {v}" for k, v in e["limits"].items() if v) or "no limits"
+        done = f"dropped {e['dropped']} records" if e["dropped"] else e.get("note", "within its limits")
+        return f"  {e['agent']:<20} {e['records']:>8} records {e['bytes']:>12} bytes  ({limits}): {done}"
+
+    _out(args, info, lambda: "\n".join(["snapshots taken; chains compacted past [retention]:",
+                                         *map(line, info["agents"])]))
+    return EXIT_OK
+
+
 def cmd_new(args: argparse.Namespace, home: Home) -> int:
     from ._authoring import new_project
 
@@ -549,7 +564,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
     "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
     "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor, "secret": cmd_secret, "replay": cmd_replay,
     "key": cmd_key, "checkpoint": cmd_checkpoint, "export": cmd_export, "rm": cmd_rm, "logs": cmd_logs,
-    "new": cmd_new, "build": cmd_build,
+    "new": cmd_new, "build": cmd_build, "gc": cmd_gc,
 }
 
 
@@ -617,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("key", parents=[common], help="the supervisor's public key and fingerprint, for auditors to pin")
     cp = sub.add_parser("checkpoint", parents=[common], help="sign every chain's head now; keep a copy elsewhere")
     cp.add_argument("-o", "--output", type=Path, help="also write the checkpoint to this file (a witness copy)")
+    gc = sub.add_parser("gc", parents=[common], help="snapshot agents' state; compact chains past their [retention]")
+    gc.add_argument("agents", nargs="*", help="agents, by name or id (default: every agent)")
     rp = sub.add_parser("replay", parents=[common], help="run an agent again on its recorded inputs; exit 1 if it diverges")
     rp.add_argument("agent", help="agent, by name or id (a removed one by its id)")
     rp.add_argument("--timeout", type=float, default=600.0, help="seconds the replay may take")
@@ -632,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 GROUPS = """commands, by what they are for:
-  the supervisor   up, down, logs, checkpoint, key
+  the supervisor   up, down, logs, checkpoint, key, gc
   agents           new, build, spawn, run, send, call, stop, restart, rm, secret
   inspection       ps, tree, events, verify, replay, export, doctor
 
@@ -660,6 +677,7 @@ EXAMPLES = {
     "replay": "theater replay counter                             # --component FILE: a rebuild",
     "key": "theater key",
     "checkpoint": "theater checkpoint -o /mnt/elsewhere/cp.json",
+    "gc": "theater gc                                         # [retention] max_records/max_bytes in the policy",
     "export": "theater export counter team -o audit.bundle --checkpoint cp.json",
     "rm": "theater rm counter                                 # or: theater spawn counter.toml --replace",
     "logs": "theater logs --follow",

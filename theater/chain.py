@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from .compaction import Compaction
 from .ed25519 import key_weakness
 from .errors import RecordError
 from .records import GENESES, NODE_KINDS, ZERO_HASH, Kind, Record, Signer, verify_record
@@ -114,6 +115,20 @@ class ChainVerifier:
         self.state_hash = record.state_hash
 
 
+    def skip(self, statement: Compaction) -> None:
+        """Carry on past records dropped behind a compaction statement (its signature already checked):
+        the verifier must stand just after the genesis the statement names."""
+        if self.next_seq != 1 or self.node:
+            raise RecordError("a compaction statement follows an agent's genesis, and only that")
+        if statement.agent_id != self.agent_id or statement.genesis_hash != self.head_hash:
+            raise RecordError("the compaction statement is of another chain (its agent or genesis differs)")
+        self.worker_key = _public_key(statement.worker_key, statement.cut_seq - 1) if statement.worker_key else None
+        self.incarnation = statement.incarnation
+        self.next_seq = statement.cut_seq
+        self.head_hash = statement.prev_hash
+        self.state_hash = statement.state_hash
+
+
 def _public_key(raw: bytes, seq: int) -> Ed25519PublicKey:
     weakness = key_weakness(raw)
     if weakness is not None:
@@ -124,8 +139,10 @@ def _public_key(raw: bytes, seq: int) -> Ed25519PublicKey:
         raise RecordError(f"record {seq}: worker key is not an Ed25519 public key") from exc
 
 
-def verify_chain(records: Iterable[bytes], supervisor_key: Ed25519PublicKey) -> ChainVerifier:
-    """Verify a whole chain from genesis; return the verifier positioned at its head."""
+def verify_chain(records: Iterable[bytes], supervisor_key: Ed25519PublicKey,
+                 compaction: Compaction | None = None) -> ChainVerifier:
+    """Verify a whole chain from genesis (past the records ``compaction`` dropped, if given; its signature
+    already checked); return the verifier positioned at its head."""
     verifier = ChainVerifier(supervisor_key)
     for position, raw in enumerate(records):
         try:
@@ -133,6 +150,8 @@ def verify_chain(records: Iterable[bytes], supervisor_key: Ed25519PublicKey) -> 
         except RecordError as exc:  # located by where it stands, since its own sequence number is not readable
             raise RecordError(f"record {position} (by position) does not parse: {exc}") from None
         verifier.advance(record)
+        if position == 0 and compaction is not None:
+            verifier.skip(compaction)
     if verifier.next_seq == 0:
         raise RecordError("empty chain")
     return verifier

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .errors import RecordError
 
-__all__ = ["CHECKPOINT_DOMAIN", "Checkpoint", "Head", "fingerprint", "merkle_root"]
+__all__ = ["CHECKPOINT_DOMAIN", "Checkpoint", "Head", "fingerprint", "merkle", "merkle_root"]
 
 CHECKPOINT_DOMAIN = b"theater-checkpoint-v1\x00"
 VERSION = 1
@@ -46,7 +46,12 @@ class Head:
 def merkle_root(heads: list[Head]) -> bytes:
     """Leaves in chain-id order; a parent is SHA-256(0x01 || left || right); an odd node moves up as is;
     no heads: SHA-256 of nothing."""
-    level = [h.leaf() for h in sorted(heads, key=lambda h: h.chain)]
+    return merkle([h.leaf() for h in sorted(heads, key=lambda h: h.chain)])
+
+
+def merkle(leaves: list[bytes]) -> bytes:
+    """The root over leaf hashes already made (``0x00 || ...``), as ``merkle_root`` builds it."""
+    level = list(leaves)
     if not level:
         return hashlib.sha256(b"").digest()
     while len(level) > 1:

@@ -21,6 +21,7 @@ __all__ = [
     "Checkpoint",
     "Down",
     "Events",
+    "Gc",
     "Ping",
     "Ps",
     "Remove",
@@ -119,7 +120,12 @@ class Remove:
     agent: str  # a stopped or failed agent
 
 
-Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down | Checkpoint | Remove
+@dataclass(frozen=True, slots=True)
+class Gc:
+    agents: tuple[str, ...]  # names or ids; empty: every agent
+
+
+Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down | Checkpoint | Remove | Gc
 
 # An `events` reply carries records in its data frame, each as u32 big-endian length + raw record, up to
 # this many bytes (and always at least one record); `more` says whether the chain goes on.
@@ -205,4 +211,10 @@ def decode_request(op: object, body: dict[str, Any], data: bytes | None) -> Requ
         return Checkpoint()
     if op == "rm":
         return Remove(_name(body))
+    if op == "gc":
+        agents = body.get("agents", [])
+        if not isinstance(agents, list) or len(agents) > 1000 or not all(isinstance(a, str) and 0 < len(a) <= 256
+                                                                         for a in agents):
+            raise BadRequest("gc needs agents: a list of at most 1000 names or ids")
+        return Gc(tuple(agents))
     raise BadRequest(f"unknown operation {str(op)[:64]!r}")

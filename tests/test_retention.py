@@ -1,0 +1,151 @@
+"""Retention: `[retention]` limits, `theater gc`, compaction statements, and what verify makes of them.
+
+A real supervisor and counter agent; the store is a real SQLite file whose
+records are dropped only behind a statement the supervisor signs.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Theater
+from test_audit import broken, cli, edit, verify
+
+from theater.compaction import Compaction
+from theater.records import Kind, Record
+
+
+def chain(t: Theater, name: str) -> list[Record]:
+    db = sqlite3.connect(t.home.store)
+    try:
+        rows = db.execute("SELECT raw FROM records WHERE agent_id=(SELECT id FROM agents WHERE name=?) ORDER BY seq",
+                          (name,)).fetchall()
+        return [Record.parse(raw) for (raw,) in rows]
+    finally:
+        db.close()
+
+
+def statement(t: Theater, name: str) -> dict[str, Any]:
+    db = sqlite3.connect(t.home.store)
+    try:
+        (text,) = db.execute("SELECT statement FROM compactions WHERE agent_id=(SELECT id FROM agents WHERE name=?)",
+                             (name,)).fetchone()
+        return dict(json.loads(text))
+    finally:
+        db.close()
+
+
+def gc(t: Theater, *agents: str) -> dict[str, dict[str, Any]]:
+    return {e["agent"]: e for e in json.loads(cli(t, "gc", "--json", *agents).stdout)["agents"]}
+
+
+def ticks(t: Theater, name: str, n: int) -> None:
+    with t.client() as c:
+        for _ in range(n):
+            c.call(name, b"tick")
+
+
+@pytest.fixture
+def counted(theater: Theater) -> Theater:
+    """`counter` keeps at most 20 records; `free` has no limit. 60 ticks each."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("counter", "counter.wat", retention={"max_records": 20}))
+        c.spawn(theater.manifest("free", "counter.wat"))
+    ticks(theater, "counter", 60)
+    ticks(theater, "free", 60)
+    return theater
+
+
+def test_gc_keeps_a_chain_within_its_limit_and_it_still_verifies(counted: Theater) -> None:
+    before = chain(counted, "counter")
+    assert len(before) > 60
+    report = gc(counted)
+    assert report["free"]["dropped"] == 0 and report["free"]["records"] == len(chain(counted, "free"))
+    after = chain(counted, "counter")
+    assert report["counter"]["records"] == len(after) <= 20
+    assert len(after) >= 15  # snapshots every quarter of the limit: the cut keeps most of what it may
+    assert after[0].kind is Kind.GENESIS and after[0].raw == before[0].raw
+    assert after[-1].raw == before[-1].raw and [r.seq for r in after[1:]] == list(range(after[1].seq, before[-1].seq + 1))
+    st = statement(counted, "counter")
+    assert st["cut_seq"] == after[1].seq and st["prev_hash"] == before[after[1].seq - 1].hash.hex()
+    assert st["dropped"] == {"from": 1, "records": after[1].seq - 1, "bytes": st["dropped"]["bytes"],
+                             "root": st["dropped"]["root"]}
+    assert verify(counted)[0] == 0
+    ticks(counted, "counter", 40)  # the agent carries on from its head; a second gc cuts again
+    gc(counted, "counter")
+    again = statement(counted, "counter")
+    assert again["dropped"]["from"] == st["cut_seq"] and again["previous"] != ""
+    assert len(chain(counted, "counter")) <= 20 and verify(counted)[0] == 0
+    with counted.client() as c:
+        assert c.call("counter", b"tick") == b"101"  # the state was never touched
+
+
+def test_the_store_refuses_to_drop_records_no_statement_covers(counted: Theater) -> None:
+    db = sqlite3.connect(counted.home.store)
+    with pytest.raises(sqlite3.IntegrityError, match="only records a compaction statement covers may go"):
+        db.execute("DELETE FROM records WHERE seq=5")
+    db.close()
+
+
+def test_records_dropped_without_a_statement_or_under_a_forged_one_are_caught(counted: Theater, tmp_path: Path) -> None:
+    gc(counted)
+    counted.stop()
+    agent = chain(counted, "free")[0].agent_id
+    edit(counted, "DELETE FROM records WHERE agent_id=? AND seq BETWEEN 1 AND 30", args=(agent,))
+    assert "free" in broken(counted)  # a gap with no statement: the link breaks
+    doc = statement(counted, "counter")
+    for field, value, problem in (
+            ("cut_seq", doc["cut_seq"] + 1, "signature does not verify"),  # moved the cut, kept the signature
+            ("signature", "00" * 64, "signature does not verify")):
+        forged = {**doc, field: value}
+        if field == "cut_seq":
+            forged["dropped"] = {**doc["dropped"], "records": doc["dropped"]["records"] + 1}
+        edit(counted, "UPDATE compactions SET statement=? WHERE agent_id=?",
+             args=(json.dumps(forged), bytes.fromhex(doc["agent_id"])))
+        assert problem in broken(counted)["counter"]
+    edit(counted, "UPDATE compactions SET statement=? WHERE agent_id=?",
+         args=(json.dumps(doc), bytes.fromhex(doc["agent_id"])))
+    kept = chain(counted, "counter")
+    edit(counted, "DELETE FROM records WHERE agent_id=? AND seq=?", args=(kept[0].agent_id, kept[1].seq))
+    assert "previous-hash does not match" in broken(counted)["counter"] or \
+        "expected" in broken(counted)["counter"]  # the first kept record is gone: the statement no longer joins
+
+
+def test_a_statement_signed_with_the_key_still_must_fit_its_chain(counted: Theater) -> None:
+    """A statement for another chain's genesis, or one whose prev_hash does not join the kept records,
+    is refused even though the supervisor signed it."""
+    gc(counted)
+    counted.stop()
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.from_private_bytes(counted.home.key.read_bytes())
+    doc = statement(counted, "counter")
+    original = Compaction.parse(json.dumps(doc), key.public_key().public_bytes_raw())
+    import dataclasses
+
+    for change, problem in (({"genesis_hash": bytes(32)}, "of another chain"),
+                            ({"prev_hash": bytes(32)}, "previous-hash does not match")):
+        forged = dataclasses.replace(original, **change).signed(key)
+        edit(counted, "UPDATE compactions SET statement=? WHERE agent_id=?",
+             args=(forged.to_json(), original.agent_id))
+        assert problem in broken(counted)["counter"]
+
+
+def test_a_checkpoint_from_before_a_gc_still_passes(counted: Theater, tmp_path: Path) -> None:
+    point = json.loads(cli(counted, "checkpoint", "--json").stdout)["files"][0]
+    gc(counted)
+    assert cli(counted, "verify", "--checkpoint", point).returncode == 0
+
+
+def test_retention_settings_are_checked(theater: Theater) -> None:
+    with theater.client() as c:
+        for table, problem in (({"max_records": 3}, "out of range 10.."),
+                               ({"max_records": 10, "keep": 1}, "unknown key"),
+                               ({"max_bytes": "big"}, "must be")):
+            path = theater.manifest("r", "counter.wat", retention=table)
+            with pytest.raises(Exception, match=problem):
+                c.spawn(path)
