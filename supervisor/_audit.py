@@ -55,6 +55,37 @@ def chain_records(home: Home, ref: str, after: int = -1) -> list[Record]:
         db.close()
 
 
+def replay_start(home: Home, ref: str, from_seq: int | None = None) -> tuple[list[Record], int, bytes | None]:
+    """What a replay of ``ref`` runs: the genesis and the records after the point it starts from, that
+    point's record number, and the state there (None: the genesis, with no state yet).
+
+    It starts at the genesis, or where a compaction cut the chain (nothing before is stored), or with
+    ``from_seq`` at the newest state snapshot before record ``from_seq``, so that record is replayed."""
+    db = open_readonly(home.store)
+    try:
+        found = find_chain(db, ref)
+        if found is None:
+            raise NotFound(f"no agent or supervisor node named or with id {ref!r} in {home.store}")
+        chain_id = found[0]
+        points: dict[int, bytes] = {}
+        cut = db.execute("SELECT cut_seq, state FROM compactions WHERE agent_id=?", (chain_id,)).fetchone()
+        if cut is not None:
+            points[cut[0] - 1] = bytes(cut[1])
+        if from_seq is not None:
+            points.update((seq, bytes(state)) for seq, state in db.execute(
+                "SELECT seq, state FROM snapshots WHERE agent_id=? AND seq<?", (chain_id, from_seq)))
+        floor = cut[0] - 1 if cut is not None else 0
+        usable = [seq for seq in points if seq >= floor and (from_seq is None or seq < from_seq)]
+        start = max(usable, default=floor)
+        raws = read_chain(db, chain_id)
+        genesis = next(raws, None)
+        records = [Record.parse(genesis)] if genesis is not None else []
+        records += [Record.parse(raw) for raw in read_chain(db, chain_id, start)]
+        return records, start, points.get(start)
+    finally:
+        db.close()
+
+
 def verify_home(home: Home, agent: str | None = None, *, pinned: bytes | None = None,
                 checkpoint: Checkpoint | None = None) -> list[ChainReport]:
     """Every chain of the home (or the one of ``agent``), as ``theater verify`` reports them.

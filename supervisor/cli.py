@@ -380,14 +380,14 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
 
     from theater.replay import encode_input
 
-    from ._audit import chain_records, verify_home
+    from ._audit import replay_start, verify_home
     from ._config import MAX_COMPONENT_BYTES, open_regular
 
     broken = [r for r in verify_home(home, args.agent) if not r.ok]
     if broken:
         _err(f"{args.agent}: the chain does not verify, so it cannot be replayed: {broken[0].problem}")
         return EXIT_FAIL
-    records = chain_records(home, args.agent)
+    records, start, state = replay_start(home, args.agent, args.from_seq)
     genesis = records[0].fields() if records and records[0].kind.name == "GENESIS" else None
     if genesis is None:
         _err(f"{args.agent}: not an agent's chain (a supervisor node's chain has no component to replay)")
@@ -397,6 +397,8 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     with os.fdopen(open_regular(path, MAX_COMPONENT_BYTES), "rb") as f:
         component = f.read()
     config["component_sha256"] = genesis["component_sha256"].hex()
+    if state is not None:
+        config["replay_start"] = {"seq": start, "state": state.hex()}
     if args.component is not None:  # a rebuilt component, on purpose: where does it first behave otherwise?
         import hashlib
 
@@ -415,9 +417,13 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
         _err(f"{args.agent}: cannot replay: {report['error']}")
         return EXIT_FAIL
 
+    report["from"] = start + 1 if state is not None else 0
+    origin = f" (from record {start + 1}, the state snapshot at record {start})" if state is not None else ""
+
     def text() -> str:
         if report["ok"]:
-            return f"ok     {args.agent}: {report['calls']} calls replayed from {report['records']} records, all as recorded"
+            return (f"ok     {args.agent}: {report['calls']} calls replayed from {report['records']} records{origin}, "
+                    "all as recorded")
         return f"DIVERGES {args.agent} at record {report['diverged_at']}: {report['divergence']}"
 
     _out(args, report, text)
@@ -637,6 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", parents=[common], help="run an agent again on its recorded inputs; exit 1 if it diverges")
     rp.add_argument("agent", help="agent, by name or id (a removed one by its id)")
     rp.add_argument("--timeout", type=float, default=600.0, help="seconds the replay may take")
+    rp.add_argument("--from", dest="from_seq", type=int, metavar="SEQ",
+                    help="start at the newest state snapshot before record SEQ (theater gc keeps them), not the genesis")
     rp.add_argument("--component", type=Path, help="replay with this component instead of the one the genesis "
                                                    "names (a rebuild): the report is where it first differs")
     se = sub.add_parser("secret", parents=[common], help="named secrets that [http] rules add to requests")

@@ -149,3 +149,24 @@ def test_retention_settings_are_checked(theater: Theater) -> None:
             path = theater.manifest("r", "counter.wat", retention=table)
             with pytest.raises(Exception, match=problem):
                 c.spawn(path)
+
+
+def test_a_compacted_chain_and_a_snapshot_replay_identical(counted: Theater) -> None:
+    """Replay starts where the chain was cut (the state kept with the statement), or with --from at the newest
+    snapshot before the record named; a different component diverges at the first record replayed."""
+    gc(counted)
+    cut = statement(counted, "counter")["cut_seq"]
+    out = json.loads(cli(counted, "replay", "counter", "--json").stdout)
+    assert out["ok"] and out["from"] == cut and out["calls"] >= 4
+    head = chain(counted, "free")[-1].seq  # gc snapshotted free's head too
+    ticks(counted, "free", 5)
+    out = json.loads(cli(counted, "replay", "free", "--from", str(head + 3), "--json").stdout)
+    assert out["ok"] and out["from"] == head + 1 and out["calls"] == 5
+    assert "from record" in cli(counted, "replay", "free", "--from", str(head + 3)).stdout
+    whole = json.loads(cli(counted, "replay", "free", "--json").stdout)
+    assert whole["ok"] and whole["from"] == 0 and whole["calls"] == 66  # init, 60 + 5 ticks
+    from conftest import COMPONENTS
+
+    other = cli(counted, "replay", "free", "--from", str(head + 3), "--component", str(COMPONENTS / "echo.wat"),
+                "--json", check=False)
+    assert other.returncode == 1 and json.loads(other.stdout)["diverged_at"] == head + 1

@@ -12,6 +12,14 @@ state hash. Instances live as they did: a fresh one for each worker
 (`genesis`, `worker-key`) and after each failed call. The first difference is
 reported with its record's sequence number, and the replay stops there.
 
+A replay may start from a state snapshot instead of the genesis (``theater
+replay --from``, or a chain compacted by ``theater gc``): the records are the
+genesis and those after the snapshot, and the config's ``replay_start`` holds
+the snapshot's record number and state. The instance is then a fresh one,
+which the agent's worker at that point was not: a guest that carries
+anything between calls in its instance's memory, beyond its state, can replay
+differently from a snapshot than from the start of a worker.
+
 Run as ``python -m worker.replay``: the component and the records come on
 stdin (``theater replay`` writes them: ``theater/replay.py``), the process
 confines itself as a worker does before it runs any guest code, and the report
@@ -203,10 +211,13 @@ def replay(records: list[Record], component: bytes, config: dict[str, Any],
     replayer = _Replayer(component, config, str(uuid.UUID(bytes=records[0].agent_id)))
     if lock_down is not None:
         lock_down(replayer.limits)
+    start = config.get("replay_start")  # replaying from a snapshot: the state after record start["seq"]
     pending: list[Record] = []
     for record in records:
         report.records += 1
         kind = record.kind
+        if start is not None and record.seq == start["seq"] + 1:
+            replayer.agent.state = bytes.fromhex(start["state"])
         if kind is Kind.WORKER_KEY:
             replayer.new_worker()
             pending = []
