@@ -13,20 +13,22 @@ import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from theater.chain import verify_chain
-from theater.checkpoint import Checkpoint, fingerprint
+from theater.checkpoint import Checkpoint, Head, fingerprint
 from theater.compaction import Compaction
 from theater.ed25519 import key_weakness
 from theater.errors import RecordError
 from theater.home import Home
 from theater.records import Kind, Record, sha256
+from theater.rotation import KeySchedule, Rotation
 
 from ._errors import NotFound, StoreError
-from ._store import compaction_of, find_chain, open_readonly, read_chain, read_chain_rows
+from ._store import compaction_of, find_chain, open_readonly, read_chain, read_chain_rows, rotations_of
 
 __all__ = ["ChainReport", "chain_records", "open_readonly", "verify_home"]
 
@@ -90,24 +92,30 @@ def verify_home(home: Home, agent: str | None = None, *, pinned: bytes | None = 
                 checkpoint: Checkpoint | None = None) -> list[ChainReport]:
     """Every chain of the home (or the one of ``agent``), as ``theater verify`` reports them.
 
-    ``pinned``: the supervisor's public key as the auditor holds it (otherwise the home's own
-    ``supervisor.pub`` is trusted). ``checkpoint``: a checkpoint (signed by that key) whose every head the
-    store must still hold."""
+    ``pinned``: a public key of the supervisor as the auditor holds it (otherwise the home's own
+    ``supervisor.pub`` is trusted); after key rotations, any key of the sequence. ``checkpoint``: a
+    checkpoint (signed by one of those keys) whose every head the store must still hold."""
     try:
-        raw = pinned if pinned is not None else home.public_key.read_bytes()
+        current = home.public_key.read_bytes()
     except FileNotFoundError:
-        raise StoreError(f"{home.public_key}: the supervisor's public key is missing") from None
-    key = supervisor_key(raw)
-    if checkpoint is not None and checkpoint.public_key != raw:
-        raise StoreError(f"the checkpoint was signed by key {fingerprint(checkpoint.public_key)}, not by "
-                         f"{fingerprint(raw)}")
+        if pinned is None:
+            raise StoreError(f"{home.public_key}: the supervisor's public key is missing") from None
+        current = pinned
     try:
         db = open_readonly(home.store)
         try:
             db.execute("BEGIN")  # one snapshot: a live supervisor may commit while we read
-            reports = _verify_store(db, key, agent, home)
+            schedule = key_schedule(current, rotations_of(db), pinned)
+            if checkpoint is not None and checkpoint.public_key not in schedule.keys:
+                raise StoreError(f"the checkpoint was signed by key {fingerprint(checkpoint.public_key)}, not by "
+                                 f"{_keys_named(schedule)}")
+            reports = _verify_store(db, schedule, agent, home)
+            names = {r.agent_id: r.name for r in reports}
             if checkpoint is not None:
-                reports += _against(db, checkpoint, {r.agent_id: r.name for r in reports})
+                reports += _against(db, checkpoint.heads, checkpoint.time_ns, names, "checkpoint")
+            if agent is None:
+                for rotation in schedule.rotations:
+                    reports += _against(db, rotation.heads, rotation.time_ns, names, "key rotation")
             return reports
         finally:
             db.close()
@@ -115,9 +123,45 @@ def verify_home(home: Home, agent: str | None = None, *, pinned: bytes | None = 
         raise StoreError(f"{home.store}: not a readable event store: {exc}") from None
 
 
-def _compaction(statement: str | None, key: Ed25519PublicKey) -> Compaction | None:
-    """A chain's compaction statement, checked under the supervisor's key (RecordError if it is not sound)."""
-    return Compaction.parse(statement, key.public_bytes_raw()) if statement is not None else None
+def known_keys(home: Home, bundle: Path | None = None) -> list[bytes]:
+    """The supervisor's keys, oldest first, as the home's store (or a bundle) records its rotations; unchecked
+    here (verify checks them): for matching a fingerprint an auditor holds."""
+    try:
+        if bundle is not None:
+            doc = json.loads(bundle.read_bytes())
+            current, statements = bytes.fromhex(doc["supervisor_public_key"]), doc.get("key_rotations") or []
+        else:
+            current = home.public_key.read_bytes()
+            db = open_readonly(home.store) if home.store.exists() else None
+            statements = rotations_of(db) if db is not None else []
+            if db is not None:
+                db.close()
+        return [*(Rotation.parse(s).old_key for s in statements), current]
+    except (OSError, ValueError, KeyError, TypeError, RecordError, sqlite3.DatabaseError) as exc:
+        raise StoreError(f"cannot read the supervisor's keys: {exc}") from None
+
+
+def key_schedule(current: bytes, statements: list[str], pinned: bytes | None) -> KeySchedule:
+    """The supervisor's keys, oldest first, from its rotation statements, ending at ``current``. The pinned key
+    must be one of them; if it is not, the pinned key alone is the schedule (and what it did not sign fails)."""
+    supervisor_key(current)
+    try:
+        schedule = KeySchedule.build(current, [Rotation.parse(s) for s in statements])
+    except RecordError as exc:
+        raise StoreError(f"the supervisor's key rotations do not verify: {exc}") from None
+    if pinned is not None and pinned not in schedule.keys:
+        supervisor_key(pinned)
+        return KeySchedule.build(pinned, [])
+    return schedule
+
+
+def _keys_named(schedule: KeySchedule) -> str:
+    return " or ".join(fingerprint(k) for k in schedule.keys)
+
+
+def _compaction(statement: str | None, schedule: KeySchedule) -> Compaction | None:
+    """A chain's compaction statement, checked under the supervisor's keys (RecordError if it is not sound)."""
+    return Compaction.parse(statement, schedule.keys) if statement is not None else None
 
 
 def supervisor_key(raw: bytes) -> Ed25519PublicKey:
@@ -128,7 +172,7 @@ def supervisor_key(raw: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
-def _verify_store(db: sqlite3.Connection, key: Ed25519PublicKey, agent: str | None, home: Home) -> list[ChainReport]:
+def _verify_store(db: sqlite3.Connection, key: KeySchedule, agent: str | None, home: Home) -> list[ChainReport]:
     rows = db.execute("SELECT id, name, head_seq, head_hash, state_hash, state, config FROM agents "
                       "ORDER BY created_ns").fetchall()
     nodes = db.execute("SELECT id, name, head_seq, head_hash FROM nodes ORDER BY created_ns").fetchall()
@@ -160,11 +204,13 @@ def _verify_store(db: sqlite3.Connection, key: Ed25519PublicKey, agent: str | No
     return reports
 
 
-def _against(db: sqlite3.Connection, point: Checkpoint, names: dict[str, str]) -> list[ChainReport]:
-    """What the store lost since ``point``: each head it pinned must still be in its chain, unchanged."""
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(point.time_ns / 1e9))
+def _against(db: sqlite3.Connection, heads: tuple[Head, ...], time_ns: int, names: dict[str, str],
+             what: str) -> list[ChainReport]:
+    """What the store lost since a signed statement of heads (a checkpoint, a key rotation): each head it
+    pinned must still be in its chain, unchanged."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time_ns / 1e9))
     out = []
-    for head in point.heads:
+    for head in heads:
         ident = str(uuid.UUID(bytes=head.chain)) if len(head.chain) == 16 else head.chain.hex()
         found = db.execute("SELECT hash FROM records WHERE agent_id=? AND seq=?", (head.chain, head.seq)).fetchone()
         last = db.execute("SELECT max(seq), count(*) FROM records WHERE agent_id=?", (head.chain,)).fetchone()
@@ -178,17 +224,17 @@ def _against(db: sqlite3.Connection, point: Checkpoint, names: dict[str, str]) -
             if head.seq == cut["cut_seq"] - 1 and cut["prev_hash"] == head.hash.hex():
                 continue
         if last[1] == 0:
-            problem = f"deleted: the checkpoint of {when} UTC holds this chain at record {head.seq}; the store has none of it"
+            problem = f"deleted: the {what} of {when} UTC holds this chain at record {head.seq}; the store has none of it"
         elif found is None:
-            problem = (f"truncated or transactions lost: the checkpoint of {when} UTC holds record {head.seq}; "
+            problem = (f"truncated or transactions lost: the {what} of {when} UTC holds record {head.seq}; "
                        f"the chain ends at {last[0]}")
         else:
-            problem = f"rolled back or rewritten: record {head.seq} is not the one the checkpoint of {when} UTC holds"
+            problem = f"rolled back or rewritten: record {head.seq} is not the one the {what} of {when} UTC holds"
         out.append(ChainReport(ident, names.get(ident, "?"), int(last[1]), False, problem))
     return out
 
 
-def _verify_one(db: sqlite3.Connection, key: Ed25519PublicKey, agent_id: bytes, name: str, head_seq: int,
+def _verify_one(db: sqlite3.Connection, key: KeySchedule, agent_id: bytes, name: str, head_seq: int,
                 head_hash: bytes, state_hash: bytes | None, state: bytes | None,
                 row_config: dict[str, Any] | None) -> ChainReport:
     """One chain against its row. ``state_hash`` and ``state`` None: a removed agent's, which keeps no state."""
@@ -196,7 +242,7 @@ def _verify_one(db: sqlite3.Connection, key: Ed25519PublicKey, agent_id: bytes, 
     raws = [row[-1] for row in rows]
     ident = str(uuid.UUID(bytes=agent_id))
     try:
-        verifier = verify_chain(raws, key, _compaction(compaction_of(db, agent_id), key))
+        verifier = verify_chain(raws, key.key_for(agent_id, 0), _compaction(compaction_of(db, agent_id), key), key)
         if verifier.agent_id != agent_id:
             raise RecordError("the chain belongs to another agent")
         if verifier.next_seq - 1 != head_seq or verifier.head_hash != head_hash:
@@ -246,12 +292,14 @@ def export_bundle(home: Home, refs: list[str], checkpoint: Checkpoint | None = N
                 chains.append({"id": str(uuid.UUID(bytes=found[0])), "name": found[1],
                                "records": [raw.hex() for raw in read_chain(db, found[0])],
                                "compaction": compaction_of(db, found[0])})
+            rotations = rotations_of(db)
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{home.store}: not a readable event store: {exc}") from None
     doc = {"format": BUNDLE_FORMAT, "version": 1, "supervisor_public_key": home.public_key.read_bytes().hex(),
-           "chains": chains, "checkpoint": json.loads(checkpoint.to_json()) if checkpoint is not None else None}
+           "key_rotations": rotations, "chains": chains,
+           "checkpoint": json.loads(checkpoint.to_json()) if checkpoint is not None else None}
     return json.dumps(doc, indent=1).encode() + b"\n"
 
 
@@ -262,37 +310,48 @@ def verify_bundle(data: bytes, pinned: bytes | None = None) -> list[ChainReport]
         doc = json.loads(data)
         if doc.get("format") != BUNDLE_FORMAT or doc.get("version") != 1:
             raise ValueError("not a version-1 theater bundle")
-        raw_key = pinned if pinned is not None else bytes.fromhex(doc["supervisor_public_key"])
-        key = supervisor_key(raw_key)
+        current = bytes.fromhex(doc["supervisor_public_key"])
+        statements = doc.get("key_rotations", [])
+        if not isinstance(statements, list) or not all(isinstance(x, str) for x in statements):
+            raise ValueError("key_rotations is not a list of statements")
         chains = [(c["id"], c["name"], [bytes.fromhex(r) for r in c["records"]], c.get("compaction"))
                   for c in doc["chains"]]
         point = Checkpoint.parse(json.dumps(doc["checkpoint"]).encode()) if doc.get("checkpoint") else None
     except (ValueError, KeyError, TypeError, RecordError) as exc:
         raise StoreError(f"not a readable bundle: {type(exc).__name__}: {exc}") from None
-    if point is not None and point.public_key != raw_key:
+    schedule = key_schedule(current, statements, pinned)
+    if point is not None and point.public_key not in schedule.keys:
         raise StoreError(f"the bundle's checkpoint was signed by key {fingerprint(point.public_key)}, not by "
-                         f"{fingerprint(raw_key)}")
+                         f"{_keys_named(schedule)}")
     reports = []
     heads: dict[bytes, dict[int, bytes]] = {}
+    cuts: dict[bytes, Compaction] = {}
     for ident, name, raws, statement in chains:
         try:
             if statement is not None and not isinstance(statement, str):
                 raise RecordError("the chain's compaction statement is not a string of JSON")
-            verifier = verify_chain(raws, key, _compaction(statement, key))
-            if str(uuid.UUID(bytes=verifier.agent_id)) != ident:
+            chain_id = uuid.UUID(ident).bytes
+            cut = _compaction(statement, schedule)
+            verifier = verify_chain(raws, schedule.key_for(chain_id, 0), cut, schedule)
+            if verifier.agent_id != chain_id:
                 raise RecordError("the records are of another chain than the bundle says")
             first = Record.parse(raws[0]).fields()
             if first.get("name", name) != name:
                 raise RecordError(f"the bundle names the chain {name!r}, its genesis {first['name']!r}")
-            heads[uuid.UUID(ident).bytes] = {Record.parse(r).seq: hashlib.sha256(r).digest() for r in raws}
+            heads[chain_id] = {Record.parse(r).seq: hashlib.sha256(r).digest() for r in raws}
+            if cut is not None:
+                cuts[chain_id] = cut
+                heads[chain_id][cut.cut_seq - 1] = cut.prev_hash
             reports.append(ChainReport(ident, name, len(raws), True, ""))
-        except RecordError as exc:
+        except (RecordError, ValueError) as exc:
             reports.append(ChainReport(ident, name, len(raws), False, str(exc)))
     if point is not None:
         for head in point.heads:
             held = heads.get(head.chain)
             if held is None:
                 continue  # a chain the checkpoint covers but the bundle does not carry
+            if head.chain in cuts and head.seq < cuts[head.chain].cut_seq - 1:
+                continue  # compacted away: its compaction statement vouches for it
             ident = str(uuid.UUID(bytes=head.chain))
             if held.get(head.seq) != head.hash:
                 problem = ("truncated: the bundle's checkpoint holds record " if head.seq not in held

@@ -69,6 +69,7 @@ class Control:
         self.request_down: Callable[[], None]
         self.checkpoints: Checkpoints
         self.retention: Retention
+        self.rotate_key: Callable[[], dict[str, Any]]
 
     def drain(self) -> None:
         for _ in range(BATCH):
@@ -137,6 +138,8 @@ class Control:
                 self.reply(ident, rid, self.checkpoints.make())
             case req.Remove(agent):
                 self.reply(ident, rid, self.supervision.remove(self.supervision.member(agent)))
+            case req.RotateKey():
+                self.reply(ident, rid, self.rotate_key())
             case req.Gc(agents):
                 self.reply(ident, rid, {"agents": self.retention.run(list(agents))})
 

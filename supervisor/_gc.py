@@ -91,8 +91,9 @@ class Retention:
         a chain cut after ``cut``, and drop them. (records dropped, their bytes)"""
         earlier_json = self.store.compaction(row.id)
         public = self.records.public_key
-        earlier = Compaction.parse(earlier_json, public.public_bytes_raw()) if earlier_json else None
-        verifier = ChainVerifier(public)
+        schedule = self.records.schedule
+        earlier = Compaction.parse(earlier_json, schedule.keys) if earlier_json else None
+        verifier = ChainVerifier(public, schedule)
         dropped: list[tuple[int, bytes]] = []
         dropped_bytes = 0
         for raw in self.store.records(row.id, -1, cut + 1):

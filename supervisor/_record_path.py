@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from theater import wire
 from theater.chain import ChainVerifier
+from theater.errors import RecordError
 from theater.records import Kind, Record, sha256, sign_record
+from theater.rotation import KeySchedule, Rotation
 
 from ._agent import Agent, Pending
 from ._errors import StoreError
@@ -40,11 +42,27 @@ class RecordPath:
         self.key = key
         self.public_key: Ed25519PublicKey = key.public_key()
         self.store = store
+        # Every key this home's supervisor has signed with, and which record each signed (key rotations).
+        self.schedule = self._schedule()
         self.batch: list[Result] = []
         # Set by the parts that act on commits: the workers answer results, clients wait for heads.
         self.on_results: Callable[[list[Result], StoreError | None], None] = lambda batch, error: None
         self.on_head: Callable[[bytes, int], None] = lambda chain_id, head: None
         self.on_record: Callable[[Agent, Record], None] | None = None
+
+    def use_key(self, key: Ed25519PrivateKey) -> None:
+        """Sign with ``key`` from now on (a rotation has committed). Live verifiers never check the supervisor's
+        own records against a key: it signed them itself, a moment before."""
+        self.key = key
+        self.public_key = key.public_key()
+        self.schedule = self._schedule()
+
+    def _schedule(self) -> KeySchedule:
+        try:
+            return KeySchedule.build(self.public_key.public_bytes_raw(),
+                                     [Rotation.parse(r) for r in self.store.rotations()])
+        except RecordError as exc:
+            raise StoreError(f"{self.store.path}: the store's key rotations do not fit this home's key: {exc}") from None
 
     # --- workers' results -------------------------------------------------------------------
 
@@ -81,7 +99,7 @@ class RecordPath:
             fields={"name": agent.name, "component_sha256": bytes.fromhex(agent.config.component_sha256),
                     "config": config, "worker_key": worker_key, "confinement": confinement},
         )
-        agent.verifier.advance(record)
+        agent.verifier.advance(record, signature_checked=True)
         before_commit(agent, record)
         self.store.create_agent(agent.id, agent.name, stored, record, agent.state)
         agent.in_store = True
@@ -97,7 +115,7 @@ class RecordPath:
             prev_hash=v.head_hash, state_hash=state_hash or v.state_hash or sha256(agent.state), fields=fields,
         )
         scratch = copy.copy(v)
-        scratch.advance(record)
+        scratch.advance(record, signature_checked=True)
         before_commit(agent, record)
         self.store.commit([Commit(agent_id=agent.id, records=[record], **commit)])
         agent.verifier = scratch
@@ -137,6 +155,6 @@ class RecordPath:
         record = sign_record(self.key, kind=kind, agent_id=node_id, seq=verifier.next_seq, time_ns=time.time_ns(),
                              prev_hash=verifier.head_hash, state_hash=sha256(b""), fields=fields)
         self.store.append_node(node_id, name, record)
-        verifier.advance(record)
+        verifier.advance(record, signature_checked=True)
         self.on_head(node_id, record.seq)
         return record

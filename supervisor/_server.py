@@ -24,8 +24,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import zmq
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from theater.home import LOG_DATEFMT, LOG_FORMAT, Home
 from theater.records import Record
@@ -41,6 +39,7 @@ from ._control import Control
 from ._errors import SupervisorError
 from ._gc import Retention
 from ._host import HostRequests
+from ._keys import load_or_create_key, rotate_key
 from ._record_path import RecordPath
 from ._spawner import WORKER_COMMAND, Spawner
 from ._store import EventStore
@@ -48,7 +47,7 @@ from ._timers import Timers
 from ._trees import Supervision
 from ._workers import Workers
 
-__all__ = ["Supervisor", "configure_logging", "load_or_create_key"]
+__all__ = ["Supervisor", "configure_logging"]
 
 LOG = logging.getLogger("supervisor")
 
@@ -60,25 +59,6 @@ def configure_logging(level: str) -> None:
     LOG.handlers[:] = [handler]
     LOG.setLevel(level.upper())
     LOG.propagate = False
-
-
-def load_or_create_key(home: Home) -> Ed25519PrivateKey:
-    """The supervisor's long-term key: 32-byte seed, 0600, created on first start."""
-    if home.key.exists():
-        mode = home.key.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise SupervisorError(f"{home.key} is readable by others (mode {mode:o}); it must be 0600")
-        key = Ed25519PrivateKey.from_private_bytes(home.key.read_bytes())
-    else:
-        key = Ed25519PrivateKey.generate()
-        seed = key.private_bytes_raw()
-        fd = os.open(home.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(seed)
-    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    if not home.public_key.exists() or home.public_key.read_bytes() != public:
-        home.public_key.write_bytes(public)
-    return key
 
 
 class Supervisor:
@@ -119,7 +99,7 @@ class Supervisor:
         self.poller = zmq.Poller()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.agents = Agents()
-        self.records = RecordPath(load_or_create_key(home), self.store)
+        self.records = RecordPath(load_or_create_key(home, self.store), self.store)
         self.records.on_record = on_record
         self.control = Control(home.root, home.control_endpoint, home.token, self.ctx, self.agents, self.timers, self.log)
         self.workers = Workers(home, self.ctx, self.spawner, self.agents, self.records, self.timers, self.poller,
@@ -133,6 +113,7 @@ class Supervisor:
         self.control.supervision, self.control.workers, self.control.records = self.supervision, self.workers, self.records
         self.control.request_down = self.request_down
         self.control.retention = Retention(self.store, self.records, self.log)
+        self.control.rotate_key = lambda: rotate_key(home, self.records, self.store, witness)
         self.control.checkpoints = Checkpoints(home, self.records, self.store, self.timers, self.log, witness,
                                                before=self.control.retention.run)
         self.messaging = Messaging(self.agents, self.workers, self.host, self.timers, self.log)

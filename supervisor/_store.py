@@ -21,7 +21,7 @@ from theater.records import Record
 
 from ._errors import StoreError
 
-__all__ = ["AgentRow", "EventStore", "compaction_of", "find_chain", "open_readonly", "read_chain", "read_chain_rows"]
+__all__ = ["AgentRow", "EventStore", "compaction_of", "find_chain", "open_readonly", "read_chain", "read_chain_rows", "rotations_of"]
 
 SCHEMA_VERSION = 1
 KEEP_SNAPSHOTS = 8  # per agent: the newest state snapshots (compaction's cut points); older ones go
@@ -91,6 +91,10 @@ CREATE TABLE IF NOT EXISTS compactions (
     cut_seq   INTEGER NOT NULL,
     statement TEXT NOT NULL,
     state     BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_rotations (
+    n         INTEGER PRIMARY KEY,
+    statement TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     agent_id BLOB NOT NULL,
@@ -313,6 +317,21 @@ class EventStore:
             self.db.execute("DELETE FROM records WHERE agent_id=? AND seq>0 AND seq<?", (agent_id, cut_seq))
             self.db.execute("DELETE FROM snapshots WHERE agent_id=? AND seq<?", (agent_id, cut_seq - 1))
 
+    # --- the supervisor's key ------------------------------------------------------------------
+
+    def chain_heads(self) -> list[tuple[bytes, int, bytes]]:
+        """Every chain's last stored record, (id, seq, hash): agents', nodes' and removed agents'."""
+        return [(r[0], r[1], r[2]) for r in self.db.execute(
+            "SELECT r.agent_id, r.seq, r.hash FROM records r JOIN (SELECT agent_id, max(seq) AS top FROM records "
+            "GROUP BY agent_id) t ON r.agent_id = t.agent_id AND r.seq = t.top")]
+
+    def add_rotation(self, statement: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT INTO key_rotations (statement) VALUES (?)", (statement,))
+
+    def rotations(self) -> list[str]:
+        return rotations_of(self.db)
+
     def _insert(self, r: Record) -> None:
         self.db.execute(
             "INSERT INTO records VALUES (?,?,?,?,?,?)", (r.agent_id, r.seq, int(r.kind), r.time_ns, r.hash, r.raw)
@@ -381,9 +400,20 @@ def read_chain_rows(db: sqlite3.Connection, chain_id: bytes) -> Iterator[tuple[i
     yield from db.execute("SELECT seq, kind, time_ns, hash, raw FROM records WHERE agent_id=? ORDER BY seq", (chain_id,))
 
 
+def rotations_of(db: sqlite3.Connection) -> list[str]:
+    """The supervisor's key rotation statements (JSON), oldest first."""
+    try:
+        return [str(r[0]) for r in db.execute("SELECT statement FROM key_rotations ORDER BY n")]
+    except sqlite3.OperationalError:  # a store from before rotations: none
+        return []
+
+
 def compaction_of(db: sqlite3.Connection, chain_id: bytes) -> str | None:
     """The chain's compaction statement (JSON), if records of it were dropped."""
-    row = db.execute("SELECT statement FROM compactions WHERE agent_id=?", (chain_id,)).fetchone()
+    try:
+        row = db.execute("SELECT statement FROM compactions WHERE agent_id=?", (chain_id,)).fetchone()
+    except sqlite3.OperationalError:  # a store from before compaction: none
+        return None
     return None if row is None else str(row[0])
 
 

@@ -319,11 +319,15 @@ def cmd_verify(args: argparse.Namespace, home: Home) -> int:
         raw = args.pubkey.read_bytes().strip()
         pinned = raw if len(raw) == 32 else bytes.fromhex(raw.decode("ascii", "replace"))
     if args.fingerprint is not None:
-        held = (pinned if pinned is not None else home.public_key.read_bytes())
-        if fingerprint(held) != args.fingerprint.strip().lower():
-            _err(f"the supervisor key {fingerprint(held)} is not the one whose fingerprint you hold")
+        from ._audit import known_keys
+
+        held = [pinned] if pinned is not None else known_keys(home, args.bundle)
+        match = [k for k in held if fingerprint(k) == args.fingerprint.strip().lower()]
+        if not match:
+            _err(f"the supervisor key{'s' if len(held) > 1 else ''} {', '.join(map(fingerprint, held))} "
+                 f"{'are' if len(held) > 1 else 'is'} not the one whose fingerprint you hold")
             return EXIT_FAIL
-        pinned = held
+        pinned = match[0]
     point = None
     if args.checkpoint is not None:
         try:
@@ -507,9 +511,21 @@ def cmd_key(args: argparse.Namespace, home: Home) -> int:
     """The supervisor's public key and its fingerprint: what an auditor pins (verify --fingerprint)."""
     from theater.checkpoint import fingerprint
 
+    from ._audit import known_keys
+
+    if args.action == "rotate":
+        with Client(home) as c:
+            info = c.request("rotate-key")[0]
+        _out(args, info, lambda: f"rotated: {info['old']} -> {info['new']}\n"
+                                 f"the statement both keys signed ({info['chains']} chain heads):\n"
+                                 + "\n".join(f"  {f}" for f in info["files"]))
+        return EXIT_OK
     public = home.public_key.read_bytes()
-    _out(args, {"public_key": public.hex(), "fingerprint": fingerprint(public)},
-         f"public key   {public.hex()}\nfingerprint  {fingerprint(public)}")
+    earlier = known_keys(home)[:-1]
+    _out(args, {"public_key": public.hex(), "fingerprint": fingerprint(public),
+                "previous": [{"public_key": k.hex(), "fingerprint": fingerprint(k)} for k in earlier]},
+         lambda: f"public key   {public.hex()}\nfingerprint  {fingerprint(public)}"
+                 + "".join(f"\nretired      {fingerprint(k)}" for k in reversed(earlier)))
     return EXIT_OK
 
 
@@ -635,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("restart", parents=[common], help="stop an agent or subtree and start it again")
     rs.add_argument("agent", help="agent or supervisor node (a subtree), by name or id")
     sub.add_parser("doctor", parents=[common], help="which OS hardening layers work here, and what each policy gets")
-    sub.add_parser("key", parents=[common], help="the supervisor's public key and fingerprint, for auditors to pin")
+    ky = sub.add_parser("key", parents=[common], help="the supervisor's public key and fingerprint, for auditors to pin")
+    ky.add_argument("action", nargs="?", choices=("show", "rotate"), default="show",
+                    help="show (default), or rotate: a new key, under a statement the old and new keys both sign")
     cp = sub.add_parser("checkpoint", parents=[common], help="sign every chain's head now; keep a copy elsewhere")
     cp.add_argument("-o", "--output", type=Path, help="also write the checkpoint to this file (a witness copy)")
     gc = sub.add_parser("gc", parents=[common], help="snapshot agents' state; compact chains past their [retention]")
@@ -683,7 +701,7 @@ EXAMPLES = {
     "doctor": "theater doctor",
     "secret": "printf %s \"$API_KEY\" | theater secret set openai",
     "replay": "theater replay counter                             # --component FILE: a rebuild",
-    "key": "theater key",
+    "key": "theater key                                        # theater key rotate: retire it for a new one",
     "checkpoint": "theater checkpoint -o /mnt/elsewhere/cp.json",
     "gc": "theater gc                                         # [retention] max_records/max_bytes in the policy",
     "export": "theater export counter team -o audit.bundle --checkpoint cp.json",

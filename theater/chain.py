@@ -14,6 +14,7 @@ from .compaction import Compaction
 from .ed25519 import key_weakness
 from .errors import RecordError
 from .records import GENESES, NODE_KINDS, ZERO_HASH, Kind, Record, Signer, verify_record
+from .rotation import KeySchedule
 
 __all__ = ["ChainVerifier", "verify_chain"]
 
@@ -29,8 +30,9 @@ class ChainVerifier:
     with ``signature_checked=True``.
     """
 
-    def __init__(self, supervisor_key: Ed25519PublicKey) -> None:
+    def __init__(self, supervisor_key: Ed25519PublicKey, schedule: KeySchedule | None = None) -> None:
         self.supervisor_key = supervisor_key
+        self.schedule = schedule  # after key rotations: which key signed which supervisor record
         self.agent_id: bytes | None = None
         self.next_seq = 0
         self.head_hash = ZERO_HASH
@@ -56,6 +58,8 @@ class ChainVerifier:
 
     def key_for(self, record: Record) -> Ed25519PublicKey:
         if record.signer is Signer.SUPERVISOR:
+            if self.schedule is not None:
+                return self.schedule.key_for(record.agent_id, record.seq)
             return self.supervisor_key
         if self.worker_key is None:
             raise RecordError(f"record {record.seq}: worker record while no worker key is in force")
@@ -140,10 +144,11 @@ def _public_key(raw: bytes, seq: int) -> Ed25519PublicKey:
 
 
 def verify_chain(records: Iterable[bytes], supervisor_key: Ed25519PublicKey,
-                 compaction: Compaction | None = None) -> ChainVerifier:
+                 compaction: Compaction | None = None, schedule: KeySchedule | None = None) -> ChainVerifier:
     """Verify a whole chain from genesis (past the records ``compaction`` dropped, if given; its signature
-    already checked); return the verifier positioned at its head."""
-    verifier = ChainVerifier(supervisor_key)
+    already checked), under ``schedule`` if the supervisor's key was rotated; return the verifier positioned
+    at its head."""
+    verifier = ChainVerifier(supervisor_key, schedule)
     for position, raw in enumerate(records):
         try:
             record = Record.parse(raw)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,8 +77,9 @@ class Compaction:
         return json.dumps({**self.body(), "signature": self.signature.hex()}, sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def parse(cls, data: str | bytes, supervisor_key: bytes) -> Compaction:
-        """Parse a statement and check it is whole and signed by ``supervisor_key``; RecordError otherwise."""
+    def parse(cls, data: str | bytes, trusted: Collection[bytes]) -> Compaction:
+        """Parse a statement and check it is whole and signed by one of the supervisor's keys ``trusted``
+        (there is more than one after a key rotation); RecordError otherwise."""
         try:
             doc = json.loads(data)
             if doc["version"] != VERSION:
@@ -90,13 +92,13 @@ class Compaction:
                         int(doc["time_ns"]), bytes.fromhex(doc["public_key"]), bytes.fromhex(doc["signature"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise RecordError(f"not a compaction statement: {type(exc).__name__}: {exc}") from None
-        if point.public_key != supervisor_key:
+        if point.public_key not in trusted:
             raise RecordError("the compaction statement is signed by another key than the supervisor's")
         if not 1 <= point.dropped_from < point.cut_seq or dropped["records"] != point.cut_seq - point.dropped_from:
             raise RecordError(f"the compaction statement's cut ({point.cut_seq}) and what it says it dropped "
                               f"(from {point.dropped_from}, {dropped['records']} records) do not agree")
         try:
-            Ed25519PublicKey.from_public_bytes(supervisor_key).verify(point.signature, point.signed_bytes())
+            Ed25519PublicKey.from_public_bytes(point.public_key).verify(point.signature, point.signed_bytes())
         except (InvalidSignature, ValueError):
             raise RecordError("the compaction statement's signature does not verify") from None
         return point

@@ -27,6 +27,7 @@ __all__ = [
     "Remove",
     "Request",
     "Restart",
+    "RotateKey",
     "Send",
     "Spawn",
     "Stop",
@@ -121,11 +122,16 @@ class Remove:
 
 
 @dataclass(frozen=True, slots=True)
+class RotateKey:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
 class Gc:
     agents: tuple[str, ...]  # names or ids; empty: every agent
 
 
-Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down | Checkpoint | Remove | Gc
+Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down | Checkpoint | Remove | Gc | RotateKey
 
 # An `events` reply carries records in its data frame, each as u32 big-endian length + raw record, up to
 # this many bytes (and always at least one record); `more` says whether the chain goes on.
@@ -211,6 +217,8 @@ def decode_request(op: object, body: dict[str, Any], data: bytes | None) -> Requ
         return Checkpoint()
     if op == "rm":
         return Remove(_name(body))
+    if op == "rotate-key":
+        return RotateKey()
     if op == "gc":
         agents = body.get("agents", [])
         if not isinstance(agents, list) or len(agents) > 1000 or not all(isinstance(a, str) and 0 < len(a) <= 256
