@@ -422,13 +422,22 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
         return EXIT_FAIL
 
     report["from"] = start + 1 if state is not None else 0
+    from theater.artifacts import engine_report
+
+    ours = engine_report()
+    recorded = {json.loads(r.fields()["confinement"]).get("engine", "an engine it did not state")
+                for r in records if r.kind.name in ("GENESIS", "WORKER_KEY")}
+    others = sorted(e for e in recorded if e != ours["engine"])
+    if others:  # fuel counts may differ between engine versions: say so beside the verdict
+        report["engine_note"] = f"recorded under {', '.join(others)}; replayed under {ours['engine']}"
     origin = f" (from record {start + 1}, the state snapshot at record {start})" if state is not None else ""
 
     def text() -> str:
+        note = f"\n  note: {report['engine_note']}" if "engine_note" in report else ""
         if report["ok"]:
             return (f"ok     {args.agent}: {report['calls']} calls replayed from {report['records']} records{origin}, "
-                    "all as recorded")
-        return f"DIVERGES {args.agent} at record {report['diverged_at']}: {report['divergence']}"
+                    f"all as recorded{note}")
+        return f"DIVERGES {args.agent} at record {report['diverged_at']}: {report['divergence']}{note}"
 
     _out(args, report, text)
     return EXIT_OK if report["ok"] else EXIT_FAIL

@@ -20,6 +20,7 @@ import pytest
 from conftest import COMPONENTS, Theater, ps, records, wait_running, wait_until
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from theater.artifacts import WASMTIME_VERSION
 from theater.client import ClientError
 from theater.records import Kind, sign_record
 from worker.replay import replay
@@ -60,7 +61,13 @@ def test_a_chain_with_crashes_restarts_and_failures_replays_exactly(theater: The
     theater.stop()  # nothing live from here on
     assert replays(theater, "ctr")["calls"] == 5
     report = replays(theater, "trap")
-    assert report["calls"] == 4
+    assert report["calls"] == 4 and "engine_note" not in report
+    keyed = [r for r in records(theater, "ctr") if r.kind in (Kind.GENESIS, Kind.WORKER_KEY)]
+    assert len(keyed) == 2  # each worker stated the engine that ran it, under the supervisor's signature
+    for record in keyed:
+        stated = json.loads(record.fields()["confinement"])
+        assert stated["engine"] == f"wasmtime {WASMTIME_VERSION}" and "cranelift_nan_canonicalization=True" in \
+            stated["engine.settings"]
 
 
 def test_a_runaway_replays_into_the_same_deadline(theater: Theater) -> None:

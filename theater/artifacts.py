@@ -24,16 +24,26 @@ from .spec import Limits
 __all__ = ["NOT_IN_ARTIFACT_KEY", "TARGET", "WASMTIME_VERSION", "artifact_key", "engine_config", "file_signature"]
 
 
+_FIXED_ENGINE: dict[str, bool | int] = {
+    "consume_fuel": True,
+    "epoch_interruption": True,
+    "cranelift_nan_canonicalization": True,  # the same NaN bits on every machine: replay gives the same state
+    "parallel_compilation": False,  # no compiler threads: the worker stays easy to confine
+    "wasm_threads": False,
+}
+
+
 def engine_config(limits: Limits) -> dict[str, bool | int]:
     """Every ``wasmtime.Config`` setting of a worker's engine, by attribute name."""
-    return {
-        "consume_fuel": True,
-        "epoch_interruption": True,
-        "cranelift_nan_canonicalization": True,
-        "parallel_compilation": False,  # no compiler threads: the worker stays easy to confine
-        "wasm_threads": False,
-        "max_wasm_stack": limits.stack_bytes,
-    }
+    return {**_FIXED_ENGINE, "max_wasm_stack": limits.stack_bytes}
+
+
+def engine_report() -> dict[str, str]:
+    """What a worker states in its hello (and so in its genesis or worker-key record) about the engine that
+    will run the agent: what fuel counts and floating-point results depend on, for a later replay."""
+    fixed = sorted((k, v) for k, v in _FIXED_ENGINE.items() if k != "parallel_compilation")
+    return {"engine": f"wasmtime {WASMTIME_VERSION}", "engine.target": _target(),
+            "engine.settings": " ".join(f"{k}={v}" for k, v in fixed) + " max_wasm_stack=limits.stack_bytes"}
 
 
 # Settings that change how fast code is compiled, never the code: left out of the cache key.

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from theater import wire
+from theater.artifacts import engine_report
 from theater.errors import ProtocolError
 from theater.exits import WorkerExit
 from theater.records import Kind, sha256, sign_hello
@@ -38,6 +39,7 @@ __all__ = ["Link", "connect", "serve"]
 SPEC_TIMEOUT_MS = 30_000
 MAX_ERROR_CHARS = 4096
 LAST_FRAMES_MS = 2000  # how long an exiting worker waits for its last frames to leave
+ENGINE = engine_report()  # read at import, before the worker confines itself (it reads /proc/cpuinfo)
 
 
 class Link(NamedTuple):
@@ -81,7 +83,8 @@ def _serve(
     artifact: dict[str, Any] | None,
 ) -> int:
     proof = sign_hello(key, token)
-    sock.send_multipart(wire.Hello(token, public, proof, os.getpid(), confinement).encode())
+    stated = {**confinement, **ENGINE}  # what runs the agent, recorded for a replay to compare
+    sock.send_multipart(wire.Hello(token, public, proof, os.getpid(), stated).encode())
     if not sock.poll(SPEC_TIMEOUT_MS):
         return WorkerExit.PROTOCOL
     try:
