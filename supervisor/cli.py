@@ -425,11 +425,11 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     from theater.artifacts import engine_report
 
     ours = engine_report()
-    recorded = {json.loads(r.fields()["confinement"]).get("engine", "an engine it did not state")
+    recorded = {f"wasmtime {json.loads(r.fields()['confinement']).get('engine.wasmtime', '(not stated)')}"
                 for r in records if r.kind.name in ("GENESIS", "WORKER_KEY")}
-    others = sorted(e for e in recorded if e != ours["engine"])
+    others = sorted(e for e in recorded if e != f"wasmtime {ours['engine.wasmtime']}")
     if others:  # fuel counts may differ between engine versions: say so beside the verdict
-        report["engine_note"] = f"recorded under {', '.join(others)}; replayed under {ours['engine']}"
+        report["engine_note"] = f"recorded under {', '.join(others)}; replayed under wasmtime {ours['engine.wasmtime']}"
     origin = f" (from record {start + 1}, the state snapshot at record {start})" if state is not None else ""
 
     def text() -> str:

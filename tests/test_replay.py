@@ -66,7 +66,7 @@ def test_a_chain_with_crashes_restarts_and_failures_replays_exactly(theater: The
     assert len(keyed) == 2  # each worker stated the engine that ran it, under the supervisor's signature
     for record in keyed:
         stated = json.loads(record.fields()["confinement"])
-        assert stated["engine"] == f"wasmtime {WASMTIME_VERSION}" and "cranelift_nan_canonicalization=True" in \
+        assert stated["engine.wasmtime"] == WASMTIME_VERSION and "cranelift_nan_canonicalization=True" in \
             stated["engine.settings"]
 
 

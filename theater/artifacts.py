@@ -42,7 +42,7 @@ def engine_report() -> dict[str, str]:
     """What a worker states in its hello (and so in its genesis or worker-key record) about the engine that
     will run the agent: what fuel counts and floating-point results depend on, for a later replay."""
     fixed = sorted((k, v) for k, v in _FIXED_ENGINE.items() if k != "parallel_compilation")
-    return {"engine": f"wasmtime {WASMTIME_VERSION}", "engine.target": _target(),
+    return {"engine.wasmtime": WASMTIME_VERSION, "engine.target": _target(),
             "engine.settings": " ".join(f"{k}={v}" for k, v in fixed) + " max_wasm_stack=limits.stack_bytes"}
 
 
