@@ -143,7 +143,7 @@ class Agent(_Member):
             "id": self.uuid,
             "name": self.name,
             "status": str(self.status),
-            "pid": self.worker.pid if self.worker and not self.worker.exited else None,
+            "pid": self.worker.pid if self.worker and not self.worker.exited and not self.worker.pending else None,
             "incarnation": self.incarnation,
             "restarts": self.restart_count,
             "instance_restarts": self.instance_restarts,

@@ -167,7 +167,10 @@ class Supervisor:
                     self.workers.drain()
                 if self.control.socket in events:
                     self.control.drain()
-                for fd in [fd for fd in events if isinstance(fd, int) and fd != wake_r.fileno()]:
+                if self.workers.zygote_fd is not None and self.workers.zygote_fd in events:
+                    self.workers.settle_spawns()
+                for fd in [fd for fd in events if isinstance(fd, int) and fd not in (wake_r.fileno(),
+                                                                                     self.workers.zygote_fd)]:
                     agent = self.workers.by_pidfd.get(fd)
                     if agent is not None:
                         self.workers.on_exit(agent)

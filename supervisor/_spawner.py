@@ -80,11 +80,17 @@ class WorkerProcess:
     fault: str | None = None
     exited: bool = field(default=False)
 
+    @property
+    def pending(self) -> bool:
+        """Asked of the fork-server, whose answer (the pid) has not come yet."""
+        return self.pidfd < 0
+
     def kill(self, reason: str) -> None:
-        """SIGKILL the worker (idempotent); ``reason`` is what the chain will say."""
+        """SIGKILL the worker (idempotent); ``reason`` is what the chain will say. A pending worker is
+        killed as soon as its pid is known."""
         if self.kill_reason is None:
             self.kill_reason = reason
-        if not self.exited:
+        if not self.exited and not self.pending:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
@@ -121,10 +127,11 @@ ZYGOTE_COMMAND = (sys.executable, "-m", "worker._zygote")
 
 
 def spawn_worker(
-    endpoint: str, incarnation: int, log_path: Path, workdir: Path, command: Sequence[str] = WORKER_COMMAND
+    endpoint: str, incarnation: int, log_path: Path, workdir: Path, command: Sequence[str] = WORKER_COMMAND,
+    token: bytes | None = None,
 ) -> WorkerProcess:
     """A worker from a fresh interpreter (the fallback, and the test hook for other worker commands)."""
-    token = secrets.token_bytes(32)
+    token = token or secrets.token_bytes(32)
     read_end, write_end = os.pipe()
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
@@ -189,6 +196,7 @@ class Zygote:
         # Spare workers the fork-server announced and has not handed out: our children (CLONE_PARENT),
         # so ours to end and reap if they end unused.
         self.spares: dict[int, int] = {}  # pid -> pidfd
+        self._answered: list[Spawned | SpawnRefused] = []  # answers read while waiting for something else
 
     def wait_ready(self, timeout: float) -> bool:
         """True once the fork-server has said it is ready (waits at most ``timeout``)."""
@@ -200,24 +208,28 @@ class Zygote:
             self._handle_unsolicited(message)
         return True
 
-    def spawn(self, workdir: str, artifact: ArtifactOffer | None, compile_request: CompileRequest | None,
-              fds: list[int]) -> int:
+    def request(self, workdir: str, artifact: ArtifactOffer | None, compile_request: CompileRequest | None,
+                fds: list[int]) -> int:
+        """Ask for a worker (the descriptors go with the request); its id. The answer comes by ``answers``."""
         self._ids += 1
         request = Spawn(self._ids, workdir, artifact, compile_request)
         try:
             socket.send_fds(self.sock, [request.encode()], fds)
         except OSError as exc:
             raise ZygoteGone(f"cannot send to it: {exc}") from exc
-        deadline = time.monotonic() + ZYGOTE_REPLY_TIMEOUT_S
-        while True:
-            message = self._recv(max(0.0, deadline - time.monotonic()))
-            if message is None:
-                raise ZygoteGone(f"no answer within {ZYGOTE_REPLY_TIMEOUT_S} s")
-            if isinstance(message, Spawned) and message.id == request.id:
-                return message.pid
-            if isinstance(message, SpawnRefused) and message.id == request.id:
-                raise ZygoteGone(f"it refused: {message.error}")
-            self._handle_unsolicited(message)
+        return request.id
+
+    def answers(self, timeout: float) -> list[Spawned | SpawnRefused]:
+        """The answers to spawn requests that have come (waiting up to ``timeout`` for the first); notes are
+        taken on the way."""
+        found, self._answered = self._answered, []
+        while (message := self._recv(0.0 if found else timeout)) is not None:
+            if isinstance(message, Spawned | SpawnRefused):
+                found.append(message)
+            else:
+                self._handle_unsolicited(message)
+            timeout = 0.0
+        return found
 
     def drain(self) -> None:
         """Take the notes (compile reports) that arrived since the last request, without waiting."""
@@ -237,7 +249,9 @@ class Zygote:
                     self.spares[pid] = os.pidfd_open(pid)
             case SpareEnded(pid=pid) if pid in self.spares:
                 _end(self.spares.pop(pid))
-            case _:  # a late answer to a spawn already given up on
+            case Spawned() | SpawnRefused():  # read on the way to something else: kept for ``answers``
+                self._answered.append(message)
+            case _:
                 pass
 
     def take_spare(self, pid: int) -> int | None:
@@ -287,6 +301,17 @@ def _end(pidfd: int) -> None:
         os.close(pidfd)
 
 
+@dataclass(slots=True)
+class _Asked:
+    """A spawn the fork-server has been asked for: what its fallback would need."""
+
+    worker: WorkerProcess
+    endpoint: str
+    log_path: Path
+    workdir: Path
+    deadline: float
+
+
 class Spawner:
     """Starts workers for one supervisor: through the fork-server when it can, else from scratch."""
 
@@ -305,6 +330,8 @@ class Spawner:
         self._use_zygote = use_zygote and bool(self._zygote_command) and platform.machine() in CLONE_MACHINES
         self._first = True
         self._failures = 0  # fork-servers in a row that never became ready
+        self._pending: dict[int, _Asked] = {}  # spawn request id -> the worker waiting for its answer
+        self._settled: list[WorkerProcess] = []  # pending ones started another way when a fork-server went
         if self._use_zygote:
             self._start_zygote()
 
@@ -338,6 +365,7 @@ class Spawner:
         old = self.zygote
         how = old.close()
         self.zygote = None
+        self._abandon_pending()
         self.cache.compiling.clear()
         self._failures = 0 if old.ready else self._failures + 1
         if self._failures >= MAX_ZYGOTE_FAILURES:
@@ -350,6 +378,17 @@ class Spawner:
 
     def spawn(self, endpoint: str, incarnation: int, log_path: Path, workdir: Path,
               agent: AgentLike | None = None) -> WorkerProcess:
+        """A worker, waiting for the fork-server's answer (``spawn_nowait`` does not wait)."""
+        worker = self.spawn_nowait(endpoint, incarnation, log_path, workdir, agent)
+        deadline = time.monotonic() + ZYGOTE_REPLY_TIMEOUT_S + 1
+        while worker.pending and time.monotonic() < deadline:
+            self.settle(max(0.0, deadline - time.monotonic()))
+        return worker
+
+    def spawn_nowait(self, endpoint: str, incarnation: int, log_path: Path, workdir: Path,
+                     agent: AgentLike | None = None) -> WorkerProcess:
+        """A worker: through the fork-server, a pending one whose pid ``settle`` fills in once the answer
+        comes (the supervisor's loop never waits for a fork); else one from a fresh interpreter."""
         zygote = self._usable_zygote() if agent is not None else None
         self._first = False
         if zygote is None or agent is None:
@@ -368,21 +407,76 @@ class Spawner:
             _write_boot(write_end, endpoint, token)  # waiting in the pipe: the worker never waits for us
         finally:
             os.close(write_end)
+        worker = WorkerProcess(pid=0, pidfd=-1, token=token, incarnation=incarnation)
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                pid = zygote.spawn(str(workdir), artifact, compile_request, [read_end, log_fd])
+                request = zygote.request(str(workdir), artifact, compile_request, [read_end, log_fd])
             finally:
                 os.close(log_fd)
         except ZygoteGone as exc:
             self._replace_zygote(str(exc))
-            return spawn_worker(endpoint, incarnation, log_path, workdir, self._command)
+            return spawn_worker(endpoint, incarnation, log_path, workdir, self._command, token)
         finally:
             os.close(read_end)
-        pidfd = zygote.take_spare(pid)
-        if pidfd is None:
-            pidfd = os.pidfd_open(pid)  # our child (CLONE_PARENT): its pid stays its own until we reap it
-        return WorkerProcess(pid=pid, pidfd=pidfd, token=token, incarnation=incarnation)
+        self._pending[request] = _Asked(worker, endpoint, log_path, workdir, time.monotonic() + ZYGOTE_REPLY_TIMEOUT_S)
+        return worker
+
+    @property
+    def waiting(self) -> bool:
+        """Spawns asked of the fork-server and not answered yet."""
+        return bool(self._pending)
+
+    def fileno(self) -> int | None:
+        """The fork-server's socket, for the supervisor's poller: readable when answers come."""
+        return self.zygote.sock.fileno() if self.zygote is not None else None
+
+    def settle(self, timeout: float = 0.0) -> list[WorkerProcess]:
+        """Fill in the pending workers whose answers have come (waiting up to ``timeout``); a refusal, a
+        fork-server gone or silent past its deadline starts them from a fresh interpreter instead. The
+        workers settled, each with its pidfd (and killed at once if it was killed while pending)."""
+        done: list[WorkerProcess] = []
+        try:
+            if self.zygote is None:
+                raise ZygoteGone("it is not running")
+            for answer in self.zygote.answers(timeout if self._pending else 0.0):
+                asked = self._pending.pop(answer.id, None)
+                if asked is None:
+                    continue  # an answer to a spawn already started another way
+                if isinstance(answer, Spawned):
+                    pidfd = self.zygote.take_spare(answer.pid)
+                    asked.worker.pid = answer.pid
+                    asked.worker.pidfd = pidfd if pidfd is not None else os.pidfd_open(answer.pid)  # our child
+                else:
+                    self._log(f"the fork-server refused a spawn ({answer.error}); that worker starts from a fresh "
+                              "interpreter")
+                    self._fall_back(asked)
+                done.append(asked.worker)
+            late = [a for a in self._pending.values() if a.deadline < time.monotonic()]
+            if late:
+                raise ZygoteGone(f"no answer within {ZYGOTE_REPLY_TIMEOUT_S} s")
+        except ZygoteGone as exc:
+            if self._pending and self.zygote is not None:
+                self._replace_zygote(str(exc))
+            self._abandon_pending()
+        done += self._settled
+        self._settled = []
+        for worker in done:
+            if worker.kill_reason is not None:
+                worker.kill(worker.kill_reason)
+        return done
+
+    def _abandon_pending(self) -> None:
+        """The fork-server that was asked is gone: its pending workers start from a fresh interpreter."""
+        for asked in self._pending.values():
+            self._fall_back(asked)
+            self._settled.append(asked.worker)
+        self._pending.clear()
+
+    def _fall_back(self, asked: _Asked) -> None:
+        fresh = spawn_worker(asked.endpoint, asked.worker.incarnation, asked.log_path, asked.workdir, self._command,
+                             asked.worker.token)
+        asked.worker.pid, asked.worker.pidfd, asked.worker.proc = fresh.pid, fresh.pidfd, fresh.proc
 
     def close(self) -> None:
         if self.zygote is not None:

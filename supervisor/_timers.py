@@ -28,7 +28,9 @@ class Timers:
         return max(0, min(1000, int((self._heap[0][0] - time.monotonic()) * 1000) + 1))
 
     def run_due(self) -> None:
-        now = time.monotonic()
-        while self._heap and self._heap[0][0] <= now:
+        """Run the oldest due timer, only one: the loop polls again (without sleeping) before the next, so
+        what many timers do at once (a crash storm's exits, each a durable commit) is spread over turns
+        between which the other agents' calls are served."""
+        if self._heap and self._heap[0][0] <= time.monotonic():
             _, _, fn = heapq.heappop(self._heap)
             fn()

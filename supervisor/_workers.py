@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -28,7 +30,7 @@ from ._agent import Agent, Agents, Pending
 from ._errors import StoreError, Violation
 from ._ledger import Checked, Prechecked, check_result, precheck
 from ._record_path import RecordPath, Result
-from ._spawner import Spawner, WorkerProcess, exit_reason
+from ._spawner import ZYGOTE_REPLY_TIMEOUT_S, Spawner, WorkerProcess, exit_reason
 from ._supervision import PERMANENT_FAILURES, Status
 from ._timers import Timers
 
@@ -83,6 +85,8 @@ class Workers:
         self.by_pidfd: dict[int, Agent] = {}
         self.call_ids = itertools.count(1)
         self.ending: set[Agent] = set()  # reaped, waiting for a last frame that may trail the exit
+        self._hellos: deque[tuple[bytes, list[bytes], Agent | None]] = deque()  # handled one per turn
+        self.zygote_fd: int | None = None  # the fork-server's socket, polled for its answers to spawns
         records.on_results = self._results_committed
         # The parts a worker's outcomes go to; set by the supervisor once all parts exist.
         self.supervision: Supervision
@@ -97,15 +101,56 @@ class Workers:
     def start(self, agent: Agent) -> None:
         agent.discard_results = False
         workdir = self.home.run / "workers" / agent.uuid
-        worker = self.spawner.spawn(
+        worker = self.spawner.spawn_nowait(
             self.home.workers_endpoint, agent.incarnation + 1, self.home.logs / f"{agent.name}.log", workdir,
             agent.config,
         )
         agent.worker = worker
         self.by_token[worker.token] = agent
+        if worker.pending:  # the fork-server answers in a later turn; its deadline is watched meanwhile
+            self.timers.after(ZYGOTE_REPLY_TIMEOUT_S + 0.1, self.settle_spawns)
+        else:
+            self._watch(agent, worker)
+        self._sync_zygote_fd()
+        self.timers.after(HELLO_TIMEOUT_S, lambda: self._hello_timeout(agent, worker))
+
+    def _watch(self, agent: Agent, worker: WorkerProcess) -> None:
+        """Learn of the worker's end through its pidfd, in the loop's poller."""
         self.by_pidfd[worker.pidfd] = agent
         self.poller.register(worker.pidfd, zmq.POLLIN)
-        self.timers.after(HELLO_TIMEOUT_S, lambda: self._hello_timeout(agent, worker))
+
+    def settle_spawns(self, timeout: float = 0.0) -> None:
+        """Take the fork-server's answers: each worker that now has a pid is watched."""
+        for worker in self.spawner.settle(timeout):
+            agent = self.by_token.get(worker.token) or next((a for a in self.agents if a.worker is worker), None)
+            if agent is not None and agent.worker is worker:
+                self._watch(agent, worker)
+            else:  # its agent no longer waits for it (cannot happen while the token is known): end it
+                worker.kill("shutdown")
+                with contextlib.suppress(ChildProcessError, OSError):
+                    worker.reap()
+        self._sync_zygote_fd()
+
+    def _sync_zygote_fd(self) -> None:
+        """Keep the current fork-server's socket in the poller (a replaced one has another)."""
+        fd = self.spawner.fileno()
+        if fd != self.zygote_fd:
+            if self.zygote_fd is not None:
+                with contextlib.suppress(KeyError, zmq.ZMQError):
+                    self.poller.unregister(self.zygote_fd)
+            if fd is not None:
+                self.poller.register(fd, zmq.POLLIN)
+            self.zygote_fd = fd
+
+    def _next_hello(self) -> None:
+        """Take the oldest hello waiting; the next waits for the next turn, so the calls of running agents
+        are served between the durable commits of a crowd of new workers (a crash storm's restarts)."""
+        identity, frames, known = self._hellos.popleft()
+        if self._hellos:
+            self.timers.after(0, self._next_hello)
+        if known is None:
+            known = self.by_identity.get(identity)
+        self._on_hello(identity, frames, known)
 
     def _hello_timeout(self, agent: Agent, worker: WorkerProcess) -> None:
         if agent.worker is worker and worker.identity is None and not worker.exited:
@@ -132,6 +177,10 @@ class Workers:
             worker.kill("bad-hello")
             self.log(f"{agent.name}: hello proof does not verify; killed")
             return
+        if worker.pending:  # the worker spoke before the fork-server's answer was read: read it now
+            deadline = time.monotonic() + ZYGOTE_REPLY_TIMEOUT_S + 1
+            while worker.pending and time.monotonic() < deadline:
+                self.settle_spawns(max(0.0, deadline - time.monotonic()))
         if hello.pid != worker.pid:
             worker.kill("bad-hello")
             self.log(f"{agent.name}: hello from pid {hello.pid}, expected {worker.pid}; killed")
@@ -195,8 +244,10 @@ class Workers:
                 if agent is not None:
                     self.violation(agent, f"bad header: {exc}", body[0][:64])
                 continue
-            if typ is wire.WorkerType.HELLO:
-                self._on_hello(identity, body[1:], agent)
+            if typ is wire.WorkerType.HELLO:  # one per turn of the loop: each costs a durable commit
+                self._hellos.append((identity, body[1:], agent))
+                if len(self._hellos) == 1:
+                    self.timers.after(0, self._next_hello)
             elif agent is None:
                 self.log(f"dropping a {typ} frame from an unknown peer")
             elif typ is wire.WorkerType.FAULT:

@@ -477,3 +477,24 @@ def test_fast_path_errors_and_limits_match_generic_path(sandboxes: dict[str, San
             with pytest.raises(CallFailed) as over:
                 convert(text, "reply", 64)  # type: ignore[operator]
             assert over.value.status == "too-large" and "reply of 65 bytes exceeds the limit of 64" in over.value.message
+
+
+
+def test_an_answer_read_while_asking_for_the_next_worker_is_kept(spawner: Any) -> None:
+    """The loop never waits for a fork: a spawn is asked, its answer arrives, and reading the fork-server's
+    notes while the next spawn is asked must keep that answer for its worker (dropping it made the
+    fork-server look silent: replaced after 5 s, its worker restarted from a fresh interpreter)."""
+    home, sp, endpoint, config, lines = spawner
+    first = sp.spawn_nowait(home.workers_endpoint, 0, home.logs / "a.log", home.run / "w" / "a", config)
+    assert first.pending
+    hello = endpoint.hello()  # the worker runs: its answer is (almost always) waiting in the socket by now
+    second = sp.spawn_nowait(home.workers_endpoint, 0, home.logs / "b.log", home.run / "w" / "b", config)
+    deadline = time.monotonic() + 3  # well inside the fork-server's 5 s answer deadline
+    while (first.pending or second.pending) and time.monotonic() < deadline:
+        sp.settle(0.1)
+    assert not first.pending and not second.pending
+    assert first.proc is None and second.proc is None, lines  # both forked, neither from a fresh interpreter
+    assert (hello.pid, endpoint.hello().pid) == (first.pid, second.pid)
+    for w in (first, second):
+        w.kill("test")
+        _wait_exit(w)
