@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .errors import RecordError
 
-__all__ = ["CHECKPOINT_DOMAIN", "Checkpoint", "Head", "fingerprint", "merkle", "merkle_root"]
+__all__ = ["CHECKPOINT_DOMAIN", "Checkpoint", "Head", "fingerprint", "heads_from_json", "merkle", "merkle_root"]
 
 CHECKPOINT_DOMAIN = b"theater-checkpoint-v1\x00"
 VERSION = 1
@@ -41,6 +41,17 @@ class Head:
 
     def leaf(self) -> bytes:
         return hashlib.sha256(b"\x00" + self.chain + self.seq.to_bytes(8, "big") + self.hash).digest()
+
+
+def heads_from_json(doc: dict[str, Any], what: str) -> tuple[Head, ...]:
+    """A signed statement's ``chains`` (a checkpoint's, a key rotation's), checked to be in id order, each
+    once, and to have the ``root`` the statement states; RecordError (or KeyError, ValueError) otherwise."""
+    heads = tuple(Head(bytes.fromhex(c["id"]), int(c["seq"]), bytes.fromhex(c["hash"])) for c in doc["chains"])
+    if list(heads) != sorted(heads, key=lambda h: h.chain) or len({h.chain for h in heads}) != len(heads):
+        raise RecordError(f"{what} chains are not in id order, or repeat")
+    if merkle_root(list(heads)).hex() != doc["root"]:
+        raise RecordError(f"{what} root does not match its chains")
+    return heads
 
 
 def merkle_root(heads: list[Head]) -> bytes:
@@ -94,14 +105,10 @@ class Checkpoint:
             doc = json.loads(data)
             if doc["version"] != VERSION:
                 raise RecordError(f"checkpoint version {doc['version']}, this build reads {VERSION}")
-            heads = tuple(Head(bytes.fromhex(c["id"]), int(c["seq"]), bytes.fromhex(c["hash"])) for c in doc["chains"])
+            heads = heads_from_json(doc, "checkpoint")
             point = cls(int(doc["time_ns"]), heads, bytes.fromhex(doc["public_key"]), bytes.fromhex(doc["signature"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise RecordError(f"not a checkpoint: {type(exc).__name__}: {exc}") from None
-        if list(heads) != sorted(heads, key=lambda h: h.chain) or len({h.chain for h in heads}) != len(heads):
-            raise RecordError("checkpoint chains are not in id order, or repeat")
-        if point.body()["root"] != doc["root"]:
-            raise RecordError("checkpoint root does not match its chains")
         try:
             Ed25519PublicKey.from_public_bytes(point.public_key).verify(point.signature, point.signed_bytes())
         except (InvalidSignature, ValueError):
