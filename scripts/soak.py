@@ -7,7 +7,8 @@ suite runs it small. Afterwards it checks, and prints:
 - every chain verifies;
 - every agent (all permanent) is running;
 - no worker or fork-server of the home is left once the supervisor is down;
-- the supervisor's RSS after warm-up, and, within the restarted process, after its warm-up and at the end.
+- the supervisor's RSS after warm-up, and, within the restarted process, after its warm-up, after each
+  quarter of its traffic, and at the end.
 
 Exit status 0 only if every check holds.
 """
@@ -166,7 +167,15 @@ def main() -> int:
                 crash = threading.Timer(max(1.0, args.messages / 2 / 4000), lambda: os.kill(
                     int(home.pid_file.read_text()), signal.SIGKILL))
                 crash.start()
-            traffic.run((args.messages - warmup) // 2, args.clients)
+            half = (args.messages - warmup) // 2
+            if phase == "before":
+                traffic.run(half, args.clients)
+            else:  # the restarted process's RSS after each quarter: flat, or still growing?
+                quarters: list[float] = []
+                for _ in range(4):
+                    traffic.run(half // 4, args.clients)
+                    quarters.append(round(rss_mib(home), 1))
+                figures["rss_restarted_by_quarter_mib"] = quarters
             stop.set()
             k.join()
             figures[f"worker_kills_{phase}"] = len(kills)
