@@ -11,6 +11,7 @@ their place, in one transaction with their deletion.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -50,7 +51,10 @@ class Retention:
         return [self._one(row) for row in rows]
 
     def _one(self, row: AgentRow) -> dict[str, Any]:
-        limits = AgentConfig.from_dict(row.config).retention
+        # The limits the genesis signed, never the row's copy: an edited row must not make the supervisor
+        # sign away history.
+        genesis = Record.parse(next(self.store.records(row.id, -1, 1)))
+        limits = AgentConfig.from_dict(json.loads(genesis.fields()["config"])).retention
         self.store.snapshot(row.id)
         records, size = self.store.chain_size(row.id)
         entry: dict[str, Any] = {"agent": row.name, "records": records, "bytes": size, "dropped": 0,

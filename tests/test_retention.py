@@ -170,3 +170,23 @@ def test_a_compacted_chain_and_a_snapshot_replay_identical(counted: Theater) -> 
     other = cli(counted, "replay", "free", "--from", str(head + 3), "--component", str(COMPONENTS / "echo.wat"),
                 "--json", check=False)
     assert other.returncode == 1 and json.loads(other.stdout)["diverged_at"] == head + 1
+
+
+def test_gc_follows_the_limits_the_genesis_signed_not_an_edited_row(theater: Theater) -> None:
+    """Someone with file access sets a tight [retention] in an agent's row: the supervisor does not sign
+    away that agent's history, since its genesis signed no limit."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("free", "counter.wat"))
+    ticks(theater, "free", 20)
+    theater.stop()
+    db = sqlite3.connect(theater.home.store)
+    (config,) = db.execute("SELECT config FROM agents WHERE name='free'").fetchone()
+    db.execute("UPDATE agents SET config=? WHERE name='free'",
+               (json.dumps({**json.loads(config), "retention": {"max_records": 10, "max_bytes": 0}}),))
+    db.commit()
+    db.close()
+    theater.start()
+    before = len(chain(theater, "free"))
+    report = gc(theater)
+    assert report["free"]["dropped"] == 0 and report["free"]["limits"] == {"max_records": 0, "max_bytes": 0}
+    assert len(chain(theater, "free")) >= before
