@@ -83,7 +83,15 @@ def replay_start(home: Home, ref: str, from_seq: int | None = None) -> tuple[lis
         genesis = next(raws, None)
         records = [Record.parse(genesis)] if genesis is not None else []
         records += [Record.parse(raw) for raw in read_chain(db, chain_id, start)]
-        return records, start, points.get(start)
+        state = points.get(start)
+        if state is not None:  # a stored state is a copy: it must hash to what the chain says it was there
+            at = db.execute("SELECT raw FROM records WHERE agent_id=? AND seq=?", (chain_id, start)).fetchone()
+            statement = compaction_of(db, chain_id)
+            expected = Record.parse(at[0]).state_hash if at is not None else \
+                bytes.fromhex(json.loads(statement)["state_hash"]) if statement is not None else None
+            if expected != sha256(state):
+                raise StoreError(f"the state kept at record {start} does not hash to the chain's state hash there")
+        return records, start, state
     finally:
         db.close()
 

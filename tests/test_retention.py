@@ -190,3 +190,14 @@ def test_gc_follows_the_limits_the_genesis_signed_not_an_edited_row(theater: The
     report = gc(theater)
     assert report["free"]["dropped"] == 0 and report["free"]["limits"] == {"max_records": 0, "max_bytes": 0}
     assert len(chain(theater, "free")) >= before
+
+
+def test_a_doctored_snapshot_is_refused_as_a_replay_start(counted: Theater) -> None:
+    gc(counted)
+    head = chain(counted, "free")[-1].seq
+    ticks(counted, "free", 2)
+    counted.stop()
+    edit(counted, "UPDATE snapshots SET state=? WHERE seq=? AND agent_id=(SELECT id FROM agents WHERE name='free')",
+         args=(b"999", head))
+    out = cli(counted, "replay", "free", "--from", str(head + 1), check=False)
+    assert out.returncode != 0 and "does not hash to the chain's state hash" in out.stderr
