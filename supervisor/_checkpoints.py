@@ -25,9 +25,26 @@ from ._record_path import RecordPath
 from ._store import EventStore
 from ._timers import Timers
 
-__all__ = ["Checkpoints"]
+__all__ = ["Checkpoints", "keep_statement"]
 
 INTERVAL_S = 600.0
+
+
+def keep_statement(home: Home, witness: Path | None, name: str, data: bytes, log: Callable[[str], None]) -> list[str]:
+    """Write a signed statement (a checkpoint, a key rotation) to ``<home>/checkpoints/NAME`` and copy it to the
+    witness directory, if any; the files it is in. A witness that does not take it is logged, not fatal."""
+    home.checkpoints.mkdir(mode=0o700, exist_ok=True)
+    path = home.checkpoints / name
+    write_private(path, data)
+    copies = [str(path)]
+    if witness is not None:
+        try:
+            witness.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.copyfile(path, witness / name)
+            copies.append(str(witness / name))
+        except OSError as exc:
+            log(f"{path}: the witness {witness} did not take it: {exc}")
+    return copies
 
 
 class Checkpoints:
@@ -48,18 +65,7 @@ class Checkpoints:
         self.records.flush()
         heads = [Head(chain, seq, head) for chain, seq, head in self.store.heads()]
         point = Checkpoint.make(heads, self.records.key, time.time_ns())
-        self.home.checkpoints.mkdir(mode=0o700, exist_ok=True)
-        path = self.home.checkpoints / f"{point.time_ns}.json"
-        write_private(path, point.to_json())
-        copies = [str(path)]
-        if self.witness is not None:
-            try:
-                self.witness.mkdir(mode=0o700, parents=True, exist_ok=True)
-                copy = self.witness / path.name
-                shutil.copyfile(path, copy)
-                copies.append(str(copy))
-            except OSError as exc:
-                self.log(f"checkpoint {path.name}: the witness {self.witness} did not take it: {exc}")
+        copies = keep_statement(self.home, self.witness, f"{point.time_ns}.json", point.to_json(), self.log)
         self._last = point.heads
         return {"time_ns": point.time_ns, "chains": len(point.heads), "root": point.body()["root"], "files": copies}
 

@@ -67,7 +67,7 @@ class Retention:
             entry["note"] = "over its limits, with no snapshot to cut at yet"
             return entry
         try:
-            dropped, dropped_bytes = self._compact(row, cut)
+            dropped, dropped_bytes = self._compact(row, genesis, cut)
         except (RecordError, StoreError) as exc:
             self.log(f"gc {row.name}: not compacted: {exc}")
             entry["note"] = f"not compacted: {exc}"
@@ -90,7 +90,7 @@ class Retention:
                 return int(seq)
         return None
 
-    def _compact(self, row: AgentRow, cut: int) -> tuple[int, int]:
+    def _compact(self, row: AgentRow, genesis: Record, cut: int) -> tuple[int, int]:
         """Verify records up to ``cut`` (from the genesis, past an earlier compaction), sign the statement for
         a chain cut after ``cut``, and drop them. (records dropped, their bytes)"""
         earlier_json = self.store.compaction(row.id)
@@ -118,7 +118,7 @@ class Retention:
                 or sha256(state) != verifier.state_hash:
             raise StoreError(f"the snapshot at record {cut} does not match the chain")
         statement = Compaction(
-            agent_id=row.id, genesis_hash=self._genesis_hash(row.id), cut_seq=cut + 1, prev_hash=verifier.head_hash,
+            agent_id=row.id, genesis_hash=genesis.hash, cut_seq=cut + 1, prev_hash=verifier.head_hash,
             state_hash=verifier.state_hash or b"", incarnation=max(verifier.incarnation, 0),
             worker_key=verifier.worker_key.public_bytes_raw() if verifier.worker_key is not None else b"",
             dropped_from=dropped[0][0], dropped_bytes=dropped_bytes, root=dropped_root(dropped),
@@ -128,7 +128,4 @@ class Retention:
         self.log(f"gc {row.name}: dropped records {dropped[0][0]}..{cut} ({len(dropped)} records, {dropped_bytes} "
                  "bytes) behind a signed compaction statement")
         return len(dropped), dropped_bytes
-
-    def _genesis_hash(self, agent_id: bytes) -> bytes:
-        return Record.parse(next(self.store.records(agent_id, -1, 1))).hash
 

@@ -10,10 +10,9 @@ its statement, and discards the seed otherwise.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from theater.checkpoint import Head, fingerprint
 from theater.home import Home, write_private
 from theater.rotation import Rotation
 
+from ._checkpoints import keep_statement
 from ._errors import SupervisorError
 from ._record_path import RecordPath
 from ._store import EventStore
@@ -60,7 +60,8 @@ def load_or_create_key(home: Home, store: EventStore) -> Ed25519PrivateKey:
     return key
 
 
-def rotate_key(home: Home, records: RecordPath, store: EventStore, witness: Path | None) -> dict[str, Any]:
+def rotate_key(home: Home, records: RecordPath, store: EventStore, witness: Path | None,
+               log: Callable[[str], None]) -> dict[str, Any]:
     """Retire the supervisor's key for a new one; what changed and where the statement went."""
     records.flush()  # every checked result is committed, and so covered by the statement's heads
     old = records.key
@@ -77,13 +78,6 @@ def rotate_key(home: Home, records: RecordPath, store: EventStore, witness: Path
     os.replace(pending, home.key)
     write_private(home.public_key, rotation.new_key)
     records.use_key(new)
-    files = [home.checkpoints / f"rotation-{rotation.time_ns}.json"]
-    home.checkpoints.mkdir(mode=0o700, exist_ok=True)
-    write_private(files[0], rotation.to_json().encode() + b"\n")
-    if witness is not None:
-        with contextlib.suppress(OSError):
-            witness.mkdir(mode=0o700, parents=True, exist_ok=True)
-            shutil.copyfile(files[0], witness / files[0].name)
-            files.append(witness / files[0].name)
+    files = keep_statement(home, witness, f"rotation-{rotation.time_ns}.json", rotation.to_json().encode() + b"\n", log)
     return {"old": fingerprint(rotation.old_key), "new": fingerprint(rotation.new_key),
-            "public_key": rotation.new_key.hex(), "chains": len(heads), "files": [str(f) for f in files]}
+            "public_key": rotation.new_key.hex(), "chains": len(heads), "files": files}

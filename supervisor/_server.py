@@ -113,7 +113,7 @@ class Supervisor:
         self.control.supervision, self.control.workers, self.control.records = self.supervision, self.workers, self.records
         self.control.request_down = self.request_down
         self.control.retention = Retention(self.store, self.records, self.log)
-        self.control.rotate_key = lambda: rotate_key(home, self.records, self.store, witness)
+        self.control.rotate_key = lambda: rotate_key(home, self.records, self.store, witness, self.log)
         self.control.checkpoints = Checkpoints(home, self.records, self.store, self.timers, self.log, witness,
                                                before=self.control.retention.run)
         self.messaging = Messaging(self.agents, self.workers, self.host, self.timers, self.log)

@@ -422,11 +422,6 @@ class Spawner:
         self._pending[request] = _Asked(worker, endpoint, log_path, workdir, time.monotonic() + ZYGOTE_REPLY_TIMEOUT_S)
         return worker
 
-    @property
-    def waiting(self) -> bool:
-        """Spawns asked of the fork-server and not answered yet."""
-        return bool(self._pending)
-
     def fileno(self) -> int | None:
         """The fork-server's socket, for the supervisor's poller: readable when answers come."""
         return self.zygote.sock.fileno() if self.zygote is not None else None
