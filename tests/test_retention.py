@@ -201,3 +201,16 @@ def test_a_doctored_snapshot_is_refused_as_a_replay_start(counted: Theater) -> N
          args=(b"999", head))
     out = cli(counted, "replay", "free", "--from", str(head + 1), check=False)
     assert out.returncode != 0 and "does not hash to the chain's state hash" in out.stderr
+
+
+def test_gc_keeps_a_chain_within_its_byte_limit(theater: Theater) -> None:
+    with theater.client() as c:
+        c.spawn(theater.manifest("sized", "counter.wat", retention={"max_bytes": 65536}))
+    ticks(theater, "sized", 150)
+    before = sum(len(r.raw) for r in chain(theater, "sized"))
+    assert before > 65536
+    report = gc(theater, "sized")["sized"]
+    kept = chain(theater, "sized")
+    assert report["dropped"] > 0 and report["bytes"] == sum(len(r.raw) for r in kept) <= 65536
+    assert report["bytes"] >= 65536 // 2  # snapshots a quarter of the limit apart: most of what it may keep stays
+    assert verify(theater)[0] == 0
