@@ -26,7 +26,7 @@ from ._supervision import Leaf, NodeKind, Status, Sup
 if TYPE_CHECKING:
     from ._ledger import Checked
 
-__all__ = ["Agent", "Agents", "Effects", "Member", "Node", "Pending", "Served"]
+__all__ = ["Agent", "AgentUsage", "Agents", "Effects", "Member", "Node", "Pending", "Served"]
 
 
 # Told a call's outcome instead of a client: (the committed result, or None and an error code and message).
@@ -45,6 +45,19 @@ class Effects:
     sends: list[tuple[Agent, Pending]] = field(default_factory=list)  # messages to deliver on commit
     timers: list[tuple[int, int, bytes]] = field(default_factory=list)  # new timers: (id, due ns, message)
     cancels: list[int] = field(default_factory=list)  # timers cancelled
+
+
+@dataclass
+class AgentUsage:
+    """One agent's tallies since this supervisor started (``_usage.py``)."""
+
+    calls: int = 0
+    messages: int = 0
+    fuel: int = 0
+    records: int = 0
+    record_bytes: int = 0
+    cpu_ns_ended: int = 0  # of its workers that have ended
+    peak_rss: int = 0
 
 
 @dataclass(eq=False)
@@ -104,6 +117,7 @@ class Agent(_Member):
     waiting_on: Agent | None = None  # the agent whose reply its call in flight waits for (messaging.call)
     reserved: int = 0  # mailbox places held for messages sent by calls not yet committed
     unsnapshotted: tuple[int, int] = (0, 0)  # records and bytes committed since its last state snapshot
+    usage: AgentUsage = field(default_factory=AgentUsage)
 
     def snapshot_due(self, records: list[Record]) -> bool:
         """Whether this commit also snapshots the state (a later compaction's cut point): an agent with
@@ -129,6 +143,12 @@ class Agent(_Member):
     @property
     def alive(self) -> bool:
         return self.worker is not None and not self.worker.exited
+
+    @property
+    def parent_is_agent(self) -> bool:
+        """Started by another agent (the supervision capability), not by a client or a manifest tree."""
+        node = self.leaf.parent
+        return node is not None and node.kind is NodeKind.OWNED
 
     @property
     def parent_name(self) -> str | None:

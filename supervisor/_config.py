@@ -6,6 +6,7 @@ narrow it, never widen it. Every error names the file, the key and the problem.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import os
@@ -40,6 +41,8 @@ __all__ = [
     "policy_dirs",
 ]
 
+OPERATOR = "operator"  # the tenant of the home's owner: every agent spawned over the local socket
+TENANT_SEP = ":"  # between a tenant's name and its agent's name, in names the home holds
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch
 MAX_COMPONENT_BYTES = 256 * 1024 * 1024
 MAX_INIT_ARGS_BYTES = 1024 * 1024
@@ -130,10 +133,11 @@ class TreeConfig:
     flags: Flags
     restart: RestartSpec
     children: tuple[AgentConfig | TreeConfig, ...]
+    tenant: str = OPERATOR
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "flags": self.flags.as_dict(), "restart": self.restart.as_dict(),
-                "children": [c.name for c in self.children]}
+                "children": [c.name for c in self.children], **_tenant_entry(self.tenant)}
 
     def walk(self) -> list[AgentConfig | TreeConfig]:
         out: list[AgentConfig | TreeConfig] = [self]
@@ -173,6 +177,7 @@ class AgentConfig:
     hardening: Hardening = DEFAULT_HARDENING
     grants: dict[str, Grant] = field(default_factory=dict, hash=False)  # capability -> its settings
     retention: Retention = NO_RETENTION
+    tenant: str = OPERATOR  # whose agent it is (docs/tenancy.md); the genesis signs it
 
     def grant(self, capability: str) -> Any:
         """The settings of a granted capability that has them (``_caps.grants``)."""
@@ -192,6 +197,7 @@ class AgentConfig:
             "init_args": self.init_args.decode("latin-1"),
             "hardening": self.hardening.as_dict(),
             **({"retention": self.retention.as_dict()} if self.retention.limited else {}),
+            **_tenant_entry(self.tenant),
         }
 
     @classmethod
@@ -209,6 +215,7 @@ class AgentConfig:
             hardening=Hardening.from_dict(data["hardening"]) if "hardening" in data else DEFAULT_HARDENING,
             grants={cap: grant_from_dict(cap, g) for cap, g in data.get("grants", {}).items()},
             retention=Retention(**data["retention"]) if "retention" in data else NO_RETENTION,
+            tenant=data.get("tenant", OPERATOR),
         )
 
     def template(self, name: str) -> AgentConfig | None:
@@ -318,13 +325,49 @@ def _read_toml(path: Path) -> dict[str, Any]:
     finally:
         os.close(fd)
     try:
-        return tomllib.loads(b"".join(chunks).decode("utf-8"))
+        return _parse_toml(b"".join(chunks).decode("utf-8"), path)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not valid TOML: it is not UTF-8") from None
+
+
+def _parse_toml(text: str, label: Path | str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {str(exc)[:256]}") from None
+        raise ConfigError(f"{label}: not valid TOML: {str(exc)[:256]}") from None
     except RecursionError:
-        raise ConfigError(f"{path}: not valid TOML here: its tables or arrays are nested too deeply") from None
+        raise ConfigError(f"{label}: not valid TOML here: its tables or arrays are nested too deeply") from None
+
+
+UPLOADED = Path("<uploaded manifest>")  # how errors name a manifest a tenant sent as text
+
+
+def load_uploaded(text: str, component: Path, dirs: list[Path]) -> AgentConfig:
+    """An agent manifest sent as text with its component (a tenant's spawn), resolved as :func:`load_manifest`
+    resolves one on disk. Its ``component`` keys (the agent's, and its child templates', which must name the
+    same file) are replaced by ``component``: an uploaded manifest can reach no file of the supervisor's."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ConfigError(f"{UPLOADED}: is more than {MAX_MANIFEST_BYTES} characters")
+    data = _parse_toml(text, UPLOADED)
+    top = _Table(UPLOADED, data)
+    if _is_tree(top):
+        raise ConfigError(f"{UPLOADED}: a supervisor manifest (strategy/children) names other files; "
+                          "send one agent manifest per spawn")
+    declared = top.get("component", str, required=True)
+    supervision = data.get("supervision")
+    templates = supervision.get("templates", []) if isinstance(supervision, dict) else []
+    if not isinstance(templates, list):
+        raise top.err("supervision.templates", "must be an array of tables")
+    for i, t in enumerate(templates):
+        if isinstance(t, dict) and t.get("component", declared) != declared:
+            raise top.err(f"supervision.templates[{i}].component",
+                          f"must name the agent's own component ({declared!r}): an uploaded manifest carries one")
+        if isinstance(t, dict):
+            t["component"] = str(component)
+    data["component"] = str(component)
+    config = _agent(top, component.parent, dirs)
+    top.finish()
+    return config
 
 
 def _limits(table: _Table, ceiling: Limits | None) -> dict[str, int]:
@@ -421,14 +464,38 @@ def config_to_dict(config: AgentConfig | TreeConfig) -> dict[str, Any]:
     if isinstance(config, AgentConfig):
         return {"kind": "agent", **config.as_dict()}
     return {"kind": "supervisor", "name": config.name, "flags": config.flags.as_dict(),
-            "restart": config.restart.as_dict(), "children": [config_to_dict(c) for c in config.children]}
+            "restart": config.restart.as_dict(), "children": [config_to_dict(c) for c in config.children],
+            **_tenant_entry(config.tenant)}
 
 
 def config_from_dict(data: dict[str, Any]) -> AgentConfig | TreeConfig:
     if data["kind"] == "agent":
         return AgentConfig.from_dict(data)
     return TreeConfig(name=data["name"], flags=Flags(**data["flags"]), restart=RestartSpec(**data["restart"]),
-                      children=tuple(config_from_dict(c) for c in data["children"]))
+                      children=tuple(config_from_dict(c) for c in data["children"]),
+                      tenant=data.get("tenant", OPERATOR))
+
+
+def _tenant_entry(tenant: str) -> dict[str, str]:
+    """The operator's own configurations carry no tenant key: they read as they did before tenants."""
+    return {} if tenant == OPERATOR else {"tenant": tenant}
+
+
+def with_tenant(config: AgentConfig | TreeConfig, tenant: str) -> AgentConfig | TreeConfig:
+    """A configuration (a tree: every member, an agent: its child templates too) as ``tenant``'s: each name
+    gets the tenant's prefix (``acme:counter``), so names of different tenants never collide or reveal each
+    other. The operator's configurations are returned as they are."""
+    if tenant == OPERATOR:
+        return config
+    name = f"{tenant}{TENANT_SEP}{config.name}"
+    if isinstance(config, TreeConfig):
+        return dataclasses.replace(config, name=name, tenant=tenant,
+                                   children=tuple(with_tenant(c, tenant) for c in config.children))
+    supervision = config.supervision
+    if supervision is not None:  # templates keep their short names: a child is named after its parent
+        supervision = dataclasses.replace(
+            supervision, templates=tuple(dataclasses.replace(t, tenant=tenant) for t in supervision.templates))
+    return dataclasses.replace(config, name=name, tenant=tenant, supervision=supervision)
 
 
 _DIGESTS: OrderedDict[str, tuple[list[int], str]] = OrderedDict()  # path -> (file signature, SHA-256)

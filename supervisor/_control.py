@@ -23,24 +23,33 @@ from theater import wire
 from theater.errors import ProtocolError
 from theater.home import Home
 
-from ._agent import Agents, Pending
-from ._errors import Refused, StoreUnavailable, SupervisorError
+from ._agent import Agent, Agents, Pending
+from ._config import OPERATOR, TENANT_SEP
+from ._errors import NotFound, Refused, StoreUnavailable, SupervisorError
 from ._ledger import Checked
+from ._remote import server_keys
+from ._scope import Scope, localized
+from ._tenants import Tenants
 from ._timers import Timers
 
 if TYPE_CHECKING:
     from ._checkpoints import Checkpoints
     from ._gc import Retention
     from ._record_path import RecordPath
+    from ._remote import RemoteControl
     from ._trees import Supervision
+    from ._usage import Usage
     from ._workers import Workers
 
 __all__ = ["Control"]
 
 BATCH = 256  # requests taken from the socket per loop turn
+LOCAL, REMOTE = b"L", b"R"  # the first byte of a client's ident in tickets: which socket it is on
+MAX_REMOTE_CLIENTS = 65536  # remote connections whose tenant is remembered for their replies
 
 MAX_CONTROL_DATA = 64 * 1024 * 1024
 MAX_ERROR_CHARS = 4096
+MAX_CONTROL_FRAMES = MAX_CONTROL_DATA + 2 * wire.MAX_JSON_BYTES  # the largest message a client may send
 Waiter = tuple[bytes, int, int]  # client identity, request id, the head it has seen
 
 
@@ -53,7 +62,7 @@ class Control:
         self.log = log
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.linger = 0
-        self.socket.maxmsgsize = MAX_CONTROL_DATA + 2 * wire.MAX_JSON_BYTES
+        self.socket.maxmsgsize = MAX_CONTROL_FRAMES
         self.socket.bind(endpoint)
         self.token = secrets.token_hex(32)
         fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -62,6 +71,9 @@ class Control:
         self.waiters: dict[bytes, list[Waiter]] = {}  # chain id -> clients waiting for its next record
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self.down_waiters: list[tuple[bytes, int]] = []
+        self.remote: RemoteControl | None = None  # the TCP socket, with `theater up --listen`
+        self.metrics_address: str | None = None  # http://HOST:PORT/metrics, with `theater up --metrics`
+        self._remote_tenant: dict[bytes, str] = {}
         # Set by the supervisor once all parts exist.
         self.records: RecordPath
         self.supervision: Supervision
@@ -70,82 +82,147 @@ class Control:
         self.checkpoints: Checkpoints
         self.retention: Retention
         self.rotate_key: Callable[[], dict[str, Any]]
+        self.tenants: Tenants
+        self.usage: Usage
 
     def drain(self) -> None:
+        """The local socket's requests: the operator's, each carrying the control token."""
         for _ in range(BATCH):
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            ident = frames[0]
-            rid = 0
-            try:
-                if len(frames) not in (3, 4) or wire.parse_header(frames[1], wire.ClientType) is not wire.ClientType.REQUEST:
-                    raise ProtocolError("a request is a header, a JSON frame and an optional data frame")
-                body = wire.decode_json(frames[2], "request")
-                rid = body.get("id", 0) if isinstance(body.get("id", 0), int) else 0
+            self._take(LOCAL + frames[0], frames[1:], None)
+
+    def drain_remote(self) -> None:
+        """The TCP socket's requests: each from the tenant whose key completed the handshake."""
+        assert self.remote is not None
+        for _ in range(BATCH):
+            got = self.remote.receive()
+            if got is None:
+                return
+            frames, tenant = got
+            ident = REMOTE + frames[0]
+            self._remote_tenant[ident] = tenant
+            while len(self._remote_tenant) > MAX_REMOTE_CLIENTS:
+                self._remote_tenant.pop(next(iter(self._remote_tenant)))
+            self._take(ident, frames[1:], tenant)
+
+    def _take(self, ident: bytes, frames: list[bytes], tenant: str | None) -> None:
+        rid = 0
+        try:
+            if len(frames) not in (2, 3) or wire.parse_header(frames[0], wire.ClientType) is not wire.ClientType.REQUEST:
+                raise ProtocolError("a request is a header, a JSON frame and an optional data frame")
+            body = wire.decode_json(frames[1], "request")
+            rid = body.get("id", 0) if isinstance(body.get("id", 0), int) else 0
+            if tenant is None:
                 if not hmac.compare_digest(str(body.get("token", "")), self.token):
                     raise Refused("bad control token")
-                request = req.decode_request(body.get("op"), body, frames[3] if len(frames) == 4 else None)
-                self._serve(ident, rid, request)
-            except req.BadRequest as exc:
-                self.reply_error(ident, rid, "refused", str(exc))
-            except SupervisorError as exc:
-                self.reply_error(ident, rid, exc.code, str(exc))
-            except ProtocolError as exc:
-                self.reply_error(ident, rid, "protocol", str(exc))
-            except Exception as exc:  # a client must never be able to crash the supervisor
-                self.log(f"internal error serving a request: {type(exc).__name__}: {exc}")
-                self.reply_error(ident, rid, "internal", f"internal error: {type(exc).__name__}")
+                tenant = OPERATOR
+            elif tenant not in self.tenants.by_name:  # removed since this connection's handshake
+                self.tenants.refused_connections += 1
+                raise Refused(f"{tenant!r} is not a tenant of this supervisor")
+            request = req.decode_request(body.get("op"), body, frames[2] if len(frames) == 3 else None)
+            if tenant != OPERATOR and isinstance(request, req.OPERATOR_ONLY):
+                message = f"only the operator may ask for {body.get('op')!s:.32}"
+                self.tenants.deny(tenant, "operator-only", message)
+                raise Refused(message)
+            self._serve(ident, rid, request, tenant)
+        except req.BadRequest as exc:
+            self.reply_error(ident, rid, "refused", str(exc))
+        except SupervisorError as exc:
+            self.reply_error(ident, rid, exc.code, str(exc))
+        except ProtocolError as exc:
+            self.reply_error(ident, rid, "protocol", str(exc))
+        except Exception as exc:  # a client must never be able to crash the supervisor
+            self.log(f"internal error serving a request: {type(exc).__name__}: {exc}")
+            self.reply_error(ident, rid, "internal", f"internal error: {type(exc).__name__}")
 
-    def _serve(self, ident: bytes, rid: int, request: req.Request) -> None:
+    def _serve(self, ident: bytes, rid: int, request: req.Request, tenant: str) -> None:
         ticket = (ident, rid)
         problem = self.records.store.problem
         if problem is not None:
             self.supervision.watch_store()
-        if problem is not None and isinstance(request, req.Spawn | req.Send | req.Call):
+        if problem is not None and isinstance(request, req.Spawn | req.Upload | req.Send | req.Call):
             raise StoreUnavailable(f"the event store cannot be written ({problem}); nothing was taken: "
                                    "try again once there is space")
+        scope = Scope(self.supervision, self.tenants, tenant)
         match request:
             case req.Ping():
-                self.reply(ident, rid, {"pid": os.getpid(), "home": str(self.home_root), "agents": len(self.agents),
-                                        "store_problem": problem})
-            case req.Spawn(manifest, replace):
-                self.supervision.spawn(Path(manifest), ticket, replace=replace)
+                info = {"pid": os.getpid(), "home": str(self.home_root), "agents": len(scope.agents()),
+                        "store_problem": problem, "tenant": tenant}
+                if tenant == OPERATOR:
+                    info["listen"] = self.remote.endpoint if self.remote is not None else None
+                    info["metrics"] = self.metrics_address
+                self.reply(ident, rid, info)
+            case req.Spawn(manifest, replace, for_tenant):
+                if tenant != OPERATOR:
+                    raise Refused("a tenant's spawn carries its manifest's text and its component "
+                                  "(theater --remote FILE spawn MANIFEST sends both), never a path")
+                if for_tenant is not None and for_tenant not in self.tenants.by_name:
+                    raise Refused(f"no tenant named {for_tenant!r}")
+                self.supervision.spawn(Path(manifest), ticket, replace=replace, tenant=for_tenant or OPERATOR)
+            case req.Upload():
+                self.supervision.spawn_uploaded(request, ticket, tenant)
             case req.Send(agent, data):
-                queued = self._queue(agent, data, None)
+                queued = self._queue(scope.agent(agent), data, None)
                 self.reply(ident, rid, {"queued": queued})
             case req.Call(agent, data, timeout_ms):
-                self._queue(agent, data, (ticket, timeout_ms))
+                self._queue(scope.agent(agent), data, (ticket, timeout_ms))
             case req.Ps():
-                self.reply(ident, rid, {"agents": [a.summary() for a in self.agents], "store_problem": problem})
+                self.reply(ident, rid, {"agents": [a.summary() for a in scope.agents()], "store_problem": problem})
             case req.Tree():
-                self.reply(ident, rid, {"roots": [self.supervision.entry(m) for m in self.supervision.roots()]})
+                roots = [m for m in self.supervision.roots() if scope.owns(m)]
+                self.reply(ident, rid, {"roots": [self.supervision.entry(m) for m in roots]})
             case req.Stop(agent):
-                self.supervision.stop(self.supervision.member(agent), ticket)
+                self.supervision.stop(scope.member(agent), ticket)
             case req.Restart(agent):
-                self.supervision.restart(self.supervision.member(agent), ticket)
+                self.supervision.restart(scope.member(agent), ticket)
             case req.Wait(agent, after, wait_ms):
-                self._wait(ident, rid, agent, after, wait_ms)
+                self._wait(ident, rid, scope.chain(agent), after, wait_ms)
             case req.Events(agent, after):
-                self._events(ident, rid, agent, after)
+                self._events(ident, rid, scope.chain(agent), after)
             case req.Verify(agent):
-                self._verify(ident, rid, agent)
+                if agent is None and tenant != OPERATOR:  # every chain of its own
+                    self._verify(ident, rid, None, [m.name for m in scope.members()])
+                else:
+                    self._verify(ident, rid, scope.chain(agent) if agent is not None else None)
             case req.Down():
                 self.down_waiters.append(ticket)
                 self.request_down()
             case req.Checkpoint():
                 self.reply(ident, rid, self.checkpoints.make())
             case req.Remove(agent):
-                self.reply(ident, rid, self.supervision.remove(self.supervision.member(agent)))
+                self.reply(ident, rid, self.supervision.remove(scope.member(agent)))
             case req.RotateKey():
                 self.reply(ident, rid, self.rotate_key())
             case req.Gc(agents):
                 self.reply(ident, rid, {"agents": self.retention.run(list(agents))})
+            case req.TenantAdd(name, public_key, policies, routes, quotas):
+                added = self.tenants.add(name, public_key, list(policies), list(routes), quotas)
+                self.reply(ident, rid, {**added.as_dict(), "server_key": server_keys(Home(self.home_root))[0],
+                                        "endpoint": self.remote.endpoint if self.remote else None})
+            case req.TenantList():
+                self.reply(ident, rid, {"tenants": [self._tenant_entry(t.name) for t in self.tenants.by_name.values()],
+                                        "refused_connections": self.tenants.refused_connections})
+            case req.TenantRemove(name):
+                self.supervision.remove_tenant(name, ticket)
+            case req.Top():
+                self.reply(ident, rid, self.usage.top(scope))
+            case req.Usage(of, since_ns):
+                if tenant != OPERATOR and of not in (None, tenant):
+                    self.tenants.deny(tenant, "usage", f"asked for the usage of tenant {of!r}")
+                    raise NotFound(f"no tenant named {of!r}")
+                self.reply(ident, rid, self.usage.report(of if tenant == OPERATOR else tenant, since_ns))
 
-    def _queue(self, ref: str, data: bytes, call: tuple[tuple[bytes, int], int] | None) -> int:
+    def _tenant_entry(self, name: str) -> dict[str, Any]:
+        t = self.tenants.by_name[name]
+        mine = [a for a in self.agents if a.config.tenant == name]
+        return {**t.as_dict(), "agents": len(mine), "running": sum(1 for a in mine if a.alive),
+                "denials": self.tenants.denials(name)}
+
+    def _queue(self, agent: Agent, data: bytes, call: tuple[tuple[bytes, int], int] | None) -> int:
         """Put a message in the agent's mailbox (bounded); a call is answered when its result is committed."""
-        agent = self.agents.find(ref)
         limits = agent.config.limits
         if len(data) > limits.max_message_bytes:
             raise Refused(f"message of {len(data)} bytes exceeds {agent.name}'s max_message_bytes {limits.max_message_bytes}")
@@ -153,6 +230,7 @@ class Control:
             raise Refused(f"agent {agent.name} is {agent.status}")
         if len(agent.mailbox) + agent.reserved >= limits.mailbox:  # places held for agents' sends count
             raise Refused(f"agent {agent.name}'s mailbox is full ({limits.mailbox} messages)")
+        self.tenants.check_message(agent.config.tenant)
         pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.HANDLE, data))
         if call is not None:
             pending.reply_to, timeout_ms = call
@@ -193,11 +271,16 @@ class Control:
         last = after + len(raws)
         self.reply(ident, rid, {"count": len(raws), "head": head, "more": last < head}, req.pack_records(raws))
 
-    def _verify(self, ident: bytes, rid: int, ref: str | None) -> None:
-        """Verify the home's chains as `theater verify` does, off the loop; answer when done."""
+    def _verify(self, ident: bytes, rid: int, ref: str | None, only: list[str] | None = None) -> None:
+        """Verify the home's chains (or the chains ``only`` names) as `theater verify` does, off the loop;
+        answer when done."""
         from ._audit import verify_home
 
-        job = self._pool.submit(verify_home, Home(self.home_root), ref)
+        home = Home(self.home_root)
+        if only is None:
+            job = self._pool.submit(verify_home, home, ref)
+        else:
+            job = self._pool.submit(lambda: [r for name in only for r in verify_home(home, name)])
 
         def done() -> None:
             if not job.done():
@@ -252,19 +335,31 @@ class Control:
         self.reply_error(*pending.reply_to, code, message)
 
     def reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None) -> None:
-        frames = [ident, wire.header(wire.ClientType.REPLY), wire.encode_json({"id": rid, "ok": True, "result": result})]
+        tenant = self._remote_tenant.get(ident, OPERATOR) if ident[:1] == REMOTE else OPERATOR
+        if tenant != OPERATOR:
+            result = localized(result, tenant)
+        frames = [wire.header(wire.ClientType.REPLY), wire.encode_json({"id": rid, "ok": True, "result": result})]
         if data is not None:
             frames.append(data)
-        with contextlib.suppress(zmq.ZMQError):
-            self.socket.send_multipart(frames, copy=False)
+        self._send(ident, frames)
 
     def reply_error(self, ident: bytes, rid: int, code: str, message: str) -> None:
         if len(message) > MAX_ERROR_CHARS:  # an error always fits what a client reads
             message = message[:MAX_ERROR_CHARS] + "…"
+        tenant = self._remote_tenant.get(ident, OPERATOR) if ident[:1] == REMOTE else OPERATOR
+        if tenant != OPERATOR:
+            message = message.replace(f"{tenant}{TENANT_SEP}", "")
         body = {"id": rid, "ok": False, "error": {"code": code, "message": message}}
+        self._send(ident, [wire.header(wire.ClientType.REPLY), wire.encode_json(body)])
+
+    def _send(self, ident: bytes, frames: list[bytes]) -> None:
+        """To the client behind ``ident``, on the socket it came from."""
+        socket = self.remote.socket if ident[:1] == REMOTE and self.remote is not None else self.socket
         with contextlib.suppress(zmq.ZMQError):
-            self.socket.send_multipart([ident, wire.header(wire.ClientType.REPLY), wire.encode_json(body)])
+            socket.send_multipart([ident[1:], *frames], copy=False)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.socket.close(0)
+        if self.remote is not None:
+            self.remote.close()

@@ -49,6 +49,7 @@ class RecordPath:
         self.on_results: Callable[[list[Result], StoreError | None], None] = lambda batch, error: None
         self.on_head: Callable[[bytes, int], None] = lambda chain_id, head: None
         self.on_record: Callable[[Agent, Record], None] | None = None
+        self.on_committed: Callable[[Agent, list[Record]], None] = lambda agent, records: None  # usage, quotas
 
     def use_key(self, key: Ed25519PrivateKey) -> None:
         """Sign with ``key`` from now on (a rotation has committed). Live verifiers never check the supervisor's
@@ -123,7 +124,8 @@ class RecordPath:
         return record
 
     def committed(self, agent: Agent, records: list[Record]) -> None:
-        """Records are durable: wake whoever waits on the chain, feed the foreground printer."""
+        """Records are durable: count them, wake whoever waits on the chain, feed the foreground printer."""
+        self.on_committed(agent, records)
         self.on_head(agent.id, agent.verifier.next_seq - 1)
         if self.on_record is not None:
             for record in records:

@@ -35,21 +35,27 @@ from ._caps.kv import Kv
 from ._caps.messaging import Messaging
 from ._caps.timers import AgentTimers
 from ._checkpoints import Checkpoints
-from ._control import Control
+from ._config import OPERATOR
+from ._control import MAX_CONTROL_FRAMES, Control
 from ._errors import SupervisorError
 from ._gc import Retention
 from ._host import HostRequests
 from ._keys import load_or_create_key, rotate_key
 from ._record_path import RecordPath
+from ._remote import RemoteControl
+from ._scope import Scope
 from ._spawner import WORKER_COMMAND, Spawner
 from ._store import EventStore
+from ._tenants import Tenants
 from ._timers import Timers
 from ._trees import Supervision
+from ._usage import MetricsServer, Usage
 from ._workers import Workers
 
 __all__ = ["Supervisor", "configure_logging"]
 
 LOG = logging.getLogger("supervisor")
+METRICS_PERIOD_S = 1.0  # how often the /metrics snapshot is made
 
 
 def configure_logging(level: str) -> None:
@@ -71,8 +77,12 @@ class Supervisor:
         worker_command: Sequence[str] = WORKER_COMMAND,
         zygote_command: Sequence[str] | None = None,
         witness: Path | None = None,
+        listen: str | None = None,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
-        """``witness``: a directory outside the home that gets a copy of every checkpoint.
+        """``witness``: a directory outside the home that gets a copy of every checkpoint. ``listen``: a
+        tcp:// endpoint for tenants' clients (CurveZMQ, docs/tenancy.md). ``metrics``: (host, port) of a
+        Prometheus ``/metrics`` endpoint.
         ``worker_command`` and ``zygote_command`` (the fork-server for those workers) exist for
         tests that run a deliberately misbehaving or probing worker; they are reachable only from
         Python, never from a manifest, a policy or the CLI."""
@@ -123,10 +133,28 @@ class Supervisor:
         self.workers.running = lambda: self.running
         self.host.register("supervision", self.supervision.host_request)
         self.host.register("messaging", self.messaging.host_request)
-        self.host.register("kv", Kv(self.store).host_request)
+        self.tenants = Tenants(self.store, self.agents, self.log)
+        self.usage = Usage(self.store, self.agents, self.tenants)
+        self.control.tenants = self.supervision.tenants = self.messaging.tenants = self.tenants
+        self.control.usage = self.workers.usage = self.supervision.usage = self.usage
+        self.records.on_committed = self.usage.committed
+        self.host.register("kv", Kv(self.store, self.tenants).host_request)
         self.host.register("timers", self.agent_timers.host_request)
         self.egress = Egress(self.host, self.timers, home.secrets, self.log)
         self.host.register("http", self.egress.host_request)
+        if listen is not None:
+            self.control.remote = RemoteControl(home, self.ctx, listen, self.tenants, self.log, MAX_CONTROL_FRAMES)
+            self.poller.register(self.control.remote.zap, zmq.POLLIN)
+            self.poller.register(self.control.remote.socket, zmq.POLLIN)
+            self.log(f"control API on {self.control.remote.endpoint} (CurveZMQ; server key "
+                     f"{self.control.remote.public_key})")
+        self.metrics: MetricsServer | None = None
+        if metrics is not None:
+            self.metrics = MetricsServer(*metrics, snapshot=lambda: self.usage.top(Scope(
+                self.supervision, self.tenants, OPERATOR)))
+            self.timers.every(METRICS_PERIOD_S, self.metrics.refresh)
+            self.control.metrics_address = f"http://{metrics[0]}:{self.metrics.port}/metrics"
+            self.log(f"Prometheus metrics on {self.control.metrics_address}")
         home.pid_file.write_text(str(os.getpid()))
         self.poller.register(self.control.socket, zmq.POLLIN)
         self.poller.register(self.workers.socket, zmq.POLLIN)
@@ -167,6 +195,12 @@ class Supervisor:
                     self.workers.drain()
                 if self.control.socket in events:
                     self.control.drain()
+                remote = self.control.remote
+                if remote is not None:
+                    if remote.zap in events:
+                        remote.answer_handshakes()
+                    if remote.socket in events:
+                        self.control.drain_remote()
                 if self.workers.zygote_fd is not None and self.workers.zygote_fd in events:
                     self.workers.settle_spawns()
                 for fd in [fd for fd in events if isinstance(fd, int) and fd not in (wake_r.fileno(),
@@ -202,6 +236,8 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.egress.close()
         self.ctx.term()
         self.store.close()

@@ -79,6 +79,8 @@ class WorkerProcess:
     kill_reason: str | None = None
     fault: str | None = None
     exited: bool = field(default=False)
+    cpu_ns: int = 0  # once reaped: user + system CPU time
+    peak_rss: int = 0  # once reaped: its largest resident set, bytes
 
     @property
     def pending(self) -> bool:
@@ -95,16 +97,20 @@ class WorkerProcess:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
     def reap(self) -> int:
-        """Collect the exit status once the pidfd is readable (Popen's convention: -N = signal N)."""
+        """Collect the exit status once the pidfd is readable (Popen's convention: -N = signal N), and what
+        the worker used (``cpu_ns``, ``peak_rss``: the kernel's own account, from wait4)."""
         self.exited = True
         try:
+            try:
+                _, status, usage = os.wait4(self.pid, 0)
+            except ChildProcessError:  # reaped elsewhere (a Popen that polled): its status is all there is
+                return self.proc.wait() if self.proc is not None else -signal.SIGKILL
+            self.cpu_ns = int((usage.ru_utime + usage.ru_stime) * 1e9)
+            self.peak_rss = usage.ru_maxrss * 1024
+            code = os.waitstatus_to_exitcode(status)
             if self.proc is not None:
-                return self.proc.wait()
-            status = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
-            assert status is not None
-            if status.si_code == os.CLD_EXITED:
-                return status.si_status
-            return -status.si_status  # CLD_KILLED or CLD_DUMPED
+                self.proc.returncode = code
+            return code
         finally:
             os.close(self.pidfd)
 

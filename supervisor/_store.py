@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from theater.records import Record
+from theater.records import Kind, Record
 
 from ._errors import StoreError
 
 __all__ = ["AgentRow", "EventStore", "compaction_of", "find_chain", "open_readonly", "read_chain", "read_chain_rows", "rotations_of"]
 
 SCHEMA_VERSION = 1
+# What `usage` counts per agent (docs/tenancy.md section 6).
+USAGE_COUNTS = ("calls", "messages", "fuel", "records", "record_bytes", "workers", "cpu_ns", "peak_rss")
 KEEP_SNAPSHOTS = 8  # per agent: the newest state snapshots (compaction's cut points); older ones go
 
 _SCHEMA = """
@@ -104,6 +106,26 @@ CREATE TABLE IF NOT EXISTS snapshots (
     made_ns  INTEGER NOT NULL,
     PRIMARY KEY (agent_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tenants (
+    name       TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL UNIQUE,
+    settings   TEXT NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS denials (
+    n       INTEGER PRIMARY KEY,
+    time_ns INTEGER NOT NULL,
+    tenant  TEXT NOT NULL,
+    what    TEXT NOT NULL,
+    detail  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS worker_usage (
+    agent_id BLOB NOT NULL,
+    tenant   TEXT NOT NULL,
+    ended_ns INTEGER NOT NULL,
+    cpu_ns   INTEGER NOT NULL,
+    peak_rss INTEGER NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
     BEGIN SELECT RAISE(ABORT, 'event records are append-only'); END;
 DROP TRIGGER IF EXISTS records_no_delete;
@@ -149,6 +171,8 @@ class EventStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.problem: str | None = None  # why the last write failed, until one succeeds (a full disk…)
+        self.commits = 0  # durable transactions, and the time they took (the metrics' commit latency)
+        self.commit_ns = 0
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -230,6 +254,16 @@ class EventStore:
         row = self.db.execute("SELECT count(*), coalesce(sum(length(CAST(key AS BLOB)) + length(value)), 0) "
                               "FROM kv WHERE agent_id=?", (agent_id,)).fetchone()
         return int(row[0]), int(row[1])
+
+    def kv_bytes(self, agent_ids: list[bytes]) -> int:
+        """Bytes of keys and values the agents hold in all (a tenant's kv_bytes)."""
+        total = 0
+        for i in range(0, len(agent_ids), 500):
+            part = agent_ids[i:i + 500]
+            row = self.db.execute("SELECT coalesce(sum(length(CAST(key AS BLOB)) + length(value)), 0) FROM kv "
+                                  f"WHERE agent_id IN ({','.join('?' * len(part))})", part).fetchone()
+            total += int(row[0])
+        return total
 
     def kv_keys(self, agent_id: bytes, prefix: str) -> list[str]:
         """The keys that start with ``prefix`` (compared as text, never as a LIKE or GLOB pattern)."""
@@ -331,6 +365,84 @@ class EventStore:
 
     def rotations(self) -> list[str]:
         return rotations_of(self.db)
+
+    # --- tenants and what they used ------------------------------------------------------------
+
+    def tenants(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT name, public_key, settings, created_ns FROM tenants ORDER BY name").fetchall()
+        return [{"name": n, "public_key": k, "created_ns": c, **json.loads(s)} for n, k, s, c in rows]
+
+    def add_tenant(self, tenant: dict[str, Any]) -> None:
+        settings = {k: tenant[k] for k in ("policies", "routes", "quotas")}
+        with self._tx():
+            self.db.execute("INSERT INTO tenants VALUES (?,?,?,?)", (tenant["name"], tenant["public_key"],
+                                                                     json.dumps(settings, sort_keys=True),
+                                                                     tenant["created_ns"]))
+
+    def remove_tenant(self, name: str) -> None:
+        with self._tx():
+            self.db.execute("DELETE FROM tenants WHERE name=?", (name,))
+
+    def add_denial(self, time_ns: int, tenant: str, what: str, detail: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT INTO denials (time_ns, tenant, what, detail) VALUES (?,?,?,?)",
+                            (time_ns, tenant, what, detail))
+
+    def denials(self, tenant: str, since_ns: int = 0, limit: int = 1000) -> list[tuple[int, str, str]]:
+        return self.db.execute("SELECT time_ns, what, detail FROM denials WHERE tenant=? AND time_ns>=? "
+                               "ORDER BY n DESC LIMIT ?", (tenant, since_ns, limit)).fetchall()
+
+    def add_worker_usage(self, agent_id: bytes, tenant: str, cpu_ns: int, peak_rss: int) -> None:
+        with self._tx():
+            self.db.execute("INSERT INTO worker_usage VALUES (?,?,?,?,?)",
+                            (agent_id, tenant, time.time_ns(), cpu_ns, peak_rss))
+
+    _OWNERS = ("SELECT id, coalesce(json_extract(config, '$.tenant'), 'operator') AS tenant FROM agents "
+               "UNION ALL SELECT id, coalesce(json_extract(config, '$.tenant'), 'operator') FROM removed")
+
+    def names(self, agent_ids: list[bytes]) -> dict[bytes, tuple[str, str]]:
+        """(name, tenant) of agents, live or removed."""
+        out = {}
+        for agent_id in agent_ids:
+            row = self.db.execute("SELECT name, coalesce(json_extract(config, '$.tenant'), 'operator') FROM agents "
+                                  "WHERE id=? UNION ALL SELECT name, coalesce(json_extract(config, '$.tenant'), "
+                                  "'operator') FROM removed WHERE id=?", (agent_id, agent_id)).fetchone()
+            if row is not None:
+                out[agent_id] = (row[0], row[1])
+        return out
+
+    def record_bytes_by_hour(self, since_ns: int) -> list[tuple[str, int, int]]:
+        """(tenant, hour since the epoch, bytes of records written) from ``since_ns`` on."""
+        return self.db.execute(
+            f"SELECT o.tenant, r.time_ns / 3600000000000, sum(length(r.raw)) FROM records r "
+            f"JOIN ({self._OWNERS}) o ON o.id = r.agent_id WHERE r.time_ns >= ? GROUP BY 1, 2", (since_ns,)).fetchall()
+
+    def usage(self, tenant: str | None, since_ns: int) -> dict[bytes, dict[str, int]]:
+        """Per agent (of ``tenant``, or every one): what its chain and its workers show from ``since_ns`` on."""
+        out: dict[bytes, dict[str, int]] = {}
+        where, args = ("WHERE o.tenant = ?", [tenant]) if tenant is not None else ("", [])
+        kinds = (int(Kind.HANDLE), int(Kind.MESSAGE), int(Kind.INIT), int(Kind.WORKER_KEY))
+        for agent_id, kind, raw in self.db.execute(
+                f"SELECT r.agent_id, r.kind, r.raw FROM records r JOIN ({self._OWNERS}) o ON o.id = r.agent_id "
+                f"{where} {'AND' if where else 'WHERE'} r.time_ns >= ?", (*args, since_ns)):
+            u = out.setdefault(agent_id, dict.fromkeys(USAGE_COUNTS, 0))
+            u["records"] += 1
+            u["record_bytes"] += len(raw)
+            if kind in kinds:
+                record = Record.parse(raw)
+                if kind == Kind.WORKER_KEY:
+                    u["workers"] += 1
+                else:
+                    u["calls" if kind != Kind.MESSAGE else "messages"] += kind != Kind.INIT
+                    u["fuel"] += int(record.fields()["fuel"])
+        for agent_id, cpu_ns, peak in self.db.execute(
+                f"SELECT w.agent_id, sum(w.cpu_ns), max(w.peak_rss) FROM worker_usage w "
+                f"{'WHERE w.tenant = ? AND' if tenant is not None else 'WHERE'} w.ended_ns >= ? GROUP BY 1",
+                (*args, since_ns)):
+            u = out.setdefault(agent_id, dict.fromkeys(USAGE_COUNTS, 0))
+            u["cpu_ns"] += int(cpu_ns)
+            u["peak_rss"] = max(u["peak_rss"], int(peak))
+        return out
 
     def _insert(self, r: Record) -> None:
         self.db.execute(
@@ -438,6 +550,7 @@ class _Transaction:
         self.db, self.path = store.db, store.path
 
     def __enter__(self) -> None:
+        self.began = time.perf_counter_ns()
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as err:
@@ -449,6 +562,8 @@ class _Transaction:
             try:
                 self.db.execute("COMMIT")
                 self.store.problem = None
+                self.store.commits += 1
+                self.store.commit_ns += time.perf_counter_ns() - self.began
                 return
             except sqlite3.Error as err:
                 self._rollback()

@@ -21,6 +21,14 @@ class Timers:
     def after(self, seconds: float, fn: Callable[[], None]) -> None:
         self.at(time.monotonic() + seconds, fn)
 
+    def every(self, seconds: float, fn: Callable[[], None]) -> None:
+        """``fn`` every ``seconds``, for as long as the loop runs."""
+        def tick() -> None:
+            self.after(seconds, tick)
+            fn()
+
+        self.after(seconds, tick)
+
     def timeout_ms(self) -> int:
         """How long the loop may sleep: until the next timer, at most a second."""
         if not self._heap:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 import time
@@ -22,10 +23,22 @@ from typing import TYPE_CHECKING, Any
 from theater import wire
 from theater.chain import ChainVerifier
 from theater.exits import exit_text
+from theater.home import write_private
 from theater.records import Kind, Record, sha256
 
 from ._agent import Agent, Agents, Member, Node, Pending
-from ._config import AgentConfig, TreeConfig, config_from_dict, config_to_dict, load_any, policy_dirs
+from ._config import (
+    MAX_COMPONENT_BYTES,
+    OPERATOR,
+    AgentConfig,
+    TreeConfig,
+    config_from_dict,
+    config_to_dict,
+    load_any,
+    load_uploaded,
+    policy_dirs,
+    with_tenant,
+)
 from ._errors import NotFound, Refused, StoreError
 from ._host import Answer, HostCall
 from ._record_path import RecordPath
@@ -52,7 +65,11 @@ from ._supervision import (
 )
 
 if TYPE_CHECKING:
+    from theater.control import Upload
+
     from ._control import Control
+    from ._tenants import Tenants
+    from ._usage import Usage
     from ._workers import Workers
 
 __all__ = ["Supervision"]
@@ -80,8 +97,11 @@ class Supervision:
         self.control = control
         self.store = store
         self.policy_root = policy_root
+        self.uploads = policy_root / "uploads"  # the home's (policy_root is the home)
         self.running = running
         self.log = log
+        self.tenants: Tenants  # set by the supervisor once all parts exist
+        self.usage: Usage
         self.engine = Engine()
         self.nodes: dict[str, Node] = {}  # tree nodes by name
         self.trees: list[Node] = []  # tree roots, in spawn order
@@ -145,13 +165,35 @@ class Supervision:
 
     # --- what clients and agents ask -------------------------------------------------------
 
-    def spawn(self, manifest: Path, ticket: Ticket | None, *, replace: bool = False) -> Member:
-        """Load a manifest and start its agent or tree; an agent is stored once its worker says hello.
-        ``replace``: a stopped or failed agent of the same name is removed first (as ``theater rm``)."""
+    def spawn(self, manifest: Path, ticket: Ticket | None, *, replace: bool = False, tenant: str = OPERATOR) -> Member:
+        """Load a manifest and start its agent or tree as ``tenant``'s; an agent is stored once its worker says
+        hello. ``replace``: a stopped or failed agent of the same name is removed first (as ``theater rm``)."""
         if not self.running():
             raise Refused("the supervisor is shutting down")
-        config = load_any(manifest, policy_dirs(self.policy_root))
-        names = [c.name for c in config.walk()] if isinstance(config, TreeConfig) else [config.name]
+        return self._spawn(with_tenant(load_any(manifest, policy_dirs(self.policy_root)), tenant), ticket, replace)
+
+    def spawn_uploaded(self, upload: Upload, ticket: Ticket | None, tenant: str) -> Member:
+        """A tenant's spawn: its manifest's text and its component's bytes. The component is kept in the home
+        under its SHA-256 (never under a name the client chose); the manifest may name no other file."""
+        if not self.running():
+            raise Refused("the supervisor is shutting down")
+        if len(upload.component) > MAX_COMPONENT_BYTES:
+            raise Refused(f"a component of {len(upload.component)} bytes is more than {MAX_COMPONENT_BYTES}")
+        digest = hashlib.sha256(upload.component).hexdigest()
+        self.uploads.mkdir(mode=0o700, exist_ok=True)
+        path = self.uploads / f"{digest}.{upload.kind}"
+        if not path.exists():
+            write_private(path, upload.component)
+        config = load_uploaded(upload.manifest_text, path, policy_dirs(self.policy_root))
+        return self._spawn(with_tenant(config, tenant), ticket, upload.replace)
+
+    def _spawn(self, config: AgentConfig | TreeConfig, ticket: Ticket | None, replace: bool) -> Member:
+        members = config.walk() if isinstance(config, TreeConfig) else [config]
+        agents = [c for c in members if isinstance(c, AgentConfig)]
+        templates = [t for c in agents if c.supervision for t in c.supervision.templates]
+        self.tenants.check_spawn(config.tenant, {c.policy for c in [*agents, *templates]},
+                                 [(c.name, c.limits.memory_bytes) for c in agents])
+        names = [c.name for c in members]
         for name in names:
             existing = self.agents.by_name.get(name) or self.nodes.get(name)
             if existing is not None and not replace:
@@ -285,6 +327,28 @@ class Supervision:
         self.agents.remove(agent)
         return {"removed": agent.name, "id": agent.uuid, "head": record.seq}
 
+    def remove_tenant(self, name: str, ticket: Ticket) -> None:
+        """The operator removes a tenant: its key stops working at once, its agents are stopped (their chains
+        stay, for audit), and the answer comes when every one of them has stopped."""
+        self.tenants.remove(name)
+        mine = [m for m in self.roots() if m.config.tenant == name]
+        running = [m for m in mine if m.status not in (Status.STOPPED, Status.FAILED)]
+        answer = {"removed": name, "stopped": len(running)}
+        if not running:
+            self.control.reply(*ticket, answer)
+            return
+        waiting = {m.name for m in running}
+
+        def stopped(member_name: str) -> Callable[[], None]:
+            def done() -> None:
+                waiting.discard(member_name)
+                if not waiting:
+                    self.control.reply(*ticket, answer)
+            return done
+
+        for member in running:
+            self.apply(self.engine.stop(member.name, time.monotonic(), stopped(member.name)))
+
     def shutdown(self) -> None:
         roots = [self.engine.root_of(m.leaf if isinstance(m, Agent) else m.sup) for m in self.roots()]
         self.apply(self.engine.shutdown(roots, time.monotonic(), "the supervisor is shutting down"))
@@ -315,6 +379,8 @@ class Supervision:
         if len(data) > template.limits.max_message_bytes:
             raise Refused(f"args of {len(data)} bytes exceed the template's max_message_bytes")
         config = dataclasses.replace(template, name=full, init_args=data)
+        self.tenants.check_child(parent.config.tenant, 0 if earlier is not None and earlier.alive
+                                 else config.limits.memory_bytes)
         if earlier is not None:
             child = self._spawn_again(parent, earlier, config)
         else:
@@ -420,6 +486,7 @@ class Supervision:
                 agent = self.agents.by_name[action.name]
                 if action.counted:
                     agent.restart_count += 1
+                    self.usage.restarts_total += 1
                     if agent.restart.from_state == "initial" and agent.in_store:
                         self.reset_state(agent, "restarted from its initial state (from = \"initial\")")
                 if self.store.problem is not None:  # its key could not be recorded: start it once writes work
@@ -459,6 +526,8 @@ class Supervision:
             elif isinstance(action, Done) and isinstance(action.ticket, tuple):
                 ident, rid = action.ticket
                 self.control.reply(ident, rid, self.entry(self.member(action.member)))
+            elif isinstance(action, Done) and callable(action.ticket):
+                action.ticket()
 
     def watch_store(self) -> None:
         """While the store cannot be written (a full disk…), try a small write every half second; once

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ._control import Control
     from ._host import HostRequests
     from ._trees import Supervision
+    from ._usage import Usage
 
 __all__ = ["BATCH", "Workers"]
 
@@ -94,6 +95,7 @@ class Workers:
         self.host: HostRequests
         self.effects: CallEffects
         self.agent_timers: AgentTimers
+        self.usage: Usage
         self.running: Callable[[], bool] = lambda: True
 
     # --- start and hello ---------------------------------------------------------------------
@@ -106,6 +108,7 @@ class Workers:
             agent.config,
         )
         agent.worker = worker
+        self.usage.spawns_total += 1
         self.by_token[worker.token] = agent
         if worker.pending:  # the fork-server answers in a later turn; its deadline is watched meanwhile
             self.timers.after(ZYGOTE_REPLY_TIMEOUT_S + 0.1, self.settle_spawns)
@@ -458,6 +461,7 @@ class Workers:
             agent.waiting_on = None
         if agent.worker is worker:
             agent.worker = None
+        self.usage.worker_ended(agent, worker.cpu_ns, worker.peak_rss)
         if not agent.in_store:  # it ended before its first hello: there is no chain to record in
             self.supervision.never_started(agent)
             self.agents.remove(agent)

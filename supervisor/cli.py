@@ -18,9 +18,11 @@ from theater.client import Client, ClientError, NotRunning
 from theater.errors import TheaterError
 from theater.home import Home, default_home, write_private
 from theater.records import Record
+from theater.remote import Credentials, keypair
 from theater.render import describe, one_line
 
 from ._errors import SupervisorError
+from ._tenants import QUOTAS
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 UP_TIMEOUT_S = 30.0
@@ -64,14 +66,24 @@ def _show_bytes(data: bytes | None) -> str:
 # --- commands ------------------------------------------------------------------
 
 
+def _client(args: argparse.Namespace, home: Home, *, timeout: float = 30.0) -> Client:
+    """The operator's client on the home's socket, or with --remote a tenant's over TCP (docs/tenancy.md)."""
+    remote = getattr(args, "remote", None) or getattr(args, "top_remote", None)
+    if remote is not None:
+        return Client(credentials=Credentials.load(remote), timeout=timeout)
+    return Client(home, timeout=timeout)
+
+
 def cmd_up(args: argparse.Namespace, home: Home) -> int:
     if args.detach:
         home.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(home.logs / "supervisor.log", "ab") as log:
-            witness = ["--witness", str(args.witness.resolve())] if args.witness else []
+            extra = ["--witness", str(args.witness.resolve())] if args.witness else []
+            extra += ["--listen", args.listen] if args.listen else []
+            extra += ["--metrics", args.metrics] if args.metrics else []
             proc = subprocess.Popen(
                 [sys.executable, "-m", "supervisor", "--home", str(home.root), "up", "--log-level", args.log_level,
-                 *witness],
+                 *extra],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
         deadline = time.monotonic() + UP_TIMEOUT_S
@@ -91,23 +103,25 @@ def cmd_up(args: argparse.Namespace, home: Home) -> int:
     from ._server import Supervisor, configure_logging
 
     configure_logging(args.log_level)
-    sup = Supervisor(home, witness=args.witness.resolve() if args.witness else None)
+    sup = Supervisor(home, witness=args.witness.resolve() if args.witness else None, listen=args.listen,
+                     metrics=_host_port(args.metrics) if args.metrics else None)
     sup.serve_forever()
     return EXIT_OK
 
 
 def cmd_down(args: argparse.Namespace, home: Home) -> int:
-    with Client(home) as c:
+    with _client(args, home) as c:
         result = c.down()
     _out(args, result, f"supervisor down ({result.get('stopped', 0)} agents stopped)")
     return EXIT_OK
 
 
 def cmd_spawn(args: argparse.Namespace, home: Home) -> int:
-    progress = None if args.json else Progress(home, args.manifest)
+    remote = getattr(args, "remote", None) or args.top_remote
+    progress = None if args.json or remote else Progress(home, args.manifest)
     try:
-        with Client(home, timeout=args.timeout) as c:
-            info = c.spawn(args.manifest, replace=args.replace)
+        with _client(args, home, timeout=args.timeout) as c:
+            info = c.spawn(args.manifest, replace=args.replace, tenant=args.tenant)
     finally:
         if progress is not None:
             progress.end()
@@ -182,14 +196,14 @@ def _manifest_name(manifest: Path) -> str:
 
 
 def cmd_send(args: argparse.Namespace, home: Home) -> int:
-    with Client(home) as c:
+    with _client(args, home) as c:
         result = c.send(args.agent, _data_arg(args.data))
     _out(args, result, f"queued ({result['queued']} in mailbox)")
     return EXIT_OK
 
 
 def cmd_call(args: argparse.Namespace, home: Home) -> int:
-    with Client(home) as c:
+    with _client(args, home) as c:
         reply = c.call(args.agent, _data_arg(args.data), timeout=args.timeout)
     data = {"reply": None if reply is None else reply.decode("latin-1"), "reply_hex": None if reply is None else reply.hex()}
     _out(args, data, _show_bytes(reply))
@@ -197,7 +211,7 @@ def cmd_call(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_ps(args: argparse.Namespace, home: Home) -> int:
-    with Client(home) as c:
+    with _client(args, home) as c:
         report = c.request("ps")[0]
     agents = report["agents"]
     if report.get("store_problem"):
@@ -217,14 +231,14 @@ def cmd_ps(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_stop(args: argparse.Namespace, home: Home) -> int:
-    with Client(home) as c:
+    with _client(args, home) as c:
         info = c.stop(args.agent)
     _out(args, info, f"{info['name']} {info['status']}")
     return EXIT_OK
 
 
 def cmd_tree(args: argparse.Namespace, home: Home) -> int:
-    with Client(home) as c:
+    with _client(args, home) as c:
         roots = c.tree()
 
     def lines(member: dict[str, Any], depth: int) -> list[str]:
@@ -253,7 +267,7 @@ def cmd_doctor(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_restart(args: argparse.Namespace, home: Home) -> int:
-    with Client(home, timeout=120) as c:
+    with _client(args, home, timeout=120) as c:
         info = c.restart(args.agent)
     _out(args, info, f"{info['name']} {info['status']}")
     return EXIT_OK
@@ -275,7 +289,7 @@ def cmd_events(args: argparse.Namespace, home: Home) -> int:
         return EXIT_USAGE
 
     try:
-        client: Client | None = Client(home)
+        client: Client | None = _client(args, home)
     except NotRunning:
         if args.follow:
             raise
@@ -445,7 +459,7 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
 
 def cmd_gc(args: argparse.Namespace, home: Home) -> int:
     """Snapshot every agent's state, and compact the chains past their policy's [retention] limits."""
-    with Client(home) as c:
+    with _client(args, home) as c:
         info = c.request("gc", agents=args.agents)[0]
 
     def line(e: dict[str, Any]) -> str:
@@ -495,7 +509,7 @@ def cmd_logs(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_rm(args: argparse.Namespace, home: Home) -> int:
-    with Client(home) as c:
+    with _client(args, home) as c:
         info = c.remove(args.agent)
     _out(args, info, f"removed {info['removed']} ({info['id']}); its chain ends at record {info['head']}")
     return EXIT_OK
@@ -523,7 +537,7 @@ def cmd_key(args: argparse.Namespace, home: Home) -> int:
     from ._audit import known_keys
 
     if args.action == "rotate":
-        with Client(home) as c:
+        with _client(args, home) as c:
             info = c.request("rotate-key")[0]
         _out(args, info, lambda: f"rotated: {info['old']} -> {info['new']}\n"
                                  f"the statement both keys signed ({info['chains']} chain heads):\n"
@@ -539,7 +553,7 @@ def cmd_key(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace, home: Home) -> int:
-    with Client(home) as c:
+    with _client(args, home) as c:
         info = c.request("checkpoint")[0]
     if args.output is not None:
         args.output.write_bytes(Path(info["files"][0]).read_bytes())
@@ -590,12 +604,113 @@ def cmd_secret(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def cmd_tenant(args: argparse.Namespace, home: Home) -> int:
+    with _client(args, home) as c:
+        if args.action == "list":
+            report = c.tenants()
+            tenants = report["tenants"]
+
+            def table() -> str:
+                lines = [f"{'TENANT':<16} {'AGENTS':>6} {'RUNNING':>7} {'DENIALS':>7}  POLICIES / QUOTAS"]
+                for t in tenants:
+                    quotas = " ".join(f"{k}={v}" for k, v in t["quotas"].items()) or "no quotas"
+                    lines.append(f"{t['name']:<16} {t['agents']:>6} {t['running']:>7} {t['denials']:>7}  "
+                                 f"{','.join(t['policies'])} / {quotas}")
+                lines.append(f"connections refused at the handshake: {report['refused_connections']}")
+                return "\n".join(lines)
+
+            _out(args, report, table)
+            return EXIT_OK
+        if not args.name:
+            return _fail(args, "usage", f"theater tenant {args.action} needs the tenant's name", "")
+        if args.action == "rm":
+            info = c.tenant_remove(args.name)
+            _out(args, info, f"tenant {info['removed']} removed ({info['stopped']} agents stopped; their chains stay)")
+            return EXIT_OK
+        quotas = {}
+        for item in args.quota:
+            name, _, value = item.partition("=")
+            if name not in QUOTAS or not value.isdigit():
+                return _fail(args, "usage", f"--quota {item!r}: NAME=INTEGER with NAME one of {', '.join(QUOTAS)}", "")
+            quotas[name] = int(value)
+        output = args.output or Path(f"{args.name}.key")
+        if output.exists():
+            return _fail(args, "usage", f"{output} exists: the credentials are written to a new file", "choose -o FILE")
+        public, secret = keypair()
+        info = c.tenant_add(args.name, public, policies=args.policy or ["default"], routes=args.route, quotas=quotas)
+    endpoint = args.endpoint or info.get("endpoint") or ""
+    creds = Credentials(endpoint=endpoint, server_key=info["server_key"], tenant=args.name, public_key=public,
+                        secret_key=secret)
+    write_private(output, creds.dump())
+    note = "" if endpoint.startswith("tcp://") and "0.0.0.0" not in endpoint else \
+        f"\n  note: set \"endpoint\" in {output} to the address its clients reach (tcp://HOST:PORT)"
+    _out(args, {**info, "credentials": str(output)},
+         f"tenant {args.name} added; its credentials (secret: hand them over privately) are in {output}{note}")
+    return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace, home: Home) -> int:
+    from ._top import run_top
+
+    with _client(args, home) as c:
+        if args.json:
+            _out(args, c.top(), "")
+            return EXIT_OK
+        return run_top(c, sort=args.sort, interval=args.interval)
+
+
+def cmd_usage(args: argparse.Namespace, home: Home) -> int:
+    since_ns = _since(args.since)
+    with _client(args, home) as c:
+        report = c.usage(args.tenant, since_ns)
+
+    def table() -> str:
+        rows = report["agents"]
+        lines = [f"usage {'of tenant ' + report['tenant'] if report['tenant'] else 'of every tenant'} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(report['since_ns'] / 1e9))}",
+                 f"{'AGENT':<24} {'TENANT':<12} {'CPU_S':>8} {'PEAK_MIB':>8} {'FUEL':>14} {'CALLS':>8} "
+                 f"{'MESSAGES':>8} {'RECORDS':>8} {'BYTES':>10} {'WORKERS':>7}"]
+        for r in [*rows, {"name": "total", "tenant": "", **report["total"]}]:
+            lines.append(f"{r['name'][:24]:<24} {r['tenant'][:12]:<12} {r['cpu_ns'] / 1e9:>8.2f} "
+                         f"{r['peak_rss'] / 2**20:>8.1f} {r['fuel']:>14} {r['calls']:>8} {r['messages']:>8} "
+                         f"{r['records']:>8} {r['record_bytes']:>10} {r['workers']:>7}")
+        if report.get("denials"):
+            lines.append(f"requests refused: {report['denials']}")
+        return "\n".join(lines)
+
+    _out(args, report, table)
+    return EXIT_OK
+
+
+def _since(text: str) -> int:
+    """A start time: an age (90s, 15m, 24h, 7d) before now, or an ISO 8601 date or date and time."""
+    import datetime
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return time.time_ns() - int(text[:-1]) * units[text[-1]] * 10**9
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise TheaterError(f"--since {text!r}: an age like 24h or 7d, or an ISO date like 2026-12-01") from None
+    if when.tzinfo is None:
+        when = when.astimezone()
+    return int(when.timestamp() * 10**9)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise TheaterError(f"--metrics {text!r}: HOST:PORT, like 127.0.0.1:9464")
+    return host, int(port)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
     "up": cmd_up, "down": cmd_down, "spawn": cmd_spawn, "run": cmd_run, "send": cmd_send, "call": cmd_call,
     "ps": cmd_ps, "events": cmd_events, "verify": cmd_verify, "stop": cmd_stop,
     "tree": cmd_tree, "restart": cmd_restart, "doctor": cmd_doctor, "secret": cmd_secret, "replay": cmd_replay,
     "key": cmd_key, "checkpoint": cmd_checkpoint, "export": cmd_export, "rm": cmd_rm, "logs": cmd_logs,
-    "new": cmd_new, "build": cmd_build, "gc": cmd_gc,
+    "new": cmd_new, "build": cmd_build, "gc": cmd_gc, "tenant": cmd_tenant, "top": cmd_top, "usage": cmd_usage,
 }
 
 
@@ -603,17 +718,42 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", type=Path, default=argparse.SUPPRESS, help="state directory (default: $THEATER_HOME or ~/.local/state/theater)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output on stdout")
+    common.add_argument("--remote", type=Path, default=argparse.SUPPRESS, metavar="CREDENTIALS",
+                        help="act as a tenant on a supervisor elsewhere, with the file theater tenant add wrote")
     p = argparse.ArgumentParser(prog="theater", description="Run untrusted agents as sandboxed, supervised WebAssembly "
                                 "components.", epilog=GROUPS, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Accepted before or after the command; the subcommand's value wins.
     p.add_argument("--home", dest="top_home", type=Path, default=None, help="state directory (default: $THEATER_HOME or ~/.local/state/theater)")
     p.add_argument("--json", dest="top_json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--remote", dest="top_remote", type=Path, default=None, metavar="CREDENTIALS",
+                   help="act as a tenant on a supervisor elsewhere, with the file theater tenant add wrote")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = sub.add_parser("up", parents=[common], help="start the supervisor")
     up.add_argument("--detach", action="store_true", help="run in the background and return once it answers")
     up.add_argument("--witness", type=Path, help="a directory outside the home that gets a copy of every checkpoint")
     up.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                     help="the least severe lines the supervisor logs (default: info)")
+    up.add_argument("--listen", metavar="tcp://HOST:PORT", help="also serve tenants' clients on TCP (CurveZMQ; "
+                                                                 "theater tenant add makes their credentials)")
+    up.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    tn = sub.add_parser("tenant", parents=[common], help="tenants: who may control agents over TCP, and their quotas")
+    tn.add_argument("action", choices=("add", "list", "rm"), help="add NAME, list, rm NAME")
+    tn.add_argument("name", nargs="?", help="the tenant's name (add, rm)")
+    tn.add_argument("--policy", action="append", default=[], help="a policy its agents may run under (repeat)")
+    tn.add_argument("--route", action="append", default=[], help="a tenant its agents may message, if that "
+                                                                  "tenant lists this one too (repeat)")
+    tn.add_argument("--quota", action="append", default=[], metavar="NAME=VALUE",
+                    help=f"a quota (repeat): {', '.join(QUOTAS)}")
+    tn.add_argument("-o", "--output", type=Path, help="where to write the tenant's credentials (default NAME.key)")
+    tn.add_argument("--endpoint", metavar="tcp://HOST:PORT", help="the address its clients reach, written in its "
+                                                                   "credentials (default: what the supervisor listens on)")
+    tp = sub.add_parser("top", parents=[common], help="agents' CPU, memory, fuel and calls, refreshing in place")
+    tp.add_argument("--sort", choices=("cpu", "memory", "fuel", "calls", "name"), default="cpu",
+                    help="the column to sort by (default cpu)")
+    tp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    us = sub.add_parser("usage", parents=[common], help="what a tenant used, from the store (what a host bills by)")
+    us.add_argument("--tenant", help="the tenant (default: yours; the operator: every tenant)")
+    us.add_argument("--since", default="30d", help="a start: an ISO date/time, or an age like 24h, 7d (default 30d)")
     nw = sub.add_parser("new", parents=[common], help="write a new agent project (source, manifest, README)")
     nw.add_argument("name", help="the agent's name, and the project directory's")
     nw.add_argument("--lang", choices=("python", "wat"), default="python", help="the guest language (default python)")
@@ -627,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("manifest", type=Path, help="an agent manifest, or a supervisor manifest (a tree)")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent to be ready")
     s.add_argument("--replace", action="store_true", help="remove a stopped or failed agent of the same name first")
+    s.add_argument("--tenant", help="spawn it as this tenant's (the operator's local spawns only)")
     rmp = sub.add_parser("rm", parents=[common], help="remove a stopped or failed agent (its chain ends; the name is free)")
     rmp.add_argument("agent", help="agent name or id")
     r = sub.add_parser("run", parents=[common], help="supervisor in the foreground + spawn + follow events")
@@ -685,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 GROUPS = """commands, by what they are for:
   the supervisor   up, down, logs, checkpoint, key, gc
+  hosting          tenant, top, usage
   agents           new, build, spawn, run, send, call, stop, restart, rm, secret
   inspection       ps, tree, events, verify, replay, export, doctor
 
@@ -718,6 +860,9 @@ EXAMPLES = {
     "logs": "theater logs --follow",
     "new": "theater new greeter --lang python && theater build greeter",
     "build": "theater build greeter                              # then: theater spawn greeter/greeter.toml",
+    "tenant": "theater tenant add acme --policy default --quota agents=10 -o acme.key",
+    "top": "theater top --sort memory                          # --json: one snapshot",
+    "usage": "theater usage --tenant acme --since 2026-12-01",
 }
 
 
@@ -730,8 +875,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if home.root.exists() and not home.root.is_dir():
             return _fail(args, "usage", f"--home {home.root} is a file, not a directory",
                          "give a directory (it is created if missing), or leave --home out")
+        remote = getattr(args, "remote", None) or args.top_remote
         if args.command in ("verify", "events", "key", "replay", "export") and _fresh(home) \
-                and getattr(args, "bundle", None) is None:
+                and getattr(args, "bundle", None) is None and remote is None:
             if args.command == "verify":
                 _out(args, [], f"no agents yet at {home.root}: nothing to verify")
                 return EXIT_OK

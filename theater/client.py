@@ -14,13 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import control, wire
 from .errors import ClientError, NotRunning, TheaterError
 from .home import Home
 from .records import Record
+from .remote import Credentials, read_upload
 
 __all__ = ["Client", "ClientError", "NotRunning"]
+
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
 def _supervisor_gone(home: Home) -> bool:
@@ -57,9 +62,30 @@ def _supervisor_gone(home: Home) -> bool:
 
 
 class Client:
-    def __init__(self, home: Home | Path | str, *, timeout: float = 30.0) -> None:
-        self.home = home if isinstance(home, Home) else Home(home)
+    def __init__(self, home: Home | Path | str | None = None, *, timeout: float = 30.0,
+                 credentials: Credentials | None = None) -> None:
+        """The operator's client, on the home's local socket; or, with ``credentials``, a tenant's, over TCP
+        with CurveZMQ (the supervisor's key is checked; the tenant's key is all that authenticates it)."""
         self.timeout = timeout
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._ids = itertools.count(1)
+        self._monitor: zmq.Socket[bytes] | None = None
+        self.credentials = credentials
+        if credentials is not None:
+            self.where = f"{credentials.endpoint} (tenant {credentials.tenant})"
+            self._token = ""
+            self._sock = self._ctx.socket(zmq.DEALER)
+            self._sock.linger = 0
+            self._sock.curve_serverkey = credentials.server_key.encode()
+            self._sock.curve_publickey = credentials.public_key.encode()
+            self._sock.curve_secretkey = credentials.secret_key.encode()
+            self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+            self._sock.connect(credentials.endpoint)
+            return
+        if home is None:
+            raise TheaterError("a client needs a home or a tenant's credentials")
+        self.home = home if isinstance(home, Home) else Home(home)
+        self.where = str(self.home.root)
         try:
             self._token = self.home.token.read_text().strip()
         except FileNotFoundError:
@@ -67,14 +93,27 @@ class Client:
         if _supervisor_gone(self.home):
             raise NotRunning(f"the supervisor at {self.home.root} is not running (it ended without cleaning up); "
                              "start it with `theater up`")
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
         self._sock.connect(self.home.control_endpoint)
-        self._ids = itertools.count(1)
 
     def close(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
         self._sock.close(0)
+
+    def _refused(self) -> None:
+        """Raise if the supervisor refused this client's key at the handshake (a tenant's client)."""
+        assert self._monitor is not None
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise ClientError("refused", f"the supervisor at {self.where} refused this client's key: it is not "
+                                             "a current tenant's (removed, or never added)")
+            if event["event"] in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                raise ClientError("refused", f"the handshake with {self.where} failed: is server_key that "
+                                             "supervisor's (theater tenant add prints it)?")
 
     def __enter__(self) -> Client:
         return self
@@ -92,8 +131,12 @@ class Client:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             remaining = deadline - time.monotonic()
+            if self._monitor is not None:  # wait on the reply and on news of the handshake, a little at a time
+                self._refused()
+                if remaining > 0 and not self._sock.poll(int(min(remaining, 0.05) * 1000) + 1):
+                    continue
             if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
-                raise NotRunning(f"no answer from the supervisor at {self.home.root} within the timeout")
+                raise NotRunning(f"no answer from the supervisor at {self.where} within the timeout")
             reply = self._sock.recv_multipart()
             if len(reply) < 2 or reply[0] != wire.header(wire.ClientType.REPLY):
                 raise TheaterError("malformed reply from the supervisor")
@@ -109,8 +152,15 @@ class Client:
     def ping(self) -> dict[str, Any]:
         return self.request("ping")[0]
 
-    def spawn(self, manifest: Path | str, *, replace: bool = False) -> dict[str, Any]:
+    def spawn(self, manifest: Path | str, *, replace: bool = False, tenant: str | None = None) -> dict[str, Any]:
+        """Start an agent or a tree from a manifest the supervisor reads (the operator's, optionally for
+        ``tenant``); a tenant's client sends the manifest's text and its component instead."""
         args: dict[str, Any] = {"replace": True} if replace else {}
+        if self.credentials is not None:
+            text, component, kind = read_upload(Path(manifest))
+            return self.request("spawn", component, manifest_text=text, component_kind=kind, **args)[0]
+        if tenant is not None:
+            args["tenant"] = tenant
         return self.request("spawn", manifest=str(Path(manifest).resolve()), **args)[0]
 
     def remove(self, agent: str) -> dict[str, Any]:
@@ -158,3 +208,25 @@ class Client:
 
     def down(self) -> dict[str, Any]:
         return self.request("down")[0]
+
+    # The operator's tenants (docs/tenancy.md).
+    def tenant_add(self, name: str, public_key: str, *, policies: list[str], routes: list[str] | None = None,
+                   quotas: dict[str, int] | None = None) -> dict[str, Any]:
+        return self.request("tenant-add", name=name, public_key=public_key, policies=policies, routes=routes or [],
+                            quotas=quotas or {})[0]
+
+    def tenants(self) -> dict[str, Any]:
+        return self.request("tenant-list")[0]
+
+    def tenant_remove(self, name: str, *, timeout: float = 120.0) -> dict[str, Any]:
+        return self.request("tenant-rm", name=name, timeout=timeout)[0]
+
+    def top(self) -> dict[str, Any]:
+        """One snapshot of what every visible agent (and tenant) uses now."""
+        return self.request("top")[0]
+
+    def usage(self, tenant: str | None = None, since_ns: int = 0) -> dict[str, Any]:
+        args: dict[str, Any] = {"since_ns": since_ns}
+        if tenant is not None:
+            args["tenant"] = tenant
+        return self.request("usage", **args)[0]

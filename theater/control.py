@@ -16,6 +16,7 @@ from typing import Any
 from .errors import BadRequest
 
 __all__ = [
+    "OPERATOR_ONLY",
     "BadRequest",
     "Call",
     "Checkpoint",
@@ -31,7 +32,13 @@ __all__ = [
     "Send",
     "Spawn",
     "Stop",
+    "TenantAdd",
+    "TenantList",
+    "TenantRemove",
+    "Top",
     "Tree",
+    "Upload",
+    "Usage",
     "Verify",
     "Wait",
     "decode_request",
@@ -51,8 +58,20 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class Spawn:
-    manifest: str  # an absolute path the supervisor can read
+    manifest: str  # an absolute path the supervisor can read (the operator's spawns)
     replace: bool = False  # a stopped or failed agent of the same name is removed first (theater rm)
+    tenant: str | None = None  # the operator spawns for this tenant
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A spawn that carries its agent manifest's text and its component's bytes (a tenant's spawn:
+    a tenant names no path on the supervisor's machine)."""
+
+    manifest_text: str
+    component: bytes
+    kind: str  # "wasm" or "wat": what the component's bytes are
+    replace: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +150,41 @@ class Gc:
     agents: tuple[str, ...]  # names or ids; empty: every agent
 
 
-Request = Ping | Spawn | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down | Checkpoint | Remove | Gc | RotateKey
+@dataclass(frozen=True, slots=True)
+class TenantAdd:
+    name: str
+    public_key: str
+    policies: tuple[str, ...]
+    routes: tuple[str, ...]
+    quotas: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TenantList:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRemove:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Top:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    tenant: str | None  # None: the asking tenant (the operator: every tenant)
+    since_ns: int
+
+
+Request = (Ping | Spawn | Upload | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down | Checkpoint
+           | Remove | Gc | RotateKey | TenantAdd | TenantList | TenantRemove | Top | Usage)
+# What only the operator (the local socket) may ask; a tenant asking is refused.
+OPERATOR_ONLY = (Down, Checkpoint, Gc, RotateKey, TenantAdd, TenantList, TenantRemove)
+MAX_MANIFEST_TEXT = 1024 * 1024
 
 # An `events` reply carries records in its data frame, each as u32 big-endian length + raw record, up to
 # this many bytes (and always at least one record); `more` says whether the chain goes on.
@@ -174,13 +227,24 @@ def decode_request(op: object, body: dict[str, Any], data: bytes | None) -> Requ
     if op == "ping":
         return Ping()
     if op == "spawn":
-        manifest = body.get("manifest")
-        if not isinstance(manifest, str) or not os.path.isabs(manifest):
-            raise BadRequest("spawn needs the manifest's absolute path")
         replace = body.get("replace", False)
         if not isinstance(replace, bool):
             raise BadRequest("replace must be true or false")
-        return Spawn(manifest, replace)
+        if "manifest_text" in body:
+            text, kind = body.get("manifest_text"), body.get("component_kind")
+            if not isinstance(text, str) or len(text) > MAX_MANIFEST_TEXT:
+                raise BadRequest(f"manifest_text must be a manifest's text of at most {MAX_MANIFEST_TEXT} characters")
+            if kind not in ("wasm", "wat") or not data:
+                raise BadRequest("a spawn with manifest_text carries the component in its data frame and "
+                                 "component_kind \"wasm\" or \"wat\"")
+            return Upload(text, data, kind, replace)
+        manifest = body.get("manifest")
+        if not isinstance(manifest, str) or not os.path.isabs(manifest):
+            raise BadRequest("spawn needs the manifest's absolute path (or its manifest_text and component)")
+        tenant = body.get("tenant")
+        if tenant is not None and not isinstance(tenant, str):
+            raise BadRequest("tenant must be a tenant's name")
+        return Spawn(manifest, replace, tenant)
     if op == "send":
         return Send(_name(body), data or b"")
     if op == "call":
@@ -225,4 +289,27 @@ def decode_request(op: object, body: dict[str, Any], data: bytes | None) -> Requ
                                                                          for a in agents):
             raise BadRequest("gc needs agents: a list of at most 1000 names or ids")
         return Gc(tuple(agents))
+    if op == "tenant-add":
+        name, key, quotas = body.get("name"), body.get("public_key"), body.get("quotas", {})
+        lists = {k: body.get(k, []) for k in ("policies", "routes")}
+        if not isinstance(name, str) or not isinstance(key, str) or not isinstance(quotas, dict):
+            raise BadRequest("tenant-add needs name, public_key, policies, routes and quotas")
+        for k, v in lists.items():
+            if not isinstance(v, list) or len(v) > 256 or not all(isinstance(i, str) for i in v):
+                raise BadRequest(f"{k} must be a list of at most 256 names")
+        return TenantAdd(name, key, tuple(lists["policies"]), tuple(lists["routes"]), quotas)
+    if op == "tenant-list":
+        return TenantList()
+    if op == "tenant-rm":
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise BadRequest("tenant-rm needs the tenant's name")
+        return TenantRemove(name)
+    if op == "top":
+        return Top()
+    if op == "usage":
+        tenant = body.get("tenant")
+        if tenant is not None and not isinstance(tenant, str):
+            raise BadRequest("tenant must be a tenant's name")
+        return Usage(tenant, _int(body, "since_ns", 0, 0, 2**63 - 1))
     raise BadRequest(f"unknown operation {str(op)[:64]!r}")

@@ -15,14 +15,16 @@ from theater import wire
 
 from .._host import Answer, HostCall
 from .._store import EventStore
+from .._tenants import Tenants
 from .grants import KvGrant
 
 __all__ = ["Kv"]
 
 
 class Kv:
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, tenants: Tenants | None = None) -> None:
         self.store = store
+        self.tenants = tenants
 
     def host_request(self, call: HostCall) -> Answer:
         key = call.args.get("key", call.args.get("prefix"))
@@ -53,6 +55,9 @@ class Kv:
                 if total > grant.max_total_bytes:
                     return Answer({"ok": False, "error": f"{total} bytes of keys and values, more than "
                                                          f"max_total_bytes ({grant.max_total_bytes})"})
+                quota = self.tenants.check_kv(agent, total) if self.tenants is not None else None
+                if quota is not None:
+                    return Answer({"ok": False, "error": quota})
             writes[key] = value
             effects.kv_usage = (count, total)
             if call.op == "delete":

@@ -23,13 +23,16 @@ from typing import TYPE_CHECKING
 from theater import wire
 
 from .._agent import Agent, Agents, Pending
+from .._config import OPERATOR, TENANT_SEP
 from .._host import Answer, HostCall, HostRequests
 from .._supervision import NodeKind, Status
+from .._tenants import QuotaExceeded, local_name
 from .._timers import Timers
 from .grants import MessagingGrant, matches
 
 if TYPE_CHECKING:
     from .._ledger import Checked
+    from .._tenants import Tenants
     from .._workers import Workers
 
 __all__ = ["Messaging"]
@@ -46,6 +49,7 @@ class Messaging:
         self.host = host
         self.timers = timers
         self.log = log
+        self.tenants: Tenants  # set by the supervisor once all parts exist
 
     # --- host requests ---------------------------------------------------------------------
 
@@ -56,12 +60,16 @@ class Messaging:
         to = args.get("to")
         if not isinstance(to, str) or not 0 < len(to) <= MAX_ADDRESS_CHARS:
             return _error("unknown-address", "an address is an agent's name or id, 1-256 characters")
-        target = self._find(to)
+        target = self._find(to, sender)
         if target is None:
             return _error("unknown-address", f"no agent named or with id {to!r}")
         refusal = self._refusal(sender, target, len(message))
         if refusal is not None:
             return refusal
+        try:
+            self.tenants.check_message(target.config.tenant)
+        except QuotaExceeded as exc:
+            return _error("quota", str(exc))
         message_id = uuid.uuid4().bytes
         if call.op == "send":
             origin = wire.Origin.SEND
@@ -84,23 +92,37 @@ class Messaging:
         self.workers.dispatch(target)
         return None
 
-    def _find(self, address: str) -> Agent | None:
-        try:
-            return self.agents.find(address)
-        except Exception:  # NotFound, or not a name or id at all
+    def _find(self, address: str, sender: Agent) -> Agent | None:
+        """The agent an address names, as the sender's tenant writes names: its own agents without the prefix,
+        another tenant's in full (``other:name``). An agent of a tenant it may not reach is not found."""
+        tenant = sender.config.tenant
+        candidates = [address]
+        if tenant != OPERATOR:
+            candidates.insert(0, f"{tenant}{TENANT_SEP}{address}")
+        for ref in candidates:
+            try:
+                target = self.agents.find(ref)
+            except Exception:  # NotFound, or not a name or id at all
+                continue
+            if self.tenants.may_route(tenant, target.config.tenant):
+                return target
+            self.tenants.deny(tenant, "route", f"{sender.name} addressed {target.name}: no route between tenants "
+                                               f"{tenant} and {target.config.tenant}")
             return None
+        return None
 
     def _refusal(self, sender: Agent, target: Agent, size: int) -> Answer | None:
         """Why ``sender`` may not message ``target`` now, if it may not."""
         if target is not sender:
             mine: MessagingGrant = sender.config.grant("messaging")
-            if not matches(mine.to, target.name, _relations(target, sender)):
+            them, me = local_name(target.name, sender.config.tenant), local_name(sender.name, target.config.tenant)
+            if not matches(mine.to, them, _relations(target, sender)):
                 return _error("denied", f"{sender.name}'s policy does not let it message {target.name} "
                                         f"([messaging] to = {list(mine.to)})")
             theirs: MessagingGrant | None = target.config.grants.get("messaging")  # type: ignore[assignment]
             if theirs is None:
                 return _error("denied", f"{target.name} does not hold the messaging capability: it takes no messages")
-            if not matches(theirs.from_, sender.name, _relations(sender, target)):
+            if not matches(theirs.from_, me, _relations(sender, target)):
                 return _error("denied", f"{target.name}'s policy does not let it hear from {sender.name} "
                                         f"([messaging] from = {list(theirs.from_)})")
         if target.status not in RECEIVING:

@@ -1,0 +1,106 @@
+"""The control API on TCP, for tenants on other machines: CurveZMQ with our own ZAP handler.
+
+libzmq asks the ZAP handler (a REP socket at ``inproc://zeromq.zap.01``, polled
+by the supervisor's loop like any other) about every CURVE handshake; we answer
+200 with the tenant's name as the User-Id only for a current tenant's key. A
+client with no key, a wrong key or a removed tenant's key never completes the
+handshake, so none of its requests is read; each refusal is counted and logged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import zmq
+import zmq.utils.z85 as z85
+
+from theater import wire
+from theater.home import Home, write_private
+from theater.remote import keypair, valid_key
+
+from ._errors import SupervisorError
+from ._tenants import Tenants
+
+__all__ = ["ZAP_DOMAIN", "RemoteControl", "server_keys"]
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"theater"
+
+
+def server_keys(home: Home) -> tuple[str, str]:
+    """The control API's key pair (public, secret), made on first use and kept in the home (0600)."""
+    try:
+        data = json.loads(home.control_key.read_bytes())
+        public, secret = data["public"], data["secret"]
+        if valid_key(public) and valid_key(secret):
+            return public, secret
+        raise SupervisorError(f"{home.control_key}: not a CurveZMQ key pair")
+    except FileNotFoundError:
+        public, secret = keypair()
+        write_private(home.control_key, json.dumps({"public": public, "secret": secret}).encode())
+        return public, secret
+    except (ValueError, KeyError, TypeError):
+        raise SupervisorError(f"{home.control_key}: not a CurveZMQ key pair") from None
+
+
+class RemoteControl:
+    def __init__(self, home: Home, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, tenants: Tenants,
+                 log: Callable[[str], None], max_message: int) -> None:
+        self.tenants = tenants
+        self.log = log
+        self.public_key, secret = server_keys(home)
+        self.zap = ctx.socket(zmq.REP)
+        self.zap.linger = 0
+        self.zap.bind(ZAP_ENDPOINT)  # before any CURVE socket, so no handshake goes unasked
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.linger = 0
+        self.socket.maxmsgsize = max_message
+        self.socket.curve_server = True
+        self.socket.curve_secretkey = secret.encode()
+        self.socket.zap_domain = ZAP_DOMAIN
+        try:
+            self.socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise SupervisorError(f"cannot listen on {endpoint}: {exc}") from None
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def answer_handshakes(self) -> None:
+        """Every pending ZAP request: 200 and the tenant's name for a current tenant's key, 400 otherwise."""
+        while True:
+            try:
+                frames = self.zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 6:  # not a ZAP request: answer something well-formed all the same
+                self.zap.send_multipart([b"1.0", b"", b"500", b"malformed ZAP request", b"", b""])
+                continue
+            version, request_id, domain, address, _identity, mechanism = frames[:6]
+            tenant = None
+            if domain == ZAP_DOMAIN and mechanism == b"CURVE" and len(frames) == 7 and len(frames[6]) == 32:
+                tenant = self.tenants.by_key(z85.encode(frames[6]).decode())
+            if tenant is None:
+                self.tenants.refused_connections += 1
+                why = "not a tenant's key" if mechanism == b"CURVE" else f"mechanism {mechanism[:16]!r}"
+                self.log(f"refused a control connection from {address.decode(errors='replace')[:64]}: {why}")
+                self.zap.send_multipart([version, request_id, b"400", b"not a tenant's key", b"", b""])
+                continue
+            self.zap.send_multipart([version, request_id, b"200", b"OK", tenant.name.encode(), b""])
+
+    def receive(self) -> tuple[list[bytes], str] | None:
+        """One request and the tenant whose key sent it (from the handshake), or None when there is none."""
+        try:
+            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        user = frames[-1].get("User-Id")
+        return [f.bytes for f in frames], user if isinstance(user, str) else ""
+
+    def close(self) -> None:
+        self.socket.close(0)
+        self.zap.close(0)
+
+
+def header_ok(frame: bytes) -> bool:
+    return frame == wire.header(wire.ClientType.REQUEST)

@@ -1,0 +1,83 @@
+"""What one client may see: the operator sees the whole home, a tenant only its own agents and nodes.
+
+A tenant writes its agents' names without its prefix (``counter`` for
+``acme:counter``); an agent or node of another tenant is "not found", exactly as
+one that does not exist, and the attempt is recorded as a denial.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ._agent import Agent, Member
+from ._config import OPERATOR, TENANT_SEP
+from ._errors import NotFound
+from ._tenants import Tenants, local_name
+
+if TYPE_CHECKING:
+    from ._trees import Supervision
+
+__all__ = ["Scope", "localized"]
+
+_NAME_KEYS = ("name", "parent", "agent", "owner")
+
+
+class Scope:
+    def __init__(self, supervision: Supervision, tenants: Tenants, tenant: str) -> None:
+        self.supervision = supervision
+        self.tenants = tenants
+        self.tenant = tenant
+
+    def owns(self, member: Member) -> bool:
+        return self.tenant == OPERATOR or member.config.tenant == self.tenant
+
+    def _full(self, ref: object) -> object:
+        """A tenant's reference as the home names it (an id stays an id)."""
+        if self.tenant == OPERATOR or not isinstance(ref, str):
+            return ref
+        try:
+            uuid.UUID(ref)
+            return ref
+        except ValueError:
+            return f"{self.tenant}{TENANT_SEP}{ref}"
+
+    def member(self, ref: object) -> Member:
+        try:
+            member = self.supervision.member(self._full(ref))
+        except NotFound:
+            raise NotFound(f"no agent named or with id {str(ref)[:256]!r}") from None
+        if not self.owns(member):
+            self.tenants.deny(self.tenant, "not-found", f"asked for {member.name} ({member.uuid})")
+            raise NotFound(f"no agent named or with id {str(ref)[:256]!r}")
+        return member
+
+    def agent(self, ref: object) -> Agent:
+        member = self.member(ref)
+        if not isinstance(member, Agent):
+            raise NotFound(f"no agent named or with id {str(ref)[:256]!r}")
+        return member
+
+    def chain(self, ref: str) -> str:
+        """A reference to a chain this client may read: the operator's as given (removed agents too),
+        a tenant's only to a live member of its own."""
+        if self.tenant == OPERATOR:
+            return ref
+        return self.member(ref).name
+
+    def agents(self) -> list[Agent]:
+        return [a for a in self.supervision.agents if self.owns(a)]
+
+    def members(self) -> list[Member]:
+        nodes = [n for n in self.supervision.nodes.values() if self.owns(n)]
+        return [*self.agents(), *nodes]
+
+
+def localized(result: Any, tenant: str) -> Any:
+    """A reply as ``tenant`` reads it: its own names without its prefix."""
+    if isinstance(result, dict):
+        return {k: local_name(v, tenant) if k in _NAME_KEYS and isinstance(v, str) else localized(v, tenant)
+                for k, v in result.items()}
+    if isinstance(result, list):
+        return [localized(v, tenant) for v in result]
+    return result
