@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import zmq
 import zmq.utils.z85 as z85
+from zmq.utils.monitor import recv_monitor_message
 
-from theater import wire
 from theater.home import Home, write_private
 from theater.remote import keypair, valid_key
 
@@ -65,6 +65,10 @@ class RemoteControl:
             self.close()
             raise SupervisorError(f"cannot listen on {endpoint}: {exc}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        # Every failed handshake (no CURVE at all, a wrong server key, a key ZAP refused) is counted from here.
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
     def answer_handshakes(self) -> None:
         """Every pending ZAP request: 200 and the tenant's name for a current tenant's key, 400 otherwise."""
@@ -80,13 +84,20 @@ class RemoteControl:
             tenant = None
             if domain == ZAP_DOMAIN and mechanism == b"CURVE" and len(frames) == 7 and len(frames[6]) == 32:
                 tenant = self.tenants.by_key(z85.encode(frames[6]).decode())
-            if tenant is None:
-                self.tenants.refused_connections += 1
+            if tenant is None:  # counted when the monitor reports the failed handshake
                 why = "not a tenant's key" if mechanism == b"CURVE" else f"mechanism {mechanism[:16]!r}"
                 self.log(f"refused a control connection from {address.decode(errors='replace')[:64]}: {why}")
                 self.zap.send_multipart([version, request_id, b"400", b"not a tenant's key", b"", b""])
                 continue
             self.zap.send_multipart([version, request_id, b"200", b"OK", tenant.name.encode(), b""])
+
+    def count_failures(self) -> None:
+        """Handshakes that failed: each is a client refused before any of its requests was read."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            self.tenants.refused_connections += 1
+            if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP's refusals are logged as they are made
+                self.log(f"refused a control connection: its handshake failed ({_HOW.get(zmq.Event(event['event']), '?')})")
 
     def receive(self) -> tuple[list[bytes], str] | None:
         """One request and the tenant whose key sent it (from the handshake), or None when there is none."""
@@ -98,9 +109,11 @@ class RemoteControl:
         return [f.bytes for f in frames], user if isinstance(user, str) else ""
 
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(0)
         self.socket.close(0)
         self.zap.close(0)
 
 
-def header_ok(frame: bytes) -> bool:
-    return frame == wire.header(wire.ClientType.REQUEST)
+_HOW = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "not CurveZMQ, or not this supervisor's server key",
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the connection ended during the handshake"}

@@ -46,6 +46,12 @@ class Scope:
         try:
             member = self.supervision.member(self._full(ref))
         except NotFound:
+            if self.tenant != OPERATOR and isinstance(ref, str) and TENANT_SEP in ref:
+                try:  # another tenant's agent, by its full name: as not found, and recorded as a probe
+                    other = self.supervision.member(ref)
+                    self.tenants.deny(self.tenant, "not-found", f"asked for {other.name} ({other.uuid})")
+                except NotFound:
+                    pass
             raise NotFound(f"no agent named or with id {str(ref)[:256]!r}") from None
         if not self.owns(member):
             self.tenants.deny(self.tenant, "not-found", f"asked for {member.name} ({member.uuid})")

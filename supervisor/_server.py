@@ -146,6 +146,7 @@ class Supervisor:
             self.control.remote = RemoteControl(home, self.ctx, listen, self.tenants, self.log, MAX_CONTROL_FRAMES)
             self.poller.register(self.control.remote.zap, zmq.POLLIN)
             self.poller.register(self.control.remote.socket, zmq.POLLIN)
+            self.poller.register(self.control.remote.monitor, zmq.POLLIN)
             self.log(f"control API on {self.control.remote.endpoint} (CurveZMQ; server key "
                      f"{self.control.remote.public_key})")
         self.metrics: MetricsServer | None = None
@@ -201,6 +202,8 @@ class Supervisor:
                         remote.answer_handshakes()
                     if remote.socket in events:
                         self.control.drain_remote()
+                    if remote.monitor in events:
+                        remote.count_failures()
                 if self.workers.zygote_fd is not None and self.workers.zygote_fd in events:
                     self.workers.settle_spawns()
                 for fd in [fd for fd in events if isinstance(fd, int) and fd not in (wake_r.fileno(),

@@ -421,7 +421,7 @@ class EventStore:
         """Per agent (of ``tenant``, or every one): what its chain and its workers show from ``since_ns`` on."""
         out: dict[bytes, dict[str, int]] = {}
         where, args = ("WHERE o.tenant = ?", [tenant]) if tenant is not None else ("", [])
-        kinds = (int(Kind.HANDLE), int(Kind.MESSAGE), int(Kind.INIT), int(Kind.WORKER_KEY))
+        kinds = (int(Kind.HANDLE), int(Kind.MESSAGE), int(Kind.INIT), int(Kind.GENESIS), int(Kind.WORKER_KEY))
         for agent_id, kind, raw in self.db.execute(
                 f"SELECT r.agent_id, r.kind, r.raw FROM records r JOIN ({self._OWNERS}) o ON o.id = r.agent_id "
                 f"{where} {'AND' if where else 'WHERE'} r.time_ns >= ?", (*args, since_ns)):
@@ -430,7 +430,7 @@ class EventStore:
             u["record_bytes"] += len(raw)
             if kind in kinds:
                 record = Record.parse(raw)
-                if kind == Kind.WORKER_KEY:
+                if kind in (Kind.GENESIS, Kind.WORKER_KEY):  # each names a worker that started
                     u["workers"] += 1
                 else:
                     u["calls" if kind != Kind.MESSAGE else "messages"] += kind != Kind.INIT

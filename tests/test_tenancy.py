@@ -1,0 +1,389 @@
+"""Multi-tenant hosting: tenants on TCP with CurveZMQ, walled off from each other, bounded by quotas, metered.
+
+A real supervisor listens on 127.0.0.1 (an ephemeral port) with its Prometheus
+endpoint on; tenants are added by the operator over the local socket and reach it
+only with the credentials `tenant add` returns, through real CurveZMQ handshakes.
+Every wait is on a reply or on a counter with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import zmq
+from conftest import COMPONENTS, Theater, of, records, wait_running, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from theater import wire
+from theater.client import Client, ClientError, NotRunning
+from theater.records import Kind
+from theater.remote import Credentials, keypair
+
+CLI = [sys.executable, "-m", "supervisor"]
+
+
+@pytest.fixture
+def hosted(short_root: Any) -> Any:
+    """A supervisor serving tenants on TCP, with /metrics."""
+    root = short_root("ten")
+    t = Theater(root)
+    t.start([sys.executable, "-m", "supervisor", "--home", str(t.home.root), "up",
+             "--listen", "tcp://127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+    try:
+        yield t
+    finally:
+        t.stop()
+
+
+def add_tenant(t: Theater, name: str, **settings: Any) -> Credentials:
+    public, secret = keypair()
+    with t.client() as c:
+        info = c.tenant_add(name, public, policies=settings.pop("policies", ["default", "messaging", "supervisor"]),
+                            **settings)
+    return Credentials(endpoint=info["endpoint"], server_key=info["server_key"], tenant=name, public_key=public,
+                       secret_key=secret)
+
+
+def tenant_client(creds: Credentials, timeout: float = 30.0) -> Client:
+    return Client(credentials=creds, timeout=timeout)
+
+
+def counter(t: Theater, name: str = "counter", **extra: Any) -> Path:
+    return t.manifest(name, "counter.wat", **extra)
+
+
+def denials(t: Theater, tenant: str) -> list[tuple[str, str]]:
+    db = sqlite3.connect(f"file:{t.home.store}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT what, detail FROM denials WHERE tenant=? ORDER BY n", (tenant,)).fetchall()
+    finally:
+        db.close()
+
+
+def refused_connections(t: Theater) -> int:
+    with t.client() as c:
+        return int(c.tenants()["refused_connections"])
+
+
+# --- authentication ------------------------------------------------------------------------
+
+
+def test_a_tenant_reaches_its_agents_over_tcp_and_sees_its_own_names(hosted: Theater) -> None:
+    acme = add_tenant(hosted, "acme")
+    with tenant_client(acme) as c:
+        assert c.ping()["tenant"] == "acme"
+        info = c.spawn(counter(hosted))
+        assert info["name"] == "counter"
+        assert c.call("counter", b"x") == b"1"
+        assert [a["name"] for a in c.ps()] == ["counter"]
+        assert [r.kind for r in c.events("counter")][:2] == [Kind.GENESIS, Kind.INIT]
+    with hosted.client() as op:
+        (row,) = op.ps()
+        assert row["name"] == "acme:counter"
+    genesis = records(hosted, "acme:counter")[0]
+    assert json.loads(genesis.fields()["config"])["tenant"] == "acme"  # the genesis signs whose agent it is
+    # The component came over the wire and is kept under its hash, never under a name the client chose.
+    digest = json.loads(genesis.fields()["config"])["component_sha256"]
+    assert (hosted.home.uploads / f"{digest}.wat").read_bytes() == (COMPONENTS / "counter.wat").read_bytes()
+
+
+def test_clients_without_a_tenants_key_are_refused_before_any_request_is_read(hosted: Theater) -> None:
+    acme = add_tenant(hosted, "acme")
+    with tenant_client(acme) as c:
+        c.spawn(counter(hosted))
+    before = refused_connections(hosted)
+    # A key the supervisor never heard of: refused at the handshake, and the client says so.
+    public, secret = keypair()
+    stranger = Credentials(acme.endpoint, acme.server_key, "acme", public, secret)
+    with tenant_client(stranger) as c, pytest.raises(ClientError) as exc:
+        c.ping()
+    assert exc.value.code == "refused" and "refused this client's key" in str(exc.value)
+    # The right client key but a forged server key: the client refuses to talk to an impostor.
+    other_server, _ = keypair()
+    with tenant_client(Credentials(acme.endpoint, other_server, "acme", acme.public_key, acme.secret_key)) as c, \
+            pytest.raises(ClientError) as exc:
+        c.ping()
+    assert exc.value.code == "refused"
+    # No CURVE at all: a plain socket's request is never read, let alone answered.
+    ctx = zmq.Context.instance()
+    plain = ctx.socket(zmq.DEALER)
+    plain.linger = 0
+    plain.connect(acme.endpoint)
+    plain.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json({"op": "ps", "id": 1})])
+    wait_until(lambda: refused_connections(hosted) >= before + 3, what="three refused handshakes counted")
+    assert plain.poll(0) == 0
+    plain.close(0)
+    log = (hosted.dir / "supervisor.out").read_text()
+    assert "refused a control connection" in log
+
+
+def test_a_removed_tenants_key_stops_working_and_its_agents_stop(hosted: Theater) -> None:
+    acme = add_tenant(hosted, "acme")
+    c = tenant_client(acme)
+    try:
+        c.spawn(counter(hosted))
+        with hosted.client() as op:
+            assert op.tenant_remove("acme") == {"removed": "acme", "stopped": 1}
+            assert op.ps()[0]["status"] == "stopped"  # the chain stays, for audit
+        with pytest.raises(ClientError) as exc:  # a connection made before the removal: refused per request
+            c.ps()
+        assert exc.value.code == "refused"
+    finally:
+        c.close()
+    with tenant_client(acme) as fresh, pytest.raises(ClientError) as exc2:  # a new one: refused at the handshake
+        fresh.ps()
+    assert exc2.value.code == "refused"
+
+
+# --- walls between tenants -----------------------------------------------------------------
+
+
+def test_a_tenant_cannot_touch_another_tenants_agents(hosted: Theater) -> None:
+    acme, bob = add_tenant(hosted, "acme"), add_tenant(hosted, "bob")
+    with tenant_client(acme) as a:
+        agent_id = a.spawn(counter(hosted))["id"]
+        a.call("counter", b"x")
+    with tenant_client(bob) as b:
+        assert b.ps() == [] and b.tree() == []
+        for ref in ("counter", agent_id, "acme:counter"):
+            for attempt in (lambda r: b.call(r, b"x"), lambda r: b.send(r, b"x"), lambda r: b.stop(r),
+                            lambda r: b.restart(r), lambda r: b.events(r), lambda r: b.remove(r),
+                            lambda r: b.wait_events(r, 0, 0), lambda r: b.verify(r)):
+                with pytest.raises(ClientError) as exc:
+                    attempt(ref)
+                assert exc.value.code == "not-found", (ref, exc.value)
+                assert "forbidden" not in str(exc.value)
+        assert b.verify() == []  # bob's own chains: none
+        for op in ("down", "checkpoint", "gc", "rotate-key", "tenant-list"):
+            with pytest.raises(ClientError) as exc:
+                b.request(op)
+            assert exc.value.code == "refused" and "only the operator" in str(exc.value)
+        with pytest.raises(ClientError) as exc:  # spawning is limited to the tenant's policies
+            b.spawn(counter(hosted, "big", policy="strict"))
+        assert "may not spawn under policy 'strict'" in str(exc.value)
+        with pytest.raises(ClientError) as exc:  # a tenant names no path on the supervisor's machine
+            b.request("spawn", manifest=str(counter(hosted)))
+        assert "never a path" in str(exc.value)
+        with pytest.raises(ClientError) as exc:
+            b.usage("acme")
+        assert exc.value.code == "not-found"
+    with tenant_client(acme) as a:
+        assert a.call("counter", b"x") == b"2"  # untouched
+    # Every refusal is counted; they are stored up to 10 a second per tenant (a flood of refusals cannot fill
+    # the disk), so the first ones are in the store.
+    with hosted.client() as op:
+        (entry,) = [t for t in op.tenants()["tenants"] if t["name"] == "bob"]
+    assert entry["denials"] >= 16 + 5 + 1 + 1
+    stored = [what for what, _ in denials(hosted, "bob")]
+    assert len(stored) >= 10 and stored[:10] == ["not-found"] * 10
+
+
+def test_an_uploaded_manifest_reaches_no_file_of_the_supervisors(hosted: Theater) -> None:
+    acme = add_tenant(hosted, "acme")
+    text = f'name = "sneak"\ncomponent = "counter.wat"\npolicy = "supervisor"\ncapabilities = ["runtime", "supervision"]\n' \
+           f'[supervision]\ntemplates = [{{name = "w", component = "{COMPONENTS / "echo.wat"}"}}]\n'
+    with tenant_client(acme) as c:
+        with pytest.raises(ClientError) as exc:
+            c.request("spawn", (COMPONENTS / "counter.wat").read_bytes(), manifest_text=text, component_kind="wat")
+        assert "must name the agent's own component" in str(exc.value)
+        tree = 'name = "t"\nstrategy = "one_for_one"\nchildren = [{manifest = "/etc/passwd"}]\n'
+        with pytest.raises(ClientError) as exc:
+            c.request("spawn", b"(component)", manifest_text=tree, component_kind="wat")
+        assert "send one agent manifest per spawn" in str(exc.value)
+
+
+def test_messages_cross_tenants_only_where_both_allow_the_route(hosted: Theater) -> None:
+    acme = add_tenant(hosted, "acme", routes=["bob", "carol"])
+    bob = add_tenant(hosted, "bob")
+    carol = add_tenant(hosted, "carol", routes=["acme"])
+    caps = {"policy": "messaging", "capabilities": ["runtime", "messaging"]}
+    for creds in (acme, bob, carol):
+        with tenant_client(creds) as c:
+            c.spawn(hosted.manifest("m", "messenger.wat", **caps))
+    with hosted.client() as op:
+        ids = {a["name"]: a["id"] for a in op.ps()}
+    with tenant_client(acme) as a:
+        # bob lists no route: bob's agent is not found, exactly as one that does not exist
+        assert a.call("m", f"send:{ids['bob:m']}:hi".encode()) == \
+            f"err:unknown-address:no agent named or with id '{ids['bob:m']}'".encode()
+        assert a.call("m", b"send:m:hi") == b"ok"  # its own agent, by its short name
+    with tenant_client(bob) as b:
+        assert b.call("m", f"send:{ids['acme:m']}:hi".encode()).startswith(b"err:unknown-address")
+    with tenant_client(carol) as c:
+        assert c.call("m", f"send:{ids['acme:m']}:from-carol".encode()) == b"ok"  # both list each other
+    with tenant_client(acme) as a:
+        state = a.call("m", b"state")
+        assert state is not None and b"=from-carol" in state
+    assert [w for w, _ in denials(hosted, "acme")].count("route") == 1
+    assert [w for w, _ in denials(hosted, "bob")].count("route") == 1
+
+
+# --- quotas ----------------------------------------------------------------------------------
+
+
+def _until_refused(fn: Any, limit: int = 500) -> ClientError:
+    for _ in range(limit):
+        try:
+            fn()
+        except ClientError as exc:
+            return exc
+    raise AssertionError(f"not refused within {limit} tries")
+
+
+def test_every_quota_is_enforced(hosted: Theater) -> None:
+    q = add_tenant(hosted, "q", quotas={"agents": 1})
+    with tenant_client(q) as c:
+        c.spawn(counter(hosted, "one"))
+        with pytest.raises(ClientError) as exc:
+            c.spawn(counter(hosted, "two"))
+        assert exc.value.code == "quota" and "quota agents (1)" in str(exc.value)
+
+    mem = add_tenant(hosted, "mem", quotas={"memory_bytes": 1024 * 1024})
+    with tenant_client(mem) as c, pytest.raises(ClientError) as exc:
+        c.spawn(counter(hosted, "m"))
+    assert exc.value.code == "quota" and "quota memory_bytes" in str(exc.value)
+
+    fuel = add_tenant(hosted, "fuel", quotas={"fuel_per_second": 100})  # each counter call burns ~300
+    with tenant_client(fuel) as c:
+        c.spawn(counter(hosted, "f"))
+        exc = _until_refused(lambda: c.call("f", b"x"))
+        assert exc.code == "quota" and "quota fuel_per_second" in str(exc)
+
+    rate = add_tenant(hosted, "rate", quotas={"calls_per_second": 3})
+    with tenant_client(rate) as c:
+        c.spawn(counter(hosted, "r"))
+        exc = _until_refused(lambda: c.send("r", b"x"))
+        assert exc.code == "quota" and "quota calls_per_second" in str(exc)
+
+    kv = add_tenant(hosted, "kv", quotas={"kv_bytes": 100})
+    with tenant_client(kv) as c:
+        c.spawn(hosted.manifest("k", "keeper.wat", policy="messaging", capabilities=["runtime", "kv"]))
+        assert c.call("k", b"set:a:" + b"v" * 50) == b"ok"
+        reply = c.call("k", b"set:b:" + b"v" * 60)
+        assert reply is not None and reply.startswith(b"err:") and b"quota kv_bytes (100)" in reply
+
+    day = add_tenant(hosted, "day", quotas={"record_bytes_per_day": 8000})
+    with tenant_client(day) as c:
+        c.spawn(counter(hosted, "d"))
+        exc = _until_refused(lambda: c.call("d", b"x"))
+        assert exc.code == "quota" and "quota record_bytes_per_day" in str(exc)
+
+    kids = add_tenant(hosted, "kids", quotas={"children": 1})
+    from test_capability import parent_manifest
+
+    with hosted.client() as op:  # the operator spawns a tree-shaped agent for a tenant from its own disk
+        op.spawn(parent_manifest(hosted), tenant="kids")
+    with tenant_client(kids) as c:
+        first = c.call("parent", b"spawn:worker:w1")
+        assert first is not None and uuid.UUID(first.decode())
+        second = c.call("parent", b"spawn:worker:w2")
+        assert second is not None and b"quota children (1)" in second
+    for tenant, quota in (("q", "agents"), ("mem", "memory_bytes"), ("fuel", "fuel_per_second"),
+                          ("rate", "calls_per_second"), ("kv", "kv_bytes"), ("day", "record_bytes_per_day"),
+                          ("kids", "children")):
+        assert f"quota {quota}" in [w for w, _ in denials(hosted, tenant)], tenant
+
+
+# --- usage and metrics -------------------------------------------------------------------------
+
+
+def _metrics(t: Theater) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with t.client() as c:
+        url = c.ping()["metrics"]
+    text = httpx.get(url, timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_parse_and_match_the_agents_records(hosted: Theater) -> None:
+    acme = add_tenant(hosted, "acme")
+    with tenant_client(acme) as c:
+        c.spawn(counter(hosted))
+        c.send("counter", b"y")  # a mailbox is first in, first out: the calls after it commit after it
+        for _ in range(5):
+            c.call("counter", b"x")
+        with pytest.raises(ClientError):
+            c.call("nobody", b"x")
+    chain = records(hosted, "acme:counter")
+    labels = (("agent", "acme:counter"), ("tenant", "acme"))
+    seen: list[Any] = []
+    wait_until(lambda: seen.append(_metrics(hosted).get(("theater_agent_records_total", labels))) or
+               seen[-1] == len(chain), what=f"the metrics snapshot to catch up ({len(chain)} records; {seen[-3:]})")
+    m = _metrics(hosted)
+    assert m[("theater_agent_calls_total", labels)] == len(of(chain, Kind.HANDLE)) == 6
+    assert m[("theater_agent_record_bytes_total", labels)] == sum(len(r.raw) for r in chain)
+    fuel = sum(r.fields()["fuel"] for r in chain if r.kind in (Kind.INIT, Kind.HANDLE))
+    assert m[("theater_agent_fuel_total", labels)] == fuel > 0
+    assert m[("theater_agent_memory_rss_bytes", labels)] > 0
+    assert m[("theater_tenant_records_total", (("tenant", "acme"),))] == len(chain)
+    assert m[("theater_supervisor_records_total", ())] >= len(chain)
+    assert m[("theater_supervisor_worker_spawns_total", ())] >= 1
+    assert m[("theater_supervisor_commits_total", ())] >= 1
+
+
+def test_usage_reports_what_the_store_holds_and_survives_a_restart(hosted: Theater) -> None:
+    acme = add_tenant(hosted, "acme")
+    with tenant_client(acme) as c:
+        c.spawn(counter(hosted))
+        for _ in range(3):
+            c.call("counter", b"x")
+        pid = c.ps()[0]["pid"]
+    with hosted.client() as op:
+        op.restart("acme:counter")
+        wait_running(op, "acme:counter", old_pid=pid)
+    chain = records(hosted, "acme:counter")
+    with tenant_client(acme) as c:
+        report = c.usage()
+    assert report["tenant"] == "acme"
+    (row,) = report["agents"]
+    assert row["name"] == "counter" and row["calls"] == 3  # as the tenant names it
+    assert row["records"] == len(chain) and row["record_bytes"] == sum(len(r.raw) for r in chain)
+    assert row["workers"] == 2  # the first and the restarted one
+    assert row["cpu_ns"] > 0 and row["peak_rss"] > 0  # the first worker's, from wait4, kept in the store
+    out = subprocess.run([*CLI, "--home", str(hosted.home.root), "usage", "--tenant", "acme", "--since", "1h",
+                          "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["total"]["calls"] == 3
+    top = subprocess.run([*CLI, "--home", str(hosted.home.root), "top", "--json"], capture_output=True, text=True,
+                         check=True)
+    snapshot = json.loads(top.stdout)
+    assert [a["name"] for a in snapshot["agents"]] == ["acme:counter"]
+    assert snapshot["tenants"][0]["tenant"] == "acme" and snapshot["supervisor"]["spawns_total"] >= 2
+
+
+def test_the_cli_makes_credentials_a_tenant_uses(hosted: Theater) -> None:
+    key = hosted.dir / "acme.key"
+    out = subprocess.run([*CLI, "--home", str(hosted.home.root), "tenant", "add", "acme", "--policy", "default",
+                          "--quota", "agents=3", "-o", str(key)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert key.stat().st_mode & 0o777 == 0o600
+    spawn = subprocess.run([*CLI, "--remote", str(key), "spawn", str(counter(hosted))], capture_output=True,
+                           text=True)
+    assert spawn.returncode == 0, spawn.stderr
+    call = subprocess.run([*CLI, "--remote", str(key), "call", "counter", "x"], capture_output=True, text=True)
+    assert call.stdout.strip() == "1", call.stderr
+    listed = subprocess.run([*CLI, "--home", str(hosted.home.root), "tenant", "list", "--json"], capture_output=True,
+                            text=True, check=True)
+    (t,) = json.loads(listed.stdout)["tenants"]
+    assert t["name"] == "acme" and t["quotas"] == {"agents": 3} and t["running"] == 1
+    bad = subprocess.run([*CLI, "--home", str(hosted.home.root), "tenant", "add", "x", "--quota", "cpu=1",
+                          "-o", str(hosted.dir / "x.key")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--quota 'cpu=1'" in bad.stderr
+
+
+def test_a_local_supervisor_without_listen_still_serves_the_operator(theater: Theater) -> None:
+    with theater.client() as c:
+        info = c.ping()
+        assert info["listen"] is None and info["metrics"] is None and info["tenant"] == "operator"
+    with pytest.raises(NotRunning):
+        Client(theater.dir / "nowhere", timeout=1)
