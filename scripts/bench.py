@@ -155,10 +155,12 @@ class Running:
     def supervisor_pid(self) -> int:
         return int(self.home.pid_file.read_text())
 
-    def __init__(self) -> None:
+    def __init__(self, *up: str) -> None:
+        """``up``: more options for `theater up` (--listen …)."""
         self.root = Path(tempfile.mkdtemp(prefix="thb-"))
         self.home = Home(self.root / "h")
-        subprocess.run([sys.executable, "-m", "supervisor", "--home", str(self.home.root), "up", "--detach"], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "supervisor", "--home", str(self.home.root), "up", "--detach", *up],
+                       check=True, capture_output=True)
         self.client = Client(self.home, timeout=120)
 
     def manifest(self, name: str, component: str, restart: dict[str, int] | None = None, policy: str = "default",
@@ -448,6 +450,66 @@ def crash_storm(t: Running, victims: int, n: int) -> tuple[list[float], list[flo
     return idle, storm
 
 
+_FLOOD = """
+import sys
+from pathlib import Path
+from theater.client import Client, ClientError
+from theater.remote import Credentials
+with Client(credentials=Credentials.load(Path(sys.argv[1])), timeout=30) as c:
+    while True:
+        try:
+            c.send("echo", b"flood")
+        except ClientError:
+            pass
+"""
+
+
+def tenant_flood(n: int, flooders: int = 2, quota: int = 200) -> tuple[list[float], list[float], int]:
+    """T1: tenant B's call round trips over TCP, idle and while tenant A's clients flood A's agent with sends
+    (A's calls_per_second quota is ``quota``). Returns (idle, during the flood, A's requests refused)."""
+    from theater.remote import Credentials, keypair
+
+    t = Running("--listen", "tcp://127.0.0.1:0")
+    flood: list[subprocess.Popen[bytes]] = []
+    try:
+        creds = {}
+        for name, quotas in (("a", {"calls_per_second": quota}), ("b", {})):
+            public, secret = keypair()
+            info = t.client.tenant_add(name, public, policies=["default"], quotas=quotas)
+            creds[name] = Credentials(info["endpoint"], info["server_key"], name, public, secret)
+            (t.root / f"{name}.key").write_bytes(creds[name].dump())
+        with Client(credentials=creds["a"], timeout=60) as a:
+            a.spawn(t.manifest("echo", "echo.wat"))
+        with Client(credentials=creds["b"], timeout=60) as b:
+            b.spawn(t.manifest("echo", "echo.wat"))
+            for _ in range(50):
+                b.call("echo", b"x")
+            idle = []
+            for _ in range(n):
+                start = time.perf_counter()
+                b.call("echo", b"x")
+                idle.append(time.perf_counter() - start)
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            flood = [subprocess.Popen([sys.executable, "-c", _FLOOD, str(t.root / "a.key")], env=env)
+                     for _ in range(flooders)]
+            deadline = time.monotonic() + 30
+            while t.client.tenants()["tenants"][0]["denials"] < 100:  # the flood is on, and past its quota
+                if time.monotonic() > deadline:
+                    raise RuntimeError("tenant a's flood never reached its quota")
+            during = []
+            for _ in range(n):
+                start = time.perf_counter()
+                b.call("echo", b"x")
+                during.append(time.perf_counter() - start)
+        refused = int(t.client.tenants()["tenants"][0]["denials"])
+        return idle, during, refused
+    finally:
+        for p in flood:
+            p.kill()
+            p.wait()
+        t.close()
+
+
 def idle_pss(t: Running, n: int) -> tuple[float, float]:
     """P6: PSS (MiB) of ``n`` idle echo workers, mean per worker, and of the fork-server."""
     names = [f"idle{i}" for i in range(n)]
@@ -604,6 +666,7 @@ def main() -> int:
         pss, zygote_pss = idle_pss(t, idle_n)
     finally:
         t.close()
+    tenant_idle, tenant_flooded, tenant_refused = tenant_flood(300 if q else 2000)
 
     ms, us = 1000.0, 1e6
     row("P1", "spawn -> first reply (WAT echo), p50", statistics.median(spawn) * ms, statistics.median(interp) * ms,
@@ -654,6 +717,9 @@ def main() -> int:
     row("R1", "crash storm: healthy agent's call p99 while 20 busy workers are killed", pct(storm, 99) * ms,
         pct(storm_idle, 99) * ms, "the same agent's idle p99", "ms", "<= 3x baseline")
     row("R1", "  the same, p50", pct(storm, 50) * ms, pct(storm_idle, 50) * ms, "the same agent's idle p50", "ms", "-")
+    row("T1", f"tenant B's call p99 over TCP while tenant A floods ({tenant_refused} of A's sends refused)",
+        pct(tenant_flooded, 99) * ms, pct(tenant_idle, 99) * ms, "B's idle p99, same run", "ms", "bounded")
+    row("T1", "  the same, p50", pct(tenant_flooded, 50) * ms, pct(tenant_idle, 50) * ms, "B's idle p50", "ms", "-")
     hop50 = (pct(m1, 50) - pct(m1_without, 50)) * ms
     hop99 = (pct(m1, 99) - pct(m1_without, 99)) * ms
     row("M1", "agent -> agent call round trip (the call's share of a client call), p50", hop50,

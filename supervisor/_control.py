@@ -1,8 +1,11 @@
 """Clients' requests: authenticated, decoded into typed requests (``theater.control``), served, answered.
 
-Every request must carry the control token; every reply to a call is sent only
-once the result it carries is committed. A client can never crash the
-supervisor: anything unexpected while serving becomes an ``internal`` error reply.
+Two doors: the local socket, where every request must carry the control token
+(the operator), and with ``--listen`` the TCP socket, where CurveZMQ has already
+told us which tenant is asking (``_remote.py``); what a tenant may see is its
+``Scope``. Every reply to a call is sent only once the result it carries is
+committed. A client can never crash the supervisor: anything unexpected while
+serving becomes an ``internal`` error reply.
 """
 
 from __future__ import annotations

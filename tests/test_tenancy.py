@@ -153,6 +153,11 @@ def test_a_tenant_cannot_touch_another_tenants_agents(hosted: Theater) -> None:
         a.call("counter", b"x")
     with tenant_client(bob) as b:
         assert b.ps() == [] and b.tree() == []
+        top = b.top()
+        assert top["agents"] == [] and top["tenants"] == [] and "supervisor" not in top
+        with pytest.raises(ClientError) as exc:  # a tenant cannot spawn as another: `tenant` is the operator's
+            b.request("spawn", manifest=str(counter(hosted)), tenant="acme")
+        assert exc.value.code == "refused"
         for ref in ("counter", agent_id, "acme:counter"):
             for attempt in (lambda r: b.call(r, b"x"), lambda r: b.send(r, b"x"), lambda r: b.stop(r),
                             lambda r: b.restart(r), lambda r: b.events(r), lambda r: b.remove(r),
