@@ -175,6 +175,10 @@ class Tenants:
                           f"digit, and not {OPERATOR!r}")
         if name in self.by_name:
             raise Refused(f"a tenant named {name!r} already exists")
+        left = sum(1 for a in self.agents if a.config.tenant == name)
+        if left:  # a removed tenant's agents: a new tenant of that name must not inherit them
+            raise Refused(f"{left} agents of a removed tenant {name!r} are still in the home: remove them "
+                          f"(theater rm {name}:NAME) before adding a tenant of that name")
         if not isinstance(public_key, str) or len(public_key) != 40 or not _z85(public_key):
             raise Refused("public_key must be a CurveZMQ public key in Z85 (40 characters)")
         if any(t.public_key == public_key for t in self.by_name.values()):

@@ -141,6 +141,12 @@ def test_a_removed_tenants_key_stops_working_and_its_agents_stop(hosted: Theater
     with tenant_client(acme) as fresh, pytest.raises(ClientError) as exc2:  # a new one: refused at the handshake
         fresh.ps()
     assert exc2.value.code == "refused"
+    with pytest.raises(ClientError) as exc3:  # a new tenant of that name would inherit the old one's agents
+        add_tenant(hosted, "acme")
+    assert "still in the home" in str(exc3.value)
+    with hosted.client() as op:
+        op.remove("acme:counter")
+    assert add_tenant(hosted, "acme").tenant == "acme"
 
 
 # --- walls between tenants -----------------------------------------------------------------
