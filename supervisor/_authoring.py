@@ -1,15 +1,20 @@
 """`theater new` and `theater build`: a project that builds and answers a call with one command each.
 
 A project is a directory with a manifest named after it and its source: `app.py`
-(Python, built with componentize-py into `<name>.wasm`) or `agent.wat` (WAT, which
-the worker compiles itself: nothing to build). A build is skipped when the
-source and the WIT world are what the last build used (their hash is kept in
-`.theater-build`).
+(Python, built with componentize-py), `app.js` (JavaScript, bundled with esbuild
+and built with componentize-js) or `agent.wat` (WAT, which the worker compiles
+itself: nothing to build). Python and JavaScript agents use the guest library
+(`guest/`, docs/writing-agents.md). The WIT world is chosen from the manifest's
+capabilities. Built components are cached by the hash of everything that goes
+into them (sources, guest library, WIT, world, toolchain versions), in the
+project (`.theater-build`) and in a cache shared by all projects, so a build is
+never stale and never repeated.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -17,23 +22,56 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import tomllib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._errors import ConfigError
 
-__all__ = ["LANGUAGES", "build", "new_project"]
+__all__ = ["LANGUAGES", "build", "cache_dir", "new_project", "world_for"]
 
-LANGUAGES = ("python", "wat")
+LANGUAGES = ("python", "js", "wat")
+SOURCES = {"python": "app.py", "js": "app.js", "wat": "agent.wat"}
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 STAMP = ".theater-build"
 PROGRESS_S = 5.0  # a line this often while a build runs
+# The JavaScript toolchain, installed from the npm registry into the cache on first use.
+JS_TOOLS = {"@bytecodealliance/componentize-js": "0.23.0", "esbuild": "0.28.2"}
+# WASI features componentize-js can leave out: the agent reaches HTTP through its own capability.
+JS_DISABLED = ("http", "fetch-event", "clocks")
+TOOL_TIMEOUT_S = 900
 
 
 def _shipped(folder: str) -> Path:
     """A folder shipped beside this package (a wheel), or the checkout's."""
     installed = Path(__file__).resolve().parent / folder
     return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / folder
+
+
+def cache_dir() -> Path:
+    """Where built components and the JavaScript toolchain are kept: $THEATER_CACHE, else
+    $XDG_CACHE_HOME/theater, else ~/.cache/theater."""
+    if os.environ.get("THEATER_CACHE"):
+        return Path(os.environ["THEATER_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "theater"
+
+
+def world_for(capabilities: Sequence[str]) -> str:
+    """The WIT world (wit/agent.wit) that imports what the capabilities grant, and nothing more."""
+    caps = set(capabilities) - {"runtime"}
+    if not caps:
+        return "agent"
+    if caps == {"supervision"}:
+        return "supervising-agent"
+    if caps == {"messaging"}:
+        return "messaging-agent"
+    if caps and caps <= {"messaging", "kv", "timers"}:
+        return "service-agent"
+    if caps == {"http"}:
+        return "http-agent"
+    raise ConfigError(f"no WIT world imports exactly {', '.join(sorted(caps))}: a built agent takes one of runtime "
+                      "alone, supervision, messaging, messaging/kv/timers, http (docs/writing-agents.md)")
 
 
 def new_project(name: str, lang: str, parent: Path) -> Path:
@@ -46,58 +84,165 @@ def new_project(name: str, lang: str, parent: Path) -> Path:
     if project.exists():
         raise ConfigError(f"{project} exists already: choose another name or directory")
     project.mkdir(parents=True)
-    templates = _shipped("templates") / lang
-    source = "app.py" if lang == "python" else "agent.wat"
-    shutil.copyfile(templates / source, project / source)
-    component = f"{name}.wasm" if lang == "python" else source
+    source = SOURCES[lang]
+    shutil.copyfile(_shipped("templates") / lang / source, project / source)
+    component = source if lang == "wat" else f"{name}.wasm"
     (project / f"{name}.toml").write_text(
         f'# The agent {name}: its component, and the policy it runs under (docs/manifest-and-policy.md).\n'
-        f'name = "{name}"\ncomponent = "{component}"\npolicy = "default"\n')
-    build_line = f"theater build {project}\n" if lang == "python" else ""
+        f'# Add capabilities (and a policy that grants them) here; theater build picks the WIT world from them.\n'
+        f'name = "{name}"\ncomponent = "{component}"\npolicy = "default"\ncapabilities = ["runtime"]\n')
+    build_line = "" if lang == "wat" else f"theater build {project}\n"
+    language = {"python": "Python", "js": "JavaScript", "wat": "WebAssembly text (WAT)"}[lang]
     (project / "README.md").write_text(
-        f"# {name}\n\nAn agent in {'Python' if lang == 'python' else 'WebAssembly text (WAT)'}. "
-        f"Edit `{source}`, then:\n\n```sh\n{build_line}theater spawn {project / f'{name}.toml'}\n"
-        f"theater call {name} hello\n```\n")
+        f"# {name}\n\nAn agent in {language}. Edit `{source}`, then:\n\n```sh\n{build_line}"
+        f"theater spawn {project / f'{name}.toml'}\ntheater call {name} hello\n```\n\n"
+        "How agents are written: docs/writing-agents.md.\n")
     return project
+
+
+def _language(project: Path) -> str:
+    found = [lang for lang, source in SOURCES.items() if (project / source).exists()]
+    if len(found) != 1:
+        raise ConfigError(f"{project}: a project holds exactly one of app.py, app.js, agent.wat (found "
+                          f"{', '.join(SOURCES[f] for f in found) or 'none'}): is it a project made by theater new?")
+    return found[0]
+
+
+def _capabilities(project: Path) -> tuple[str, ...]:
+    manifest = project / f"{project.name}.toml"
+    try:
+        data = tomllib.loads(manifest.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{project}: no manifest {manifest.name} (the project's name is its directory's)") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{manifest}: not valid TOML: {exc}") from None
+    caps = data.get("capabilities", ["runtime"])
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise ConfigError(f"{manifest}: capabilities must be a list of names")
+    return tuple(caps)
 
 
 def build(project: Path, say: Callable[[str], None]) -> Path | None:
     """Build the project's component if it needs building; the component built (None: WAT, nothing to do).
     Raise ConfigError with the toolchain's own report when it fails."""
     project = project.resolve()
-    if (project / "agent.wat").exists() and not (project / "app.py").exists():
+    lang = _language(project)
+    if lang == "wat":
         say(f"{project.name}: nothing to build (WAT is compiled by the worker at spawn)")
         return None
-    if not (project / "app.py").exists():
-        raise ConfigError(f"{project}: no app.py or agent.wat here: is it a project made by theater new?")
-    wit = _shipped("wit")
-    wasm = project / f"{project.name}.wasm"
-    digest = hashlib.sha256()
-    for path in sorted([*project.glob("*.py"), *wit.glob("*.wit")]):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    stamp = project / STAMP
-    if wasm.exists() and stamp.exists() and stamp.read_text().strip() == digest.hexdigest():
+    world = world_for(_capabilities(project))
+    wit, guest = _shipped("wit"), _shipped("guest") / lang
+    inputs = sorted(project.glob("*.py" if lang == "python" else "*.js")) + sorted(wit.glob("*.wit")) \
+        + sorted(guest.iterdir())
+    digest = hashlib.sha256(f"{lang}\0{world}\0{json.dumps(JS_TOOLS if lang == 'js' else _componentize_py())}".encode())
+    for path in inputs:
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    key = digest.hexdigest()
+    wasm, stamp = project / f"{project.name}.wasm", project / STAMP
+    if wasm.exists() and stamp.exists() and stamp.read_text().strip() == key:
         say(f"{project.name}: up to date ({wasm.name})")
         return wasm
-    componentize = Path(sys.executable).parent / "componentize-py"
-    if not componentize.exists():
+    cached = cache_dir() / "builds" / f"{key}.wasm"
+    if cached.exists():
+        shutil.copyfile(cached, wasm)
+        stamp.write_text(key + "\n")
+        say(f"{project.name}: {wasm.name} from the build cache (the same sources were built before)")
+        return wasm
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="theater-build-") as tmp:
+        out = Path(tmp) / "out.wasm"
+        if lang == "python":
+            _build_python(project, world, wit, guest, out, say)
+        else:
+            _build_js(project, world, wit, guest, Path(tmp), out, say)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, cached.with_suffix(".tmp"))
+        os.replace(cached.with_suffix(".tmp"), cached)
+        shutil.copyfile(out, wasm)
+    stamp.write_text(key + "\n")
+    say(f"{project.name}: built {wasm.name} ({wasm.stat().st_size:,} bytes, world {world}) in "
+        f"{time.monotonic() - started:.1f} s")
+    return wasm
+
+
+def _componentize_py() -> str:
+    return str(Path(sys.executable).parent / "componentize-py")
+
+
+def _build_python(project: Path, world: str, wit: Path, guest: Path, out: Path, say: Callable[[str], None]) -> None:
+    componentize = _componentize_py()
+    if not Path(componentize).exists():
         raise ConfigError(f"componentize-py is not installed beside {sys.executable} (pip install componentize-py)")
-    say(f"{project.name}: building {wasm.name} with componentize-py (a Python agent takes several seconds)")
+    say(f"{project.name}: building with componentize-py, world {world} (a Python agent takes several seconds)")
+    _run([componentize, "-d", str(wit), "-w", world, "componentize", "app", "-p", str(project), "-p", str(guest),
+          "-o", str(out)], project, "componentize-py", say)
+
+
+def _build_js(project: Path, world: str, wit: Path, guest: Path, tmp: Path, out: Path,
+              say: Callable[[str], None]) -> None:
+    tools = js_toolchain(say)
+    bin_dir = tools / "node_modules" / ".bin"
+    shutil.copyfile(guest / "theater.js", tmp / "theater.js")
+    (tmp / "capabilities.js").write_text("".join(
+        f'export * as {name} from "theater:agent/{interface}@0.1.0";\n' for name, interface in _interfaces(wit, world)))
+    bundle = tmp / "bundle.js"
+    say(f"{project.name}: bundling app.js with esbuild")
+    _run([str(bin_dir / "esbuild"), str(project / "app.js"), "--bundle", "--format=esm", "--platform=neutral",
+          f"--alias:theater={tmp / 'theater.js'}", "--external:theater:agent/*", f"--outfile={bundle}",
+          "--log-level=warning"], project, "esbuild", say)
+    say(f"{project.name}: building with componentize-js, world {world} (a JavaScript agent takes several seconds)")
+    disabled = [arg for feature in JS_DISABLED for arg in ("-d", feature)]
+    _run([str(bin_dir / "componentize-js"), str(bundle), "--wit", str(wit), "-n", world, *disabled, "-o", str(out)],
+         project, "componentize-js", say)
+
+
+def _interfaces(wit: Path, world: str) -> list[tuple[str, str]]:
+    """The theater:agent interfaces ``world`` imports, as (JavaScript name, interface)."""
+    text = (wit / "agent.wit").read_text()
+    match = re.search(r"^world " + re.escape(world) + r" \{(.*?)^\}", text, re.S | re.M)
+    assert match is not None, world
+    names = re.findall(r"^\s*import ([a-z-]+);", match.group(1), re.M)
+    return [(n.replace("-", "_"), n) for n in names]
+
+
+def js_toolchain(say: Callable[[str], None]) -> Path:
+    """componentize-js and esbuild, installed once (pinned versions) from the npm registry into the cache."""
+    key = hashlib.sha256(json.dumps(JS_TOOLS, sort_keys=True).encode()).hexdigest()[:16]
+    tools = cache_dir() / f"js-toolchain-{key}"
+    if (tools / ".installed").exists():
+        return tools
+    npm = shutil.which("npm")
+    if shutil.which("node") is None or npm is None:
+        raise ConfigError("JavaScript agents need Node.js (18 or newer) and npm on PATH to build: install them, "
+                          "then run theater build again")
+    tools.mkdir(parents=True, exist_ok=True)
+    (tools / "package.json").write_text(json.dumps({"name": "theater-js-toolchain", "private": True,
+                                                    "dependencies": JS_TOOLS}, indent=2))
+    say(f"installing the JavaScript toolchain ({', '.join(f'{k}@{v}' for k, v in JS_TOOLS.items())}) into {tools}: "
+        "once, about a minute")
+    _run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], tools, "npm install", say)
+    (tools / ".installed").write_text(json.dumps(JS_TOOLS) + "\n")
+    return tools
+
+
+def _run(argv: list[str], cwd: Path, what: str, say: Callable[[str], None]) -> None:
+    """Run a toolchain step, saying it is still going every few seconds; its own report if it fails."""
     started = time.monotonic()
     with tempfile.TemporaryFile() as report:
-        proc = subprocess.Popen([str(componentize), "-d", str(wit), "-w", "agent", "componentize", "app", "-o",
-                                 str(wasm)], cwd=project, stdout=report, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=report, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, "RUST_BACKTRACE": "0", "RUST_LIB_BACKTRACE": "0"})
-        while True:  # what it is doing, while it does it
+        while True:
             try:
                 proc.wait(timeout=PROGRESS_S)
                 break
             except subprocess.TimeoutExpired:
-                say(f"{project.name}: still building ({time.monotonic() - started:.0f} s)")
+                if time.monotonic() - started > TOOL_TIMEOUT_S:
+                    proc.kill()
+                    proc.wait()
+                    raise ConfigError(f"{cwd.name}: {what} took more than {TOOL_TIMEOUT_S} s; stopped") from None
+                say(f"{cwd.name}: {what} still running ({time.monotonic() - started:.0f} s)")
         if proc.returncode != 0:
             report.seek(0)
             text = report.read().decode(errors="replace").split("Stack backtrace:")[0].strip()
-            raise ConfigError(f"{project.name}: componentize-py failed:\n{text[-4000:]}")
-    stamp.write_text(digest.hexdigest() + "\n")
-    say(f"{project.name}: built {wasm.name} ({wasm.stat().st_size:,} bytes) in {time.monotonic() - started:.1f} s")
-    return wasm
+            raise ConfigError(f"{cwd.name}: {what} failed:\n{text[-4000:]}")

@@ -756,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--since", default="30d", help="a start: an ISO date/time, or an age like 24h, 7d (default 30d)")
     nw = sub.add_parser("new", parents=[common], help="write a new agent project (source, manifest, README)")
     nw.add_argument("name", help="the agent's name, and the project directory's")
-    nw.add_argument("--lang", choices=("python", "wat"), default="python", help="the guest language (default python)")
+    nw.add_argument("--lang", choices=("python", "js", "wat"), default="python", help="the guest language (default python)")
     nw.add_argument("--dir", type=Path, default=Path("."), help="where to create the project (default: here)")
     bd = sub.add_parser("build", parents=[common], help="build a project's component (skipped if up to date)")
     bd.add_argument("project", type=Path, help="the project directory theater new made")

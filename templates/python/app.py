@@ -1,24 +1,31 @@
-"""An agent in Python, built with componentize-py against wit/agent.wit's `agent` world.
+"""An agent in Python, with the guest library (docs/writing-agents.md).
 
-Its state is the number of messages it has handled; it replies with that number
-and the message. `bytes` cross the component boundary as strings with one
-character per byte (latin-1): decode with `.encode("latin-1")` if you need bytes.
-Raise `Err("why")` to answer a message with an error (the state stays as it
-was); any other exception fails the call, and its supervisor restarts the agent.
+Its state is {"count": n}. A message's kind is the text before its first ':'
+(or a JSON object's "kind"): "hello" and anything unknown count and echo,
+"count" only reads, "fail" answers with an error and leaves the state as it was.
 """
 
-import wit_world
-from componentize_py_types import Err
-from wit_world.imports import runtime, types
+from theater_agent import Agent, GuestError, log, self_id
+
+agent = Agent(initial=lambda args: {"count": 0})
 
 
-class WitWorld(wit_world.WitWorld):
-    def init(self, state: str, args: str) -> str:
-        runtime.log(types.LogLevel.INFO, f"starting as {runtime.self_id()}")
-        return "0"
+@agent.on("count")
+def count(state, msg):
+    return str(state["count"])
 
-    def handle(self, state: str, message: str) -> types.Outcome:
-        if message == "fail":
-            raise Err("asked to fail")
-        count = int(state or "0") + 1
-        return types.Outcome(state=str(count), reply=f"{count}: {message}")
+
+@agent.on("fail")
+def fail(state, msg):
+    raise GuestError("asked to fail")
+
+
+@agent.otherwise
+def echo(state, msg):
+    state["count"] += 1
+    if state["count"] == 1:
+        log(f"first message, as {self_id()}")
+    return f"{state['count']}: {msg.raw.decode(errors='replace')}"
+
+
+WitWorld = agent.world()
