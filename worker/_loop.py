@@ -211,6 +211,7 @@ class Agent:
         except CallFailed as failed:
             status, error = failed.status, failed.message
             new_state, reply = None, None
+        self.host.end_call()  # the last line the guest wrote without a newline
         if status != "ok":
             self.sandbox.discard_instance()
         fuel = self.sandbox.last_fuel

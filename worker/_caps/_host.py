@@ -70,10 +70,49 @@ class Host:
         self._ask = ask
         self._counts: dict[str, int] = {}
         self._started = time.monotonic()
+        self._output: dict[str, bytearray] = {}
 
     def begin_call(self) -> None:
         self._counts.clear()
         self._started = time.monotonic()
+        self._output = {}
+
+    # --- what the guest writes to stdout and stderr -----------------------------------------
+
+    def output(self, stream: str, data: bytes) -> None:
+        """Bytes the guest wrote to ``stream`` (``stdout`` or ``stderr``): each line becomes a log record of
+        this call (``wit.md`` section 6.4), up to ``max_logs_per_call`` records with the guest's own log lines;
+        a line longer than ``max_log_bytes`` is cut into records of that size. Past the limit, output is
+        dropped, not fatal: a traceback must not fail the call that printed it a second time."""
+        buffer = self._output.setdefault(stream, bytearray())
+        if self._counts.get("log", 0) >= self.limits.max_logs_per_call:
+            return
+        buffer += data
+        room = self.limits.max_log_bytes - len(stream) - 2
+        while buffer:
+            cut = buffer.find(b"\n")
+            if cut < 0 and len(buffer) < room:
+                return
+            line, rest = (bytes(buffer[:cut]), buffer[cut + 1:]) if 0 <= cut <= room else (bytes(buffer[:room]), buffer[room:])
+            self._output[stream] = buffer = bytearray(rest)
+            self._output_record(stream, line)
+
+    def end_call(self) -> None:
+        """The call is over: what is left of a line without its newline is a record too."""
+        for stream, buffer in self._output.items():
+            if buffer:
+                self._output_record(stream, bytes(buffer))
+        self._output = {}
+
+    def _output_record(self, stream: str, line: bytes) -> None:
+        n = self._counts.get("log", 0)
+        if n >= self.limits.max_logs_per_call:
+            return
+        self._counts["log"] = n + 1
+        raw = f"{stream}: ".encode() + line.decode("utf-8", "replace").encode()
+        text = raw[:self.limits.max_log_bytes].decode("utf-8", "ignore")
+        self.recorder.append(Kind.LOG, {"level": "info" if stream == "stdout" else "error", "message": text,
+                                        "truncated": int(len(raw) > self.limits.max_log_bytes)})
 
     def remaining_ms(self) -> int:
         """What is left of this call's wall-clock deadline (``wall_time_ms``), in ms, at least 0."""

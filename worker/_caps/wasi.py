@@ -17,7 +17,13 @@ environment). A worker links, at whatever 0.2.x version the component imports:
     wasi:random/insecure-seed     a seed from the OS, recorded
     wasi:clocks/wall-clock        the host's clock, recorded
 
-Every other WASI function (files, sockets, stdio, exit, monotonic clocks and
+    wasi:cli/stdout, wasi:cli/stderr, wasi:io/streams
+                                  writes to stdout and stderr become log records of the
+                                  call (a line each, ``Host.output``), never lost, never waiting
+    wasi:cli/stdin                a stream to hold; reading it traps
+    wasi:cli/terminal-*           no terminal
+
+Every other WASI function (files, sockets, stdin, exit, monotonic clocks and
 polling) is linked as a trap: calling it fails the call, as any trap does.
 Each value handed in is a ``host-call`` record, like the runtime interface's,
 and counts against ``max_host_calls_per_call``; random lengths are capped by
@@ -39,6 +45,20 @@ from .._errors import HostLimit
 from ._host import Host, Linker
 
 CLOCK_RESOLUTION_NS = 1000
+OUTPUT_STREAM, INPUT_STREAM = 1, 2  # host resource types of wasi:io/streams
+STDIN, STDOUT, STDERR = 0, 1, 2  # the reps of the standard streams
+_STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
+WRITE_BUDGET = 1 << 20  # what check-write allows at a time: a write never waits
+OK = wc.Variant("ok", None)  # result<_, stream-error>'s ok (its cases are tagged, so a Variant is needed)
+
+
+def _rep(store: Any, stream: Any) -> int:
+    """The rep of a borrowed output stream. Turning the borrow into its host resource also releases it, as
+    the component model requires of every borrow a host function is handed (a host function that leaves
+    one traps the call: "borrow handles still remain at the end of the call")."""
+    if isinstance(stream, wc.ResourceHost):
+        return stream.rep
+    return stream.to_host(store).rep
 
 
 class Wasi:
@@ -59,11 +79,49 @@ class Wasi:
                 inst, name, "get-insecure-random-bytes", "get-insecure-random-u64"),
             "wasi:random/insecure-seed": lambda inst: self._seed(inst, name),
             "wasi:clocks/wall-clock": lambda inst: self._wall_clock(inst, name),
+            "wasi:cli/stdout": lambda inst: self._stdio(inst, "get-stdout", STDOUT),
+            "wasi:cli/stderr": lambda inst: self._stdio(inst, "get-stderr", STDERR),
+            # No terminal: the standard streams are not ttys.
+            "wasi:cli/terminal-stdin": lambda inst: inst.add_func("get-terminal-stdin", lambda _store: None),
+            "wasi:cli/terminal-stdout": lambda inst: inst.add_func("get-terminal-stdout", lambda _store: None),
+            "wasi:cli/terminal-stderr": lambda inst: inst.add_func("get-terminal-stderr", lambda _store: None),
+            # An empty stdin to hold: a runtime may take it as it starts (StarlingMonkey does); reading it traps.
+            "wasi:cli/stdin": lambda inst: inst.add_func(
+                "get-stdin", lambda _store: wc.ResourceHost.own(STDIN, INPUT_STREAM)),
+            "wasi:io/streams": self._streams,
         }
         return linkers.get(base)
 
     def _value(self, interface: str, function: str, data_in: bytes, make: Callable[[], bytes]) -> bytes:
         return self._host.value(interface, function, data_in, make)
+
+    @staticmethod
+    def _stdio(inst: wc.LinkerInstance, function: str, rep: int) -> None:
+        inst.add_func(function, lambda _store: wc.ResourceHost.own(rep, OUTPUT_STREAM))
+
+    def _streams(self, inst: wc.LinkerInstance) -> None:
+        """Output streams are stdout and stderr, whose bytes become log records (``Host.output``); every
+        write succeeds at once, so nothing ever waits. Input streams and polling trap."""
+        inst.add_resource("output-stream", wc.ResourceType.host(OUTPUT_STREAM), lambda _store, _rep: None)
+        inst.add_resource("input-stream", wc.ResourceType.host(INPUT_STREAM), lambda _store, _rep: None)
+
+        def write(_store: Any, stream: Any, contents: bytes) -> wc.Variant:
+            self._host.output(_STREAM_NAMES.get(_rep(_store, stream), "stdout"), bytes(contents))
+            return OK
+
+        for method in ("write", "blocking-write-and-flush"):
+            inst.add_func(f"[method]output-stream.{method}", write)
+        def flush(store: Any, stream: Any) -> wc.Variant:
+            _rep(store, stream)
+            return OK
+
+        def check_write(store: Any, stream: Any) -> int:  # result<u64, stream-error>: untagged, ok is the int
+            _rep(store, stream)
+            return WRITE_BUDGET
+
+        for method in ("flush", "blocking-flush"):
+            inst.add_func(f"[method]output-stream.{method}", flush)
+        inst.add_func("[method]output-stream.check-write", check_write)
 
     @staticmethod
     def _environment(inst: wc.LinkerInstance) -> None:
