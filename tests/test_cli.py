@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -453,10 +454,12 @@ def test_logs_have_levels_and_times_and_theater_logs_shows_them(tmp_path: Path) 
     assert ok(home, "logs").splitlines() == lines  # nothing below a warning happened
 
 
-@pytest.mark.parametrize("lang", ["wat", "python"])
+@pytest.mark.parametrize("lang", ["wat", "python", "js"])
 def test_a_new_project_builds_and_answers_a_call(theater: Theater, tmp_path: Path, lang: str) -> None:
     """`theater new`, `theater build` (skipped the second time), `theater spawn`, `theater call`: the README's
     lines, through the real CLI."""
+    if lang == "js" and (shutil.which("node") is None or shutil.which("npm") is None):
+        pytest.skip("JavaScript agents need Node.js and npm on PATH to build")
     home = theater.home.root
     created = ok(home, "new", "greeter", "--lang", lang, "--dir", str(tmp_path))
     project = tmp_path / "greeter"
@@ -465,8 +468,8 @@ def test_a_new_project_builds_and_answers_a_call(theater: Theater, tmp_path: Pat
     assert again.returncode == 1 and "exists already" in again.stderr
     built = cli(home, "build", str(project), timeout=600)
     assert built.returncode == 0, built.stderr
-    if lang == "python":
-        assert "built greeter.wasm" in built.stderr
+    if lang != "wat":  # built now, or taken from the cache of builds of exactly these sources
+        assert "built greeter.wasm" in built.stderr or "from the build cache" in built.stderr, built.stderr
         assert "up to date" in cli(home, "build", str(project)).stderr
     else:
         assert "nothing to build" in built.stderr
@@ -474,12 +477,16 @@ def test_a_new_project_builds_and_answers_a_call(theater: Theater, tmp_path: Pat
     proc = subprocess.run([*COMMAND, "--home", str(home), "spawn", str(project / "greeter.toml"), "--timeout", "300"],
                           capture_output=True, text=True, timeout=600, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
-    if lang == "python":  # its first spawn compiles an 18 MB component: the progress says what is going on
+    if lang != "wat":  # its first spawn compiles a 12-18 MB component: the progress says what is going on
         lines = proc.stderr.splitlines()
         assert lines[0].startswith("spawn greeter: ") and "s)" in lines[0], lines
         assert lines[-1].startswith("spawn greeter: done after "), lines
     reply = ok(home, "call", "greeter", "hello").strip()
-    assert reply == ("1: hello" if lang == "python" else "hello")
+    assert reply == ("hello" if lang == "wat" else "1: hello")
+    if lang != "wat":  # the template's guest-library handlers
+        assert ok(home, "call", "greeter", "count").strip() == "1"
+        failed = cli(home, "call", "greeter", "fail")
+        assert failed.returncode == 1 and "guest-error: asked to fail" in failed.stderr
 
 
 def test_a_killed_supervisor_is_reported_at_once_even_before_it_is_reaped(theater: Theater) -> None:

@@ -150,9 +150,11 @@ def kv_get(key: str) -> bytes | None:
     return None if value is None else _from_wire(value)
 
 
-def kv_set(key: str, value: bytes | str) -> None:
+def kv_set(key: str, value: bytes | str | Any) -> None:
+    """Keep ``value`` under ``key`` (bytes as they are, a str as UTF-8, anything else as JSON); written when
+    this call is committed."""
     try:
-        _need(_kv, "kv").set(key, _to_wire(value))
+        _need(_kv, "kv").set(key, _to_wire(_encode(value)))
     except Err as exc:
         raise GuestError(f"kv set {key}: {exc.value}") from None
 
