@@ -187,7 +187,8 @@ IDLE_BEFORE_S = 0.1  # P1 and P5 start each spawn or kill from an idle superviso
 
 
 def spawn_to_first_reply(t: Running, n: int, component: str = "echo.wat", prefix: str = "spawn",
-                         idle_before: float = IDLE_BEFORE_S) -> tuple[list[float], dict[str, float]]:
+                         idle_before: float = IDLE_BEFORE_S, message: bytes | None = None,
+                         ) -> tuple[list[float], dict[str, float]]:
     """P1 (and P1b): `spawn` (genesis, init committed) and one call, through the fork-server.
 
     Also where the time goes, from the records' own timestamps: request -> genesis
@@ -213,7 +214,7 @@ def spawn_to_first_reply(t: Running, n: int, component: str = "echo.wat", prefix
         wall = time.time_ns()
         start = time.perf_counter()
         t.client.spawn(path)
-        t.client.call(f"{prefix}{i}", b"echo:hi" if component.endswith(".wasm") else b"hi")
+        t.client.call(f"{prefix}{i}", message or (b"echo:hi" if component.endswith(".wasm") else b"hi"))
         out.append(time.perf_counter() - start)
         t.client.stop(f"{prefix}{i}")
         times = {r.kind: r.time_ns for r in _records(t, f"{prefix}{i}")}
@@ -234,6 +235,17 @@ def build_python_agent(t: Running) -> Path | None:
     subprocess.run([str(componentize), "-d", str(ROOT / "wit"), "-w", "agent", "componentize", "app", "-o", str(wasm)],
                    cwd=ROOT / "examples" / "agents" / "py_echo", check=True, capture_output=True)
     return wasm
+
+
+def build_js_agent(t: Running) -> Path | None:
+    """P1c's guest: examples/counter-js built with `theater build` (None without Node.js and npm)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return None
+    from supervisor._authoring import build
+
+    project = t.root / "counter-js"
+    shutil.copytree(ROOT / "examples" / "counter-js", project)
+    return build(project, lambda line: None)
 
 
 def _records(t: Running, name: str) -> list[Record]:
@@ -713,6 +725,9 @@ def main() -> int:
         spawn, spawn_phases = spawn_to_first_reply(t, 5 if q else 15)
         py_wasm = build_python_agent(t)
         py_spawn, py_phases = spawn_to_first_reply(t, 5 if q else 15, str(py_wasm), "pyspawn") if py_wasm else ([], {})
+        js_wasm = build_js_agent(t)
+        js_spawn, js_phases = spawn_to_first_reply(t, 5 if q else 15, str(js_wasm), "jsspawn",
+                                                     message=b"get") if js_wasm else ([], {})
         rt100, rt_phases = call_round_trip(t, 300 if q else 2000, 100)
         commit_ms = sqlite_commit_ms(t, 200 if q else 1000)
         restart, restart_phases = restart_to_reply(t, 5 if q else 15)
@@ -748,6 +763,16 @@ def main() -> int:
             row("P1b", f"  {phase}, p50", value, statistics.median(py_spawn) * ms, "P1b total", "ms", "-")
     else:
         print("P1b skipped: componentize-py is not installed (scripts/setup installs it)", file=sys.stderr)
+    if js_spawn:
+        js_first = js_phases.pop("first spawn (compiles)")
+        row("P1c", "spawn -> first reply (JavaScript counter, componentize-js), cached artifact, p50",
+            statistics.median(js_spawn) * ms, js_first, "its first spawn, compiling the 12 MB component", "ms", "-")
+        row("P1c", "  the same against P1b (Python)", statistics.median(js_spawn) * ms,
+            statistics.median(py_spawn) * ms if py_spawn else float("nan"), "P1b p50", "ms", "-")
+        for phase, value in js_phases.items():
+            row("P1c", f"  {phase}, p50", value, statistics.median(js_spawn) * ms, "P1c total", "ms", "-")
+    else:
+        print("P1c skipped: JavaScript agents need Node.js and npm", file=sys.stderr)
     row("P2", "call round trip 100 B, p50", pct(rt100, 50) * ms, pct(zmq100, 50) * ms, "raw pyzmq ipc round trip 100 B",
         "ms", "<= 4x baseline")
     for phase, value in rt_phases.items():
