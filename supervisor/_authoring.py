@@ -130,9 +130,38 @@ def build(project: Path, say: Callable[[str], None]) -> Path | None:
     if lang == "wat":
         say(f"{project.name}: nothing to build (WAT is compiled by the worker at spawn)")
         return None
-    world = world_for(_capabilities(project))
-    wit, guest = _shipped("wit"), _shipped("guest") / lang
-    inputs = sorted(project.glob("*.py" if lang == "python" else "*.js")) + sorted(wit.glob("*.wit")) \
+    guest = _shipped("guest") / lang
+    with tempfile.TemporaryDirectory(prefix="theater-wit-") as wit_tmp:
+        wit, world = _wit_and_world(project, Path(wit_tmp))
+        return _build(project, lang, wit, world, guest, say)
+
+
+def _wit_and_world(project: Path, tmp: Path) -> tuple[Path, str]:
+    """The WIT to build against and the world: Theater's, with the world its capabilities need; or, for a
+    project with a `wit/` of its own (a helper component, or an agent that imports one), that WIT with
+    Theater's package beside it in `deps/`, and the world `build.toml` names."""
+    own = project / "wit"
+    if not own.is_dir():
+        return _shipped("wit"), world_for(_capabilities(project))
+    settings = project / "build.toml"
+    try:
+        world = tomllib.loads(settings.read_text()).get("world")
+    except FileNotFoundError:
+        raise ConfigError(f"{project}: a project with its own wit/ names its world in build.toml "
+                          "(world = \"NAME\")") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{settings}: not valid TOML: {exc}") from None
+    if not isinstance(world, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", world):
+        raise ConfigError(f"{settings}: world must be the name of a world in {own}")
+    wit = tmp / "wit"
+    shutil.copytree(own, wit)
+    (wit / "deps" / "theater").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_shipped("wit") / "agent.wit", wit / "deps" / "theater" / "agent.wit")
+    return wit, world
+
+
+def _build(project: Path, lang: str, wit: Path, world: str, guest: Path, say: Callable[[str], None]) -> Path:
+    inputs = sorted(project.glob("*.py" if lang == "python" else "*.js")) + sorted(wit.rglob("*.wit")) \
         + sorted(guest.iterdir())
     digest = hashlib.sha256(f"{lang}\0{world}\0{json.dumps(JS_TOOLS if lang == 'js' else _componentize_py())}".encode())
     for path in inputs:
@@ -188,8 +217,10 @@ def _build_js(project: Path, world: str, wit: Path, guest: Path, tmp: Path, out:
         f'export * as {name} from "theater:agent/{interface}@0.1.0";\n' for name, interface in _interfaces(wit, world)))
     bundle = tmp / "bundle.js"
     say(f"{project.name}: bundling app.js with esbuild")
+    packages = {m for f in wit.rglob("*.wit") for m in re.findall(r"^package ([a-z0-9-]+:[a-z0-9-]+)", f.read_text(), re.M)}
+    externals = [f"--external:{p}/*" for p in sorted(packages | {"theater:agent"})]  # WIT interfaces: the component's
     _run([str(bin_dir / "esbuild"), str(project / "app.js"), "--bundle", "--format=esm", "--platform=neutral",
-          f"--alias:theater={tmp / 'theater.js'}", "--external:theater:agent/*", f"--outfile={bundle}",
+          f"--alias:theater={tmp / 'theater.js'}", *externals, f"--outfile={bundle}",
           "--log-level=warning"], project, "esbuild", say)
     say(f"{project.name}: building with componentize-js, world {world} (a JavaScript agent takes several seconds)")
     disabled = [arg for feature in JS_DISABLED for arg in ("-d", feature)]
@@ -198,12 +229,23 @@ def _build_js(project: Path, world: str, wit: Path, guest: Path, tmp: Path, out:
 
 
 def _interfaces(wit: Path, world: str) -> list[tuple[str, str]]:
-    """The theater:agent interfaces ``world`` imports, as (JavaScript name, interface)."""
-    text = (wit / "agent.wit").read_text()
-    match = re.search(r"^world " + re.escape(world) + r" \{(.*?)^\}", text, re.S | re.M)
-    assert match is not None, world
-    names = re.findall(r"^\s*import ([a-z-]+);", match.group(1), re.M)
-    return [(n.replace("-", "_"), n) for n in names]
+    """The theater:agent interfaces ``world`` imports (itself, or through a Theater world it includes), as
+    (JavaScript name, interface)."""
+    theater = (_shipped("wit") / "agent.wit").read_text()
+
+    def body(text: str, name: str) -> str:
+        match = re.search(r"^world " + re.escape(name) + r" \{(.*?)^\}", text, re.S | re.M)
+        return match.group(1) if match else ""
+
+    texts = [f.read_text() for f in wit.glob("*.wit")]
+    own = next((b for t in texts if (b := body(t, world))), "")
+    if wit == _shipped("wit"):
+        names = re.findall(r"^\s*import ([a-z-]+);", own, re.M)
+    else:
+        names = re.findall(r"^\s*import theater:agent/([a-z-]+)(?:@[0-9.]+)?;", own, re.M)
+        for included in re.findall(r"^\s*include theater:agent/([a-z-]+)(?:@[0-9.]+)?;", own, re.M):
+            names += re.findall(r"^\s*import ([a-z-]+);", body(theater, included), re.M)
+    return [(n.replace("-", "_"), n) for n in dict.fromkeys(names)]
 
 
 def js_toolchain(say: Callable[[str], None]) -> Path:

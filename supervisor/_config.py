@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from theater.artifacts import file_signature
 from theater.capabilities import CAPABILITIES, always_granted
-from theater.spec import DEFAULT_HARDENING, HARDENING_LAYERS, LIMIT_BOUNDS, Hardening, Limits
+from theater.spec import DEFAULT_HARDENING, HARDENING_LAYERS, LIMIT_BOUNDS, MAX_HELPERS, Hardening, Limits
 
 from ._caps.grants import GRANTS, Grant, grant_from_dict, parse_grant
 from ._errors import ConfigError
@@ -178,6 +178,7 @@ class AgentConfig:
     grants: dict[str, Grant] = field(default_factory=dict, hash=False)  # capability -> its settings
     retention: Retention = NO_RETENTION
     tenant: str = OPERATOR  # whose agent it is (docs/tenancy.md); the genesis signs it
+    helpers: tuple[tuple[str, str], ...] = ()  # (path, sha256): components linked beside it (a composed agent)
 
     def grant(self, capability: str) -> Any:
         """The settings of a granted capability that has them (``_caps.grants``)."""
@@ -198,6 +199,7 @@ class AgentConfig:
             "hardening": self.hardening.as_dict(),
             **({"retention": self.retention.as_dict()} if self.retention.limited else {}),
             **_tenant_entry(self.tenant),
+            **({"helpers": [{"path": p, "sha256": h} for p, h in self.helpers]} if self.helpers else {}),
         }
 
     @classmethod
@@ -216,6 +218,7 @@ class AgentConfig:
             grants={cap: grant_from_dict(cap, g) for cap, g in data.get("grants", {}).items()},
             retention=Retention(**data["retention"]) if "retention" in data else NO_RETENTION,
             tenant=data.get("tenant", OPERATOR),
+            helpers=tuple((h["path"], h["sha256"]) for h in data.get("helpers", [])),
         )
 
     def template(self, name: str) -> AgentConfig | None:
@@ -354,6 +357,8 @@ def load_uploaded(text: str, component: Path, dirs: list[Path]) -> AgentConfig:
         raise ConfigError(f"{UPLOADED}: a supervisor manifest (strategy/children) names other files; "
                           "send one agent manifest per spawn")
     declared = top.get("component", str, required=True)
+    if "helpers" in data:
+        raise top.err("helpers", "name other files: an uploaded manifest carries one component")
     supervision = data.get("supervision")
     templates = supervision.get("templates", []) if isinstance(supervision, dict) else []
     if not isinstance(templates, list):
@@ -636,6 +641,7 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
         raise top.err("component", f"{component} {problem}") from None
     except OSError as exc:
         raise top.err("component", f"cannot read {component}: {exc.strerror}") from None
+    helpers = _helper_components(top, base)
     limits = Limits(**{**policy.limits.as_dict(), **narrowed})
     if len(init_bytes) > limits.max_message_bytes:
         raise top.err("init_args", f"is {len(init_bytes)} bytes, more than max_message_bytes {limits.max_message_bytes}")
@@ -657,7 +663,29 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
         hardening=hardening,
         grants=grants,
         retention=retention,
+        helpers=helpers,
     )
+
+
+def _helper_components(top: _Table, base: Path) -> tuple[tuple[str, str], ...]:
+    """``helpers``: components linked beside the agent's own, whose exported interfaces it may import."""
+    refs = top.get("helpers", list, [])
+    if len(refs) > MAX_HELPERS:
+        raise top.err("helpers", f"at most {MAX_HELPERS} helper components")
+    out = []
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, str):
+            raise top.err(f"helpers[{i}]", "must be the path of a .wasm file")
+        path = (base / ref).resolve()
+        if path.suffix != ".wasm":
+            raise top.err(f"helpers[{i}]", f"{ref!r} must name a .wasm component")
+        try:
+            out.append((str(path), component_digest(path)))
+        except ConfigError as exc:
+            raise top.err(f"helpers[{i}]", str(exc).removeprefix(f"{path}: ")) from None
+        except OSError as exc:
+            raise top.err(f"helpers[{i}]", f"cannot read {path}: {exc.strerror}") from None
+    return tuple(out)
 
 
 def _hardening(table: _Table, policy: Hardening | None) -> Hardening:

@@ -79,6 +79,7 @@ class WorkerProcess:
     kill_reason: str | None = None
     fault: str | None = None
     exited: bool = field(default=False)
+    dispatched: bool = False  # it has been sent a call (its first waits on its load too)
     cpu_ns: int = 0  # once reaped: user + system CPU time
     peak_rss: int = 0  # once reaped: its largest resident set, bytes
 

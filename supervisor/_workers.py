@@ -48,6 +48,7 @@ BATCH = 256  # messages taken from one socket per loop turn
 HELLO_TIMEOUT_S = 20.0
 LAST_FRAMES_MS = 100  # how long a dead worker's last frame may trail its exit
 WATCHDOG_GRACE_S = 5.0
+LOAD_GRACE_S = 120.0  # more for a worker's first call: loading may compile components (about 1 s per 2 MB here)
 MIN_FRAMES_OF_TWO_RECORDS = 6  # identity, header, meta, state (if any), then one frame per record
 RESULT_HEADER = wire.header(wire.WorkerType.RESULT)
 
@@ -218,7 +219,7 @@ class Workers:
             agent_id=agent.uuid, name=agent.name, component_path=agent.config.component_path,
             component_sha256=agent.config.component_sha256, capabilities=agent.config.capabilities,
             limits=agent.config.limits, head_seq=head.seq, head_hash=head.hash.hex(),
-            state_hash=sha256(agent.state).hex(), hardening=agent.config.hardening,
+            state_hash=sha256(agent.state).hex(), hardening=agent.config.hardening, helpers=agent.config.helpers,
         )
         self.send(agent, [wire.header(wire.SupervisorType.SPEC), wire.encode_json(spec.to_json()), agent.state])
 
@@ -289,6 +290,9 @@ class Workers:
         agent.in_flight = pending
         self.send(agent, pending.call.encode())
         grace = agent.config.limits.wall_time_ms / 1000 + WATCHDOG_GRACE_S
+        if not worker.dispatched:  # its first call waits on its load: a component compiled in the worker
+            worker.dispatched = True  # (a helper, or no artifact) takes seconds
+            grace += LOAD_GRACE_S
         self.timers.after(grace, lambda: self._watchdog(agent, worker, pending))
 
     def _watchdog(self, agent: Agent, worker: WorkerProcess, pending: Pending) -> None:

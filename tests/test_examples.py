@@ -6,6 +6,8 @@ sources: supervisor/_authoring.py); JavaScript ones are skipped, saying why, onl
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -113,3 +115,25 @@ def test_the_hostile_gallery_is_stopped_as_its_readme_says(theater: Theater) -> 
         with pytest.raises(ClientError) as exc:
             c.call("big-reply", str(2 * 1024 * 1024).encode())  # more than the default 1 MiB max_message_bytes
         assert exc.value.code == "too-large"
+
+
+@needs_node
+def test_an_agent_composed_of_a_python_and_a_javascript_component(theater: Theater, tmp_path: Path) -> None:
+    composed = copied("composed", tmp_path)
+    helper = build(composed / "text-helper", lambda line: None)
+    build(composed / "shouter", lambda line: None)
+    assert helper is not None
+    with theater.client(timeout=300) as c:
+        c.spawn(composed / "shouter" / "shouter.toml")
+        assert c.call("shouter", b"shout:hello there") == b"HELLO THERE! (2 words so far)"
+        assert c.call("shouter", b"shout:and again") == b"AND AGAIN! (4 words so far)"
+        # Without its helper the agent imports an interface nobody provides: refused at load, like a grab.
+        alone = composed / "shouter" / "alone.toml"
+        alone.write_text((composed / "shouter" / "shouter.toml").read_text()
+                         .replace('name = "shouter"', 'name = "alone"').replace("helpers = ", "# helpers = "))
+        with pytest.raises(ClientError) as exc:
+            c.spawn(alone)
+        assert exc.value.code == "spawn-failed" and "demo:compose/text" in str(exc.value)
+    genesis = records(theater, "shouter")[0]
+    config = json.loads(genesis.fields()["config"])
+    assert config["helpers"] == [{"path": str(helper), "sha256": hashlib.sha256(helper.read_bytes()).hexdigest()}]

@@ -107,6 +107,16 @@ DEFAULT_HARDENING = Hardening(
 )
 
 
+MAX_HELPERS = 8  # components linked beside an agent's own
+
+
+def _helpers(data: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(data, list) or len(data) > MAX_HELPERS or not all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in data):
+        raise ProtocolError(f"helpers must be at most {MAX_HELPERS} [path, sha256] pairs")
+    return tuple((h[0], h[1]) for h in data)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentSpec:
     """Everything a worker needs; sent once, right after the worker's hello."""
@@ -121,12 +131,14 @@ class AgentSpec:
     head_hash: str
     state_hash: str
     hardening: Hardening = DEFAULT_HARDENING
+    helpers: tuple[tuple[str, str], ...] = ()  # (path, sha256) of components linked beside it (composed agents)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["limits"] = self.limits.as_dict()
         data["capabilities"] = list(self.capabilities)
         data["hardening"] = self.hardening.as_dict()
+        data["helpers"] = [list(h) for h in self.helpers]
         return data
 
     @classmethod
@@ -146,6 +158,7 @@ class AgentSpec:
                 head_hash=str(data["head_hash"]),
                 state_hash=str(data["state_hash"]),
                 hardening=Hardening.from_dict(data["hardening"]),
+                helpers=_helpers(data.get("helpers", [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed agent spec: {exc!r}") from None

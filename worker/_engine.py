@@ -17,7 +17,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import wasmtime
@@ -250,19 +250,47 @@ class Sandbox:
         interfaces: dict[str, Linker],
         exports: dict[str, str] = AGENT_EXPORTS,
         wasi: Callable[[str], Linker | None] | None = None,
+        helpers: Sequence[bytes | wc.Component] = (),
     ) -> None:
         """``component`` is the component's bytes (compiled here) or a component already compiled
         or loaded for ``engine``. ``wasi`` links the WASI 0.2 interfaces a language runtime imports
-        (``worker._caps.wasi``): each one it has no linker for, and every function not linked, traps."""
+        (``worker._caps.wasi``): each one it has no linker for, and every function not linked, traps.
+        ``helpers``: components instantiated beside it, in the same store and under the same limits, whose
+        exported interfaces it may import (a composed agent, docs/writing-agents.md section 5)."""
         self.engine = engine
         self.limits = limits
         self.exports = exports
         self.component = component if isinstance(component, wc.Component) else compile_component(engine, component)
+        self.helpers = [h if isinstance(h, wc.Component) else compile_component(engine, h) for h in helpers]
         self._params = (_Val * 2)()
         self._result = _Val()
-        wasi_imports = self._check_imports(interfaces, wasi is not None)
-        self.linker = wc.Linker(engine)
-        with self.linker.root() as root:
+        # Each helper's exported interfaces, by name: their functions, bound to the helper of the current store.
+        self._provided: dict[str, list[str]] = {}
+        for helper in self.helpers:
+            for name, item in helper.type.exports(engine).items():
+                if isinstance(item.ty, wc.ComponentInstanceType) and not is_wasi_import(name):
+                    if name in self._provided or name in interfaces or name == TYPES_INTERFACE:
+                        raise LoadError(f"interface {name} is provided twice (by a helper and the host, or two helpers)")
+                    self._provided[name] = [f for f, t in item.ty.exports(engine).items()
+                                            if isinstance(t.ty, wc.FuncType)]
+        self._helper_funcs: dict[tuple[str, str], wc.Func] = {}
+        self._helper_linkers = [self._linker_for(h, interfaces, wasi, {}) for h in self.helpers]
+        self.linker = self._linker_for(self.component, interfaces, wasi, self._provided)
+        self.timer = DeadlineTimer(engine)
+        self._store: wasmtime.Store | None = None
+        self._dropped = False
+        self.last_fuel = 0
+        self._funcs: dict[str, wc.Func] = {}
+        self._instantiate()  # fail at load, not at the first call
+        self._check_exports()
+
+    def _linker_for(self, component: wc.Component, interfaces: dict[str, Linker],
+                    wasi: Callable[[str], Linker | None] | None, provided: dict[str, list[str]]) -> wc.Linker:
+        """A linker with exactly the granted interfaces, WASI for a language runtime, and the interfaces
+        helpers provide (each function a call into the helper of the current store)."""
+        wasi_imports = self._check_imports(component, interfaces, wasi is not None, set(provided))
+        linker = wc.Linker(self.engine)
+        with linker.root() as root:
             with root.add_instance(TYPES_INTERFACE):
                 pass
             for name, link in interfaces.items():
@@ -274,20 +302,27 @@ class Sandbox:
                 if wasi_link is not None:
                     with root.add_instance(name) as inst:
                         wasi_link(inst)
+            for name, functions in provided.items():
+                with root.add_instance(name) as inst:
+                    for function in functions:
+                        inst.add_func(function, self._bridge(name, function))
         if wasi_imports:
-            self.linker.define_unknown_imports_as_traps(self.component)
-        self.timer = DeadlineTimer(engine)
-        self._store: wasmtime.Store | None = None
-        self._dropped = False
-        self.last_fuel = 0
-        self._funcs: dict[str, wc.Func] = {}
-        self._instantiate()  # fail at load, not at the first call
-        self._check_exports()
+            linker.define_unknown_imports_as_traps(component)
+        return linker
 
-    def _check_imports(self, interfaces: dict[str, Linker], wasi: bool) -> list[str]:
-        """Refuse any import that is neither granted nor WASI 0.2; return the WASI ones."""
-        wanted = self.component.type.imports(self.engine)
-        allowed = set(interfaces) | {TYPES_INTERFACE}
+    def _bridge(self, interface: str, function: str) -> Callable[..., Any]:
+        def call(store: Any, *args: Any) -> Any:
+            func = self._helper_funcs[(interface, function)]
+            result = func(store, *args)
+            func.post_return(store)
+            return result
+        return call
+
+    def _check_imports(self, component: wc.Component, interfaces: dict[str, Linker], wasi: bool,
+                       provided: set[str]) -> list[str]:
+        """Refuse any import that is neither granted, nor provided by a helper, nor WASI 0.2; return the WASI ones."""
+        wanted = component.type.imports(self.engine)
+        allowed = set(interfaces) | {TYPES_INTERFACE} | provided
         wasi_imports = [name for name in wanted if wasi and name not in allowed and is_wasi_import(name)]
         denied = sorted(name for name in wanted if name not in allowed and name not in wasi_imports)
         if denied:
@@ -325,6 +360,17 @@ class Sandbox:
         store.set_fuel(self.limits.fuel_per_call)
         store.set_epoch_deadline(1)
         try:
+            for helper, linker in zip(self.helpers, self._helper_linkers, strict=True):
+                helper_instance = linker.instantiate(store, helper)
+                for name in self._provided:
+                    at = helper_instance.get_export_index(store, name)
+                    if at is None:
+                        continue
+                    for function in self._provided[name]:
+                        index = helper_instance.get_export_index(store, function, at)
+                        func = helper_instance.get_func(store, index) if index is not None else None
+                        if func is not None:
+                            self._helper_funcs[(name, function)] = func
             instance = self.linker.instantiate(store, self.component)
         except wasmtime.WasmtimeError as exc:
             raise LoadError(f"component does not instantiate: {_last_line(exc)}") from None

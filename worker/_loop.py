@@ -176,7 +176,8 @@ class Agent:
                 print(f"worker: not using the cached artifact ({exc}); compiling", file=sys.stderr, flush=True)
         component = compiled or read_component(spec.component_path, spec.component_sha256)
         wasi = language_runtime(self.host).linker_for  # not a capability: whatever WASI 0.2 the component imports
-        self.sandbox = Sandbox(engine, component, spec.limits, interfaces, exports, wasi)
+        helpers = [read_component(path, digest) for path, digest in spec.helpers]
+        self.sandbox = Sandbox(engine, component, spec.limits, interfaces, exports, wasi, helpers)
 
     def run(self, call: wire.Call) -> wire.Result:
         self.host.begin_call()

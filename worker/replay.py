@@ -45,7 +45,7 @@ from theater.replay import decode_input
 from theater.spec import Limits
 
 from ._caps import Host, language_runtime, link_granted
-from ._engine import AGENT_EXPORTS, Sandbox, compile_component, make_engine
+from ._engine import AGENT_EXPORTS, Sandbox, compile_component, make_engine, read_component
 from ._errors import HostLimit, LoadError
 
 __all__ = ["Report", "replay"]
@@ -158,8 +158,9 @@ class _Replayer:
         self.agent.host = self.host
         self.agent.state = b""
         # Made once, before the process locks itself down (a sandbox starts its deadline thread).
+        helpers = [read_component(h["path"], h["sha256"]) for h in config.get("helpers", [])]  # a composed agent
         self.agent.sandbox = Sandbox(self.engine, self.component, self.limits, self.interfaces, self.exports,
-                                     language_runtime(self.host).linker_for)
+                                     language_runtime(self.host).linker_for, helpers)
 
     def new_worker(self) -> None:
         """A fresh instance, as a new worker has: nothing of the last one's memory carries over."""
