@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from theater import wire
 from theater.chain import ChainVerifier
 from theater.exits import exit_text
-from theater.home import write_private
+from theater.home import Home, write_private
 from theater.records import Kind, Record, sha256
 
 from ._agent import Agent, Agents, Member, Node, Pending
@@ -97,7 +97,7 @@ class Supervision:
         self.control = control
         self.store = store
         self.policy_root = policy_root
-        self.uploads = policy_root / "uploads"  # the home's (policy_root is the home)
+        self.uploads = Home(policy_root).uploads  # policy_root is the home
         self.running = running
         self.log = log
         self.tenants: Tenants  # set by the supervisor once all parts exist
@@ -180,7 +180,7 @@ class Supervision:
         if len(upload.component) > MAX_COMPONENT_BYTES:
             raise Refused(f"a component of {len(upload.component)} bytes is more than {MAX_COMPONENT_BYTES}")
         digest = hashlib.sha256(upload.component).hexdigest()
-        self.uploads.mkdir(mode=0o700, exist_ok=True)
+        self.uploads.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.uploads / f"{digest}.{upload.kind}"
         if not path.exists():
             write_private(path, upload.component)

@@ -8,7 +8,7 @@
       logs/                           supervisor and worker logs
       cache/                    0700  compiled components (<key>.cwasm, HMAC-tagged; secret 0600)
       control.key               0600  the control API's CurveZMQ key pair (theater up --listen)
-      uploads/                  0700  components tenants sent with their spawns, named by SHA-256
+      cache/uploads/            0700  components tenants sent with their spawns, named by SHA-256
       run/                      0700  sockets and the control token, live only while up
         control.sock  workers.sock  control.token (0600)  supervisor.pid
 """
@@ -48,7 +48,8 @@ class Home:
         self.checkpoints = self.root / "checkpoints"  # signed statements of every chain's head (theater checkpoint)
         self.secrets = self.root / "secrets"  # one file per secret (theater secret set), 0600 in a 0700 directory
         self.control_key = self.root / "control.key"  # CurveZMQ key pair of the TCP control API
-        self.uploads = self.root / "uploads"  # components sent by tenants' spawns, by SHA-256
+        # Components sent by tenants' spawns, by SHA-256: under cache/, which a worker may read (landlock.py).
+        self.uploads = self.root / "cache" / "uploads"
         self.control_sock = self.run / "control.sock"
         self.workers_sock = self.run / "workers.sock"
         self.token = self.run / "control.token"
