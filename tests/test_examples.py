@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,19 @@ def test_an_agent_composed_of_a_python_and_a_javascript_component(theater: Theat
     genesis = records(theater, "shouter")[0]
     config = json.loads(genesis.fields()["config"])
     assert config["helpers"] == [{"path": str(helper), "sha256": hashlib.sha256(helper.read_bytes()).hexdigest()}]
+
+
+def test_a_coordinator_calls_specialists_with_timeouts(theater: Theater, tmp_path: Path) -> None:
+    """examples/agents/team.toml, built as the README says: one flaky worker crashes on multiples of 3, the
+    coordinator's call to it fails at once (target-crashed), and the job is retried on the steady one."""
+    team = tmp_path / "team"
+    shutil.copytree(EXAMPLES / "agents" / "team", team, ignore=shutil.ignore_patterns("*.wasm", "__pycache__"))
+    componentize = Path(sys.executable).parent / "componentize-py"
+    subprocess.run([str(componentize), "-d", str(ROOT / "wit"), "-w", "messaging-agent", "componentize", "app",
+                    "-p", str(team), "-o", str(team / "team.wasm")], check=True, capture_output=True, timeout=600)
+    shutil.copyfile(EXAMPLES / "agents" / "team.toml", tmp_path / "team.toml")
+    with theater.client(timeout=300) as c:
+        c.spawn(tmp_path / "team.toml")
+        reply = c.call("coordinator", b"square-all:1,2,3,4,5,6", timeout=60)
+    assert reply == b"1->1 2->4 3->9 4->16 5->25 6->36 (6: flaky failed, retried on steady)"
+    assert of(records(theater, "flaky"), Kind.EXIT)  # the flaky specialist crashed, and was restarted
