@@ -13,6 +13,7 @@ never stale and never repeated.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -186,8 +187,10 @@ def _build(project: Path, lang: str, wit: Path, world: str, guest: Path, say: Ca
         else:
             _build_js(project, world, wit, guest, Path(tmp), out, say)
         cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out, cached.with_suffix(".tmp"))
-        os.replace(cached.with_suffix(".tmp"), cached)
+        fd, tmp_path = tempfile.mkstemp(dir=cached.parent, prefix=f".{key[:16]}-")  # builds running at once
+        os.close(fd)
+        shutil.copyfile(out, tmp_path)
+        os.replace(tmp_path, cached)  # whole or not at all
         shutil.copyfile(out, wasm)
     stamp.write_text(key + "\n")
     say(f"{project.name}: built {wasm.name} ({wasm.stat().st_size:,} bytes, world {world}) in "
@@ -259,12 +262,16 @@ def js_toolchain(say: Callable[[str], None]) -> Path:
         raise ConfigError("JavaScript agents need Node.js (18 or newer) and npm on PATH to build: install them, "
                           "then run theater build again")
     tools.mkdir(parents=True, exist_ok=True)
-    (tools / "package.json").write_text(json.dumps({"name": "theater-js-toolchain", "private": True,
-                                                    "dependencies": JS_TOOLS}, indent=2))
-    say(f"installing the JavaScript toolchain ({', '.join(f'{k}@{v}' for k, v in JS_TOOLS.items())}) into {tools}: "
-        "once, about a minute")
-    _run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], tools, "npm install", say)
-    (tools / ".installed").write_text(json.dumps(JS_TOOLS) + "\n")
+    with open(tools / ".lock", "w") as lock:  # builds started at once install it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (tools / ".installed").exists():
+            return tools
+        (tools / "package.json").write_text(json.dumps({"name": "theater-js-toolchain", "private": True,
+                                                        "dependencies": JS_TOOLS}, indent=2))
+        say(f"installing the JavaScript toolchain ({', '.join(f'{k}@{v}' for k, v in JS_TOOLS.items())}) into "
+            f"{tools}: once, about a minute")
+        _run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], tools, "npm install", say)
+        (tools / ".installed").write_text(json.dumps(JS_TOOLS) + "\n")
     return tools
 
 
