@@ -87,8 +87,7 @@ def test_a_python_agent_runs_with_what_wasi_gives_it_recorded(py_theater: tuple[
 
 
 @pytest.mark.parametrize(("command", "statuses", "detail"), [
-    (b"raise", ("trap",), "wasi:cli/stderr@0.2.9#get-stderr"),  # the traceback has nowhere to go
-    (b"stdout", ("trap",), "wasi:cli/stdout@0.2.9#get-stdout"),
+    (b"raise", ("trap",), "unreachable"),  # CPython writes its traceback to stderr (log records), then aborts
     (b"spin", ("out-of-fuel", "deadline"), ""),  # whichever comes first: 500 M fuel or 2 s
     (b"grow", ("trap",), ""),
     (b"recurse", ("trap",), ""),
@@ -108,6 +107,22 @@ def test_a_hostile_python_agent_fails_its_call_and_keeps_its_state(
         wait_running(c, name, pid)
         assert c.call(name, b"count") == b"2"  # restarted from the committed state
         assert c.call(name, b"open:/etc/passwd") == b"FileNotFoundError: No such file or directory"
+    if command == b"raise":  # the traceback is on the chain, as log records of the failing call
+        lines = [r.fields()["message"] for r in records(t, name) if r.kind is Kind.LOG]
+        assert "stderr: RuntimeError: an uncaught exception" in lines
+    assert_verified(t)
+
+
+def test_what_a_python_agent_prints_is_recorded(py_theater: tuple[Theater, Path]) -> None:
+    t, wasm = py_theater
+    with t.client() as c:
+        _spawn(t, c, "printer", wasm)
+        assert c.call("printer", b"stdout") == b"printed"
+        assert c.call("printer", b"count") == b"1"  # no crash: the same worker goes on
+    chain = records(t, "printer")
+    [printed] = [r for r in chain if r.kind is Kind.LOG and r.fields()["message"].startswith("stdout: ")]
+    assert printed.fields()["message"] == "stdout: escaping through stdout" and printed.fields()["level"] == "info"
+    assert not [r for r in chain if r.kind is Kind.EXIT]
     assert_verified(t)
 
 

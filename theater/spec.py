@@ -138,7 +138,10 @@ class AgentSpec:
         data["limits"] = self.limits.as_dict()
         data["capabilities"] = list(self.capabilities)
         data["hardening"] = self.hardening.as_dict()
-        data["helpers"] = [list(h) for h in self.helpers]
+        if self.helpers:  # absent when there are none: a spec reads as it did before composed agents
+            data["helpers"] = [list(h) for h in self.helpers]
+        else:
+            del data["helpers"]
         return data
 
     @classmethod

@@ -7,9 +7,9 @@
     fail           err("asked to fail")
     time           reply with time.time() (the WASI wall clock, recorded)
     env            reply with the environment, argv and cwd the guest sees
-    raise          an uncaught exception (its traceback goes to WASI stderr: not linked)
+    raise          an uncaught exception (a trap; its traceback goes to WASI stderr: log records)
     open:<path>    read a file; reply with the error it gets (no directory is preopened)
-    stdout         print() (WASI stdout: not linked)
+    stdout         print() (WASI stdout: a log record), reply "printed"
     spin           loop forever
     grow           allocate until memory runs out
     recurse        unbounded recursion
