@@ -10,13 +10,14 @@ with an error naming it, and every refusal is recorded as a denial.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
+
+from theater.remote import valid_key
 
 from ._config import OPERATOR, TENANT_SEP
 from ._errors import Refused
@@ -179,7 +180,7 @@ class Tenants:
         if left:  # a removed tenant's agents: a new tenant of that name must not inherit them
             raise Refused(f"{left} agents of a removed tenant {name!r} are still in the home: remove them "
                           f"(theater rm {name}:NAME) before adding a tenant of that name")
-        if not isinstance(public_key, str) or len(public_key) != 40 or not _z85(public_key):
+        if not valid_key(public_key):
             raise Refused("public_key must be a CurveZMQ public key in Z85 (40 characters)")
         if any(t.public_key == public_key for t in self.by_name.values()):
             raise Refused("that public key is already another tenant's")
@@ -320,16 +321,3 @@ class Tenants:
         account = self.accounts.get(tenant)
         return account.denials if account is not None else 0
 
-
-def _z85(text: str) -> bool:
-    import zmq.utils.z85 as z85
-
-    try:
-        return len(z85.decode(text)) == 32
-    except (ValueError, KeyError, IndexError):
-        return False
-
-
-def settings_json(tenant: Tenant) -> str:
-    return json.dumps({"policies": list(tenant.policies), "routes": list(tenant.routes),
-                       "quotas": tenant.quotas.as_dict()}, sort_keys=True)

@@ -12,6 +12,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import zmq
 import zmq.utils.z85 as z85
@@ -29,7 +30,7 @@ def keypair() -> tuple[str, str]:
     return public.decode(), secret.decode()
 
 
-def valid_key(text: object) -> bool:
+def valid_key(text: object) -> TypeGuard[str]:
     if not isinstance(text, str) or len(text) != 40:
         return False
     try:
