@@ -516,3 +516,15 @@ def test_a_failed_build_shows_the_toolchain_s_report(theater: Theater, tmp_path:
     assert proc.returncode == 1
     assert "componentize-py failed" in proc.stderr and "SyntaxError" in proc.stderr and "app.py" in proc.stderr
     assert "Stack backtrace" not in proc.stderr
+
+
+def test_a_failed_javascript_build_shows_the_toolchain_s_report(theater: Theater, tmp_path: Path) -> None:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("JavaScript agents need Node.js and npm on PATH to build")
+    home = theater.home.root
+    ok(home, "new", "broken", "--lang", "js", "--dir", str(tmp_path))
+    with open(tmp_path / "broken" / "app.js", "a") as f:
+        f.write("\nexport function (\n")
+    proc = cli(home, "build", str(tmp_path / "broken"), timeout=600)
+    assert proc.returncode == 1
+    assert "esbuild failed" in proc.stderr and "app.js" in proc.stderr, proc.stderr
