@@ -220,7 +220,7 @@ class Control:
 
     def _tenant_entry(self, name: str) -> dict[str, Any]:
         t = self.tenants.by_name[name]
-        mine = [a for a in self.agents if a.config.tenant == name]
+        mine = self.tenants.agents_of(name)
         return {**t.as_dict(), "agents": len(mine), "running": sum(1 for a in mine if a.alive),
                 "denials": self.tenants.denials(name)}
 

@@ -397,19 +397,14 @@ class EventStore:
             self.db.execute("INSERT INTO worker_usage VALUES (?,?,?,?,?)",
                             (agent_id, tenant, time.time_ns(), cpu_ns, peak_rss))
 
-    _OWNERS = ("SELECT id, coalesce(json_extract(config, '$.tenant'), 'operator') AS tenant FROM agents "
-               "UNION ALL SELECT id, coalesce(json_extract(config, '$.tenant'), 'operator') FROM removed")
+    # Every agent the store knows, live or removed: its id, name and tenant (the operator's configurations
+    # have no tenant key).
+    _OWNERS = ("SELECT id, name, coalesce(json_extract(config, '$.tenant'), 'operator') AS tenant FROM agents "
+               "UNION ALL SELECT id, name, coalesce(json_extract(config, '$.tenant'), 'operator') FROM removed")
 
-    def names(self, agent_ids: list[bytes]) -> dict[bytes, tuple[str, str]]:
-        """(name, tenant) of agents, live or removed."""
-        out = {}
-        for agent_id in agent_ids:
-            row = self.db.execute("SELECT name, coalesce(json_extract(config, '$.tenant'), 'operator') FROM agents "
-                                  "WHERE id=? UNION ALL SELECT name, coalesce(json_extract(config, '$.tenant'), "
-                                  "'operator') FROM removed WHERE id=?", (agent_id, agent_id)).fetchone()
-            if row is not None:
-                out[agent_id] = (row[0], row[1])
-        return out
+    def owners(self) -> dict[bytes, tuple[str, str]]:
+        """(name, tenant) of every agent, live or removed."""
+        return {agent_id: (name, tenant) for agent_id, name, tenant in self.db.execute(self._OWNERS)}
 
     def record_bytes_by_hour(self, since_ns: int) -> list[tuple[str, int, int]]:
         """(tenant, hour since the epoch, bytes of records written) from ``since_ns`` on."""
@@ -435,14 +430,19 @@ class EventStore:
                 else:
                     u["calls" if kind != Kind.MESSAGE else "messages"] += kind != Kind.INIT
                     u["fuel"] += int(record.fields()["fuel"])
-        for agent_id, cpu_ns, peak in self.db.execute(
-                f"SELECT w.agent_id, sum(w.cpu_ns), max(w.peak_rss) FROM worker_usage w "
-                f"{'WHERE w.tenant = ? AND' if tenant is not None else 'WHERE'} w.ended_ns >= ? GROUP BY 1",
-                (*args, since_ns)):
+        for agent_id, (cpu_ns, peak) in self.ended_workers(tenant, since_ns).items():
             u = out.setdefault(agent_id, dict.fromkeys(USAGE_COUNTS, 0))
-            u["cpu_ns"] += int(cpu_ns)
-            u["peak_rss"] = max(u["peak_rss"], int(peak))
+            u["cpu_ns"] += cpu_ns
+            u["peak_rss"] = max(u["peak_rss"], peak)
         return out
+
+    def ended_workers(self, tenant: str | None, since_ns: int) -> dict[bytes, tuple[int, int]]:
+        """Per agent (of ``tenant``, or every one): the CPU ns and the peak resident bytes of its workers that
+        ended from ``since_ns`` on."""
+        where, args = ("WHERE tenant = ? AND", [tenant]) if tenant is not None else ("WHERE", [])
+        return {agent_id: (int(cpu_ns), int(peak)) for agent_id, cpu_ns, peak in self.db.execute(
+            f"SELECT agent_id, sum(cpu_ns), max(peak_rss) FROM worker_usage {where} ended_ns >= ? GROUP BY 1",
+            (*args, since_ns))}
 
     def _insert(self, r: Record) -> None:
         self.db.execute(

@@ -176,7 +176,7 @@ class Tenants:
                           f"digit, and not {OPERATOR!r}")
         if name in self.by_name:
             raise Refused(f"a tenant named {name!r} already exists")
-        left = sum(1 for a in self.agents if a.config.tenant == name)
+        left = len(self.agents_of(name))
         if left:  # a removed tenant's agents: a new tenant of that name must not inherit them
             raise Refused(f"{left} agents of a removed tenant {name!r} are still in the home: remove them "
                           f"(theater rm {name}:NAME) before adding a tenant of that name")
@@ -205,6 +205,10 @@ class Tenants:
         del self.by_name[name]
         del self.accounts[name]
         self.log(f"tenant {name} removed")
+
+    def agents_of(self, tenant: str) -> list[Agent]:
+        """Every agent of ``tenant`` the supervisor knows, in any state."""
+        return [a for a in self.agents if a.config.tenant == tenant]
 
     def by_key(self, public_key: str) -> Tenant | None:
         return next((t for t in self.by_name.values() if t.public_key == public_key), None)
@@ -243,7 +247,7 @@ class Tenants:
                 message = f"tenant {tenant} may not spawn under policy {policy!r} (its policies: {', '.join(t.policies)})"
                 self.deny(tenant, "policy", message)
                 raise Refused(message)
-        mine = [a for a in self.agents if a.config.tenant == tenant and a.status not in (Status.STOPPED, Status.FAILED)]
+        mine = [a for a in self.agents_of(tenant) if a.status not in (Status.STOPPED, Status.FAILED)]
         q = t.quotas
         if q.agents is not None and len(mine) + len(new_agents) > q.agents:
             raise self._exceeded(tenant, "agents", f"is reached: {len(mine)} running, {len(new_agents)} more asked")
@@ -259,7 +263,7 @@ class Tenants:
         if t is None:
             return
         if t.quotas.children is not None:
-            kept = sum(1 for a in self.agents if a.config.tenant == tenant and a.parent_is_agent)
+            kept = sum(1 for a in self.agents_of(tenant) if a.parent_is_agent)
             if kept >= t.quotas.children:
                 raise self._exceeded(tenant, "children", f"is reached: its agents keep {kept} children")
         self.check_spawn(tenant, (), [("", memory_bytes)])
@@ -290,7 +294,7 @@ class Tenants:
         t = self.by_name.get(tenant)
         if t is None or t.quotas.kv_bytes is None:
             return None
-        others = [a.id for a in self.agents if a.config.tenant == tenant and a is not agent]
+        others = [a.id for a in self.agents_of(tenant) if a is not agent]
         total = self.store.kv_bytes(others) + own_total
         if total <= t.quotas.kv_bytes:
             return None

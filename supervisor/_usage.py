@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from theater.records import Kind, Record
@@ -61,8 +61,8 @@ class Usage:
         self.records_total = 0
         self.spawns_total = 0
         self.restarts_total = 0
-        ended = store.usage(None, 0)  # CPU of workers that ended before this supervisor started
-        self._ended_cpu = {agent_id: u["cpu_ns"] for agent_id, u in ended.items()}
+        # CPU of workers that ended before this supervisor started (the store's worker_usage, not its records).
+        self._ended_cpu = {agent_id: cpu for agent_id, (cpu, _) in store.ended_workers(None, 0).items()}
 
     def of(self, agent: Agent) -> AgentUsage:
         if agent.id in self._ended_cpu:  # its workers before this supervisor started
@@ -150,8 +150,7 @@ class Usage:
         """What a host bills by, from the store: per agent and in total, from ``since_ns`` on (CPU of
         workers still running is added whole, from the kernel)."""
         stored = self.store.usage(tenant, since_ns)
-        names = {a.id: (a.name, a.config.tenant) for a in self.agents}
-        names.update(self.store.names(list(stored)))
+        names = {**self.store.owners(), **{a.id: (a.name, a.config.tenant) for a in self.agents}}
         agents = []
         for agent in self.agents:
             if tenant not in (None, agent.config.tenant) or agent.worker is None or agent.worker.pending \
@@ -213,6 +212,33 @@ _AGENT_SERIES = (
 )
 
 
+_TENANT_SERIES = (
+    *_AGENT_SERIES,
+    ("denials", "requests refused", "counter", "denials"),
+    ("agents", "agents it has", "gauge", "agents"),
+    ("memory_granted_bytes", "memory granted to its running agents", "gauge", "memory_granted_bytes"),
+)
+_SUPERVISOR_SERIES = (
+    ("records", "event records committed", "counter", "records_total"),
+    ("commits", "durable store transactions", "counter", "commits_total"),
+    ("commit_seconds", "time spent in durable store transactions", "counter", "commit_seconds_total"),
+    ("worker_spawns", "workers started", "counter", "spawns_total"),
+    ("restarts", "agent restarts by supervision", "counter", "restarts_total"),
+    ("mailbox_depth", "messages waiting in every mailbox", "gauge", "mailbox_total"),
+    ("agents", "agents it knows", "gauge", "agents"),
+    ("agents_running", "agents with a live worker", "gauge", "running"),
+    ("refused_connections", "control connections refused at the handshake", "counter", "refused_connections"),
+    ("cpu_seconds", "CPU seconds the supervisor used", "counter", "cpu_s"),
+    ("memory_rss_bytes", "the supervisor's resident memory", "gauge", "rss_bytes"),
+)
+# Who a snapshot's rows are: (its key in the snapshot, series prefix, help prefix, series, (label, row key)...).
+_SUBJECTS: tuple[tuple[str, str, str, tuple[tuple[str, str, str, str], ...], tuple[tuple[str, str], ...]], ...] = (
+    ("agents", "agent", "Per agent", _AGENT_SERIES, (("agent", "name"), ("tenant", "tenant"))),
+    ("tenants", "tenant", "Per tenant", _TENANT_SERIES, (("tenant", "tenant"),)),
+    ("supervisor", "supervisor", "The supervisor", _SUPERVISOR_SERIES, ()),
+)
+
+
 class _Collector:
     def __init__(self, server: MetricsServer) -> None:
         self.server = server
@@ -223,38 +249,15 @@ class _Collector:
         with self.server.lock:
             snap = self.server.latest
         families: dict[str, Any] = {}
-
-        def family(name: str, doc: str, kind: str, labels: Iterable[str]) -> Any:
-            if name not in families:
-                cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                families[name] = cls(name, doc, labels=list(labels))
-            return families[name]
-
-        for row in snap["agents"]:
-            for name, doc, kind, key in _AGENT_SERIES:
-                family(f"theater_agent_{name}", f"Per agent: {doc}", kind, ("agent", "tenant")).add_metric(
-                    [row["name"], row["tenant"]], row[key])
-        for row in snap["tenants"]:
-            for name, doc, kind, key in (*_AGENT_SERIES, ("denials", "requests refused", "counter", "denials"),
-                                         ("agents", "agents it has", "gauge", "agents"),
-                                         ("memory_granted_bytes", "memory granted to its running agents", "gauge",
-                                          "memory_granted_bytes")):
-                if key in row:
-                    family(f"theater_tenant_{name}", f"Per tenant: {doc}", kind, ("tenant",)).add_metric(
-                        [row["tenant"]], row[key])
-        sup = snap["supervisor"]
-        for name, doc, kind, key in (
-                ("records", "event records committed", "counter", "records_total"),
-                ("commits", "durable store transactions", "counter", "commits_total"),
-                ("commit_seconds", "time spent in durable store transactions", "counter", "commit_seconds_total"),
-                ("worker_spawns", "workers started", "counter", "spawns_total"),
-                ("restarts", "agent restarts by supervision", "counter", "restarts_total"),
-                ("mailbox_depth", "messages waiting in every mailbox", "gauge", "mailbox_total"),
-                ("agents", "agents it knows", "gauge", "agents"),
-                ("agents_running", "agents with a live worker", "gauge", "running"),
-                ("refused_connections", "control connections refused at the handshake", "counter",
-                 "refused_connections"),
-                ("cpu_seconds", "CPU seconds the supervisor used", "counter", "cpu_s"),
-                ("memory_rss_bytes", "the supervisor's resident memory", "gauge", "rss_bytes")):
-            family(f"theater_supervisor_{name}", f"The supervisor: {doc}", kind, ()).add_metric([], sup[key])
+        for key, prefix, what, series, labels in _SUBJECTS:
+            rows = snap[key] if isinstance(snap[key], list) else [snap[key]]
+            for row in rows:
+                for name, doc, kind, field in series:
+                    if field not in row:  # a tenant has no peak: its agents' peaks are at different times
+                        continue
+                    full = f"theater_{prefix}_{name}"
+                    if full not in families:
+                        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                        families[full] = cls(full, f"{what}: {doc}", labels=[label for label, _ in labels])
+                    families[full].add_metric([row[k] for _, k in labels], row[field])
         yield from families.values()
