@@ -109,10 +109,14 @@ class Host:
         if n >= self.limits.max_logs_per_call:
             return
         self._counts["log"] = n + 1
-        raw = f"{stream}: ".encode() + line.decode("utf-8", "replace").encode()
-        text = raw[:self.limits.max_log_bytes].decode("utf-8", "ignore")
-        self.recorder.append(Kind.LOG, {"level": "info" if stream == "stdout" else "error", "message": text,
-                                        "truncated": int(len(raw) > self.limits.max_log_bytes)})
+        self.log_record("info" if stream == "stdout" else "error",
+                        f"{stream}: ".encode() + line.decode("utf-8", "replace").encode())
+
+    def log_record(self, level: str, raw: bytes) -> None:
+        """A log record of this call: ``raw`` (UTF-8) cut to ``max_log_bytes``, and marked if it was cut."""
+        limit = self.limits.max_log_bytes
+        self.recorder.append(Kind.LOG, {"level": level, "message": raw[:limit].decode("utf-8", "ignore"),
+                                        "truncated": int(len(raw) > limit)})
 
     def remaining_ms(self) -> int:
         """What is left of this call's wall-clock deadline (``wall_time_ms``), in ms, at least 0."""

@@ -9,8 +9,6 @@ from typing import Any
 
 from wasmtime import component as wc
 
-from theater.records import Kind
-
 from .._boundary import to_guest
 from .._errors import HostLimit
 from ._host import Host, HostCapability
@@ -41,13 +39,7 @@ class Runtime:
     def log(self, _store: Any, level: str, message: str) -> None:
         lines = self._limits.max_logs_per_call
         self._host.count("log", lines, f"more than {lines} log lines in one call (max_logs_per_call)")
-        raw = message.encode("utf-8", "surrogatepass")
-        limit = self._limits.max_log_bytes
-        truncated = len(raw) > limit
-        if truncated:
-            raw = raw[:limit]
-        text = raw.decode("utf-8", "ignore")
-        self._host.recorder.append(Kind.LOG, {"level": level if level in LEVELS else "info", "message": text, "truncated": int(truncated)})
+        self._host.log_record(level if level in LEVELS else "info", message.encode("utf-8", "surrogatepass"))
 
     def self_id(self, _store: Any) -> str:
         return self._value("self-id", b"", self._agent_id.encode).decode()
