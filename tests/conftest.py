@@ -26,6 +26,9 @@ from theater.records import Kind, Record
 ROOT = Path(__file__).resolve().parent.parent
 COMPONENTS = ROOT / "tests" / "components"
 START_TIMEOUT_S = 30.0
+# JavaScript agents build only where Node.js and npm are on PATH; elsewhere their tests are skipped, saying why.
+needs_node = pytest.mark.skipif(shutil.which("node") is None or shutil.which("npm") is None,
+                                reason="JavaScript agents need Node.js and npm on PATH to build")
 LAB_POLICY = "lab"  # a site policy whose ceilings allow a huge fuel budget and a long deadline
 
 

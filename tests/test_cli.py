@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import zmq
+from conftest import needs_node
 
 from theater import wire
 from theater.client import ClientError
@@ -454,12 +454,10 @@ def test_logs_have_levels_and_times_and_theater_logs_shows_them(tmp_path: Path) 
     assert ok(home, "logs").splitlines() == lines  # nothing below a warning happened
 
 
-@pytest.mark.parametrize("lang", ["wat", "python", "js"])
+@pytest.mark.parametrize("lang", ["wat", "python", pytest.param("js", marks=needs_node)])
 def test_a_new_project_builds_and_answers_a_call(theater: Theater, tmp_path: Path, lang: str) -> None:
     """`theater new`, `theater build` (skipped the second time), `theater spawn`, `theater call`: the README's
     lines, through the real CLI."""
-    if lang == "js" and (shutil.which("node") is None or shutil.which("npm") is None):
-        pytest.skip("JavaScript agents need Node.js and npm on PATH to build")
     home = theater.home.root
     created = ok(home, "new", "greeter", "--lang", lang, "--dir", str(tmp_path))
     project = tmp_path / "greeter"
@@ -518,9 +516,8 @@ def test_a_failed_build_shows_the_toolchain_s_report(theater: Theater, tmp_path:
     assert "Stack backtrace" not in proc.stderr
 
 
+@needs_node
 def test_a_failed_javascript_build_shows_the_toolchain_s_report(theater: Theater, tmp_path: Path) -> None:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("JavaScript agents need Node.js and npm on PATH to build")
     home = theater.home.root
     ok(home, "new", "broken", "--lang", "js", "--dir", str(tmp_path))
     with open(tmp_path / "broken" / "app.js", "a") as f:

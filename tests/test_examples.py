@@ -14,15 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Theater, of, records, wait_until
+from conftest import ROOT, Theater, needs_node, of, records, wait_until
 
 from supervisor._authoring import build
 from theater.client import ClientError
 from theater.records import Kind
 
 EXAMPLES = ROOT / "examples"
-needs_node = pytest.mark.skipif(shutil.which("node") is None or shutil.which("npm") is None,
-                                reason="JavaScript agents need Node.js and npm on PATH to build")
 
 
 def copied(relative: str, into: Path) -> Path:

@@ -13,15 +13,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import Theater, of, records, wait_running, wait_status, write_lab_policy
+from conftest import Theater, needs_node, of, records, wait_running, wait_status, write_lab_policy
 
 from supervisor._authoring import build
 from theater.client import Client, ClientError
 from theater.records import Kind
 
 GUESTS = Path(__file__).resolve().parent / "guests"
-NO_NODE = shutil.which("node") is None or shutil.which("npm") is None
-needs_node = pytest.mark.skipif(NO_NODE, reason="JavaScript agents need Node.js and npm on PATH to build")
 
 
 def built(project: str, into: Path) -> Path:
