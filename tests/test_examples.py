@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Theater, needs_node, of, records, wait_until
+from conftest import ROOT, Theater, needs_node, of, records, wait_running, wait_until
 
 from supervisor._authoring import build
 from theater.client import ClientError
@@ -61,14 +61,14 @@ def test_a_pool_of_workers_that_run_away_now_and_then(theater: Theater, tmp_path
         answered = failed = 0
         for i in range(60):  # about one call in eight runs away: some fail, the pool keeps answering
             worker = f"w{i % 3 + 1}"
+            pid = wait_running(c, worker)["pid"]
             try:
                 assert c.call(worker, f"square:{i}".encode(), timeout=30) == str(i * i).encode()
                 answered += 1
             except ClientError as exc:
                 assert exc.code in ("deadline", "out-of-fuel"), exc  # a runaway, ended by its bounds
                 failed += 1
-                wait_until(lambda w=worker: next(a for a in c.ps() if a["name"] == w)["status"] == "running",
-                           timeout=60, what=f"{worker} restarted")
+                wait_running(c, worker, old_pid=pid, timeout=60)  # restarted: a new worker is serving
         roots = c.tree()
     assert answered > failed
     (tree,) = roots
