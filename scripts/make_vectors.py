@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Generate Theater's golden test vectors: ``tests/vectors/records.json`` and ``frames.json``.
 
+``records-v1.json`` beside them holds the version-1 vectors this script wrote before
+covered records existed; it is kept as it was, since version-1 chains must still verify.
+
 Everything is deterministic: fixed Ed25519 seeds (Ed25519 signing is itself
 deterministic), a fixed agent id and fixed times, so running this twice gives
 byte-identical files. ``--check`` regenerates in memory and exits 1 if the files
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from theater import wire  # noqa: E402
 from theater.capabilities import CAPABILITIES  # noqa: E402
 from theater.records import (  # noqa: E402
+    COVERABLE,
     DOMAIN,
     FIELDS,
     HEADER,
@@ -35,6 +39,7 @@ from theater.records import (  # noqa: E402
     ZERO_HASH,
     Kind,
     Record,
+    Signer,
     encode_payload,
     sha256,
     sign_record,
@@ -114,7 +119,7 @@ def build_chain() -> tuple[list[Record], list[str]]:
         if state is not None:
             state_hash = sha256(state)
         record = sign_record(key(who), kind=kind, agent_id=AGENT_ID, seq=seq, time_ns=time_of(seq),
-                             prev_hash=prev, state_hash=state_hash, fields=fields)
+                             prev_hash=prev, state_hash=state_hash, fields=fields, covered=kind in COVERABLE)
         records.append(record)
         signers.append(who)
         prev = record.hash
@@ -134,9 +139,10 @@ def fields_json(kind: Kind, fields: dict[str, Any]) -> dict[str, Any]:
 
 def raw_record(signing_key: Ed25519PrivateKey, *, kind: int, signer: int, seq: int, prev_hash: bytes,
                state_hash: bytes, payload: bytes, agent_id: bytes = AGENT_ID, version: int = VERSION) -> bytes:
-    """Encode and sign a record by hand, bypassing every check ``sign_record`` makes."""
+    """Encode and sign a record by hand, bypassing every check ``sign_record`` makes (signer 2: covered,
+    no signature)."""
     body = HEADER.pack(version, kind, signer, agent_id, seq, time_of(seq), prev_hash, state_hash, len(payload)) + payload
-    return body + signing_key.sign(DOMAIN + body)
+    return body if signer == Signer.COVERED else body + signing_key.sign(DOMAIN + body)
 
 
 def resign(record: Record, who: str, **changes: Any) -> bytes:
@@ -157,18 +163,39 @@ def flip(raw: bytes, offset: int, mask: int = 0x01) -> bytes:
 
 def invalid_cases(chain: list[Record]) -> list[dict[str, Any]]:
     raws = [r.raw for r in chain]
-    log = chain[2]
-    sig_start = len(log.raw) - 64
-    # Offset of the first character of the log message "tick" inside the record.
+    log, handle = chain[2], chain[4]  # a covered log (then a covered host call), and the handle that covers them
+    assert log.signer is Signer.COVERED and handle.signer is Signer.WORKER
+    sig_start = len(handle.raw) - 64
+    # Offsets of the log message "tick" inside the log record, and of the handle's message "hi".
     msg_offset = HEADER.size + 4 + len(b"info") + 4
     assert log.raw[msg_offset:msg_offset + 4] == b"tick"
+    hi_offset = HEADER.size + 4
+    assert handle.raw[hi_offset:hi_offset + 2] == b"hi"
     worker0 = key("worker-0")
     state = chain[4].state_hash  # the state in force from record 4 on
 
     cases: list[tuple[str, list[bytes], str]] = [
         ("empty chain", [], "empty chain"),
-        ("bad signature", [*raws[:2], flip(log.raw, sig_start)], "signature of record 2 (log) does not verify"),
-        ("payload byte flipped", [*raws[:2], flip(log.raw, msg_offset)], "signature of record 2 (log) does not verify"),
+        ("bad signature", [*raws[:4], flip(handle.raw, sig_start)], "signature of record 4 (handle) does not verify"),
+        ("payload byte flipped", [*raws[:4], flip(handle.raw, hi_offset)],
+         "signature of record 4 (handle) does not verify"),
+        ("covered record's payload byte flipped", [*raws[:2], flip(log.raw, msg_offset), *raws[3:5]],
+         "record 3: previous-hash does not match the chain head"),
+        ("chain ends with covered records", raws[:4], "the chain ends with 2 covered record(s)"),
+        ("supervisor record after covered records",
+         [*raws[:4], raw_record(key("supervisor"), kind=Kind.EXIT, signer=0, seq=4, prev_hash=chain[3].hash,
+                                state_hash=chain[3].state_hash, payload=chain[6].payload)],
+         "record 4: a supervisor record follows 2 covered record(s)"),
+        ("covered record of a kind that must be signed", [*raws[:4], resign(handle, "worker-0", signer=2)],
+         "a version-2 handle record cannot be covered"),
+        ("covered version-1 record", [*raws[:2], resign(log, "worker-0", version=1)],
+         "a version-1 log record cannot be covered"),
+        ("covered record while no worker key is in force",
+         [*raws[:7], raw_record(worker0, kind=Kind.LOG, signer=2, seq=7, prev_hash=chain[6].hash, state_hash=state,
+                                payload=log.payload)],
+         "record 7: worker record while no worker key is in force"),
+        ("covering record signed by another key", [*raws[:4], resign(handle, "worker-1")],
+         "signature of record 4 (handle) does not verify"),
         ("wrong seq", [*raws[:2], resign(log, "worker-0", seq=3)], "record has sequence 3, expected 2"),
         ("wrong prev hash", [*raws[:2], resign(log, "worker-0", prev_hash=chain[0].hash)],
          "record 2: previous-hash does not match the chain head"),
@@ -194,10 +221,10 @@ def invalid_cases(chain: list[Record]) -> list[dict[str, Any]]:
          "log payload has 1 trailing bytes"),
         ("wrong signer byte", [*raws[:2], resign(log, "supervisor", signer=0)],
          "log records are signed by the worker"),
-        ("unknown signer byte", [*raws[:2], resign(log, "worker-0", signer=2)], "unknown record kind 6 or signer 2"),
+        ("unknown signer byte", [*raws[:2], resign(log, "worker-0", signer=3)], "unknown record kind 6 or signer 3"),
         ("unsupported version", [raw_record(key("supervisor"), kind=Kind.GENESIS, signer=0, seq=0, prev_hash=ZERO_HASH,
-                                            state_hash=sha256(b""), payload=chain[0].payload, version=2)],
-         "unsupported record version 2"),
+                                            state_hash=sha256(b""), payload=chain[0].payload, version=3)],
+         "unsupported record version 3"),
         ("record of another agent", [*raws[:2], resign(log, "worker-0", agent_id=OTHER_AGENT_ID)],
          "record 2 belongs to another agent"),
         ("payload length mismatch", [*raws[:2], log.raw[:-1]], "record length does not match its payload length"),
@@ -217,7 +244,8 @@ def records_document() -> dict[str, Any]:
     chain, signers = build_chain()
     return {
         "description": (
-            "Golden event records (theater/records.py, version 1). 'chain' is one agent's valid history; "
+            "Golden event records (theater/records.py, version 2: the log and host-call records are covered by "
+            "the handle after them). 'chain' is one agent's valid history; "
             "every case in 'invalid' must fail theater.chain.verify_chain with a RecordError whose message "
             "contains 'error'. Generated by scripts/make_vectors.py; do not edit by hand."
         ),

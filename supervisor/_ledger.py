@@ -192,24 +192,30 @@ class _Served(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Prechecked:
-    """A result's records parsed and held to the policy's bounds ahead, and their signatures under ``key``
-    being checked on the pool, ``chunk`` records per task (a result with many records is spread over every
-    thread)."""
+    """A result's records parsed and held to the policy's bounds ahead, and the signatures of its signed
+    records under ``key`` being checked on the pool, ``chunk`` signed records per task (a result of many
+    signed records, as version-1 workers send, is spread over every thread; a version-2 result has one)."""
 
     records: list[Record]
     bounded: _Bounded
     key: Ed25519PublicKey
     chunk: int
+    signed: dict[int, int]  # index in records -> index among the signed records
     signatures: list[Future[list[bool]]]
 
     def verified(self, index: int, record: Record, key: Ed25519PublicKey) -> bool:
-        if key is not self.key or self.records[index] is not record:
+        nth = self.signed.get(index)
+        if nth is None or key is not self.key or self.records[index] is not record:
             return False
-        return self.signatures[index // self.chunk].result()[index % self.chunk]
+        return self.signatures[nth // self.chunk].result()[nth % self.chunk]
 
 
 def _verify_all(records: list[Record], key: Ed25519PublicKey) -> list[bool]:
     return [signature_valid(r, key) for r in records]
+
+
+_ENDING_SIGNERS = (Signer.WORKER,)
+_DURING_SIGNERS = (Signer.WORKER, Signer.COVERED)
 
 
 def precheck(frames: list[bytes], *, verifier: ChainVerifier, limits: Limits) -> Prechecked | None:
@@ -221,16 +227,19 @@ def precheck(frames: list[bytes], *, verifier: ChainVerifier, limits: Limits) ->
     try:
         result = wire.Result.decode(frames, max_records=max_records(limits))
         records = [Record.parse(raw) for raw in result.records]
-        if (any(r.signer is not Signer.WORKER for r in records) or records[-1].kind not in FINAL_KINDS
-                or any(r.kind not in WORKER_KINDS for r in records[:-1])):
+        final = records[-1]
+        if (final.signer not in _ENDING_SIGNERS or final.kind not in FINAL_KINDS
+                or any(r.kind not in WORKER_KINDS or r.signer not in _DURING_SIGNERS for r in records[:-1])):
             return None
         bounded = _bound(records, limits, None)
     except (ProtocolError, RecordError, Violation, _Served):
         return None
-    chunk = -(-len(records) // VERIFY_THREADS)
+    signed = [r for r in records if r.signer is Signer.WORKER]
+    chunk = -(-len(signed) // VERIFY_THREADS)
     pool = _executor()
-    tasks = [pool.submit(_verify_all, records[i:i + chunk], key) for i in range(0, len(records), chunk)]
-    return Prechecked(records, bounded, key, chunk, tasks)
+    tasks = [pool.submit(_verify_all, signed[i:i + chunk], key) for i in range(0, len(signed), chunk)]
+    positions = {i: nth for nth, i in enumerate(i for i, r in enumerate(records) if r.signer is Signer.WORKER)}
+    return Prechecked(records, bounded, key, chunk, positions, tasks)
 
 
 def check_result(

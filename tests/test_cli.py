@@ -134,7 +134,8 @@ def test_verify_ok_then_broken_after_store_corruption(theater: Theater) -> None:
         (agent_id,) = db.execute("SELECT id FROM agents WHERE name='counter'").fetchone()
         (raw,) = db.execute("SELECT raw FROM records WHERE agent_id=? AND seq=2", (agent_id,)).fetchone()
         flipped = bytearray(raw)
-        flipped[-65] ^= 0x01  # the last payload byte (the log's truncated flag): still parses, no longer verifies
+        assert raw[2] == 2  # a covered log: the handle after it signs its hash
+        flipped[-1] ^= 0x01  # its last payload byte (the truncated flag): still parses, no longer links
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             db.execute("UPDATE records SET raw=? WHERE agent_id=? AND seq=2", (bytes(flipped), agent_id))
         db.execute("DROP TRIGGER records_no_update")
@@ -147,7 +148,7 @@ def test_verify_ok_then_broken_after_store_corruption(theater: Theater) -> None:
     assert proc.returncode == 1
     broken = [line for line in proc.stdout.splitlines() if line.startswith("BROKEN")]
     assert len(broken) == 1 and broken[0].split()[1] == "counter"
-    assert "does not verify" in broken[0]
+    assert "record 3: previous-hash does not match the chain head" in broken[0]
     assert any(line.split()[:2] == ["ok", "echo"] for line in proc.stdout.splitlines())
     reports = json.loads(ok_or_fail(home, "verify", "--json"))
     assert {r["name"]: r["ok"] for r in reports} == {"counter": False, "echo": True}

@@ -105,6 +105,7 @@ def test_vector_record_reencodes_byte_for_byte(entry: dict[str, Any]) -> None:
         PRIVATE[entry["key"]], kind=kind, agent_id=bytes.fromhex(RECORDS["agent_id"].replace("-", "")),
         seq=entry["seq"], time_ns=entry["time_ns"], prev_hash=bytes.fromhex(entry["prev_hash"]),
         state_hash=bytes.fromhex(entry["state_hash"]), fields=fields_from_json(kind, entry["fields"]),
+        covered=entry["signer"] == "covered",
     )
     assert record.raw.hex() == entry["raw"]
     assert record.hash.hex() == entry["hash"] == sha256(record.raw).hex()
@@ -122,7 +123,12 @@ def test_vector_record_parses_to_its_fields(entry: dict[str, Any]) -> None:
     assert record.prev_hash.hex() == entry["prev_hash"] and record.state_hash.hex() == entry["state_hash"]
     assert record.fields() == fields_from_json(kind, entry["fields"])
     assert record.hash.hex() == entry["hash"]
-    verify_record(record, PUBLIC[entry["key"]])
+    if entry["signer"] == "covered":  # no signature of its own: the next signed record covers it
+        assert entry["kind"] in ("log", "host_call") and len(record.raw) == HEADER.size + len(record.payload)
+        with pytest.raises(RecordError, match="does not verify"):
+            verify_record(record, PUBLIC[entry["key"]])
+    else:
+        verify_record(record, PUBLIC[entry["key"]])
 
 
 @pytest.mark.parametrize("case", RECORDS["invalid"], ids=[c["name"] for c in RECORDS["invalid"]])
@@ -141,6 +147,67 @@ def test_vector_invalid_cases_cover_the_brief() -> None:
         "worker record after exit with no new key", "state hash changed by a non-ok handle", "unknown kind",
         "trailing payload bytes", "wrong signer byte",
     } <= names
+
+
+def test_vector_chain_covers_its_logs_and_host_calls() -> None:
+    """A version-2 chain: the log and host call of a handle carry no signature; the handle's covers them."""
+    assert [e["signer"] for e in CHAIN] == ["supervisor", "worker", "covered", "covered", "worker", "worker",
+                                            "supervisor", "supervisor", "worker", "worker"]
+    assert all(raw[0] == VERSION == 2 for raw in RAWS)
+
+
+# Version-1 records (each one signed, as every worker wrote them before covered records) still verify:
+# tests/vectors/records-v1.json is kept exactly as it was generated then.
+RECORDS_V1 = json.loads((VECTORS / "records-v1.json").read_text())
+RAWS_V1 = [bytes.fromhex(r["raw"]) for r in RECORDS_V1["chain"]]
+
+
+def test_version_1_vectors_still_verify() -> None:
+    """The version-1 golden chain verifies with this build's verifier and the documented one; its invalid
+    cases are still refused (their messages may have changed with the format)."""
+    assert {raw[0] for raw in RAWS_V1} == {1}
+    verifier = verify_chain(RAWS_V1, SUPERVISOR_KEY)
+    assert verifier.head_hash.hex() == RECORDS_V1["chain"][-1]["hash"]
+    documented = _documented_verifier()
+    public = bytes.fromhex(RECORDS_V1["supervisor_public_key"])
+    assert documented["verify_chain"](RAWS_V1, public)[2] == verifier.head_hash
+    for case in RECORDS_V1["invalid"]:
+        if case["name"] == "unsupported version":  # its record is a version-2 genesis: valid since version 2
+            continue
+        raws = [bytes.fromhex(r) for r in case["records"]]
+        with pytest.raises(RecordError):
+            verify_chain(raws, SUPERVISOR_KEY)
+        with pytest.raises(documented["Invalid"]):
+            documented["verify_chain"](raws, public)
+
+
+def test_a_mixed_chain_of_both_versions_verifies() -> None:
+    """A home upgraded mid-chain: version-1 records, then version-2 ones with covered records."""
+    plan = [(r["key"], kind_of(r), fields_from_json(kind_of(r), r["fields"]), r["state_hash"]) for r in CHAIN]
+    raws, prev = list(RAWS_V1[:5]), bytes.fromhex(RECORDS_V1["chain"][4]["hash"])
+    for seq, (who, kind, fields, state_hash) in enumerate(plan[5:], start=5):
+        record = sign_record(PRIVATE[who], kind=kind, agent_id=RAWS[0][3:19], seq=seq, time_ns=seq,
+                             prev_hash=prev, state_hash=bytes.fromhex(state_hash), fields=fields)
+        raws.append(record.raw)
+        prev = record.hash
+    log = sign_record(PRIVATE["worker-1"], kind=Kind.LOG, agent_id=RAWS[0][3:19], seq=10, time_ns=10, prev_hash=prev,
+                      state_hash=bytes.fromhex(plan[-1][3]), fields={"level": "info", "message": "x", "truncated": 0},
+                      covered=True)
+    handle = sign_record(PRIVATE["worker-1"], kind=Kind.HANDLE, agent_id=RAWS[0][3:19], seq=11, time_ns=11,
+                         prev_hash=log.hash, state_hash=log.state_hash,
+                         fields={"message": b"m", "reply": None, "status": "guest-error", "error": "e", "fuel": 1})
+    raws += [log.raw, handle.raw]
+    assert verify_chain(raws, SUPERVISOR_KEY).next_seq == 12
+    assert _documented_verifier()["verify_chain"](raws, SUPERVISOR_KEY.public_bytes_raw())[1] == 11
+    with pytest.raises(RecordError, match="ends with 1 covered record"):
+        verify_chain(raws[:-1], SUPERVISOR_KEY)
+
+
+def test_sign_record_refuses_to_cover_a_signed_kind() -> None:
+    with pytest.raises(RecordError, match="cannot be covered"):
+        sign_record(PRIVATE["worker-0"], kind=Kind.HANDLE, agent_id=bytes(16), seq=1, time_ns=1, prev_hash=bytes(32),
+                    state_hash=bytes(32), covered=True,
+                    fields={"message": b"", "reply": None, "status": "ok", "error": "", "fuel": 0})
 
 
 def _documented_verifier() -> dict[str, Any]:
@@ -195,6 +262,25 @@ def test_openssl_ed25519_behaviour_is_what_the_docs_say() -> None:
     token = bytes(16)
     with pytest.raises(RecordError, match="small order"):
         verify_hello(identity, token, identity + bytes(32))
+
+
+def test_the_record_path_verifier_is_stricter_than_openssl() -> None:
+    """theater.ed25519 (libsodium) refuses what OpenSSL refuses, and also the small-order key's universal
+    signature that OpenSSL takes: whatever the record path stored verifies under OpenSSL too."""
+    from theater import ed25519
+
+    identity = Ed25519PublicKey.from_public_bytes(b"\x01" + bytes(31))
+    assert not ed25519.valid(identity, b"\x01" + bytes(31) + bytes(32), b"any message at all")
+    key = Ed25519PrivateKey.generate()
+    signature = ed25519.sign(key, b"m")
+    assert signature == key.sign(b"m")  # the same deterministic RFC 8032 signature as OpenSSL's
+    assert ed25519.valid(key.public_key(), signature, b"m")
+    key.public_key().verify(signature, b"m")
+    order = 2**252 + 27742317777372353535851937790883648493
+    malleated = signature[:32] + (int.from_bytes(signature[32:], "little") + order).to_bytes(32, "little")
+    assert not ed25519.valid(key.public_key(), malleated, b"m")
+    assert not ed25519.valid(key.public_key(), signature, b"n")
+    assert not ed25519.valid(key.public_key(), signature[:63], b"m")
 
 
 def test_make_vectors_check_passes() -> None:
@@ -311,8 +397,9 @@ def test_parse_rejects_truncated_payload_with_consistent_length(entry: dict[str,
     key = PRIVATE[entry["key"]]
     for n in range(len(record.payload)):
         body = raw[: HEADER.size - 4] + n.to_bytes(4, "big") + record.payload[:n]
+        signature = b"" if record.signer is Signer.COVERED else key.sign(DOMAIN + body)
         with pytest.raises(RecordError, match="truncated"):
-            Record.parse(body + key.sign(DOMAIN + body))
+            Record.parse(body + signature)
 
 
 def test_parse_rejects_oversized_record() -> None:
@@ -370,8 +457,12 @@ def test_random_byte_flips_never_parse_and_verify() -> None:
                 with pytest.raises(RecordError):
                     verify_record(record, key)
                     pytest.fail(f"record {index} with bytes flipped verifies under {name}: {mutated_bytes.hex()}")
+        # A covered record is vouched for by the signed record after it: check up to that one.
+        covering = next(i for i in range(index, len(RAWS)) if CHAIN[i]["signer"] != "covered")
         with pytest.raises(RecordError):
-            copy.copy(positioned[index]).advance(Record.parse(mutated_bytes))
+            scratch = copy.copy(positioned[index])
+            for raw in [mutated_bytes, *RAWS[index + 1:covering + 1]]:
+                scratch.advance(Record.parse(raw))
     assert parsed > 100  # most single flips land in places parsing cannot see, so signatures were exercised
 
 

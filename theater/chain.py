@@ -42,6 +42,7 @@ class ChainVerifier:
         self.node = False  # the chain is a supervisor node's (it began with node-genesis)
         self.removed = False  # the chain ended with a removed record: nothing may follow
         self.component: bytes | None = None  # the genesis's component hash, once seen
+        self.uncovered = 0  # covered records since the last signed one: the worker's next signature covers them
 
     @classmethod
     def at_head(cls, supervisor_key: Ed25519PublicKey, agent_id: bytes, head_seq: int, head_hash: bytes,
@@ -85,8 +86,11 @@ class ChainVerifier:
             raise RecordError(f"record {record.seq}: a removed record while a worker key is in force")
         if record.kind is Kind.STATE_RESET and self.worker_key is not None:
             raise RecordError(f"record {record.seq}: a state reset while a worker key is in force")
-        if record.signer is Signer.WORKER and self.worker_key is None:
+        if record.signer is not Signer.SUPERVISOR and self.worker_key is None:
             raise RecordError(f"record {record.seq}: worker record while no worker key is in force")
+        if record.signer is Signer.SUPERVISOR and self.uncovered:
+            raise RecordError(f"record {record.seq}: a supervisor record follows {self.uncovered} covered "
+                              "record(s) that no worker signature covers")
         if record.kind is Kind.WORKER_KEY and self.component is not None \
                 and record.fields()["component_sha256"] != self.component:
             raise RecordError(f"record {record.seq}: the worker-key record names another component than the genesis")
@@ -100,8 +104,12 @@ class ChainVerifier:
     def advance(self, record: Record, *, signature_checked: bool = False) -> None:
         """Check ``record`` completely and make it the new head."""
         self.check_link(record)
-        if not signature_checked:
-            verify_record(record, self.key_for(record))
+        if record.signer is Signer.COVERED:
+            self.uncovered += 1  # its hash is signed by the record that covers it, or the chain is refused
+        else:
+            if not signature_checked:
+                verify_record(record, self.key_for(record))
+            self.uncovered = 0
         if record.kind in (Kind.GENESIS, Kind.WORKER_KEY):
             fields = record.fields()
             self.worker_key = _public_key(fields["worker_key"], record.seq)
@@ -118,6 +126,12 @@ class ChainVerifier:
         self.head_hash = record.hash
         self.state_hash = record.state_hash
 
+
+    def require_covered(self) -> None:
+        """Raise if the head is a covered record: nothing signed its hash, so nothing vouches for it."""
+        if self.uncovered:
+            raise RecordError(f"the chain ends with {self.uncovered} covered record(s) that no worker "
+                              "signature covers")
 
     def skip(self, statement: Compaction) -> None:
         """Carry on past records dropped behind a compaction statement (its signature already checked):
@@ -159,4 +173,5 @@ def verify_chain(records: Iterable[bytes], supervisor_key: Ed25519PublicKey,
             verifier.skip(compaction)
     if verifier.next_seq == 0:
         raise RecordError("empty chain")
+    verifier.require_covered()
     return verifier

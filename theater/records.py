@@ -5,13 +5,19 @@ reference implementation and ``tests/vectors/`` holds golden records. An
 auditor needs nothing but this module (or the document) and the supervisor's
 public key to check a chain.
 
-Layout of a version-1 record (integers big-endian)::
+Layout of a record (integers big-endian)::
 
     body      = version:u8 kind:u8 signer:u8 agent_id:16 seq:u64 time_ns:u64
                 prev_hash:32 state_hash:32 payload_len:u32 payload
     signature = Ed25519(signer key, DOMAIN || body)          64 bytes
-    record    = body || signature
+    record    = body || signature        (a covered record: body alone)
     hash      = SHA-256(record)
+
+Version 2 adds the covered record: a worker's log or host-call record written
+during a call carries no signature of its own (signer 2); the worker's signed
+record that ends the call names its hash, directly or through other covered
+records, so its one signature covers them all. Version-1 records (each one
+signed) are still read and verified.
 
 Bytes that have not passed :func:`verify_record` are ``unverified`` and are
 only ever handled as such.
@@ -26,16 +32,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
 
+from . import ed25519
 from .ed25519 import key_weakness
 from .errors import RecordError
 
 __all__ = [
+    "COVERABLE",
     "DOMAIN",
     "FIELDS",
     "HEADER",
@@ -43,6 +50,7 @@ __all__ = [
     "MAX_RECORD_BYTES",
     "STATUSES",
     "VERSION",
+    "VERSIONS",
     "ZERO_HASH",
     "Kind",
     "Record",
@@ -57,7 +65,8 @@ __all__ = [
     "verify_record",
 ]
 
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # read and verified; new records are written as VERSION
 DOMAIN = b"theater/event-record/v1\x00"
 HEADER = struct.Struct(">BBB16sQQ32s32sI")
 SIGNATURE_BYTES = 64
@@ -76,6 +85,7 @@ class Signer(enum.IntEnum):
 
     SUPERVISOR = 0
     WORKER = 1
+    COVERED = 2  # version 2: no signature of its own; the worker's next signed record covers it
 
 
 class Kind(enum.IntEnum):
@@ -99,6 +109,9 @@ class Kind(enum.IntEnum):
     MESSAGE = 16  # worker: one message from another agent or a timer, and its outcome
     REMOVED = 17  # supervisor: the agent is removed (theater rm); the chain ends here, its name is free
 
+
+# The worker kinds a version-2 record may carry covered (written during a call, before the record that ends it).
+COVERABLE = frozenset({Kind.HOST_CALL, Kind.LOG})
 
 # The kinds of a supervisor node's chain; every other kind belongs to agents' chains.
 NODE_KINDS = frozenset({Kind.NODE_GENESIS, Kind.NODE_START, Kind.NODE_RESTART, Kind.NODE_GIVE_UP,
@@ -349,22 +362,25 @@ class Record:
         """Parse the structure only. The signature is NOT checked: see :func:`verify_record`."""
         if len(unverified) > MAX_RECORD_BYTES:
             raise RecordError(f"record of {len(unverified)} bytes exceeds {MAX_RECORD_BYTES}")
-        if len(unverified) < HEADER.size + SIGNATURE_BYTES:
+        if len(unverified) < HEADER.size:
             raise RecordError(f"record of {len(unverified)} bytes is shorter than the fixed header")
         (version, kind, signer, agent_id, seq, time_ns, prev_hash, state_hash, plen) = (
             HEADER.unpack_from(unverified)
         )
-        if version != VERSION:
+        if version not in VERSIONS:
             raise RecordError(f"unsupported record version {version}")
         try:
             kind_ = Kind(kind)
             signer_ = Signer(signer)
         except ValueError as exc:
             raise RecordError(f"unknown record kind {kind} or signer {signer}") from exc
-        if SIGNER_OF[kind_] is not signer_:
+        if signer_ is Signer.COVERED:
+            if version < 2 or kind_ not in COVERABLE:
+                raise RecordError(f"a version-{version} {kind_.name.lower()} record cannot be covered")
+        elif SIGNER_OF[kind_] is not signer_:
             raise RecordError(f"{kind_.name.lower()} records are signed by the {SIGNER_OF[kind_].name.lower()}")
         end = HEADER.size + plen
-        if end + SIGNATURE_BYTES != len(unverified):
+        if end + (0 if signer_ is Signer.COVERED else SIGNATURE_BYTES) != len(unverified):
             raise RecordError("record length does not match its payload length")
         payload = unverified[HEADER.size : end]
         decoded = decode_payload(kind_, payload)  # structure must be canonical
@@ -394,19 +410,24 @@ def sign_record(
     prev_hash: bytes,
     state_hash: bytes,
     fields: dict[str, Any],
+    covered: bool = False,
 ) -> Record:
-    """Build, encode and sign a record."""
+    """Build, encode and sign a record; ``covered``: leave it unsigned, for the worker's next signed record
+    to cover (a log or host-call record only)."""
     if len(agent_id) != 16 or len(prev_hash) != 32 or len(state_hash) != 32:
         raise RecordError("agent id must be 16 bytes and hashes 32 bytes")
+    if covered and kind not in COVERABLE:
+        raise RecordError(f"a {kind.name.lower()} record cannot be covered")
+    signer = Signer.COVERED if covered else SIGNER_OF[kind]
     payload = encode_payload(kind, fields)
     body = HEADER.pack(
-        VERSION, kind, SIGNER_OF[kind], agent_id, seq, time_ns, prev_hash, state_hash, len(payload)
+        VERSION, kind, signer, agent_id, seq, time_ns, prev_hash, state_hash, len(payload)
     ) + payload
-    signature = key.sign(DOMAIN + body)
+    signature = b"" if covered else ed25519.sign(key, DOMAIN + body)
     raw = body + signature
     return Record(
         kind=kind,
-        signer=SIGNER_OF[kind],
+        signer=signer,
         agent_id=agent_id,
         seq=seq,
         time_ns=time_ns,
@@ -420,12 +441,11 @@ def sign_record(
 
 
 def signature_valid(record: Record, public_key: Ed25519PublicKey) -> bool:
-    """Whether the record's signature verifies under ``public_key`` (the ledger's batch check)."""
-    try:
-        public_key.verify(record.signature, DOMAIN + record.raw[: -SIGNATURE_BYTES])
-    except InvalidSignature:
+    """Whether the record's own signature verifies under ``public_key`` (the ledger's batch check); a
+    covered record has none, and is checked through the record that covers it."""
+    if record.signer is Signer.COVERED:
         return False
-    return True
+    return ed25519.valid(public_key, record.signature, DOMAIN + record.raw[: -SIGNATURE_BYTES])
 
 
 HELLO_DOMAIN = b"theater/hello/v1\x00"
@@ -433,7 +453,7 @@ HELLO_DOMAIN = b"theater/hello/v1\x00"
 
 def sign_hello(key: Ed25519PrivateKey, token: bytes) -> bytes:
     """A worker's proof that it holds the key it announces, bound to its spawn token."""
-    return key.sign(HELLO_DOMAIN + token)
+    return ed25519.sign(key, HELLO_DOMAIN + token)
 
 
 def verify_hello(worker_key: bytes, token: bytes, proof: bytes) -> Ed25519PublicKey:
@@ -444,17 +464,16 @@ def verify_hello(worker_key: bytes, token: bytes, proof: bytes) -> Ed25519Public
         raise RecordError(f"the hello's key {weakness}")
     try:
         key = Ed25519PublicKey.from_public_bytes(worker_key)
-        key.verify(proof, HELLO_DOMAIN + token)
-    except (ValueError, InvalidSignature):
+    except ValueError:
         raise RecordError("the hello's proof does not verify under the key it announces") from None
+    if not ed25519.valid(key, proof, HELLO_DOMAIN + token):
+        raise RecordError("the hello's proof does not verify under the key it announces")
     return key
 
 
 def verify_record(record: Record, public_key: Ed25519PublicKey) -> None:
     """Check the record's signature; raise :class:`RecordError` if it does not verify."""
-    try:
-        public_key.verify(record.signature, DOMAIN + record.raw[: -SIGNATURE_BYTES])
-    except InvalidSignature:
+    if not signature_valid(record, public_key):
         raise RecordError(
             f"signature of record {record.seq} ({record.kind.name.lower()}) does not verify"
-        ) from None
+        )

@@ -2,7 +2,9 @@
 
 The worker's Ed25519 key is made at start and never leaves the process; the
 supervisor learns the public half in the hello frame and signs it into the
-chain, so every record below can be traced to this process.
+chain, so every record below can be traced to this process. Logs and host
+calls are written covered (unsigned): the record that ends the call is signed,
+and through the hash chain its one signature covers them (docs/event-records.md).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from theater.records import Kind, Record, sha256, sign_record
+from theater.records import COVERABLE, Kind, Record, sha256, sign_record
 
 __all__ = ["Recorder"]
 
@@ -39,6 +41,7 @@ class Recorder:
             prev_hash=self.head_hash,
             state_hash=state_hash,
             fields=fields,
+            covered=kind in COVERABLE,
         )
         self.next_seq += 1
         self.head_hash = record.hash
