@@ -234,10 +234,27 @@ def spawn_to_first_reply(t: Running, n: int, component: str = "echo.wat", prefix
     return out, summary
 
 
-def tree_to_all_answering(t: Running, children: int, runs: int) -> list[float]:
+def tree_to_all_answering(t: Running, children: int, runs: int) -> tuple[list[float], list[float], list[float]]:
     """P1d: `spawn` of one manifest holding a one_for_one node of ``children`` WAT echo agents, until every
-    child has answered a call (the spawn request answers once the node has started its children)."""
-    out = []
+    child has answered a call (the spawn request answers once the node has started its children).
+
+    Also the A/B the burst is held to: an agent already running is called in a loop from another client,
+    idle for as many calls as the bursts take, then during the bursts; returns (bursts, idle calls, calls
+    during the bursts)."""
+    import threading
+
+    t.client.spawn(t.manifest("bystander", "echo.wat"))
+    calls: list[float] = []
+    stop = threading.Event()
+
+    def bystander() -> None:
+        with Client(t.home, timeout=120) as c:
+            while not stop.is_set():
+                start = time.perf_counter()
+                c.call("bystander", b"x" * 100)
+                calls.append(time.perf_counter() - start)
+
+    out, idle, during = [], [], []
     for run in range(runs):
         name = f"tree{run}"
         path = t.root / f"{name}.toml"
@@ -245,13 +262,26 @@ def tree_to_all_answering(t: Running, children: int, runs: int) -> list[float]:
         for i in range(children):
             text += f'\n[[children]]\nname = "{name}c{i}"\ncomponent = "{COMPONENTS / "echo.wat"}"\npolicy = "default"\n'
         path.write_text(text)
+        stop.clear()
+        thread = threading.Thread(target=bystander)
+        thread.start()
+        deadline = time.perf_counter() + (out[-1] if out else 1.0)
+        while time.perf_counter() < deadline:  # the bystander alone, as long as a burst takes
+            time.sleep(0.01)
+        idle += calls
+        calls.clear()
         start = time.perf_counter()
         t.client.spawn(path)
         for i in range(children):
             t.client.call(f"{name}c{i}", b"hi")
         out.append(time.perf_counter() - start)
+        during += calls
+        stop.set()
+        thread.join()
+        calls.clear()
         t.client.stop(name)
-    return out
+    t.client.stop("bystander")
+    return out, idle, during
 
 
 def round_trip_floor(t: Running, n: int, zmq100: list[float], commit_ms: float) -> float:
@@ -803,7 +833,7 @@ def main() -> int:
         commit_ms = sqlite_commit_ms(t, 200 if q else 1000)
         floor_ms = round_trip_floor(t, 2000, zmq100, commit_ms)
         restart, restart_phases = restart_to_reply(t, 5 if q else 15)
-        tree = tree_to_all_answering(t, 100, 1 if q else 3)
+        tree, bystander_idle, bystander_burst = tree_to_all_answering(t, 100, 2 if q else 4)
         spawn_b2b, _ = spawn_to_first_reply(t, 5 if q else 15, prefix="b2b", idle_before=0.0)
         restart_b2b, _ = restart_to_reply(t, 5 if q else 15, idle_before=0.0, name="restart-b2b")
         rate, records = stored_records_per_second(t, 10, 50 if q else 300)
@@ -848,6 +878,10 @@ def main() -> int:
         print("P1c skipped: JavaScript agents need Node.js and npm", file=sys.stderr)
     row("P1d", "tree of 100 WAT echo agents, one manifest: spawn -> all have answered, p50",
         statistics.median(tree) * ms, statistics.median(spawn) * ms * 100, "100 x P1 (one at a time)", "ms", "<= 1000 ms")
+    row("P1d", "  a running agent's call during the bursts, p50", pct(bystander_burst, 50) * ms,
+        pct(bystander_idle, 50) * ms, "the same agent's calls just before, p50", "ms", "a few %")
+    row("P1d", "  the same, p99", pct(bystander_burst, 99) * ms, pct(bystander_idle, 99) * ms,
+        "the same agent's calls just before, p99", "ms", "-")
     row("P2", "call round trip 100 B, p50", pct(rt100, 50) * ms, floor_ms,
         "floor: 2 raw zmq round trips + commit + sign + verify", "ms", "<= 1.25x baseline")
     row("P2", "  the same against one raw pyzmq round trip", pct(rt100, 50) * ms, pct(zmq100, 50) * ms,
