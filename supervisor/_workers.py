@@ -49,7 +49,6 @@ HELLO_TIMEOUT_S = 20.0
 LAST_FRAMES_MS = 100  # how long a dead worker's last frame may trail its exit
 WATCHDOG_GRACE_S = 5.0
 LOAD_GRACE_S = 120.0  # more for a worker's first call: loading may compile components (about 1 s per 2 MB here)
-MIN_FRAMES_OF_TWO_RECORDS = 6  # identity, header, meta, state (if any), then one frame per record
 RESULT_HEADER = wire.header(wire.WorkerType.RESULT)
 
 
@@ -308,11 +307,12 @@ class Workers:
             self.log(f"{agent.name}: cannot send to worker: {exc}")
 
     def _precheck(self, messages: list[list[bytes]]) -> dict[int, Prechecked]:
-        """With two or more records in a drain batch, start checking all their signatures on the
-        verify pool (Ed25519 releases the GIL) while this thread parses and links them in order.
-        (A lone one-record result is checked in line: handing it over would only add latency.)"""
+        """With two or more results in a drain batch, start checking their signatures on the verify pool
+        (Ed25519 releases the GIL) while this thread parses and links the records in order. A lone result
+        is checked in line: a worker signs one record per result (its logs and host calls are covered),
+        so handing that one signature over would only add latency."""
         results = [f for f in messages if len(f) > 2 and f[1] == RESULT_HEADER]
-        if len(results) < 2 and not any(len(f) >= MIN_FRAMES_OF_TWO_RECORDS for f in results):
+        if len(results) < 2:
             return {}
         out = {}
         for frames in results:
