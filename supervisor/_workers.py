@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import select
 import time
 from collections import deque
 from collections.abc import Callable
@@ -84,6 +85,10 @@ class Workers:
         self.by_identity: dict[bytes, Agent] = {}
         self.by_token: dict[bytes, Agent] = {}
         self.by_pidfd: dict[int, Agent] = {}
+        # Every worker's pidfd, in one epoll set that the loop polls as one descriptor: a turn of the loop costs
+        # the same with 3,000 workers as with one (zmq_poll over every pidfd took 70 µs a turn at 2,000).
+        self.exits = select.epoll()
+        self.poller.register(self.exits.fileno(), zmq.POLLIN)
         self.call_ids = itertools.count(1)
         self.ending: set[Agent] = set()  # reaped, waiting for a last frame that may trail the exit
         self._hellos: deque[tuple[bytes, list[bytes], Agent | None]] = deque()  # handled one per turn
@@ -118,9 +123,16 @@ class Workers:
         self.timers.after(HELLO_TIMEOUT_S, lambda: self._hello_timeout(agent, worker))
 
     def _watch(self, agent: Agent, worker: WorkerProcess) -> None:
-        """Learn of the worker's end through its pidfd, in the loop's poller."""
+        """Learn of the worker's end through its pidfd, in the epoll set the loop polls."""
         self.by_pidfd[worker.pidfd] = agent
-        self.poller.register(worker.pidfd, zmq.POLLIN)
+        self.exits.register(worker.pidfd, select.EPOLLIN)
+
+    def reap_exited(self) -> None:
+        """The epoll set is readable: take every worker whose pidfd says it has ended."""
+        for fd, _ in self.exits.poll(0):
+            agent = self.by_pidfd.get(fd)
+            if agent is not None:
+                self.on_exit(agent)
 
     def settle_spawns(self, timeout: float = 0.0) -> None:
         """Take the fork-server's answers: each worker that now has a pid is watched."""
@@ -427,7 +439,7 @@ class Workers:
         """A worker's pidfd fired: reap it; once its last frame had its chance to arrive, record and decide."""
         worker = agent.worker
         assert worker is not None
-        self.poller.unregister(worker.pidfd)
+        self.exits.unregister(worker.pidfd)
         self.by_pidfd.pop(worker.pidfd, None)
         code = worker.reap()
 
@@ -501,3 +513,4 @@ class Workers:
                 agent.worker.kill("shutdown")
         with contextlib.suppress(zmq.ZMQError):
             self.socket.close(0)
+        self.exits.close()
