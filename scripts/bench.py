@@ -239,8 +239,8 @@ def tree_to_all_answering(t: Running, children: int, runs: int) -> tuple[list[fl
     child has answered a call (the spawn request answers once the node has started its children).
 
     Also the A/B the burst is held to: an agent already running is called in a loop from another client,
-    idle for as many calls as the bursts take, then during the bursts; returns (bursts, idle calls, calls
-    during the bursts)."""
+    alone for as long as a burst takes, then during a second burst. Returns (the bursts timed alone, the
+    bystander's calls alone, its calls during the bursts)."""
     import threading
 
     t.client.spawn(t.manifest("bystander", "echo.wat"))
@@ -254,32 +254,36 @@ def tree_to_all_answering(t: Running, children: int, runs: int) -> tuple[list[fl
                 c.call("bystander", b"x" * 100)
                 calls.append(time.perf_counter() - start)
 
-    out, idle, during = [], [], []
-    for run in range(runs):
-        name = f"tree{run}"
+    def burst(name: str) -> float:
         path = t.root / f"{name}.toml"
         text = f'name = "{name}"\nstrategy = "one_for_one"\n'
         for i in range(children):
             text += f'\n[[children]]\nname = "{name}c{i}"\ncomponent = "{COMPONENTS / "echo.wat"}"\npolicy = "default"\n'
         path.write_text(text)
-        stop.clear()
-        thread = threading.Thread(target=bystander)
-        thread.start()
-        deadline = time.perf_counter() + (out[-1] if out else 1.0)
-        while time.perf_counter() < deadline:  # the bystander alone, as long as a burst takes
-            time.sleep(0.01)
-        idle += calls
-        calls.clear()
         start = time.perf_counter()
         t.client.spawn(path)
         for i in range(children):
             t.client.call(f"{name}c{i}", b"hi")
-        out.append(time.perf_counter() - start)
+        took = time.perf_counter() - start
+        t.client.stop(name)
+        return took
+
+    out, idle, during = [], [], []
+    for run in range(runs):
+        out.append(burst(f"tree{run}"))
+        stop.clear()
+        thread = threading.Thread(target=bystander)
+        thread.start()
+        deadline = time.perf_counter() + out[-1]
+        while time.perf_counter() < deadline:  # the bystander alone, as long as a burst takes
+            time.sleep(0.01)
+        idle += calls
+        calls.clear()
+        burst(f"tree{run}ab")
         during += calls
         stop.set()
         thread.join()
         calls.clear()
-        t.client.stop(name)
     t.client.stop("bystander")
     return out, idle, during
 
@@ -481,18 +485,17 @@ def restart_to_reply(t: Running, n: int, idle_before: float = IDLE_BEFORE_S,
     out = []
     phases: dict[str, list[float]] = {"kill -> exit recorded": [], "exit -> new worker's hello": []}
     for _ in range(n):
-        pid = next(a["pid"] for a in t.client.ps() if a["name"] == name)
+        info = next(a for a in t.client.ps() if a["name"] == name)
+        pid, head = info["pid"], info["head"]
         time.sleep(idle_before)
         wall = time.time_ns()
         start = time.perf_counter()
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while True:  # the call must reach the new worker, not the dying one
-            info = next(a for a in t.client.ps() if a["name"] == name)
-            if info["status"] == "running" and info["pid"] not in (None, pid):
-                break
-            if info["status"] == "failed" or time.monotonic() > deadline:
-                raise RuntimeError(f"the restarted agent did not come back: {info}")
+        # The call must reach the new worker, not the dying one: wait for the exit and worker-key records
+        # (one request that the supervisor answers when the head moves; polling `ps` would load it with a
+        # listing of every agent of the home).
+        while head < info["head"] + 2:
+            head = t.client.wait_events(name, head, 30_000)
         t.client.call(name, b"y")
         out.append(time.perf_counter() - start)
         records = _records(t, name)
