@@ -678,9 +678,10 @@ def idle_pss(t: Running, n: int) -> dict[str, float]:
     pss = [_pss(pid) for pid in pids]
     zygote = [p for p in psutil.Process(t.supervisor_pid()).children() if p.name() == "theater-zygote"]
     ps_ms, call_ms = [], []
+    listed = 0
     for _ in range(50):
         start = time.perf_counter()
-        t.client.ps()
+        listed = len(t.client.ps())
         ps_ms.append(time.perf_counter() - start)
     for _ in range(500):
         start = time.perf_counter()
@@ -688,7 +689,7 @@ def idle_pss(t: Running, n: int) -> dict[str, float]:
         call_ms.append(time.perf_counter() - start)
     out = {"pss": statistics.mean(pss), "zygote pss": _pss(zygote[0].pid) if zygote else float("nan"),
            "supervisor pss": _pss(t.supervisor_pid()), "ps p50": pct(ps_ms, 50) * 1000,
-           "ps p99": pct(ps_ms, 99) * 1000, "call p50": pct(call_ms, 50) * 1000, "call p99": pct(call_ms, 99) * 1000}
+           "ps p99": pct(ps_ms, 99) * 1000, "listed": float(listed), "call p50": pct(call_ms, 50) * 1000, "call p99": pct(call_ms, 99) * 1000}
     for name in names:
         t.client.stop(name)
     return out
@@ -956,7 +957,8 @@ def main() -> int:
         "one idle agent's PSS", "MiB", "-")
     row("P6", f"  a call's round trip with {idle_n} agents running, p99", idle["call p99"], idle["call p50"],
         "its p50", "ms", "<= 5 ms")
-    row("P6", f"  `ps` with {idle_n} agents running, p99", idle["ps p99"], idle["ps p50"], "its p50", "ms", "<= 5 ms")
+    row("P6", f"  `ps` with {idle_n} agents running (it lists all {idle['listed']:.0f} of the home), p99", idle["ps p99"],
+        idle["ps p50"], "its p50", "ms", "<= 5 ms")
     for label in [k for k in p7 if not k.endswith(" generic") and not k.startswith("floor ")]:
         row("P7", f"guest<->host echo {label}, p50", pct(p7[label], 50) * us, pct(p7[label + ' generic'], 50) * us,
             "wasmtime-py generic call, same payload", "us",
