@@ -39,7 +39,7 @@ from theater.capabilities import CAPABILITIES
 from theater.chain import ChainVerifier
 from theater.client import ClientError
 from theater.errors import ProtocolError
-from theater.records import STATUSES, ZERO_HASH, Kind, Record, sha256, sign_record
+from theater.records import STATUSES, ZERO_HASH, Kind, Record, Signer, sha256, sign_record
 from theater.spec import Limits
 from worker._caps._host import Host
 from worker._caps.runtime import Runtime
@@ -75,9 +75,11 @@ class Chain:
         self.verifier = ChainVerifier(self.supervisor.public_key())
         self.verifier.advance(self.genesis)
 
-    def frames(self, *before: Signed, call: wire.Call = HANDLE, state: bytes | None = None, **final: Any) -> list[bytes]:
-        """The frames of a RESULT for ``call``: ``before`` (logs, host calls), then the final record, whose
-        fields are those an honest worker writes for a call that succeeded, with ``final`` in their place."""
+    def frames(self, *before: Signed, call: wire.Call = HANDLE, state: bytes | None = None, covered: bool = False,
+               **final: Any) -> list[bytes]:
+        """The frames of a RESULT for ``call``: ``before`` (logs, host calls; ``covered``: unsigned, as a worker
+        of this build writes them), then the final record, whose fields are those an honest worker writes for
+        a call that succeeded, with ``final`` in their place."""
         kind, fields = final_record(call)
         fields.update(final)
         records: list[Record] = []
@@ -85,7 +87,7 @@ class Chain:
         for i, (k, f) in enumerate([*before, (kind, fields)]):
             last = i == len(before)
             record = sign_record(self.worker, kind=k, agent_id=AGENT.bytes, seq=self.verifier.next_seq + i,
-                                 time_ns=2, prev_hash=head, fields=f,
+                                 time_ns=2, prev_hash=head, fields=f, covered=covered and not last,
                                  state_hash=sha256(state) if last and state is not None else sha256(b""))
             records.append(record)
             head = record.hash
@@ -168,6 +170,45 @@ RECORD_CASES: dict[str, tuple[Signed, Signed, str, int]] = {
                        host_call("get-random-u64", output=bytes(8), interface=LONGEST_WASI + "a"), "interface",
                        MAX_WASM_NAME_BYTES),
 }
+
+
+@PATHS
+def test_covered_logs_and_host_calls_pass_under_the_final_records_signature(ahead: bool) -> None:
+    chain = Chain()
+    checked = passes(chain.frames(log("tick"), host_call("now", output=bytes(8)), covered=True), chain, ahead=ahead)
+    assert [r.signer for r in checked.commit.records] == [Signer.COVERED, Signer.COVERED, Signer.WORKER]
+    assert [len(r.signature) for r in checked.commit.records] == [0, 0, 64]
+
+
+@PATHS
+def test_a_covered_record_changed_after_the_signature_is_refused(ahead: bool) -> None:
+    """The covering signature holds the covered records through the hash chain: one changed byte of a covered
+    log breaks the link of the record after it, though every signature present still verifies."""
+    chain = Chain()
+    frames = chain.frames(log("tick"), host_call("now", output=bytes(8)), covered=True)
+    result = wire.Result.decode(frames, max_records=10)
+    changed = bytearray(result.records[0])
+    changed[-2] ^= ord("t") ^ ord("k")  # "tick" -> "tikk": same length, still parses
+    frames = wire.Result(HANDLE.call_id, None, [bytes(changed), *result.records[1:]]).encode()[1:]
+    refused(frames, chain, "record 2: previous-hash does not match", ahead=ahead, precheck_refuses=False)
+
+
+@PATHS
+def test_a_result_that_ends_with_a_covered_record_is_refused(ahead: bool) -> None:
+    """Only the record that ends a call is signed; a result with nothing signed after its covered records
+    (or ending in one) is a violation before any chain rule."""
+    chain = Chain()
+    frames = chain.frames(log("tick"), log("tock"), covered=True)
+    result = wire.Result.decode(frames, max_records=10)
+    frames = wire.Result(HANDLE.call_id, None, result.records[:2]).encode()[1:]
+    refused(frames, chain, "must be host calls and logs, then one handle record", ahead=ahead)
+
+
+@PATHS
+def test_a_covered_record_past_a_bound_is_refused_as_a_signed_one(ahead: bool) -> None:
+    chain = Chain()
+    refused(chain.frames(log("x" * (LIMITS.max_log_bytes + 1)), covered=True), chain,
+            f"message of {LIMITS.max_log_bytes + 1} bytes exceeds {LIMITS.max_log_bytes}", ahead=ahead)
 
 
 @PATHS
