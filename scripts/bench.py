@@ -288,7 +288,7 @@ def tree_to_all_answering(t: Running, children: int, runs: int) -> tuple[list[fl
     return out, idle, during
 
 
-def round_trip_floor(t: Running, n: int, zmq100: list[float], commit_ms: float) -> float:
+def round_trip_floor(n: int, zmq100: list[float], commit_ms: float) -> float:
     """P2's floor in ms: two raw ZeroMQ round trips (client <-> supervisor <-> worker), one durable commit,
     one Ed25519 sign and one verify of a 300-byte record, with the implementation the record path uses."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -689,7 +689,8 @@ def idle_pss(t: Running, n: int) -> dict[str, float]:
         call_ms.append(time.perf_counter() - start)
     out = {"pss": statistics.mean(pss), "zygote pss": _pss(zygote[0].pid) if zygote else float("nan"),
            "supervisor pss": _pss(t.supervisor_pid()), "ps p50": pct(ps_ms, 50) * 1000,
-           "ps p99": pct(ps_ms, 99) * 1000, "listed": float(listed), "call p50": pct(call_ms, 50) * 1000, "call p99": pct(call_ms, 99) * 1000}
+           "ps p99": pct(ps_ms, 99) * 1000, "listed": float(listed),
+           "call p50": pct(call_ms, 50) * 1000, "call p99": pct(call_ms, 99) * 1000}
     for name in names:
         t.client.stop(name)
     return out
@@ -848,7 +849,7 @@ def main() -> int:
                                                      message=b"get") if js_wasm else ([], {})
         rt100, rt_phases = call_round_trip(t, 300 if q else 2000, 100)
         commit_ms = sqlite_commit_ms(t, 200 if q else 1000)
-        floor_ms = round_trip_floor(t, 2000, zmq100, commit_ms)
+        floor_ms = round_trip_floor(2000, zmq100, commit_ms)
         restart, restart_phases = restart_to_reply(t, 5 if q else 15)
         tree, bystander_idle, bystander_burst = tree_to_all_answering(t, 100, 2 if q else 4)
         spawn_b2b, _ = spawn_to_first_reply(t, 5 if q else 15, prefix="b2b", idle_before=0.0)

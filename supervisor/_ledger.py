@@ -214,8 +214,7 @@ def _verify_all(records: list[Record], key: Ed25519PublicKey) -> list[bool]:
     return [signature_valid(r, key) for r in records]
 
 
-_ENDING_SIGNERS = (Signer.WORKER,)
-_DURING_SIGNERS = (Signer.WORKER, Signer.COVERED)
+_DURING_SIGNERS = (Signer.WORKER, Signer.COVERED)  # a call's logs and host calls: signed, or covered
 
 
 def precheck(frames: list[bytes], *, verifier: ChainVerifier, limits: Limits) -> Prechecked | None:
@@ -228,18 +227,18 @@ def precheck(frames: list[bytes], *, verifier: ChainVerifier, limits: Limits) ->
         result = wire.Result.decode(frames, max_records=max_records(limits))
         records = [Record.parse(raw) for raw in result.records]
         final = records[-1]
-        if (final.signer not in _ENDING_SIGNERS or final.kind not in FINAL_KINDS
+        if (final.signer is not Signer.WORKER or final.kind not in FINAL_KINDS
                 or any(r.kind not in WORKER_KINDS or r.signer not in _DURING_SIGNERS for r in records[:-1])):
             return None
         bounded = _bound(records, limits, None)
     except (ProtocolError, RecordError, Violation, _Served):
         return None
-    signed = [r for r in records if r.signer is Signer.WORKER]
+    signed_at = [i for i, r in enumerate(records) if r.signer is Signer.WORKER]
+    signed = [records[i] for i in signed_at]
     chunk = -(-len(signed) // VERIFY_THREADS)
     pool = _executor()
     tasks = [pool.submit(_verify_all, signed[i:i + chunk], key) for i in range(0, len(signed), chunk)]
-    positions = {i: nth for nth, i in enumerate(i for i, r in enumerate(records) if r.signer is Signer.WORKER)}
-    return Prechecked(records, bounded, key, chunk, positions, tasks)
+    return Prechecked(records, bounded, key, chunk, {i: nth for nth, i in enumerate(signed_at)}, tasks)
 
 
 def check_result(

@@ -42,8 +42,8 @@ started, unless spawns come in a burst (this one within 50 ms of the one
 before, as a tree's children or a crash storm's replacements do): then the
 next spare is made at once, so it hardens while the agent just started loads,
 and the next spawn finds it ready. A spawn that must wait for a compile, or
-finds no spare, forks as before. The supervisor, the spare's parent, is told of each spare so it can
-reap one that ends unused.
+finds no spare, forks as before. The supervisor, the spare's parent, is told
+of each spare so it can reap one that ends unused.
 
 Its messages with the supervisor are the typed ones of ``theater.forkserver``
 (one JSON datagram each, descriptors as SCM_RIGHTS; ``docs/wire-protocol.md``
