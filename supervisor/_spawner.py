@@ -54,7 +54,7 @@ from theater.forkserver import (
     decode_from_fork_server,
 )
 from theater.home import Home
-from theater.spec import Limits
+from theater.spec import Hardening, Limits, LoadProfile
 
 from ._artifacts import ArtifactCache
 from ._errors import ZygoteGone
@@ -127,6 +127,12 @@ class AgentLike(Protocol):
     def component_sha256(self) -> str: ...
     @property
     def limits(self) -> Limits: ...
+    @property
+    def capabilities(self) -> tuple[str, ...]: ...
+    @property
+    def hardening(self) -> Hardening: ...
+    @property
+    def helpers(self) -> tuple[tuple[str, str], ...]: ...
 
 
 WORKER_COMMAND = (sys.executable, "-m", "worker")
@@ -216,10 +222,10 @@ class Zygote:
         return True
 
     def request(self, workdir: str, artifact: ArtifactOffer | None, compile_request: CompileRequest | None,
-                fds: list[int]) -> int:
+                fds: list[int], profile: LoadProfile | None = None) -> int:
         """Ask for a worker (the descriptors go with the request); its id. The answer comes by ``answers``."""
         self._ids += 1
-        request = Spawn(self._ids, workdir, artifact, compile_request)
+        request = Spawn(self._ids, workdir, artifact, compile_request, profile)
         try:
             socket.send_fds(self.sock, [request.encode()], fds)
         except OSError as exc:
@@ -418,7 +424,9 @@ class Spawner:
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                request = zygote.request(str(workdir), artifact, compile_request, [read_end, log_fd])
+                profile = LoadProfile(agent.component_path, agent.component_sha256, agent.capabilities, agent.limits,
+                                      agent.hardening, agent.helpers)
+                request = zygote.request(str(workdir), artifact, compile_request, [read_end, log_fd], profile)
             finally:
                 os.close(log_fd)
         except ZygoteGone as exc:

@@ -104,42 +104,110 @@ def test_forked_workers_harden_themselves_make_own_keys_and_are_the_supervisors_
         assert c.call("a", b"y") == b"2"
 
 
-def _spare_of(t: Theater, c: Client, not_pid: int | None = None) -> psutil.Process:
-    """The fork-server's spare worker: a forked worker of the supervisor's that no agent has (yet)."""
+def _maps_an_artifact(p: psutil.Process) -> bool:
+    """Whether the process has a compiled component mapped (a loaded spare does; a plain one has none yet)."""
+    try:
+        return any("memfd:theater-artifact-" in m.path for m in p.memory_maps(grouped=True))
+    except psutil.Error:
+        return False
+
+
+def _spares(t: Theater, c: Client) -> list[psutil.Process]:
+    """The fork-server's spare workers: forked workers of the supervisor's that no agent has (yet)."""
     assert t.proc is not None
-    supervisor = t.proc.pid
+    taken = {a["pid"] for a in c.ps()}
+    out = []
+    for p in _children(t.proc.pid):
+        try:
+            if p.name() == "theater-worker" and p.pid not in taken and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:  # it ended while we looked
+            continue
+    return out
+
+
+def _spare_of(t: Theater, c: Client, not_pid: int | None = None, *, loaded: bool | None = None) -> psutil.Process:
+    """A spare worker of the fork-server (other than ``not_pid``): one that has loaded a component ahead
+    (``loaded=True``), a plain one (``False``), or either (None)."""
 
     def spare() -> psutil.Process | None:
-        taken = {a["pid"] for a in c.ps()}
-        for p in _children(supervisor):
-            try:
-                if (p.name() == "theater-worker" and p.pid not in taken and p.pid != not_pid
-                        and p.status() != psutil.STATUS_ZOMBIE):
-                    return p
-            except psutil.Error:  # it ended while we looked
-                continue
+        for p in _spares(t, c):
+            if p.pid != not_pid and (loaded is None or _maps_an_artifact(p) == loaded):
+                return p
         return None
 
-    return wait_until(spare, 20, "the fork-server's spare worker")  # type: ignore[return-value]
+    what = {None: "spare", True: "loaded spare", False: "plain spare"}[loaded]
+    return wait_until(spare, 20, f"the fork-server's {what} worker")  # type: ignore[return-value]
 
 
 def test_a_spawn_takes_the_spare_worker_hardened_before_it_was_needed(theater: Theater) -> None:
-    """Between spawns the fork-server keeps one worker forked, hardened and connected; a spawn gives it
-    its agent (so the agent's worker is that very process), and a new spare follows."""
+    """Between spawns the fork-server keeps a plain worker forked, hardened and connected; a spawn of a
+    component whose artifact is ready gives it its agent (so the agent's worker is that very process), and
+    a new spare follows."""
     with theater.client() as c:
         c.spawn(theater.manifest("a", "echo.wat"))  # the artifact is compiled and cached
-        spare = _spare_of(theater, c)
+        spare = _spare_of(theater, c, loaded=False)
         # Its ZeroMQ threads: it connects before it has an agent.
         wait_until(lambda: len(spare.threads()) > 1, 20, "the spare to connect")
-        c.spawn(theater.manifest("b", "echo.wat"))  # the same component: its artifact is ready
+        # The same component under other limits: no spare has loaded it, the plain one takes it.
+        c.spawn(theater.manifest("b", "echo.wat", limits={"max_logs_per_call": 50}))
         assert ps(c, "b")["pid"] == spare.pid
         assert c.call("b", b"x") == b"x"
-        following = _spare_of(theater, c, not_pid=spare.pid)
+        following = _spare_of(theater, c, not_pid=spare.pid, loaded=False)
         assert following.pid != spare.pid
     [genesis] = [r for r in records(theater, "b") if r.kind is Kind.GENESIS]
     confinement = json.loads(genesis.fields()["confinement"])
     assert {k: v for k, v in confinement.items() if "." not in k} == {
         layer: "applied" for layer in ("hygiene", *HARDENING_LAYERS)}
+
+
+def test_a_spare_loads_the_component_of_the_last_spawn_and_takes_the_next_agent_or_restart(theater: Theater) -> None:
+    """After a spawn, a spare loads and instantiates that component under the same profile (capabilities,
+    limits, hardening) before any agent is known; the next spawn of it, and the restart of a crashed
+    worker, are given that spare, whose records are the agent's own and whose state is the agent's."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("a", "counter.wat"))
+        loaded = _spare_of(theater, c, loaded=True)
+        wait_until(lambda: len(loaded.threads()) > 1, 20, "the loaded spare to connect")
+        c.spawn(theater.manifest("b", "counter.wat"))
+        assert ps(c, "b")["pid"] == loaded.pid
+        assert [c.call("b", b"x") for _ in range(2)] == [b"1", b"2"]
+        assert c.call("a", b"x") == b"1"
+        replacement = _spare_of(theater, c, not_pid=loaded.pid, loaded=True)
+        crashed = ps(c, "a")["pid"]
+        os.kill(crashed, signal.SIGKILL)
+        assert wait_running(c, "a", crashed)["pid"] == replacement.pid
+        assert c.call("a", b"x") == b"2"  # the committed state, in the instance loaded ahead
+    for name in ("a", "b"):
+        keys = [r.fields()["worker_key"] for r in records(theater, name, check_seq=False)
+                if r.kind in (Kind.GENESIS, Kind.WORKER_KEY)]
+        assert len(set(keys)) == len(keys)  # every worker its own key, loaded ahead or not
+
+
+def test_a_component_that_calls_the_host_while_instantiated_is_not_loaded_ahead(theater: Theater) -> None:
+    """start_now.wat reads the clock from a start function, while it is instantiated: a spare that loads it
+    ahead of its agent has no chain to record that on. The worker instantiates it again once it has the
+    agent, so each agent's chain holds its own host call, before its init."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("a", "start_now.wat"))
+        wait_until(lambda: len(_spares(theater, c)) >= 2, 20, "the plain spare and the one for start_now.wat")
+        c.spawn(theater.manifest("b", "start_now.wat"))
+        assert c.call("b", b"hi") == b"hi"
+    for name in ("a", "b"):
+        kinds = [(r.kind, r.fields().get("function")) for r in records(theater, name)][:3]
+        assert kinds == [(Kind.GENESIS, None), (Kind.HOST_CALL, "now"), (Kind.INIT, None)], (name, kinds)
+
+
+def test_spares_are_loaded_for_the_four_profiles_spawned_last(theater: Theater) -> None:
+    """One loaded spare per profile, for the four spawned most recently: the fifth profile's spawn ends the
+    spare of the first, so idle spares cost a bounded amount of memory."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("p0", "echo.wat"))
+        first = _spare_of(theater, c, loaded=True)
+        for i in range(1, 5):
+            c.spawn(theater.manifest(f"p{i}", "echo.wat", limits={"max_logs_per_call": 10 + i}))
+        wait_until(lambda: gone(first.pid), 20, "the spare of the profile spawned least lately to end")
+        wait_until(lambda: sum(map(_maps_an_artifact, _spares(theater, c))) == 4, 20, "four loaded spares")
 
 
 def test_a_spare_that_dies_unused_is_reaped_and_replaced(theater: Theater) -> None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import ProtocolError
+from .spec import LoadProfile
 
 __all__ = [
     "MAX_MESSAGE",
@@ -123,11 +124,15 @@ class Spawn:
     workdir: str
     artifact: ArtifactOffer | None
     compile: CompileRequest | None
+    profile: LoadProfile | None = None  # what the agent loads, so a spare can load it ahead for the next one
 
     def encode(self) -> bytes:
-        return _dumps({"op": "spawn", "id": self.id, "workdir": self.workdir,
-                       "artifact": None if self.artifact is None else asdict(self.artifact),
-                       "compile": None if self.compile is None else asdict(self.compile)})
+        obj = {"op": "spawn", "id": self.id, "workdir": self.workdir,
+               "artifact": None if self.artifact is None else asdict(self.artifact),
+               "compile": None if self.compile is None else asdict(self.compile)}
+        if self.profile is not None:
+            obj["profile"] = self.profile.to_json()
+        return _dumps(obj)
 
     @classmethod
     def decode(cls, data: bytes) -> Spawn:
@@ -151,7 +156,13 @@ class Spawn:
                 _get(compile_, "component_path", str, what), _get(compile_, "component_sha256", str, what),
                 _get(compile_, "limits", dict, what), _get(compile_, "label", str, what),
             )
-        return cls(_get(obj, "id", int, "spawn request"), _get(obj, "workdir", str, "spawn request"), artifact, compile_)
+        profile = obj.get("profile")
+        if profile is not None:
+            if artifact is None and compile_ is None:
+                raise ProtocolError("spawn request: a 'profile' comes only with an 'artifact' or a 'compile'")
+            profile = LoadProfile.from_json(profile)  # the spare checks the artifact's key against it as it loads
+        return cls(_get(obj, "id", int, "spawn request"), _get(obj, "workdir", str, "spawn request"), artifact,
+                   compile_, profile)
 
 
 # --- fork-server -> supervisor -------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 from .capabilities import CAPABILITIES
 from .errors import ProtocolError
 
-__all__ = ["DEFAULT_HARDENING", "HARDENING_LAYERS", "LIMIT_BOUNDS", "AgentSpec", "Hardening", "Limits"]
+__all__ = ["DEFAULT_HARDENING", "HARDENING_LAYERS", "LIMIT_BOUNDS", "AgentSpec", "Hardening", "Limits", "LoadProfile"]
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -118,6 +118,47 @@ def _helpers(data: Any) -> tuple[tuple[str, str], ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadProfile:
+    """What loading an agent's component depends on, and nothing of the agent itself.
+
+    Two agents with equal profiles load into identical sandboxes, so a spare
+    worker can load one ahead, before it knows which agent it will run (the
+    fork-server's loaded spares, ``docs/wire-protocol.md`` section 9).
+    """
+
+    component_path: str
+    component_sha256: str
+    capabilities: tuple[str, ...]
+    limits: Limits
+    hardening: Hardening = DEFAULT_HARDENING
+    helpers: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "component_path": self.component_path, "component_sha256": self.component_sha256,
+            "capabilities": list(self.capabilities), "limits": self.limits.as_dict(),
+            "hardening": self.hardening.as_dict(), "helpers": [list(h) for h in self.helpers],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> LoadProfile:
+        if not isinstance(data, dict) or set(data) != _PROFILE_KEYS:
+            raise ProtocolError(f"a load profile has exactly the keys {sorted(_PROFILE_KEYS)}")
+        try:
+            caps = tuple(data["capabilities"])
+            if any(c not in CAPABILITIES for c in caps):
+                raise ProtocolError(f"load profile grants unknown capabilities {caps}")
+            return cls(str(data["component_path"]), str(data["component_sha256"]), caps,
+                       Limits.from_dict(data["limits"]), Hardening.from_dict(data["hardening"]),
+                       _helpers(data["helpers"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed load profile: {exc!r}") from None
+
+
+_PROFILE_KEYS = {"component_path", "component_sha256", "capabilities", "limits", "hardening", "helpers"}
+
+
+@dataclass(frozen=True, slots=True)
 class AgentSpec:
     """Everything a worker needs; sent once, right after the worker's hello."""
 
@@ -132,6 +173,11 @@ class AgentSpec:
     state_hash: str
     hardening: Hardening = DEFAULT_HARDENING
     helpers: tuple[tuple[str, str], ...] = ()  # (path, sha256) of components linked beside it (composed agents)
+
+    @property
+    def profile(self) -> LoadProfile:
+        return LoadProfile(self.component_path, self.component_sha256, self.capabilities, self.limits,
+                           self.hardening, self.helpers)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

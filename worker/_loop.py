@@ -16,8 +16,8 @@ from theater import wire
 from theater.artifacts import engine_report
 from theater.errors import ProtocolError
 from theater.exits import WorkerExit
-from theater.records import Kind, sha256, sign_hello
-from theater.spec import AgentSpec
+from theater.records import Kind, Record, sha256, sign_hello
+from theater.spec import AgentSpec, LoadProfile
 
 from ._boundary import from_guest, from_guest_utf8, to_guest
 from ._caps import Ask, Host, language_runtime, link_granted
@@ -34,7 +34,7 @@ from ._errors import CallFailed, HostLimit, LoadError
 from ._harden import lock_down, require
 from ._recorder import Recorder
 
-__all__ = ["Link", "connect", "serve"]
+__all__ = ["Link", "Loaded", "connect", "load_ahead", "serve"]
 
 SPEC_TIMEOUT_MS = 30_000
 MAX_ERROR_CHARS = 4096
@@ -63,10 +63,10 @@ def connect(endpoint: str) -> Link:
 
 
 def serve(endpoint: str, token: bytes, confinement: dict[str, str], artifact: dict[str, Any] | None = None,
-          link: Link | None = None) -> int:
+          link: Link | None = None, ahead: Loaded | None = None) -> int:
     link = link or connect(endpoint)
     try:
-        return _serve(link.sock, link.key, link.public, token, confinement, artifact)
+        return _serve(link.sock, link.key, link.public, token, confinement, artifact, ahead)
     finally:
         # Deliver whatever was sent last (a result, a fault) before the exit: a forked
         # worker ends with os._exit, which would otherwise drop ZeroMQ's queue.
@@ -81,6 +81,7 @@ def _serve(
     token: bytes,
     confinement: dict[str, str],
     artifact: dict[str, Any] | None,
+    ahead: Loaded | None,
 ) -> int:
     proof = sign_hello(key, token)
     stated = {**confinement, **ENGINE}  # what runs the agent, recorded for a replay to compare
@@ -99,7 +100,7 @@ def _serve(
     link = SupervisorLink(sock)
     try:
         require(spec.hardening)  # before any guest byte is read
-        agent = Agent(spec, state, key, link.ask, artifact)
+        agent = Agent(spec, state, key, link.ask, artifact, ahead)
         lock_down(spec.limits)  # compiled and instantiated: now the seccomp allowlist, before any guest call
     except LoadError as exc:
         sock.send_multipart([wire.header(wire.WorkerType.FAULT), wire.encode_json({"reason": exc.reason, "detail": str(exc)})])
@@ -147,6 +148,73 @@ class SupervisorLink:
                 return reply.body, reply.data
 
 
+class Loaded(NamedTuple):
+    """A component linked and instantiated for a load profile, and the host its imports call."""
+
+    profile: LoadProfile
+    host: Host
+    sandbox: Sandbox
+
+
+def load(profile: LoadProfile, host: Host, artifact: dict[str, Any] | None, *, may_compile: bool = True) -> Loaded:
+    """Exactly the granted capabilities linked, each from its host module (worker/_caps/), with the exports
+    they require; the artifact mapped (or, if there is none or it does not load, the component compiled here
+    when ``may_compile``); the component instantiated."""
+    engine = make_engine(profile.limits)
+    compiled = None
+    if artifact is not None:  # compiled once, elsewhere: map it instead of compiling (its descriptor is closed)
+        try:
+            compiled = load_artifact(engine, artifact, artifact_key(profile.component_sha256, profile.limits))
+        except LoadError as exc:
+            if not may_compile:
+                raise
+            print(f"worker: not using the cached artifact ({exc}); compiling", file=sys.stderr, flush=True)
+    elif not may_compile:
+        raise LoadError("no compiled artifact")
+    component = compiled or read_component(profile.component_path, profile.component_sha256)
+    interfaces, required = link_granted(profile.capabilities, host)
+    exports = {**AGENT_EXPORTS, **required}
+    wasi = language_runtime(host).linker_for  # not a capability: whatever WASI 0.2 the component imports
+    helpers = [read_component(path, digest) for path, digest in profile.helpers]
+    return Loaded(profile, host, Sandbox(engine, component, profile.limits, interfaces, exports, wasi, helpers))
+
+
+class _NoAgentYet(Recorder):
+    """The recorder and supervisor link of a host loaded ahead of its agent.
+
+    A component whose instantiation reaches the host (a start function that
+    logs, or asks the time) cannot be loaded ahead: what it was handed would be
+    recorded for no agent. Any such use fails the instantiation, and the worker
+    loads the component again once it has its agent.
+    """
+
+    def __init__(self) -> None:  # no key and no chain: nothing is ever appended
+        self.pending = []
+
+    def append(self, kind: Kind, fields: dict[str, Any], *, new_state: bytes | None = None) -> Record:
+        raise HostLimit("the component called the host while it was loaded ahead of its agent")
+
+    def ask(self, interface: str, body: dict[str, Any], data: bytes | None, wait_ms: int) -> tuple[dict[str, Any], bytes | None]:
+        raise HostLimit("the component called the host while it was loaded ahead of its agent")
+
+
+def load_ahead(profile: LoadProfile, artifact: dict[str, Any]) -> Loaded | None:
+    """In a spare: ``profile`` loaded before its agent is known, or None if it cannot be (the worker then
+    loads it once it has its agent, and reports any failure then). The policy's hardening is checked first,
+    as for an agent: no guest byte is read before."""
+    try:
+        require(profile.hardening)
+    except LoadError:
+        os.close(artifact["fd"])
+        return None
+    nobody = _NoAgentYet()
+    try:
+        loaded = load(profile, Host(nobody, profile.limits, "", nobody.ask), artifact, may_compile=False)
+    except Exception:  # whatever it was, the load at the agent's start meets it again and reports it
+        return None
+    return loaded if loaded.host.untouched() else None
+
+
 class Agent:
     """One agent in this worker: its sandbox, its committed state and its recorder."""
 
@@ -157,27 +225,26 @@ class Agent:
         key: Ed25519PrivateKey,
         ask: Ask,
         artifact: dict[str, Any] | None = None,
+        ahead: Loaded | None = None,
     ) -> None:
+        """``ahead``: the component this worker loaded before it was given the agent (a loaded spare),
+        used if it was loaded for exactly the spec's profile."""
         if sha256(state).hex() != spec.state_hash:
             raise LoadError("the state sent does not match the spec's state hash")
         self.limits = spec.limits
         self.state = state
         self.recorder = Recorder(key, spec.agent_id, spec.head_seq, bytes.fromhex(spec.head_hash), bytes.fromhex(spec.state_hash))
-        self.host = Host(self.recorder, spec.limits, spec.agent_id, ask)
-        # Exactly the granted capabilities, each from its host module (worker/_caps/), and the exports they require.
-        interfaces, required = link_granted(spec.capabilities, self.host)
-        exports = {**AGENT_EXPORTS, **required}
-        engine = make_engine(spec.limits)
-        compiled = None
-        if artifact is not None:  # compiled once, elsewhere: map it instead of compiling
-            try:
-                compiled = load_artifact(engine, artifact, artifact_key(spec.component_sha256, spec.limits))
-            except LoadError as exc:
-                print(f"worker: not using the cached artifact ({exc}); compiling", file=sys.stderr, flush=True)
-        component = compiled or read_component(spec.component_path, spec.component_sha256)
-        wasi = language_runtime(self.host).linker_for  # not a capability: whatever WASI 0.2 the component imports
-        helpers = [read_component(path, digest) for path, digest in spec.helpers]
-        self.sandbox = Sandbox(engine, component, spec.limits, interfaces, exports, wasi, helpers)
+        if ahead is not None and ahead.profile == spec.profile:
+            ahead.host.adopt(self.recorder, spec.agent_id, ask)
+            loaded = ahead
+            if artifact is not None:
+                os.close(artifact["fd"])  # offered again with the agent; already mapped
+        else:
+            if ahead is not None:
+                print("worker: the component loaded ahead is not the agent's; loading it", file=sys.stderr, flush=True)
+            loaded = load(spec.profile, Host(self.recorder, spec.limits, spec.agent_id, ask), artifact)
+        self.host = loaded.host
+        self.sandbox = loaded.sandbox
 
     def run(self, call: wire.Call) -> wire.Result:
         self.host.begin_call()

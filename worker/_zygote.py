@@ -80,6 +80,7 @@ from theater.errors import ProtocolError
 from theater.exits import WorkerExit
 from theater.forkserver import (
     MAX_MESSAGE,
+    ArtifactOffer,
     Compiled,
     CompileRequest,
     FromForkServer,
@@ -91,6 +92,7 @@ from theater.forkserver import (
     SpawnRefused,
 )
 from theater.home import log_line
+from theater.spec import LoadProfile
 
 from . import _harden
 from ._engine import ARTIFACT_MEMFD_PREFIX, ARTIFACT_SEALS
@@ -104,7 +106,8 @@ COMPILE_CPU_S = 600  # a compile job's CPU seconds (an 18 MB Python guest takes 
 COMPILE_AS_BYTES = 16 * 1024**3  # a compile job's address space
 PROGRESS_EVERY_S = 2.0
 MAX_SEALED = 64  # artifacts kept as memfds; the least recently spawned is dropped first
-SPARES = True  # keep one worker forked and hardened ahead of the next spawn
+SPARES = True  # keep workers forked and hardened ahead of the next spawn
+MAX_LOADED = 4  # load profiles with a spare that has also loaded their component: the most recently spawned
 SPARE_AFTER_S = 0.05  # after a spare is given out, how long this process waits before it makes the next
 BURST_S = 0.05  # spawns closer together than this are a burst: the next spare is made at once
 
@@ -243,9 +246,10 @@ def _become_worker(boot_fd: int, log_fd: int, workdir: str, artifact: Any, go_fd
     _exit_with(body)
 
 
-def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int) -> NoReturn:
-    """In a spare child: set up, harden, make a key and connect as a worker would, then wait for
-    an agent.
+def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int, profile: LoadProfile | None,
+                  artifact: dict[str, Any] | None) -> NoReturn:
+    """In a spare child: set up, harden, make a key and connect as a worker would, load ``profile``'s
+    component from ``artifact`` if given (a loaded spare), then wait for an agent.
 
     Nothing here depends on the agent: the bootstrap (endpoint, token), the log
     file and the artifact arrive over ``line_fd`` from the fork-server when a
@@ -255,13 +259,17 @@ def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int) ->
 
     def body() -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        _as_worker(workdir, devnull, {line_fd})
+        keep = {line_fd} if artifact is None else {line_fd, artifact["fd"]}
+        _as_worker(workdir, devnull, keep)
         from worker.__main__ import run
-        from worker._loop import connect
+        from worker._loop import connect, load_ahead
 
-        confinement = _harden.harden_before_connect(parent_pid, endpoint, keep=frozenset({line_fd}))
+        confinement = _harden.harden_before_connect(parent_pid, endpoint, keep=frozenset(keep))
         _harden.prepare_lock_down()
         link = connect(endpoint)
+        ahead = None
+        if profile is not None and artifact is not None:
+            ahead = load_ahead(profile, artifact)  # the artifact's descriptor is closed, used or not
         with socket.socket(fileno=line_fd) as line:
             data, fds, _flags, _addr = socket.recv_fds(line, MAX_MESSAGE, 3)
         if not data or len(fds) != 3:  # the fork-server ended before this spare was needed
@@ -270,7 +278,7 @@ def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int) ->
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-        return run(boot_fd, {**json.loads(data)["artifact"], "fd": artifact_fd}, confinement, link)
+        return run(boot_fd, {**json.loads(data)["artifact"], "fd": artifact_fd}, confinement, link, ahead)
 
     _exit_with(body)
 
@@ -316,6 +324,7 @@ class Job:
     result_fd: int
     started: float
     waiters: list[socket.socket] = field(default_factory=list)
+    profiles: list[LoadProfile] = field(default_factory=list)  # spawned while it compiles: spares load them after
     output: bytes = b""
     next_progress: float = 0.0
 
@@ -373,10 +382,12 @@ def _compile_job(request: CompileRequest, result_fd: int) -> None:
 
 @dataclass
 class Spare:
-    """A worker forked and hardened ahead of need, waiting on ``line`` for its agent."""
+    """A worker forked and hardened ahead of need, waiting on ``line`` for its agent; ``profile``: the
+    component it has also loaded and instantiated (None: a plain spare, for any agent)."""
 
     pid: int
     line: socket.socket
+    profile: LoadProfile | None = None
 
 
 class Zygote:
@@ -386,7 +397,10 @@ class Zygote:
         self.parent_pid = parent_pid
         self.regroup = False  # a fork left this process in a group that is not a fresh one
         self.gone = False  # the supervisor's end of the socket is closed
-        self.spare: Spare | None = None
+        self.spare: Spare | None = None  # the plain spare
+        self.loaded: dict[LoadProfile, Spare] = {}  # the loaded spares, one per recent profile
+        # The profiles spawned lately (most recent last, at most MAX_LOADED), with the artifact each loads.
+        self.recent: OrderedDict[LoadProfile, ArtifactOffer] = OrderedDict()
         self.spares_made = 0
         self.spares_enabled = SPARES
         self.spare_after = 0.0  # the next spare is made once this process has been idle until then
@@ -420,19 +434,20 @@ class Zygote:
         while not self.gone:
             self._prepare_next()
             timeout = PROGRESS_EVERY_S if self.jobs else None
-            if self.spare is None and self.spares_enabled:
+            if self._missing():
                 timeout = max(0.0, min(timeout or SPARE_AFTER_S, self.spare_after - time.monotonic()))
             fds = [self.sock.fileno(), *(job.result_fd for job in self.jobs.values())]
-            if self.spare is not None:
-                fds.append(self.spare.line.fileno())  # a spare never writes: readable means it ended
+            spares = self._spares()
+            fds += [spare.line.fileno() for spare in spares]  # a spare never writes: readable means it ended
             ready, _, _ = select.select(fds, [], [], timeout)
             for job in list(self.jobs.values()):
                 if job.result_fd in ready:
                     self._job_output(job)
             if self.sock.fileno() in ready and not self._request():
                 return 0  # the supervisor closed its end: it is going down
-            if self.spare is not None and self.spare.line.fileno() in ready:
-                self._spare_ended("it ended before it was needed")
+            for spare in spares:
+                if spare.line.fileno() in ready and spare in self._spares():
+                    self._spare_ended(spare, "it ended before it was needed")
             now = time.monotonic()
             for job in self.jobs.values():
                 if now >= job.next_progress:
@@ -440,20 +455,40 @@ class Zygote:
                     log(f"still compiling {job.label}: {now - job.started:.1f} s so far")
         return 0
 
+    def _spares(self) -> list[Spare]:
+        return [*self.loaded.values(), *([self.spare] if self.spare is not None else [])]
+
+    def _missing(self) -> list[LoadProfile | None]:
+        """The spares to make, most wanted first: one loaded for each recent profile (the latest first),
+        then a plain one (None)."""
+        if not self.spares_enabled:
+            return []
+        wanted: list[LoadProfile | None] = [p for p in reversed(self.recent) if p not in self.loaded]
+        return [*wanted, None] if self.spare is None else wanted
+
     def _prepare_next(self) -> None:
-        """While nobody waits: a fresh cgroup for the next fork, and a spare worker born in it."""
+        """While nobody waits: a fresh cgroup for the next fork, and a spare worker born in it (one per
+        turn, the one most wanted first)."""
         if self.regroup:
             self._regroup()
-        if self.spare is None and self.spares_enabled and time.monotonic() >= self.spare_after:
-            self._make_spare()
+        missing = self._missing()
+        if missing and time.monotonic() >= self.spare_after:
+            self._make_spare(missing[0])
             if self.regroup:
                 self._regroup()
 
-    def _make_spare(self) -> None:
+    def _make_spare(self, profile: LoadProfile | None) -> None:
         threads = thread_count()
         if threads != 1:
             log(f"{threads} threads; no spare worker")
             return
+        artifact = None
+        if profile is not None:
+            offer = self.recent[profile]
+            artifact = self._sealed(offer.key, offer.path, offer.sha256)
+            if artifact is None:  # the artifact is gone from the cache: no spare loads it
+                del self.recent[profile]
+                return
         self.spares_made += 1
         workdir = _harden.home_of(self.endpoint) / "run" / "workers" / f"spare-{os.getpid()}-{self.spares_made}"
         ours = theirs = None
@@ -470,34 +505,55 @@ class Zygote:
             return
         if pid == 0:
             ours.close()
-            _become_spare(theirs.detach(), str(workdir), self.endpoint, self.parent_pid)
+            _become_spare(theirs.detach(), str(workdir), self.endpoint, self.parent_pid, profile, artifact)
         theirs.close()
         self.regroup = True
-        self.spare = Spare(pid, ours)
+        spare = Spare(pid, ours, profile)
+        if profile is None:
+            self.spare = spare
+        else:
+            self.loaded[profile] = spare
         self._send(SpareBorn(pid))
 
-    def _spare_ended(self, why: str) -> None:
-        """The spare is unusable: the supervisor (its parent) ends it and reaps it."""
-        assert self.spare is not None
-        spare, self.spare = self.spare, None
+    def _forget(self, spare: Spare) -> None:
+        if self.spare is spare:
+            self.spare = None
+        elif spare.profile is not None and self.loaded.get(spare.profile) is spare:
+            del self.loaded[spare.profile]
         spare.line.close()
+
+    def _spare_ended(self, spare: Spare, why: str) -> None:
+        """The spare is unusable or not wanted: the supervisor (its parent) ends it and reaps it."""
+        self._forget(spare)
         log(f"spare worker {spare.pid}: {why}")
         self._send(SpareEnded(spare.pid))
 
-    def _give_spare(self, boot_fd: int, log_fd: int, artifact: dict[str, Any]) -> int | None:
-        """Hand the waiting spare its agent; its pid, or None if there is no spare that can take it."""
-        spare = self.spare
+    def _give_spare(self, boot_fd: int, log_fd: int, artifact: dict[str, Any], profile: LoadProfile | None) -> int | None:
+        """Hand a waiting spare its agent: the one loaded for ``profile`` if there is one, else the plain one.
+        Its pid, or None if there is no spare that can take it."""
+        spare = self.loaded.get(profile) if profile is not None else None
+        spare = spare or self.spare
         if spare is None:
             return None
         try:
             message = json.dumps({"artifact": {k: v for k, v in artifact.items() if k != "fd"}}).encode()
             socket.send_fds(spare.line, [message], [boot_fd, log_fd, artifact["fd"]])
         except OSError as exc:
-            self._spare_ended(f"cannot be given its agent ({exc})")
+            self._spare_ended(spare, f"cannot be given its agent ({exc})")
             return None
-        self.spare = None
-        spare.line.close()
+        self._forget(spare)
         return spare.pid
+
+    def _spawned(self, profile: LoadProfile, offer: ArtifactOffer) -> None:
+        """``profile`` was spawned: keep a spare loaded for it, ending the one of the profile spawned least
+        lately past MAX_LOADED."""
+        self.recent[profile] = offer
+        self.recent.move_to_end(profile)
+        while len(self.recent) > MAX_LOADED:
+            old, _ = self.recent.popitem(last=False)
+            spare = self.loaded.get(old)
+            if spare is not None:
+                self._spare_ended(spare, "its component was not spawned lately")
 
     def _regroup(self) -> None:
         self.regroup = False
@@ -549,8 +605,12 @@ class Zygote:
             job = self.jobs.get(compile_request.key) or self._start_job(compile_request)
             go_r, go_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             job.waiters.append(go_w)
-        if artifact is not None:  # the common case: the spare, already hardened, takes the agent
-            pid = self._give_spare(boot_fd, log_fd, artifact)
+            if request.profile is not None:
+                job.profiles.append(request.profile)
+        if artifact is not None and offered is not None and request.profile is not None:
+            self._spawned(request.profile, offered)
+        if artifact is not None:  # the common case: a spare, already hardened (and loaded), takes the agent
+            pid = self._give_spare(boot_fd, log_fd, artifact, request.profile)
             if pid is not None:
                 return pid
         if self.regroup:  # a compile job was just forked from this process's own group
@@ -623,6 +683,9 @@ class Zygote:
                 pass  # that worker is gone
             finally:
                 go.close()
+        if artifact is not None:
+            for profile in job.profiles:
+                self._spawned(profile, ArtifactOffer(job.key, job.path, str(result["sha256"])))
         if result.get("ok"):
             self._send(Compiled(job.key, True, seconds, str(result["sha256"]), int(result["size"]),
                                 tuple(int(v) for v in result["signature"])))

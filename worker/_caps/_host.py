@@ -72,6 +72,16 @@ class Host:
         self._started = time.monotonic()
         self._output: dict[str, bytearray] = {}
 
+    def adopt(self, recorder: Recorder, agent_id: str, ask: Ask) -> None:
+        """Bind a host made before its agent was known (a spare loads its component ahead) to that agent."""
+        self.recorder = recorder
+        self.agent_id = agent_id
+        self._ask = ask
+
+    def untouched(self) -> bool:
+        """Nothing was written or recorded yet: a component loaded ahead did nothing outside its instance."""
+        return not any(self._output.values())
+
     def begin_call(self) -> None:
         self._counts.clear()
         self._started = time.monotonic()

@@ -23,7 +23,6 @@ class Runtime:
     def __init__(self, host: Host) -> None:
         self._host = host
         self._limits = host.limits
-        self._agent_id = host.agent_id
 
     def link(self, inst: wc.LinkerInstance) -> None:
         inst.add_func("log", self.log)
@@ -42,7 +41,7 @@ class Runtime:
         self._host.log_record(level if level in LEVELS else "info", message.encode("utf-8", "surrogatepass"))
 
     def self_id(self, _store: Any) -> str:
-        return self._value("self-id", b"", self._agent_id.encode).decode()
+        return self._value("self-id", b"", self._host.agent_id.encode).decode()
 
     def now(self, _store: Any) -> int:
         return int.from_bytes(self._value("now", b"", lambda: time.time_ns().to_bytes(8, "big")), "big")
