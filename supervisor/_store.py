@@ -26,6 +26,7 @@ __all__ = ["AgentRow", "EventStore", "compaction_of", "find_chain", "open_readon
 SCHEMA_VERSION = 1
 # What `usage` counts per agent (docs/tenancy.md section 6).
 USAGE_COUNTS = ("calls", "messages", "fuel", "records", "record_bytes", "workers", "cpu_ns", "peak_rss")
+MAX_QUEUED_USAGE = 10_000  # ended workers' figures waiting for the next transaction (add_worker_usage)
 KEEP_SNAPSHOTS = 8  # per agent: the newest state snapshots (compaction's cut points); older ones go
 
 _SCHEMA = """
@@ -173,6 +174,7 @@ class EventStore:
         self.problem: str | None = None  # why the last write failed, until one succeeds (a full disk…)
         self.commits = 0  # durable transactions, and the time they took (the metrics' commit latency)
         self.commit_ns = 0
+        self._usage: list[tuple[bytes, str, int, int, int]] = []  # worker_usage rows not yet written
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -187,6 +189,9 @@ class EventStore:
             raise StoreError(f"{path}: cannot open the event store: {exc}") from exc
 
     def close(self) -> None:
+        if self._usage:
+            with contextlib.suppress(StoreError), self._tx():
+                pass  # writes the queued worker_usage rows
         self.db.close()
 
     def create_agent(self, agent_id: bytes, name: str, config: dict[str, Any], genesis: Record, state: bytes) -> None:
@@ -393,9 +398,11 @@ class EventStore:
                                "ORDER BY n DESC LIMIT ?", (tenant, since_ns, limit)).fetchall()
 
     def add_worker_usage(self, agent_id: bytes, tenant: str, cpu_ns: int, peak_rss: int) -> None:
-        with self._tx():
-            self.db.execute("INSERT INTO worker_usage VALUES (?,?,?,?,?)",
-                            (agent_id, tenant, time.time_ns(), cpu_ns, peak_rss))
+        """Queued, and written by the next transaction: the ended worker's exit record follows at once, and a
+        restart must not wait for a durable commit of its own. Past MAX_QUEUED_USAGE rows (a store that
+        cannot be written), the oldest are dropped: the figures are lost, the supervisor is not."""
+        self._usage.append((agent_id, tenant, time.time_ns(), cpu_ns, peak_rss))
+        del self._usage[:-MAX_QUEUED_USAGE]
 
     # Every agent the store knows, live or removed: its id, name and tenant (the operator's configurations
     # have no tenant key).
@@ -551,9 +558,13 @@ class _Transaction:
 
     def __enter__(self) -> None:
         self.began = time.perf_counter_ns()
+        self.usage = len(self.store._usage)
         try:
             self.db.execute("BEGIN IMMEDIATE")
+            if self.usage:  # ended workers' figures ride along (add_worker_usage)
+                self.db.executemany("INSERT INTO worker_usage VALUES (?,?,?,?,?)", self.store._usage[:self.usage])
         except sqlite3.Error as err:
+            self._rollback()
             self.store.problem = str(err)
             raise StoreError(f"{self.path}: cannot begin a write: {err}") from err
 
@@ -561,6 +572,7 @@ class _Transaction:
         if typ is None:
             try:
                 self.db.execute("COMMIT")
+                del self.store._usage[:self.usage]
                 self.store.problem = None
                 self.store.commits += 1
                 self.store.commit_ns += time.perf_counter_ns() - self.began

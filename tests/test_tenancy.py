@@ -9,6 +9,8 @@ Every wait is on a reply or on a counter with a deadline.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -370,6 +372,23 @@ def test_usage_reports_what_the_store_holds_and_survives_a_restart(hosted: Theat
     snapshot = json.loads(top.stdout)
     assert [a["name"] for a in snapshot["agents"]] == ["acme:counter"]
     assert snapshot["tenants"][0]["tenant"] == "acme" and snapshot["supervisor"]["spawns_total"] >= 2
+
+
+def test_an_ended_workers_usage_is_stored_with_its_exit_record(theater: Theater) -> None:
+    """A worker's CPU time and peak memory (from wait4) are written in the transaction that commits its exit
+    record, not in a commit of their own: once the exit is durable, so are they, through a SIGKILL of the
+    supervisor."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("counter", "counter.wat"))
+        c.call("counter", b"x")
+        pid = c.ps()[0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_running(c, "counter", old_pid=pid)
+    assert [r.kind for r in records(theater, "counter")].count(Kind.EXIT) == 1
+    theater.kill()
+    with sqlite3.connect(theater.home.store) as db:
+        rows = db.execute("SELECT cpu_ns, peak_rss FROM worker_usage").fetchall()
+    assert len(rows) == 1 and rows[0][0] > 0 and rows[0][1] > 0, rows
 
 
 def test_the_cli_makes_credentials_a_tenant_uses(hosted: Theater) -> None:

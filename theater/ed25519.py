@@ -11,6 +11,8 @@ unless it is the canonical encoding of a point of large order.
 
 from __future__ import annotations
 
+import functools
+
 import nacl.bindings
 import nacl.exceptions
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -47,8 +49,13 @@ _D = (-121665 * pow(121666, -1, _P)) % _P
 _SQRT_M1 = pow(2, (_P - 1) // 4, _P)
 
 
+@functools.lru_cache(maxsize=256)
 def key_weakness(raw: bytes) -> str | None:
-    """Why ``raw`` is not acceptable as a 32-byte Ed25519 public key, or None if it is."""
+    """Why ``raw`` is not acceptable as a 32-byte Ed25519 public key, or None if it is.
+
+    About 0.2 ms of arithmetic in Python; the same key is checked again as its hello is verified and as the
+    record that carries it is linked into the chain, so recent answers are kept.
+    """
     if len(raw) != 32:
         return f"is {len(raw)} bytes, not 32"
     encoded = int.from_bytes(raw, "little")
