@@ -204,7 +204,7 @@ class Workers:
         self.by_identity[identity] = agent
         agent.incarnation = worker.incarnation
         confinement = wire.encode_json(hello.confinement).decode()
-        try:  # the spec goes out before the key record's commit: the worker loads while it is made durable
+        try:  # the spec (and init) go out before the key record's commit: the worker loads while it is made durable
             if not agent.in_store:
                 self.records.genesis(agent, hello.worker_key, confinement, before_commit=self._send_spec)
             else:
@@ -215,17 +215,18 @@ class Workers:
                 }, before_commit=self._send_spec, incarnation=agent.incarnation)
         except StoreError as exc:
             self.log(f"{agent.name}: cannot record the worker's key: {exc}; killing it")
+            self.by_identity.pop(identity, None)  # nothing more of that worker is served, nor its init's result
             worker.kill("store-failed")
             return
-        if not agent.initialized:
-            agent.mailbox.appendleft(Pending(wire.Call(next(self.call_ids), wire.CallKind.INIT, agent.config.init_args)))
-        else:
+        if agent.initialized:
             self._ready(agent)
         self.dispatch(agent)
 
     def _send_spec(self, agent: Agent, head: Record) -> None:
-        """What the worker needs to load the agent, its chain head being ``head`` (not yet durable:
-        the worker's first result is committed after it, and nothing is answered before that)."""
+        """What the worker needs to load the agent, its chain head being ``head``, and its init call if it
+        has not run it yet. ``head`` is not yet durable: the worker's first result is committed after it,
+        nothing is answered before that, and the worker's host requests (its only way to reach outside
+        itself) are served only once the loop has made ``head`` durable, so the init runs meanwhile."""
         spec = AgentSpec(
             agent_id=agent.uuid, name=agent.name, component_path=agent.config.component_path,
             component_sha256=agent.config.component_sha256, capabilities=agent.config.capabilities,
@@ -233,6 +234,9 @@ class Workers:
             state_hash=sha256(agent.state).hex(), hardening=agent.config.hardening, helpers=agent.config.helpers,
         )
         self.send(agent, [wire.header(wire.SupervisorType.SPEC), wire.encode_json(spec.to_json()), agent.state])
+        if not agent.initialized:
+            agent.mailbox.appendleft(Pending(wire.Call(next(self.call_ids), wire.CallKind.INIT, agent.config.init_args)))
+            self.dispatch(agent)
 
     def _ready(self, agent: Agent) -> None:
         self.supervision.ready(agent)

@@ -563,3 +563,40 @@ def test_many_workers_start_and_serve_with_every_core_busy(start: str, request: 
     ended_otherwise = {name: e for name, e in exits.items() if [x["reason"] for x in e] != ["stopped"]}
     assert not ended_otherwise, ended_otherwise
     assert_verified(t)
+
+
+def test_a_spare_locked_down_ahead_ends_with_exactly_the_allowlist() -> None:
+    """A loaded spare installs the allowlist before it has an agent, with the few calls of the hand-over
+    (seccomp.HANDOVER) let through, and closes them at its agent's lock-down: each is refused in the
+    allowlist itself, and the real kernel filters refuse them once closed, not before."""
+    from worker._harden import seccomp
+    from worker._harden.confinement import Confinement
+
+    assert all(seccomp.ALLOWLIST.get(name) == seccomp.EPERM for name in seccomp.HANDOVER)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # one thread here, so the filters apply to the whole child; it reports through the pipe
+        outcome = []
+        try:
+            os.close(read_end)
+            confinement = Confinement(pid=os.getpid())
+            seccomp.lock_ahead(confinement)
+            fd = os.dup2(write_end, 50)  # the hand-over's dup2 passes
+            outcome.append(f"ahead: dup2 {fd}")
+            seccomp.close_handover(confinement)
+            for name, call in (("dup2", lambda: os.dup2(write_end, 51)), ("fstat", lambda: os.fstat(write_end)),
+                               ("lseek", lambda: os.lseek(write_end, 0, os.SEEK_CUR))):
+                try:
+                    call()
+                    outcome.append(f"closed: {name} passed")
+                except OSError as exc:
+                    outcome.append(f"closed: {name} {exc.errno}")
+        finally:
+            os.write(write_end, "; ".join(outcome).encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        report = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, report
+    assert report == f"ahead: dup2 50; closed: dup2 {seccomp.EPERM}; closed: fstat {seccomp.EPERM}; closed: lseek {seccomp.EPERM}"

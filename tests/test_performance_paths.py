@@ -172,6 +172,9 @@ def test_a_spare_loads_the_component_of_the_last_spawn_and_takes_the_next_agent_
         c.spawn(theater.manifest("b", "counter.wat"))
         assert ps(c, "b")["pid"] == loaded.pid
         assert [c.call("b", b"x") for _ in range(2)] == [b"1", b"2"]
+        # Locked down ahead, then the hand-over closed: three seccomp filters (denylist, allowlist, closer).
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{loaded.pid}/status").read_text().splitlines())
+        assert (status["Seccomp"], status["Seccomp_filters"], status["NoNewPrivs"]) == ("2", "3", "1")
         assert c.call("a", b"x") == b"1"
         replacement = _spare_of(theater, c, not_pid=loaded.pid, loaded=True)
         crashed = ps(c, "a")["pid"]

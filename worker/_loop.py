@@ -49,17 +49,33 @@ class Link(NamedTuple):
     public: bytes
     ctx: zmq.Context
     sock: zmq.Socket
+    settled: bool = False  # the connection's handshake is known to be done
 
 
-def connect(endpoint: str) -> Link:
-    """A fresh key and a connected socket (a spare worker makes both while it waits for an agent)."""
+def connect(endpoint: str, settle_ms: int = 0) -> Link:
+    """A fresh key and a connected socket (a spare worker makes both while it waits for an agent).
+
+    ZeroMQ connects in its I/O thread, later. With ``settle_ms``, wait up to that long for the handshake
+    with the supervisor's socket to be done (``Link.settled``): a worker that locks down before its SPEC
+    came over the connection must not leave its I/O thread a connection still to make (the allowlist
+    refuses ``socket``, ``connect`` and ``getsockopt``).
+    """
     key = Ed25519PrivateKey.generate()
     public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = LAST_FRAMES_MS
-    sock.connect(endpoint)
-    return Link(key, public, ctx, sock)
+    if not settle_ms:
+        sock.connect(endpoint)
+        return Link(key, public, ctx, sock)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(endpoint)
+        settled = bool(monitor.poll(settle_ms))
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+    return Link(key, public, ctx, sock, settled)
 
 
 def serve(endpoint: str, token: bytes, confinement: dict[str, str], artifact: dict[str, Any] | None = None,

@@ -107,6 +107,7 @@ COMPILE_AS_BYTES = 16 * 1024**3  # a compile job's address space
 PROGRESS_EVERY_S = 2.0
 MAX_SEALED = 64  # artifacts kept as memfds; the least recently spawned is dropped first
 SPARES = True  # keep workers forked and hardened ahead of the next spawn
+SETTLE_MS = 5000  # how long a loaded spare waits for its connection's handshake before it may lock down ahead
 MAX_LOADED = 4  # load profiles with a spare that has also loaded their component: the most recently spawned
 SPARE_AFTER_S = 0.05  # after a spare is given out, how long this process waits before it makes the next
 BURST_S = 0.05  # spawns closer together than this are a burst: the next spare is made at once
@@ -266,11 +267,14 @@ def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int, pr
 
         confinement = _harden.harden_before_connect(parent_pid, endpoint, keep=frozenset(keep))
         _harden.prepare_lock_down()
-        link = connect(endpoint)
+        link = connect(endpoint, SETTLE_MS if profile is not None else 0)
+        line = socket.socket(fileno=line_fd)  # before any lock-down: this asks the kernel what the socket is
         ahead = None
         if profile is not None and artifact is not None:
             ahead = load_ahead(profile, artifact)  # the artifact's descriptor is closed, used or not
-        with socket.socket(fileno=line_fd) as line:
+            if ahead is not None and link.settled:  # else its agent's lock-down does it all, as for any worker
+                _harden.lock_down_ahead(profile.limits)
+        with line:
             data, fds, _flags, _addr = socket.recv_fds(line, MAX_MESSAGE, 3)
         if not data or len(fds) != 3:  # the fork-server ended before this spare was needed
             return 0
@@ -448,6 +452,8 @@ class Zygote:
             for spare in spares:
                 if spare.line.fileno() in ready and spare in self._spares():
                     self._spare_ended(spare, "it ended before it was needed")
+                    if spare.profile is not None:  # no other until that profile is spawned again
+                        self.recent.pop(spare.profile, None)
             now = time.monotonic()
             for job in self.jobs.values():
                 if now >= job.next_progress:

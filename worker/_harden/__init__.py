@@ -73,7 +73,7 @@ from .landlock import home_of, landlock_abi
 __all__ = [
     "APPLIED", "ATTEMPTED_LAYERS", "EXIT_PARENT_GONE", "SKIPPED", "HardeningFailed", "enter_next_cgroup",
     "harden_before_connect", "home_of", "inherited_fds", "landlock_abi", "leave_cgroups", "lock_down",
-    "prepare_for_workers", "prepare_lock_down", "require", "sweep_cgroups",
+    "lock_down_ahead", "prepare_for_workers", "prepare_lock_down", "require", "sweep_cgroups",
 ]
 
 EXIT_PARENT_GONE = WorkerExit.PARENT_GONE
@@ -162,6 +162,15 @@ def require(hardening: Hardening) -> None:
 def lock_down(limits: Limits) -> None:
     """Tighten to what the loaded agent needs, then allow only the system calls it uses."""
     confinement = _this.confinement
+    if confinement.locked_ahead:
+        try:
+            if confinement.status("rlimits") == APPLIED:
+                rlimits.lock_log()
+            if confinement.status("seccomp") == APPLIED:
+                seccomp.close_handover(confinement)
+        except OSError as exc:
+            raise HardeningFailed(f"hardening-failed: lock-down after the hand-over: {why(exc)}") from None
+        return
     try:
         if confinement.status("rlimits") == APPLIED:
             rlimits.lock(confinement, limits)
@@ -173,6 +182,25 @@ def lock_down(limits: Limits) -> None:
             seccomp.lock(confinement)
     except OSError as exc:
         raise HardeningFailed(f"hardening-failed: lock-down after the hello reported it applied: {why(exc)}") from None
+
+
+def lock_down_ahead(limits: Limits) -> None:
+    """In a loaded spare, once its component is instantiated and before it has an agent: every lock-down
+    step but the log's size, the seccomp allowlist letting the hand-over's few calls through
+    (``seccomp.HANDOVER``). ``lock_down`` then finishes, so the result is the same as a lock-down at once."""
+    confinement = _this.confinement
+    try:
+        if confinement.status("rlimits") == APPLIED:
+            rlimits.lock_all_but_log(confinement, limits)
+        if confinement.status("cgroups") == APPLIED:
+            cgroups.lock(confinement)
+        if confinement.status("landlock") == APPLIED:
+            landlock.lock()
+        if confinement.status("seccomp") == APPLIED:
+            seccomp.lock_ahead(confinement)
+    except OSError as exc:
+        raise HardeningFailed(f"hardening-failed: lock-down ahead of the agent: {why(exc)}") from None
+    confinement.locked_ahead = True
 
 
 def prepare_lock_down() -> None:

@@ -53,17 +53,26 @@ def address_space_limit(limits: Limits, mapped: int) -> int:
 
 def lock(confinement: Confinement, limits: Limits) -> None:
     """At lock-down: the address space, the log's size and the thread count."""
+    lock_all_but_log(confinement, limits)
+    lock_log()
+
+
+def lock_all_but_log(confinement: Confinement, limits: Limits) -> None:
+    """The address space and the thread count (a loaded spare sets them before it knows its log)."""
     _lower(resource.RLIMIT_AS, address_space_limit(limits, confinement.vm("VmSize")))
-    # wasmtime wrote its memory image to a memfd while instantiating; from now on the only
-    # file a worker writes is its log, and only a little more of it.
+    if confinement.userns and os.geteuid() != 0:
+        _lower(resource.RLIMIT_NPROC, confinement.tasks())
+
+
+def lock_log() -> None:
+    """wasmtime wrote its memory image to a memfd while instantiating; from now on the only file a worker
+    writes is its log (standard error), and only a little more of it."""
     size = 0
     with contextlib.suppress(OSError):
         st = os.fstat(2)
         if stat.S_ISREG(st.st_mode):
             size = st.st_size
     _lower(resource.RLIMIT_FSIZE, size + LOG_ALLOWANCE)
-    if confinement.userns and os.geteuid() != 0:
-        _lower(resource.RLIMIT_NPROC, confinement.tasks())
 
 
 def _lower(which: int, value: int) -> None:

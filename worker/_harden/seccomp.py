@@ -105,6 +105,14 @@ ALLOWLIST: dict[str, str | int | ArgRule] = {
 }
 
 
+# What a loaded spare still does after it locked down ahead of its agent (``lock_ahead``) and before
+# ``close_handover``: take the hand-over from its fork-server (recvmsg for the descriptors, dup2 onto its
+# standard streams), open its bootstrap pipe (Python's open: fstat, lseek, ioctl), set the limit of its
+# log's size (setrlimit, prlimit64) and install the filter that ends the hand-over (seccomp). Each is
+# EPERM in ALLOWLIST, so the two filters together are exactly ALLOWLIST. No guest call runs meanwhile.
+HANDOVER = ("recvmsg", "dup2", "dup3", "fstat", "newfstatat", "lseek", "ioctl", "setrlimit", "prlimit64", "seccomp")
+
+
 def _install(prog: list[tuple[int, int, int, int]]) -> None:
     array = (SockFilter * len(prog))(*[SockFilter(*insn) for insn in prog])
     fprog = SockFprog(len(prog), array)
@@ -132,3 +140,15 @@ def compile_allowlist(pid: int) -> list[tuple[int, int, int, int]]:
 def lock(confinement: Confinement) -> None:
     """Stage 2, at lock-down: the allowlist on every thread (compiled now unless it was ahead)."""
     _install(confinement.allowlist or compile_allowlist(confinement.pid))
+
+
+def lock_ahead(confinement: Confinement) -> None:
+    """Stage 2 in a loaded spare, before it has an agent: the allowlist with the HANDOVER calls allowed."""
+    _install(compile_filter({**ALLOWLIST, **dict.fromkeys(HANDOVER, ALLOW)}, KILL, confinement.pid))
+    confinement.allowlist = compile_filter(dict.fromkeys(HANDOVER, EPERM), ALLOW, confinement.pid)
+
+
+def close_handover(confinement: Confinement) -> None:
+    """At the agent's lock-down after ``lock_ahead``: the HANDOVER calls fail again, as in ALLOWLIST."""
+    assert confinement.allowlist is not None
+    _install(confinement.allowlist)
