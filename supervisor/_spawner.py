@@ -406,7 +406,6 @@ class Spawner:
         self._first = False
         if zygote is None or agent is None:
             return spawn_worker(endpoint, incarnation, log_path, workdir, self._command)
-        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = self.cache.key(agent.component_sha256, agent.limits)
         artifact = self.cache.lookup(key)
         compile_request = None

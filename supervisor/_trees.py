@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -481,27 +482,26 @@ class Supervision:
     # --- the actions ----------------------------------------------------------------------------
 
     def apply(self, actions: list[Action]) -> None:
-        for action in actions:
+        started_early: Start | None = None
+        for i, action in enumerate(actions):
             if isinstance(action, Start):
-                agent = self.agents.by_name[action.name]
-                if action.counted:
-                    agent.restart_count += 1
-                    self.usage.restarts_total += 1
-                    if agent.restart.from_state == "initial" and agent.in_store:
-                        self.reset_state(agent, "restarted from its initial state (from = \"initial\")")
-                if self.store.problem is not None:  # its key could not be recorded: start it once writes work
-                    self._waiting_for_store.append(agent)
-                    self.watch_store()
-                    continue
-                self._start_worker(agent)
+                if action is not started_early:
+                    self._start(action)
+            elif isinstance(action, RecordExit):
+                # An exit followed at once by the restart of the same agent: the new worker is asked for before
+                # the exit record's commit, and forks or wakes while it is made durable. Its hello is read after
+                # that commit (this loop is busy until then), so its key record still follows the exit record.
+                after = actions[i + 1] if i + 1 < len(actions) else None
+                early = isinstance(after, Start) and after.name == action.name and not self._resets(after)
+                started_early = after if early and isinstance(after, Start) else None
+                self._record_exit(self.agents.by_name[action.name], action.note, action.desired,
+                                  then=functools.partial(self._start, started_early) if started_early else None)
             elif isinstance(action, Stop):
                 agent = self.agents.by_name[action.name]
                 agent.stop_why = action.why
                 self.workers.stop(agent, action.reason, action.kill_after_ms)
             elif isinstance(action, StopNode) and action.kill_after_ms is not None:
                 self._node_deadline(self.nodes[action.name], action.kill_after_ms)
-            elif isinstance(action, RecordExit):
-                self._record_exit(self.agents.by_name[action.name], action.note, action.desired)
             elif isinstance(action, Settle):
                 agent = self.agents.by_name[action.name]
                 self.workers.settle(agent)
@@ -595,21 +595,53 @@ class Supervision:
 
         self.workers.timers.after(limit_ms / 1000, too_slow)
 
-    def _record_exit(self, agent: Agent, note: str, desired: Status | None) -> None:
+    def _start(self, action: Start) -> None:
+        agent = self.agents.by_name[action.name]
+        if action.counted:
+            agent.restart_count += 1
+            self.usage.restarts_total += 1
+            if self._resets(action):
+                self.reset_state(agent, "restarted from its initial state (from = \"initial\")")
+        if self.store.problem is not None:  # its key could not be recorded: start it once writes work
+            self._waiting_for_store.append(agent)
+            self.watch_store()
+            return
+        self._start_worker(agent)
+
+    def _resets(self, action: Start) -> bool:
+        """Whether starting ``action``'s agent first records a reset to its initial state."""
+        agent = self.agents.by_name[action.name]
+        return action.counted and agent.restart.from_state == "initial" and agent.in_store
+
+    def _record_exit(self, agent: Agent, note: str, desired: Status | None,
+                     then: Callable[[], None] | None = None) -> None:
+        """The exit record; ``then`` runs once it is in the chain, before its commit (or after a failure)."""
         incarnation, reason, detail = self._exits.pop(agent.name, (agent.incarnation, "shutdown", ""))
         if note:
             detail += note
             agent.last_exit = exit_text(reason, detail)
         want = str(desired) if desired is not None else None
-        if agent.name in self._violated:  # the violation record already ended this worker's part of the chain
-            self._violated.discard(agent.name)
-            if want is not None:
-                with contextlib.suppress(StoreError):
+        ran = False
+
+        def run_then(_agent: Agent, _record: Record) -> None:
+            nonlocal ran
+            ran = True
+            if then is not None:
+                then()
+
+        try:
+            if agent.name in self._violated:  # the violation record already ended this worker's part of the chain
+                self._violated.discard(agent.name)
+                if want is not None:
                     self.store.commit([Commit(agent_id=agent.id, records=[], desired=want)])
-            return
-        with contextlib.suppress(StoreError):
+                return
             self.records.append(agent, Kind.EXIT, {"incarnation": incarnation, "reason": reason, "detail": detail},
-                                  desired=want)
+                                before_commit=run_then, desired=want)
+        except StoreError:
+            pass
+        finally:
+            if then is not None and not ran:
+                then()
 
     def _open_chain(self, node: Node, parent: str) -> None:
         """A tree node's chain: positioned at its stored head, or begun with its genesis."""

@@ -198,6 +198,7 @@ def _as_worker(workdir: str, output_fd: int, keep: set[int]) -> None:
     os.close(devnull)
     os.dup2(output_fd, 1)
     os.dup2(output_fd, 2)
+    os.makedirs(workdir, mode=0o700, exist_ok=True)  # made here, not by the supervisor: a spare never needs it
     os.chdir(workdir)
     os.umask(0o077)
     for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM):
