@@ -105,7 +105,9 @@ class Agent(_Member):
     leaf: Leaf = field(init=False)
     worker: WorkerProcess | None = None
     mailbox: deque[Pending] = field(default_factory=deque)
-    in_flight: Pending | None = None
+    # Sent to its worker and not yet answered, oldest first (at most PIPELINE_DEPTH): the worker runs them in
+    # order, so the first is the one it runs now; the others wait in its socket.
+    sent: deque[Pending] = field(default_factory=deque)
     restart_count: int = 0
     instance_restarts: int = 0
     last_exit: str = ""
@@ -118,6 +120,16 @@ class Agent(_Member):
     reserved: int = 0  # mailbox places held for messages sent by calls not yet committed
     unsnapshotted: tuple[int, int] = (0, 0)  # records and bytes committed since its last state snapshot
     usage: AgentUsage = field(default_factory=AgentUsage)
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for their turn: in the mailbox, or sent ahead to the worker (not the one it runs)."""
+        return len(self.mailbox) + max(0, len(self.sent) - 1)
+
+    @property
+    def in_flight(self) -> Pending | None:
+        """The call its worker runs now (or starts next): the oldest one sent and not answered."""
+        return self.sent[0] if self.sent else None
 
     def snapshot_due(self, records: list[Record]) -> bool:
         """Whether this commit also snapshots the state (a later compaction's cut point): an agent with
@@ -168,7 +180,7 @@ class Agent(_Member):
             "restarts": self.restart_count,
             "instance_restarts": self.instance_restarts,
             "head": self.verifier.next_seq - 1,
-            "mailbox": len(self.mailbox),
+            "mailbox": self.queued,
             "policy": self.config.policy,
             "uptime_s": round(time.time() - self.started_at, 3) if self.status is Status.RUNNING else 0,
             "last_exit": self.last_exit,

@@ -231,7 +231,7 @@ class Control:
             raise Refused(f"message of {len(data)} bytes exceeds {agent.name}'s max_message_bytes {limits.max_message_bytes}")
         if agent.status in ("stopped", "failed", "stopping"):
             raise Refused(f"agent {agent.name} is {agent.status}")
-        if len(agent.mailbox) + agent.reserved >= limits.mailbox:  # places held for agents' sends count
+        if agent.queued + agent.reserved >= limits.mailbox:  # places held for agents' sends count
             raise Refused(f"agent {agent.name}'s mailbox is full ({limits.mailbox} messages)")
         self.tenants.check_message(agent.config.tenant)
         pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.HANDLE, data))
@@ -240,7 +240,7 @@ class Control:
             self.timers.after(timeout_ms / 1000, lambda: self.answer_error(
                 pending, "timeout", f"no reply from {agent.name} within {timeout_ms} ms"))
         agent.mailbox.append(pending)
-        queued = len(agent.mailbox)
+        queued = agent.queued
         self.workers.dispatch(agent)
         return queued
 

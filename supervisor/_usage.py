@@ -110,7 +110,7 @@ class Usage:
             "cpu_s": round((u.cpu_ns_ended + cpu) / 1e9, 3), "rss_bytes": rss,
             "peak_rss_bytes": max(u.peak_rss, peak), "memory_limit_bytes": agent.config.limits.memory_bytes,
             "fuel": u.fuel, "calls": u.calls, "messages": u.messages, "records": u.records,
-            "record_bytes": u.record_bytes, "restarts": agent.restart_count, "mailbox": len(agent.mailbox),
+            "record_bytes": u.record_bytes, "restarts": agent.restart_count, "mailbox": agent.queued,
         }
 
     def top(self, scope: Scope) -> dict[str, Any]:
@@ -142,7 +142,7 @@ class Usage:
                 "rss_bytes": rss, "records_total": self.records_total, "commits_total": self.store.commits,
                 "commit_seconds_total": round(self.store.commit_ns / 1e9, 6), "spawns_total": self.spawns_total,
                 "restarts_total": self.restarts_total,
-                "mailbox_total": sum(len(a.mailbox) for a in self.agents),
+                "mailbox_total": sum(a.queued for a in self.agents),
                 "agents": len(self.agents), "running": sum(1 for a in self.agents if a.alive),
                 "refused_connections": self.tenants.refused_connections}
 

@@ -22,7 +22,7 @@ import zmq
 
 from theater import wire
 from theater.errors import ProtocolError, RecordError
-from theater.exits import WorkerExit, exit_text
+from theater.exits import WorkerExit, crash_reason, exit_text
 from theater.home import Home
 from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256, verify_hello
 from theater.spec import AgentSpec
@@ -49,21 +49,11 @@ BATCH = 256  # messages taken from one socket per loop turn
 HELLO_TIMEOUT_S = 20.0
 LAST_FRAMES_MS = 100  # how long a dead worker's last frame may trail its exit
 WATCHDOG_GRACE_S = 5.0
+# Calls sent to a worker before its previous result has come back: it starts the next one as soon as it has
+# sent a result, instead of waiting for the supervisor's loop to read the result and send the next.
+PIPELINE_DEPTH = 3
 LOAD_GRACE_S = 120.0  # more for a worker's first call: loading may compile components (about 1 s per 2 MB here)
 RESULT_HEADER = wire.header(wire.WorkerType.RESULT)
-
-
-def crash_reason(kind: wire.CallKind, status: str) -> str | None:
-    """The exit reason a failed call means, or None if the agent carries on.
-
-    A guest ``err`` from handle is an answer, not a crash; from init it means
-    the agent could not start. Every other failure is a crash (OTP: the process died).
-    """
-    if status == "ok":
-        return None
-    if status == "guest-error":
-        return "guest-error" if kind is wire.CallKind.INIT else None
-    return "trap"
 
 
 class Workers:
@@ -274,36 +264,58 @@ class Workers:
             elif typ is wire.WorkerType.HOST_REQUEST:
                 self.records.flush()  # what the agent did before asking is committed first
                 self.host.handle(agent, body[1:])
-            elif agent.discard_results:
+            elif agent.discard_results:  # being killed after a failed commit: what it ran is answered, not run again
+                if typ is wire.WorkerType.RESULT and agent.sent:
+                    ran = agent.sent.popleft()
+                    self.effects.dropped(ran)
+                    self.control.answer_error(ran, "store", "the agent's worker is being restarted after a failed "
+                                              "commit; nothing of this call was stored")
                 continue
             elif typ is wire.WorkerType.RESULT:
+                if agent.worker is not None and agent.worker.done:
+                    self.violation(agent, "a result after one that ended its worker (it must run no other call)")
+                    continue
                 checked = self._check(agent, body[1:], prechecked.get(id(frames)))
                 if checked is not None:
-                    pending = agent.in_flight
-                    assert pending is not None
+                    pending = agent.sent.popleft()
                     self.effects.stage(pending, checked)
                     self.records.add_result((agent, pending, checked))
                     agent.verifier = checked.verifier  # the next result links to this one
-                    agent.in_flight = None
                     agent.waiting_on = None
-                    if crash_reason(pending.call.kind, checked.status) is None and checked.ending is None:
-                        # Pipelined: the worker runs the next message while this result is made durable.
+                    worker = agent.worker
+                    assert worker is not None
+                    if crash_reason(pending.call.kind, checked.status) is not None or checked.ending is not None:
+                        worker.done = True  # it runs none of the calls sent after this one (worker/_loop.py)
+                    else:
+                        # Pipelined: the worker runs the next messages while this result is made durable.
                         # Nothing is answered until the commit has returned.
+                        self._watch_head(agent, worker)
                         self.dispatch(agent)
         self.records.flush()
 
     def dispatch(self, agent: Agent) -> None:
-        """Send the next queued message if the worker is connected and idle."""
+        """Send the next queued messages, up to PIPELINE_DEPTH unanswered, if the worker is connected and
+        carries on: it finds the next one waiting as soon as it has sent a result."""
         worker = agent.worker
-        if agent.in_flight is not None or not agent.mailbox or worker is None or worker.identity is None:
+        if worker is None or worker.identity is None or worker.done:
             return
         if worker.kill_reason is not None or worker.exited:  # on its way out; the next worker gets the mailbox
             return
         if agent.status not in (Status.RUNNING, Status.STARTING, Status.RESTARTING):
             return
-        pending = agent.mailbox.popleft()
-        agent.in_flight = pending
-        self.send(agent, pending.call.encode())
+        while agent.mailbox and len(agent.sent) < PIPELINE_DEPTH:
+            pending = agent.mailbox.popleft()
+            agent.sent.append(pending)
+            self.send(agent, pending.call.encode())
+            if len(agent.sent) == 1:
+                self._watch_head(agent, worker)
+
+    def _watch_head(self, agent: Agent, worker: WorkerProcess) -> None:
+        """The worker starts the oldest call sent (its previous result just came): kill it if that call is
+        not answered within its wall time and a grace."""
+        pending = agent.in_flight
+        if pending is None:
+            return
         grace = agent.config.limits.wall_time_ms / 1000 + WATCHDOG_GRACE_S
         if not worker.dispatched:  # its first call waits on its load: a component compiled in the worker
             worker.dispatched = True  # (a helper, or no artifact) takes seconds
@@ -449,7 +461,8 @@ class Workers:
 
         def expecting() -> bool:  # a result or a fault it sent before it exited may trail its pidfd
             return worker.identity is not None and (
-                agent.in_flight is not None or (code == WorkerExit.LOAD_FAILED and worker.fault is None))
+                (agent.in_flight is not None and not worker.done)
+                or (code == WorkerExit.LOAD_FAILED and worker.fault is None))
 
         if expecting() and self.socket.poll(0):
             self.drain()
@@ -473,12 +486,14 @@ class Workers:
         detail = worker.fault or (f"{why} ({how})" if why else how)
         agent.last_exit = exit_text(reason, detail)
         self.log(f"{agent.name}: worker {worker.pid} {how} ({reason})")
-        if agent.in_flight is not None:
-            self.effects.dropped(agent.in_flight)
-            self.control.answer_error(agent.in_flight, "worker-died", f"the agent's worker ended during the call "
+        if agent.sent and not worker.done:  # the call it was running
+            running = agent.sent.popleft()
+            self.effects.dropped(running)
+            self.control.answer_error(running, "worker-died", f"the agent's worker ended during the call "
                                       f"({agent.last_exit}); nothing was committed")
-            agent.in_flight = None
             agent.waiting_on = None
+        agent.mailbox.extendleft(reversed(agent.sent))  # never started: the next worker runs them, in order
+        agent.sent.clear()
         if agent.worker is worker:
             agent.worker = None
         self.usage.worker_ended(agent, worker.cpu_ns, worker.peak_rss)

@@ -569,3 +569,42 @@ def test_an_answer_read_while_asking_for_the_next_worker_is_kept(spawner: Any) -
     for w in (first, second):
         w.kill("test")
         _wait_exit(w)
+
+
+# --- calls sent ahead, as the worker reads them ------------------------------------------------
+
+
+def test_a_worker_keeps_calls_sent_ahead_for_their_turn_and_obeys_a_stop_behind_them() -> None:
+    """The worker's side of the supervisor's pipelined calls, on a real ZeroMQ pair: a call that arrives while
+    a host request waits for its answer is kept and comes next; a STOP that has arrived behind calls sent
+    ahead is seen before they run."""
+    from worker._loop import SupervisorLink
+
+    ctx = zmq.Context.instance()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    for s in (router, dealer):
+        s.linger = 0
+    endpoint = f"inproc://link-{os.getpid()}-{time.monotonic_ns()}"
+    router.bind(endpoint)
+    dealer.connect(endpoint)
+    try:
+        dealer.send(b"hello")
+        peer, _ = router.recv_multipart()
+        calls = [wire.Call(i, wire.CallKind.HANDLE, b"m%d" % i).encode() for i in (1, 2, 3)]
+        link = SupervisorLink(dealer)
+        router.send_multipart([peer, *calls[0]])
+        router.send_multipart([peer, *calls[1]])  # arrives before the reply to the request calls[0] makes: kept
+        router.send_multipart([peer, *wire.HostRequest(1, {"answer": 42}).encode(wire.SupervisorType.HOST_REPLY)])
+        assert link.next_frames() == calls[0]
+        body, data = link.ask("kv", {"op": "get"}, None, 5_000)
+        assert (body, data) == ({"answer": 42}, None)
+        assert router.poll(5_000)
+        assert wire.HostRequest.decode(router.recv_multipart()[2:], "host request").request_id == 1
+        router.send_multipart([peer, *calls[2]])
+        router.send_multipart([peer, wire.header(wire.SupervisorType.STOP)])
+        assert link.next_frames() == calls[1]  # the call kept while the request waited
+        wait_until(link.stop_waiting, 10, "the STOP behind the call sent ahead")
+        assert link.next_frames() == calls[2]  # read while looking for the STOP, kept in order
+    finally:
+        router.close(0)
+        dealer.close(0)

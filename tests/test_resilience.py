@@ -563,3 +563,31 @@ def test_an_agent_only_ever_runs_the_component_it_was_spawned_with(theater: Thea
     [*_, last] = records(theater, "mine")
     assert last.kind is Kind.EXIT and last.fields()["reason"] == "load-failed"
     assert_verified(theater)
+
+
+def test_calls_sent_ahead_of_a_crash_run_once_in_the_next_worker(theater: Theater) -> None:
+    """The supervisor sends a worker its next calls before their turn. When one of them crashes the agent,
+    the worker runs none of the calls sent after it: the next worker runs each of them, once, in order, from
+    the state committed before the crash."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("counter", "trap_on.wat"))
+        token = theater.home.token.read_text().strip()
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(theater.home.control_endpoint)
+        messages = [b"a", b"trap", b"b", b"c", b"d", b"e"]
+        for rid, message in enumerate(messages, 1):  # one burst: all queued in one turn of the supervisor's loop
+            body = {"op": "send", "id": rid, "token": token, "agent": "counter"}
+            sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body), message])
+        for _ in messages:
+            assert sock.poll(30_000), "no reply to a send"
+            sock.recv_multipart()
+        sock.close(0)
+        assert c.call("counter", b"f") == b"6"  # a and b..f: five counted on 1, the trap not at all
+    chain = records(theater, "counter")
+    handled = [(r.fields()["message"], r.fields()["status"]) for r in chain if r.kind is Kind.HANDLE]
+    assert handled == [(b"a", "ok"), (b"trap", "trap"), *((m, "ok") for m in (b"b", b"c", b"d", b"e", b"f"))]
+    kinds = [r.kind for r in chain]
+    assert kinds.count(Kind.EXIT) == 1 and kinds.count(Kind.WORKER_KEY) == 1
+    trap = next(i for i, r in enumerate(chain) if r.kind is Kind.HANDLE and r.fields()["message"] == b"trap")
+    assert kinds[trap + 1:trap + 3] == [Kind.EXIT, Kind.WORKER_KEY]  # the crashed worker ran nothing after it

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["WorkerExit", "exit_text"]
+from .wire import CallKind
+
+__all__ = ["WorkerExit", "crash_reason", "exit_text"]
 
 
 def exit_text(reason: str, detail: str) -> str:
@@ -18,6 +20,21 @@ def exit_text(reason: str, detail: str) -> str:
     if not detail:
         return reason
     return detail if detail == reason or detail.startswith(f"{reason}: ") else f"{reason}: {detail}"
+
+
+def crash_reason(kind: CallKind, status: str) -> str | None:
+    """The exit reason a failed call means, or None if the agent carries on.
+
+    A guest ``err`` from handle is an answer, not a crash; from init it means
+    the agent could not start. Every other failure is a crash (OTP: the process
+    died). The worker reads it the same way: after a result that ends it, it
+    runs no other call.
+    """
+    if status == "ok":
+        return None
+    if status == "guest-error":
+        return "guest-error" if kind is CallKind.INIT else None
+    return "trap"
 
 
 class WorkerExit(enum.IntEnum):

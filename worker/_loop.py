@@ -6,6 +6,7 @@ import os
 import sys
 import time
 import uuid
+from collections import deque
 from typing import Any, NamedTuple
 
 import zmq
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from theater import wire
 from theater.artifacts import engine_report
 from theater.errors import ProtocolError
-from theater.exits import WorkerExit
+from theater.exits import WorkerExit, crash_reason
 from theater.records import Kind, Record, sha256, sign_hello
 from theater.spec import AgentSpec, LoadProfile
 
@@ -38,6 +39,7 @@ __all__ = ["Link", "Loaded", "connect", "load_ahead", "serve"]
 
 SPEC_TIMEOUT_MS = 30_000
 MAX_ERROR_CHARS = 4096
+STOP_HEADER = wire.header(wire.SupervisorType.STOP)
 LAST_FRAMES_MS = 2000  # how long an exiting worker waits for its last frames to leave
 ENGINE = engine_report()  # read at import, before the worker confines itself (it reads /proc/cpuinfo)
 
@@ -121,8 +123,9 @@ def _serve(
     except LoadError as exc:
         sock.send_multipart([wire.header(wire.WorkerType.FAULT), wire.encode_json({"reason": exc.reason, "detail": str(exc)})])
         return WorkerExit.LOAD_FAILED
+    ended = False  # the last result ends this worker (a crash, a finish): it runs no other call
     while True:
-        frames = sock.recv_multipart()
+        frames = link.next_frames()
         try:
             typ = wire.parse_header(frames[0], wire.SupervisorType)
             if typ is wire.SupervisorType.STOP:
@@ -133,15 +136,39 @@ def _serve(
         except ProtocolError as exc:
             print(f"worker: {exc}", file=sys.stderr)
             return WorkerExit.PROTOCOL
+        if ended:
+            continue  # sent ahead before the supervisor knew; it runs them in the next worker
+        if link.stop_waiting():  # a STOP behind calls sent ahead is obeyed first: they are never run
+            return 0
         sock.send_multipart(agent.run(call).encode())
+        ended = crash_reason(call.kind, agent.status) is not None or agent.host.ending
 
 
 class SupervisorLink:
-    """Host requests the worker cannot answer alone, asked of the supervisor mid-call."""
+    """The frames from the supervisor, and the host requests the worker cannot answer alone, asked mid-call.
+
+    The supervisor sends a worker its next calls before their turn (``PIPELINE_DEPTH`` in
+    ``supervisor/_workers.py``), so a call can arrive while a host request waits for its answer: it is
+    kept, and run in its turn.
+    """
 
     def __init__(self, sock: zmq.Socket) -> None:
         self._sock = sock
         self._ids = 0
+        self._early: deque[list[bytes]] = deque()  # frames read ahead of their turn
+
+    def next_frames(self) -> list[bytes]:
+        """The next message from the supervisor, in the order it was sent."""
+        return self._early.popleft() if self._early else self._sock.recv_multipart()
+
+    def stop_waiting(self) -> bool:
+        """Whether a STOP has come behind the calls sent ahead (everything already here is read)."""
+        while int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            frames = self._sock.recv_multipart()
+            if frames and frames[0] == STOP_HEADER:
+                return True
+            self._early.append(frames)
+        return False
 
     def ask(self, interface: str, body: dict[str, Any], data: bytes | None, wait_ms: int) -> tuple[dict[str, Any], bytes | None]:
         """Send ``body`` (and ``data``) as a HOST_REQUEST for ``interface`` (a capability's name) and wait
@@ -157,6 +184,9 @@ class SupervisorLink:
             typ = wire.parse_header(frames[0], wire.SupervisorType)
             if typ is wire.SupervisorType.STOP:  # stopped mid-call: exit at once, nothing of the call is sent
                 os._exit(0)
+            if typ is wire.SupervisorType.CALL:  # sent ahead: its turn comes after this call
+                self._early.append(frames)
+                continue
             if typ is not wire.SupervisorType.HOST_REPLY:
                 raise ProtocolError(f"unexpected {typ.name} frame while waiting for a host reply")
             reply = wire.HostRequest.decode(frames[1:], "host reply")
@@ -261,6 +291,7 @@ class Agent:
             loaded = load(spec.profile, Host(self.recorder, spec.limits, spec.agent_id, ask), artifact)
         self.host = loaded.host
         self.sandbox = loaded.sandbox
+        self.status = ""  # the last call's
 
     def run(self, call: wire.Call) -> wire.Result:
         self.host.begin_call()
@@ -295,6 +326,7 @@ class Agent:
         except CallFailed as failed:
             status, error = failed.status, failed.message
             new_state, reply = None, None
+        self.status = status
         self.host.end_call()  # the last line the guest wrote without a newline
         if status != "ok":
             self.sandbox.discard_instance()

@@ -131,7 +131,7 @@ class Messaging:
         if size > limit:
             return _error("too-large", f"a message of {size} bytes is more than {limit} (max_message_bytes of "
                                        f"{sender.name} and {target.name})")
-        if len(target.mailbox) + target.reserved >= target.config.limits.mailbox:
+        if target.queued + target.reserved >= target.config.limits.mailbox:
             return _error("mailbox-full", f"{target.name}'s mailbox is full ({target.config.limits.mailbox} messages)")
         return None
 

@@ -133,7 +133,7 @@ class AgentTimers:
         agent = self.agents.by_id.get(agent_id)
         if agent is None:
             return
-        if agent.status not in RECEIVING or len(agent.mailbox) + agent.reserved >= agent.config.limits.mailbox:
+        if agent.status not in RECEIVING or agent.queued + agent.reserved >= agent.config.limits.mailbox:
             self.loop.after(RETRY_S, lambda: self._fire(timer_id))
             return
         data = wire.encode_message(wire.Origin.TIMER, agent.id, timer_id.to_bytes(16, "big"), message)

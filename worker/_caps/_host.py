@@ -71,6 +71,7 @@ class Host:
         self._counts: dict[str, int] = {}
         self._started = time.monotonic()
         self._output: dict[str, bytearray] = {}
+        self.ending = False  # this call called runtime.finish or runtime.shutdown: the agent ends after it
 
     def adopt(self, recorder: Recorder, agent_id: str, ask: Ask) -> None:
         """Bind a host made before its agent was known (a spare loads its component ahead) to that agent."""
@@ -83,6 +84,7 @@ class Host:
         return not any(self._output.values())
 
     def begin_call(self) -> None:
+        self.ending = False
         self._counts.clear()
         self._started = time.monotonic()
         self._output = {}

@@ -49,12 +49,14 @@ class Runtime:
     def finish(self, _store: Any) -> None:
         """Recorded; the supervisor ends the agent normally once this call is committed."""
         self._value("finish", b"", bytes)
+        self._host.ending = True
 
     def shutdown(self, _store: Any, detail: str) -> None:
         """Recorded; the supervisor ends the agent with reason `shutdown` and this detail once the call is committed."""
         if len(detail) > MAX_SHUTDOWN_DETAIL:
             raise HostLimit(f"runtime.shutdown: the detail is at most {MAX_SHUTDOWN_DETAIL} characters")
         self._value("shutdown", detail.encode("utf-8", "surrogatepass"), bytes)
+        self._host.ending = True
 
     def random_bytes(self, _store: Any, length: int) -> str:
         if length > self._limits.max_random_bytes:
