@@ -7,6 +7,7 @@ the engine's :class:`~supervisor._supervision.Leaf` and ``Sup``; these hold the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import uuid
 from collections import deque
@@ -84,8 +85,9 @@ class _Member:
     def name(self) -> str:
         return self.config.name
 
-    @property
+    @functools.cached_property
     def uuid(self) -> str:
+        """The id as text (kept: ``ps`` lists every agent, and making it costs more than the rest of a row)."""
         return str(uuid.UUID(bytes=self.id))
 
     @property
@@ -171,20 +173,23 @@ class Agent(_Member):
         return node.owner if node.kind is NodeKind.OWNED else node.name
 
     def summary(self) -> dict[str, object]:
+        """The agent as ``ps`` lists it; its keys in sorted order (the reply is written without sorting them)."""
+        worker = self.worker
+        running = self.status is Status.RUNNING
         return {
-            "id": self.uuid,
-            "name": self.name,
-            "status": str(self.status),
-            "pid": self.worker.pid if self.worker and not self.worker.exited and not self.worker.pending else None,
-            "incarnation": self.incarnation,
-            "restarts": self.restart_count,
-            "instance_restarts": self.instance_restarts,
             "head": self.verifier.next_seq - 1,
-            "mailbox": self.queued,
-            "policy": self.config.policy,
-            "uptime_s": round(time.time() - self.started_at, 3) if self.status is Status.RUNNING else 0,
+            "id": self.uuid,
+            "incarnation": self.incarnation,
+            "instance_restarts": self.instance_restarts,
             "last_exit": self.last_exit,
+            "mailbox": self.queued,
+            "name": self.name,
             "parent": self.parent_name,
+            "pid": worker.pid if worker and not worker.exited and not worker.pending else None,
+            "policy": self.config.policy,
+            "restarts": self.restart_count,
+            "status": str(self.status),
+            "uptime_s": round(time.time() - self.started_at, 3) if running else 0,
         }
 
 

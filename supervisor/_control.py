@@ -173,7 +173,8 @@ class Control:
             case req.Call(agent, data, timeout_ms):
                 self._queue(scope.agent(agent), data, (ticket, timeout_ms))
             case req.Ps():
-                self.reply(ident, rid, {"agents": [a.summary() for a in scope.agents()], "store_problem": problem})
+                self.reply(ident, rid, {"agents": [a.summary() for a in scope.agents()], "store_problem": problem},
+                           keys_sorted=True)
             case req.Tree():
                 roots = [m for m in self.supervision.roots() if scope.owns(m)]
                 self.reply(ident, rid, {"roots": [self.supervision.entry(m) for m in roots]})
@@ -337,11 +338,14 @@ class Control:
         assert pending.reply_to is not None
         self.reply_error(*pending.reply_to, code, message)
 
-    def reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None) -> None:
+    def reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None, *,
+              keys_sorted: bool = False) -> None:
+        """``keys_sorted``: every object in ``result`` has its keys in sorted order already (wire.encode_json)."""
         tenant = self._remote_tenant.get(ident, OPERATOR) if ident[:1] == REMOTE else OPERATOR
         if tenant != OPERATOR:
             result = localized(result, tenant)
-        frames = [wire.header(wire.ClientType.REPLY), wire.encode_json({"id": rid, "ok": True, "result": result})]
+        body = wire.encode_json({"id": rid, "ok": True, "result": result}, keys_sorted=keys_sorted)
+        frames = [wire.header(wire.ClientType.REPLY), body]
         if data is not None:
             frames.append(data)
         self._send(ident, frames)

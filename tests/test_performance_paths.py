@@ -608,3 +608,28 @@ def test_a_worker_keeps_calls_sent_ahead_for_their_turn_and_obeys_a_stop_behind_
     finally:
         router.close(0)
         dealer.close(0)
+
+
+def test_the_ps_listing_is_written_with_its_keys_sorted_as_every_json_frame(theater: Theater) -> None:
+    """``ps`` is written without sorting its keys again (a listing of thousands of agents is the longest
+    reply): every object in it must already have them in order, as ``wire.encode_json`` writes any frame,
+    and non-ASCII text comes as UTF-8."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("a", "echo.wat"))
+        c.spawn(theater.manifest("b", "counter.wat"))
+        c.call("b", b"x")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(theater.home.control_endpoint)
+    try:
+        body = {"op": "ps", "id": 7, "token": theater.home.token.read_text().strip()}
+        sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body)])
+        assert sock.poll(30_000)
+        frame = sock.recv_multipart()[1]
+    finally:
+        sock.close(0)
+    orders: list[list[str]] = []
+    reply = json.loads(frame, object_pairs_hook=lambda pairs: orders.append([k for k, _ in pairs]) or dict(pairs))
+    assert [a["name"] for a in reply["result"]["agents"]] == ["a", "b"]
+    assert orders and all(keys == sorted(keys) for keys in orders), orders
+    assert frame == json.dumps(reply, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
