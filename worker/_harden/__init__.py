@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from theater.exits import WorkerExit
@@ -161,46 +162,37 @@ def require(hardening: Hardening) -> None:
 
 def lock_down(limits: Limits) -> None:
     """Tighten to what the loaded agent needs, then allow only the system calls it uses."""
-    confinement = _this.confinement
-    if confinement.locked_ahead:
-        try:
-            if confinement.status("rlimits") == APPLIED:
-                rlimits.lock_log()
-            if confinement.status("seccomp") == APPLIED:
-                seccomp.close_handover(confinement)
-        except OSError as exc:
-            raise HardeningFailed(f"hardening-failed: lock-down after the hand-over: {why(exc)}") from None
+    c = _this.confinement
+    if c.locked_ahead:
+        _lock([("rlimits", rlimits.lock_log), ("seccomp", lambda: seccomp.close_handover(c))],
+              "lock-down after the hand-over")
         return
-    try:
-        if confinement.status("rlimits") == APPLIED:
-            rlimits.lock(confinement, limits)
-        if confinement.status("cgroups") == APPLIED:
-            cgroups.lock(confinement)
-        if confinement.status("landlock") == APPLIED:
-            landlock.lock()
-        if confinement.status("seccomp") == APPLIED:
-            seccomp.lock(confinement)
-    except OSError as exc:
-        raise HardeningFailed(f"hardening-failed: lock-down after the hello reported it applied: {why(exc)}") from None
+    _lock([("rlimits", lambda: rlimits.lock(c, limits)), ("cgroups", lambda: cgroups.lock(c)),
+           ("landlock", landlock.lock), ("seccomp", lambda: seccomp.lock(c))],
+          "lock-down after the hello reported it applied")
 
 
 def lock_down_ahead(limits: Limits) -> None:
     """In a loaded spare, once its component is instantiated and before it has an agent: every lock-down
     step but the log's size, the seccomp allowlist letting the hand-over's few calls through
     (``seccomp.HANDOVER``). ``lock_down`` then finishes, so the result is the same as a lock-down at once."""
+    c = _this.confinement
+    _lock([("rlimits", lambda: rlimits.lock_all_but_log(c, limits)), ("cgroups", lambda: cgroups.lock(c)),
+           ("landlock", landlock.lock), ("seccomp", lambda: seccomp.lock_ahead(c))],
+          "lock-down ahead of the agent")
+    c.locked_ahead = True
+
+
+def _lock(steps: list[tuple[str, Callable[[], None]]], when: str) -> None:
+    """Each step of a layer that was applied, in order; a layer reported applied that cannot be completed
+    stops the worker."""
     confinement = _this.confinement
     try:
-        if confinement.status("rlimits") == APPLIED:
-            rlimits.lock_all_but_log(confinement, limits)
-        if confinement.status("cgroups") == APPLIED:
-            cgroups.lock(confinement)
-        if confinement.status("landlock") == APPLIED:
-            landlock.lock()
-        if confinement.status("seccomp") == APPLIED:
-            seccomp.lock_ahead(confinement)
+        for layer, step in steps:
+            if confinement.status(layer) == APPLIED:
+                step()
     except OSError as exc:
-        raise HardeningFailed(f"hardening-failed: lock-down ahead of the agent: {why(exc)}") from None
-    confinement.locked_ahead = True
+        raise HardeningFailed(f"hardening-failed: {when}: {why(exc)}") from None
 
 
 def prepare_lock_down() -> None:
