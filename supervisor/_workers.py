@@ -274,7 +274,10 @@ class Workers:
                                               "commit; nothing of this call was stored")
                 continue
             elif typ is wire.WorkerType.RESULT:
-                if agent.worker is not None and agent.worker.done:
+                worker = agent.worker
+                if worker is None:
+                    continue  # its end is being recorded: nothing more of it is taken
+                if worker.done:
                     self.violation(agent, "a result after one that ended its worker (it must run no other call)")
                     continue
                 checked = self._check(agent, body[1:], prechecked.get(id(frames)))
@@ -284,8 +287,6 @@ class Workers:
                     self.records.add_result((agent, pending, checked))
                     agent.verifier = checked.verifier  # the next result links to this one
                     agent.waiting_on = None
-                    worker = agent.worker
-                    assert worker is not None
                     if crash_reason(pending.call.kind, checked.status) is not None or checked.ending is not None:
                         worker.done = True  # it runs none of the calls sent after this one (worker/_loop.py)
                     else:

@@ -273,8 +273,8 @@ class Agent:
         artifact: dict[str, Any] | None = None,
         ahead: Loaded | None = None,
     ) -> None:
-        """``ahead``: the component this worker loaded before it was given the agent (a loaded spare),
-        used if it was loaded for exactly the spec's profile."""
+        """``ahead``: the component this worker loaded before it was given the agent (a loaded spare); it
+        must have been loaded for exactly the spec's load profile (LoadError otherwise)."""
         if sha256(state).hex() != spec.state_hash:
             raise LoadError("the state sent does not match the spec's state hash")
         self.limits = spec.limits
