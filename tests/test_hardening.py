@@ -600,3 +600,34 @@ def test_a_spare_locked_down_ahead_ends_with_exactly_the_allowlist() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, report
     assert report == f"ahead: dup2 50; closed: dup2 {seccomp.EPERM}; closed: fstat {seccomp.EPERM}; closed: lseek {seccomp.EPERM}"
+
+
+_SWEEP = """
+import json, os, sys
+from worker._harden import cgroups
+from worker._harden.confinement import Prepared
+
+prepared = Prepared()
+if cgroups.prepare(prepared):
+    print(json.dumps({"skip": "no cgroup v1 pids and cpu hierarchies here"}))
+    sys.exit(0)
+first = prepared.born_in["pids"]
+cgroups.enter_next(prepared)  # this process leaves the first group, empty now
+kept = first.is_dir()  # within SWEEP_EVERY_S of the last sweep: not looked at
+prepared.cgroups_swept -= cgroups.SWEEP_EVERY_S
+cgroups.enter_next(prepared)
+print(json.dumps({"kept": kept, "removed": not first.is_dir()}))
+cgroups.leave(prepared)
+"""
+
+
+def test_a_fork_server_sweeps_ended_workers_groups_at_most_every_few_seconds() -> None:
+    """Making the next worker's group tries to remove every ended worker's empty group, which costs a spawn
+    time in proportion to the workers running; a fork-server does it at most every SWEEP_EVERY_S, on the
+    real cgroup hierarchy."""
+    out = subprocess.run([sys.executable, "-c", _SWEEP], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    assert result == {"kept": True, "removed": True}

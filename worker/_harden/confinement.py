@@ -57,6 +57,7 @@ class Prepared:
     cgroup_base: dict[str, Path] = field(default_factory=dict)  # controller -> the fork-server's own group
     born_in: dict[str, Path] = field(default_factory=dict)  # the group a worker forked now is born in
     cgroups_made: int = 0
+    cgroups_swept: float = float("-inf")  # when the empty groups of ended workers were last removed (monotonic)
 
     def inherited_fds(self) -> set[int]:
         """Descriptors a forked worker keeps from its fork-server (closed again before guest code runs)."""
