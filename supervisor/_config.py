@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from theater.artifacts import file_signature
 from theater.capabilities import CAPABILITIES, always_granted
-from theater.spec import DEFAULT_HARDENING, HARDENING_LAYERS, LIMIT_BOUNDS, MAX_HELPERS, Hardening, Limits
+from theater.spec import DEFAULT_HARDENING, HARDENING_LAYERS, LIMIT_BOUNDS, MAX_HELPERS, Hardening, Limits, LoadProfile
 
 from ._caps.grants import GRANTS, Grant, grant_from_dict, parse_grant
 from ._errors import ConfigError
@@ -183,6 +183,12 @@ class AgentConfig:
     def grant(self, capability: str) -> Any:
         """The settings of a granted capability that has them (``_caps.grants``)."""
         return self.grants[capability]
+
+    @property
+    def load_profile(self) -> LoadProfile:
+        """What its worker loads: the spawn request's profile and its SPEC's (``theater.spec.LoadProfile``)."""
+        return LoadProfile(self.component_path, self.component_sha256, self.capabilities, self.limits,
+                           self.hardening, self.helpers)
 
     def as_dict(self) -> dict[str, Any]:
         return {

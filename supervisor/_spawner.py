@@ -54,7 +54,7 @@ from theater.forkserver import (
     decode_from_fork_server,
 )
 from theater.home import Home
-from theater.spec import Hardening, Limits, LoadProfile
+from theater.spec import Limits, LoadProfile
 
 from ._artifacts import ArtifactCache
 from ._errors import ZygoteGone
@@ -129,11 +129,7 @@ class AgentLike(Protocol):
     @property
     def limits(self) -> Limits: ...
     @property
-    def capabilities(self) -> tuple[str, ...]: ...
-    @property
-    def hardening(self) -> Hardening: ...
-    @property
-    def helpers(self) -> tuple[tuple[str, str], ...]: ...
+    def load_profile(self) -> LoadProfile: ...
 
 
 WORKER_COMMAND = (sys.executable, "-m", "worker")
@@ -424,9 +420,8 @@ class Spawner:
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                profile = LoadProfile(agent.component_path, agent.component_sha256, agent.capabilities, agent.limits,
-                                      agent.hardening, agent.helpers)
-                request = zygote.request(str(workdir), artifact, compile_request, [read_end, log_fd], profile)
+                request = zygote.request(str(workdir), artifact, compile_request, [read_end, log_fd],
+                                         agent.load_profile)
             finally:
                 os.close(log_fd)
         except ZygoteGone as exc:

@@ -219,12 +219,8 @@ class Workers:
         has not run it yet. ``head`` is not yet durable: the worker's first result is committed after it,
         nothing is answered before that, and the worker's host requests (its only way to reach outside
         itself) are served only once the loop has made ``head`` durable, so the init runs meanwhile."""
-        spec = AgentSpec(
-            agent_id=agent.uuid, name=agent.name, component_path=agent.config.component_path,
-            component_sha256=agent.config.component_sha256, capabilities=agent.config.capabilities,
-            limits=agent.config.limits, head_seq=head.seq, head_hash=head.hash.hex(),
-            state_hash=sha256(agent.state).hex(), hardening=agent.config.hardening, helpers=agent.config.helpers,
-        )
+        spec = AgentSpec.of(agent.config.load_profile, agent_id=agent.uuid, name=agent.name, head_seq=head.seq,
+                            head_hash=head.hash.hex(), state_hash=sha256(agent.state).hex())
         self.send(agent, [wire.header(wire.SupervisorType.SPEC), wire.encode_json(spec.to_json()), agent.state])
         if not agent.initialized:
             agent.mailbox.appendleft(Pending(wire.Call(next(self.call_ids), wire.CallKind.INIT, agent.config.init_args)))

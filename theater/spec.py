@@ -133,6 +133,10 @@ class LoadProfile:
     hardening: Hardening = DEFAULT_HARDENING
     helpers: tuple[tuple[str, str], ...] = ()
 
+    def field_values(self) -> dict[str, Any]:
+        """The profile's fields by name, as an :class:`AgentSpec` takes them."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "component_path": self.component_path, "component_sha256": self.component_sha256,
@@ -145,14 +149,19 @@ class LoadProfile:
         if not isinstance(data, dict) or set(data) != _PROFILE_KEYS:
             raise ProtocolError(f"a load profile has exactly the keys {sorted(_PROFILE_KEYS)}")
         try:
-            caps = tuple(data["capabilities"])
-            if any(c not in CAPABILITIES for c in caps):
-                raise ProtocolError(f"load profile grants unknown capabilities {caps}")
-            return cls(str(data["component_path"]), str(data["component_sha256"]), caps,
-                       Limits.from_dict(data["limits"]), Hardening.from_dict(data["hardening"]),
-                       _helpers(data["helpers"]))
+            return cls._parse(data, data["helpers"], "load profile")
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed load profile: {exc!r}") from None
+
+    @classmethod
+    def _parse(cls, data: dict[str, Any], helpers: Any, what: str) -> LoadProfile:
+        """The profile's keys of ``data`` (a profile's or a SPEC's), each checked; KeyError, TypeError or
+        ValueError for a missing or mistyped one."""
+        caps = tuple(data["capabilities"])
+        if any(c not in CAPABILITIES for c in caps):
+            raise ProtocolError(f"{what} grants unknown capabilities {caps}")
+        return cls(str(data["component_path"]), str(data["component_sha256"]), caps, Limits.from_dict(data["limits"]),
+                   Hardening.from_dict(data["hardening"]), _helpers(helpers))
 
 
 _PROFILE_KEYS = {"component_path", "component_sha256", "capabilities", "limits", "hardening", "helpers"}
@@ -174,10 +183,16 @@ class AgentSpec:
     hardening: Hardening = DEFAULT_HARDENING
     helpers: tuple[tuple[str, str], ...] = ()  # (path, sha256) of components linked beside it (composed agents)
 
+    @classmethod
+    def of(cls, profile: LoadProfile, *, agent_id: str, name: str, head_seq: int, head_hash: str,
+           state_hash: str) -> AgentSpec:
+        """The spec of one agent that loads ``profile``."""
+        return cls(agent_id=agent_id, name=name, head_seq=head_seq, head_hash=head_hash, state_hash=state_hash,
+                   **profile.field_values())
+
     @property
     def profile(self) -> LoadProfile:
-        return LoadProfile(self.component_path, self.component_sha256, self.capabilities, self.limits,
-                           self.hardening, self.helpers)
+        return LoadProfile(**{name: getattr(self, name) for name in _PROFILE_KEYS})
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -193,21 +208,9 @@ class AgentSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AgentSpec:
         try:
-            caps = tuple(data["capabilities"])
-            if any(c not in CAPABILITIES for c in caps):
-                raise ProtocolError(f"spec grants unknown capabilities {caps}")
-            return cls(
-                agent_id=str(data["agent_id"]),
-                name=str(data["name"]),
-                component_path=str(data["component_path"]),
-                component_sha256=str(data["component_sha256"]),
-                capabilities=caps,
-                limits=Limits.from_dict(data["limits"]),
-                head_seq=int(data["head_seq"]),
-                head_hash=str(data["head_hash"]),
-                state_hash=str(data["state_hash"]),
-                hardening=Hardening.from_dict(data["hardening"]),
-                helpers=_helpers(data.get("helpers", [])),
-            )
+            profile = LoadProfile._parse(data, data.get("helpers", []), "spec")
+            return cls.of(profile, agent_id=str(data["agent_id"]), name=str(data["name"]),
+                          head_seq=int(data["head_seq"]), head_hash=str(data["head_hash"]),
+                          state_hash=str(data["state_hash"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed agent spec: {exc!r}") from None
