@@ -31,6 +31,7 @@ class Confinement:
     proc_status: int = -1  # /proc/self/status and /proc/self/task, opened before Landlock hides /proc
     proc_tasks: int = -1
     allowlist: list[tuple[int, int, int, int]] | None = None  # compiled ahead by a spare worker
+    handover_closer: list[tuple[int, int, int, int]] | None = None  # seccomp.lock_ahead's second filter
     locked_ahead: bool = False  # a loaded spare locked down before its agent: lock_down only finishes
 
     def status(self, layer: str) -> str:

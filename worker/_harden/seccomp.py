@@ -145,10 +145,10 @@ def lock(confinement: Confinement) -> None:
 def lock_ahead(confinement: Confinement) -> None:
     """Stage 2 in a loaded spare, before it has an agent: the allowlist with the HANDOVER calls allowed."""
     _install(compile_filter({**ALLOWLIST, **dict.fromkeys(HANDOVER, ALLOW)}, KILL, confinement.pid))
-    confinement.allowlist = compile_filter(dict.fromkeys(HANDOVER, EPERM), ALLOW, confinement.pid)
+    confinement.handover_closer = compile_filter(dict.fromkeys(HANDOVER, EPERM), ALLOW, confinement.pid)
 
 
 def close_handover(confinement: Confinement) -> None:
     """At the agent's lock-down after ``lock_ahead``: the HANDOVER calls fail again, as in ALLOWLIST."""
-    assert confinement.allowlist is not None
-    _install(confinement.allowlist)
+    assert confinement.handover_closer is not None
+    _install(confinement.handover_closer)
