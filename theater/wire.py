@@ -293,7 +293,7 @@ MAX_JSON_BYTES = 1024 * 1024
 def encode_json(obj: Any, *, keys_sorted: bool = False) -> bytes:
     """Keys sorted, no spaces. ``keys_sorted``: every object in ``obj`` already has its keys in sorted order,
     so they are not sorted again and text is written as UTF-8 rather than escaped (a long listing, such as
-    ``ps`` of thousands of agents, takes half the time); the bytes are the same JSON."""
+    ``ps`` of thousands of agents, takes half the time); it reads back as the same JSON value."""
     if keys_sorted:
         try:
             return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
