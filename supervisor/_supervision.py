@@ -212,10 +212,13 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """Start the agent's worker. ``counted``: a restart by a supervisor (its count moves; from = initial applies)."""
+    """Start the agent's worker. ``counted``: a restart by a supervisor (its count moves; from = initial applies).
+    ``then``: the agent the same job starts next, once this one is ready; its worker may be made ready ahead
+    of its turn, provided nothing of it is recorded and it runs nothing until its own Start."""
 
     name: str
     counted: bool
+    then: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -693,8 +696,23 @@ class Engine:
             self._schedule(Job(member, Purpose.START, steps, counted=counted))
             return True
         member.status = Status.RESTARTING if counted else Status.STARTING
-        self._emit(Start(member.name, counted))
+        self._emit(Start(member.name, counted, self._next_start(job)))
         return job is not None
+
+    @staticmethod
+    def _next_start(job: Job | None) -> str | None:
+        """The agent ``job`` starts after its current step, if that is the start of an agent not running."""
+        if job is None or not job.steps:
+            return None
+        op, member = job.steps[0]
+        return member.name if op == "start" and isinstance(member, Leaf) and not (member.held or member.up) else None
+
+    def will_start(self, name: str) -> bool:
+        """Whether a job still to run its steps has the start of agent ``name`` among them."""
+        leaf = self.members.get(name)
+        node = leaf.parent if isinstance(leaf, Leaf) else None
+        job = node.job if node is not None else None
+        return job is not None and not job.cancelled and any(op == "start" and m is leaf for op, m in job.steps)
 
     def _stop_owned(self, node: Sup, why: str) -> None:
         steps: deque[Step] = deque(("stop", c) for c in reversed(node.children))

@@ -110,7 +110,7 @@ class Supervision:
         self._violated: set[str] = set()  # agents whose last worker's part of the chain a violation ended
         self.chains: dict[str, ChainVerifier] = {}  # tree nodes' own chains, by node name
         self._waiting_for_store: list[Agent] = []  # starts held while the store cannot be written
-        self._starts: deque[Agent] = deque()  # worker starts, one per turn of the loop
+        self._starts: deque[tuple[Agent, bool]] = deque()  # worker starts (or prepares), one per turn of the loop
         self._watching = False
 
     # --- building ---------------------------------------------------------------------
@@ -487,6 +487,8 @@ class Supervision:
             if isinstance(action, Start):
                 if action is not started_early:
                     self._start(action)
+                if action.then is not None and self.store.problem is None:
+                    self._start_worker(self.agents.by_name[action.then], ahead=True)
             elif isinstance(action, RecordExit):
                 # An exit followed at once by the restart of the same agent: the new worker is asked for before
                 # the exit record's commit, and forks or wakes while it is made durable. Its hello is read after
@@ -528,6 +530,13 @@ class Supervision:
                 self.control.reply(ident, rid, self.entry(self.member(action.member)))
             elif isinstance(action, Done) and callable(action.ticket):
                 action.ticket()
+        for agent in [a for a in self.workers.preparing if not self._due(a)]:
+            self.workers.unprepare(agent)
+
+    def _due(self, agent: Agent) -> bool:
+        """Whether the agent's start is coming: queued here, or among the steps of a job still running."""
+        return self.engine.will_start(agent.name) or (agent.status in (Status.STARTING, Status.RESTARTING)
+                                                       and agent.worker is None)
 
     def watch_store(self) -> None:
         """While the store cannot be written (a full disk…), try a small write every half second; once
@@ -554,19 +563,27 @@ class Supervision:
 
         self.workers.timers.after(STORE_PROBE_S, look)
 
-    def _start_worker(self, agent: Agent) -> None:
-        """Queue the agent's worker start. Starts run one per turn of the loop, in order: after a crash storm
-        the twenty replacements do not hold the loop for twenty fork-server round trips in a row, and other
-        agents' calls are served between them."""
-        self._starts.append(agent)
+    def _start_worker(self, agent: Agent, *, ahead: bool = False) -> None:
+        """Queue the agent's worker start (``ahead``: a worker made ready for its start to come, see
+        ``Workers.prepare``). Starts run one per turn of the loop, in order: after a crash storm the twenty
+        replacements do not hold the loop for twenty fork-server round trips in a row, and other agents'
+        calls are served between them."""
+        self._starts.append((agent, ahead))
         if len(self._starts) == 1:
             self.workers.timers.after(0, self._start_next)
 
     def _start_next(self) -> None:
-        agent = self._starts.popleft()
+        agent, ahead = self._starts.popleft()
         if self._starts:
             self.workers.timers.after(0, self._start_next)  # due after this turn's timers: the next turn
+        if ahead:
+            if self._due(agent) and self.store.problem is None and self.agents.by_name.get(agent.name) is agent:
+                with contextlib.suppress(OSError):  # then it starts as any worker does, in its turn
+                    self.workers.prepare(agent)
+            return
         if agent.status not in (Status.STARTING, Status.RESTARTING) or agent.alive:
+            if agent.prepared is not None and not self._due(agent):
+                self.workers.unprepare(agent)
             return  # stopped, or started by other means, while it waited
         self._start_now(agent)
 

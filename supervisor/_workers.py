@@ -77,6 +77,8 @@ class Workers:
         self.by_identity: dict[bytes, Agent] = {}
         self.by_token: dict[bytes, Agent] = {}
         self.by_pidfd: dict[int, Agent] = {}
+        self.held: dict[int, tuple[Agent, WorkerProcess]] = {}  # pidfd -> a worker made ready ahead (prepare)
+        self.preparing: set[Agent] = set()  # the agents with a worker made ready ahead
         # Every worker's pidfd, in one epoll set that the loop polls as one descriptor: a turn of the loop costs
         # the same with 3,000 workers as with one (zmq_poll over every pidfd took 70 µs a turn at 2,000).
         self.exits = select.epoll()
@@ -98,14 +100,48 @@ class Workers:
     # --- start and hello ---------------------------------------------------------------------
 
     def start(self, agent: Agent) -> None:
+        """Start the agent's worker: the one made ready ahead for it (``prepare``) if it has one."""
         agent.discard_results = False
+        self.usage.spawns_total += 1
+        worker, agent.prepared = agent.prepared, None
+        self.preparing.discard(agent)
+        if worker is None or worker.exited or worker.kill_reason is not None:
+            self._spawn(agent, ahead=False)
+            return
+        agent.worker = worker
+        if not worker.pending:
+            del self.held[worker.pidfd]
+            self.by_pidfd[worker.pidfd] = agent
+        parked, agent.parked = agent.parked, None
+        if parked is not None:
+            self._bind(agent, worker, *parked)
+
+    def prepare(self, agent: Agent) -> None:
+        """Make a worker ready for ``agent`` before its start comes (the next child of a tree starting its
+        children in order): spawned, its hello checked, and held there. Nothing of it is recorded and it is
+        sent nothing until ``start`` takes it; ``unprepare`` ends it if the start is not coming."""
+        if agent.worker is None and agent.prepared is None:
+            self._spawn(agent, ahead=True)
+
+    def unprepare(self, agent: Agent) -> None:
+        worker, agent.prepared, agent.parked = agent.prepared, None, None
+        self.preparing.discard(agent)
+        if worker is not None:
+            self.by_token.pop(worker.token, None)
+            worker.kill("shutdown")  # reaped like any worker's end (or as the fork-server answers), unrecorded
+            self.log(f"{agent.name}: the worker made ready ahead for it is ended: its start is not coming")
+
+    def _spawn(self, agent: Agent, *, ahead: bool) -> None:
         workdir = self.home.run / "workers" / agent.uuid
         worker = self.spawner.spawn_nowait(
             self.home.workers_endpoint, agent.incarnation + 1, self.home.logs / f"{agent.name}.log", workdir,
             agent.config,
         )
-        agent.worker = worker
-        self.usage.spawns_total += 1
+        if ahead:
+            agent.prepared = worker
+            self.preparing.add(agent)
+        else:
+            agent.worker = worker
         self.by_token[worker.token] = agent
         if worker.pending:  # the fork-server answers in a later turn; its deadline is watched meanwhile
             self.timers.after(ZYGOTE_REPLY_TIMEOUT_S + 0.1, self.settle_spawns)
@@ -116,21 +152,38 @@ class Workers:
 
     def _watch(self, agent: Agent, worker: WorkerProcess) -> None:
         """Learn of the worker's end through its pidfd, in the epoll set the loop polls."""
-        self.by_pidfd[worker.pidfd] = agent
+        if worker is agent.prepared:
+            self.held[worker.pidfd] = (agent, worker)
+        else:
+            self.by_pidfd[worker.pidfd] = agent
         self.exits.register(worker.pidfd, select.EPOLLIN)
 
     def reap_exited(self) -> None:
         """The epoll set is readable: take every worker whose pidfd says it has ended."""
         for fd, _ in self.exits.poll(0):
+            if fd in self.held:
+                self._held_ended(*self.held.pop(fd))
+                continue
             agent = self.by_pidfd.get(fd)
             if agent is not None:
                 self.on_exit(agent)
+
+    def _held_ended(self, agent: Agent, worker: WorkerProcess) -> None:
+        """A worker made ready ahead ended before its start (or was ended because the start is not coming):
+        it had no agent yet, so there is nothing to record; the start, if it comes, spawns another."""
+        self.exits.unregister(worker.pidfd)
+        code = worker.reap()
+        if agent.prepared is worker:
+            agent.prepared = agent.parked = None
+            self.preparing.discard(agent)
+            self.by_token.pop(worker.token, None)
+            self.log(f"{agent.name}: worker {worker.pid}, made ready ahead of its start, ended ({exit_reason(code)})")
 
     def settle_spawns(self, timeout: float = 0.0) -> None:
         """Take the fork-server's answers: each worker that now has a pid is watched."""
         for worker in self.spawner.settle(timeout):
             agent = self.by_token.get(worker.token) or next((a for a in self.agents if a.worker is worker), None)
-            if agent is not None and agent.worker is worker:
+            if agent is not None and worker in (agent.worker, agent.prepared):
                 self._watch(agent, worker)
             else:  # its agent no longer waits for it (cannot happen while the token is known): end it
                 worker.kill("shutdown")
@@ -160,7 +213,7 @@ class Workers:
         self._on_hello(identity, frames, known)
 
     def _hello_timeout(self, agent: Agent, worker: WorkerProcess) -> None:
-        if agent.worker is worker and worker.identity is None and not worker.exited:
+        if worker in (agent.worker, agent.prepared) and worker.identity is None and not worker.exited:
             self.log(f"{agent.name}: worker {worker.pid} sent no hello in {HELLO_TIMEOUT_S}s; killing it")
             worker.kill("no-hello")
 
@@ -174,8 +227,9 @@ class Workers:
             self.log(f"dropping a malformed hello: {exc}")
             return
         agent = self.by_token.pop(hello.token, None)
-        worker = agent.worker if agent else None
-        if agent is None or worker is None or worker.token != hello.token:
+        worker = next((w for w in (agent.worker, agent.prepared) if w is not None and w.token == hello.token),
+                      None) if agent is not None else None
+        if agent is None or worker is None:
             self.log("dropping a hello with an unknown token")
             return
         try:
@@ -192,6 +246,14 @@ class Workers:
             worker.kill("bad-hello")
             self.log(f"{agent.name}: hello from pid {hello.pid}, expected {worker.pid}; killed")
             return
+        worker.identity = identity
+        if worker is agent.prepared:  # made ready ahead: it waits here for its start (see prepare)
+            agent.parked = (identity, hello)
+            return
+        self._bind(agent, worker, identity, hello)
+
+    def _bind(self, agent: Agent, worker: WorkerProcess, identity: bytes, hello: wire.Hello) -> None:
+        """The worker's hello is checked: record its key in the agent's chain and send it the agent."""
         worker.identity = identity
         self.by_identity[identity] = agent
         agent.incarnation = worker.incarnation
@@ -529,6 +591,8 @@ class Workers:
         for agent in self.agents:
             if agent.worker and not agent.worker.exited:
                 agent.worker.kill("shutdown")
+        for agent in list(self.preparing):
+            self.unprepare(agent)
         with contextlib.suppress(zmq.ZMQError):
             self.socket.close(0)
         self.exits.close()

@@ -12,6 +12,7 @@ up, and that every chain still verifies. Waits are on replies or on ``ps`` /
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -656,6 +657,22 @@ def test_spawning_a_tree_whose_child_cannot_start_is_answered(theater: Theater) 
         bad = _find(c.request("tree")[0]["roots"], "bad")
         if bad is not None:
             assert bad["restarts"] == 0 and "load-failed" in bad["last_exit"], bad
+
+
+def test_children_start_in_order_though_the_next_ones_worker_is_made_ready_ahead(theater: Theater) -> None:
+    """While a child starts, the next child's worker is spawned and its hello checked, but nothing of it is
+    recorded and it runs nothing until the one before is ready: each child's first record follows the
+    previous child's init."""
+    names = ["a", "b", "c", "d"]
+    with theater.client() as c:
+        info = c.spawn(tree_manifest(theater, sup("root", [agent(n, "counter.wat") for n in names])))
+        assert info["status"] == "running", info
+        assert [c.call(n, b"x") for n in names] == [b"1"] * 4
+    for before, after in itertools.pairwise(names):
+        [init] = of(records(theater, before), Kind.INIT)
+        first = records(theater, after)[0]
+        assert first.kind is Kind.GENESIS and first.time_ns > init.time_ns, (before, after)
+    assert_verified(theater)
 
 
 # --- 7. restart from the last committed state, or from the initial one ---------------------------

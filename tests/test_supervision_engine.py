@@ -148,6 +148,38 @@ def test_each_start_waits_for_the_previous_child_to_be_ready() -> None:
     assert names(out, Start) == ["b"] and out[-1] == Done("t", "root")
 
 
+def test_each_start_names_the_child_its_job_starts_next() -> None:
+    """``then`` lets the supervisor make the next child's worker ready ahead; ``will_start`` says whether that
+    start is still coming."""
+    root = tree("one_for_one", 3)
+    engine, world = built(root)
+    world.slow.update("abc")
+    world.run(engine.spawn(root, 0.0, ticket="t"))
+    assert world.pending == [Start("a", False, then="b")]
+    assert engine.will_start("b") and engine.will_start("c") and not engine.will_start("a")
+    for name, then in (("a", "c"), ("b", None)):
+        world.pending.clear()
+        world.run(engine.ready(name, 0.0))
+        assert world.pending == [Start(chr(ord(name) + 1), False, then=then)]
+    assert not engine.will_start("c")
+
+
+def test_a_restarted_node_that_cannot_start_a_child_will_not_start_the_next() -> None:
+    """OTP: a node restarted by its parent stops its start at a child that cannot start; the child after it,
+    named as next, will not start."""
+    inner = tree("one_for_one", 3, intensity=0, name="inner")
+    root = Sup("root", Flags("one_for_one", 1, 5000), children=[inner])  # one restart of inner, no retry
+    engine, world = started(root)
+    world.slow.add("b")
+    world.crash("a")  # inner gives up: it stops c, then b
+    assert [type(a) for a in world.pending] == [Stop]
+    world.pending.clear()
+    world.run(engine.exited("b", "shutdown", world.now))  # root restarts inner: a starts, then b
+    assert world.pending == [Start("b", True, then="c")] and engine.will_start("c")
+    out = world.run(engine.exited("b", "load-failed", world.now))
+    assert not engine.will_start("c") and "c" not in names(out, Start)
+
+
 # --- strategies -------------------------------------------------------------------------
 
 
