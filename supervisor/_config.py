@@ -321,6 +321,10 @@ def open_regular(path: Path, cap: int) -> int:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    return _parse_file(path, _read_file(path))
+
+
+def _read_file(path: Path) -> bytes:
     fd = open_regular(path, MAX_MANIFEST_BYTES)
     try:
         chunks, size = [], 0
@@ -333,8 +337,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     finally:
         os.close(fd)
+    return b"".join(chunks)
+
+
+def _parse_file(path: Path, data: bytes) -> dict[str, Any]:
     try:
-        return _parse_toml(b"".join(chunks).decode("utf-8"), path)
+        return _parse_toml(data.decode("utf-8"), path)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not valid TOML: it is not UTF-8") from None
 
@@ -427,7 +435,25 @@ def load_policy(name: str, dirs: list[Path]) -> Policy:
         near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(known)})" if known else ""
         raise ConfigError(f"no policy named {name!r} in {', '.join(map(str, dirs))}{hint}")
-    top = _Table(path, _read_toml(path))
+    data = _read_file(path)
+    key = (name, str(path), data)
+    policy = _POLICIES.get(key)
+    if policy is None:
+        policy = _POLICIES[key] = _policy(name, path, data)
+        while len(_POLICIES) > MAX_CACHED_POLICIES:
+            _POLICIES.popitem(last=False)
+    _POLICIES.move_to_end(key)
+    return policy
+
+
+# Policies as parsed, by name, path and the file's bytes: a policy file is read at every spawn (a tree of
+# 100 children reads it 100 times) and parsed again only when its bytes changed. Policy is immutable.
+MAX_CACHED_POLICIES = 32
+_POLICIES: OrderedDict[tuple[str, str, bytes], Policy] = OrderedDict()
+
+
+def _policy(name: str, path: Path, data: bytes) -> Policy:
+    top = _Table(path, _parse_file(path, data))
     description = top.get("description", str, "")
     caps = _capabilities(top, None)
     values = _limits(top.table("limits"), None)

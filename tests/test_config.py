@@ -285,6 +285,24 @@ def test_missing_manifest_file_is_refused(agent_dir: Path) -> None:
 # --- policies ------------------------------------------------------------------------------------------
 
 
+def test_a_policy_is_parsed_again_exactly_when_its_bytes_change(home: Path) -> None:
+    """Every spawn reads its policy file; the parse is kept and reused only while the file's bytes are the same."""
+    (home / "policies").mkdir()
+    path = home / "policies" / "lab.toml"
+    text = (ROOT / "policies" / "default.toml").read_text()
+    path.write_text(text)
+    first = load_policy("lab", policy_dirs(home))
+    assert load_policy("lab", policy_dirs(home)) is first
+    path.write_text(text.replace(f"mailbox = {DEFAULT_LIMITS['mailbox']}", "mailbox = 7"))
+    changed = load_policy("lab", policy_dirs(home))
+    assert changed.limits.mailbox == 7 and first.limits.mailbox == DEFAULT_LIMITS["mailbox"]
+    path.write_text(text.replace("[limits]", "[limits]\nsurprise = 1"))
+    with pytest.raises(ConfigError, match="surprise"):
+        load_policy("lab", policy_dirs(home))
+    path.write_text(text)
+    assert load_policy("lab", policy_dirs(home)) is first
+
+
 @pytest.mark.parametrize("name", ["../x", "../../etc/passwd", "sub/default", "/tmp/default", "Default", ".hidden", ""])
 def test_policy_name_with_a_path_is_refused(agent_dir: Path, home: Path, name: str) -> None:
     """A policy name that is not a plain name (a path, upper case, empty) is refused before any file is opened."""
