@@ -183,7 +183,7 @@ class Workers:
         """Take the fork-server's answers: each worker that now has a pid is watched."""
         for worker in self.spawner.settle(timeout):
             agent = self.by_token.get(worker.token) or next((a for a in self.agents if a.worker is worker), None)
-            if agent is not None and worker in (agent.worker, agent.prepared):
+            if agent is not None and (worker is agent.worker or worker is agent.prepared):
                 self._watch(agent, worker)
             else:  # its agent no longer waits for it (cannot happen while the token is known): end it
                 worker.kill("shutdown")
@@ -213,7 +213,7 @@ class Workers:
         self._on_hello(identity, frames, known)
 
     def _hello_timeout(self, agent: Agent, worker: WorkerProcess) -> None:
-        if worker in (agent.worker, agent.prepared) and worker.identity is None and not worker.exited:
+        if (worker is agent.worker or worker is agent.prepared) and worker.identity is None and not worker.exited:
             self.log(f"{agent.name}: worker {worker.pid} sent no hello in {HELLO_TIMEOUT_S}s; killing it")
             worker.kill("no-hello")
 
