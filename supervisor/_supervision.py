@@ -308,7 +308,16 @@ class Done:
     member: str
 
 
-Action = Start | Stop | StopNode | RecordExit | Settle | NodeRecord | Notify | OwnerGaveUp | Removed | StoreTree | Done
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """A spawn's or an operator's job will never end (the supervisor is going down): answer ``ticket`` that."""
+
+    ticket: object
+    why: str
+
+
+Action = (Start | Stop | StopNode | RecordExit | Settle | NodeRecord | Notify | OwnerGaveUp | Removed | StoreTree | Done
+          | Abandoned)
 
 
 # --- the engine ------------------------------------------------------------------
@@ -432,10 +441,17 @@ class Engine:
         """Stop every root at once; each stops its children one at a time, last first."""
         self._now = now
         for root in roots:
+            waiting = []  # the jobs with someone to answer: each waits on a member, or in a node's queue
             for m in root.walk():
+                waiting += [m.waiter] if m.waiter is not None else []
                 if isinstance(m, Sup):
+                    waiting += m.queue
                     self._cancel(m)
                     m.queue.clear()
+            for job in waiting:
+                if job.ticket is not None and not job.cancelled:
+                    job.cancelled = True
+                    self._emit(Abandoned(job.ticket, why))
             self._schedule(Job(None, Purpose.STOP, deque([("stop", root)]), reason="shutdown", why=why, target=root))
         return self._drain()
 

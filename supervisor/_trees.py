@@ -45,6 +45,7 @@ from ._host import Answer, HostCall
 from ._record_path import RecordPath
 from ._store import Commit, EventStore
 from ._supervision import (
+    Abandoned,
     Action,
     Done,
     Engine,
@@ -530,6 +531,9 @@ class Supervision:
                 self.control.reply(ident, rid, self.entry(self.member(action.member)))
             elif isinstance(action, Done) and callable(action.ticket):
                 action.ticket()
+            elif isinstance(action, Abandoned) and isinstance(action.ticket, tuple):
+                ident, rid = action.ticket
+                self.control.reply_error(ident, rid, Refused.code, action.why)
         for agent in [a for a in self.workers.preparing if not self._due(a)]:
             self.workers.unprepare(agent)
 

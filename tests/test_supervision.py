@@ -28,12 +28,15 @@ import zmq
 from conftest import (
     COMPONENTS,
     LAB_POLICY,
+    ROOT,
     Theater,
     assert_verified,
+    gone,
     of,
     ps,
     records,
     start_after_crash,
+    supervisor_log,
     toml,
     wait_running,
     wait_status,
@@ -42,6 +45,7 @@ from conftest import (
 )
 
 from supervisor._audit import open_readonly
+from supervisor._errors import NotFound
 from theater import wire
 from theater.client import Client, ClientError, NotRunning
 from theater.records import Kind, sha256
@@ -673,6 +677,78 @@ def test_children_start_in_order_though_the_next_ones_worker_is_made_ready_ahead
         first = records(theater, after)[0]
         assert first.kind is Kind.GENESIS and first.time_ns > init.time_ns, (before, after)
     assert_verified(theater)
+
+
+def _held_start(t: Theater) -> tuple[threading.Thread, list[object], int]:
+    """Spawn root = [x, b, c] from a thread, b's init held by a call to x that spins (60 s at most): while
+    b starts, c's worker is made ready ahead. Returns the spawning thread, where its outcome goes, and the
+    pid of c's held worker (the worker whose output goes to c's log while c has no worker of its own)."""
+    lab = (ROOT / "policies" / "messaging.toml").read_text().replace("wall_time_ms = 5000 ", "wall_time_ms = 60000 ")
+    t.home.policies.mkdir(exist_ok=True)
+    (t.home.policies / "messaging-lab.toml").write_text(lab)
+    talk = {"policy": "messaging-lab", "capabilities": ["runtime", "messaging"]}
+    kids = [agent("x", "messenger.wat", **talk, messaging={"to": [], "from": ["b"]}),
+            agent("b", "messenger.wat", **talk, messaging={"to": ["x"], "from": []}, init_args="call:50000:x:spin"),
+            agent("c", "counter.wat")]
+    outcome: list[object] = []
+
+    def spawn() -> None:
+        with t.client(timeout=120) as c:
+            try:
+                outcome.append(c.spawn(tree_manifest(t, sup("root", kids))))
+            except (ClientError, NotRunning) as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=spawn)
+    thread.start()
+    log = str(t.home.logs / "c.log")
+
+    def held() -> int | None:
+        sup_pid = int(t.home.pid_file.read_text())
+        for pid in Path("/proc").iterdir():
+            try:
+                if (pid.name.isdigit() and f"PPid:\t{sup_pid}\n" in (pid / "status").read_text()
+                        and os.readlink(pid / "fd" / "2") == log):
+                    return int(pid.name)
+            except OSError:
+                continue
+        return None
+
+    return thread, outcome, wait_until(held, what="c's worker made ready ahead")  # type: ignore[return-value]
+
+
+def test_a_held_worker_that_dies_is_replaced_when_its_turn_comes(theater: Theater) -> None:
+    """The worker made ready for c dies while b's start holds the plan: nothing of it is recorded, and
+    when c's turn comes it starts on a new worker."""
+    thread, outcome, pid = _held_start(theater)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: f"c: worker {pid}, made ready ahead of its start, ended" in supervisor_log(theater),
+               what="the held worker's end logged")
+    with theater.client() as c:
+        os.kill(ps(c, "x")["pid"], signal.SIGKILL)  # b's call fails at once; b's init returns, c's turn comes
+        thread.join(60)
+        assert not thread.is_alive() and isinstance(outcome[0], dict), outcome
+        info = wait_running(c, "c")
+        assert info["pid"] != pid and c.call("c", b"x") == b"1"
+    kinds = [r.kind for r in records(theater, "c")]
+    assert kinds[:2] == [Kind.GENESIS, Kind.INIT] and Kind.HANDLE in kinds and Kind.WORKER_KEY not in kinds, kinds
+    assert_verified(theater)
+
+
+def test_a_held_worker_is_ended_unrecorded_when_its_start_is_abandoned(theater: Theater) -> None:
+    """`theater down` abandons the start while b holds it: the spawn is answered that the supervisor is going
+    down, the worker made ready for c is ended, and c, never started, has no record at all."""
+    thread, outcome, pid = _held_start(theater)
+    with theater.client() as c:
+        c.down()
+    thread.join(60)
+    [refused] = outcome  # the spawn still waiting is answered, not left to time out
+    assert isinstance(refused, ClientError) and refused.code == "refused", refused
+    assert "the supervisor is shutting down" in str(refused)
+    wait_until(lambda: gone(pid), what="c's held worker gone")
+    assert "c: the worker made ready ahead for it is ended: its start is not coming" in supervisor_log(theater)
+    with pytest.raises(NotFound):  # not even a genesis: the store has never heard of c
+        records(theater, "c")
 
 
 # --- 7. restart from the last committed state, or from the initial one ---------------------------

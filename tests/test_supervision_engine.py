@@ -12,6 +12,7 @@ from collections import deque
 import pytest
 
 from supervisor._supervision import (
+    Abandoned,
     Done,
     Engine,
     Flags,
@@ -178,6 +179,22 @@ def test_a_restarted_node_that_cannot_start_a_child_will_not_start_the_next() ->
     assert world.pending == [Start("b", True, then="c")] and engine.will_start("c")
     out = world.run(engine.exited("b", "load-failed", world.now))
     assert not engine.will_start("c") and "c" not in names(out, Start)
+
+
+def test_a_shutdown_answers_the_spawns_and_operator_requests_it_abandons() -> None:
+    """A tree's spawn still starting, and an operator's request queued behind it, will never end: each is
+    answered once, with why, and never again."""
+    root = tree("one_for_one", 3)
+    engine, world = built(root)
+    world.slow.add("b")
+    world.run(engine.spawn(root, 0.0, ticket="spawn"))
+    world.run(engine.stop("a", 0.0, ticket="stop-a"))  # queued: root's start is running
+    out = world.run(engine.shutdown([root], 0.0, "going down"))
+    assert [a for a in out if isinstance(a, Abandoned)] == [Abandoned("spawn", "going down"),
+                                                            Abandoned("stop-a", "going down")]
+    world.slow.clear()
+    out = world.run(engine.exited("b", "shutdown", 0.0))
+    assert not [a for a in out if isinstance(a, (Done, Abandoned))] and root.status is Status.STOPPED
 
 
 # --- strategies -------------------------------------------------------------------------

@@ -14,10 +14,12 @@
 ;;   anything else -> state + sender + "=" + message + "\n"; reply "ack:" + message
 ;; (<to> runs up to the next ':'; the payload is the rest and may hold ':'.)
 ;; <case> is the call-error case's WIT name. The state is changed only by the last rule.
+;; init(state, args): the state becomes args; if args is "call:<ms>:<to>:<payload>", that
+;; call is made first (its reply dropped), so a start can be held by the agent it calls.
 ;;
 ;; Exists to test the messaging capability end to end: sends, calls, every
 ;; call-error case coming back to the guest, cycles, floods, and the sender's
-;; id the supervisor hands to the receiver.
+;; id the supervisor hands to the receiver, and a start that waits on another agent.
 (component
   (type $outcome (record (field "state" string) (field "reply" (option string))))
   (type $call-error (variant
@@ -293,6 +295,10 @@
       (call $reply (local.get $buf) (local.get $total) (local.get $i) (i32.add (local.get $ml) (i32.const 4))))
 
     (func (export "init") (param $sp i32) (param $sl i32) (param $ap i32) (param $al i32) (result i32)
+      ;; init args "call:<ms>:<to>:<payload>": that call is made during init, and its reply dropped
+      (if (call $starts (local.get $ap) (local.get $al) (i32.const 96) (i32.const 5))
+        (then (drop (call $run (local.get $sp) (local.get $sl) (i32.const 195) (i32.const 1)
+                               (local.get $ap) (local.get $al)))))
       (i32.store8 (i32.const 16) (i32.const 0))
       (i32.store (i32.const 20) (local.get $ap))
       (i32.store (i32.const 24) (local.get $al))
