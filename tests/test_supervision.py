@@ -746,6 +746,8 @@ def test_a_held_worker_is_ended_unrecorded_when_its_start_is_abandoned(theater: 
     assert isinstance(refused, ClientError) and refused.code == "refused", refused
     assert "the supervisor is shutting down" in str(refused)
     wait_until(lambda: gone(pid), what="c's held worker gone")
+    assert theater.proc is not None
+    wait_until(lambda: theater.proc.poll() is not None, what="the supervisor gone")  # type: ignore[union-attr]
     assert "c: the worker made ready ahead for it is ended: its start is not coming" in supervisor_log(theater)
     with pytest.raises(NotFound):  # not even a genesis: the store has never heard of c
         records(theater, "c")
