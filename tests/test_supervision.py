@@ -680,7 +680,7 @@ def test_children_start_in_order_though_the_next_ones_worker_is_made_ready_ahead
 
 
 def _held_start(t: Theater) -> tuple[threading.Thread, list[object], int]:
-    """Spawn root = [x, b, c] from a thread, b's init held by a call to x that spins (60 s at most): while
+    """Spawn root = [x, b, c] from a thread, b's init held by a call to x that spins (50 s at most): while
     b starts, c's worker is made ready ahead. Returns the spawning thread, where its outcome goes, and the
     pid of c's held worker (the worker whose output goes to c's log while c has no worker of its own)."""
     lab = (ROOT / "policies" / "messaging.toml").read_text().replace("wall_time_ms = 5000 ", "wall_time_ms = 60000 ")
