@@ -107,7 +107,7 @@ class Agent(_Member):
     leaf: Leaf = field(init=False)
     worker: WorkerProcess | None = None
     prepared: WorkerProcess | None = None  # made ready ahead of its start; not yet its worker (Workers.prepare)
-    parked: tuple[bytes, wire.Hello] | None = None  # the prepared worker's checked hello: identity, hello
+    parked: wire.Hello | None = None  # the prepared worker's checked hello (its identity is the worker's)
     mailbox: deque[Pending] = field(default_factory=deque)
     # Sent to its worker and not yet answered, oldest first (at most PIPELINE_DEPTH): the worker runs them in
     # order, so the first is the one it runs now; the others wait in its socket.

@@ -495,8 +495,8 @@ class Supervision:
                 # the exit record's commit, and forks or wakes while it is made durable. Its hello is read after
                 # that commit (this loop is busy until then), so its key record still follows the exit record.
                 after = actions[i + 1] if i + 1 < len(actions) else None
-                early = isinstance(after, Start) and after.name == action.name and not self._resets(after)
-                started_early = after if early and isinstance(after, Start) else None
+                started_early = (after if isinstance(after, Start) and after.name == action.name
+                                 and not self._resets(after) else None)
                 self._record_exit(self.agents.by_name[action.name], action.note, action.desired,
                                   then=functools.partial(self._start, started_early) if started_early else None)
             elif isinstance(action, Stop):
@@ -586,9 +586,7 @@ class Supervision:
                     self.workers.prepare(agent)
             return
         if agent.status not in (Status.STARTING, Status.RESTARTING) or agent.alive:
-            if agent.prepared is not None and not self._due(agent):
-                self.workers.unprepare(agent)
-            return  # stopped, or started by other means, while it waited
+            return  # stopped, or started by other means, while it waited (apply ended any worker made ahead)
         self._start_now(agent)
 
     def _start_now(self, agent: Agent) -> None:

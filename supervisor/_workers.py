@@ -114,7 +114,7 @@ class Workers:
             self.by_pidfd[worker.pidfd] = agent
         parked, agent.parked = agent.parked, None
         if parked is not None:
-            self._bind(agent, worker, *parked)
+            self._bind(agent, worker, parked)
 
     def prepare(self, agent: Agent) -> None:
         """Make a worker ready for ``agent`` before its start comes (the next child of a tree starting its
@@ -248,13 +248,15 @@ class Workers:
             return
         worker.identity = identity
         if worker is agent.prepared:  # made ready ahead: it waits here for its start (see prepare)
-            agent.parked = (identity, hello)
+            agent.parked = hello
             return
-        self._bind(agent, worker, identity, hello)
+        self._bind(agent, worker, hello)
 
-    def _bind(self, agent: Agent, worker: WorkerProcess, identity: bytes, hello: wire.Hello) -> None:
-        """The worker's hello is checked: record its key in the agent's chain and send it the agent."""
-        worker.identity = identity
+    def _bind(self, agent: Agent, worker: WorkerProcess, hello: wire.Hello) -> None:
+        """The worker's hello is checked (its identity set): record its key in the agent's chain and send it
+        the agent."""
+        identity = worker.identity
+        assert identity is not None
         self.by_identity[identity] = agent
         agent.incarnation = worker.incarnation
         confinement = wire.encode_json(hello.confinement).decode()
