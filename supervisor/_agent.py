@@ -175,7 +175,7 @@ class Agent(_Member):
         return node.owner if node.kind is NodeKind.OWNED else node.name
 
     def summary(self) -> dict[str, object]:
-        """The agent as ``ps`` lists it; its keys in sorted order (the reply is written without sorting them)."""
+        """The agent as ``ps`` lists it."""
         worker = self.worker
         running = self.status is Status.RUNNING
         return {

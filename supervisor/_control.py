@@ -173,8 +173,7 @@ class Control:
             case req.Call(agent, data, timeout_ms):
                 self._queue(scope.agent(agent), data, (ticket, timeout_ms))
             case req.Ps():
-                self.reply(ident, rid, {"agents": [a.summary() for a in scope.agents()], "store_problem": problem},
-                           keys_sorted=True)
+                self.reply(ident, rid, {"agents": [a.summary() for a in scope.agents()], "store_problem": problem})
             case req.Tree():
                 roots = [m for m in self.supervision.roots() if scope.owns(m)]
                 self.reply(ident, rid, {"roots": [self.supervision.entry(m) for m in roots]})
@@ -338,13 +337,11 @@ class Control:
         assert pending.reply_to is not None
         self.reply_error(*pending.reply_to, code, message)
 
-    def reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None, *,
-              keys_sorted: bool = False) -> None:
-        """``keys_sorted``: every object in ``result`` has its keys in sorted order already (wire.encode_json)."""
+    def reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None) -> None:
         tenant = self._remote_tenant.get(ident, OPERATOR) if ident[:1] == REMOTE else OPERATOR
         if tenant != OPERATOR:
             result = localized(result, tenant)
-        body = wire.encode_json({"id": rid, "ok": True, "result": result}, keys_sorted=keys_sorted)
+        body = wire.encode_reply({"id": rid, "ok": True, "result": result})
         frames = [wire.header(wire.ClientType.REPLY), body]
         if data is not None:
             frames.append(data)
@@ -357,7 +354,7 @@ class Control:
         if tenant != OPERATOR:
             message = message.replace(f"{tenant}{TENANT_SEP}", "")
         body = {"id": rid, "ok": False, "error": {"code": code, "message": message}}
-        self._send(ident, [wire.header(wire.ClientType.REPLY), wire.encode_json(body)])
+        self._send(ident, [wire.header(wire.ClientType.REPLY), wire.encode_reply(body)])
 
     def _send(self, ident: bytes, frames: list[bytes]) -> None:
         """To the client behind ``ident``, on the socket it came from."""

@@ -24,6 +24,7 @@ from conftest import LAB_POLICY, Theater, assert_verified, ps, records, wait_run
 from supervisor._audit import open_readonly
 from theater import wire
 from theater.client import Client, ClientError
+from theater.errors import ProtocolError
 from theater.records import Kind, sha256
 
 KIB, MIB = 1024, 1024 * 1024
@@ -447,3 +448,25 @@ def test_message_flood_is_bounded_by_the_mailbox_and_loses_nothing(theater: Thea
         assert c.call("counter", b"last") == str(len(accepted) + 1).encode()
         assert [h["message"] for h in handles(theater, "counter")][:-1] == [str(i).encode() for i in accepted]
     assert_verified(theater)
+
+
+# --- replies --------------------------------------------------------------------------------
+
+
+def test_a_reply_longer_than_any_request_reaches_the_client_whole(theater: Theater) -> None:
+    """A request's JSON is read up to 1 MiB, but a listing of a large home is longer (``ps`` of some 4,300
+    agents): the client reads a reply up to its ``max_reply_bytes`` and past that names the limit. Tenants
+    with long lists of policies make a long listing without thousands of workers."""
+    policies = [f"p{i:031d}" for i in range(40)]
+    with theater.client() as c:
+        for i in range(700):
+            c.tenant_add(f"t{i:04d}", zmq.curve_keypair()[0].decode(), policies=policies, routes=policies)
+        listing = c.tenants()["tenants"]
+        assert [t["name"] for t in listing] == [f"t{i:04d}" for i in range(700)]
+        assert all(t["policies"] == policies and t["routes"] == policies for t in listing)
+        size = len(wire.encode_reply({"id": 1, "ok": True, "result": c.tenants()}))  # as the next client's first
+        assert size > wire.MAX_JSON_BYTES, size
+    with Client(theater.home, max_reply_bytes=size - 1) as c:
+        with pytest.raises(ProtocolError, match=rf"reply of {size} bytes exceeds this client's limit of {size - 1} "):
+            c.tenants()
+        assert c.ping()["agents"] == 0  # the same client reads the next, shorter reply

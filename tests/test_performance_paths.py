@@ -611,9 +611,8 @@ def test_a_worker_keeps_calls_sent_ahead_for_their_turn_and_obeys_a_stop_behind_
 
 
 def test_the_ps_listing_is_written_with_its_keys_sorted_as_every_json_frame(theater: Theater) -> None:
-    """``ps`` is written without sorting its keys again (a listing of thousands of agents is the longest
-    reply): every object in it must already have them in order, as ``wire.encode_json`` writes any frame,
-    and non-ASCII text comes as UTF-8."""
+    """``ps`` (a listing of thousands of agents is the longest reply) is written by orjson, not ``json``: its
+    bytes are still those of every JSON frame, keys sorted and no spaces, with non-ASCII text as UTF-8."""
     with theater.client() as c:
         c.spawn(theater.manifest("a", "echo.wat"))
         c.spawn(theater.manifest("b", "counter.wat"))

@@ -63,10 +63,12 @@ def _supervisor_gone(home: Home) -> bool:
 
 class Client:
     def __init__(self, home: Home | Path | str | None = None, *, timeout: float = 30.0,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None, max_reply_bytes: int = wire.MAX_REPLY_JSON_BYTES) -> None:
         """The operator's client, on the home's local socket; or, with ``credentials``, a tenant's, over TCP
-        with CurveZMQ (the supervisor's key is checked; the tenant's key is all that authenticates it)."""
+        with CurveZMQ (the supervisor's key is checked; the tenant's key is all that authenticates it).
+        ``max_reply_bytes``: the longest reply JSON read (a longer one raises ProtocolError)."""
         self.timeout = timeout
+        self.max_reply_bytes = max_reply_bytes
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._ids = itertools.count(1)
         self._monitor: zmq.Socket[bytes] | None = None
@@ -140,7 +142,7 @@ class Client:
             reply = self._sock.recv_multipart()
             if len(reply) < 2 or reply[0] != wire.header(wire.ClientType.REPLY):
                 raise TheaterError("malformed reply from the supervisor")
-            body = wire.decode_json(reply[1], "reply")
+            body = wire.decode_reply(reply[1], self.max_reply_bytes)
             if body.get("id") != rid:
                 continue  # a late answer to an earlier, timed-out request
             if not body.get("ok"):

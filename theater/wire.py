@@ -14,12 +14,16 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from .errors import ProtocolError
 from .records import HELLO_DOMAIN  # the hello's proof is signed and checked in records, with every signature
 
 __all__ = [
     "HELLO_DOMAIN",
     "HOST_INTERFACE_KEY",
+    "MAX_JSON_BYTES",
+    "MAX_REPLY_JSON_BYTES",
     "VERSION",
     "Call",
     "CallKind",
@@ -33,9 +37,11 @@ __all__ = [
     "decode_child_exit",
     "decode_json",
     "decode_message",
+    "decode_reply",
     "encode_child_exit",
     "encode_json",
     "encode_message",
+    "encode_reply",
     "header",
     "host_call_bytes",
     "parse_header",
@@ -287,24 +293,42 @@ class Call:
 
 # --- JSON frames (spec, fault, control) ---------------------------------------
 
-MAX_JSON_BYTES = 1024 * 1024
+MAX_JSON_BYTES = 1024 * 1024  # every JSON frame a process reads from a peer it does not trust
+MAX_REPLY_JSON_BYTES = 256 * 1024 * 1024  # a control reply, read by a client from its own supervisor
 
 
-def encode_json(obj: Any, *, keys_sorted: bool = False) -> bytes:
-    """Keys sorted, no spaces. ``keys_sorted``: every object in ``obj`` already has its keys in sorted order,
-    so they are not sorted again and text is written as UTF-8 rather than escaped (a long listing, such as
-    ``ps`` of thousands of agents, takes half the time); it reads back as the same JSON value."""
-    if keys_sorted:
-        try:
-            return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate: only the escaped form can carry it
-            pass
+def encode_json(obj: Any) -> bytes:
+    """Keys sorted, no spaces, non-ASCII text escaped: the canonical form, which records sign (a genesis's
+    ``config``, a worker key's ``confinement``) and every frame to a worker uses."""
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
-def decode_json(frame: bytes, what: str) -> dict[str, Any]:
-    if len(frame) > MAX_JSON_BYTES:
-        raise ProtocolError(f"{what} of {len(frame)} bytes exceeds {MAX_JSON_BYTES}")
+def encode_reply(obj: Any) -> bytes:
+    """A control reply: keys sorted and no spaces as ``encode_json``, text as UTF-8. Written by orjson,
+    about ten times faster than ``json``: the longest replies list every agent of a home."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # an integer past 64 bits or a lone surrogate: only json writes those
+        return encode_json(obj)
+
+
+def decode_reply(frame: bytes, limit: int = MAX_REPLY_JSON_BYTES) -> dict[str, Any]:
+    """A control reply, at most ``limit`` bytes (a client trusts its supervisor, but not without bound)."""
+    if len(frame) > limit:
+        raise ProtocolError(f"the supervisor's reply of {len(frame)} bytes exceeds this client's limit of {limit} "
+                            "bytes (max_reply_bytes)")
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError:  # a reply json wrote and orjson refuses (an integer past 64 bits)
+        obj = decode_json(frame, "reply", limit)
+    if not isinstance(obj, dict):
+        raise ProtocolError("reply must be a JSON object")
+    return obj
+
+
+def decode_json(frame: bytes, what: str, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    if len(frame) > limit:
+        raise ProtocolError(f"{what} of {len(frame)} bytes exceeds {limit}")
     try:
         obj = json.loads(frame)
     except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd integers, deep nesting
