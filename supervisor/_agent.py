@@ -174,10 +174,11 @@ class Agent(_Member):
             return self.orphan_of or None
         return node.owner if node.kind is NodeKind.OWNED else node.name
 
-    def summary(self) -> dict[str, object]:
-        """The agent as ``ps`` lists it."""
-        worker = self.worker
-        running = self.status is Status.RUNNING
+    def summary(self, now: float | None = None) -> dict[str, object]:
+        """The agent as ``ps`` lists it; ``now`` (``time.time()``) is taken once for a whole listing, whose
+        thousands of rows are most of its cost."""
+        worker, status = self.worker, self.leaf.status
+        running = status is Status.RUNNING
         return {
             "head": self.verifier.next_seq - 1,
             "id": self.uuid,
@@ -185,13 +186,13 @@ class Agent(_Member):
             "instance_restarts": self.instance_restarts,
             "last_exit": self.last_exit,
             "mailbox": self.queued,
-            "name": self.name,
+            "name": self.config.name,
             "parent": self.parent_name,
-            "pid": worker.pid if worker and not worker.exited and not worker.pending else None,
+            "pid": worker.pid if worker is not None and not worker.exited and worker.pidfd >= 0 else None,
             "policy": self.config.policy,
             "restarts": self.restart_count,
-            "status": str(self.status),
-            "uptime_s": round(time.time() - self.started_at, 3) if running else 0,
+            "status": status.value,
+            "uptime_s": round((now or time.time()) - self.started_at, 3) if running else 0,
         }
 
 

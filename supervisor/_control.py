@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import os
 import secrets
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -173,7 +174,8 @@ class Control:
             case req.Call(agent, data, timeout_ms):
                 self._queue(scope.agent(agent), data, (ticket, timeout_ms))
             case req.Ps():
-                self.reply(ident, rid, {"agents": [a.summary() for a in scope.agents()], "store_problem": problem})
+                now = time.time()
+                self.reply(ident, rid, {"agents": [a.summary(now) for a in scope.agents()], "store_problem": problem})
             case req.Tree():
                 roots = [m for m in self.supervision.roots() if scope.owns(m)]
                 self.reply(ident, rid, {"roots": [self.supervision.entry(m) for m in roots]})
