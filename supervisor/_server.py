@@ -18,6 +18,7 @@ import fcntl
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -100,6 +101,8 @@ class Supervisor:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SupervisorError(f"a supervisor is already running at {home.root}") from None
+        shutil.rmtree(home.workdir, ignore_errors=True)  # empty, as each worker checks: nothing left from before
+        home.workdir.mkdir(mode=0o700)
         self.store = EventStore(home.store)
         self.spawner = Spawner(home, self.log, tuple(worker_command), zygote_command=zygote_command)  # starts it
         for sock in (home.control_sock, home.workers_sock):

@@ -132,9 +132,8 @@ class Workers:
             self.log(f"{agent.name}: the worker made ready ahead for it is ended: its start is not coming")
 
     def _spawn(self, agent: Agent, *, ahead: bool) -> None:
-        workdir = self.home.run / "workers" / agent.uuid
         worker = self.spawner.spawn_nowait(
-            self.home.workers_endpoint, agent.incarnation + 1, self.home.logs / f"{agent.name}.log", workdir,
+            self.home.workers_endpoint, agent.incarnation + 1, self.home.logs / f"{agent.name}.log", self.home.workdir,
             agent.config,
         )
         if ahead:

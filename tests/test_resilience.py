@@ -487,6 +487,34 @@ def test_secrets_and_sockets_are_private(theater: Theater) -> None:
     assert home.control_sock.parent == home.run and home.workers_sock.parent == home.run
 
 
+def test_every_worker_works_in_one_empty_directory_that_nothing_fills(theater: Theater) -> None:
+    """Workers (spares, restarts, workers forked on demand) all work in <home>/run/workers, private and
+    empty: a directory per worker would grow by one entry per restart for as long as the home is used. A
+    start empties what an earlier run left there, since each worker checks that it is empty."""
+    home = theater.home
+    with theater.client() as c:
+        for name in ("a", "b"):
+            c.spawn(theater.manifest(name, "counter.wat"))
+            assert c.call(name, b"x") == b"1"
+        for _ in range(3):  # each restart takes a spare, and the fork-server makes the next one
+            pid = ps(c, "a")["pid"]
+            os.kill(pid, signal.SIGKILL)
+            wait_running(c, "a", pid)
+        pids = [ps(c, name)["pid"] for name in ("a", "b")]
+        assert all(os.readlink(f"/proc/{pid}/cwd") == str(home.workdir) for pid in pids)
+        assert stat.S_IMODE(home.workdir.stat().st_mode) == 0o700
+        assert list(home.workdir.iterdir()) == []
+    theater.stop()
+    (home.workdir / "left-over").mkdir(parents=True)
+    (home.workdir / "left-over" / "file").write_bytes(b"x")
+    theater.start()
+    assert list(home.workdir.iterdir()) == []
+    with theater.client() as c:
+        wait_running(c, "a")
+        assert c.call("a", b"x") == b"2" and c.call("b", b"x") == b"2"
+    assert_verified(theater)
+
+
 # --- 8. orderly shutdown ----------------------------------------------------------
 
 

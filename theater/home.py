@@ -54,6 +54,8 @@ class Home:
         self.workers_sock = self.run / "workers.sock"
         self.token = self.run / "control.token"
         self.pid_file = self.run / "supervisor.pid"
+        # Every worker's working directory: private (0700) and empty, shared (made afresh at each start).
+        self.workdir = self.run / "workers"
 
     def endpoint(self, path: Path) -> str:
         text = str(path)

@@ -92,7 +92,7 @@ from theater.forkserver import (
     Spawned,
     SpawnRefused,
 )
-from theater.home import log_line
+from theater.home import Home, log_line
 from theater.records import sign_hello
 from theater.spec import LoadProfile
 
@@ -200,7 +200,7 @@ def _as_worker(workdir: str, output_fd: int, keep: set[int]) -> None:
     os.close(devnull)
     os.dup2(output_fd, 1)
     os.dup2(output_fd, 2)
-    os.makedirs(workdir, mode=0o700, exist_ok=True)  # made here, not by the supervisor: a spare never needs it
+    os.makedirs(workdir, mode=0o700, exist_ok=True)  # the supervisor made it at its start; again if removed since
     os.chdir(workdir)
     os.umask(0o077)
     for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM):
@@ -500,10 +500,10 @@ class Zygote:
                 del self.recent[profile]
                 return
         self.spares_made += 1
-        workdir = _harden.home_of(self.endpoint) / "run" / "workers" / f"spare-{os.getpid()}-{self.spares_made}"
+        workdir = Home(_harden.home_of(self.endpoint)).workdir
         ours = theirs = None
         try:
-            workdir.mkdir(mode=0o700, parents=True)
+            workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = clone_parent()
         except OSError as exc:
