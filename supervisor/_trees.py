@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import re
 import time
 import uuid
@@ -186,8 +187,33 @@ class Supervision:
         path = self.uploads / f"{digest}.{upload.kind}"
         if not path.exists():
             write_private(path, upload.component)
-        config = load_uploaded(upload.manifest_text, path, policy_dirs(self.policy_root))
-        return self._spawn(with_tenant(config, tenant), ticket, upload.replace)
+        try:
+            config = load_uploaded(upload.manifest_text, path, policy_dirs(self.policy_root))
+            return self._spawn(with_tenant(config, tenant), ticket, upload.replace)
+        except BaseException:
+            self.drop_unused_uploads()  # a refused spawn keeps nothing
+            raise
+
+    def drop_unused_uploads(self, forgotten: AgentConfig | None = None) -> None:
+        """A tenant's component stays in the home only while an agent of the home uses it: after a refused
+        spawn, a removal or an agent that never started, every upload no agent uses is deleted, and so is the
+        artifact compiled for ``forgotten`` (the agent just forgotten) if no agent shares it. Otherwise a
+        tenant could fill the disk by sending components."""
+        try:
+            uploads = [Path(entry.path) for entry in os.scandir(self.uploads)]
+        except FileNotFoundError:
+            return
+        used = {os.path.realpath(a.config.component_path) for a in self.agents}
+        for path in uploads:
+            if os.path.realpath(path) not in used:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    self.log(f"deleted the uploaded component {path.name}: no agent uses it")
+        if forgotten is not None and os.path.realpath(forgotten.component_path) not in used:
+            cache = self.workers.spawner.cache
+            key = cache.key(forgotten.component_sha256, forgotten.limits)
+            if all(cache.key(a.config.component_sha256, a.config.limits) != key for a in self.agents):
+                cache.discard(key)
 
     def _spawn(self, config: AgentConfig | TreeConfig, ticket: Ticket | None, replace: bool) -> Member:
         members = config.walk() if isinstance(config, TreeConfig) else [config]
@@ -201,11 +227,20 @@ class Supervision:
             if existing is not None and not replace:
                 raise Refused(f"a member named {name!r} already exists ({existing.uuid}, {existing.status}); "
                               f"theater rm {name} removes a stopped or failed one, spawn --replace does both")
+        replaced = []
         if replace:
             for name in names:
                 existing = self.agents.by_name.get(name) or self.nodes.get(name)
                 if existing is not None:
-                    self.remove(existing)
+                    self.remove(existing, drop_upload=False)  # not before the new agent holds its own
+                    replaced.append(existing)
+        member = self._add(config, ticket)
+        for old in replaced:
+            if isinstance(old, Agent) and old.config.tenant != OPERATOR:
+                self.drop_unused_uploads(old.config)
+        return member
+
+    def _add(self, config: AgentConfig | TreeConfig, ticket: Ticket | None) -> Member:
         if isinstance(config, TreeConfig):
             root = self.build_node(config, uuid.uuid4().bytes)
             self.trees.append(root)
@@ -267,6 +302,7 @@ class Supervision:
     def resume(self) -> None:
         """After a supervisor start: top-level agents and trees whose desired state is running start again."""
         self._load_stored()
+        self.drop_unused_uploads()  # those of agents removed or never started before a crash
         rows = {row.id: row for row in self.store.agents()}
         for agent in list(self.agents):
             if not agent.orphan_of:
@@ -306,9 +342,10 @@ class Supervision:
             self.commit_desired(agent, Status.RUNNING)
         self.apply(self.engine.restart(member.name, time.monotonic(), ticket))
 
-    def remove(self, member: Member) -> dict[str, Any]:
+    def remove(self, member: Member, *, drop_upload: bool = True) -> dict[str, Any]:
         """``theater rm``: a stopped or failed agent's chain ends with a signed removed record, in the same
-        transaction that moves its row to ``removed`` and drops its kv data and timers; its name is free."""
+        transaction that moves its row to ``removed`` and drops its kv data and timers; its name is free.
+        ``drop_upload``: a tenant's component no agent uses any more is deleted (drop_unused_uploads)."""
         if isinstance(member, Node):
             raise Refused(f"{member.name} is a supervisor node: remove its tree's agents one by one is not "
                           "possible; stop the tree instead")
@@ -327,6 +364,8 @@ class Supervision:
         record = self.records.append(agent, Kind.REMOVED, {"reason": "removed by the operator"}, remove=True)
         self.apply(self.engine.forget(agent.name, time.monotonic()))
         self.agents.remove(agent)
+        if drop_upload and agent.config.tenant != OPERATOR:
+            self.drop_unused_uploads(agent.config)
         return {"removed": agent.name, "id": agent.uuid, "head": record.seq}
 
     def remove_tenant(self, name: str, ticket: Ticket) -> None:

@@ -28,6 +28,7 @@ from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256, verify_hello
 from theater.spec import AgentSpec
 
 from ._agent import Agent, Agents, Pending
+from ._config import OPERATOR
 from ._errors import StoreError, Violation
 from ._ledger import Checked, Prechecked, check_result, precheck
 from ._record_path import RecordPath, Result
@@ -562,6 +563,8 @@ class Workers:
         if not agent.in_store:  # it ended before its first hello: there is no chain to record in
             self.supervision.never_started(agent)
             self.agents.remove(agent)
+            if agent.config.tenant != OPERATOR:
+                self.supervision.drop_unused_uploads(agent.config)
             for ident, rid in agent.spawn_waiters:
                 self.control.reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {reason}: {detail}")
             agent.spawn_waiters.clear()

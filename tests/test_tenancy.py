@@ -213,6 +213,53 @@ def test_an_uploaded_manifest_reaches_no_file_of_the_supervisors(hosted: Theater
         assert "send one agent manifest per spawn" in str(exc.value)
 
 
+def test_a_tenants_component_is_kept_only_while_an_agent_uses_it(hosted: Theater) -> None:
+    """Every spawn of a tenant stores its component; a spawn refused after that (a quota, a bad manifest)
+    deletes it again, and so do ``rm`` and ``spawn --replace`` of the last agent that used one (with the
+    artifact compiled for it), and a start sweeps what a crash left: a tenant cannot fill the disk."""
+    up = add_tenant(hosted, "up", quotas={"agents": 1})
+    uploads, cache = hosted.home.uploads, hosted.home.root / "cache"
+
+    def variant(name: str, n: int, extra: str = "") -> Path:
+        component = hosted.dir / f"{name}-{n}.wat"
+        component.write_text((COMPONENTS / "counter.wat").read_text() + f"\n;; variant {n}\n")
+        manifest = hosted.dir / f"{name}.toml"
+        manifest.write_text(f'name = "{name}"\ncomponent = "{component.name}"\n{extra}')
+        return manifest
+
+    def artifacts() -> set[str]:
+        return {p.name for p in cache.glob("*.cwasm")}
+
+    before = artifacts()
+    with tenant_client(up) as c:
+        c.spawn(variant("a", 1))
+        assert c.call("a", b"x") == b"1"
+        [first] = list(uploads.iterdir())
+        compiled = artifacts() - before
+        assert len(compiled) == 1
+        with pytest.raises(ClientError) as exc:
+            c.spawn(variant("b", 2))
+        assert exc.value.code == "quota"
+        with pytest.raises(ClientError) as exc:
+            c.spawn(variant("c", 3, "colour = 1\n"))
+        assert exc.value.code == "config" and "colour" in str(exc.value)
+        assert list(uploads.iterdir()) == [first]
+        c.stop("a")
+        c.spawn(variant("a", 4), replace=True)  # the new component in, the old one and its artifact out
+        assert c.call("a", b"x") == b"1"
+        [second] = list(uploads.iterdir())
+        assert second != first and not compiled & artifacts()
+        c.stop("a")
+        c.remove("a")
+        assert list(uploads.iterdir()) == []
+        assert artifacts() == before
+    hosted.kill()
+    (uploads / ("0" * 64 + ".wat")).write_bytes(b"(component)")
+    hosted.start([sys.executable, "-m", "supervisor", "--home", str(hosted.home.root), "up",
+                  "--listen", "tcp://127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+    assert list(uploads.iterdir()) == []
+
+
 def test_messages_cross_tenants_only_where_both_allow_the_route(hosted: Theater) -> None:
     acme = add_tenant(hosted, "acme", routes=["bob", "carol"])
     bob = add_tenant(hosted, "bob")
