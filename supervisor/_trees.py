@@ -199,20 +199,23 @@ class Supervision:
         spawn, a removal or an agent that never started, every upload no agent uses is deleted, and so is the
         artifact compiled for ``forgotten`` (the agent just forgotten) if no agent shares it. Otherwise a
         tenant could fill the disk by sending components."""
+        where = os.path.realpath(self.uploads)  # agents hold their component's resolved path
         try:
-            uploads = [Path(entry.path) for entry in os.scandir(self.uploads)]
+            names = os.listdir(where)
         except FileNotFoundError:
             return
-        used = {os.path.realpath(a.config.component_path) for a in self.agents}
-        for path in uploads:
-            if os.path.realpath(path) not in used:
+        used = {os.path.basename(p) for a in self.agents if os.path.dirname(p := a.config.component_path) == where}
+        for name in names:
+            if name not in used:
                 with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    self.log(f"deleted the uploaded component {path.name}: no agent uses it")
-        if forgotten is not None and os.path.realpath(forgotten.component_path) not in used:
+                    os.unlink(os.path.join(where, name))
+                    self.log(f"deleted the uploaded component {name}: no agent uses it")
+        if forgotten is not None and os.path.dirname(forgotten.component_path) == where \
+                and os.path.basename(forgotten.component_path) not in used:
             cache = self.workers.spawner.cache
             key = cache.key(forgotten.component_sha256, forgotten.limits)
-            if all(cache.key(a.config.component_sha256, a.config.limits) != key for a in self.agents):
+            if not any(a.config.component_sha256 == forgotten.component_sha256
+                       and cache.key(a.config.component_sha256, a.config.limits) == key for a in self.agents):
                 cache.discard(key)
 
     def _spawn(self, config: AgentConfig | TreeConfig, ticket: Ticket | None, replace: bool) -> Member:
