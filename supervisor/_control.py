@@ -15,6 +15,7 @@ import hmac
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,8 +54,15 @@ MAX_REMOTE_CLIENTS = 65536  # remote connections whose tenant is remembered for 
 
 MAX_CONTROL_DATA = 64 * 1024 * 1024
 MAX_ERROR_CHARS = 4096
+# Requests one requester (a tenant, or the operator) may have waiting at once: each is held in the loop
+# until its answer, so without a bound a client could park them until the supervisor runs out of memory.
+# `wait` requests parked until a record or their deadline. One record may answer all of them at once, so
+# the bound stays under ZeroMQ's high-water mark of a client's pipe (1,000 messages), past which replies
+# to that client would be dropped.
+MAX_WAITS = 512
+MAX_VERIFIES = 2  # `verify` requests queued or running (each reads whole chains, on one thread)
 MAX_CONTROL_FRAMES = MAX_CONTROL_DATA + 2 * wire.MAX_JSON_BYTES  # the largest message a client may send
-Waiter = tuple[bytes, int, int]  # client identity, request id, the head it has seen
+Waiter = tuple[bytes, int, str]  # client identity, request id, requester (a tenant, or the operator)
 
 
 class Control:
@@ -73,6 +81,7 @@ class Control:
         with os.fdopen(fd, "w") as f:
             f.write(self.token)
         self.waiters: dict[bytes, list[Waiter]] = {}  # chain id -> clients waiting for its next record
+        self._held: Counter[tuple[str, str]] = Counter()  # (requester, "wait" or "verify") -> requests held
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self.down_waiters: list[tuple[bytes, int]] = []
         self.remote: RemoteControl | None = None  # the TCP socket, with `theater up --listen`
@@ -184,14 +193,14 @@ class Control:
             case req.Restart(agent):
                 self.supervision.restart(scope.member(agent), ticket)
             case req.Wait(agent, after, wait_ms):
-                self._wait(ident, rid, scope.chain(agent), after, wait_ms)
+                self._wait(ident, rid, scope.chain(agent), after, wait_ms, tenant)
             case req.Events(agent, after):
                 self._events(ident, rid, scope.chain(agent), after)
             case req.Verify(agent):
                 if agent is None and tenant != OPERATOR:  # every chain of its own
-                    self._verify(ident, rid, None, [m.name for m in scope.members()])
+                    self._verify(ident, rid, tenant, None, [m.name for m in scope.members()])
                 else:
-                    self._verify(ident, rid, scope.chain(agent) if agent is not None else None)
+                    self._verify(ident, rid, tenant, scope.chain(agent) if agent is not None else None)
             case req.Down():
                 self.down_waiters.append(ticket)
                 self.request_down()
@@ -246,19 +255,34 @@ class Control:
         self.workers.dispatch(agent)
         return queued
 
-    def _wait(self, ident: bytes, rid: int, ref: str, after: int, wait_ms: int) -> None:
+    def _hold(self, requester: str, kind: str, bound: int) -> None:
+        """One more request of ``kind`` held for ``requester`` until it is answered, within ``bound``."""
+        if self._held[requester, kind] >= bound:
+            who = "the operator" if requester == OPERATOR else f"tenant {requester}"
+            raise Refused(f"{who} already has {bound} {kind} requests waiting for their answers: "
+                          "ask again once one is answered")
+        self._held[requester, kind] += 1
+
+    def _release(self, requester: str, kind: str) -> None:
+        self._held[requester, kind] -= 1
+        if not self._held[requester, kind]:
+            del self._held[requester, kind]
+
+    def _wait(self, ident: bytes, rid: int, ref: str, after: int, wait_ms: int, requester: str) -> None:
         """Answer once the chain of an agent or a tree node has a record after ``after``, or at ``wait_ms``."""
         chain_id, head = self.supervision.chain_head(ref)
         if head > after or wait_ms == 0:
             self.reply(ident, rid, {"head": head})
             return
-        entry = (ident, rid, after)
+        self._hold(requester, "wait", MAX_WAITS)
+        entry = (ident, rid, requester)
         self.waiters.setdefault(chain_id, []).append(entry)
 
         def expire() -> None:
             lst = self.waiters.get(chain_id, [])
             if entry in lst:
                 lst.remove(entry)
+                self._release(requester, "wait")
                 self.reply(ident, rid, {"head": self.supervision.chain_head(ref)[1]})
 
         self.timers.after(wait_ms / 1000, expire)
@@ -276,11 +300,12 @@ class Control:
         last = after + len(raws)
         self.reply(ident, rid, {"count": len(raws), "head": head, "more": last < head}, req.pack_records(raws))
 
-    def _verify(self, ident: bytes, rid: int, ref: str | None, only: list[str] | None = None) -> None:
+    def _verify(self, ident: bytes, rid: int, requester: str, ref: str | None, only: list[str] | None = None) -> None:
         """Verify the home's chains (or the chains ``only`` names) as `theater verify` does, off the loop;
         answer when done."""
         from ._audit import verify_home
 
+        self._hold(requester, "verify", MAX_VERIFIES)
         home = Home(self.home_root)
         if only is None:
             job = self._pool.submit(verify_home, home, ref)
@@ -291,6 +316,7 @@ class Control:
             if not job.done():
                 self.timers.after(0.02, done)
                 return
+            self._release(requester, "verify")
             try:
                 reports = job.result()
             except SupervisorError as exc:
@@ -304,7 +330,8 @@ class Control:
         self.timers.after(0.02, done)
 
     def wake(self, chain_id: bytes, head: int) -> None:
-        for ident, rid, _ in self.waiters.pop(chain_id, None) or ():
+        for ident, rid, requester in self.waiters.pop(chain_id, None) or ():
+            self._release(requester, "wait")
             self.reply(ident, rid, {"head": head})
 
     def finish_down(self, stopped: int) -> None:

@@ -12,6 +12,8 @@ on replies or on ``ps`` with deadlines, never sleeps.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -450,7 +452,7 @@ def test_message_flood_is_bounded_by_the_mailbox_and_loses_nothing(theater: Thea
     assert_verified(theater)
 
 
-# --- replies --------------------------------------------------------------------------------
+# --- replies and requests held for their answers ---------------------------------------------
 
 
 def test_a_reply_longer_than_any_request_reaches_the_client_whole(theater: Theater) -> None:
@@ -470,3 +472,61 @@ def test_a_reply_longer_than_any_request_reaches_the_client_whole(theater: Theat
         with pytest.raises(ProtocolError, match=rf"reply of {size} bytes exceeds this client's limit of {size - 1} "):
             c.tenants()
         assert c.ping()["agents"] == 0  # the same client reads the next, shorter reply
+
+
+def _collect(sock: zmq.Socket, count: int, timeout: float = 60.0) -> dict[int, dict]:
+    replies: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(replies) < count:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0 and sock.poll(int(remaining * 1000) + 1), f"only {len(replies)} of {count} replies"
+        body = wire.decode_reply(sock.recv_multipart()[1])
+        replies[body["id"]] = body
+    return replies
+
+
+def test_requests_held_for_their_answers_are_bounded_per_requester(theater: Theater) -> None:
+    """A `wait` is held until a record or its deadline, a `verify` until its chains are read: each costs the
+    supervisor memory (and a verify a thread's time) until it is answered, so a requester may hold at most
+    MAX_WAITS and MAX_VERIFIES of them; past that it is refused at once, and may ask again later."""
+    from supervisor._control import MAX_VERIFIES, MAX_WAITS
+
+    token = theater.home.token.read_text().strip()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(theater.home.control_endpoint)
+    try:
+        with theater.client() as c:
+            spawn(theater, c, "counter", "counter.wat")
+            head = ps(c, "counter")["head"]
+            for rid in range(1, MAX_WAITS + 2):
+                body = {"op": "wait", "id": rid, "token": token, "agent": "counter", "after": head, "wait_ms": 600_000}
+                sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body)])
+            [refused] = _collect(sock, 1).values()  # the others are held until the next record
+            assert refused["id"] == MAX_WAITS + 1 and refused["error"]["code"] == "refused", refused
+            assert f"the operator already has {MAX_WAITS} wait requests waiting" in refused["error"]["message"]
+            assert c.call("counter", b"x") == b"1"  # a record: every held wait is answered
+            woken = _collect(sock, MAX_WAITS)
+            assert sorted(woken) == list(range(1, MAX_WAITS + 1))
+            assert all(r["ok"] and r["result"]["head"] > head for r in woken.values())
+            assert c.wait_events("counter", 10**6, 1) > head  # held again once answered (1 ms: then its deadline)
+
+            # Ten verifies at once (sent while the supervisor is stopped, so they are read together): the
+            # first MAX_VERIFIES are held while the verify thread reads the chains; the rest are refused.
+            pid = int(theater.home.pid_file.read_text())
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                for rid in range(1, 11):
+                    body = {"op": "verify", "id": 100 + rid, "token": token}
+                    sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body)])
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            answers = list(_collect(sock, 10).values())
+            verified = [r for r in answers if r["ok"]]
+            refused_all = [r for r in answers if not r["ok"]]
+            assert len(verified) >= MAX_VERIFIES and refused_all, answers
+            assert all(r["result"]["chains"] and all(ch["ok"] for ch in r["result"]["chains"]) for r in verified)
+            assert all(f"already has {MAX_VERIFIES} verify requests" in r["error"]["message"] for r in refused_all)
+            assert c.verify()  # and again once they are answered
+    finally:
+        sock.close(0)
