@@ -54,6 +54,11 @@ MAX_REMOTE_CLIENTS = 65536  # remote connections whose tenant is remembered for 
 
 MAX_CONTROL_DATA = 64 * 1024 * 1024
 MAX_ERROR_CHARS = 4096
+# Replies queued to one client of the local socket that it has not read yet. ZeroMQ drops the replies past
+# a pipe's high-water mark (1,000 by default), so a client that pipelined more requests than that before
+# reading lost answers without a word; the local socket serves the operator alone, whose clients may
+# pipeline this many. The TCP socket keeps ZeroMQ's 1,000: a tenant's unread replies are its own to lose.
+LOCAL_UNREAD_REPLIES = 100_000
 # Requests one requester (a tenant, or the operator) may have waiting at once: each is held in the loop
 # until its answer, so without a bound a client could park them until the supervisor runs out of memory.
 # `wait` requests parked until a record or their deadline. One record may answer all of them at once, so
@@ -75,6 +80,7 @@ class Control:
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.linger = 0
         self.socket.maxmsgsize = MAX_CONTROL_FRAMES
+        self.socket.sndhwm = LOCAL_UNREAD_REPLIES
         self.socket.bind(endpoint)
         self.token = secrets.token_hex(32)
         fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
