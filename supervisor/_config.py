@@ -553,10 +553,16 @@ def component_digest(path: Path) -> str:
             _DIGESTS.move_to_end(str(path))
             return known[1]
         digest = hashlib.file_digest(f, "sha256").hexdigest()
+    remember_digest(path, signature, digest)
+    return digest
+
+
+def remember_digest(path: Path, signature: list[int], digest: str) -> None:
+    """The SHA-256 of a file this process has just written and hashed (a tenant's upload): the spawn that
+    follows does not read it again."""
     _DIGESTS[str(path)] = (signature, digest)
     while len(_DIGESTS) > MAX_DIGESTS:
         _DIGESTS.popitem(last=False)
-    return digest
 
 
 def load_manifest(path: Path, dirs: list[Path]) -> AgentConfig:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import re
@@ -19,13 +18,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from theater import wire
 from theater.chain import ChainVerifier
 from theater.exits import exit_text
-from theater.home import Home, write_private
+from theater.home import Home
 from theater.records import Kind, Record, sha256
 
 from ._agent import Agent, Agents, Member, Node, Pending
@@ -39,9 +39,10 @@ from ._config import (
     load_any,
     load_uploaded,
     policy_dirs,
+    remember_digest,
     with_tenant,
 )
-from ._errors import NotFound, Refused, StoreError
+from ._errors import NotFound, Refused, StoreError, StoreUnavailable, SupervisorError
 from ._host import Answer, HostCall
 from ._record_path import RecordPath
 from ._store import Commit, EventStore
@@ -66,6 +67,7 @@ from ._supervision import (
     StoreTree,
     Sup,
 )
+from ._uploads import Stored, Uploads
 
 if TYPE_CHECKING:
     from theater.control import Upload
@@ -100,7 +102,7 @@ class Supervision:
         self.control = control
         self.store = store
         self.policy_root = policy_root
-        self.uploads = Home(policy_root).uploads  # policy_root is the home
+        self.uploads = Uploads(Home(policy_root).uploads, workers.timers)  # policy_root is the home
         self.running = running
         self.log = log
         self.tenants: Tenants  # set by the supervisor once all parts exist
@@ -175,43 +177,51 @@ class Supervision:
             raise Refused("the supervisor is shutting down")
         return self._spawn(with_tenant(load_any(manifest, policy_dirs(self.policy_root)), tenant), ticket, replace)
 
-    def spawn_uploaded(self, upload: Upload, ticket: Ticket | None, tenant: str) -> Member:
+    def spawn_uploaded(self, upload: Upload, ticket: Ticket, tenant: str) -> None:
         """A tenant's spawn: its manifest's text and its component's bytes. The component is kept in the home
-        under its SHA-256 (never under a name the client chose); the manifest may name no other file."""
+        under its SHA-256 (never under a name the client chose), stored off the loop; the manifest may name no
+        other file. Answered as ``spawn``, or with the error that refused it."""
         if not self.running():
             raise Refused("the supervisor is shutting down")
         if len(upload.component) > MAX_COMPONENT_BYTES:
             raise Refused(f"a component of {len(upload.component)} bytes is more than {MAX_COMPONENT_BYTES}")
-        digest = hashlib.sha256(upload.component).hexdigest()
-        self.uploads.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self.uploads / f"{digest}.{upload.kind}"
-        if not path.exists():
-            write_private(path, upload.component)
-        try:
-            config = load_uploaded(upload.manifest_text, path, policy_dirs(self.policy_root))
-            return self._spawn(with_tenant(config, tenant), ticket, upload.replace)
-        except BaseException:
-            self.drop_unused_uploads()  # a refused spawn keeps nothing
-            raise
 
-    def drop_unused_uploads(self, forgotten: AgentConfig | None = None) -> None:
+        def stored(job: Future[Stored]) -> None:
+            name = None
+            try:
+                if not self.running():
+                    raise Refused("the supervisor is shutting down")
+                try:
+                    component = job.result()
+                except OSError as exc:
+                    raise StoreUnavailable(f"cannot store the component: {exc.strerror}; nothing was taken: "
+                                           "try again once there is space") from None
+                name = component.path.name
+                remember_digest(component.path, component.signature, component.sha256)
+                config = load_uploaded(upload.manifest_text, component.path, policy_dirs(self.policy_root))
+                self._spawn(with_tenant(config, tenant), ticket, upload.replace)
+            except SupervisorError as exc:
+                self.control.reply_error(*ticket, exc.code, str(exc))
+            except Exception as exc:  # as for any request: a client must never be able to crash the supervisor
+                self.log(f"internal error serving an uploaded spawn: {type(exc).__name__}: {exc}")
+                self.control.reply_error(*ticket, "internal", f"internal error: {type(exc).__name__}")
+            finally:
+                if name is not None:
+                    self.uploads.settled(name)
+                self.drop_unused_uploads()  # a refused spawn keeps nothing
+
+        self.uploads.store(tenant, upload.component, upload.kind, stored)
+
+    def drop_unused_uploads(self, forgotten: AgentConfig | None = None, *, starting: bool = False) -> None:
         """A tenant's component stays in the home only while an agent of the home uses it: after a refused
         spawn, a removal or an agent that never started, every upload no agent uses is deleted, and so is the
         artifact compiled for ``forgotten`` (the agent just forgotten) if no agent shares it. Otherwise a
         tenant could fill the disk by sending components."""
-        where = os.path.realpath(self.uploads)  # agents hold their component's resolved path
-        try:
-            names = os.listdir(where)
-        except FileNotFoundError:
-            return
-        used = {os.path.basename(p) for a in self.agents if os.path.dirname(p := a.config.component_path) == where}
-        for name in names:
-            if name not in used:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(where, name))
-                    self.log(f"deleted the uploaded component {name}: no agent uses it")
-        if forgotten is not None and os.path.dirname(forgotten.component_path) == where \
-                and os.path.basename(forgotten.component_path) not in used:
+        used = {a.config.component_path for a in self.agents}
+        for name in self.uploads.unused(used, starting=starting):
+            self.log(f"deleted the uploaded component {name}: no agent uses it")
+        if forgotten is not None and forgotten.component_path not in used \
+                and os.path.dirname(forgotten.component_path) == os.path.realpath(self.uploads.root):
             cache = self.workers.spawner.cache
             key = cache.key(forgotten.component_sha256, forgotten.limits)
             if not any(a.config.component_sha256 == forgotten.component_sha256
@@ -305,7 +315,7 @@ class Supervision:
     def resume(self) -> None:
         """After a supervisor start: top-level agents and trees whose desired state is running start again."""
         self._load_stored()
-        self.drop_unused_uploads()  # those of agents removed or never started before a crash
+        self.drop_unused_uploads(starting=True)  # those of agents removed or never started before a crash
         rows = {row.id: row for row in self.store.agents()}
         for agent in list(self.agents):
             if not agent.orphan_of:

@@ -8,13 +8,17 @@ Every wait is on a reply or on a counter with a deadline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,9 @@ import zmq
 from conftest import COMPONENTS, Theater, of, records, wait_running, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
+from supervisor._errors import Refused
+from supervisor._timers import Timers
+from supervisor._uploads import Stored, Uploads
 from theater import wire
 from theater.client import Client, ClientError, NotRunning
 from theater.records import Kind
@@ -258,6 +265,40 @@ def test_a_tenants_component_is_kept_only_while_an_agent_uses_it(hosted: Theater
     hosted.start([sys.executable, "-m", "supervisor", "--home", str(hosted.home.root), "up",
                   "--listen", "tcp://127.0.0.1:0", "--metrics", "127.0.0.1:0"])
     assert list(uploads.iterdir()) == []
+
+
+def test_uploads_are_stored_off_the_loop_one_per_requester_and_never_swept_on_their_way(tmp_path: Path) -> None:
+    """A tenant's component is hashed and written on a thread (64 MiB of it stalled every agent's calls for a
+    few hundred milliseconds); a requester has one on its way at a time; and a sweep never deletes one stored
+    for a spawn that has not yet given it to its agent."""
+    timers = Timers()
+    uploads = Uploads(tmp_path / "uploads", timers)
+    outcomes: dict[str, Stored] = {}
+    swept: list[list[str]] = []
+
+    def then(requester: str) -> Callable[[Future[Stored]], None]:
+        def done(job: Future[Stored]) -> None:
+            outcomes[requester] = job.result()
+            swept.append(uploads.unused([]))  # stored, not yet settled: kept
+        return done
+
+    try:
+        uploads.store("acme", b"(component)", "wat", then("acme"))
+        with pytest.raises(Refused, match="still being stored"):
+            uploads.store("acme", b"(component) ;; another", "wat", then("acme"))
+        uploads.store("bob", b"(component) ;; bob", "wat", then("bob"))
+        wait_until(lambda: timers.run_due() or len(outcomes) == 2, 30, "both uploads stored")
+        assert swept == [[], []]
+        for requester, text in (("acme", b"(component)"), ("bob", b"(component) ;; bob")):
+            stored = outcomes[requester]
+            assert stored.path.read_bytes() == text and stored.sha256 == hashlib.sha256(text).hexdigest()
+            assert stored.path.name == f"{stored.sha256}.wat" and stat.S_IMODE(stored.path.stat().st_mode) == 0o600
+        uploads.store("acme", b"(component) ;; again", "wat", then("again"))  # the first is answered
+        wait_until(lambda: timers.run_due() or "again" in outcomes, 30, "the next upload stored")
+        uploads.settled(outcomes["acme"].path.name)
+        assert uploads.unused([str(outcomes["bob"].path)]) == [outcomes["acme"].path.name]
+    finally:
+        uploads.close()
 
 
 def test_messages_cross_tenants_only_where_both_allow_the_route(hosted: Theater) -> None:
