@@ -59,13 +59,12 @@ MAX_ERROR_CHARS = 4096
 # reading lost answers without a word; the local socket serves the operator alone, whose clients may
 # pipeline this many. The TCP socket keeps ZeroMQ's 1,000: a tenant's unread replies are its own to lose.
 LOCAL_UNREAD_REPLIES = 100_000
-# Requests one requester (a tenant, or the operator) may have waiting at once: each is held in the loop
-# until its answer, so without a bound a client could park them until the supervisor runs out of memory.
-# `wait` requests parked until a record or their deadline. One record may answer all of them at once, so
-# the bound stays under ZeroMQ's high-water mark of a client's pipe (1,000 messages), past which replies
-# to that client would be dropped.
+# Requests one requester (the operator, or one tenant) may have held for their answers at once: without a
+# bound a client could park them until the supervisor runs out of memory.
+# `wait`s, held until a record or their deadline. One record answers every wait on its chain in the same
+# turn, so the bound stays under the 1,000 replies ZeroMQ queues to a TCP client before it drops them.
 MAX_WAITS = 512
-MAX_VERIFIES = 2  # `verify` requests queued or running (each reads whole chains, on one thread)
+MAX_VERIFIES = 2  # `verify`s queued or running (each reads whole chains, on one thread)
 MAX_CONTROL_FRAMES = MAX_CONTROL_DATA + 2 * wire.MAX_JSON_BYTES  # the largest message a client may send
 Waiter = tuple[bytes, int, str]  # client identity, request id, requester (a tenant, or the operator)
 

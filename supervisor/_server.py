@@ -101,8 +101,14 @@ class Supervisor:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SupervisorError(f"a supervisor is already running at {home.root}") from None
-        shutil.rmtree(home.workdir, ignore_errors=True)  # empty, as each worker checks: nothing left from before
-        home.workdir.mkdir(mode=0o700)
+        try:  # empty, as each worker checks: nothing left from before
+            if home.workdir.is_symlink() or home.workdir.is_file():
+                home.workdir.unlink()
+            shutil.rmtree(home.workdir, ignore_errors=True)
+            home.workdir.mkdir(mode=0o700)
+        except OSError as exc:
+            raise SupervisorError(f"cannot make {home.workdir} (every worker's working directory) afresh: "
+                                  f"{exc.strerror}") from None
         self.store = EventStore(home.store)
         self.spawner = Spawner(home, self.log, tuple(worker_command), zygote_command=zygote_command)  # starts it
         for sock in (home.control_sock, home.workers_sock):

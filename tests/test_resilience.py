@@ -512,6 +512,18 @@ def test_every_worker_works_in_one_empty_directory_that_nothing_fills(theater: T
     with theater.client() as c:
         wait_running(c, "a")
         assert c.call("a", b"x") == b"2" and c.call("b", b"x") == b"2"
+    theater.stop()
+    elsewhere = theater.dir / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_bytes(b"x")
+    home.workdir.rmdir()
+    home.workdir.symlink_to(elsewhere)  # replaced by a directory of its own, the link's target untouched
+    theater.start()
+    assert not home.workdir.is_symlink() and list(home.workdir.iterdir()) == []
+    assert (elsewhere / "keep").read_bytes() == b"x"
+    with theater.client() as c:
+        wait_running(c, "a")
+        assert c.call("a", b"x") == b"3"
     assert_verified(theater)
 
 
