@@ -18,6 +18,7 @@ import fcntl
 import gc
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -70,6 +71,21 @@ def configure_logging(level: str) -> None:
     LOG.propagate = False
 
 
+FDS_PER_AGENT = 2  # the supervisor's descriptors for one running agent: its worker's connection, its pidfd
+MAX_OPEN_FILES = 1 << 20  # the soft limit taken when the hard one is unlimited
+
+
+def take_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one and return it. A distribution's usual soft limit
+    (1,024) holds about 500 agents; past that a worker cannot be started (EMFILE) and the spawn waits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 class Supervisor:
     def __init__(
         self,
@@ -109,6 +125,8 @@ class Supervisor:
         except OSError as exc:
             raise SupervisorError(f"cannot make {home.workdir} (every worker's working directory) afresh: "
                                   f"{exc.strerror}") from None
+        open_files = take_open_files_limit()
+        self.log(f"open files: {open_files} (about {open_files // FDS_PER_AGENT} agents running at once)")
         self.store = EventStore(home.store)
         self.spawner = Spawner(home, self.log, tuple(worker_command), zygote_command=zygote_command)  # starts it
         for sock in (home.control_sock, home.workers_sock):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
 import re
+import resource
 import time
 import uuid
 from collections import deque
@@ -647,7 +649,12 @@ class Supervision:
         try:
             self.workers.start(agent)
         except OSError as exc:
-            self.log(f"{agent.name}: cannot start a worker ({exc}); trying again shortly")
+            why = str(exc)
+            if exc.errno == errno.EMFILE:
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                why = (f"the supervisor's open-files limit of {limit} is reached, two for each running agent: "
+                       "raise its hard limit (ulimit -Hn, LimitNOFILE=) or stop agents")
+            self.log(f"{agent.name}: cannot start a worker ({why}); trying again shortly")
             self._waiting_for_store.append(agent)
             if not self._watching:
                 self.watch_store()

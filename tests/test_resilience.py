@@ -477,6 +477,26 @@ def test_unauthenticated_hostile_request_does_not_crash_supervisor(theater: Thea
 # --- 7. permissions ------------------------------------------------------------------
 
 
+def test_the_supervisor_takes_its_hard_open_files_limit(short_root: Any) -> None:
+    """A running agent holds two of the supervisor's descriptors (its worker's connection and its pidfd): at
+    the soft limit most systems give a shell (1,024) the 500th spawn never got a worker. The supervisor
+    raises its soft limit to the hard one, and its log says how many agents that allows."""
+    t = Theater(short_root("nofile"))
+    launch = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)); "
+              "os.execv(sys.executable, sys.argv[1:])")
+    t.start([sys.executable, "-c", launch, sys.executable, "-m", "supervisor", "--home", str(t.home.root), "up"])
+    try:
+        assert t.proc is not None
+        [line] = [x for x in Path(f"/proc/{t.proc.pid}/limits").read_text().splitlines() if "open files" in x]
+        assert line.split()[3:5] == ["4096", "4096"], line
+        assert "open files: 4096 (about 2048 agents running at once)" in (t.dir / "supervisor.out").read_text()
+        with t.client() as c:
+            c.spawn(t.manifest("a", "echo.wat"))
+            assert c.call("a", b"x") == b"x"
+    finally:
+        t.stop()
+
+
 def test_secrets_and_sockets_are_private(theater: Theater) -> None:
     """run/ is 0700; the supervisor key and the control token are 0600."""
     home = theater.home
