@@ -533,17 +533,17 @@ def test_requests_held_for_their_answers_are_bounded_per_requester(theater: Thea
 
 
 def test_a_local_client_that_pipelines_thousands_of_requests_gets_every_answer(theater: Theater) -> None:
-    """Twenty thousand requests sent before any reply is read are all answered: past ZeroMQ's default
-    high-water mark (1,000 queued to one client) the replies were dropped without a word."""
+    """Ten thousand requests sent before any reply is read are all answered: past ZeroMQ's default
+    high-water mark (1,000 queued to one client) the replies were dropped without a word (20,000 got 3,667)."""
     token = theater.home.token.read_text().strip()
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(theater.home.control_endpoint)
     try:
-        for rid in range(1, 20_001):
+        for rid in range(1, 10_001):
             body = {"op": "ping", "id": rid, "token": token}
             sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body)])
-        replies = _collect(sock, 20_000)
-        assert sorted(replies) == list(range(1, 20_001)) and all(r["ok"] for r in replies.values())
+        replies = _collect(sock, 10_000)
+        assert sorted(replies) == list(range(1, 10_001)) and all(r["ok"] for r in replies.values())
     finally:
         sock.close(0)
