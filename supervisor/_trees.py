@@ -196,8 +196,9 @@ class Supervision:
                 try:
                     component = job.result()
                 except OSError as exc:
-                    raise StoreUnavailable(f"cannot store the component: {exc.strerror}; nothing was taken: "
-                                           "try again once there is space") from None
+                    later = ": try again once there is space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+                    raise StoreUnavailable(f"cannot store the component ({exc.strerror}); nothing was taken"
+                                           f"{later}") from None
                 name = component.path.name
                 remember_digest(component.path, component.signature, component.sha256)
                 config = load_uploaded(upload.manifest_text, component.path, policy_dirs(self.policy_root))

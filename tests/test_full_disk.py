@@ -114,3 +114,24 @@ def test_a_full_disk_loses_nothing_committed_and_the_supervisor_carries_on(small
     assert not missing, f"acknowledged but not stored: {missing}"
     assert stored[b"after"] == b"after"
     assert_verified(t)
+
+
+def test_an_upload_that_does_not_fit_is_refused_and_leaves_nothing(small_disk: Path) -> None:
+    """A spawn that carries its component (a tenant's, here the operator's) on a disk without room for it
+    is refused with the reason, and what was written of it is gone again; the next one that fits spawns."""
+    t = Theater(small_disk)
+    t.start()
+    try:
+        with t.client(timeout=60) as c:
+            text = 'name = "big"\ncomponent = "big.wasm"\n'
+            with pytest.raises(ClientError) as full:
+                c.request("spawn", b"\0asm" + bytes(4 * 1024 * 1024), manifest_text=text, component_kind="wasm")
+            assert full.value.code == "store" and "No space left on device" in str(full.value), full.value
+            assert "try again once there is space" in str(full.value)
+            assert list(t.home.uploads.iterdir()) == []  # nor a partial file holding the space
+            echo = (Path(__file__).parent / "components" / "echo.wat").read_bytes()
+            c.request("spawn", echo, manifest_text='name = "small"\ncomponent = "echo.wat"\n', component_kind="wat")
+            assert c.call("small", b"x") == b"x"
+        assert_verified(t)
+    finally:
+        t.stop()
