@@ -163,7 +163,7 @@ class Supervisor:
         self.host.register("supervision", self.supervision.host_request)
         self.host.register("messaging", self.messaging.host_request)
         self.tenants = Tenants(self.store, self.agents, self.log)
-        self.usage = Usage(self.store, self.agents, self.tenants)
+        self.usage = Usage(self.store, self.agents, self.tenants, self.timers)
         self.control.tenants = self.supervision.tenants = self.messaging.tenants = self.tenants
         self.control.usage = self.workers.usage = self.supervision.usage = self.usage
         self.records.on_committed = self.usage.committed

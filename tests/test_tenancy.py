@@ -462,6 +462,24 @@ def test_usage_reports_what_the_store_holds_and_survives_a_restart(hosted: Theat
     assert snapshot["tenants"][0]["tenant"] == "acme" and snapshot["supervisor"]["spawns_total"] >= 2
 
 
+def test_top_follows_each_live_worker_though_it_reads_them_a_slice_at_a_time(theater: Theater) -> None:
+    """`top` (and the /metrics snapshot) take a live worker's CPU and memory from a sampler that reads a
+    slice of the workers each turn while someone watches, never all of them in one turn: the figures are
+    there for every running worker and follow one as it works."""
+    with theater.client() as c:
+        for name in ("a", "b"):
+            c.spawn(theater.manifest(name, "counter.wat"))
+        first = {r["name"]: r for r in c.top()["agents"]}
+        assert all(r["pid"] and r["rss_bytes"] > 0 and r["peak_rss_bytes"] >= r["rss_bytes"] for r in first.values())
+
+        def grew() -> bool:
+            for _ in range(100):
+                c.call("a", b"x")
+            return next(r for r in c.top()["agents"] if r["name"] == "a")["cpu_s"] > first["a"]["cpu_s"]
+
+        wait_until(grew, 120, "a's CPU in top to grow as it works")
+
+
 def test_an_ended_workers_usage_is_stored_with_its_exit_record(theater: Theater) -> None:
     """A worker's CPU time and peak memory (from wait4) are written in the transaction that commits its exit
     record, not in a commit of their own: once the exit is durable, so are they, through a SIGKILL of the
