@@ -558,8 +558,8 @@ def component_digest(path: Path) -> str:
 
 
 def remember_digest(path: Path, signature: list[int], digest: str) -> None:
-    """The SHA-256 of a file this process has just written and hashed (a tenant's upload): the spawn that
-    follows does not read it again."""
+    """Keep the SHA-256 of the file at ``path`` as it is at ``signature``: one hashed here, or a tenant's
+    upload hashed as it was written, which the spawn that follows then does not read again."""
     _DIGESTS[str(path)] = (signature, digest)
     while len(_DIGESTS) > MAX_DIGESTS:
         _DIGESTS.popitem(last=False)

@@ -54,7 +54,7 @@ from ._tenants import Tenants
 from ._timers import Timers
 from ._trees import Supervision
 from ._usage import MetricsServer, Usage
-from ._workers import Workers
+from ._workers import FDS_PER_AGENT, Workers
 
 __all__ = ["Supervisor", "configure_logging"]
 
@@ -71,7 +71,6 @@ def configure_logging(level: str) -> None:
     LOG.propagate = False
 
 
-FDS_PER_AGENT = 2  # the supervisor's descriptors for one running agent: its worker's connection, its pidfd
 MAX_OPEN_FILES = 1 << 20  # the soft limit taken when the hard one is unlimited
 
 

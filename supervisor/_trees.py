@@ -70,6 +70,7 @@ from ._supervision import (
     Sup,
 )
 from ._uploads import Stored, Uploads
+from ._workers import FDS_PER_AGENT, Workers
 
 if TYPE_CHECKING:
     from theater.control import Upload
@@ -77,7 +78,6 @@ if TYPE_CHECKING:
     from ._control import Control
     from ._tenants import Tenants
     from ._usage import Usage
-    from ._workers import Workers
 
 __all__ = ["Supervision"]
 
@@ -252,7 +252,7 @@ class Supervision:
                     replaced.append(existing)
         member = self._add(config, ticket)
         for old in replaced:
-            if isinstance(old, Agent) and old.config.tenant != OPERATOR:
+            if isinstance(old, Agent):
                 self.drop_unused_uploads(old.config)
         return member
 
@@ -361,7 +361,7 @@ class Supervision:
     def remove(self, member: Member, *, drop_upload: bool = True) -> dict[str, Any]:
         """``theater rm``: a stopped or failed agent's chain ends with a signed removed record, in the same
         transaction that moves its row to ``removed`` and drops its kv data and timers; its name is free.
-        ``drop_upload``: a tenant's component no agent uses any more is deleted (drop_unused_uploads)."""
+        ``drop_upload``: an uploaded component no agent uses any more is deleted (drop_unused_uploads)."""
         if isinstance(member, Node):
             raise Refused(f"{member.name} is a supervisor node: remove its tree's agents one by one is not "
                           "possible; stop the tree instead")
@@ -380,7 +380,7 @@ class Supervision:
         record = self.records.append(agent, Kind.REMOVED, {"reason": "removed by the operator"}, remove=True)
         self.apply(self.engine.forget(agent.name, time.monotonic()))
         self.agents.remove(agent)
-        if drop_upload and agent.config.tenant != OPERATOR:
+        if drop_upload:
             self.drop_unused_uploads(agent.config)
         return {"removed": agent.name, "id": agent.uuid, "head": record.seq}
 
@@ -653,8 +653,8 @@ class Supervision:
             why = str(exc)
             if exc.errno == errno.EMFILE:
                 limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-                why = (f"the supervisor's open-files limit of {limit} is reached, two for each running agent: "
-                       "raise its hard limit (ulimit -Hn, LimitNOFILE=) or stop agents")
+                why = (f"the supervisor's open-files limit of {limit} is reached, {FDS_PER_AGENT} for each running "
+                       "agent: raise its hard limit (ulimit -Hn, LimitNOFILE=) or stop agents")
             self.log(f"{agent.name}: cannot start a worker ({why}); trying again shortly")
             self._waiting_for_store.append(agent)
             if not self._watching:

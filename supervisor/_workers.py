@@ -28,7 +28,6 @@ from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256, verify_hello
 from theater.spec import AgentSpec
 
 from ._agent import Agent, Agents, Pending
-from ._config import OPERATOR
 from ._errors import StoreError, Violation
 from ._ledger import Checked, Prechecked, check_result, precheck
 from ._record_path import RecordPath, Result
@@ -58,6 +57,8 @@ PIPELINE_DEPTH = 8
 LOAD_GRACE_S = 120.0  # more for a worker's first call: loading may compile components (about 1 s per 2 MB here)
 RESULT_HEADER = wire.header(wire.WorkerType.RESULT)
 
+
+FDS_PER_AGENT = 2  # the supervisor's descriptors for one running agent: its worker's connection, its pidfd
 
 class Workers:
     def __init__(self, home: Home, ctx: zmq.Context[zmq.Socket[bytes]], spawner: Spawner, agents: Agents,
@@ -563,8 +564,7 @@ class Workers:
         if not agent.in_store:  # it ended before its first hello: there is no chain to record in
             self.supervision.never_started(agent)
             self.agents.remove(agent)
-            if agent.config.tenant != OPERATOR:
-                self.supervision.drop_unused_uploads(agent.config)
+            self.supervision.drop_unused_uploads(agent.config)
             for ident, rid in agent.spawn_waiters:
                 self.control.reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {reason}: {detail}")
             agent.spawn_waiters.clear()
