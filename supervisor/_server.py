@@ -268,6 +268,7 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self.control.close()
+        self.supervision.uploads.close()  # an upload being written is finished, not cut short
         if self.metrics is not None:
             self.metrics.close()
         self.egress.close()
