@@ -189,7 +189,7 @@ class Supervision:
             raise Refused(f"a component of {len(upload.component)} bytes is more than {MAX_COMPONENT_BYTES}")
 
         def stored(job: Future[Stored]) -> None:
-            name = None
+            name, refusal = None, None
             try:
                 if not self.running():
                     raise Refused("the supervisor is shutting down")
@@ -204,14 +204,17 @@ class Supervision:
                 config = load_uploaded(upload.manifest_text, component.path, policy_dirs(self.policy_root))
                 self._spawn(with_tenant(config, tenant), ticket, upload.replace)
             except SupervisorError as exc:
-                self.control.reply_error(*ticket, exc.code, str(exc))
+                refusal = (exc.code, str(exc))
             except Exception as exc:  # as for any request: a client must never be able to crash the supervisor
                 self.log(f"internal error serving an uploaded spawn: {type(exc).__name__}: {exc}")
-                self.control.reply_error(*ticket, "internal", f"internal error: {type(exc).__name__}")
-            finally:
+                refusal = ("internal", f"internal error: {type(exc).__name__}")
+            try:
                 if name is not None:
                     self.uploads.settled(name)
-                self.drop_unused_uploads()  # a refused spawn keeps nothing
+                self.drop_unused_uploads()  # a refused spawn keeps nothing, gone before the client hears of it
+            finally:
+                if refusal is not None:
+                    self.control.reply_error(*ticket, *refusal)
 
         self.uploads.store(tenant, upload.component, upload.kind, stored)
 
