@@ -107,7 +107,7 @@ class Control:
         """The local socket's requests: the operator's, each carrying the control token."""
         for _ in range(BATCH):
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                frames = wire.recv_frames(self.socket, zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._take(LOCAL + frames[0], frames[1:], None)
@@ -394,7 +394,7 @@ class Control:
         """To the client behind ``ident``, on the socket it came from."""
         socket = self.remote.socket if ident[:1] == REMOTE and self.remote is not None else self.socket
         with contextlib.suppress(zmq.ZMQError):
-            socket.send_multipart([ident[1:], *frames], copy=False)
+            wire.send_frames(socket, [ident[1:], *frames], copy=False)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

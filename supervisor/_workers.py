@@ -303,7 +303,7 @@ class Workers:
         messages = []
         for _ in range(BATCH):
             try:
-                messages.append(self.socket.recv_multipart(zmq.NOBLOCK))
+                messages.append(wire.recv_frames(self.socket, zmq.NOBLOCK))
             except zmq.Again:
                 break
         prechecked = self._precheck(messages)
@@ -394,7 +394,7 @@ class Workers:
     def send(self, agent: Agent, frames: list[bytes]) -> None:
         assert agent.worker is not None and agent.worker.identity is not None
         try:
-            self.socket.send_multipart([agent.worker.identity, *frames], copy=False)
+            wire.send_frames(self.socket, [agent.worker.identity, *frames], copy=False)
         except zmq.ZMQError as exc:  # the peer went away; its pidfd will tell us why
             self.log(f"{agent.name}: cannot send to worker: {exc}")
 

@@ -28,10 +28,15 @@ _SIGNATURE_BYTES = 64
 # format refuses anyway). Keys stay cryptography objects everywhere else.
 
 
+_last_secret: tuple[Ed25519PrivateKey, bytes] | None = None  # a process signs with one key at a time
+
+
 def sign(key: Ed25519PrivateKey, message: bytes) -> bytes:
     """The 64-byte Ed25519 signature of ``message`` under ``key``."""
-    secret = key.private_bytes_raw() + key.public_key().public_bytes_raw()
-    return nacl.bindings.crypto_sign(message, secret)[:_SIGNATURE_BYTES]
+    global _last_secret
+    if _last_secret is None or _last_secret[0] is not key:
+        _last_secret = (key, key.private_bytes_raw() + key.public_key().public_bytes_raw())
+    return nacl.bindings.crypto_sign(message, _last_secret[1])[:_SIGNATURE_BYTES]
 
 
 def valid(key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:

@@ -253,6 +253,8 @@ STATUSES = (
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_KIND_OF = {k.value: k for k in Kind}  # dict lookups: an enum call costs more than the rest of a small parse
+_SIGNER_OF_VALUE = {s.value: s for s in Signer}
 
 
 def encode_payload(kind: Kind, fields: dict[str, Any]) -> bytes:
@@ -286,45 +288,53 @@ def encode_payload(kind: Kind, fields: dict[str, Any]) -> bytes:
 
 
 def decode_payload(kind: Kind, payload: bytes) -> dict[str, Any]:
-    """Decode a payload; anything but an exact, canonical encoding is an error."""
+    """Decode a payload; anything but an exact, canonical encoding is an error.
+
+    Read in place with ``unpack_from`` and one slice per variable-length field: every record a worker sends
+    is decoded once on the supervisor's loop."""
+    if not isinstance(payload, bytes):
+        payload = bytes(payload)
     fields: dict[str, Any] = {}
-    view = memoryview(payload)
+    size = len(payload)
     pos = 0
-
-    def take(n: int, what: str) -> bytes:
-        nonlocal pos
-        if pos + n > len(view):
-            raise RecordError(f"{kind.name.lower()} payload truncated in field {what!r}")
-        chunk = bytes(view[pos : pos + n])
-        pos += n
-        return chunk
-
-    for name, typ in FIELDS[kind]:
-        if typ == "u8":
-            fields[name] = take(1, name)[0]
-        elif typ == "u32":
-            fields[name] = _U32.unpack(take(4, name))[0]
-        elif typ == "u64":
-            fields[name] = _U64.unpack(take(8, name))[0]
-        elif typ in ("str", "bytes", "opt-bytes"):
-            if typ == "opt-bytes":
-                flag = take(1, name)[0]
-                if flag == 0:
-                    fields[name] = None
-                    continue
-                if flag != 1:
-                    raise RecordError(f"field {name!r}: option flag must be 0 or 1, got {flag}")
-            (length,) = _U32.unpack(take(4, name))
-            raw = take(length, name)
-            if typ == "str":
-                try:
-                    fields[name] = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise RecordError(f"field {name!r} is not valid UTF-8") from exc
-            else:
-                fields[name] = raw
-    if pos != len(view):
-        raise RecordError(f"{kind.name.lower()} payload has {len(view) - pos} trailing bytes")
+    name = ""
+    try:
+        for name, typ in FIELDS[kind]:
+            if typ == "u64":
+                fields[name] = _U64.unpack_from(payload, pos)[0]
+                pos += 8
+            elif typ == "u32":
+                fields[name] = _U32.unpack_from(payload, pos)[0]
+                pos += 4
+            elif typ == "u8":
+                fields[name] = payload[pos]
+                pos += 1
+            else:  # str, bytes, opt-bytes
+                if typ == "opt-bytes":
+                    flag = payload[pos]
+                    pos += 1
+                    if flag == 0:
+                        fields[name] = None
+                        continue
+                    if flag != 1:
+                        raise RecordError(f"field {name!r}: option flag must be 0 or 1, got {flag}")
+                length = _U32.unpack_from(payload, pos)[0]
+                pos += 4
+                if pos + length > size:
+                    raise IndexError
+                raw = payload[pos : pos + length]
+                pos += length
+                if typ == "str":
+                    try:
+                        fields[name] = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise RecordError(f"field {name!r} is not valid UTF-8") from exc
+                else:
+                    fields[name] = raw
+    except (struct.error, IndexError):
+        raise RecordError(f"{kind.name.lower()} payload truncated in field {name!r}") from None
+    if pos != size:
+        raise RecordError(f"{kind.name.lower()} payload has {size - pos} trailing bytes")
     return fields
 
 
@@ -369,11 +379,10 @@ class Record:
         )
         if version not in VERSIONS:
             raise RecordError(f"unsupported record version {version}")
-        try:
-            kind_ = Kind(kind)
-            signer_ = Signer(signer)
-        except ValueError as exc:
-            raise RecordError(f"unknown record kind {kind} or signer {signer}") from exc
+        kind_ = _KIND_OF.get(kind)
+        signer_ = _SIGNER_OF_VALUE.get(signer)
+        if kind_ is None or signer_ is None:
+            raise RecordError(f"unknown record kind {kind} or signer {signer}")
         if signer_ is Signer.COVERED:
             if version < 2 or kind_ not in COVERABLE:
                 raise RecordError(f"a version-{version} {kind_.name.lower()} record cannot be covered")

@@ -140,7 +140,7 @@ def _serve(
             continue  # sent ahead before the supervisor knew; it runs them in the next worker
         if link.stop_waiting():  # a STOP behind calls sent ahead is obeyed first: they are never run
             return 0
-        sock.send_multipart(agent.run(call).encode())
+        wire.send_frames(sock, agent.run(call).encode())
         ended = crash_reason(call.kind, agent.status) is not None or agent.host.ending
 
 
@@ -159,12 +159,12 @@ class SupervisorLink:
 
     def next_frames(self) -> list[bytes]:
         """The next message from the supervisor, in the order it was sent."""
-        return self._early.popleft() if self._early else self._sock.recv_multipart()
+        return self._early.popleft() if self._early else wire.recv_frames(self._sock)
 
     def stop_waiting(self) -> bool:
         """Whether a STOP has come behind the calls sent ahead (everything already here is read)."""
-        while int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            frames = self._sock.recv_multipart()
+        while wire.readable(self._sock):
+            frames = wire.recv_frames(self._sock)
             if frames and frames[0] == STOP_HEADER:
                 return True
             self._early.append(frames)
@@ -175,12 +175,12 @@ class SupervisorLink:
         at most ``wait_ms`` for its answer."""
         self._ids += 1
         request = wire.HostRequest(self._ids, body, interface, data)
-        self._sock.send_multipart(request.encode(wire.WorkerType.HOST_REQUEST), copy=data is None or len(data) < 65536)
+        wire.send_frames(self._sock, request.encode(wire.WorkerType.HOST_REQUEST), copy=data is None or len(data) < 65536)
         deadline = time.monotonic() + wait_ms / 1000
         while True:
             if not self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
                 raise HostLimit("the supervisor did not answer a host request in time")
-            frames = self._sock.recv_multipart()
+            frames = wire.recv_frames(self._sock)
             typ = wire.parse_header(frames[0], wire.SupervisorType)
             if typ is wire.SupervisorType.STOP:  # stopped mid-call: exit at once, nothing of the call is sent
                 os._exit(0)
