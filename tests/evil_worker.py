@@ -56,7 +56,7 @@ class _Frames:
 
 
 class _Twice(list):
-    """Frames the patched ``send_multipart`` sends twice in a row."""
+    """Frames the patched ``wire.send_frames`` sends twice in a row."""
 
 
 class _SendTwice:
@@ -68,15 +68,14 @@ class _SendTwice:
 
 
 def _send_twice_patch() -> None:
-    real_send = zmq.Socket.send_multipart
+    real_send = wire.send_frames
 
-    def send_multipart(self: zmq.Socket, msg_parts: Any, *args: Any, **kwargs: Any) -> Any:
-        real_send(self, msg_parts, *args, **kwargs)
-        if isinstance(msg_parts, _Twice):
-            return real_send(self, list(msg_parts), *args, **kwargs)
-        return None
+    def send_frames(sock: zmq.Socket, frames: list[bytes], *args: Any, **kwargs: Any) -> None:
+        real_send(sock, frames, *args, **kwargs)
+        if isinstance(frames, _Twice):
+            real_send(sock, list(frames), *args, **kwargs)
 
-    zmq.Socket.send_multipart = send_multipart  # type: ignore[method-assign]
+    wire.send_frames = send_frames  # the worker loop sends its results through wire.send_frames
 
 
 def _forge(result: wire.Result, first: list[bytes]) -> Any:
