@@ -632,3 +632,52 @@ def test_the_ps_listing_is_written_with_its_keys_sorted_as_every_json_frame(thea
     assert [a["name"] for a in reply["result"]["agents"]] == ["a", "b"]
     assert orders and all(keys == sorted(keys) for keys in orders), orders
     assert frame == json.dumps(reply, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+
+
+# --- host functions: their types read once ------------------------------------------------------------
+
+
+def test_host_functions_read_their_types_once_and_refuse_a_call_of_another_type() -> None:
+    """worker/_hostfuncs.py keeps a host function's parameter types from its first call. counter.wat's
+    ``log`` and ``now`` get the guest's values on every call; a component importing ``log`` with other types,
+    linked (against the rule the worker keeps, one linker per component) by the same linker, gets a trap
+    naming the mismatch, never its values read as the first component's types."""
+    import wasmtime
+    import wasmtime.component as wc
+
+    from worker._hostfuncs import add_host_func
+
+    source = (COMPONENTS / "counter.wat").read_text()
+    mistyped = (source
+                .replace('(export "log" (func (param "level" $llx) (param "message" string)))',
+                         '(export "log" (func (param "level" u32) (param "message" u32)))')
+                .replace("(import \"rt\" \"log\" (func $log (param i32 i32 i32)))",
+                         "(import \"rt\" \"log\" (func $log (param i32 i32)))")
+                .replace("(call $log (i32.const 1) (i32.const 64) (i32.const 4))",
+                         "(call $log (i32.const 1) (i32.const 64))"))
+    assert mistyped.count("(param i32 i32))") == 1
+    engine = make_engine(LIMITS)
+    logged: list[tuple[Any, ...]] = []
+    linker = wc.Linker(engine)
+    with linker.root() as root, root.add_instance("theater:agent/runtime@0.1.0") as inst:
+        add_host_func(inst, "log", lambda _store, level, message: logged.append((level, message)))
+        add_host_func(inst, "now", lambda _store: 1_700_000_000_000_000_000)
+
+    def handle(component_source: str, state: str) -> Any:
+        store = wasmtime.Store(engine)
+        store.set_fuel(10_000_000)
+        store.set_epoch_deadline(1_000_000)
+        instance = linker.instantiate(store, wc.Component(engine, component_source))
+        func = instance.get_func(store, "handle")
+        assert func is not None
+        result = func(store, state, "m")
+        func.post_return(store)
+        return result
+
+    for n in range(3):
+        assert handle(source, str(n)).state == str(n + 1)
+    assert logged == [("info", "tick")] * 3
+    with pytest.raises(wasmtime.WasmtimeError) as trapped:
+        handle(mistyped, "0")
+    assert logged == [("info", "tick")] * 3
+    assert "argument 0 of a host function is of another type than on its first call" in str(trapped.value)

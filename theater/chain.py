@@ -44,6 +44,12 @@ class ChainVerifier:
         self.component: bytes | None = None  # the genesis's component hash, once seen
         self.uncovered = 0  # covered records since the last signed one: the worker's next signature covers them
 
+    def __copy__(self) -> ChainVerifier:
+        """A twin to check a result on (the supervisor copies the live verifier for every result)."""
+        twin = ChainVerifier.__new__(ChainVerifier)
+        twin.__dict__.update(self.__dict__)
+        return twin
+
     @classmethod
     def at_head(cls, supervisor_key: Ed25519PublicKey, agent_id: bytes, head_seq: int, head_hash: bytes,
                 state_hash: bytes, *, node: bool = False) -> ChainVerifier:

@@ -29,6 +29,7 @@ from theater.artifacts import artifact_key, engine_config, file_signature
 from theater.spec import Limits
 
 from ._errors import CallFailed, HostLimit, LoadError
+from ._hostfuncs import add_host_func
 
 __all__ = [
     "DeadlineTimer", "Lifted", "Sandbox", "artifact_key", "classify", "compile_component", "describe",
@@ -305,7 +306,7 @@ class Sandbox:
             for name, functions in provided.items():
                 with root.add_instance(name) as inst:
                     for function in functions:
-                        inst.add_func(function, self._bridge(name, function))
+                        add_host_func(inst, function, self._bridge(name, function))
         if wasi_imports:
             linker.define_unknown_imports_as_traps(component)
         return linker

@@ -13,6 +13,7 @@ from typing import Any
 from wasmtime import component as wc
 
 from .._boundary import to_guest
+from .._hostfuncs import add_host_func
 from ._host import Host, HostCapability, guest_bytes, guest_text
 
 MAX_URL_BYTES = 8192
@@ -27,7 +28,7 @@ class Http:
         self._host = host
 
     def link(self, inst: wc.LinkerInstance) -> None:
-        inst.add_func("fetch", self.fetch)
+        add_host_func(inst, "fetch", self.fetch)
 
     def fetch(self, _store: Any, method: str, url: str, headers: list[tuple[str, str]], body: str) -> wc.Record | wc.Variant:
         """result<response, http-error>: wasmtime-py takes it untagged (a Record, or the error's Variant)."""

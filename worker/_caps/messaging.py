@@ -14,6 +14,7 @@ from typing import Any
 from wasmtime import component as wc
 
 from .._boundary import to_guest
+from .._hostfuncs import add_host_func
 from ._host import Host, HostCapability, guest_bytes, guest_text
 
 MAX_ADDRESS_BYTES = 256
@@ -26,8 +27,8 @@ class Messaging:
         self._host = host
 
     def link(self, inst: wc.LinkerInstance) -> None:
-        inst.add_func("send", self.send)
-        inst.add_func("call", self.call)
+        add_host_func(inst, "send", self.send)
+        add_host_func(inst, "call", self.call)
 
     def _message(self, fn: str, to: object, message: object) -> tuple[str, bytes]:
         address = guest_text(to, f"messaging.{fn}: the address", MAX_ADDRESS_BYTES)

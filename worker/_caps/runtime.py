@@ -11,6 +11,7 @@ from wasmtime import component as wc
 
 from .._boundary import to_guest
 from .._errors import HostLimit
+from .._hostfuncs import add_host_func
 from ._host import Host, HostCapability
 
 LEVELS = ("debug", "info", "warn", "error")
@@ -25,12 +26,12 @@ class Runtime:
         self._limits = host.limits
 
     def link(self, inst: wc.LinkerInstance) -> None:
-        inst.add_func("log", self.log)
-        inst.add_func("self-id", self.self_id)
-        inst.add_func("now", self.now)
-        inst.add_func("random-bytes", self.random_bytes)
-        inst.add_func("finish", self.finish)
-        inst.add_func("shutdown", self.shutdown)
+        add_host_func(inst, "log", self.log)
+        add_host_func(inst, "self-id", self.self_id)
+        add_host_func(inst, "now", self.now)
+        add_host_func(inst, "random-bytes", self.random_bytes)
+        add_host_func(inst, "finish", self.finish)
+        add_host_func(inst, "shutdown", self.shutdown)
 
     def _value(self, function: str, data_in: bytes, make: Callable[[], bytes]) -> bytes:
         return self._host.value(INTERFACE, function, data_in, make)

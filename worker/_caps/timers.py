@@ -10,6 +10,7 @@ from typing import Any
 
 from wasmtime import component as wc
 
+from .._hostfuncs import add_host_func
 from ._host import Host, HostCapability, guest_bytes
 
 
@@ -18,8 +19,8 @@ class Timers:
         self._host = host
 
     def link(self, inst: wc.LinkerInstance) -> None:
-        inst.add_func("after", self.after)
-        inst.add_func("cancel", self.cancel)
+        add_host_func(inst, "after", self.after)
+        add_host_func(inst, "cancel", self.cancel)
 
     def after(self, _store: Any, delay_ms: int, message: str) -> int | str:
         """result<u64, string>: wasmtime-py takes it untagged (the id for ok, the error text for err)."""

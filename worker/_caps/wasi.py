@@ -42,6 +42,7 @@ from typing import Any
 from wasmtime import component as wc
 
 from .._errors import HostLimit
+from .._hostfuncs import add_host_func
 from ._host import Host, Linker
 
 CLOCK_RESOLUTION_NS = 1000
@@ -73,7 +74,7 @@ class Wasi:
         base = name.partition("@")[0]
         linkers: dict[str, Linker] = {
             "wasi:cli/environment": self._environment,
-            "wasi:filesystem/preopens": lambda inst: inst.add_func("get-directories", lambda _store: []),
+            "wasi:filesystem/preopens": lambda inst: add_host_func(inst, "get-directories", lambda _store: []),
             "wasi:random/random": lambda inst: self._random(inst, name, "get-random-bytes", "get-random-u64"),
             "wasi:random/insecure": lambda inst: self._random(
                 inst, name, "get-insecure-random-bytes", "get-insecure-random-u64"),
@@ -82,11 +83,11 @@ class Wasi:
             "wasi:cli/stdout": lambda inst: self._stdio(inst, "get-stdout", STDOUT),
             "wasi:cli/stderr": lambda inst: self._stdio(inst, "get-stderr", STDERR),
             # No terminal: the standard streams are not ttys.
-            "wasi:cli/terminal-stdin": lambda inst: inst.add_func("get-terminal-stdin", lambda _store: None),
-            "wasi:cli/terminal-stdout": lambda inst: inst.add_func("get-terminal-stdout", lambda _store: None),
-            "wasi:cli/terminal-stderr": lambda inst: inst.add_func("get-terminal-stderr", lambda _store: None),
+            "wasi:cli/terminal-stdin": lambda inst: add_host_func(inst, "get-terminal-stdin", lambda _store: None),
+            "wasi:cli/terminal-stdout": lambda inst: add_host_func(inst, "get-terminal-stdout", lambda _store: None),
+            "wasi:cli/terminal-stderr": lambda inst: add_host_func(inst, "get-terminal-stderr", lambda _store: None),
             # An empty stdin to hold: a runtime may take it as it starts (StarlingMonkey does); reading it traps.
-            "wasi:cli/stdin": lambda inst: inst.add_func(
+            "wasi:cli/stdin": lambda inst: add_host_func(inst,
                 "get-stdin", lambda _store: wc.ResourceHost.own(STDIN, INPUT_STREAM)),
             "wasi:io/streams": self._streams,
         }
@@ -97,7 +98,7 @@ class Wasi:
 
     @staticmethod
     def _stdio(inst: wc.LinkerInstance, function: str, rep: int) -> None:
-        inst.add_func(function, lambda _store: wc.ResourceHost.own(rep, OUTPUT_STREAM))
+        add_host_func(inst, function, lambda _store: wc.ResourceHost.own(rep, OUTPUT_STREAM))
 
     def _streams(self, inst: wc.LinkerInstance) -> None:
         """Output streams are stdout and stderr, whose bytes become log records (``Host.output``); every
@@ -110,7 +111,7 @@ class Wasi:
             return OK
 
         for method in ("write", "blocking-write-and-flush"):
-            inst.add_func(f"[method]output-stream.{method}", write)
+            add_host_func(inst, f"[method]output-stream.{method}", write)
         def flush(store: Any, stream: Any) -> wc.Variant:
             _rep(store, stream)
             return OK
@@ -120,14 +121,14 @@ class Wasi:
             return WRITE_BUDGET
 
         for method in ("flush", "blocking-flush"):
-            inst.add_func(f"[method]output-stream.{method}", flush)
-        inst.add_func("[method]output-stream.check-write", check_write)
+            add_host_func(inst, f"[method]output-stream.{method}", flush)
+        add_host_func(inst, "[method]output-stream.check-write", check_write)
 
     @staticmethod
     def _environment(inst: wc.LinkerInstance) -> None:
-        inst.add_func("get-environment", lambda _store: [])
-        inst.add_func("get-arguments", lambda _store: [])
-        inst.add_func("initial-cwd", lambda _store: None)
+        add_host_func(inst, "get-environment", lambda _store: [])
+        add_host_func(inst, "get-arguments", lambda _store: [])
+        add_host_func(inst, "initial-cwd", lambda _store: None)
 
     def _random(self, inst: wc.LinkerInstance, interface: str, bytes_fn: str, u64_fn: str) -> None:
         def random_bytes(_store: Any, length: int) -> bytes:
@@ -138,15 +139,15 @@ class Wasi:
         def random_u64(_store: Any) -> int:
             return int.from_bytes(self._value(interface, u64_fn, b"", lambda: os.urandom(8)), "big")
 
-        inst.add_func(bytes_fn, random_bytes)
-        inst.add_func(u64_fn, random_u64)
+        add_host_func(inst, bytes_fn, random_bytes)
+        add_host_func(inst, u64_fn, random_u64)
 
     def _seed(self, inst: wc.LinkerInstance, interface: str) -> None:
         def insecure_seed(_store: Any) -> tuple[int, int]:
             data = self._value(interface, "insecure-seed", b"", lambda: os.urandom(16))
             return int.from_bytes(data[:8], "big"), int.from_bytes(data[8:], "big")
 
-        inst.add_func("insecure-seed", insecure_seed)
+        add_host_func(inst, "insecure-seed", insecure_seed)
 
     def _wall_clock(self, inst: wc.LinkerInstance, interface: str) -> None:
         def now(_store: Any) -> SimpleNamespace:
@@ -157,5 +158,5 @@ class Wasi:
             data = self._value(interface, "now", b"", make)
             return SimpleNamespace(seconds=int.from_bytes(data[:8], "big"), nanoseconds=int.from_bytes(data[8:], "big"))
 
-        inst.add_func("now", now)
-        inst.add_func("resolution", lambda _store: SimpleNamespace(seconds=0, nanoseconds=CLOCK_RESOLUTION_NS))
+        add_host_func(inst, "now", now)
+        add_host_func(inst, "resolution", lambda _store: SimpleNamespace(seconds=0, nanoseconds=CLOCK_RESOLUTION_NS))
