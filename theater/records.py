@@ -255,36 +255,34 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _KIND_OF = {k.value: k for k in Kind}  # dict lookups: an enum call costs more than the rest of a small parse
 _SIGNER_OF_VALUE = {s.value: s for s in Signer}
+_NAMES = {kind: frozenset(name for name, _ in schema) for kind, schema in FIELDS.items()}
 
 
 def encode_payload(kind: Kind, fields: dict[str, Any]) -> bytes:
     """Encode ``fields`` (exactly the kind's schema, no more, no less) canonically."""
     schema = FIELDS[kind]
-    names = [name for name, _ in schema]
-    if sorted(fields) != sorted(names):
+    if fields.keys() != _NAMES[kind]:
+        names = [name for name, _ in schema]
         raise RecordError(f"{kind.name.lower()} payload needs fields {names}, got {sorted(fields)}")
-    out = bytearray()
+    out: list[bytes] = []
     for name, typ in schema:
         value = fields[name]
-        if typ == "u8":
-            out += bytes((int(value),))
-        elif typ == "u32":
-            out += _U32.pack(value)
-        elif typ == "u64":
-            out += _U64.pack(value)
-        elif typ == "str":
+        if typ == "str":
             raw = value.encode("utf-8")
-            out += _U32.pack(len(raw)) + raw
+            out += (_U32.pack(len(raw)), raw)
         elif typ == "bytes":
-            out += _U32.pack(len(value)) + value
+            out += (_U32.pack(len(value)), value)
+        elif typ == "u64":
+            out.append(_U64.pack(value))
+        elif typ == "u32":
+            out.append(_U32.pack(value))
+        elif typ == "u8":
+            out.append(bytes((int(value),)))
         elif typ == "opt-bytes":
-            if value is None:
-                out += b"\x00"
-            else:
-                out += b"\x01" + _U32.pack(len(value)) + value
+            out += (b"\x00",) if value is None else (b"\x01", _U32.pack(len(value)), value)
         else:  # pragma: no cover - schema is static
             raise AssertionError(typ)
-    return bytes(out)
+    return b"".join(out)
 
 
 def decode_payload(kind: Kind, payload: bytes) -> dict[str, Any]:
