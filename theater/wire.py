@@ -203,7 +203,7 @@ def parse_header(frame: bytes, enum_type: type[enum.IntEnum]) -> Any:
 _SEND: Any = zmq.backend.Socket.send
 _RECV: Any = zmq.backend.Socket.recv
 _GET: Any = zmq.backend.Socket.get
-_SNDMORE, _RCVMORE, _EVENTS, _POLLIN = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+_SNDMORE, _EVENTS, _POLLIN = int(zmq.SNDMORE), int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0, copy: bool = True) -> None:
@@ -215,9 +215,11 @@ def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0, copy: boo
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
     """Receive one multipart message (``flags``: zmq.NOBLOCK raises zmq.Again when none is waiting)."""
-    frames = [_RECV(sock, flags)]
-    while _GET(sock, _RCVMORE):
-        frames.append(_RECV(sock, flags))
+    frame = _RECV(sock, flags, copy=False)  # a Frame knows whether more follow (the socket option is an enum call)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _RECV(sock, flags, copy=False)
+        frames.append(frame.bytes)
     return frames
 
 
