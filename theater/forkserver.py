@@ -11,11 +11,11 @@ field's type and raises :class:`ProtocolError` naming the one that is wrong.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ProtocolError
-from .spec import LoadProfile
+from .spec import LoadProfile, field_values
 
 __all__ = [
     "MAX_MESSAGE",
@@ -128,8 +128,8 @@ class Spawn:
 
     def encode(self) -> bytes:
         obj = {"op": "spawn", "id": self.id, "workdir": self.workdir,
-               "artifact": None if self.artifact is None else asdict(self.artifact),
-               "compile": None if self.compile is None else asdict(self.compile)}
+               "artifact": None if self.artifact is None else field_values(self.artifact),
+               "compile": None if self.compile is None else field_values(self.compile)}
         if self.profile is not None:
             obj["profile"] = self.profile.to_json()
         return _dumps(obj)
