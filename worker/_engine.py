@@ -29,7 +29,7 @@ from theater.artifacts import artifact_key, engine_config, file_signature
 from theater.spec import Limits
 
 from ._errors import CallFailed, HostLimit, LoadError
-from ._hostfuncs import add_host_func
+from ._hostfuncs import HostInstance, Instance, add_host_func
 
 __all__ = [
     "DeadlineTimer", "Lifted", "Sandbox", "artifact_key", "classify", "compile_component", "describe",
@@ -237,7 +237,7 @@ def compile_component(engine: wasmtime.Engine, component_bytes: bytes) -> wc.Com
         raise LoadError(f"component does not compile: {_last_line(exc)}") from None
 
 
-Linker = Callable[[wc.LinkerInstance], None]
+Linker = Callable[[Instance], None]
 
 
 class Sandbox:
@@ -296,13 +296,13 @@ class Sandbox:
                 pass
             for name, link in interfaces.items():
                 with root.add_instance(name) as inst:
-                    link(inst)
+                    link(HostInstance(inst))
             for name in wasi_imports:
                 assert wasi is not None
                 wasi_link = wasi(name)
                 if wasi_link is not None:
                     with root.add_instance(name) as inst:
-                        wasi_link(inst)
+                        wasi_link(HostInstance(inst))
             for name, functions in provided.items():
                 with root.add_instance(name) as inst:
                     for function in functions:

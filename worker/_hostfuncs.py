@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from wasmtime import WasmtimeError
 from wasmtime import _ffi as ffi
@@ -29,7 +29,15 @@ from wasmtime.component._enter import catch_exceptions
 from wasmtime.component._linker import FUNCTIONS, func_finalize
 from wasmtime.component._types import FuncType
 
-__all__ = ["add_host_func"]
+__all__ = ["HostInstance", "Instance", "add_host_func"]
+
+
+class Instance(Protocol):
+    """Where a host module adds its functions (and WASI its resources): a :class:`HostInstance`."""
+
+    def add_func(self, name: str, func: Callable[..., Any]) -> None: ...
+
+    def add_resource(self, name: str, ty: Any, dtor: Callable[..., Any]) -> None: ...
 
 
 class _Linked:
@@ -42,6 +50,20 @@ class _Linked:
         self.params: list[Any] | None = None  # the parameters' ValTypes
         self.result: Any = None  # the result's ValType, or None
         self.kinds: list[int] = []  # each argument's value kind on the first call
+
+
+class HostInstance:
+    """A linker instance as the sandbox hands it to host modules: their ``add_func`` links through
+    :func:`add_host_func`; resources are added as they are."""
+
+    def __init__(self, inst: LinkerInstance) -> None:
+        self._inst = inst
+
+    def add_func(self, name: str, func: Callable[..., Any]) -> None:
+        add_host_func(self._inst, name, func)
+
+    def add_resource(self, name: str, ty: Any, dtor: Callable[..., Any]) -> None:
+        self._inst.add_resource(name, ty, dtor)
 
 
 def add_host_func(inst: LinkerInstance, name: str, func: Callable[..., Any]) -> None:

@@ -7,19 +7,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from wasmtime import component as wc
-
 from theater import wire
 from theater.capabilities import CAPABILITIES
 from theater.records import Kind
 from theater.spec import Limits
 
 from .._errors import HostLimit
+from .._hostfuncs import Instance
 from .._recorder import Recorder
 
-__all__ = ["Ask", "Host", "HostCapability", "HostFunctions", "Linker", "guest_bytes", "guest_text"]
+__all__ = ["Ask", "Host", "HostCapability", "HostFunctions", "Instance", "Linker", "guest_bytes", "guest_text"]
 
-Linker = Callable[[wc.LinkerInstance], None]
+Linker = Callable[[Instance], None]
 # Ask the supervisor (HOST_REQUEST, HOST_REPLY): interface (a capability name), body, data, how long to wait
 # (ms) -> the answer and its data.
 Ask = Callable[[str, dict[str, Any], bytes | None, int], tuple[dict[str, Any], bytes | None]]
@@ -29,7 +28,7 @@ ASK_WAIT_MS = 10_000  # how long a host request waits for its answer, past any w
 class HostFunctions(Protocol):
     """One agent's host functions for one interface."""
 
-    def link(self, inst: wc.LinkerInstance) -> None:
+    def link(self, inst: Instance) -> None:
         """Add the functions to the interface's linker instance."""
 
 

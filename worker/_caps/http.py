@@ -13,8 +13,7 @@ from typing import Any
 from wasmtime import component as wc
 
 from .._boundary import to_guest
-from .._hostfuncs import add_host_func
-from ._host import Host, HostCapability, guest_bytes, guest_text
+from ._host import Host, HostCapability, Instance, guest_bytes, guest_text
 
 MAX_URL_BYTES = 8192
 MAX_HEADERS = 64
@@ -27,8 +26,8 @@ class Http:
     def __init__(self, host: Host) -> None:
         self._host = host
 
-    def link(self, inst: wc.LinkerInstance) -> None:
-        add_host_func(inst, "fetch", self.fetch)
+    def link(self, inst: Instance) -> None:
+        inst.add_func("fetch", self.fetch)
 
     def fetch(self, _store: Any, method: str, url: str, headers: list[tuple[str, str]], body: str) -> wc.Record | wc.Variant:
         """result<response, http-error>: wasmtime-py takes it untagged (a Record, or the error's Variant)."""

@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from wasmtime import component as wc
-
 from .._boundary import to_guest
-from .._hostfuncs import add_host_func
-from ._host import Host, HostCapability, guest_bytes, guest_text
+from ._host import Host, HostCapability, Instance, guest_bytes, guest_text
 
 MAX_KEY_BYTES = 1024  # the largest max_key_bytes a policy may set
 MAX_VALUE_BYTES = 16 * 1024 * 1024  # the largest max_value_bytes
@@ -25,11 +22,11 @@ class Kv:
     def __init__(self, host: Host) -> None:
         self._host = host
 
-    def link(self, inst: wc.LinkerInstance) -> None:
-        add_host_func(inst, "get", self.get)
-        add_host_func(inst, "set", self.set)
-        add_host_func(inst, "delete", self.delete)
-        add_host_func(inst, "list-keys", self.list_keys)
+    def link(self, inst: Instance) -> None:
+        inst.add_func("get", self.get)
+        inst.add_func("set", self.set)
+        inst.add_func("delete", self.delete)
+        inst.add_func("list-keys", self.list_keys)
 
     def _ask(self, op: str, key: str, data: bytes | None = None, name: str = "key") -> tuple[dict[str, Any], bytes | None]:
         return self._host.ask(CAPABILITY.name, {"op": op, name: guest_text(key, f"kv.{op}: the {name}", MAX_KEY_BYTES)},

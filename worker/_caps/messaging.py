@@ -14,8 +14,7 @@ from typing import Any
 from wasmtime import component as wc
 
 from .._boundary import to_guest
-from .._hostfuncs import add_host_func
-from ._host import Host, HostCapability, guest_bytes, guest_text
+from ._host import Host, HostCapability, Instance, guest_bytes, guest_text
 
 MAX_ADDRESS_BYTES = 256
 ERRORS = ("unknown-address", "denied", "not-running", "mailbox-full", "too-large", "timeout", "target-crashed",
@@ -26,9 +25,9 @@ class Messaging:
     def __init__(self, host: Host) -> None:
         self._host = host
 
-    def link(self, inst: wc.LinkerInstance) -> None:
-        add_host_func(inst, "send", self.send)
-        add_host_func(inst, "call", self.call)
+    def link(self, inst: Instance) -> None:
+        inst.add_func("send", self.send)
+        inst.add_func("call", self.call)
 
     def _message(self, fn: str, to: object, message: object) -> tuple[str, bytes]:
         address = guest_text(to, f"messaging.{fn}: the address", MAX_ADDRESS_BYTES)

@@ -7,12 +7,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from wasmtime import component as wc
-
 from .._boundary import to_guest
 from .._errors import HostLimit
-from .._hostfuncs import add_host_func
-from ._host import Host, HostCapability
+from ._host import Host, HostCapability, Instance
 
 LEVELS = ("debug", "info", "warn", "error")
 MAX_SHUTDOWN_DETAIL = 256
@@ -25,13 +22,13 @@ class Runtime:
         self._host = host
         self._limits = host.limits
 
-    def link(self, inst: wc.LinkerInstance) -> None:
-        add_host_func(inst, "log", self.log)
-        add_host_func(inst, "self-id", self.self_id)
-        add_host_func(inst, "now", self.now)
-        add_host_func(inst, "random-bytes", self.random_bytes)
-        add_host_func(inst, "finish", self.finish)
-        add_host_func(inst, "shutdown", self.shutdown)
+    def link(self, inst: Instance) -> None:
+        inst.add_func("log", self.log)
+        inst.add_func("self-id", self.self_id)
+        inst.add_func("now", self.now)
+        inst.add_func("random-bytes", self.random_bytes)
+        inst.add_func("finish", self.finish)
+        inst.add_func("shutdown", self.shutdown)
 
     def _value(self, function: str, data_in: bytes, make: Callable[[], bytes]) -> bytes:
         return self._host.value(INTERFACE, function, data_in, make)

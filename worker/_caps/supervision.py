@@ -14,8 +14,7 @@ from typing import Any
 from wasmtime import component as wc
 
 from .._errors import HostLimit
-from .._hostfuncs import add_host_func
-from ._host import Host, HostCapability
+from ._host import Host, HostCapability, Instance
 
 MAX_TEXT = 256
 
@@ -24,11 +23,11 @@ class Supervision:
     def __init__(self, host: Host) -> None:
         self._host = host
 
-    def link(self, inst: wc.LinkerInstance) -> None:
-        add_host_func(inst, "spawn", self.spawn)
-        add_host_func(inst, "stop", self.stop)
-        add_host_func(inst, "children", self.children)
-        add_host_func(inst, "remove", self.remove)
+    def link(self, inst: Instance) -> None:
+        inst.add_func("spawn", self.spawn)
+        inst.add_func("stop", self.stop)
+        inst.add_func("children", self.children)
+        inst.add_func("remove", self.remove)
 
     def _ask(self, op: str, **args: Any) -> dict[str, Any]:
         return self._host.ask(CAPABILITY.name, {"op": op, **args})[0]

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from wasmtime import component as wc
-
-from .._hostfuncs import add_host_func
-from ._host import Host, HostCapability, guest_bytes
+from ._host import Host, HostCapability, Instance, guest_bytes
 
 
 class Timers:
     def __init__(self, host: Host) -> None:
         self._host = host
 
-    def link(self, inst: wc.LinkerInstance) -> None:
-        add_host_func(inst, "after", self.after)
-        add_host_func(inst, "cancel", self.cancel)
+    def link(self, inst: Instance) -> None:
+        inst.add_func("after", self.after)
+        inst.add_func("cancel", self.cancel)
 
     def after(self, _store: Any, delay_ms: int, message: str) -> int | str:
         """result<u64, string>: wasmtime-py takes it untagged (the id for ok, the error text for err)."""

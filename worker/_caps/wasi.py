@@ -42,8 +42,7 @@ from typing import Any
 from wasmtime import component as wc
 
 from .._errors import HostLimit
-from .._hostfuncs import add_host_func
-from ._host import Host, Linker
+from ._host import Host, Instance, Linker
 
 CLOCK_RESOLUTION_NS = 1000
 OUTPUT_STREAM, INPUT_STREAM = 1, 2  # host resource types of wasi:io/streams
@@ -74,7 +73,7 @@ class Wasi:
         base = name.partition("@")[0]
         linkers: dict[str, Linker] = {
             "wasi:cli/environment": self._environment,
-            "wasi:filesystem/preopens": lambda inst: add_host_func(inst, "get-directories", lambda _store: []),
+            "wasi:filesystem/preopens": lambda inst: inst.add_func("get-directories", lambda _store: []),
             "wasi:random/random": lambda inst: self._random(inst, name, "get-random-bytes", "get-random-u64"),
             "wasi:random/insecure": lambda inst: self._random(
                 inst, name, "get-insecure-random-bytes", "get-insecure-random-u64"),
@@ -83,11 +82,11 @@ class Wasi:
             "wasi:cli/stdout": lambda inst: self._stdio(inst, "get-stdout", STDOUT),
             "wasi:cli/stderr": lambda inst: self._stdio(inst, "get-stderr", STDERR),
             # No terminal: the standard streams are not ttys.
-            "wasi:cli/terminal-stdin": lambda inst: add_host_func(inst, "get-terminal-stdin", lambda _store: None),
-            "wasi:cli/terminal-stdout": lambda inst: add_host_func(inst, "get-terminal-stdout", lambda _store: None),
-            "wasi:cli/terminal-stderr": lambda inst: add_host_func(inst, "get-terminal-stderr", lambda _store: None),
+            "wasi:cli/terminal-stdin": lambda inst: inst.add_func("get-terminal-stdin", lambda _store: None),
+            "wasi:cli/terminal-stdout": lambda inst: inst.add_func("get-terminal-stdout", lambda _store: None),
+            "wasi:cli/terminal-stderr": lambda inst: inst.add_func("get-terminal-stderr", lambda _store: None),
             # An empty stdin to hold: a runtime may take it as it starts (StarlingMonkey does); reading it traps.
-            "wasi:cli/stdin": lambda inst: add_host_func(inst,
+            "wasi:cli/stdin": lambda inst: inst.add_func(
                 "get-stdin", lambda _store: wc.ResourceHost.own(STDIN, INPUT_STREAM)),
             "wasi:io/streams": self._streams,
         }
@@ -97,10 +96,10 @@ class Wasi:
         return self._host.value(interface, function, data_in, make)
 
     @staticmethod
-    def _stdio(inst: wc.LinkerInstance, function: str, rep: int) -> None:
-        add_host_func(inst, function, lambda _store: wc.ResourceHost.own(rep, OUTPUT_STREAM))
+    def _stdio(inst: Instance, function: str, rep: int) -> None:
+        inst.add_func(function, lambda _store: wc.ResourceHost.own(rep, OUTPUT_STREAM))
 
-    def _streams(self, inst: wc.LinkerInstance) -> None:
+    def _streams(self, inst: Instance) -> None:
         """Output streams are stdout and stderr, whose bytes become log records (``Host.output``); every
         write succeeds at once, so nothing ever waits. Input streams and polling trap."""
         inst.add_resource("output-stream", wc.ResourceType.host(OUTPUT_STREAM), lambda _store, _rep: None)
@@ -111,7 +110,7 @@ class Wasi:
             return OK
 
         for method in ("write", "blocking-write-and-flush"):
-            add_host_func(inst, f"[method]output-stream.{method}", write)
+            inst.add_func(f"[method]output-stream.{method}", write)
         def flush(store: Any, stream: Any) -> wc.Variant:
             _rep(store, stream)
             return OK
@@ -121,16 +120,16 @@ class Wasi:
             return WRITE_BUDGET
 
         for method in ("flush", "blocking-flush"):
-            add_host_func(inst, f"[method]output-stream.{method}", flush)
-        add_host_func(inst, "[method]output-stream.check-write", check_write)
+            inst.add_func(f"[method]output-stream.{method}", flush)
+        inst.add_func("[method]output-stream.check-write", check_write)
 
     @staticmethod
-    def _environment(inst: wc.LinkerInstance) -> None:
-        add_host_func(inst, "get-environment", lambda _store: [])
-        add_host_func(inst, "get-arguments", lambda _store: [])
-        add_host_func(inst, "initial-cwd", lambda _store: None)
+    def _environment(inst: Instance) -> None:
+        inst.add_func("get-environment", lambda _store: [])
+        inst.add_func("get-arguments", lambda _store: [])
+        inst.add_func("initial-cwd", lambda _store: None)
 
-    def _random(self, inst: wc.LinkerInstance, interface: str, bytes_fn: str, u64_fn: str) -> None:
+    def _random(self, inst: Instance, interface: str, bytes_fn: str, u64_fn: str) -> None:
         def random_bytes(_store: Any, length: int) -> bytes:
             if length > self._limits.max_random_bytes:
                 raise HostLimit(f"{bytes_fn}({length}) exceeds max_random_bytes {self._limits.max_random_bytes}")
@@ -139,17 +138,17 @@ class Wasi:
         def random_u64(_store: Any) -> int:
             return int.from_bytes(self._value(interface, u64_fn, b"", lambda: os.urandom(8)), "big")
 
-        add_host_func(inst, bytes_fn, random_bytes)
-        add_host_func(inst, u64_fn, random_u64)
+        inst.add_func(bytes_fn, random_bytes)
+        inst.add_func(u64_fn, random_u64)
 
-    def _seed(self, inst: wc.LinkerInstance, interface: str) -> None:
+    def _seed(self, inst: Instance, interface: str) -> None:
         def insecure_seed(_store: Any) -> tuple[int, int]:
             data = self._value(interface, "insecure-seed", b"", lambda: os.urandom(16))
             return int.from_bytes(data[:8], "big"), int.from_bytes(data[8:], "big")
 
-        add_host_func(inst, "insecure-seed", insecure_seed)
+        inst.add_func("insecure-seed", insecure_seed)
 
-    def _wall_clock(self, inst: wc.LinkerInstance, interface: str) -> None:
+    def _wall_clock(self, inst: Instance, interface: str) -> None:
         def now(_store: Any) -> SimpleNamespace:
             def make() -> bytes:
                 seconds, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
@@ -158,5 +157,5 @@ class Wasi:
             data = self._value(interface, "now", b"", make)
             return SimpleNamespace(seconds=int.from_bytes(data[:8], "big"), nanoseconds=int.from_bytes(data[8:], "big"))
 
-        add_host_func(inst, "now", now)
-        add_host_func(inst, "resolution", lambda _store: SimpleNamespace(seconds=0, nanoseconds=CLOCK_RESOLUTION_NS))
+        inst.add_func("now", now)
+        inst.add_func("resolution", lambda _store: SimpleNamespace(seconds=0, nanoseconds=CLOCK_RESOLUTION_NS))
