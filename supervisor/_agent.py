@@ -23,6 +23,7 @@ from ._config import AgentConfig, RestartSpec, TreeConfig
 from ._errors import NotFound
 from ._spawner import WorkerProcess
 from ._supervision import Leaf, NodeKind, Status, Sup
+from ._timers import Timer
 
 if TYPE_CHECKING:
     from ._ledger import Checked
@@ -73,6 +74,8 @@ class Pending:
     timer_id: int | None = None  # the agent's timer this message is; consumed when its result commits
     served: list[Served] = field(default_factory=list)  # host calls answered so far, in order
     effects: Effects = field(default_factory=Effects)
+    deadline: float | None = None  # once the worker runs it: when its answer is overdue (monotonic)
+    timeout: Timer | None = None  # its caller's timeout, cancelled once it is answered
 
 
 class _Member:

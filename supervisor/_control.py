@@ -253,7 +253,7 @@ class Control:
         pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.HANDLE, data))
         if call is not None:
             pending.reply_to, timeout_ms = call
-            self.timers.after(timeout_ms / 1000, lambda: self.answer_error(
+            pending.timeout = self.timers.after(timeout_ms / 1000, lambda: self.answer_error(
                 pending, "timeout", f"no reply from {agent.name} within {timeout_ms} ms"))
         agent.mailbox.append(pending)
         queued = agent.queued
@@ -349,7 +349,7 @@ class Control:
         """A call's committed result, to its caller."""
         if pending.answered or (pending.reply_to is None and pending.on_answer is None):
             return
-        pending.answered = True
+        _answered(pending)
         if pending.on_answer is not None:
             pending.on_answer(checked, "", "")
             return
@@ -364,7 +364,7 @@ class Control:
     def answer_error(self, pending: Pending, code: str, message: str) -> None:
         if pending.answered or (pending.reply_to is None and pending.on_answer is None):
             return
-        pending.answered = True
+        _answered(pending)
         if pending.on_answer is not None:
             pending.on_answer(None, code, message)
             return
@@ -401,3 +401,11 @@ class Control:
         self.socket.close(0)
         if self.remote is not None:
             self.remote.close()
+
+
+def _answered(pending: Pending) -> None:
+    """Answered once: its timeout, if it has one, is cancelled, and lets go of it at once."""
+    pending.answered = True
+    if pending.timeout is not None:
+        pending.timeout.cancel()
+        pending.timeout = None

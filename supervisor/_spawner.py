@@ -80,6 +80,8 @@ class WorkerProcess:
     fault: str | None = None
     exited: bool = field(default=False)
     dispatched: bool = False  # it has been sent a call (its first waits on its load too)
+    watch: object | None = None  # the watchdog timer armed for it (Workers._watch_head), if any
+    watch_at: float = 0.0  # when that timer fires
     done: bool = False  # its last result ends it (a crash, a finish): it runs none of the calls sent after
     cpu_ns: int = 0  # once reaped: user + system CPU time
     peak_rss: int = 0  # once reaped: its largest resident set, bytes

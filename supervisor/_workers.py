@@ -376,7 +376,9 @@ class Workers:
 
     def _watch_head(self, agent: Agent, worker: WorkerProcess) -> None:
         """The worker starts the oldest call sent (its previous result just came): kill it if that call is
-        not answered within its wall time and a grace."""
+        not answered within its wall time and a grace. One timer per worker, not one per call: when it
+        fires it kills the worker if the call it runs now is overdue, and otherwise is set again for that
+        call's deadline (thousands of calls a second made as many timers, each a turn of the loop)."""
         pending = agent.in_flight
         if pending is None:
             return
@@ -384,12 +386,29 @@ class Workers:
         if not worker.dispatched:  # its first call waits on its load: a component compiled in the worker
             worker.dispatched = True  # (a helper, or no artifact) takes seconds
             grace += LOAD_GRACE_S
-        self.timers.after(grace, lambda: self._watchdog(agent, worker, pending))
+        pending.deadline = time.monotonic() + grace
+        if worker.watch is None or pending.deadline < worker.watch_at:  # none armed, or one too late for it
+            self._arm_watchdog(agent, worker, pending.deadline)
 
-    def _watchdog(self, agent: Agent, worker: WorkerProcess, pending: Pending) -> None:
-        if agent.worker is worker and agent.in_flight is pending and not worker.exited:
+    def _arm_watchdog(self, agent: Agent, worker: WorkerProcess, when: float) -> None:
+        token = worker.watch = object()
+        worker.watch_at = when
+        self.timers.at(when, lambda: self._watchdog(agent, worker, token))
+
+    def _watchdog(self, agent: Agent, worker: WorkerProcess, token: object) -> None:
+        if worker.watch is not token:  # superseded by a timer set for an earlier deadline
+            return
+        worker.watch = None
+        if agent.worker is not worker or worker.exited:
+            return
+        pending = agent.in_flight
+        if pending is None or pending.deadline is None:  # nothing running: the next call sent sets it again
+            return
+        if pending.deadline <= time.monotonic():
             self.log(f"{agent.name}: worker {worker.pid} did not answer within its deadline plus grace; killing it")
             worker.kill("unresponsive")
+        else:
+            self._arm_watchdog(agent, worker, pending.deadline)
 
     def send(self, agent: Agent, frames: list[bytes]) -> None:
         assert agent.worker is not None and agent.worker.identity is not None

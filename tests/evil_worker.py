@@ -23,12 +23,15 @@ HOST_REQUEST on its socket and then waits for the reply, as the real worker's
     grab-unknown    a well-formed request for interface ``kv``, which no handler serves (op ``get``)
     grab-none       a body ``{"op": "children"}`` with no ``interface`` key at all
     grab-malformed  a ``supervision`` request whose id frame is 3 bytes instead of 8
+
+or so that it never answers its second handle call (``hang``: it sleeps instead of running it).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 import zmq
@@ -40,7 +43,7 @@ from theater.records import Kind, Record, sign_record
 PADDING_LOGS = 90
 MODES = (
     "forge", "tamper", "replay", "reorder", "state", "garbage", "twice",
-    "grab-unheld", "grab-unknown", "grab-none", "grab-malformed",
+    "grab-unheld", "grab-unknown", "grab-none", "grab-malformed", "hang",
 )
 MALFORMED_ID_BYTES = 3
 
@@ -160,7 +163,7 @@ def _grab(link: Any, mode: str) -> None:
 
 def main() -> int:
     mode = sys.argv.pop(1) if len(sys.argv) > 1 else ""
-    if mode not in EVIL and mode not in GRABS:
+    if mode not in MODES:
         print(f"usage: evil_worker.py {{{','.join(MODES)}}} --bootstrap-fd N", file=sys.stderr)
         return 2
     if mode == "twice":
@@ -172,6 +175,9 @@ def main() -> int:
     handled: list[list[bytes]] = []  # records of each handle call in this process
 
     def run(self: _loop.Agent, call: wire.Call) -> Any:
+        if mode == "hang" and call.kind is wire.CallKind.HANDLE and len(handled) == 1:
+            print(f"evil worker: hang on call {call.call_id}", file=sys.stderr, flush=True)
+            time.sleep(3600)
         if mode in GRABS and call.kind is wire.CallKind.HANDLE and len(handled) == 1:
             print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)
             _grab(self.host._ask.__self__, mode)  # type: ignore[attr-defined]  # the worker's SupervisorLink

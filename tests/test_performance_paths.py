@@ -681,3 +681,44 @@ def test_host_functions_read_their_types_once_and_refuse_a_call_of_another_type(
         handle(mistyped, "0")
     assert logged == [("info", "tick")] * 3
     assert "argument 0 of a host function is of another type than on its first call" in str(trapped.value)
+
+
+# --- the supervisor's timers ------------------------------------------------------------------------
+
+
+def test_timers_drain_cheap_due_timers_together_and_let_go_of_cancelled_ones() -> None:
+    """A turn runs due timers for its budget, at least one: with none (a crash storm's exits, each a
+    durable commit) one a turn; with room, every one due, so a steady load's thousands of expired call
+    timeouts do not pile up. A cancelled timer never runs and lets go of what it would have run at once
+    (an answered call's timeout held the whole call until it fell due)."""
+    import gc
+    import weakref
+
+    from supervisor._timers import Timers
+
+    timers, ran = Timers(), []
+    past = time.monotonic() - 1
+    for i in range(1000):
+        timers.at(past, lambda i=i: ran.append(i))
+    timers.after(3600, lambda: ran.append(-1))
+    timers.run_due(budget_s=0.0)
+    assert ran == [0]
+    timers.run_due(budget_s=0.0)
+    assert ran == [0, 1]
+    timers.run_due(budget_s=3600.0)
+    assert ran == list(range(1000))  # every due one, in order, and not the one an hour away
+
+    class Call:
+        pass
+
+    call = Call()
+    held = weakref.ref(call)
+    timer = timers.at(past, lambda call=call: ran.append(id(call)))
+    del call
+    gc.collect()
+    assert held() is not None
+    timer.cancel()
+    gc.collect()
+    assert held() is None
+    timers.run_due(budget_s=3600.0)
+    assert ran == list(range(1000))

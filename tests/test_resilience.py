@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +374,28 @@ def test_result_sent_twice_leaves_a_consistent_resumable_store(theater: Theater)
     theater.start()  # a plain supervisor must be able to resume this home
     with theater.client() as c:
         assert ps(c, "ctr")["status"] == "failed"
+    assert_verified(theater)
+
+
+def test_a_worker_that_never_answers_is_killed_at_its_calls_deadline_plus_grace(theater: Theater) -> None:
+    """The supervisor's own watchdog, for a worker that stops answering (the worker's deadline only stops
+    wasm): one timer per worker, set for the call it runs now. The first call's deadline has a long load
+    grace; a later call's is earlier, and is the one kept."""
+    theater.stop()
+    theater.start(extra=[sys.executable, str(RUN_SUPERVISOR), str(theater.home.root), "hang"])
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat", limits={"wall_time_ms": 200}))
+        assert c.call("ctr", b"first") == b"1"
+        began = time.monotonic()
+        with pytest.raises(ClientError) as exc:
+            c.call("ctr", b"second", timeout=60)
+        assert exc.value.code == "worker-died"
+        assert time.monotonic() - began < 30  # 0.2 s and the 5 s grace, not the first call's 120 s
+        wait_until(lambda: "did not answer within its deadline plus grace; killing it" in supervisor_log(theater),
+                   10, "the watchdog's log line")
+        wait_until(lambda: of(records(theater, "ctr"), Kind.EXIT), 10, "the exit record")
+    [exit_record] = of(records(theater, "ctr"), Kind.EXIT)
+    assert exit_record.fields()["reason"] == "unresponsive"
     assert_verified(theater)
 
 
