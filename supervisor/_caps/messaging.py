@@ -88,7 +88,7 @@ class Messaging:
         pending.on_answer = lambda checked, code, detail: self._answer(call, target, message_id, checked, code, detail)
         sender.waiting_on = target
         target.mailbox.append(pending)
-        self.timers.after(timeout_ms / 1000, lambda: self._timeout(call, pending, target, timeout_ms))
+        pending.timeout = self.timers.after(timeout_ms / 1000, lambda: self._timeout(call, pending, target, timeout_ms))
         self.workers.dispatch(target)
         return None
 
