@@ -76,6 +76,7 @@ class Pending:
     effects: Effects = field(default_factory=Effects)
     deadline: float | None = None  # once the worker runs it: when its answer is overdue (monotonic)
     timeout: Timer | None = None  # its caller's timeout, cancelled once it is answered
+    asked: bool = False  # its worker sent a host request for it: it started
 
 
 class _Member:

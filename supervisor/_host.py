@@ -84,6 +84,7 @@ class HostRequests:
             self.workers.violation(agent, f"host request outside a call, or for {capability[:64]!r}, which the agent "
                                           "does not hold or the supervisor does not serve")
             return
+        pending.asked = True
         op = request.body.get("op")
         if not isinstance(op, str) or len(op) > MAX_OP_CHARS:
             self.workers.violation(agent, "host request without an operation name", frames[1][:256])

@@ -81,6 +81,7 @@ class WorkerProcess:
     exited: bool = field(default=False)
     dispatched: bool = False  # it has been sent a call (its first waits on its load too)
     watch: object | None = None  # the watchdog timer armed for it (Workers._watch_head), if any
+    stop_sent: bool = False  # it was sent STOP: a clean exit then means it started no call after
     watch_at: float = 0.0  # when that timer fires
     done: bool = False  # its last result ends it (a crash, a finish): it runs none of the calls sent after
     cpu_ns: int = 0  # once reaped: user + system CPU time

@@ -522,6 +522,7 @@ class Workers:
         if worker.identity is None or kill_after_ms == 0:
             worker.kill(reason)
             return
+        worker.stop_sent = True
         self.send(agent, [wire.header(wire.SupervisorType.STOP)])
         if kill_after_ms is None:
             return
@@ -569,7 +570,10 @@ class Workers:
         detail = worker.fault or (f"{why} ({how})" if why else how)
         agent.last_exit = exit_text(reason, detail)
         self.log(f"{agent.name}: worker {worker.pid} {how} ({reason})")
-        if agent.sent and not worker.done:  # the call it was running
+        # The call it was running. A worker that obeyed a STOP (status 0) ended between calls, or while it
+        # waited for a host reply: if it asked nothing for the oldest call sent, it never started that one.
+        started = not (code == 0 and worker.stop_sent and agent.sent and not agent.sent[0].asked)
+        if agent.sent and not worker.done and started:
             running = agent.sent.popleft()
             self.effects.dropped(running)
             self.control.answer_error(running, "worker-died", f"the agent's worker ended during the call "

@@ -599,6 +599,67 @@ def _check_sibling_kept_serving(caller: _Caller, since: int, until: int) -> None
     assert caller.slowest < 2.0, caller.slowest
 
 
+def _busy_echo(t: Theater) -> Path:
+    """echo.wat whose handle first counts down a million per byte of its message: a call as long as asked."""
+    spin = """(local $n i64)
+      (local.set $n (i64.mul (i64.extend_i32_u (local.get $ml)) (i64.const 1000000)))
+      (block $done (loop $spin
+        (br_if $done (i64.eqz (local.get $n)))
+        (local.set $n (i64.sub (local.get $n) (i64.const 1)))
+        (br $spin)))
+      (i32.store8 (i32.const 16) (i32.const 0))
+      (i32.store (i32.const 20) (local.get $sp))"""
+    source = (COMPONENTS / "echo.wat").read_text()
+    head = """(func (export "handle") (param $sp i32) (param $sl i32) (param $mp i32) (param $ml i32)
+          (result i32)
+      (i32.store8 (i32.const 16) (i32.const 0))
+      (i32.store (i32.const 20) (local.get $sp))"""
+    assert source.count(head) == 1
+    path = t.dir / "busy_echo.wat"
+    path.write_text(source.replace(head, head.split("(i32.store8")[0] + spin))
+    return path
+
+
+def test_calls_sent_ahead_of_a_stop_are_answered_agent_stopped_not_worker_died(theater: Theater) -> None:
+    """A worker obeys a STOP before the calls it was sent ahead (wire-protocol.md section 4.6). Those calls
+    never started: their callers are told the agent stopped (``agent-stopped``), as for queued ones, and
+    ``worker-died`` (the worker ended during the call) is not what happened. The first call runs long, so
+    the three behind it and the STOP reach the worker while it runs; one socket keeps the order."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("busy", str(_busy_echo(theater))))
+        assert c.call("busy", b"warm") == b"warm"
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(theater.home.control_endpoint)
+        token = theater.home.token.read_text().strip()
+        messages = [b"x" * 40, b"a", b"b", b"c"]
+        try:
+            for rid, message in enumerate(messages, 1):
+                body = {"op": "call", "id": rid, "token": token, "agent": "busy", "timeout_ms": 30_000}
+                sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body), message])
+            sock.send_multipart([wire.header(wire.ClientType.REQUEST),
+                                 wire.encode_json({"op": "stop", "id": 5, "token": token, "agent": "busy"})])
+            outcomes: dict[int, tuple[bool, Any]] = {}
+            while len(outcomes) < 5:
+                assert sock.poll(30_000), f"answers so far: {outcomes}"
+                frames = sock.recv_multipart()
+                reply = wire.decode_reply(frames[1])
+                outcomes[reply["id"]] = (reply["ok"], frames[2] if reply["ok"] and len(frames) > 2
+                                         else reply.get("error", {}).get("code"))
+        finally:
+            sock.close(0)
+        assert outcomes[5][0], outcomes
+        calls = [outcomes[rid] for rid in range(1, 5)]
+        ran = [ok for ok, _ in calls]
+        assert ran == sorted(ran, reverse=True), calls  # the ones that ran came first
+        for (ok, what), message in zip(calls, messages, strict=True):
+            assert what == message if ok else what == "agent-stopped", calls
+        assert not all(ran), calls  # the STOP came before the calls behind the long one
+        assert ps(c, "busy")["status"] == "stopped"
+    assert [e.fields()["reason"] for e in of(records(theater, "busy"), Kind.EXIT)] == ["stopped"]
+    assert_verified(theater)
+
+
 def test_handle_crash_loop_gives_up_without_starving_a_sibling(theater: Theater) -> None:
     """A child fed one crashing message after another crashes on each new worker until its supervisor gives up;
     meanwhile its sibling answers every call promptly and ps answers."""
