@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import zmq
 from conftest import (
@@ -463,9 +464,13 @@ def test_nested_supervisors_escalate_level_by_level(theater: Theater) -> None:
 
 
 def _busy(c: Client, name: str) -> None:
-    """Send a message the spin agent will loop on, and wait until it is in flight (out of the mailbox)."""
+    """Send a message the spin agent will loop on, and wait until its worker runs it: out of the mailbox
+    is not enough (a STOP that reaches the worker before it starts the call is obeyed first), so until the
+    worker has spent 50 ms of CPU on it, which an idle worker does not."""
+    worker = psutil.Process(ps(c, name)["pid"])
+    before = sum(worker.cpu_times()[:2])
     assert c.send(name, b"go") == {"queued": 1}
-    wait_until(lambda: ps(c, name)["mailbox"] == 0, 10, f"{name}'s message to be in flight")
+    wait_until(lambda: sum(worker.cpu_times()[:2]) - before >= 0.05, 20, f"{name}'s worker to run its message")
 
 
 SPIN_LIMITS = {"wall_time_ms": 30000, "fuel_per_call": 10**12}
