@@ -58,6 +58,7 @@ from theater.spec import Limits, LoadProfile
 
 from ._artifacts import ArtifactCache
 from ._errors import ZygoteGone
+from ._timers import Timer
 
 __all__ = ["WORKER_COMMAND", "ZYGOTE_COMMAND", "Spawner", "WorkerProcess", "exit_reason", "spawn_worker"]
 
@@ -80,9 +81,9 @@ class WorkerProcess:
     fault: str | None = None
     exited: bool = field(default=False)
     dispatched: bool = False  # it has been sent a call (its first waits on its load too)
-    watch: object | None = None  # the watchdog timer armed for it (Workers._watch_head), if any
+    watch: Timer | None = None  # its watchdog (Workers._watch_head), if one is set
+    watch_at: float = 0.0  # when that watchdog fires
     stop_sent: bool = False  # it was sent STOP: a clean exit then means it started no call after
-    watch_at: float = 0.0  # when that timer fires
     done: bool = False  # its last result ends it (a crash, a finish): it runs none of the calls sent after
     cpu_ns: int = 0  # once reaped: user + system CPU time
     peak_rss: int = 0  # once reaped: its largest resident set, bytes

@@ -60,6 +60,7 @@ RESULT_HEADER = wire.header(wire.WorkerType.RESULT)
 
 FDS_PER_AGENT = 2  # the supervisor's descriptors for one running agent: its worker's connection, its pidfd
 
+
 class Workers:
     def __init__(self, home: Home, ctx: zmq.Context[zmq.Socket[bytes]], spawner: Spawner, agents: Agents,
                  records: RecordPath, timers: Timers, poller: zmq.Poller, log: Callable[..., None]) -> None:
@@ -391,13 +392,12 @@ class Workers:
             self._arm_watchdog(agent, worker, pending.deadline)
 
     def _arm_watchdog(self, agent: Agent, worker: WorkerProcess, when: float) -> None:
-        token = worker.watch = object()
+        if worker.watch is not None:  # one set for a later deadline
+            worker.watch.cancel()
+        worker.watch = self.timers.at(when, lambda: self._watchdog(agent, worker))
         worker.watch_at = when
-        self.timers.at(when, lambda: self._watchdog(agent, worker, token))
 
-    def _watchdog(self, agent: Agent, worker: WorkerProcess, token: object) -> None:
-        if worker.watch is not token:  # superseded by a timer set for an earlier deadline
-            return
+    def _watchdog(self, agent: Agent, worker: WorkerProcess) -> None:
         worker.watch = None
         if agent.worker is not worker or worker.exited:
             return

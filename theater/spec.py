@@ -146,10 +146,6 @@ class LoadProfile:
     hardening: Hardening = DEFAULT_HARDENING
     helpers: tuple[tuple[str, str], ...] = ()
 
-    def field_values(self) -> dict[str, Any]:
-        """The profile's fields by name, as an :class:`AgentSpec` takes them."""
-        return field_values(self)
-
     def to_json(self) -> dict[str, Any]:
         return {
             "component_path": self.component_path, "component_sha256": self.component_sha256,
@@ -201,7 +197,7 @@ class AgentSpec:
            state_hash: str) -> AgentSpec:
         """The spec of one agent that loads ``profile``."""
         return cls(agent_id=agent_id, name=name, head_seq=head_seq, head_hash=head_hash, state_hash=state_hash,
-                   **profile.field_values())
+                   **field_values(profile))
 
     @property
     def profile(self) -> LoadProfile:
