@@ -248,6 +248,35 @@ def test_strict_key_rule_matches_between_code_and_docs() -> None:
         assert key_weakness(raw) is None and strict(raw)
 
 
+def test_a_key_of_mixed_order_is_judged_by_the_rule_not_by_libsodiums_stricter_check() -> None:
+    """libsodium's point check, the fast path of key_weakness, also refuses a point outside the prime-order
+    subgroup. The rule refuses only small order, so a real key plus a torsion point (order 8L) is accepted,
+    by the code as by the documented verifier: the fast path does not change which keys are taken."""
+    import nacl.bindings
+
+    from theater import ed25519
+
+    p = ed25519._P
+
+    def point(raw: bytes) -> tuple[int, int]:
+        encoded = int.from_bytes(raw, "little")
+        y = encoded & ((1 << 255) - 1)
+        x = ed25519._recover_x(y, encoded >> 255)
+        assert x is not None
+        return x, y
+
+    def add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+        (x1, y1), (x2, y2) = a, b
+        t = ed25519._D * x1 * x2 * y1 * y2 % p
+        return ((x1 * y2 + y1 * x2) * pow(1 + t, -1, p) % p, (y1 * y2 + x1 * x2) * pow(1 - t, -1, p) % p)
+
+    order_eight = point(bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"))
+    x, y = add(point(Ed25519PrivateKey.generate().public_key().public_bytes_raw()), order_eight)
+    raw = (y | (x & 1) << 255).to_bytes(32, "little")
+    assert not nacl.bindings.crypto_core_ed25519_is_valid_point(raw)
+    assert key_weakness(raw) is None and _documented_verifier()["strict_key"](raw)
+
+
 def test_openssl_ed25519_behaviour_is_what_the_docs_say() -> None:
     """docs/event-records.md 2.1: OpenSSL refuses S >= L but takes a small-order key, under which
     (R = identity, S = 0) verifies anything; so the strict key rule is ours to enforce, in the hello too."""
