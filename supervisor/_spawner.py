@@ -40,6 +40,7 @@ from typing import Protocol
 from theater.errors import ProtocolError
 from theater.forkserver import (
     MAX_MESSAGE,
+    TAKEN,
     ArtifactOffer,
     Boot,
     Compiled,
@@ -51,16 +52,18 @@ from theater.forkserver import (
     Spawn,
     Spawned,
     SpawnRefused,
+    Took,
     decode_from_fork_server,
 )
 from theater.home import Home
 from theater.spec import Limits, LoadProfile
+from theater.wire import Hello
 
 from ._artifacts import ArtifactCache
 from ._errors import ZygoteGone
 from ._timers import Timer
 
-__all__ = ["WORKER_COMMAND", "ZYGOTE_COMMAND", "Spawner", "WorkerProcess", "exit_reason", "spawn_worker"]
+__all__ = ["WORKER_COMMAND", "ZYGOTE_COMMAND", "LoadedSpare", "Spawner", "WorkerProcess", "exit_reason", "spawn_worker"]
 
 WORKER_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONSAFEPATH": "1"}
 ZYGOTE_READY_TIMEOUT_S = 30.0
@@ -87,6 +90,7 @@ class WorkerProcess:
     done: bool = False  # its last result ends it (a crash, a finish): it runs none of the calls sent after
     cpu_ns: int = 0  # once reaped: user + system CPU time
     peak_rss: int = 0  # once reaped: its largest resident set, bytes
+    hello: Hello | None = None  # a loaded spare's hello, checked before a spawn took it (``Spawner.spawn_nowait``)
 
     @property
     def pending(self) -> bool:
@@ -119,6 +123,20 @@ class WorkerProcess:
             return code
         finally:
             os.close(self.pidfd)
+
+
+@dataclass(eq=False)
+class LoadedSpare:
+    """A worker the fork-server loaded for ``profile`` ahead of any agent (``SpareBorn`` with a token): our
+    child, whose line we hold. Its hello comes when it is ready, often before a spawn takes it."""
+
+    pid: int
+    pidfd: int
+    token: bytes
+    profile: LoadProfile
+    line: socket.socket
+    identity: bytes | None = None  # once its hello has been checked
+    hello: Hello | None = None
 
 
 class AgentLike(Protocol):
@@ -210,16 +228,17 @@ class Zygote:
         # Spare workers the fork-server announced and has not handed out: our children (CLONE_PARENT),
         # so ours to end and reap if they end unused.
         self.spares: dict[int, int] = {}  # pid -> pidfd
+        self.loaded: dict[LoadProfile, LoadedSpare] = {}  # the loaded spares among them, by profile
         self._answered: list[Spawned | SpawnRefused] = []  # answers read while waiting for something else
 
     def wait_ready(self, timeout: float) -> bool:
         """True once the fork-server has said it is ready (waits at most ``timeout``)."""
         deadline = time.monotonic() + timeout
         while not self.ready:
-            message = self._recv(max(0.0, deadline - time.monotonic()))
-            if message is None:
+            got = self._recv(max(0.0, deadline - time.monotonic()))
+            if got is None:
                 return False
-            self._handle_unsolicited(message)
+            self._take_message(*got)
         return True
 
     def request(self, workdir: str, artifact: ArtifactOffer | None, compile_request: CompileRequest | None,
@@ -237,20 +256,71 @@ class Zygote:
         """The answers to spawn requests that have come (waiting up to ``timeout`` for the first); notes are
         taken on the way."""
         found, self._answered = self._answered, []
-        while (message := self._recv(0.0 if found else timeout)) is not None:
-            if isinstance(message, Spawned | SpawnRefused):
-                found.append(message)
-            else:
-                self._handle_unsolicited(message)
+        while (got := self._recv(0.0 if found else timeout)) is not None:
+            self._take_message(*got)
+            found += self._answered
+            self._answered = []
             timeout = 0.0
         return found
 
     def drain(self) -> None:
         """Take the notes (compile reports) that arrived since the last request, without waiting."""
-        while (message := self._recv(0.0)) is not None:
-            self._handle_unsolicited(message)
+        while (got := self._recv(0.0)) is not None:
+            self._take_message(*got)
 
-    def _handle_unsolicited(self, message: FromForkServer) -> None:
+    def took(self, spare: LoadedSpare) -> None:
+        """Tell the fork-server that ``spare`` has its agent (a spawn of its profile: it makes the next)."""
+        try:
+            self.sock.send(Took(spare.pid).encode())
+        except OSError as exc:
+            raise ZygoteGone(f"cannot send to it: {exc}") from exc
+
+    def spare_with_token(self, token: bytes) -> LoadedSpare | None:
+        """The loaded spare whose hello carries ``token``, if it is one not yet taken. Its token reaches it
+        only after the fork-server announced it, so the announcement is read here if it was not yet."""
+        spare = next((s for s in self.loaded.values() if s.token == token), None)
+        if spare is None:
+            self.drain()
+            spare = next((s for s in self.loaded.values() if s.token == token), None)
+        return spare
+
+    def take_loaded(self, profile: LoadProfile) -> LoadedSpare | None:
+        """The loaded spare for ``profile``, no longer a spare: the caller gives it its agent or ends it."""
+        spare = self.loaded.pop(profile, None)
+        if spare is not None:
+            del self.spares[spare.pid]
+        return spare
+
+    def end_spare(self, pid: int) -> None:
+        """Kill and reap the spare ``pid`` (unused, or not to be used); nothing if it is not one."""
+        pidfd = self.spares.pop(pid, None)
+        loaded = next((s for s in self.loaded.values() if s.pid == pid), None)
+        if loaded is not None:
+            del self.loaded[loaded.profile]
+            loaded.line.close()
+        if pidfd is not None:
+            _end(pidfd)
+
+    def _take_message(self, message: FromForkServer, fds: list[int]) -> None:
+        if isinstance(message, SpareBorn) and message.token is not None and message.profile is not None:
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise ZygoteGone("it announced a loaded spare without its line")
+            line = socket.socket(fileno=fds[0])
+            try:
+                pidfd = os.pidfd_open(message.pid)
+            except OSError:  # already reaped elsewhere: nothing to track
+                line.close()
+                return
+            old = self.loaded.get(message.profile)
+            if old is not None:  # the fork-server keeps one per profile: an older one is not its any more
+                self.end_spare(old.pid)
+            self.spares[message.pid] = pidfd
+            self.loaded[message.profile] = LoadedSpare(message.pid, pidfd, message.token, message.profile, line)
+            return
+        for fd in fds:  # no other message comes with a descriptor
+            os.close(fd)
         match message:
             case Ready(threads=threads, clone_parent=clone_parent):
                 if threads != 1 or not clone_parent:
@@ -261,8 +331,8 @@ class Zygote:
             case SpareBorn(pid=pid):
                 with contextlib.suppress(OSError):  # already reaped elsewhere: nothing to track
                     self.spares[pid] = os.pidfd_open(pid)
-            case SpareEnded(pid=pid) if pid in self.spares:
-                _end(self.spares.pop(pid))
+            case SpareEnded(pid=pid):
+                self.end_spare(pid)
             case Spawned() | SpawnRefused():  # read on the way to something else: kept for ``answers``
                 self._answered.append(message)
             case _:
@@ -272,20 +342,23 @@ class Zygote:
         """The pidfd of the spare worker ``pid`` if a spawn just handed it out, else None."""
         return self.spares.pop(pid, None)
 
-    def _recv(self, timeout: float) -> FromForkServer | None:
-        """One message, or None if none came in ``timeout``; ZygoteGone if the fork-server is gone."""
+    def _recv(self, timeout: float) -> tuple[FromForkServer, list[int]] | None:
+        """One message and its descriptors (a loaded spare's line comes with its announcement), or None if
+        none came in ``timeout``; ZygoteGone if the fork-server is gone."""
         ready, _, _ = select.select([self.sock], [], [], timeout)
         if not ready:
             return None
         try:
-            data = self.sock.recv(MAX_MESSAGE)
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
         except OSError as exc:
             raise ZygoteGone(f"its socket failed: {exc}") from exc
         if not data:
             raise ZygoteGone("it closed its socket")
         try:
-            return decode_from_fork_server(data)
+            return decode_from_fork_server(data), fds
         except ProtocolError as exc:
+            for fd in fds:
+                os.close(fd)
             raise ZygoteGone(f"it sent a malformed message: {exc}") from exc
 
     def close(self) -> str:
@@ -298,6 +371,9 @@ class Zygote:
         except subprocess.TimeoutExpired:
             return "did not end"
         finally:
+            for spare in self.loaded.values():
+                spare.line.close()
+            self.loaded.clear()
             for pidfd in self.spares.values():
                 _end(pidfd)
             self.spares.clear()
@@ -408,7 +484,12 @@ class Spawner:
         if zygote is None or agent is None:
             return spawn_worker(endpoint, incarnation, log_path, workdir, self._command)
         key = self.cache.key(agent.component_sha256, agent.limits)
-        artifact = self.cache.lookup(key)
+        artifact = self.cache.lookup(key)  # an altered artifact is noticed at the next spawn, loaded spare or not
+        spare = zygote.take_loaded(agent.load_profile) if artifact is not None else None
+        if spare is not None:
+            given = self._give(zygote, spare, incarnation, log_path)
+            if given is not None:
+                return given
         compile_request = None
         if artifact is None:
             compile_request = self.cache.compile_request(
@@ -435,6 +516,46 @@ class Spawner:
             os.close(read_end)
         self._pending[request] = _Asked(worker, endpoint, log_path, workdir, time.monotonic() + ZYGOTE_REPLY_TIMEOUT_S)
         return worker
+
+    def _give(self, zygote: Zygote, spare: LoadedSpare, incarnation: int, log_path: Path) -> WorkerProcess | None:
+        """The loaded spare as the agent's worker: its log file sent over its line, the fork-server told. It
+        says hello (or has said it: ``WorkerProcess.hello``) with its own token. None if it is gone."""
+        try:
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            spare.line.close()
+            _end(spare.pidfd)
+            raise
+        try:
+            socket.send_fds(spare.line, [TAKEN + spare.token], [log_fd])  # the token: the fork-server's may be late
+        except OSError as exc:
+            self._log(f"loaded spare worker {spare.pid} cannot be given its agent ({exc}); asking for another")
+            _end(spare.pidfd)
+            return None
+        finally:
+            os.close(log_fd)
+            spare.line.close()
+        try:
+            zygote.took(spare)
+        except ZygoteGone as exc:  # the worker is ours and has its agent; the next spawn starts a new fork-server
+            self._log(f"fork-server {zygote.pid} could not be told a spare was taken: {exc}")
+        return WorkerProcess(pid=spare.pid, pidfd=spare.pidfd, token=spare.token, incarnation=incarnation,
+                             identity=spare.identity, hello=spare.hello)
+
+    def loaded_spare(self, token: bytes) -> LoadedSpare | None:
+        """The loaded spare not yet taken whose hello carries ``token``, if there is one."""
+        zygote = self.zygote
+        if zygote is None:
+            return None
+        try:
+            return zygote.spare_with_token(token)
+        except ZygoteGone as exc:
+            self._replace_zygote(str(exc))
+            return None
+
+    def end_spare(self, pid: int) -> None:
+        if self.zygote is not None:
+            self.zygote.end_spare(pid)
 
     def fileno(self) -> int | None:
         """The fork-server's socket, for the supervisor's poller: readable when answers come."""

@@ -31,7 +31,7 @@ from ._agent import Agent, Agents, Pending
 from ._errors import StoreError, Violation
 from ._ledger import Checked, Prechecked, check_result, precheck
 from ._record_path import RecordPath, Result
-from ._spawner import ZYGOTE_REPLY_TIMEOUT_S, Spawner, WorkerProcess, exit_reason
+from ._spawner import ZYGOTE_REPLY_TIMEOUT_S, LoadedSpare, Spawner, WorkerProcess, exit_reason
 from ._supervision import PERMANENT_FAILURES, Status
 from ._timers import Timers
 
@@ -144,6 +144,15 @@ class Workers:
             self.preparing.add(agent)
         else:
             agent.worker = worker
+        if worker.hello is not None:  # a loaded spare whose hello was checked before it was taken
+            hello, worker.hello = worker.hello, None
+            self._watch(agent, worker)
+            self._sync_zygote_fd()
+            if ahead:
+                agent.parked = hello
+            else:
+                self._bind(agent, worker, hello)
+            return
         self.by_token[worker.token] = agent
         if worker.pending:  # the fork-server answers in a later turn; its deadline is watched meanwhile
             self.timers.after(ZYGOTE_REPLY_TIMEOUT_S + 0.1, self.settle_spawns)
@@ -232,7 +241,11 @@ class Workers:
         worker = next((w for w in (agent.worker, agent.prepared) if w is not None and w.token == hello.token),
                       None) if agent is not None else None
         if agent is None or worker is None:
-            self.log("dropping a hello with an unknown token")
+            spare = self.spawner.loaded_spare(hello.token)
+            if spare is None:
+                self.log("dropping a hello with an unknown token")
+            else:
+                self._spare_hello(spare, identity, hello)
             return
         try:
             verify_hello(hello.worker_key, hello.token, hello.proof)
@@ -253,6 +266,25 @@ class Workers:
             agent.parked = hello
             return
         self._bind(agent, worker, hello)
+
+    def _spare_hello(self, spare: LoadedSpare, identity: bytes, hello: wire.Hello) -> None:
+        """A loaded spare said hello before any spawn took it: checked as any worker's, and kept with it, so
+        the spawn that takes it binds it at once. Nothing is recorded until then."""
+        why = None
+        if spare.hello is not None:
+            why = "a second hello"
+        elif hello.pid != spare.pid:
+            why = f"a hello from pid {hello.pid}, expected {spare.pid}"
+        else:
+            try:
+                verify_hello(hello.worker_key, hello.token, hello.proof)
+            except RecordError:
+                why = "a hello whose proof does not verify"
+        if why is not None:
+            self.log(f"loaded spare worker {spare.pid}: {why}; ended")
+            self.spawner.end_spare(spare.pid)
+            return
+        spare.identity, spare.hello = identity, hello
 
     def _bind(self, agent: Agent, worker: WorkerProcess, hello: wire.Hello) -> None:
         """The worker's hello is checked (its identity set): record its key in the agent's chain and send it

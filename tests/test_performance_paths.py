@@ -276,12 +276,18 @@ class _Endpoint:
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.linger = 0
         self.sock.bind(home.workers_endpoint)
+        self.early: dict[bytes, wire.Hello] = {}  # hellos read before they were asked for (loaded spares')
 
-    def hello(self) -> wire.Hello:
-        assert self.sock.poll(30_000), "no hello within 30 s"
-        frames = self.sock.recv_multipart()
-        assert wire.parse_header(frames[1], wire.WorkerType) is wire.WorkerType.HELLO
-        return wire.Hello.decode(frames[2:])
+    def hello(self, token: bytes) -> wire.Hello:
+        """The hello carrying ``token``: a loaded spare says hello before a spawn takes it."""
+        deadline = time.monotonic() + 30
+        while token not in self.early:
+            assert self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))), "no hello within 30 s"
+            frames = self.sock.recv_multipart()
+            assert wire.parse_header(frames[1], wire.WorkerType) is wire.WorkerType.HELLO
+            hello = wire.Hello.decode(frames[2:])
+            self.early[hello.token] = hello
+        return self.early.pop(token)
 
 
 @pytest.fixture
@@ -317,7 +323,7 @@ def test_fork_server_compiles_once_and_workers_get_exact_exit_statuses(spawner: 
     workers, keys = [], set()
     for i in range(3):
         w = sp.spawn(home.workers_endpoint, i, home.logs / "echo.log", home.run / "w" / str(i), config)
-        hello = endpoint.hello()
+        hello = endpoint.hello(w.token)
         assert hello.pid == w.pid and w.proc is None
         keys.add(hello.worker_key)
         workers.append(w)
@@ -551,6 +557,32 @@ def test_fast_path_errors_and_limits_match_generic_path(sandboxes: dict[str, San
 
 
 
+def test_a_loaded_spare_says_hello_before_a_spawn_takes_it(spawner: Any) -> None:
+    """After a spawn, the fork-server announces a spare loaded for that profile with its token and hands
+    the supervisor its line; the spare says hello with that token while no agent exists. The next spawn of
+    the profile takes it without asking the fork-server: the same process, already known, whose output
+    goes to the new agent's log from then on."""
+    home, sp, endpoint, config, _lines = spawner
+    first = sp.spawn(home.workers_endpoint, 0, home.logs / "a.log", home.run / "w" / "a", config)
+    endpoint.hello(first.token)
+    zygote = sp.zygote
+
+    def announced() -> Any:
+        zygote.drain()
+        return zygote.loaded.get(config.load_profile)
+
+    spare = wait_until(announced, 20, "a spare loaded for the profile")
+    hello = endpoint.hello(spare.token)  # no agent has it yet
+    assert hello.pid == spare.pid and hello.worker_key != b""
+    taken = sp.spawn_nowait(home.workers_endpoint, 3, home.logs / "b.log", home.run / "w" / "b", config)
+    assert (taken.pid, taken.token, taken.incarnation, taken.pending) == (spare.pid, spare.token, 3, False)
+    assert config.load_profile not in zygote.loaded and spare.pid not in zygote.spares
+    wait_until(lambda: os.readlink(f"/proc/{taken.pid}/fd/2") == str(home.logs / "b.log"), 10, "its log handed over")
+    for w in (first, taken):
+        w.kill("test")
+        _wait_exit(w)
+
+
 def test_an_answer_read_while_asking_for_the_next_worker_is_kept(spawner: Any) -> None:
     """The loop never waits for a fork: a spawn is asked, its answer arrives, and reading the fork-server's
     notes while the next spawn is asked must keep that answer for its worker (dropping it made the
@@ -558,14 +590,14 @@ def test_an_answer_read_while_asking_for_the_next_worker_is_kept(spawner: Any) -
     home, sp, endpoint, config, lines = spawner
     first = sp.spawn_nowait(home.workers_endpoint, 0, home.logs / "a.log", home.run / "w" / "a", config)
     assert first.pending
-    hello = endpoint.hello()  # the worker runs: its answer is (almost always) waiting in the socket by now
+    hello = endpoint.hello(first.token)  # the worker runs: its answer is (almost always) waiting in the socket by now
     second = sp.spawn_nowait(home.workers_endpoint, 0, home.logs / "b.log", home.run / "w" / "b", config)
     deadline = time.monotonic() + 3  # well inside the fork-server's 5 s answer deadline
     while (first.pending or second.pending) and time.monotonic() < deadline:
         sp.settle(0.1)
     assert not first.pending and not second.pending
     assert first.proc is None and second.proc is None, lines  # both forked, neither from a fresh interpreter
-    assert (hello.pid, endpoint.hello().pid) == (first.pid, second.pid)
+    assert (hello.pid, endpoint.hello(second.token).pid) == (first.pid, second.pid)
     for w in (first, second):
         w.kill("test")
         _wait_exit(w)

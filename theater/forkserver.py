@@ -19,6 +19,8 @@ from .spec import LoadProfile, field_values
 
 __all__ = [
     "MAX_MESSAGE",
+    "TAKEN",
+    "TOKEN_BYTES",
     "ArtifactOffer",
     "Boot",
     "CompileRequest",
@@ -30,11 +32,14 @@ __all__ = [
     "Spawn",
     "SpawnRefused",
     "Spawned",
+    "Took",
     "decode_from_fork_server",
+    "decode_to_fork_server",
 ]
 
 MAX_MESSAGE = 1 << 20  # one datagram, either way, and the bootstrap
 TOKEN_BYTES = 32
+TAKEN = b"agent"  # over a loaded spare's line, before its token and with its agent's log file: a spawn took it
 
 
 def _load(data: bytes, what: str) -> dict[str, Any]:
@@ -54,6 +59,16 @@ def _get(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], what: str)
     if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
         raise ProtocolError(f"{what}: {key!r} is missing or of the wrong type")
     return value
+
+
+def _token(obj: dict[str, Any], what: str) -> bytes:
+    try:
+        token = bytes.fromhex(_get(obj, "token", str, what))
+    except ValueError as exc:
+        raise ProtocolError(f"{what}: 'token' is not hex") from exc
+    if len(token) != TOKEN_BYTES:
+        raise ProtocolError(f"{what}: 'token' is not {TOKEN_BYTES} bytes")
+    return token
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
@@ -80,12 +95,7 @@ class Boot:
         endpoint = _get(obj, "endpoint", str, "bootstrap")
         if not endpoint.startswith("ipc://"):
             raise ProtocolError("bootstrap: 'endpoint' is not an ipc:// endpoint")
-        try:
-            token = bytes.fromhex(_get(obj, "token", str, "bootstrap"))
-        except ValueError as exc:
-            raise ProtocolError("bootstrap: 'token' is not hex") from exc
-        if len(token) != TOKEN_BYTES:
-            raise ProtocolError(f"bootstrap: 'token' is not {TOKEN_BYTES} bytes")
+        token = _token(obj, "bootstrap")
         parent_pid = _get(obj, "parent_pid", int, "bootstrap")
         if parent_pid <= 0:
             raise ProtocolError("bootstrap: 'parent_pid' is not a pid")
@@ -139,6 +149,10 @@ class Spawn:
         obj = _load(data, "spawn request")
         if obj.get("op") != "spawn":
             raise ProtocolError(f"spawn request: unknown op {str(obj.get('op'))[:32]!r}")
+        return cls._from(obj)
+
+    @classmethod
+    def _from(cls, obj: dict[str, Any]) -> Spawn:
         artifact = obj.get("artifact")
         compile_ = obj.get("compile")
         if artifact is not None:
@@ -163,6 +177,28 @@ class Spawn:
             profile = LoadProfile.from_json(profile)  # the spare checks the artifact's key against it as it loads
         return cls(_get(obj, "id", int, "spawn request"), _get(obj, "workdir", str, "spawn request"), artifact,
                    compile_, profile)
+
+
+@dataclass(frozen=True, slots=True)
+class Took:
+    """The supervisor gave the loaded spare ``pid`` (announced with its line) to an agent: the fork-server
+    counts it as a spawn of that spare's profile and no longer watches it."""
+
+    pid: int
+
+    def encode(self) -> bytes:
+        return _dumps({"op": "took", "pid": self.pid})
+
+
+def decode_to_fork_server(data: bytes) -> Spawn | Took:
+    """One datagram from the supervisor, typed."""
+    obj = _load(data, "request")
+    op = obj.get("op")
+    if op == "spawn":
+        return Spawn._from(obj)
+    if op == "took":
+        return Took(_get(obj, "pid", int, "took"))
+    raise ProtocolError(f"request: unknown op {str(op)[:32]!r}")
 
 
 # --- fork-server -> supervisor -------------------------------------------------------------------
@@ -221,12 +257,21 @@ class Compiled:
 
 @dataclass(frozen=True, slots=True)
 class SpareBorn:
-    """A spare worker was forked (the supervisor is its parent: it ends and reaps it if unused)."""
+    """A spare worker was forked (the supervisor is its parent: it ends and reaps it if unused).
+
+    A loaded spare comes with its ``profile``, the ``token`` its hello carries and, as the datagram's one
+    descriptor, its line: the supervisor hands it its agent's log file over that line when a spawn of the
+    profile takes it. A plain spare has neither (the fork-server hands it its agent)."""
 
     pid: int
+    token: bytes | None = None
+    profile: LoadProfile | None = None
 
     def encode(self) -> bytes:
-        return _dumps({"note": "spare", "pid": self.pid})
+        obj: dict[str, Any] = {"note": "spare", "pid": self.pid}
+        if self.token is not None and self.profile is not None:
+            obj.update(token=self.token.hex(), profile=self.profile.to_json())
+        return _dumps(obj)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +283,7 @@ class SpareEnded:
 
 
 FromForkServer = Ready | Spawned | SpawnRefused | Compiled | SpareBorn | SpareEnded
+
 
 
 def decode_from_fork_server(data: bytes) -> FromForkServer:
@@ -258,7 +304,10 @@ def decode_from_fork_server(data: bytes) -> FromForkServer:
         return Compiled(_get(obj, "key", str, what), False, float(_get(obj, "seconds", (int, float), what)),
                         error=str(obj.get("error", "")))
     if note == "spare":
-        return SpareBorn(_get(obj, "pid", int, what))
+        if "profile" not in obj and "token" not in obj:
+            return SpareBorn(_get(obj, "pid", int, what))
+        return SpareBorn(_get(obj, "pid", int, what), _token(obj, what),
+                         LoadProfile.from_json(_get(obj, "profile", dict, what)))
     if note == "spare-ended":
         return SpareEnded(_get(obj, "pid", int, what))
     if note is not None:

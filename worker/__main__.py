@@ -17,19 +17,19 @@ from theater.exits import WorkerExit
 from theater.forkserver import MAX_MESSAGE, Boot
 
 if TYPE_CHECKING:
-    from ._loop import Link, Loaded
+    from ._loop import Link
 
 
 def run(bootstrap_fd: int, artifact: dict[str, object] | None = None,
-        confinement: dict[str, str] | None = None, link: Link | None = None, ahead: Loaded | None = None) -> int:
+        confinement: dict[str, str] | None = None, link: Link | None = None) -> int:
     """Read the bootstrap pipe, apply confinement, then serve the agent until stopped.
 
     ``artifact``: the compiled component the supervisor vouched for (see
     ``worker._engine.load_artifact``), handed over by the fork-server; None: compile.
     ``confinement`` and ``link``: the report of the hardening already applied and the
     key and connection already made (a spare worker does both before it is given an
-    agent); None: do it now. ``ahead``: the component a loaded spare linked and
-    instantiated for its load profile before it was given the agent.
+    agent); None: do it now. (A loaded spare, which has its token and has said
+    hello before it is given an agent, goes straight to ``worker._loop.serve``.)
     """
     with os.fdopen(bootstrap_fd, "rb") as pipe:
         data = pipe.read(MAX_MESSAGE + 1)
@@ -43,7 +43,7 @@ def run(bootstrap_fd: int, artifact: dict[str, object] | None = None,
 
     if confinement is None:
         confinement = harden_before_connect(boot.parent_pid, boot.endpoint)
-    return serve(boot.endpoint, boot.token, confinement, artifact, link, ahead)
+    return serve(boot.endpoint, boot.token, confinement, artifact, link)
 
 
 def main() -> int:

@@ -35,7 +35,7 @@ from ._errors import CallFailed, HostLimit, LoadError
 from ._harden import lock_down, require
 from ._recorder import Recorder
 
-__all__ = ["Link", "Loaded", "connect", "load_ahead", "serve"]
+__all__ = ["Link", "Loaded", "connect", "hello_frames", "load_ahead", "serve"]
 
 SPEC_TIMEOUT_MS = 30_000
 MAX_ERROR_CHARS = 4096
@@ -80,11 +80,21 @@ def connect(endpoint: str, settle_ms: int = 0) -> Link:
     return Link(key, public, ctx, sock, settled)
 
 
+def hello_frames(link: Link, token: bytes, confinement: dict[str, str]) -> list[bytes]:
+    """The HELLO: the spawn token, this worker's key and proof of it, its pid, and what confines it (with
+    what runs the agent, recorded for a replay to compare)."""
+    proof = sign_hello(link.key, token)
+    return wire.Hello(token, link.public, proof, os.getpid(), {**confinement, **ENGINE}).encode()
+
+
 def serve(endpoint: str, token: bytes, confinement: dict[str, str], artifact: dict[str, Any] | None = None,
-          link: Link | None = None, ahead: Loaded | None = None) -> int:
+          link: Link | None = None, ahead: Loaded | None = None, *, greeted: bool = False) -> int:
+    """``greeted``: this worker (a loaded spare) sent its hello before a spawn took it."""
     link = link or connect(endpoint)
     try:
-        return _serve(link.sock, link.key, link.public, token, confinement, artifact, ahead)
+        if not greeted:
+            link.sock.send_multipart(hello_frames(link, token, confinement))
+        return _serve(link.sock, link.key, artifact, ahead)
     finally:
         # Deliver whatever was sent last (a result, a fault) before the exit: a forked
         # worker ends with os._exit, which would otherwise drop ZeroMQ's queue.
@@ -92,18 +102,7 @@ def serve(endpoint: str, token: bytes, confinement: dict[str, str], artifact: di
         link.ctx.term()
 
 
-def _serve(
-    sock: zmq.Socket,
-    key: Ed25519PrivateKey,
-    public: bytes,
-    token: bytes,
-    confinement: dict[str, str],
-    artifact: dict[str, Any] | None,
-    ahead: Loaded | None,
-) -> int:
-    proof = sign_hello(key, token)
-    stated = {**confinement, **ENGINE}  # what runs the agent, recorded for a replay to compare
-    sock.send_multipart(wire.Hello(token, public, proof, os.getpid(), stated).encode())
+def _serve(sock: zmq.Socket, key: Ed25519PrivateKey, artifact: dict[str, Any] | None, ahead: Loaded | None) -> int:
     if not sock.poll(SPEC_TIMEOUT_MS):
         return WorkerExit.PROTOCOL
     try:

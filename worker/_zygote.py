@@ -36,7 +36,11 @@ Between spawns this process keeps one spare worker: forked into a fresh
 cgroup, set up, hardened, with its key made and its ZeroMQ socket connected,
 waiting on a socketpair. A spawn whose artifact is ready hands the spare its
 bootstrap pipe, log file and artifact over that line (the spare answers the
-supervisor's hello as any worker) instead of forking; the next spare is made
+supervisor's hello as any worker) instead of forking. For the profiles
+spawned last it also keeps a loaded spare, which has loaded the component as
+well; its line goes to the supervisor with its announcement and its token
+after it, it says hello with no agent, and a spawn of its profile takes it
+from the supervisor directly (``docs/wire-protocol.md`` section 3a). The next spare is made
 50 ms later, so its fork and hardening do not compete with the agent just
 started, unless spawns come in a burst (this one within 50 ms of the one
 before, as a tree's children or a crash storm's replacements do): then the
@@ -48,10 +52,11 @@ of each spare so it can reap one that ends unused.
 Its messages with the supervisor are the typed ones of ``theater.forkserver``
 (one JSON datagram each, descriptors as SCM_RIGHTS; ``docs/wire-protocol.md``
 section 9): ``Spawn`` with [bootstrap read end, log file] in; ``Spawned`` or
-``SpawnRefused``, ``Compiled``, ``Ready`` (once, at start), ``SpareBorn`` and
-``SpareEnded`` out. Between this process and its own children (inside the
-worker package): to a spare, {"artifact": {"key", "sha256", "size"}} with
-[bootstrap read end, log file, artifact memfd].
+``SpawnRefused``, ``Compiled``, ``Ready`` (once, at start), ``SpareBorn`` (with
+a loaded spare's line) and ``SpareEnded`` out, ``Took`` in. Between this process
+and its own children (inside the worker package): to a plain spare,
+{"artifact": {"key", "sha256", "size"}} with [bootstrap read end, log file,
+artifact memfd]; to a loaded spare, its token.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ import json
 import os
 import platform
 import resource
+import secrets
 import select
 import signal
 import socket
@@ -74,12 +80,13 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from theater.errors import ProtocolError
 from theater.exits import WorkerExit
 from theater.forkserver import (
     MAX_MESSAGE,
+    TAKEN,
     TOKEN_BYTES,
     ArtifactOffer,
     Compiled,
@@ -91,6 +98,8 @@ from theater.forkserver import (
     Spawn,
     Spawned,
     SpawnRefused,
+    Took,
+    decode_to_fork_server,
 )
 from theater.home import Home, log_line
 from theater.records import sign_hello
@@ -98,6 +107,9 @@ from theater.spec import LoadProfile
 
 from . import _harden
 from ._engine import ARTIFACT_MEMFD_PREFIX, ARTIFACT_SEALS
+
+if TYPE_CHECKING:
+    from ._loop import Link
 
 __all__ = ["CLONE_PARENT_SUPPORTED", "clone_parent", "main", "thread_count"]
 
@@ -252,43 +264,89 @@ def _become_worker(boot_fd: int, log_fd: int, workdir: str, artifact: Any, go_fd
 
 def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int, profile: LoadProfile | None,
                   artifact: dict[str, Any] | None) -> NoReturn:
-    """In a spare child: set up, harden, make a key and connect as a worker would, load ``profile``'s
-    component from ``artifact`` if given (a loaded spare), then wait for an agent.
+    """In a spare child: set up, harden, make a key and connect as a worker would, then wait for an agent.
 
-    Nothing here depends on the agent: the bootstrap (endpoint, token), the log
-    file and the artifact arrive over ``line_fd`` from the fork-server when a
-    spawn takes this spare; until then stdout and stderr are /dev/null. If the
-    fork-server ends first, so does the spare.
+    Nothing here depends on the agent. A plain spare (no ``profile``) is handed
+    the bootstrap (endpoint, token), the log file and the artifact over
+    ``line_fd`` by the fork-server when a spawn takes it. A loaded spare also
+    loads ``profile``'s component from ``artifact``; then it reads its token from
+    the line (the fork-server writes it once the supervisor has been told of
+    this spare), says hello to the supervisor, and waits for the one thing the
+    supervisor sends over the line when a spawn of the profile takes it: the
+    agent's log file. Until then stdout and stderr are /dev/null. If the line
+    closes first (the fork-server or the supervisor let go of this spare), the
+    spare ends (the supervisor ends one it let go of, and every spare dies with it).
     """
 
     def body() -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         keep = {line_fd} if artifact is None else {line_fd, artifact["fd"]}
         _as_worker(workdir, devnull, keep)
-        from worker.__main__ import run
-        from worker._loop import connect, load_ahead
+        from worker._loop import connect
 
         confinement = _harden.harden_before_connect(parent_pid, endpoint, keep=frozenset(keep))
         _harden.prepare_lock_down()
         link = connect(endpoint, SETTLE_MS if profile is not None else 0)
         line = socket.socket(fileno=line_fd)  # before any lock-down: this asks the kernel what the socket is
         sign_hello(link.key, bytes(TOKEN_BYTES))  # a process's first signature costs 0.2 ms more: not at its hello
-        ahead = None
-        if profile is not None and artifact is not None:
-            ahead = load_ahead(profile, artifact)  # the artifact's descriptor is closed, used or not
-            if ahead is not None and link.settled:  # else its agent's lock-down does it all, as for any worker
-                _harden.lock_down_ahead(profile.limits)
         with line:
-            data, fds, _flags, _addr = socket.recv_fds(line, MAX_MESSAGE, 3)
-        if not data or len(fds) != 3:  # the fork-server ended before this spare was needed
-            return 0
-        boot_fd, log_fd, artifact_fd = fds
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
-        return run(boot_fd, {**json.loads(data)["artifact"], "fd": artifact_fd}, confinement, link, ahead)
+            if profile is None or artifact is None:
+                return _plain_spare(line, confinement, link)
+            return _loaded_spare(line, endpoint, confinement, link, profile, artifact)
 
     _exit_with(body)
+
+
+def _plain_spare(line: socket.socket, confinement: dict[str, str], link: Link) -> int:
+    data, fds, _flags, _addr = socket.recv_fds(line, MAX_MESSAGE, 3)
+    if not data or len(fds) != 3:  # the fork-server ended before this spare was needed
+        return 0
+    boot_fd, log_fd, artifact_fd = fds
+    _log_to(log_fd)
+    from worker.__main__ import run
+
+    return run(boot_fd, {**json.loads(data)["artifact"], "fd": artifact_fd}, confinement, link)
+
+
+def _loaded_spare(line: socket.socket, endpoint: str, confinement: dict[str, str], link: Link, profile: LoadProfile,
+                  artifact: dict[str, Any]) -> int:
+    from worker._loop import hello_frames, load_ahead, serve
+
+    kept: dict[str, Any] | None = {**artifact, "fd": os.dup(artifact["fd"])}  # in case it loads at the SPEC
+    ahead = load_ahead(profile, artifact)  # the artifact's descriptor is closed, used or not
+    if ahead is not None:
+        assert kept is not None
+        os.close(kept["fd"])
+        kept = None
+        if link.settled:  # else its agent's lock-down does it all, as for any worker
+            _harden.lock_down_ahead(profile.limits)
+    # Two writers use the line: the fork-server writes the token once the supervisor knows of this spare, and
+    # the supervisor, when a spawn takes the spare, sends the token again with the agent's log file. A spawn
+    # may take the spare as soon as it is announced, so either may come first; the hello goes with the first.
+    token: bytes | None = None
+    log_fd: int | None = None
+    while log_fd is None:
+        data, fds, _flags, _addr = socket.recv_fds(line, MAX_MESSAGE, 1)  # recvmsg: allowed after lock-down
+        taken = data.startswith(TAKEN) and len(fds) == 1
+        said = data[len(TAKEN):] if taken else data
+        if len(said) != TOKEN_BYTES or len(fds) != taken or token not in (None, said):
+            for fd in fds:  # the line closed before a spawn took this spare, or is not what it should be
+                os.close(fd)
+            return 0 if not data else WorkerExit.PROTOCOL
+        if token is None:
+            token = said
+            link.sock.send_multipart(hello_frames(link, token, confinement))
+        if taken:
+            log_fd = fds[0]
+    assert token is not None
+    _log_to(log_fd)
+    return serve(endpoint, token, confinement, kept, link, ahead, greeted=True)
+
+
+def _log_to(log_fd: int) -> None:
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
 
 
 def seal_artifact(key: str, path: str, sha256: str) -> tuple[int, int]:
@@ -390,12 +448,19 @@ def _compile_job(request: CompileRequest, result_fd: int) -> None:
 
 @dataclass
 class Spare:
-    """A worker forked and hardened ahead of need, waiting on ``line`` for its agent; ``profile``: the
-    component it has also loaded and instantiated (None: a plain spare, for any agent)."""
+    """A worker forked and hardened ahead of need. A plain spare (``profile`` None) waits on ``line`` for the
+    agent this process hands it. A loaded spare has also loaded and instantiated ``profile``'s component; its
+    line is the supervisor's, and this process watches it through ``pidfd`` until the supervisor says it
+    took it (``Took``)."""
 
     pid: int
-    line: socket.socket
+    line: socket.socket | None
     profile: LoadProfile | None = None
+    pidfd: int = -1
+
+    def fileno(self) -> int:
+        """Readable once the spare has ended (a plain spare never writes to its line)."""
+        return self.line.fileno() if self.line is not None else self.pidfd
 
 
 class Zygote:
@@ -446,7 +511,7 @@ class Zygote:
                 timeout = max(0.0, min(timeout or SPARE_AFTER_S, self.spare_after - time.monotonic()))
             fds = [self.sock.fileno(), *(job.result_fd for job in self.jobs.values())]
             spares = self._spares()
-            fds += [spare.line.fileno() for spare in spares]  # a spare never writes: readable means it ended
+            fds += [spare.fileno() for spare in spares]
             ready, _, _ = select.select(fds, [], [], timeout)
             for job in list(self.jobs.values()):
                 if job.result_fd in ready:
@@ -454,7 +519,7 @@ class Zygote:
             if self.sock.fileno() in ready and not self._request():
                 return 0  # the supervisor closed its end: it is going down
             for spare in spares:
-                if spare.line.fileno() in ready and spare in self._spares():
+                if spare.fileno() in ready and spare in self._spares():
                     self._spare_ended(spare, "it ended before it was needed")
                     if spare.profile is not None:  # no other until that profile is spawned again
                         self.recent.pop(spare.profile, None)
@@ -518,19 +583,28 @@ class Zygote:
             _become_spare(theirs.detach(), str(workdir), self.endpoint, self.parent_pid, profile, artifact)
         theirs.close()
         self.regroup = True
-        spare = Spare(pid, ours, profile)
         if profile is None:
-            self.spare = spare
-        else:
-            self.loaded[profile] = spare
-        self._send(SpareBorn(pid))
+            self.spare = Spare(pid, ours)
+            self._send(SpareBorn(pid))
+            return
+        # A loaded spare's line goes to the supervisor, and its token follows on the line once the supervisor
+        # has been told of it: whenever its hello comes, the supervisor knows the token.
+        self.loaded[profile] = Spare(pid, None, profile, os.pidfd_open(pid))  # our clone: its pid is not reused yet
+        token = secrets.token_bytes(TOKEN_BYTES)
+        with ours:
+            self._send(SpareBorn(pid, token, profile), ours.fileno())
+            with contextlib.suppress(OSError):
+                ours.send(token)
 
     def _forget(self, spare: Spare) -> None:
         if self.spare is spare:
             self.spare = None
         elif spare.profile is not None and self.loaded.get(spare.profile) is spare:
             del self.loaded[spare.profile]
-        spare.line.close()
+        if spare.line is not None:
+            spare.line.close()
+        else:
+            os.close(spare.pidfd)
 
     def _spare_ended(self, spare: Spare, why: str) -> None:
         """The spare is unusable or not wanted: the supervisor (its parent) ends it and reaps it."""
@@ -538,12 +612,11 @@ class Zygote:
         log(f"spare worker {spare.pid}: {why}")
         self._send(SpareEnded(spare.pid))
 
-    def _give_spare(self, boot_fd: int, log_fd: int, artifact: dict[str, Any], profile: LoadProfile | None) -> int | None:
-        """Hand a waiting spare its agent: the one loaded for ``profile`` if there is one, else the plain one.
-        Its pid, or None if there is no spare that can take it."""
-        spare = self.loaded.get(profile) if profile is not None else None
-        spare = spare or self.spare
-        if spare is None:
+    def _give_spare(self, boot_fd: int, log_fd: int, artifact: dict[str, Any]) -> int | None:
+        """Hand the plain spare its agent (a loaded spare is the supervisor's to give). Its pid, or None if
+        there is none that can take it."""
+        spare = self.spare
+        if spare is None or spare.line is None:
             return None
         try:
             message = json.dumps({"artifact": {k: v for k, v in artifact.items() if k != "fd"}}).encode()
@@ -571,9 +644,12 @@ class Zygote:
         if why:
             log(f"the next worker makes its own cgroup: {why}")
 
-    def _send(self, message: FromForkServer) -> None:
+    def _send(self, message: FromForkServer, fd: int | None = None) -> None:
         try:
-            self.sock.send(message.encode())
+            if fd is None:
+                self.sock.send(message.encode())
+            else:
+                socket.send_fds(self.sock, [message.encode()], [fd])
         except OSError:  # the supervisor closed its end (it is going down): end quietly, as on EOF
             self.gone = True
 
@@ -586,7 +662,12 @@ class Zygote:
             return False  # the supervisor closed its end
         request_id = 0
         try:
-            request = Spawn.decode(data)
+            request = decode_to_fork_server(data)
+            if isinstance(request, Took):
+                if fds:
+                    raise ProtocolError("a took note comes with no descriptor")
+                self._took(request.pid)
+                return True
             request_id = request.id
             if len(fds) != 2:
                 raise ProtocolError(f"a spawn request comes with 2 descriptors, not {len(fds)}")
@@ -598,13 +679,26 @@ class Zygote:
                 os.close(fd)
         return True
 
-    def _spawn(self, request: Spawn, boot_fd: int, log_fd: int) -> int:
+    def _spawning(self) -> None:
         now = time.monotonic()
         burst, self.last_spawn = now - self.last_spawn < BURST_S, now
         # Alone, the next spare is made a little later, not while the agent just started is loading: on two
         # cores its fork and hardening would slow that start by as much as they save. In a burst the next
         # spawn is coming: its spare hardens while this agent loads, and the burst as a whole goes faster.
         self.spare_after = now if burst else now + SPARE_AFTER_S
+
+    def _took(self, pid: int) -> None:
+        """The supervisor gave the loaded spare ``pid`` its agent: a spawn of its profile."""
+        spare = next((s for s in self.loaded.values() if s.pid == pid), None)
+        if spare is None or spare.profile is None:
+            return  # it ended, or was let go of, before the note came: nothing of it is left here
+        self._spawning()
+        self._forget(spare)
+        if spare.profile in self.recent:
+            self.recent.move_to_end(spare.profile)
+
+    def _spawn(self, request: Spawn, boot_fd: int, log_fd: int) -> int:
+        self._spawning()
         offered = request.artifact
         compile_request = request.compile
         artifact = None
@@ -619,8 +713,8 @@ class Zygote:
                 job.profiles.append(request.profile)
         if artifact is not None and offered is not None and request.profile is not None:
             self._spawned(request.profile, offered)
-        if artifact is not None:  # the common case: a spare, already hardened (and loaded), takes the agent
-            pid = self._give_spare(boot_fd, log_fd, artifact, request.profile)
+        if artifact is not None:  # a spare, already hardened, takes the agent
+            pid = self._give_spare(boot_fd, log_fd, artifact)
             if pid is not None:
                 return pid
         if self.regroup:  # a compile job was just forked from this process's own group
