@@ -832,12 +832,15 @@ def test_fork_server_messages_round_trip_and_refuse_what_is_malformed() -> None:
     assert fs.Boot.decode(boot.encode()) == boot
     offer = fs.ArtifactOffer("k" * 64, "/h/cache/k", "ab" * 32)
     compile_ = fs.CompileRequest("k" * 64, "/h/cache/k", "/a/c.wasm", "cd" * 32, {"fuel_per_call": 1}, "c")
+    profile = AgentSpec.from_json(spec_json()).profile
     for request in (fs.Spawn(7, "/h/run/workers/x", offer, None), fs.Spawn(8, "/w", None, compile_)):
         assert fs.Spawn.decode(request.encode()) == request
     for message in (fs.Ready(12, 1, True), fs.Spawned(7, 99), fs.SpawnRefused(7, "RuntimeError: threads"),
                     fs.Compiled("k", True, 0.5, "ab" * 32, 1234, (1, 2, 3)), fs.Compiled("k", False, 0.5, error="boom"),
-                    fs.SpareBorn(5), fs.SpareEnded(5)):
+                    fs.SpareBorn(5), fs.SpareEnded(5), fs.SpareBorn(6, bytes(range(32)), profile)):
         assert fs.decode_from_fork_server(message.encode()) == message
+    for to_it in (fs.Spawn(9, "/w", offer, None, profile), fs.Took(6)):
+        assert fs.decode_to_fork_server(to_it.encode()) == to_it
     bad = [
         (fs.Boot.decode, b'{"endpoint": "ipc://x", "token": "00", "parent_pid": 1}', "'token' is not 32 bytes"),
         (fs.Boot.decode, b'{"endpoint": "tcp://x:1", "token": "' + b"00" * 32 + b'", "parent_pid": 1}', "ipc://"),
@@ -852,6 +855,12 @@ def test_fork_server_messages_round_trip_and_refuse_what_is_malformed() -> None:
                                      b' "size": 1, "signature": ["a"]}', "'signature'"),
         (fs.decode_from_fork_server, b"{}", "neither"),
         (fs.decode_from_fork_server, b" " * (fs.MAX_MESSAGE + 1), "more than"),
+        (fs.decode_from_fork_server, b'{"note": "spare", "pid": 6, "token": "00"}', "'token' is not 32 bytes"),
+        (fs.decode_from_fork_server, b'{"note": "spare", "pid": 6, "token": "' + b"00" * 32 + b'"}', "'profile'"),
+        (fs.decode_from_fork_server, b'{"note": "spare", "pid": 6, "token": "' + b"00" * 32 + b'", "profile": {}}',
+         "a load profile has exactly the keys"),
+        (fs.decode_to_fork_server, b'{"op": "took"}', "'pid'"),
+        (fs.decode_to_fork_server, b'{"op": "fork", "id": 1}', "unknown op"),
     ]
     for decode, data, why in bad:
         with pytest.raises(ProtocolError, match=re.escape(why)):

@@ -4,7 +4,7 @@ The bootstrap is one JSON object the supervisor writes into a pipe the worker
 reads before anything else (the endpoint to connect to, the spawn token its
 hello must carry, the supervisor's pid). The fork-server and the supervisor
 exchange JSON datagrams on a SOCK_SEQPACKET socketpair, descriptors passed as
-SCM_RIGHTS (``docs/wire-protocol.md`` section 9). Every ``decode`` checks each
+SCM_RIGHTS (``docs/wire-protocol.md`` section 3a). Every ``decode`` checks each
 field's type and raises :class:`ProtocolError` naming the one that is wrong.
 """
 

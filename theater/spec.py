@@ -136,7 +136,7 @@ class LoadProfile:
 
     Two agents with equal profiles load into identical sandboxes, so a spare
     worker can load one ahead, before it knows which agent it will run (the
-    fork-server's loaded spares, ``docs/wire-protocol.md`` section 9).
+    fork-server's loaded spares, ``docs/wire-protocol.md`` section 3a).
     """
 
     component_path: str

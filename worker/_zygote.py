@@ -51,7 +51,7 @@ of each spare so it can reap one that ends unused.
 
 Its messages with the supervisor are the typed ones of ``theater.forkserver``
 (one JSON datagram each, descriptors as SCM_RIGHTS; ``docs/wire-protocol.md``
-section 9): ``Spawn`` with [bootstrap read end, log file] in; ``Spawned`` or
+section 3a): ``Spawn`` with [bootstrap read end, log file] in; ``Spawned`` or
 ``SpawnRefused``, ``Compiled``, ``Ready`` (once, at start), ``SpareBorn`` (with
 a loaded spare's line) and ``SpareEnded`` out, ``Took`` in. Between this process
 and its own children (inside the worker package): to a plain spare,
