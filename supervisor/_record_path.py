@@ -4,6 +4,9 @@ Workers' results, checked by the ledger, wait in a batch that is committed as
 one durable transaction per loop turn; a record the supervisor signs itself
 (genesis, worker-key, exit, violation, state-reset, a node's decisions) first
 commits the batch, so the store holds each chain in the order it was made.
+A new agent's genesis is the exception: it is staged, and committed in the
+same transaction as its worker's first result (or as the first thing of the
+next commit, whatever it is), so a start costs one durable commit, not two.
 Nothing is answered before its commit: whoever waits is told through the hooks.
 """
 
@@ -45,11 +48,13 @@ class RecordPath:
         # Every key this home's supervisor has signed with, and which record each signed (key rotations).
         self.schedule = self._schedule()
         self.batch: list[Result] = []
+        self.staged: list[tuple[Agent, Commit]] = []  # new agents' geneses, committed with the next batch, first
         # Set by the parts that act on commits: the workers answer results, clients wait for heads.
         self.on_results: Callable[[list[Result], StoreError | None], None] = lambda batch, error: None
         self.on_head: Callable[[bytes, int], None] = lambda chain_id, head: None
         self.on_record: Callable[[Agent, Record], None] | None = None
         self.on_committed: Callable[[Agent, list[Record]], None] = lambda agent, records: None  # usage, quotas
+        self.on_unstored: Callable[[Agent, StoreError], None] = lambda agent, error: None  # a staged genesis failed
 
     def use_key(self, key: Ed25519PrivateKey) -> None:
         """Sign with ``key`` from now on (a rotation has committed). Live verifiers never check the supervisor's
@@ -71,17 +76,24 @@ class RecordPath:
         self.batch.append(result)
 
     def flush(self) -> None:
-        """Commit the results checked so far, in one transaction; every supervisor record follows them."""
-        if not self.batch:
+        """Commit the staged records and the results checked so far, in one transaction; every supervisor record
+        follows them."""
+        if not self.batch and not self.staged:
             return
+        staged, self.staged = self.staged, []
         batch, self.batch = self.batch, []
         for agent, _, checked in batch:
             checked.commit.snapshot = agent.snapshot_due(checked.commit.records)
         try:
-            self.store.commit([checked.commit for _, _, checked in batch])
+            self.store.commit([c for _, c in staged] + [checked.commit for _, _, checked in batch])
         except StoreError as exc:
+            for agent, _ in staged:
+                self.reload_head(agent)
+                self.on_unstored(agent, exc)
             self.on_results(batch, exc)
             return
+        for agent, c in staged:
+            self.committed(agent, c.records)
         for agent, _, checked in batch:
             if checked.commit.state is not None:
                 agent.state = checked.commit.state
@@ -91,7 +103,10 @@ class RecordPath:
     # --- the supervisor's own records --------------------------------------------------------
 
     def genesis(self, agent: Agent, worker_key: bytes, confinement: str, before_commit: BeforeCommit = _nothing) -> None:
-        """The agent's first record: its configuration (as stored, with its parent) and its first worker's key."""
+        """The agent's first record: its configuration (as stored, with its parent) and its first worker's key.
+        Staged: committed with the worker's first result, or before any other record of the agent's."""
+        if self.store.name_taken(agent.name):
+            raise StoreError(f"an agent named {agent.name!r} already exists")
         stored = {**agent.config.as_dict(), "parent": agent.parent_name}
         config = wire.encode_json(stored).decode()
         record = sign_record(
@@ -102,9 +117,8 @@ class RecordPath:
         )
         agent.verifier.advance(record, signature_checked=True)
         before_commit(agent, record)
-        self.store.create_agent(agent.id, agent.name, stored, record, agent.state)
-        agent.in_store = True
-        self.committed(agent, [record])
+        agent.in_store = True  # from here on its records are committed after this one, in the same transaction or later
+        self.staged.append((agent, Commit(agent_id=agent.id, records=[record], create=(agent.name, stored, agent.state))))
 
     def append(self, agent: Agent, kind: Kind, fields: dict[str, Any], before_commit: BeforeCommit = _nothing,
                state_hash: bytes | None = None, **commit: Any) -> Record:
@@ -132,9 +146,12 @@ class RecordPath:
                 self.on_record(agent, record)
 
     def reload_head(self, agent: Agent) -> None:
-        """After a failed commit: the agent's chain and state are what the store holds."""
+        """After a failed commit: the agent's chain and state are what the store holds (nothing, for one
+        whose genesis was not stored)."""
         row = self.store.agent(agent.id)
         if row is None:
+            agent.verifier = ChainVerifier(self.public_key)
+            agent.in_store = False
             return
         agent.verifier = ChainVerifier.at_head(self.public_key, agent.id, row.head_seq, row.head_hash, row.state_hash)
         agent.state = row.state

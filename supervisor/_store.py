@@ -166,6 +166,7 @@ class Commit:
     timers_removed: list[int] | None = None  # cancelled, or delivered by this commit's call
     remove: bool = False  # the agent is removed: its row moves to `removed`, its kv data and timers go
     snapshot: bool = False  # also keep the state at the new head (a cut point for compaction)
+    create: tuple[str, dict[str, Any], bytes] | None = None  # a new agent's row first: name, stored config, state
 
 
 class EventStore:
@@ -194,21 +195,20 @@ class EventStore:
                 pass  # writes the queued worker_usage rows
         self.db.close()
 
-    def create_agent(self, agent_id: bytes, name: str, config: dict[str, Any], genesis: Record, state: bytes) -> None:
-        if self.db.execute("SELECT 1 FROM agents WHERE name=?", (name,)).fetchone():
-            raise StoreError(f"an agent named {name!r} already exists")
-        with self._tx():
-            self.db.execute(
-                "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (agent_id, name, json.dumps(config, sort_keys=True), "running", time.time_ns(),
-                 genesis.seq, genesis.hash, genesis.state_hash, state, 0, 0),
-            )
-            self._insert(genesis)
+    def name_taken(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM agents WHERE name=?", (name,)).fetchone() is not None
 
     def commit(self, commits: list[Commit]) -> None:
         """Append every commit in one durable transaction (group commit)."""
         with self._tx():
             for c in commits:
+                if c.create is not None:  # its genesis record is the first of c.records
+                    name, config, state = c.create
+                    self.db.execute(
+                        "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        (c.agent_id, name, json.dumps(config, sort_keys=True), "running", time.time_ns(),
+                         c.records[0].seq, c.records[0].hash, c.records[0].state_hash, state, 0, 0),
+                    )
                 for record in c.records:
                     self._insert(record)
                 head = c.records[-1] if c.records else None

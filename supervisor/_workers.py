@@ -58,6 +58,9 @@ LOAD_GRACE_S = 120.0  # more for a worker's first call: loading may compile comp
 RESULT_HEADER = wire.header(wire.WorkerType.RESULT)
 
 
+# A new agent's genesis record waits at most this long for its init's result, to be committed with it (one
+# durable commit per start instead of two); an init that takes longer has its genesis committed first.
+GENESIS_COMMIT_S = 0.02
 FDS_PER_AGENT = 2  # the supervisor's descriptors for one running agent: its worker's connection, its pidfd
 
 
@@ -91,6 +94,7 @@ class Workers:
         self._hellos: deque[tuple[bytes, list[bytes], Agent | None]] = deque()  # handled one per turn
         self.zygote_fd: int | None = None  # the fork-server's socket, polled for its answers to spawns
         records.on_results = self._results_committed
+        records.on_unstored = self._unstored
         # The parts a worker's outcomes go to; set by the supervisor once all parts exist.
         self.supervision: Supervision
         self.control: Control
@@ -294,9 +298,14 @@ class Workers:
         self.by_identity[identity] = agent
         agent.incarnation = worker.incarnation
         confinement = wire.encode_json(hello.confinement).decode()
-        try:  # the spec (and init) go out before the key record's commit: the worker loads while it is made durable
+        # The spec (and init) go out as soon as the key record is signed: the worker loads while the record is
+        # made durable, and nothing of it is answered, nor any of its host requests served, before that. A new
+        # agent's genesis is committed with its init's result (or GENESIS_COMMIT_S later at most), so a start
+        # costs one durable commit; a later worker's key record at once, as the agent runs again from then.
+        try:
             if not agent.in_store:
                 self.records.genesis(agent, hello.worker_key, confinement, before_commit=self._send_spec)
+                self.timers.after(GENESIS_COMMIT_S, self.records.flush)
             else:
                 self.records.append(agent, Kind.WORKER_KEY, {
                     "incarnation": agent.incarnation, "worker_key": hello.worker_key,
@@ -312,9 +321,17 @@ class Workers:
             self._ready(agent)
         self.dispatch(agent)
 
+    def _unstored(self, agent: Agent, error: StoreError) -> None:
+        """The record that bound the agent's worker could not be committed: that worker ends unheard."""
+        self.log(f"{agent.name}: cannot record the worker's key: {error}; killing it")
+        worker = agent.worker
+        if worker is not None:
+            agent.discard_results = True  # nothing it ran is taken: it is answered, not run again
+            worker.kill("store-failed")
+
     def _send_spec(self, agent: Agent, head: Record) -> None:
         """What the worker needs to load the agent, its chain head being ``head``, and its init call if it
-        has not run it yet. ``head`` is not yet durable: the worker's first result is committed after it,
+        has not run it yet. ``head`` is not yet durable: it is committed with the worker's first result,
         nothing is answered before that, and the worker's host requests (its only way to reach outside
         itself) are served only once the loop has made ``head`` durable, so the init runs meanwhile."""
         spec = AgentSpec.of(agent.config.load_profile, agent_id=agent.uuid, name=agent.name, head_seq=head.seq,

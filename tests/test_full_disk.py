@@ -135,3 +135,33 @@ def test_an_upload_that_does_not_fit_is_refused_and_leaves_nothing(small_disk: P
         assert_verified(t)
     finally:
         t.stop()
+
+
+def test_a_spawn_whose_first_commit_does_not_fit_leaves_no_agent_and_can_be_made_again(small_disk: Path) -> None:
+    """A new agent's genesis record is committed with its init's result, in one transaction. When that
+    transaction does not fit, the spawn is refused, the store holds nothing of the agent, and once there is
+    space the same spawn makes it, its chain beginning at its genesis."""
+    t = Theater(small_disk)
+    t.start()
+    try:
+        with t.client(timeout=60) as c:
+            c.spawn(str(t.manifest("first", "echo.wat")))  # the component is compiled and cached
+            db = sqlite3.connect(t.home.store)
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                db.close()
+            filler = _fill(t.home.root / "filler")
+            with pytest.raises(ClientError) as refused:
+                c.spawn(str(t.manifest("second", "echo.wat")))
+            assert refused.value.code == "spawn-failed" and "store-failed" in str(refused.value), refused.value
+            assert "second" not in {a["name"] for a in c.ps()}
+            filler.unlink()
+            wait_until(lambda: c.ping()["store_problem"] is None, 30, "the store to be writable again")
+            c.spawn(str(t.manifest("second", "echo.wat")))
+            assert c.call("second", b"hi") == b"hi"
+    finally:
+        t.stop()
+    chain = records(t, "second")
+    assert [r.kind for r in chain][:3] == [Kind.GENESIS, Kind.INIT, Kind.HANDLE] and chain[0].seq == 0
+    assert_verified(t)

@@ -22,7 +22,18 @@ from typing import Any
 import psutil
 import pytest
 import zmq
-from conftest import COMPONENTS, ROOT, Theater, gone, ps, records, supervisor_log, wait_running, wait_until
+from conftest import (
+    COMPONENTS,
+    ROOT,
+    Theater,
+    assert_verified,
+    gone,
+    ps,
+    records,
+    supervisor_log,
+    wait_running,
+    wait_until,
+)
 
 from supervisor._artifacts import ArtifactCache
 from supervisor._config import load_manifest, policy_dirs
@@ -224,6 +235,33 @@ def test_a_spare_that_dies_unused_is_reaped_and_replaced(theater: Theater) -> No
         c.spawn(theater.manifest("b", "echo.wat"))  # the supervisor takes the fork-server's notes here
         assert c.call("b", b"hi") == b"hi"
         wait_until(lambda: not psutil.pid_exists(dead.pid), 10, "the dead spare to be reaped")
+
+
+_SUPERVISOR_WAITING_FOR_INIT = """
+import sys
+from supervisor import Supervisor, _workers
+from theater.home import Home
+_workers.GENESIS_COMMIT_S = 3600.0  # a genesis waits for its init's result however slow the machine is
+Supervisor(Home(sys.argv[1])).serve_forever()
+"""
+
+
+def test_a_spawn_commits_its_genesis_with_its_inits_result(short_root: Callable[[str], Path]) -> None:
+    """A new agent's genesis record is committed in the transaction of its init's result: a spawn costs the
+    store one durable commit, and its chain is whole and verifies."""
+    t = Theater(short_root("genesis"))
+    t.start([sys.executable, "-c", _SUPERVISOR_WAITING_FOR_INIT, str(t.home.root)])
+    try:
+        with t.client() as c:
+            c.spawn(t.manifest("warm", "echo.wat"))  # compiles the component: the next spawn does not wait
+            before = c.top()["supervisor"]["commits_total"]
+            c.spawn(t.manifest("a", "echo.wat"))
+            assert c.top()["supervisor"]["commits_total"] - before == 1
+            assert c.call("a", b"hi") == b"hi"
+    finally:
+        t.stop()
+    assert [r.kind for r in records(t, "a")][:3] == [Kind.GENESIS, Kind.INIT, Kind.HANDLE]
+    assert_verified(t)
 
 
 def test_no_worker_or_fork_server_outlives_a_killed_supervisor(theater: Theater) -> None:
