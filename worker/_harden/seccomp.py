@@ -106,11 +106,11 @@ ALLOWLIST: dict[str, str | int | ArgRule] = {
 
 
 # What a loaded spare still does after it locked down ahead of its agent (``lock_ahead``) and before
-# ``close_handover``: take the hand-over from its fork-server (recvmsg for the descriptors, dup2 onto its
-# standard streams), open its bootstrap pipe (Python's open: fstat, lseek, ioctl), set the limit of its
-# log's size (setrlimit, prlimit64) and install the filter that ends the hand-over (seccomp). Each is
-# EPERM in ALLOWLIST, so the two filters together are exactly ALLOWLIST. No guest call runs meanwhile.
-HANDOVER = ("recvmsg", "dup2", "dup3", "fstat", "newfstatat", "lseek", "ioctl", "setrlimit", "prlimit64", "seccomp")
+# ``close_handover``: read its token and its agent's log file from its line (recvmsg), put the log on its
+# standard streams (dup2), set the limit of its log's size (setrlimit, prlimit64) and install the filter
+# that ends the hand-over (seccomp). Each is EPERM in ALLOWLIST, so the two filters together are exactly
+# ALLOWLIST. No guest call runs meanwhile.
+HANDOVER = ("recvmsg", "dup2", "dup3", "setrlimit", "prlimit64", "seccomp")
 
 
 def _install(prog: list[tuple[int, int, int, int]]) -> None:
