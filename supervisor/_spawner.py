@@ -462,8 +462,8 @@ class Spawner:
             self._log(f"fork-server {old.pid} is gone ({why}; {how}); {self._failures} in a row never became "
                       "ready, so workers start from a fresh interpreter from now on")
             return
-        self._log(f"fork-server {old.pid} is gone ({why}; {how}); starting a new one, "
-                  "this worker starts from a fresh interpreter")
+        self._log(f"fork-server {old.pid} is gone ({why}; {how}); starting a new one (until it is ready, workers "
+                  "start from a fresh interpreter)")
         self._start_zygote()
 
     def spawn(self, endpoint: str, incarnation: int, log_path: Path, workdir: Path,
@@ -585,8 +585,8 @@ class Spawner:
             late = [a for a in self._pending.values() if a.deadline < time.monotonic()]
             if late:
                 raise ZygoteGone(f"no answer within {ZYGOTE_REPLY_TIMEOUT_S} s")
-        except ZygoteGone as exc:
-            if self._pending and self.zygote is not None:
+        except ZygoteGone as exc:  # noticed here, with or without a spawn waiting: a new one starts at once
+            if self.zygote is not None:
                 self._replace_zygote(str(exc))
             self._abandon_pending()
         done += self._settled

@@ -279,19 +279,23 @@ def test_no_worker_or_fork_server_outlives_a_killed_supervisor(theater: Theater)
 
 
 def test_a_dead_fork_server_is_replaced_and_spawns_go_on(theater: Theater) -> None:
-    """Kill the fork-server: the next spawn says so, starts from a fresh interpreter and starts a new
-    fork-server, which serves the spawns after it."""
+    """Kill the fork-server: the supervisor notices at once (its socket closes), says so, ends the spares it
+    held and starts a new fork-server, with no spawn needed to find out and no loop spinning on the dead
+    socket meanwhile; spawns go on (from a fresh interpreter until the new one is ready), and running agents
+    are untouched."""
     old = _zygote_of(theater)
+    assert theater.proc is not None
     with theater.client() as c:
         c.spawn(theater.manifest("a", "echo.wat"))
+        held = _spare_of(theater, c, loaded=True)  # its line is the supervisor's, not the fork-server's
         old.kill()
-        wait_until(lambda: gone(old.pid), 10, "the fork-server to die")  # a zombie until the next spawn
-        c.spawn(theater.manifest("b", "echo.wat"))  # noticed here; this worker is a fresh interpreter
-        assert c.call("b", b"hi") == b"hi"
-        assert f"fork-server {old.pid} is gone" in supervisor_log(theater)
         new = wait_until(lambda: next((p for p in _children(theater.proc.pid)  # type: ignore[union-attr]
                                        if p.name() == "theater-zygote" and p.pid != old.pid), None), 20, "a new fork-server")
-        assert psutil.Process(ps(c, "b")["pid"]).name() != "theater-worker"
+        assert gone(old.pid)  # reaped as it was replaced
+        wait_until(lambda: gone(held.pid), 10, "the spare it had loaded to be ended")
+        assert f"fork-server {old.pid} is gone" in supervisor_log(theater)
+        c.spawn(theater.manifest("b", "echo.wat"))
+        assert c.call("b", b"hi") == b"hi"
 
         def forked_by_the_new_one() -> bool:
             # Until the new fork-server has finished its imports, spawns start fresh interpreters.
