@@ -331,9 +331,10 @@ class Workers:
 
     def _send_spec(self, agent: Agent, head: Record) -> None:
         """What the worker needs to load the agent, its chain head being ``head``, and its init call if it
-        has not run it yet. ``head`` is not yet durable: it is committed with the worker's first result,
-        nothing is answered before that, and the worker's host requests (its only way to reach outside
-        itself) are served only once the loop has made ``head`` durable, so the init runs meanwhile."""
+        has not run it yet. ``head`` is not yet durable (a genesis is committed with the worker's first result,
+        a worker-key record just after this): nothing is answered before it is, and the worker's host requests
+        (its only way to reach outside itself) are served only once the loop has made ``head`` durable, so the
+        worker loads and runs meanwhile."""
         spec = AgentSpec.of(agent.config.load_profile, agent_id=agent.uuid, name=agent.name, head_seq=head.seq,
                             head_hash=head.hash.hex(), state_hash=sha256(agent.state).hex())
         self.send(agent, [wire.header(wire.SupervisorType.SPEC), wire.encode_json(spec.to_json()), agent.state])
