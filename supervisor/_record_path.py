@@ -75,6 +75,12 @@ class RecordPath:
     def add_result(self, result: Result) -> None:
         self.batch.append(result)
 
+    def flush_results(self) -> None:
+        """The end of a loop turn's drain: commit the results checked in it, if any, with what is staged. A
+        staged genesis alone waits for its worker's first result (or its timer), whatever else came."""
+        if self.batch:
+            self.flush()
+
     def flush(self) -> None:
         """Commit the staged records and the results checked so far, in one transaction; every supervisor record
         follows them."""

@@ -406,7 +406,7 @@ class Workers:
                         # Nothing is answered until the commit has returned.
                         self._watch_head(agent, worker)
                         self.dispatch(agent)
-        self.records.flush()
+        self.records.flush_results()
 
     def dispatch(self, agent: Agent) -> None:
         """Send the next queued messages, up to PIPELINE_DEPTH unanswered, if the worker is connected and

@@ -38,6 +38,17 @@ def _fill(path: Path) -> Path:
     return path
 
 
+def _fill_for_good(t: Theater) -> Path:
+    """Fold the store's WAL into the database and truncate it, then take every byte left, so that no write
+    fits, however small (a WAL keeps the space of earlier writes)."""
+    db = sqlite3.connect(t.home.store)
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    return _fill(t.home.root / "filler")
+
+
 def _wait_serving(c: Client, name: str) -> None:
     """The store can be written again (the supervisor's probe said so) and the agent runs."""
     wait_until(lambda: c.ping()["store_problem"] is None, 30, "the store to be writable again")
@@ -81,14 +92,7 @@ def test_a_full_disk_loses_nothing_committed_and_the_supervisor_carries_on(small
             _wait_serving(c, "echo")
             acked[b"room"] = c.call("echo", b"room") or b""
 
-            # Full for good: fold the WAL into the database and truncate it, then take every byte left,
-            # so that no write fits, however small (a WAL keeps the space of earlier writes).
-            db = sqlite3.connect(t.home.store)
-            try:
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                db.close()
-            filler = _fill(t.home.root / "filler")
+            filler = _fill_for_good(t)
             with pytest.raises(ClientError) as full:
                 c.call("echo", b"while full")
             assert full.value.code == "store" and "could not be stored" in str(full.value), full.value
@@ -146,12 +150,7 @@ def test_a_spawn_whose_first_commit_does_not_fit_leaves_no_agent_and_can_be_made
     try:
         with t.client(timeout=60) as c:
             c.spawn(str(t.manifest("first", "echo.wat")))  # the component is compiled and cached
-            db = sqlite3.connect(t.home.store)
-            try:
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                db.close()
-            filler = _fill(t.home.root / "filler")
+            filler = _fill_for_good(t)
             with pytest.raises(ClientError) as refused:
                 c.spawn(str(t.manifest("second", "echo.wat")))
             assert refused.value.code == "spawn-failed" and "store-failed" in str(refused.value), refused.value

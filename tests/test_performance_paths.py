@@ -63,10 +63,20 @@ def _children(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _zygote_of(t: Theater) -> psutil.Process:
+def _zygote_of(t: Theater, not_pid: int | None = None) -> psutil.Process:
+    """The supervisor's fork-server (one other than ``not_pid``), once it is there."""
     assert t.proc is not None
-    return wait_until(lambda: next((p for p in _children(t.proc.pid) if p.name() == "theater-zygote"), None),
-                      20, "the fork-server")  # type: ignore[return-value]
+
+    def zygote() -> psutil.Process | None:
+        for p in _children(t.proc.pid):  # type: ignore[union-attr]
+            try:
+                if p.name() == "theater-zygote" and p.pid != not_pid:
+                    return p
+            except psutil.Error:  # it ended while we looked
+                continue
+        return None
+
+    return wait_until(zygote, 20, "the fork-server")  # type: ignore[return-value]
 
 
 def _restart(t: Theater, name: str) -> int:
@@ -289,8 +299,7 @@ def test_a_dead_fork_server_is_replaced_and_spawns_go_on(theater: Theater) -> No
         c.spawn(theater.manifest("a", "echo.wat"))
         held = _spare_of(theater, c, loaded=True)  # its line is the supervisor's, not the fork-server's
         old.kill()
-        new = wait_until(lambda: next((p for p in _children(theater.proc.pid)  # type: ignore[union-attr]
-                                       if p.name() == "theater-zygote" and p.pid != old.pid), None), 20, "a new fork-server")
+        new = _zygote_of(theater, not_pid=old.pid)
         assert gone(old.pid)  # reaped as it was replaced
         wait_until(lambda: gone(held.pid), 10, "the spare it had loaded to be ended")
         assert f"fork-server {old.pid} is gone" in supervisor_log(theater)
@@ -304,7 +313,7 @@ def test_a_dead_fork_server_is_replaced_and_spawns_go_on(theater: Theater) -> No
             return psutil.Process(ps(c, name)["pid"]).name() == "theater-worker"
 
         wait_until(forked_by_the_new_one, 30, "a worker forked by the new fork-server")
-        assert new.is_running()  # type: ignore[union-attr]
+        assert new.is_running()
         assert c.call("a", b"still") == b"still"
 
 
