@@ -271,11 +271,11 @@ def _become_spare(line_fd: int, workdir: str, endpoint: str, parent_pid: int, pr
     ``line_fd`` by the fork-server when a spawn takes it. A loaded spare also
     loads ``profile``'s component from ``artifact``; then it reads its token from
     the line (the fork-server writes it once the supervisor has been told of
-    this spare), says hello to the supervisor, and waits for the one thing the
+    this spare), says hello to the supervisor, and waits for what the
     supervisor sends over the line when a spawn of the profile takes it: the
-    agent's log file. Until then stdout and stderr are /dev/null. If the line
-    closes first (the fork-server or the supervisor let go of this spare), the
-    spare ends (the supervisor ends one it let go of, and every spare dies with it).
+    agent's log file. Until then stdout and stderr are /dev/null. A spare whose
+    line closes before that ends; the supervisor ends a loaded spare it no
+    longer wants, and every spare dies with the supervisor.
     """
 
     def body() -> int:
