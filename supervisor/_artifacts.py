@@ -21,6 +21,14 @@ signature (device, inode, size, mtime, ctime) moves; ctime cannot be set from
 user space, so an unchanged signature means unchanged bytes. The fork-server
 checks the SHA-256 once more as it copies the file into the sealed memfd the
 workers map, so what runs is what was hashed.
+
+The cache keeps every artifact an agent of the home uses (its own component,
+and its child templates'), and at most MAX_UNUSED_BYTES of the others, the
+least recently used dropped first: swept at the supervisor's start and after
+each compile. Rebuilding an agent again and again (a new component hash each
+time, 30 MB each for a Python agent) would otherwise fill the disk. A dropped
+artifact costs one compile if it is wanted again; workers map sealed copies,
+so none is affected.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import hmac
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +54,7 @@ from ._errors import SupervisorError
 __all__ = ["ArtifactCache"]
 
 TAG_DOMAIN = b"theater/artifact-tag/v1\x00"
+MAX_UNUSED_BYTES = 1 << 30  # artifacts no agent uses, kept for a spawn that may want them again
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +72,9 @@ class ArtifactCache:
         os.chmod(root, 0o700)
         self._secret = _load_or_create_secret(root / "secret")
         self._verified: dict[str, _Verified] = {}
+        self._used_at: dict[str, float] = {}  # key -> when a spawn last asked for it (wall clock, as mtimes)
         self.compiling: set[str] = set()
+        self.in_use: Callable[[], set[str]] = set  # the keys the home's agents use (set by the supervisor)
 
     def key(self, component_sha256: str, limits: Limits) -> str:
         return artifact_key(component_sha256, limits)
@@ -72,6 +84,7 @@ class ArtifactCache:
 
     def lookup(self, key: str) -> ArtifactOffer | None:
         """The verified artifact to offer a worker, or None (then it must be compiled)."""
+        self._used_at[key] = time.time()
         path = self.path(key)
         try:
             signature = file_signature(os.stat(path, follow_symlinks=False))
@@ -115,8 +128,37 @@ class ArtifactCache:
         self.discard(key)
         return None
 
+    def sweep(self, budget: int | None = None) -> list[str]:
+        """Delete the artifacts no agent uses past ``budget`` bytes of them (MAX_UNUSED_BYTES), the least
+        recently used first; the keys deleted."""
+        budget = MAX_UNUSED_BYTES if budget is None else budget
+        keep = self.in_use() | self.compiling
+        unused: list[tuple[float, int, str]] = []
+        for entry in os.scandir(self.root):
+            key = entry.name.removesuffix(".cwasm")
+            if key == entry.name or key in keep:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            unused.append((max(self._used_at.get(key, 0.0), st.st_mtime), st.st_size, key))
+        total = sum(size for _, size, _ in unused)
+        dropped = []
+        for _, size, key in sorted(unused):
+            if total <= budget:
+                break
+            self.discard(key)
+            total -= size
+            dropped.append(key)
+        if dropped:
+            self._log(f"dropped {len(dropped)} compiled artifact(s) no agent uses, the least recently used: "
+                      f"the rest of them take {total:,} bytes, at most {budget:,}")
+        return dropped
+
     def discard(self, key: str) -> None:
         self._verified.pop(key, None)
+        self._used_at.pop(key, None)
         for p in (self.path(key), self.root / f"{key}.tag"):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -142,6 +184,7 @@ class ArtifactCache:
                 self.path(key).unlink()
             return
         self._verified[key] = _Verified(sha, signature, size)
+        self.sweep()
 
     # --- tags ---------------------------------------------------------------------
 

@@ -118,6 +118,7 @@ class Supervision:
         self._waiting_for_store: list[Agent] = []  # starts held while the store cannot be written
         self._starts: deque[tuple[Agent, bool]] = deque()  # worker starts (or prepares), one per turn of the loop
         self._watching = False
+        workers.spawner.cache.in_use = self.artifacts_in_use
 
     # --- building ---------------------------------------------------------------------
 
@@ -234,6 +235,13 @@ class Supervision:
                        and cache.key(a.config.component_sha256, a.config.limits) == key for a in self.agents):
                 cache.discard(key)
 
+    def artifacts_in_use(self) -> set[str]:
+        """The artifact cache's keys of every agent of the home and of the child templates they may spawn from."""
+        cache = self.workers.spawner.cache
+        configs = [a.config for a in self.agents]
+        configs += [t for c in configs if c.supervision for t in c.supervision.templates]
+        return {cache.key(c.component_sha256, c.limits) for c in configs}
+
     def _spawn(self, config: AgentConfig | TreeConfig, ticket: Ticket | None, replace: bool) -> Member:
         members = config.walk() if isinstance(config, TreeConfig) else [config]
         agents = [c for c in members if isinstance(c, AgentConfig)]
@@ -322,6 +330,7 @@ class Supervision:
         """After a supervisor start: top-level agents and trees whose desired state is running start again."""
         self._load_stored()
         self.drop_unused_uploads(starting=True)  # those of agents removed or never started before a crash
+        self.workers.spawner.cache.sweep()
         rows = {row.id: row for row in self.store.agents()}
         for agent in list(self.agents):
             if not agent.orphan_of:

@@ -274,6 +274,44 @@ def test_a_spawn_commits_its_genesis_with_its_inits_result(short_root: Callable[
     assert_verified(t)
 
 
+_SUPERVISOR_KEEPING_NO_UNUSED_ARTIFACT = """
+import sys
+from supervisor import Supervisor, _artifacts
+from theater.home import Home
+_artifacts.MAX_UNUSED_BYTES = 0  # every artifact no agent uses is dropped at the next sweep
+Supervisor(Home(sys.argv[1])).serve_forever()
+"""
+
+
+def test_the_artifact_cache_keeps_what_agents_use_and_drops_the_rest_past_its_budget(
+    short_root: Callable[[str], Path],
+) -> None:
+    """Compiled artifacts no agent uses are kept up to a budget, the least recently used dropped first, after
+    each compile and at the supervisor's start; those the home's agents use are never dropped. With a budget of
+    nothing: removing an agent and compiling another component drops the removed one's artifact, not the
+    other's; spawning the first component again compiles it again, and it runs."""
+    t = Theater(short_root("sweep"))
+    t.start([sys.executable, "-c", _SUPERVISOR_KEEPING_NO_UNUSED_ARTIFACT, str(t.home.root)])
+    cache = t.home.root / "cache"
+    try:
+        with t.client() as c:
+            c.spawn(t.manifest("a", "echo.wat"))
+            [echo] = cache.glob("*.cwasm")
+            c.spawn(t.manifest("b", "counter.wat"))  # a compile: the sweep keeps both, both are used
+            assert len(list(cache.glob("*.cwasm"))) == 2 and echo.exists()
+            c.stop("a")
+            c.remove("a")
+            c.spawn(t.manifest("c", "chatty.wat"))  # the next compile sweeps: echo's artifact is no one's now
+            assert not echo.exists() and not echo.with_suffix(".tag").exists()
+            assert len(list(cache.glob("*.cwasm"))) == 2
+            c.spawn(t.manifest("a2", "echo.wat"))
+            assert c.call("a2", b"back") == b"back"
+            assert echo.exists()
+        assert "dropped 1 compiled artifact(s) no agent uses" in supervisor_log(t)
+    finally:
+        t.stop()
+
+
 def test_no_worker_or_fork_server_outlives_a_killed_supervisor(theater: Theater) -> None:
     """SIGKILL the supervisor: the fork-server, its spare and every forked worker end with it."""
     with theater.client() as c:
