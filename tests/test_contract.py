@@ -834,7 +834,7 @@ def test_fork_server_messages_round_trip_and_refuse_what_is_malformed() -> None:
     compile_ = fs.CompileRequest("k" * 64, "/h/cache/k", "/a/c.wasm", "cd" * 32, {"fuel_per_call": 1}, "c")
     profile = AgentSpec.from_json(spec_json()).profile
     for request in (fs.Spawn(7, "/h/run/workers/x", offer, None), fs.Spawn(8, "/w", None, compile_)):
-        assert fs.Spawn.decode(request.encode()) == request
+        assert fs.decode_to_fork_server(request.encode()) == request
     for message in (fs.Ready(12, 1, True), fs.Spawned(7, 99), fs.SpawnRefused(7, "RuntimeError: threads"),
                     fs.Compiled("k", True, 0.5, "ab" * 32, 1234, (1, 2, 3)), fs.Compiled("k", False, 0.5, error="boom"),
                     fs.SpareBorn(5), fs.SpareEnded(5), fs.SpareBorn(6, bytes(range(32)), profile)):
@@ -846,9 +846,8 @@ def test_fork_server_messages_round_trip_and_refuse_what_is_malformed() -> None:
         (fs.Boot.decode, b'{"endpoint": "tcp://x:1", "token": "' + b"00" * 32 + b'", "parent_pid": 1}', "ipc://"),
         (fs.Boot.decode, b'{"endpoint": "ipc://x", "token": "' + b"00" * 32 + b'", "parent_pid": true}', "parent_pid"),
         (fs.Boot.decode, b"[1]", "not a JSON object"),
-        (fs.Spawn.decode, b'{"op": "fork", "id": 1}', "unknown op"),
-        (fs.Spawn.decode, b'{"op": "spawn", "id": "1", "workdir": "/w"}', "'id'"),
-        (fs.Spawn.decode, b'{"op": "spawn", "id": 1, "workdir": "/w", "artifact": {"key": "k"}}', "'path'"),
+        (fs.decode_to_fork_server, b'{"op": "spawn", "id": "1", "workdir": "/w"}', "'id'"),
+        (fs.decode_to_fork_server, b'{"op": "spawn", "id": 1, "workdir": "/w", "artifact": {"key": "k"}}', "'path'"),
         (fs.decode_from_fork_server, b'{"note": "gossip"}', "unknown note"),
         (fs.decode_from_fork_server, b'{"ready": 1, "threads": 1, "clone_parent": 1}', "'clone_parent'"),
         (fs.decode_from_fork_server, b'{"note": "compiled", "key": "k", "ok": true, "seconds": 1, "sha256": "x",'

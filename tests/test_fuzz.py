@@ -90,8 +90,7 @@ def test_control_requests_raise_only_bad_request(op: Any, body: Any, data: bytes
 @FUZZ
 @given(st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode())))
 def test_fork_server_messages_raise_only_protocol_error(data: bytes) -> None:
-    for decode in (forkserver.Boot.decode, forkserver.Spawn.decode, forkserver.decode_from_fork_server,
-                   forkserver.decode_to_fork_server):
+    for decode in (forkserver.Boot.decode, forkserver.decode_from_fork_server, forkserver.decode_to_fork_server):
         with contextlib.suppress(ProtocolError):
             decode(data)
 

@@ -145,14 +145,8 @@ class Spawn:
         return _dumps(obj)
 
     @classmethod
-    def decode(cls, data: bytes) -> Spawn:
-        obj = _load(data, "spawn request")
-        if obj.get("op") != "spawn":
-            raise ProtocolError(f"spawn request: unknown op {str(obj.get('op'))[:32]!r}")
-        return cls._from(obj)
-
-    @classmethod
-    def _from(cls, obj: dict[str, Any]) -> Spawn:
+    def from_obj(cls, obj: dict[str, Any]) -> Spawn:
+        """From the request's JSON object (``decode_to_fork_server`` reads the datagram and its op)."""
         artifact = obj.get("artifact")
         compile_ = obj.get("compile")
         if artifact is not None:
@@ -195,7 +189,7 @@ def decode_to_fork_server(data: bytes) -> Spawn | Took:
     obj = _load(data, "request")
     op = obj.get("op")
     if op == "spawn":
-        return Spawn._from(obj)
+        return Spawn.from_obj(obj)
     if op == "took":
         return Took(_get(obj, "pid", int, "took"))
     raise ProtocolError(f"request: unknown op {str(op)[:32]!r}")
@@ -283,7 +277,6 @@ class SpareEnded:
 
 
 FromForkServer = Ready | Spawned | SpawnRefused | Compiled | SpareBorn | SpareEnded
-
 
 
 def decode_from_fork_server(data: bytes) -> FromForkServer:
