@@ -231,8 +231,7 @@ class Supervision:
                 and os.path.dirname(forgotten.component_path) == os.path.realpath(self.uploads.root):
             cache = self.workers.spawner.cache
             key = cache.key(forgotten.component_sha256, forgotten.limits)
-            if not any(a.config.component_sha256 == forgotten.component_sha256
-                       and cache.key(a.config.component_sha256, a.config.limits) == key for a in self.agents):
+            if key not in self.artifacts_in_use():
                 cache.discard(key)
 
     def artifacts_in_use(self) -> set[str]:
