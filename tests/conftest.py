@@ -221,6 +221,36 @@ def gone(pid: int) -> bool:
         return True
 
 
+def spare_workers(t: Theater, c: Client) -> list[psutil.Process]:
+    """The fork-server's spare workers: forked workers of the supervisor's that no agent has (yet)."""
+    assert t.proc is not None
+    taken = {a["pid"] for a in c.ps()}
+    out = []
+    try:
+        children = psutil.Process(t.proc.pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    for p in children:
+        try:
+            if p.name() == "theater-worker" and p.pid not in taken and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:  # it ended while we looked
+            continue
+    return out
+
+
+def holds_an_artifact(p: psutil.Process) -> bool:
+    """Whether the worker holds a compiled component, open or mapped: a loaded spare does from its fork on, a
+    plain spare not until it is given an agent."""
+    artifact = "memfd:theater-artifact-"
+    try:
+        if any(artifact in os.readlink(f"/proc/{p.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{p.pid}/fd")):
+            return True
+        return any(artifact in m.path for m in p.memory_maps(grouped=True))
+    except (psutil.Error, OSError):  # it ended, or closed a descriptor, while we looked
+        return False
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _sweep_worker_cgroups() -> Iterator[None]:
     """Workers cannot remove their own per-worker cgroups: remove the empty ones once the session is over."""

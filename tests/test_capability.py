@@ -19,9 +19,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from conftest import COMPONENTS, Theater, assert_verified, gone, of, ps, records, wait_running, wait_status, wait_until
+from conftest import (
+    COMPONENTS,
+    Theater,
+    assert_verified,
+    gone,
+    holds_an_artifact,
+    of,
+    ps,
+    records,
+    spare_workers,
+    wait_running,
+    wait_status,
+    wait_until,
+)
 
 from theater.client import Client, ClientError, NotRunning
 from theater.records import Kind
@@ -504,22 +516,8 @@ def test_parent_stop_completes_only_after_its_children_stopped(theater: Theater)
 
 
 def _plain_spare(t: Theater, c: Client) -> int | None:
-    """The pid of the fork-server's plain spare (a worker of no agent's that holds no compiled component: a
-    loaded spare holds its component's artifact, open or mapped, from its fork on), if there is one."""
-    assert t.proc is not None
-    taken = {a["pid"] for a in c.ps()}
-    artifact = "memfd:theater-artifact-"
-    for p in psutil.Process(t.proc.pid).children():
-        try:
-            if p.name() != "theater-worker" or p.pid in taken or p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            fds = [os.readlink(f"/proc/{p.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{p.pid}/fd")]
-            if not any(artifact in target for target in fds) and \
-                    not any(artifact in m.path for m in p.memory_maps(grouped=True)):
-                return p.pid
-        except (psutil.Error, OSError):  # it ended, or closed a descriptor, while we looked
-            continue
-    return None
+    """The pid of the fork-server's plain spare, if there is one."""
+    return next((p.pid for p in spare_workers(t, c) if not holds_an_artifact(p)), None)
 
 
 def test_stopping_a_child_before_its_worker_said_hello_keeps_the_supervisor_up(theater: Theater) -> None:

@@ -28,8 +28,10 @@ from conftest import (
     Theater,
     assert_verified,
     gone,
+    holds_an_artifact,
     ps,
     records,
+    spare_workers,
     supervisor_log,
     wait_running,
     wait_until,
@@ -125,35 +127,13 @@ def test_forked_workers_harden_themselves_make_own_keys_and_are_the_supervisors_
         assert c.call("a", b"y") == b"2"
 
 
-def _maps_an_artifact(p: psutil.Process) -> bool:
-    """Whether the process has a compiled component mapped (a loaded spare does; a plain one has none yet)."""
-    try:
-        return any("memfd:theater-artifact-" in m.path for m in p.memory_maps(grouped=True))
-    except psutil.Error:
-        return False
-
-
-def _spares(t: Theater, c: Client) -> list[psutil.Process]:
-    """The fork-server's spare workers: forked workers of the supervisor's that no agent has (yet)."""
-    assert t.proc is not None
-    taken = {a["pid"] for a in c.ps()}
-    out = []
-    for p in _children(t.proc.pid):
-        try:
-            if p.name() == "theater-worker" and p.pid not in taken and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:  # it ended while we looked
-            continue
-    return out
-
-
 def _spare_of(t: Theater, c: Client, not_pid: int | None = None, *, loaded: bool | None = None) -> psutil.Process:
     """A spare worker of the fork-server (other than ``not_pid``): one that has loaded a component ahead
     (``loaded=True``), a plain one (``False``), or either (None)."""
 
     def spare() -> psutil.Process | None:
-        for p in _spares(t, c):
-            if p.pid != not_pid and (loaded is None or _maps_an_artifact(p) == loaded):
+        for p in spare_workers(t, c):
+            if p.pid != not_pid and (loaded is None or holds_an_artifact(p) == loaded):
                 return p
         return None
 
@@ -214,7 +194,7 @@ def test_a_component_that_calls_the_host_while_instantiated_is_not_loaded_ahead(
     agent, so each agent's chain holds its own host call, before its init."""
     with theater.client() as c:
         c.spawn(theater.manifest("a", "start_now.wat"))
-        wait_until(lambda: len(_spares(theater, c)) >= 2, 20, "the plain spare and the one for start_now.wat")
+        wait_until(lambda: len(spare_workers(theater, c)) >= 2, 20, "the plain spare and the one for start_now.wat")
         c.spawn(theater.manifest("b", "start_now.wat"))
         assert c.call("b", b"hi") == b"hi"
     for name in ("a", "b"):
@@ -231,7 +211,7 @@ def test_spares_are_loaded_for_the_four_profiles_spawned_last(theater: Theater) 
         for i in range(1, 5):
             c.spawn(theater.manifest(f"p{i}", "echo.wat", limits={"max_logs_per_call": 10 + i}))
         wait_until(lambda: gone(first.pid), 20, "the spare of the profile spawned least lately to end")
-        wait_until(lambda: sum(map(_maps_an_artifact, _spares(theater, c))) == 4, 20, "four loaded spares")
+        wait_until(lambda: sum(map(holds_an_artifact, spare_workers(theater, c))) == 4, 20, "four loaded spares")
 
 
 def test_a_spare_that_dies_unused_is_reaped_and_replaced(theater: Theater) -> None:
