@@ -6,7 +6,8 @@ real workers; its fork-server is this script run as ``--fork-server cpu|memory
 their address-space ceiling to 64 MiB (far below what the fork-server has
 mapped) before it serves, so every compile job hits it. With ``cpu`` the
 compile job also spins instead of compiling, so it meets its ceiling however
-fast the compile would have been.
+fast the compile would have been, and first writes its OOM score adjustment to
+the supervisor's output.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> int:
                 from worker import _engine
 
                 def spin(*_args: object) -> object:
+                    with open("/proc/self/oom_score_adj") as f:  # what the test checks of a compile job
+                        print(f"compile job oom_score_adj {f.read().strip()}", file=sys.stderr, flush=True)
                     while True:
                         pass
 

@@ -362,6 +362,20 @@ def test_a_worker_never_outlives_its_supervisor(probes: Any, user: str, request:
     wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 20, "the worker to exit")
 
 
+@pytest.mark.parametrize("user", ["root", "root-fork-server", "nobody"])
+def test_a_machine_out_of_memory_loses_workers_before_the_supervisor(probes: Any, user: str) -> None:
+    """Every worker, however started, puts itself first in line for the kernel's OOM killer: the kernel's
+    own score ranks it above the supervisor, whose death would end every agent."""
+    t = probes(user)
+    with t.client() as c:
+        pid = _spawn(t, c, "p")
+        assert c.call("p", b"x") == b"x"
+    assert t.proc is not None
+    assert Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "1000"
+    worker, supervisor = (int(Path(f"/proc/{p}/oom_score").read_text()) for p in (pid, t.proc.pid))
+    assert worker > supervisor, (worker, supervisor)
+
+
 _STAGE1 = """
 import os, sys
 from worker import _harden

@@ -429,6 +429,8 @@ def test_a_compile_job_past_its_ceiling_ends_alone_and_the_worker_compiles(
         ends = ["was killed by SIGKILL"] if ceiling == "cpu" else ["was killed by SIGABRT", "MemoryError"]
         assert "failed after" in log and any(end in log for end in ends), log[-3000:]
         assert not list((t.home.root / "cache").glob("*.cwasm"))
+        if ceiling == "cpu":  # and it is first in line for the OOM killer, as a worker is
+            assert "compile job oom_score_adj 1000" in log, log[-3000:]
     finally:
         t.stop()
 

@@ -410,6 +410,7 @@ def _compile_job(request: CompileRequest, result_fd: int) -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_CPU, (COMPILE_CPU_S, COMPILE_CPU_S))
         resource.setrlimit(resource.RLIMIT_AS, (COMPILE_AS_BYTES, COMPILE_AS_BYTES))
+        _harden.first_out_of_memory()  # a machine out of memory loses the compile, not the supervisor
         from theater.spec import Limits
 
         from ._engine import artifact_key, compile_component, file_signature, make_engine, read_component

@@ -13,7 +13,7 @@ process is still single-threaded and everything applies to every later thread):
 
     hygiene      parent-death signal, not dumpable, umask 077, stray descriptors
                  closed, empty environment, empty private working directory,
-                 own session
+                 own session, first in line for the OOM killer
     cgroups      a per-worker group in the v1 pids and cpu controllers
     namespaces   new user, mount (everything read-only), network, IPC, UTS and
                  cgroup namespaces
@@ -69,11 +69,12 @@ from . import cgroups, hygiene, landlock, namespaces, privileges, rlimits, secco
 from ._sys import APPLIED, SKIPPED, unavailable, why
 from .cgroups import sweep as sweep_cgroups
 from .confinement import Confinement, Prepared
+from .hygiene import first_out_of_memory
 from .landlock import home_of, landlock_abi
 
 __all__ = [
     "APPLIED", "ATTEMPTED_LAYERS", "EXIT_PARENT_GONE", "SKIPPED", "HardeningFailed", "enter_next_cgroup",
-    "harden_before_connect", "home_of", "inherited_fds", "landlock_abi", "leave_cgroups", "lock_down",
+    "first_out_of_memory", "harden_before_connect", "home_of", "inherited_fds", "landlock_abi", "leave_cgroups", "lock_down",
     "lock_down_ahead", "prepare_for_workers", "prepare_lock_down", "require", "sweep_cgroups",
 ]
 

@@ -2,8 +2,8 @@
 
 Before any other layer: die with the supervisor, no core dumps and no ptrace
 by same-user peers, a private umask, nothing inherited (environment,
-descriptors), its own session, and a check that the working directory is
-private and empty. It is applied in two parts because a worker whose parent
+descriptors), its own session, first in line for the kernel's OOM killer, and a
+check that the working directory is private and empty. It is applied in two parts because a worker whose parent
 is already gone exits with a status the package defines.
 """
 
@@ -18,6 +18,16 @@ from ._sys import APPLIED, prctl, unavailable, why
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+# The kernel's OOM killer takes the process with the highest score; at the maximum adjustment a worker's
+# score is above any unadjusted process's, so a machine out of memory loses agents, never the supervisor
+# (whose death would end them all). Raising one's own adjustment needs no privilege.
+OOM_SCORE_ADJ_FIRST = 1000
+
+
+def first_out_of_memory() -> None:
+    """Put this process first in line for the OOM killer (children inherit it)."""
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(OOM_SCORE_ADJ_FIRST))
 
 
 def die_with(parent_pid: int) -> bool:
@@ -27,7 +37,13 @@ def die_with(parent_pid: int) -> bool:
 
 
 def apply(report: dict[str, str], keep: set[int] | frozenset[int]) -> str:
-    """No core dumps or ptrace by peers, private umask, nothing inherited but ``keep``."""
+    """No core dumps or ptrace by peers, private umask, nothing inherited but ``keep``, first to go when
+    memory runs out."""
+    problems = []
+    try:  # while still dumpable: a process that is not has its /proc files owned by root
+        first_out_of_memory()
+    except OSError as exc:
+        problems.append(f"oom_score_adj: {why(exc)}")
     prctl(PR_SET_DUMPABLE, 0)
     os.umask(0o077)
     os.environ.clear()
@@ -36,7 +52,6 @@ def apply(report: dict[str, str], keep: set[int] | frozenset[int]) -> str:
     if os.getsid(0) != os.getpid():
         with contextlib.suppress(OSError):
             os.setsid()
-    problems = []
     if os.getsid(0) != os.getpid():
         problems.append("not a session leader")
     try:
