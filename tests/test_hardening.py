@@ -579,45 +579,44 @@ def test_many_workers_start_and_serve_with_every_core_busy(start: str, request: 
     assert_verified(t)
 
 
+_LOCKED_AHEAD = """
+import os
+from worker._harden import seccomp
+from worker._harden.confinement import Confinement
+
+outcome = []
+r, w = os.pipe()
+confinement = Confinement(pid=os.getpid())
+seccomp.lock_ahead(confinement)
+outcome.append(f"ahead: dup2 {os.dup2(w, 50)}")  # the hand-over's dup2 passes
+try:  # a loaded spare opens no file on its way to its agent: fstat is refused already
+    os.fstat(w)
+    outcome.append("ahead: fstat passed")
+except OSError as exc:
+    outcome.append(f"ahead: fstat {exc.errno}")
+seccomp.close_handover(confinement)
+for name, call in (("dup2", lambda: os.dup2(w, 51)), ("fstat", lambda: os.fstat(w)),
+                   ("lseek", lambda: os.lseek(w, 0, os.SEEK_CUR))):
+    try:
+        call()
+        outcome.append(f"closed: {name} passed")
+    except OSError as exc:
+        outcome.append(f"closed: {name} {exc.errno}")
+os.write(1, "; ".join(outcome).encode())
+"""
+
+
 def test_a_spare_locked_down_ahead_ends_with_exactly_the_allowlist() -> None:
     """A loaded spare installs the allowlist before it has an agent, with the few calls of the hand-over
     (seccomp.HANDOVER) let through, and closes them at its agent's lock-down: each is refused in the
-    allowlist itself, and the real kernel filters refuse them once closed, not before."""
+    allowlist itself, and the real kernel filters refuse them once closed, not before. (In a process of
+    its own, with one thread, so the filters apply to the whole of it.)"""
     from worker._harden import seccomp
-    from worker._harden.confinement import Confinement
 
     assert all(seccomp.ALLOWLIST.get(name) == seccomp.EPERM for name in seccomp.HANDOVER)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # one thread here, so the filters apply to the whole child; it reports through the pipe
-        outcome = []
-        try:
-            os.close(read_end)
-            confinement = Confinement(pid=os.getpid())
-            seccomp.lock_ahead(confinement)
-            fd = os.dup2(write_end, 50)  # the hand-over's dup2 passes
-            outcome.append(f"ahead: dup2 {fd}")
-            try:  # a loaded spare opens no file on its way to its agent: fstat is refused already
-                os.fstat(write_end)
-                outcome.append("ahead: fstat passed")
-            except OSError as exc:
-                outcome.append(f"ahead: fstat {exc.errno}")
-            seccomp.close_handover(confinement)
-            for name, call in (("dup2", lambda: os.dup2(write_end, 51)), ("fstat", lambda: os.fstat(write_end)),
-                               ("lseek", lambda: os.lseek(write_end, 0, os.SEEK_CUR))):
-                try:
-                    call()
-                    outcome.append(f"closed: {name} passed")
-                except OSError as exc:
-                    outcome.append(f"closed: {name} {exc.errno}")
-        finally:
-            os.write(write_end, "; ".join(outcome).encode())
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        report = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, report
+    run = subprocess.run([sys.executable, "-c", _LOCKED_AHEAD], cwd=ROOT, capture_output=True, timeout=60, check=False)
+    report = run.stdout.decode()
+    assert run.returncode == 0, (report, run.stderr.decode()[-2000:])
     assert report == (f"ahead: dup2 50; ahead: fstat {seccomp.EPERM}; closed: dup2 {seccomp.EPERM}; "
                       f"closed: fstat {seccomp.EPERM}; closed: lseek {seccomp.EPERM}")
 
