@@ -79,6 +79,12 @@ class Pending:
     asked: bool = False  # its worker sent a host request for it: it started
 
 
+def uptime_s(now: float, since: float) -> float:
+    """Seconds from ``since`` to ``now`` in whole milliseconds, as ``ps`` and ``tree`` show an uptime (not
+    ``round(x, 3)``, which rounds through a decimal conversion: 0.2 against 0.08 µs, once per agent listed)."""
+    return int((now - since) * 1000) / 1000
+
+
 class _Member:
     """What agents and supervisor nodes are alike in: a name, an id and a restart spec, from their config."""
 
@@ -182,7 +188,6 @@ class Agent(_Member):
         """The agent as ``ps`` lists it; ``now`` (``time.time()``) is taken once for a whole listing, whose
         thousands of rows are most of its cost."""
         worker, status = self.worker, self.leaf.status
-        running = status is Status.RUNNING
         return {
             "head": self.verifier.next_seq - 1,
             "id": self.uuid,
@@ -195,8 +200,8 @@ class Agent(_Member):
             "pid": worker.pid if worker is not None and not worker.exited and worker.pidfd >= 0 else None,
             "policy": self.config.policy,
             "restarts": self.restart_count,
-            "status": status.value,
-            "uptime_s": round((now or time.time()) - self.started_at, 3) if running else 0,
+            "status": status,  # a str enum, written as its value (.value is a descriptor call: 0.1 µs a row)
+            "uptime_s": uptime_s(now or time.time(), self.started_at) if status is Status.RUNNING else 0,
         }
 
 

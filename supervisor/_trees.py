@@ -30,7 +30,7 @@ from theater.exits import exit_text
 from theater.home import Home
 from theater.records import Kind, Record, sha256
 
-from ._agent import Agent, Agents, Member, Node, Pending
+from ._agent import Agent, Agents, Member, Node, Pending, uptime_s
 from ._config import (
     MAX_COMPONENT_BYTES,
     OPERATOR,
@@ -812,7 +812,7 @@ class Supervision:
             "restart": member.restart.type,
             "restarts": sup.restart_count,
             "status": str(sup.status),
-            "uptime_s": round(time.time() - member.started_at, 3) if sup.status is Status.RUNNING else 0,
+            "uptime_s": uptime_s(time.time(), member.started_at) if sup.status is Status.RUNNING else 0,
             "last_exit": sup.last_exit,
             "head": self.chains[member.name].next_seq - 1 if member.name in self.chains else -1,
             "head_ns": member.head_ns,

@@ -45,6 +45,7 @@ from conftest import (
     write_lab_policy,
 )
 
+from supervisor._agent import uptime_s
 from supervisor._audit import open_readonly
 from supervisor._errors import NotFound
 from theater import wire
@@ -944,6 +945,7 @@ def test_operator_restart_of_an_agent_and_a_subtree_does_not_count_against_inten
             "kind": "supervisor", "name": "root", "strategy": "one_for_one", "intensity": 1, "period_ms": 60000,
             "restarts": 0, "status": "running"}
         assert root["uptime_s"] > 0
+        assert uptime_s(10.0, 8.7654) == 1.234 and uptime_s(5.0, 5.0) == 0  # whole milliseconds, never more
         [a, sub] = root["children"]
         assert (a["kind"], a["name"], a["restart"], a["restarts"], a["status"]) == ("agent", "a", "permanent", 0, "running")
         assert a["id"] == ps(c, "a")["id"] and a["pid"] == ps(c, "a")["pid"] and a["uptime_s"] >= 0
