@@ -80,10 +80,12 @@ class Scope:
 
 
 def localized(result: Any, tenant: str) -> Any:
-    """A reply as ``tenant`` reads it: its own names without its prefix."""
+    """A reply as ``tenant`` reads it: its own names without its prefix. Only containers are descended
+    into: a `ps` of 1,000 rows is 13,000 values, most of them plain (3.3 ms when each was a call)."""
     if isinstance(result, dict):
-        return {k: local_name(v, tenant) if k in _NAME_KEYS and isinstance(v, str) else localized(v, tenant)
+        return {k: (local_name(v, tenant) if k in _NAME_KEYS else v) if isinstance(v, str)
+                else localized(v, tenant) if isinstance(v, (dict, list)) else v
                 for k, v in result.items()}
     if isinstance(result, list):
-        return [localized(v, tenant) for v in result]
+        return [localized(v, tenant) if isinstance(v, (dict, list)) else v for v in result]
     return result
