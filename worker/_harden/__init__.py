@@ -74,8 +74,8 @@ from .landlock import home_of, landlock_abi
 
 __all__ = [
     "APPLIED", "ATTEMPTED_LAYERS", "EXIT_PARENT_GONE", "SKIPPED", "HardeningFailed", "enter_next_cgroup",
-    "first_out_of_memory", "harden_before_connect", "home_of", "inherited_fds", "landlock_abi", "leave_cgroups", "lock_down",
-    "lock_down_ahead", "prepare_for_workers", "prepare_lock_down", "require", "sweep_cgroups",
+    "first_out_of_memory", "harden_before_connect", "home_of", "inherited_fds", "landlock_abi", "leave_cgroups",
+    "lock_down", "lock_down_ahead", "prepare_for_workers", "prepare_lock_down", "require", "sweep_cgroups",
 ]
 
 EXIT_PARENT_GONE = WorkerExit.PARENT_GONE

@@ -1,10 +1,11 @@
 """Process hygiene, the layer every worker must apply whatever its policy.
 
-Before any other layer: die with the supervisor, no core dumps and no ptrace
-by same-user peers, a private umask, nothing inherited (environment,
-descriptors), its own session, first in line for the kernel's OOM killer, and a
-check that the working directory is private and empty. It is applied in two parts because a worker whose parent
-is already gone exits with a status the package defines.
+Before any other layer: die with the supervisor, first in line for the
+kernel's OOM killer, no core dumps and no ptrace by same-user peers, a private
+umask, nothing inherited (environment, descriptors), its own session, and a
+check that the working directory is private and empty. It is applied in two
+parts because a worker whose parent is already gone exits with a status the
+package defines.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ._sys import APPLIED, prctl, unavailable, why
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 # The kernel's OOM killer takes the process with the highest score; at the maximum adjustment a worker's
-# score is above any unadjusted process's, so a machine out of memory loses agents, never the supervisor
+# score is above any unadjusted process's, so a machine out of memory loses agents before the supervisor
 # (whose death would end them all). Raising one's own adjustment needs no privilege.
 OOM_SCORE_ADJ_FIRST = 1000
 
