@@ -11,12 +11,13 @@ serving becomes an ``internal`` error reply.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hmac
 import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -189,10 +190,12 @@ class Control:
                 self._queue(scope.agent(agent), data, (ticket, timeout_ms))
             case req.Ps():
                 now = time.time()
-                self.reply(ident, rid, {"agents": [a.summary(now) for a in scope.agents()], "store_problem": problem})
+                with _collector_paused():  # the rows are built, sent and dropped inside
+                    self.reply(ident, rid, {"agents": [a.summary(now) for a in scope.agents()], "store_problem": problem})
             case req.Tree():
-                roots = [m for m in self.supervision.roots() if scope.owns(m)]
-                self.reply(ident, rid, {"roots": [self.supervision.entry(m) for m in roots]})
+                with _collector_paused():
+                    roots = [m for m in self.supervision.roots() if scope.owns(m)]
+                    self.reply(ident, rid, {"roots": [self.supervision.entry(m) for m in roots]})
             case req.Stop(agent):
                 self.supervision.stop(scope.member(agent), ticket)
             case req.Restart(agent):
@@ -227,7 +230,8 @@ class Control:
             case req.TenantRemove(name):
                 self.supervision.remove_tenant(name, ticket)
             case req.Top():
-                self.reply(ident, rid, self.usage.top(scope))
+                with _collector_paused():
+                    self.reply(ident, rid, self.usage.top(scope))
             case req.Usage(of, since_ns):
                 if tenant != OPERATOR and of not in (None, tenant):
                     self.tenants.deny(tenant, "usage", f"asked for the usage of tenant {of!r}")
@@ -401,6 +405,21 @@ class Control:
         self.socket.close(0)
         if self.remote is not None:
             self.remote.close()
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """For a reply with a row per agent, built, sent and dropped inside: its thousands of dicts hold no cycles.
+    Collected while alive, they would be moved into the oldest generation, and every few dozen listings of
+    2,000 agents would pay a full collection of the whole heap (9-15 ms, finding nothing)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _answered(pending: Pending) -> None:

@@ -263,6 +263,7 @@ class Supervisor:
 
     def close(self) -> None:
         self.workers.close()
+        self.usage.collections.close()
         self.spawner.close()
         for path in (self.home.token, self.home.pid_file, self.home.control_sock, self.home.workers_sock):
             with contextlib.suppress(FileNotFoundError):

@@ -9,6 +9,7 @@ rusage, kept in the store's ``worker_usage``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -63,6 +64,29 @@ PROC_TICK_S = 0.02
 WATCH_S = 10.0
 
 
+class Collections:
+    """The supervisor's garbage collections, each a pause of its loop: a full one scans every object the
+    agents hold (8-15 ms at 2,000 agents), and every reply due meanwhile waits."""
+
+    def __init__(self) -> None:
+        self.full = 0
+        self.ns = 0  # time spent in collections of any generation
+        self._started = 0
+        gc.callbacks.append(self._observe)
+
+    def _observe(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter_ns()
+            return
+        self.ns += time.perf_counter_ns() - self._started
+        if info["generation"] == 2:
+            self.full += 1
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._observe)
+
+
 class Usage:
     def __init__(self, store: EventStore, agents: Agents, tenants: Tenants, timers: Timers) -> None:
         self.store = store
@@ -78,6 +102,7 @@ class Usage:
         self.records_total = 0
         self.spawns_total = 0
         self.restarts_total = 0
+        self.collections = Collections()
         # CPU of workers that ended before this supervisor started (the store's worker_usage, not its records).
         self._ended_cpu = {agent_id: cpu for agent_id, (cpu, _) in store.ended_workers(None, 0).items()}
 
@@ -191,6 +216,8 @@ class Usage:
                 "rss_bytes": rss, "records_total": self.records_total, "commits_total": self.store.commits,
                 "commit_seconds_total": round(self.store.commit_ns / 1e9, 6), "spawns_total": self.spawns_total,
                 "restarts_total": self.restarts_total,
+                "gc_full_collections_total": self.collections.full,
+                "gc_seconds_total": round(self.collections.ns / 1e9, 6),
                 "mailbox_total": sum(a.queued for a in self.agents),
                 "agents": len(self.agents), "running": sum(1 for a in self.agents if a.alive),
                 "refused_connections": self.tenants.refused_connections}
@@ -273,6 +300,9 @@ _SUPERVISOR_SERIES = (
     ("commit_seconds", "time spent in durable store transactions", "counter", "commit_seconds_total"),
     ("worker_spawns", "workers started", "counter", "spawns_total"),
     ("restarts", "agent restarts by supervision", "counter", "restarts_total"),
+    ("gc_full_collections", "full garbage collections of its heap (each pauses its loop)", "counter",
+     "gc_full_collections_total"),
+    ("gc_seconds", "time its loop spent in garbage collections", "counter", "gc_seconds_total"),
     ("mailbox_depth", "messages waiting in every mailbox", "gauge", "mailbox_total"),
     ("agents", "agents it knows", "gauge", "agents"),
     ("agents_running", "agents with a live worker", "gauge", "running"),

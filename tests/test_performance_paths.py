@@ -7,6 +7,7 @@ Waits are on replies, pidfds or process facts with a deadline.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -735,6 +736,44 @@ def test_the_ps_listing_is_written_with_its_keys_sorted_as_every_json_frame(thea
     assert [a["name"] for a in reply["result"]["agents"]] == ["a", "b"]
     assert orders and all(keys == sorted(keys) for keys in orders), orders
     assert frame == json.dumps(reply, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+
+
+
+def test_a_listing_is_built_with_the_collector_paused_and_leaves_it_as_it_found_it() -> None:
+    """``ps``, ``tree`` and ``top`` build a dict per agent inside ``_collector_paused``: no collection runs
+    there, however many are made (collected while alive, thousands of rows would be moved into the oldest
+    generation and set off full collections of the supervisor's heap), and the collector is left as it was,
+    also when the reply fails."""
+    from supervisor._control import _collector_paused
+
+    started: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        assert gc.isenabled()
+        with _collector_paused():
+            assert not gc.isenabled()
+            rows = [{"n": i} for i in range(20 * gc.get_threshold()[0])]  # twenty times what starts one
+            del rows
+        assert started == [] and gc.isenabled()
+        with pytest.raises(KeyError), _collector_paused():
+            raise KeyError("a reply that fails")
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            with _collector_paused():
+                pass
+            assert not gc.isenabled()  # a caller's pause is its own to end
+        finally:
+            gc.enable()
+        [{"n": i} for i in range(20 * gc.get_threshold()[0])]
+        assert started  # the counting itself works: outside, as many dicts start collections
+    finally:
+        gc.callbacks.remove(count)
 
 
 # --- host functions: their types read once ------------------------------------------------------------

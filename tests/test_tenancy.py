@@ -431,6 +431,8 @@ def test_metrics_parse_and_match_the_agents_records(hosted: Theater) -> None:
     assert m[("theater_supervisor_records_total", ())] >= len(chain)
     assert m[("theater_supervisor_worker_spawns_total", ())] >= 1
     assert m[("theater_supervisor_commits_total", ())] >= 1
+    assert m[("theater_supervisor_gc_seconds_total", ())] > 0  # young collections, at least, have run
+    assert m[("theater_supervisor_gc_full_collections_total", ())] >= 0
 
 
 def test_usage_reports_what_the_store_holds_and_survives_a_restart(hosted: Theater) -> None:
