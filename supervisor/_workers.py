@@ -111,6 +111,7 @@ class Workers:
         agent.discard_results = False
         self.usage.spawns_total += 1
         worker, agent.prepared = agent.prepared, None
+        parked, agent.parked = agent.parked, None  # its hello: taken with it, or dropped with it
         self.preparing.discard(agent)
         if worker is None or worker.exited or worker.kill_reason is not None:
             self._spawn(agent, ahead=False)
@@ -119,7 +120,6 @@ class Workers:
         if not worker.pending:
             del self.held[worker.pidfd]
             self.by_pidfd[worker.pidfd] = agent
-        parked, agent.parked = agent.parked, None
         if parked is not None:
             self._bind(agent, worker, parked)
 
@@ -197,10 +197,14 @@ class Workers:
     def settle_spawns(self, timeout: float = 0.0) -> None:
         """Take the fork-server's answers: each worker that now has a pid is watched."""
         for worker in self.spawner.settle(timeout):
-            agent = self.by_token.get(worker.token) or next((a for a in self.agents if a.worker is worker), None)
+            # Its token is forgotten once its hello is read, and a hello may come first (then _on_hello reads
+            # the answer): the agent is found by its worker, or its worker made ready ahead.
+            agent = self.by_token.get(worker.token) or next(
+                (a for a in self.agents if worker is a.worker or worker is a.prepared), None)
             if agent is not None and (worker is agent.worker or worker is agent.prepared):
                 self._watch(agent, worker)
-            else:  # its agent no longer waits for it (cannot happen while the token is known): end it
+            else:  # its agent no longer waits for it: end it
+                self.log(f"worker {worker.pid}: no agent waits for it any more; ended")
                 worker.kill("shutdown")
                 with contextlib.suppress(ChildProcessError, OSError):
                     worker.reap()

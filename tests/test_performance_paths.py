@@ -436,6 +436,34 @@ def test_a_compile_job_past_its_ceiling_ends_alone_and_the_worker_compiles(
         t.stop()
 
 
+
+def test_a_worker_made_ready_ahead_is_kept_when_its_hello_comes_before_the_fork_servers_answer(
+    short_root: Callable[[str], Path],
+) -> None:
+    """A tree's next child has its worker made ready ahead. When that worker's hello is read before the
+    fork-server's answer, the answer is read then, and the worker must still be found as the one made ready
+    for its agent: it was ended as nobody's, and the agent later bound a new worker with the ended one's
+    hello, which took the supervisor down in a tree's restart. Here every answer comes after its hello."""
+    t = Theater(short_root("late-answer"))
+    t.start([sys.executable, str(ROOT / "tests" / "run_late_answer_supervisor.py"), str(t.home.root)])
+    children = [f"c{i}" for i in range(4)]
+    tree = t.dir / "tree.toml"
+    tree.write_text('name = "tree"\nstrategy = "one_for_one"\n' + "".join(
+        f'\n[[children]]\nname = "{c}"\ncomponent = "{COMPONENTS / "echo.wat"}"\n' for c in children))
+    try:
+        with t.client() as c:
+            c.spawn(tree)
+            for _ in range(2):
+                for child in children:
+                    assert c.call(child, child.encode()) == child.encode()
+                c.restart("tree")
+        assert t.proc is not None and t.proc.poll() is None
+    finally:
+        t.stop()
+    log = supervisor_log(t)  # complete once the supervisor has ended
+    assert "up at" in log and "made ready ahead" not in log and "no agent waits for it" not in log, log[-3000:]
+
+
 # --- the artifact cache ----------------------------------------------------------------------------
 
 
