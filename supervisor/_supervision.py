@@ -673,7 +673,7 @@ class Engine:
             if member.status in (Status.STOPPED, Status.FAILED) and not member.up:
                 return False
             member.status = Status.STOPPING
-            member.waiter = job
+            self._wait_on(member, job)
             steps: deque[Step] = deque(("stop", c) for c in reversed(member.children))
             # A subtree's agents stop with reason `shutdown`; a top-level agent's implicit node passes
             # the operator's own reason on.
@@ -686,13 +686,13 @@ class Engine:
         if member.owns is not None and member.owns.up:  # its own children stop first, last first
             job.steps.appendleft(("stop", member))
             job.current = member.owns
-            member.owns.waiter = job
+            self._wait_on(member.owns, job)
             self._stop_owned(member.owns, f"its supervisor {member.name} is stopping")
             return True
         if not member.up:
             return False
         member.status = Status.STOPPING
-        member.waiter = job
+        self._wait_on(member, job)
         self._emit(Stop(member.name, job.reason, job.why, member.shutdown_ms))
         return True
 
@@ -701,7 +701,7 @@ class Engine:
         if member.held or member.up:
             return False
         counted = job is not None and job.counted
-        member.waiter = job
+        self._wait_on(member, job)
         if isinstance(member, Sup):
             member.status = Status.STARTING
             member.restarts = []
@@ -714,6 +714,19 @@ class Engine:
         member.status = Status.RESTARTING if counted else Status.STARTING
         self._emit(Start(member.name, counted, self._next_start(job)))
         return job is not None
+
+    def _wait_on(self, member: Member, job: Job | None) -> None:
+        """``job``'s current step is ``member``. An operator's (or a spawn's) job already waiting on it is
+        superseded: a node above decided meanwhile (a sibling crashed during the operator's restart) and now
+        stops or starts ``member`` itself. Whoever asked is told, once, instead of waiting for ever."""
+        old = member.waiter
+        if old is not None and old is not job and old.node is None and not old.cancelled and old.current is member:
+            old.cancelled = True
+            if old.ticket is not None:
+                by = f"supervisor {job.node.name}" if job is not None and job.node is not None else "another request"
+                self._emit(Abandoned(old.ticket, f"superseded: {by} took over {member.name} meanwhile; ask again "
+                                                 "once it is done"))
+        member.waiter = job
 
     @staticmethod
     def _next_start(job: Job | None) -> str | None:

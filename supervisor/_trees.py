@@ -114,6 +114,7 @@ class Supervision:
         self.trees: list[Node] = []  # tree roots, in spawn order
         self._exits: dict[str, tuple[int, str, str]] = {}  # agent -> (incarnation, reason, detail) to record
         self._violated: set[str] = set()  # agents whose last worker's part of the chain a violation ended
+        self._never_ran: set[str] = set()  # agents stopped before their start made a worker: no exit to record
         self.chains: dict[str, ChainVerifier] = {}  # tree nodes' own chains, by node name
         self._waiting_for_store: list[Agent] = []  # starts held while the store cannot be written
         self._starts: deque[tuple[Agent, bool]] = deque()  # worker starts (or prepares), one per turn of the loop
@@ -568,7 +569,10 @@ class Supervision:
             elif isinstance(action, Stop):
                 agent = self.agents.by_name[action.name]
                 agent.stop_why = action.why
-                self.workers.stop(agent, action.reason, action.kill_after_ms)
+                if agent.worker is None:
+                    self._stop_before_start(agent, action.reason)
+                else:
+                    self.workers.stop(agent, action.reason, action.kill_after_ms)
             elif isinstance(action, StopNode) and action.kill_after_ms is not None:
                 self._node_deadline(self.nodes[action.name], action.kill_after_ms)
             elif isinstance(action, Settle):
@@ -703,6 +707,23 @@ class Supervision:
         agent = self.agents.by_name[action.name]
         return action.counted and agent.restart.from_state == "initial" and agent.in_store
 
+    def _stop_before_start(self, agent: Agent, reason: str) -> None:
+        """A stop that came while the agent's start had not made its worker yet (starts run one per turn, and
+        wait while the store cannot be written): nothing runs, so nothing is stopped, and the queued start
+        finds the agent no longer starting and drops it. The engine hears the outcome in the next turn, as it
+        would a worker's exit; no exit record is written, since no worker ran since the last one."""
+
+        def outcome() -> None:
+            if agent.worker is not None or agent.status is not Status.STOPPING:
+                return  # it was started or settled meanwhile: its worker's exit (if any) is the outcome
+            self._never_ran.add(agent.name)
+            try:
+                self.apply(self.engine.exited(agent.name, reason, time.monotonic()))
+            finally:
+                self._never_ran.discard(agent.name)
+
+        self.workers.timers.after(0, outcome)
+
     def _record_exit(self, agent: Agent, note: str, desired: Status | None,
                      then: Callable[[], None] | None = None) -> None:
         """The exit record; ``then`` runs once it is in the chain, before its commit (or after a failure)."""
@@ -720,6 +741,10 @@ class Supervision:
                 then()
 
         try:
+            if agent.name in self._never_ran:  # its last worker's exit is in the chain already
+                if want is not None:
+                    self.store.commit([Commit(agent_id=agent.id, records=[], desired=want)])
+                return
             if agent.name in self._violated:  # the violation record already ended this worker's part of the chain
                 self._violated.discard(agent.name)
                 if want is not None:

@@ -10,9 +10,11 @@ verifies.
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -163,4 +165,41 @@ def test_a_spawn_whose_first_commit_does_not_fit_leaves_no_agent_and_can_be_made
         t.stop()
     chain = records(t, "second")
     assert [r.kind for r in chain][:3] == [Kind.GENESIS, Kind.INIT, Kind.HANDLE] and chain[0].seq == 0
+    assert_verified(t)
+
+
+def test_a_tree_stopped_while_a_restart_below_waits_for_the_store_answers_and_that_start_is_dropped(
+    small_disk: Path,
+) -> None:
+    """An inner node's restart of its child waits while the store cannot be written; the operator's stop of
+    the whole tree then stops that child, which has no worker yet. The stop must not wait for a worker that
+    is never made (it was never answered, and the child stayed `stopping`): it answers, the child stays
+    stopped once there is space, and a restart starts every child."""
+    t = Theater(small_disk)
+    t.start()
+    component = tomllib.loads(t.manifest("x", "echo.wat").read_text())["component"]
+    tree = t.dir / "tree.toml"
+    tree.write_text(f'name = "tree"\n\n[[children]]\nname = "inner"\n\n[[children.children]]\nname = "b"\n'
+                    f'component = "{component}"\n\n[[children]]\nname = "a"\ncomponent = "{component}"\n')
+
+    def status(c: Client, name: str) -> str:
+        return str(next(a for a in c.ps() if a["name"] == name)["status"])
+
+    try:
+        with t.client(timeout=60) as c:
+            c.spawn(str(tree))
+            pid = next(a for a in c.ps() if a["name"] == "b")["pid"]
+            filler = _fill_for_good(t)
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: c.ping()["store_problem"] and status(c, "b") == "restarting", 30,
+                       "b's restart to wait for the store")
+            c.stop("tree")  # answered, though b has no worker to stop
+            assert (status(c, "a"), status(c, "b")) == ("stopped", "stopped")
+            filler.unlink()
+            wait_until(lambda: c.ping()["store_problem"] is None, 30, "the store to be writable again")
+            assert status(c, "b") == "stopped" and not next(a for a in c.ps() if a["name"] == "b")["pid"]
+            c.restart("tree")
+            assert c.call("a", b"a") == b"a" and c.call("b", b"b") == b"b"
+    finally:
+        t.stop()
     assert_verified(t)

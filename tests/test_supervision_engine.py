@@ -589,3 +589,23 @@ def test_each_stop_carries_the_childs_own_shutdown() -> None:
     assert names(out, Stop) == ["c", "i1", "b", "a"]  # reverse start order, the subtree in its place
     # the root's own default is infinity; the subtree's limit is its own
     assert [(a.name, a.kill_after_ms) for a in out if isinstance(a, StopNode)] == [("root", None), ("inner", 300)]
+
+
+def test_an_operator_request_superseded_by_a_decision_above_is_answered_once() -> None:
+    """The operator restarts a subtree; before it has stopped, a sibling crashes and the node above restarts
+    every child (one_for_all), the subtree with them. The operator's request cannot finish as asked: it is
+    answered at once, saying so, never left waiting, and the tree ends running."""
+    inner = Sup("inner", Flags(), children=[Leaf("i1"), Leaf("i2")])
+    root = Sup("root", Flags("one_for_all", 10, 5000), children=[inner, Leaf("d")])
+    engine, world = started(root)
+    world.slow.add("i2")
+    out = world.run(engine.restart("inner", world.now, ticket="r"))
+    assert names(out, Stop) == ["i2"] and not [a for a in out if isinstance(a, (Done, Abandoned))]
+    out = world.crash("d")  # root restarts all: it stops inner (waiting on i2) itself
+    abandoned = [a for a in out if isinstance(a, Abandoned)]
+    assert len(abandoned) == 1 and abandoned[0].ticket == "r" and "supervisor root" in abandoned[0].why, out
+    world.slow.clear()
+    out = world.run(engine.exited("i2", "shutdown", world.now))
+    assert not [a for a in out if isinstance(a, (Done, Abandoned))]
+    assert names(out, Start) == ["i1", "i2", "d"]
+    assert all(m.status is Status.RUNNING for m in root.walk()), [(m.name, m.status) for m in root.walk()]
