@@ -766,7 +766,6 @@ def test_the_ps_listing_is_written_with_its_keys_sorted_as_every_json_frame(thea
     assert frame == json.dumps(reply, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
 
 
-
 def test_a_listing_is_built_with_the_collector_paused_and_leaves_it_as_it_found_it() -> None:
     """``ps``, ``tree`` and ``top`` build a dict per agent inside ``_collector_paused``: no collection runs
     there, however many are made (collected while alive, thousands of rows would be moved into the oldest
