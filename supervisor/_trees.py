@@ -741,11 +741,9 @@ class Supervision:
                 then()
 
         try:
-            if agent.name in self._never_ran:  # its last worker's exit is in the chain already
-                if want is not None:
-                    self.store.commit([Commit(agent_id=agent.id, records=[], desired=want)])
-                return
-            if agent.name in self._violated:  # the violation record already ended this worker's part of the chain
+            # Nothing of its own to end: a violation record already ended this worker's part of the chain, or
+            # no worker ran since the last one's exit.
+            if agent.name in self._violated or agent.name in self._never_ran:
                 self._violated.discard(agent.name)
                 if want is not None:
                     self.store.commit([Commit(agent_id=agent.id, records=[], desired=want)])
