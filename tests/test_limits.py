@@ -474,6 +474,17 @@ def test_a_reply_longer_than_any_request_reaches_the_client_whole(theater: Theat
         assert c.ping()["agents"] == 0  # the same client reads the next, shorter reply
 
 
+@pytest.mark.parametrize("name", ["agent-é-代理", "lone-\udc80-surrogate"])
+def test_a_request_carries_any_text_both_ways(theater: Theater, name: str) -> None:
+    """A request goes as UTF-8 JSON, or escaped when it holds what UTF-8 cannot carry (a lone surrogate): the
+    supervisor reads either and names the text back in its answer, itself written either way."""
+    request = wire.encode_request({"agent": name})
+    assert (b"\\udc80" in request) if "\udc80" in name else (name.encode() in request)
+    with theater.client() as c, pytest.raises(ClientError) as refused:
+        c.call(name, b"x")
+    assert refused.value.code == "not-found" and repr(name) in str(refused.value)
+
+
 def _collect(sock: zmq.Socket, count: int, timeout: float = 60.0) -> dict[int, dict]:
     replies: dict[int, dict] = {}
     deadline = time.monotonic() + timeout

@@ -61,6 +61,17 @@ def _supervisor_gone(home: Home) -> bool:
     return False
 
 
+_REQUEST_HEADER = wire.header(wire.ClientType.REQUEST)
+_REPLY_HEADER = wire.header(wire.ClientType.REPLY)
+
+
+def _reply_poller(sock: zmq.Socket[bytes]) -> zmq.Poller:
+    """One poller for the client's life: ``Socket.poll`` builds and registers a new one at every wait."""
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    return poller
+
+
 class Client:
     def __init__(self, home: Home | Path | str | None = None, *, timeout: float = 30.0,
                  credentials: Credentials | None = None, max_reply_bytes: int = wire.MAX_REPLY_JSON_BYTES) -> None:
@@ -83,6 +94,7 @@ class Client:
             self._sock.curve_secretkey = credentials.secret_key.encode()
             self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
             self._sock.connect(credentials.endpoint)
+            self._poller = _reply_poller(self._sock)
             return
         if home is None:
             raise TheaterError("a client needs a home or a tenant's credentials")
@@ -98,6 +110,7 @@ class Client:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
         self._sock.connect(self.home.control_endpoint)
+        self._poller = _reply_poller(self._sock)
 
     def close(self) -> None:
         if self._monitor is not None:
@@ -126,21 +139,21 @@ class Client:
     def request(self, op: str, data: bytes | None = None, *, timeout: float | None = None, **args: Any) -> tuple[dict[str, Any], bytes | None]:
         """Send one request and wait for its reply; raise ClientError on an error reply."""
         rid = next(self._ids)
-        frames = [wire.header(wire.ClientType.REQUEST), wire.encode_json({"op": op, "id": rid, "token": self._token, **args})]
+        frames = [_REQUEST_HEADER, wire.encode_request({"op": op, "id": rid, "token": self._token, **args})]
         if data is not None:
             frames.append(data)
-        self._sock.send_multipart(frames, copy=False)
+        wire.send_frames(self._sock, frames, copy=False)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             remaining = deadline - time.monotonic()
             if self._monitor is not None:  # wait on the reply and on news of the handshake, a little at a time
                 self._refused()
-                if remaining > 0 and not self._sock.poll(int(min(remaining, 0.05) * 1000) + 1):
+                if remaining > 0 and not self._poller.poll(int(min(remaining, 0.05) * 1000) + 1):
                     continue
-            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
+            if remaining <= 0 or not self._poller.poll(int(remaining * 1000) + 1):
                 raise NotRunning(f"no answer from the supervisor at {self.where} within the timeout")
-            reply = self._sock.recv_multipart()
-            if len(reply) < 2 or reply[0] != wire.header(wire.ClientType.REPLY):
+            reply = wire.recv_frames(self._sock)
+            if len(reply) < 2 or reply[0] != _REPLY_HEADER:
                 raise TheaterError("malformed reply from the supervisor")
             body = wire.decode_reply(reply[1], self.max_reply_bytes)
             if body.get("id") != rid:

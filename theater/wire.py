@@ -43,6 +43,7 @@ __all__ = [
     "encode_json",
     "encode_message",
     "encode_reply",
+    "encode_request",
     "header",
     "host_call_bytes",
     "parse_header",
@@ -343,6 +344,15 @@ def encode_reply(obj: Any) -> bytes:
     about ten times faster than ``json``: the longest replies list every agent of a home."""
     try:
         return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # an integer past 64 bits or a lone surrogate: only json writes those
+        return encode_json(obj)
+
+
+def encode_request(obj: Any) -> bytes:
+    """A control request: JSON with text as UTF-8, in any key order (the supervisor reads it as JSON and
+    checks each field). Written by orjson: a client sends one with every call."""
+    try:
+        return orjson.dumps(obj)
     except orjson.JSONEncodeError:  # an integer past 64 bits or a lone surrogate: only json writes those
         return encode_json(obj)
 
