@@ -157,15 +157,26 @@ class Control:
             self.log(f"internal error serving a request: {type(exc).__name__}: {exc}")
             self.reply_error(ident, rid, "internal", f"internal error: {type(exc).__name__}")
 
+    def _refuse_while_unwritable(self, problem: str, request: req.Request, scope: Scope) -> None:
+        """While the store cannot be written, work that needs it is refused at once rather than left waiting: a
+        spawn, message or restart (a start records the worker's key), and a stop that would queue behind a
+        restart or plan held until the store can be written (it would be answered only then)."""
+        if isinstance(request, req.Spawn | req.Upload | req.Send | req.Call | req.Restart):
+            raise StoreUnavailable(f"the event store cannot be written ({problem}); nothing was taken: "
+                                   "try again once there is space")
+        if isinstance(request, req.Stop):
+            behind = self.supervision.engine.waits_behind(scope.member(request.agent).name)
+            if behind is not None:
+                raise StoreUnavailable(f"the event store cannot be written ({problem}) and {behind} waits for it, "
+                                       "which this stop would follow; nothing was taken: try again once there is space")
+
     def _serve(self, ident: bytes, rid: int, request: req.Request, tenant: str) -> None:
         ticket = (ident, rid)
         problem = self.records.store.problem
+        scope = Scope(self.supervision, self.tenants, tenant)
         if problem is not None:
             self.supervision.watch_store()
-        if problem is not None and isinstance(request, req.Spawn | req.Upload | req.Send | req.Call):
-            raise StoreUnavailable(f"the event store cannot be written ({problem}); nothing was taken: "
-                                   "try again once there is space")
-        scope = Scope(self.supervision, self.tenants, tenant)
+            self._refuse_while_unwritable(problem, request, scope)
         match request:
             case req.Ping():
                 info = {"pid": os.getpid(), "home": str(self.home_root), "agents": len(scope.agents()),

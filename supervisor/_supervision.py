@@ -613,6 +613,14 @@ class Engine:
         else:
             self._schedule(job)
 
+    def waits_behind(self, name: str) -> str | None:
+        """What an operator's stop or restart of ``name`` would queue behind: the running job of a node above
+        it, named by that node (by the agent, for a top-level agent's own restart); None if it would run now."""
+        busy = self._busy_above(self._operand(name))
+        if busy is None:
+            return None
+        return f"{busy.owner}'s restart" if busy.kind is NodeKind.AGENT_ROOT else f"supervisor {busy.name}'s plan"
+
     def _busy_above(self, member: Member) -> Sup | None:
         found = None
         node: Sup | None = member if isinstance(member, Sup) else member.parent

@@ -203,3 +203,34 @@ def test_a_tree_stopped_while_a_restart_below_waits_for_the_store_answers_and_th
     finally:
         t.stop()
     assert_verified(t)
+
+
+def test_a_stop_or_restart_that_would_wait_for_the_store_is_refused_at_once(small_disk: Path) -> None:
+    """An agent's restart after a crash waits while the store cannot be written, and an operator's stop of
+    that agent queues behind it (OTP's order): it was answered only once there was space again, so a client
+    timed out with no word of why. While the store cannot be written, such a stop, and any restart, is
+    refused at once with the reason; once there is space the agent's own restart goes on, and both work."""
+    t = Theater(small_disk)
+    t.start()
+    try:
+        with t.client(timeout=60) as c:
+            c.spawn(str(t.manifest("echo", "echo.wat")))
+            pid = c.ps()[0]["pid"]
+            filler = _fill_for_good(t)
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: c.ping()["store_problem"] and c.ps()[0]["status"] == "restarting", 30,
+                       "the restart to wait for the store")
+            with pytest.raises(ClientError, match=r"cannot be written .* and echo's restart waits for it") as stop:
+                c.stop("echo")
+            with pytest.raises(ClientError, match=r"cannot be written .*; nothing was taken") as restart:
+                c.restart("echo")
+            assert stop.value.code == restart.value.code == "store"
+            assert c.ps()[0]["status"] == "restarting"
+            filler.unlink()
+            _wait_serving(c, "echo")
+            assert c.call("echo", b"back") == b"back"
+            c.restart("echo")
+            assert c.stop("echo")["status"] == "stopped"
+    finally:
+        t.stop()
+    assert_verified(t)
