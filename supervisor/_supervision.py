@@ -621,6 +621,26 @@ class Engine:
             return None
         return f"{busy.owner}'s restart" if busy.kind is NodeKind.AGENT_ROOT else f"supervisor {busy.name}'s plan"
 
+    def untie_waiting(self, name: str) -> list[tuple[object, Purpose, str]]:
+        """Whoever waits for agent ``name``'s start, which cannot go on for now (the store cannot be written):
+        a spawn or an operator's request waiting for it or for a node above it to start, and the operators'
+        requests queued behind plans above it. Each is returned once as (ticket, purpose, subject) to be told
+        now; its job goes on, and answers no one."""
+        jobs: list[Job] = []
+        member = self.members.get(name)
+        while member is not None:
+            if member.waiter is not None and member.status in (Status.STARTING, Status.RESTARTING):
+                jobs.append(member.waiter)
+            if isinstance(member, Sup):
+                jobs += member.queue
+            member = member.parent
+        out = []
+        for job in jobs:
+            if job.node is None and job.ticket is not None and not job.cancelled:
+                out.append((job.ticket, job.purpose, job.subject))
+                job.ticket = None
+        return out
+
     def _busy_above(self, member: Member) -> Sup | None:
         found = None
         node: Sup | None = member if isinstance(member, Sup) else member.parent

@@ -59,6 +59,7 @@ from ._supervision import (
     NodeRecord,
     Notify,
     OwnerGaveUp,
+    Purpose,
     RecordExit,
     Removed,
     Settle,
@@ -671,9 +672,7 @@ class Supervision:
                 why = (f"the supervisor's open-files limit of {limit} is reached, {FDS_PER_AGENT} for each running "
                        "agent: raise its hard limit (ulimit -Hn, LimitNOFILE=) or stop agents")
             self.log(f"{agent.name}: cannot start a worker ({why}); trying again shortly")
-            self._waiting_for_store.append(agent)
-            if not self._watching:
-                self.watch_store()
+            self._hold_for_store(agent, why)
 
     def _node_deadline(self, node: Node, limit_ms: int) -> None:
         """OTP: a supervisor child gets its shutdown time to stop its whole subtree, then is killed."""
@@ -697,10 +696,22 @@ class Supervision:
             if self._resets(action):
                 self.reset_state(agent, "restarted from its initial state (from = \"initial\")")
         if self.store.problem is not None:  # its key could not be recorded: start it once writes work
-            self._waiting_for_store.append(agent)
-            self.watch_store()
+            self._hold_for_store(agent, self.store.problem)
             return
         self._start_worker(agent)
+
+    def _hold_for_store(self, agent: Agent, why: str) -> None:
+        """The agent's start waits until the store can be written (or the machine lets a worker start):
+        whoever waits for it is told now, rather than left waiting for as long; the start itself goes on then."""
+        self._waiting_for_store.append(agent)
+        self.watch_store()
+        for ticket, purpose, subject in self.engine.untie_waiting(agent.name):
+            if isinstance(ticket, tuple):
+                ident, rid = ticket
+                what = "spawn" if purpose is Purpose.SPAWN else "request"
+                self.control.reply_error(ident, rid, StoreUnavailable.code,
+                                         f"{agent.name} cannot start now ({why}); this {what} for {subject} goes on "
+                                         "by itself once it can, and is not answered again")
 
     def _resets(self, action: Start) -> bool:
         """Whether starting ``action``'s agent first records a reset to its initial state."""

@@ -234,3 +234,27 @@ def test_a_stop_or_restart_that_would_wait_for_the_store_is_refused_at_once(smal
     finally:
         t.stop()
     assert_verified(t)
+
+
+def test_a_restart_whose_start_waits_for_the_store_is_answered_at_once_and_goes_on(small_disk: Path) -> None:
+    """A restart taken before any write had failed finds the disk full on its way (its first write) and its
+    start waits for the store: it is answered then, with why and what follows, not when space comes back (a
+    client waited for its whole timeout); the start goes on by itself once there is space."""
+    t = Theater(small_disk)
+    t.start()
+    try:
+        with t.client(timeout=60) as c:
+            c.spawn(str(t.manifest("echo", "echo.wat")))
+            c.stop("echo")
+            filler = _fill_for_good(t)
+            assert c.ping()["store_problem"] is None  # nothing has tried to write yet
+            with pytest.raises(ClientError, match=r"echo cannot start now \(.*full.*\); this request for echo goes "
+                                                  r"on by itself once it can") as held:
+                c.restart("echo")
+            assert held.value.code == "store" and c.ps()[0]["status"] == "starting"
+            filler.unlink()
+            _wait_serving(c, "echo")
+            assert c.call("echo", b"back") == b"back"
+    finally:
+        t.stop()
+    assert_verified(t)
