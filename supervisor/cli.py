@@ -74,10 +74,36 @@ def _client(args: argparse.Namespace, home: Home, *, timeout: float = 30.0) -> C
     return Client(home, timeout=timeout)
 
 
+def _last_error(log: Path, began: int) -> str:
+    """What a supervisor started in the background said last before it ended (its ``theater: …`` line in
+    the log, from ``began`` on), as ``": …"``; empty if it said nothing (a full disk may take even that)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(began, f.seek(0, os.SEEK_END) - 65536))
+            tail = f.read(65536).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    said = [line.removeprefix("theater: ") for line in tail.splitlines() if line.startswith("theater: ")]
+    return f": {said[-1][:1000]}" if said else ""
+
+
+def _full(root: Path) -> str:
+    """Why a supervisor may have said nothing: the filesystem of its home is full (under 1 MiB free)."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    return f": the filesystem holding {root} is full ({free:,} bytes free), so nothing it wrote was kept" \
+        if free < 1024 * 1024 else ""
+
+
 def cmd_up(args: argparse.Namespace, home: Home) -> int:
     if args.detach:
         home.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(home.logs / "supervisor.log", "ab") as log:
+        log_path = home.logs / "supervisor.log"
+        with open(log_path, "ab") as log:
+            began = log.tell()
             extra = ["--witness", str(args.witness.resolve())] if args.witness else []
             extra += ["--listen", args.listen] if args.listen else []
             extra += ["--metrics", args.metrics] if args.metrics else []
@@ -89,7 +115,8 @@ def cmd_up(args: argparse.Namespace, home: Home) -> int:
         deadline = time.monotonic() + UP_TIMEOUT_S
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                _err(f"the supervisor exited with status {proc.returncode}; see {home.logs / 'supervisor.log'}")
+                why = _last_error(log_path, began) or _full(home.root)
+                _err(f"the supervisor exited with status {proc.returncode}{why}; see {log_path}")
                 return EXIT_FAIL
             try:
                 with Client(home, timeout=1.0) as c:

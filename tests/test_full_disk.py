@@ -258,3 +258,33 @@ def test_a_restart_whose_start_waits_for_the_store_is_answered_at_once_and_goes_
     finally:
         t.stop()
     assert_verified(t)
+
+
+def test_up_on_a_full_disk_says_why_it_did_not_start(small_disk: Path) -> None:
+    """`theater up --detach` runs the supervisor in the background; when that cannot open its store, `up`
+    fails with the supervisor's own words from its log, not only a pointer to the log, or, when the disk is
+    too full to keep even those, says that."""
+    t = Theater(small_disk)
+    t.start()
+    with t.client() as c:
+        c.spawn(str(t.manifest("echo", "echo.wat")))
+    t.stop()
+    filler = _fill_for_good(t)
+    up = [sys.executable, "-m", "supervisor", "--home", str(t.home.root), "up", "--detach"]
+    failed = subprocess.run(up, capture_output=True, text=True, timeout=60)
+    assert failed.returncode != 0
+    assert f"the supervisor exited with status 1: the filesystem holding {t.home.root} is full (0 bytes free), so " \
+           "nothing it wrote was kept; see " in failed.stderr, failed.stderr
+    with open(filler, "r+b") as f:  # room for the log, not for the store
+        f.truncate(os.path.getsize(filler) - 4096)
+    failed = subprocess.run(up, capture_output=True, text=True, timeout=60)
+    assert failed.returncode != 0
+    # SQLite's own words for it vary ("database or disk is full", "disk I/O error"): they are passed on.
+    assert f"the supervisor exited with status 1: store: {t.home.store}: cannot open the event store: " \
+        in failed.stderr, failed.stderr
+    filler.unlink()
+    assert subprocess.run(up, capture_output=True, text=True, timeout=60).returncode == 0
+    with Client(t.home) as c:
+        assert c.call("echo", b"back") == b"back"
+        c.down()
+    assert_verified(t)
