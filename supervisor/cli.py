@@ -87,15 +87,25 @@ def _last_error(log: Path, began: int) -> str:
     return f": {said[-1][:1000]}" if said else ""
 
 
-def _full(root: Path) -> str:
-    """Why a supervisor may have said nothing: the filesystem of its home is full (under 1 MiB free)."""
+def _full(root: Path, *, wrote: bool) -> str:
+    """Why a supervisor may have said nothing: the filesystem of its home is full (under 1 MiB free).
+    ``wrote``: whether its log kept anything of this run."""
     try:
         st = os.statvfs(root)
     except OSError:
         return ""
     free = st.f_bavail * st.f_frsize
-    return f": the filesystem holding {root} is full ({free:,} bytes free), so nothing it wrote was kept" \
-        if free < 1024 * 1024 else ""
+    if free >= 1024 * 1024:
+        return ""
+    kept = "" if wrote else ", so nothing it wrote was kept"
+    return f": the filesystem holding {root} is full ({free:,} bytes free){kept}"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def cmd_up(args: argparse.Namespace, home: Home) -> int:
@@ -115,7 +125,7 @@ def cmd_up(args: argparse.Namespace, home: Home) -> int:
         deadline = time.monotonic() + UP_TIMEOUT_S
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                why = _last_error(log_path, began) or _full(home.root)
+                why = _last_error(log_path, began) or _full(home.root, wrote=_size(log_path) > began)
                 _err(f"the supervisor exited with status {proc.returncode}{why}; see {log_path}")
                 return EXIT_FAIL
             try:
