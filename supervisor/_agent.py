@@ -72,6 +72,7 @@ class Pending:
     answered: bool = False
     on_answer: OnAnswer | None = None
     timer_id: int | None = None  # the agent's timer this message is; consumed when its result commits
+    send_id: bytes | None = None  # the stored send this message is (its message id); likewise consumed
     served: list[Served] = field(default_factory=list)  # host calls answered so far, in order
     effects: Effects = field(default_factory=Effects)
     deadline: float | None = None  # once the worker runs it: when its answer is overdue (monotonic)

@@ -154,7 +154,7 @@ class Supervisor:
         self.control.rotate_key = lambda: rotate_key(home, self.records, self.store, witness, self.log)
         self.control.checkpoints = Checkpoints(home, self.records, self.store, self.timers, self.log, witness,
                                                before=self.control.retention.run)
-        self.messaging = Messaging(self.agents, self.workers, self.host, self.timers, self.log)
+        self.messaging = Messaging(self.store, self.agents, self.workers, self.host, self.timers, self.log)
         self.agent_timers = AgentTimers(self.store, self.agents, self.workers, self.timers, self.log)
         self.workers.effects = CallEffects(self.messaging, self.agent_timers)
         self.workers.agent_timers = self.agent_timers
@@ -189,6 +189,7 @@ class Supervisor:
         self.poller.register(self.workers.socket, zmq.POLLIN)
         self.supervision.resume()
         self.agent_timers.resume()
+        self.messaging.resume()
 
     def log(self, message: str, level: int = logging.INFO) -> None:
         if self._log is not None:

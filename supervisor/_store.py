@@ -89,6 +89,14 @@ CREATE TABLE IF NOT EXISTS timers (
     message  BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS timers_by_agent ON timers (agent_id);
+CREATE TABLE IF NOT EXISTS sends (
+    seq        INTEGER PRIMARY KEY,
+    message_id BLOB NOT NULL UNIQUE,
+    target_id  BLOB NOT NULL,
+    sender_id  BLOB NOT NULL,
+    message    BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sends_by_target ON sends (target_id);
 CREATE TABLE IF NOT EXISTS compactions (
     agent_id  BLOB PRIMARY KEY,
     cut_seq   INTEGER NOT NULL,
@@ -164,6 +172,8 @@ class Commit:
     kv: dict[str, bytes | None] | None = None  # the call's key-value writes (None: a delete)
     timers_added: list[tuple[int, int, bytes]] | None = None  # (id, due ns, message)
     timers_removed: list[int] | None = None  # cancelled, or delivered by this commit's call
+    sends_added: list[tuple[bytes, bytes, bytes]] | None = None  # (message id, target id, message): not delivered
+    sends_removed: list[bytes] | None = None  # message ids: delivered by this commit's call
     remove: bool = False  # the agent is removed: its row moves to `removed`, its kv data and timers go
     snapshot: bool = False  # also keep the state at the new head (a cut point for compaction)
     create: tuple[str, dict[str, Any], bytes] | None = None  # a new agent's row first: name, stored config, state
@@ -234,12 +244,18 @@ class EventStore:
                     self.db.execute("INSERT INTO timers VALUES (?,?,?,?)", (timer_id, c.agent_id, due_ns, message))
                 for timer_id in c.timers_removed or ():
                     self.db.execute("DELETE FROM timers WHERE id=? AND agent_id=?", (timer_id, c.agent_id))
+                for message_id, target_id, message in c.sends_added or ():
+                    self.db.execute("INSERT INTO sends (message_id, target_id, sender_id, message) VALUES (?,?,?,?)",
+                                    (message_id, target_id, c.agent_id, message))
+                for message_id in c.sends_removed or ():
+                    self.db.execute("DELETE FROM sends WHERE message_id=? AND target_id=?", (message_id, c.agent_id))
                 if c.remove:
                     self.db.execute("INSERT INTO removed SELECT id, name, config, created_ns, ?, head_seq, head_hash "
                                     "FROM agents WHERE id=?", (time.time_ns(), c.agent_id))
                     self.db.execute("DELETE FROM agents WHERE id=?", (c.agent_id,))
                     self.db.execute("DELETE FROM kv WHERE agent_id=?", (c.agent_id,))
                     self.db.execute("DELETE FROM timers WHERE agent_id=?", (c.agent_id,))
+                    self.db.execute("DELETE FROM sends WHERE target_id=?", (c.agent_id,))
                     self.db.execute("DELETE FROM snapshots WHERE agent_id=?", (c.agent_id,))
 
     # --- key-value stores and timers (the kv and timers capabilities) ------------------------
@@ -280,6 +296,17 @@ class EventStore:
         """Every pending timer: (id, agent id, due ns, message), soonest first."""
         rows = self.db.execute("SELECT id, agent_id, due_ns, message FROM timers ORDER BY due_ns, id").fetchall()
         return [(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+    def sends(self) -> list[tuple[bytes, bytes, bytes, bytes]]:
+        """Every message sent by a committed call and not yet delivered: (message id, target id, sender id,
+        message), in the order they were committed."""
+        rows = self.db.execute("SELECT message_id, target_id, sender_id, message FROM sends ORDER BY seq").fetchall()
+        return [(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+    def remove_sends(self, message_ids: list[bytes]) -> None:
+        """Forget messages that will not be delivered (their target stopped, or crashed running them)."""
+        with self._tx():
+            self.db.executemany("DELETE FROM sends WHERE message_id=?", [(m,) for m in message_ids])
 
     def remove_timers(self, agent_id: bytes) -> None:
         """Cancel every timer of an agent (it stopped)."""

@@ -657,6 +657,7 @@ class Workers:
                 self.agent_timers.stopped(agent)
             except StoreError as exc:
                 self.log(f"{agent.name}: its timers could not be removed: {exc}")
+            self.effects.messaging.forget([p.send_id for p in agent.mailbox if p.send_id is not None])
         for pending in agent.mailbox:
             self.control.answer_error(pending, "agent-stopped", f"agent {agent.name} is {agent.status}")
         agent.mailbox.clear()

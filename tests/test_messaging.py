@@ -4,13 +4,17 @@ conversation are checked against each other, and cycles fail at once instead of 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Theater, assert_verified, of, ps, records, wait_running, wait_until
+from conftest import Theater, assert_verified, of, ps, records, start_after_crash, wait_running, wait_until
 
 from theater.client import Client, ClientError
 from theater.records import Kind, Record
@@ -237,3 +241,62 @@ def test_events_trace_follows_a_message_across_agents(theater: Theater) -> None:
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(e["agent"], e["kind"]) for e in lines] == [("b", "message"), ("a", "host-call")]
     assert lines[0]["fields"]["message_id"] == message_id
+
+
+# --- sent messages are kept until delivered ------------------------------------------------------
+
+
+def _stored_sends(t: Theater) -> int:
+    db = sqlite3.connect(f"file:{t.home.store}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM sends").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_sends_committed_but_not_delivered_survive_a_supervisor_kill(theater: Theater) -> None:
+    """A committed call's sends wait in the target's mailbox, in the supervisor's memory: a supervisor killed
+    then lost them, though the sender's chain says they were sent. They are stored with the sending call and
+    delivered by the next supervisor, each once and in order; a delivered one is not delivered again."""
+    with theater.client() as c:
+        spawn(theater, c, "a", "b")
+        b_worker = next(a for a in c.ps() if a["name"] == "b")["pid"]
+        os.kill(b_worker, signal.SIGSTOP)  # b takes nothing in: what a sends waits for it
+        assert ask(c, "a", "sendn:20:b:kept") == "ok"
+        assert _stored_sends(theater) == 20
+    theater.kill()
+    with contextlib.suppress(ProcessLookupError):  # it ended with its supervisor, or ends now
+        os.kill(b_worker, signal.SIGKILL)
+    start_after_crash(theater)
+    sent = [answer_of(f)["message_id"] for f in host_calls(theater, "a", "send")]
+    assert len(sent) == 20
+    with theater.client() as c:
+        wait_until(lambda: ask(c, "b", "state").count("=kept\n") == 20, what="the 20 messages in b's state")
+    assert [m.fields()["message_id"].hex() for m in messages(theater, "b")] == sent
+    assert _stored_sends(theater) == 0
+    theater.kill()
+    start_after_crash(theater)
+    with theater.client() as c:
+        assert ask(c, "b", "state").count("=kept\n") == 20  # none came twice
+    assert len(messages(theater, "b")) == 20
+    assert_verified(theater)
+
+
+def test_sends_to_a_target_that_stops_are_dropped_and_forgotten(theater: Theater) -> None:
+    """Messages waiting for a target that is stopped are dropped, as before: their stored sends go with them,
+    so no later supervisor delivers them."""
+    with theater.client() as c:
+        spawn(theater, c, "a")
+        c.spawn(agent(theater, "b", restart={"shutdown": "brutal_kill"}))
+        os.kill(next(a for a in c.ps() if a["name"] == "b")["pid"], signal.SIGSTOP)
+        assert ask(c, "a", "sendn:5:b:never") == "ok"
+        assert _stored_sends(theater) == 5
+        c.stop("b")
+        assert _stored_sends(theater) == 0
+    theater.kill()
+    start_after_crash(theater)
+    with theater.client() as c:
+        c.restart("b")
+        assert "never" not in ask(c, "b", "state")
+    assert messages(theater, "b") == []
+    assert_verified(theater)

@@ -31,8 +31,12 @@ class CallEffects:
         commit, effects = checked.commit, pending.effects
         if pending.timer_id is not None:  # a delivered timer is used up by any committed outcome
             commit.timers_removed = [pending.timer_id]
+        if pending.send_id is not None:  # so is a delivered message
+            commit.sends_removed = [pending.send_id]
         if checked.status != "ok":
             return
+        if effects.sends:  # kept until delivered: a supervisor that dies first delivers them when it starts again
+            commit.sends_added = [self.messaging.row(target, sent) for target, sent in effects.sends]
         if effects.kv:
             commit.kv = effects.kv
         if effects.timers:
@@ -50,5 +54,8 @@ class CallEffects:
         self.messaging.deliver(sends)
 
     def dropped(self, pending: Pending) -> None:
-        """The call will not commit (or failed): nothing it did through the supervisor takes effect."""
+        """The call will not commit (or failed): nothing it did through the supervisor takes effect. A sent
+        message it was is not delivered again (its worker ended running it)."""
         self.messaging.release(pending.effects.sends)
+        if pending.send_id is not None:
+            self.messaging.forget([pending.send_id])
