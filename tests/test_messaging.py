@@ -300,3 +300,20 @@ def test_sends_to_a_target_that_stops_are_dropped_and_forgotten(theater: Theater
         assert "never" not in ask(c, "b", "state")
     assert messages(theater, "b") == []
     assert_verified(theater)
+
+
+def test_a_sent_message_that_fails_its_target_is_used_up_all_the_same(theater: Theater) -> None:
+    """A message whose `receive` returns an error (or traps) is delivered: its stored send goes in the same
+    transaction as the target's record of the failure, and no later supervisor delivers it again."""
+    with theater.client() as c:
+        spawn(theater, c, "a", "b")
+        assert ask(c, "a", "send:b:fail") == "ok"
+        wait_until(lambda: len(messages(theater, "b")) == 1, what="b's record of the message")
+        assert messages(theater, "b")[0].fields()["status"] == "guest-error"
+        assert _stored_sends(theater) == 0
+    theater.kill()
+    start_after_crash(theater)
+    with theater.client() as c:
+        assert ask(c, "b", "state") == ""
+    assert len(messages(theater, "b")) == 1
+    assert_verified(theater)

@@ -46,16 +46,16 @@ class CallEffects:
 
     def committed(self, agent: Agent, pending: Pending, checked: Checked) -> None:
         effects = pending.effects
-        if checked.status != "ok":
-            self.dropped(pending)
+        if checked.status != "ok":  # nothing it did takes effect (the message it was, if any, left with it)
+            self.messaging.release(effects.sends)
             return
         self.timers.committed(agent, effects.timers, effects.cancels)
         sends, effects.sends = effects.sends, []
         self.messaging.deliver(sends)
 
     def dropped(self, pending: Pending) -> None:
-        """The call will not commit (or failed): nothing it did through the supervisor takes effect. A sent
-        message it was is not delivered again (its worker ended running it)."""
+        """The call will not commit: nothing it did through the supervisor takes effect, and a sent message
+        it was is not delivered again (its worker ended running it, or its commit failed)."""
         self.messaging.release(pending.effects.sends)
         if pending.send_id is not None:
             self.messaging.forget([pending.send_id])
