@@ -179,9 +179,8 @@ class Supervisor:
                      f"{self.control.remote.public_key})")
         self.metrics: MetricsServer | None = None
         if metrics is not None:
-            self.metrics = MetricsServer(*metrics, snapshot=lambda: self.usage.top(Scope(
-                self.supervision, self.tenants, OPERATOR)))
-            self.timers.every(METRICS_PERIOD_S, self.metrics.refresh)
+            self.metrics = MetricsServer(*metrics, first=self.usage.top(self._whole_home()))
+            self.timers.every(METRICS_PERIOD_S, self._refresh_metrics)
             self.control.metrics_address = f"http://{metrics[0]}:{self.metrics.port}/metrics"
             self.log(f"Prometheus metrics on {self.control.metrics_address}")
         home.pid_file.write_text(str(os.getpid()))
@@ -190,6 +189,16 @@ class Supervisor:
         self.supervision.resume()
         self.agent_timers.resume()
         self.messaging.resume()
+
+    def _whole_home(self) -> Scope:
+        return Scope(self.supervision, self.tenants, OPERATOR)
+
+    def _refresh_metrics(self) -> None:
+        """The next /metrics snapshot, a slice of agents a turn; none begun while the last is still made."""
+        assert self.metrics is not None
+        if not self.metrics.making:
+            self.metrics.making = True
+            self.usage.top_in_slices(self._whole_home(), self.metrics.publish)
 
     def log(self, message: str, level: int = logging.INFO) -> None:
         if self._log is not None:

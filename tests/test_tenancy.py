@@ -435,6 +435,30 @@ def test_metrics_parse_and_match_the_agents_records(hosted: Theater) -> None:
     assert m[("theater_supervisor_gc_full_collections_total", ())] >= 0
 
 
+def test_the_metrics_snapshot_made_a_slice_of_agents_a_turn_holds_every_agent(short_root: Any) -> None:
+    """The loop makes the /metrics snapshot a few agents a turn (thousands at once held it for milliseconds
+    every second): here two a turn, so five agents take three turns, and each one's figures are there."""
+    t = Theater(short_root("slices"))
+    t.start([sys.executable, str(Path(__file__).parent / "run_sliced_metrics_supervisor.py"), str(t.home.root)])
+    try:
+        with t.client() as c:
+            for i in range(5):
+                c.spawn(counter(t, f"c{i}"))
+                for _ in range(i + 1):
+                    c.call(f"c{i}", b"x")
+        want = {f"c{i}": i + 1 for i in range(5)}
+        seen: list[Any] = []
+
+        def calls() -> dict[str, float]:
+            m = _metrics(t)
+            return {dict(labels)["agent"]: v for (name, labels), v in m.items() if name == "theater_agent_calls_total"}
+
+        wait_until(lambda: seen.append(calls()) or seen[-1] == want, what=f"every agent's calls in /metrics ({seen[-1:]})")
+        assert _metrics(t)[("theater_supervisor_agents", ())] == 5
+    finally:
+        t.stop()
+
+
 def test_usage_reports_what_the_store_holds_and_survives_a_restart(hosted: Theater) -> None:
     acme = add_tenant(hosted, "acme")
     with tenant_client(acme) as c:
