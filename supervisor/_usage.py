@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import threading
 import time
@@ -57,14 +58,17 @@ def _proc(pid: int) -> tuple[int, int, int]:
 
 # `top` and the /metrics snapshot show each live worker's CPU and memory from /proc, two files costing
 # ≈ 40 µs a worker: read all at once, 3,000 workers held the loop for ≈ 115 ms. While anyone watches (a
-# `top` or a snapshot in the last WATCH_S), a slice of the workers is read each tick instead, so that the
-# figures are at most one round old (≈ 1 s at 3,000 workers) and no turn of the loop holds more than a slice.
-PROC_SLICE = 64
+# `top` or a snapshot in the last WATCH_S), a slice of the workers is read each PROC_TICK_S instead, sized for
+# a round of about PROC_ROUND_S: the figures are at most about that old, and no turn of the loop holds more
+# than a slice. (A fixed 64 a tick read 1,000 workers three times a second: with --metrics, an idle loop
+# was busy 11 % of the time.)
+PROC_TICK_S = 0.02
+PROC_ROUND_S = 1.0
+PROC_MIN_SLICE = 8
+WATCH_S = 10.0
 # Agents whose rows one loop turn adds to the /metrics snapshot: made at once, the snapshot of 1,000 agents
 # held the loop for 11-16 ms every second; in slices, no idle turn took more than 5.5 ms (measured).
 SNAPSHOT_SLICE = 200
-PROC_TICK_S = 0.02
-WATCH_S = 10.0
 
 
 class Collections:
@@ -99,6 +103,7 @@ class Usage:
         self.started = time.time()
         self._samples: dict[WorkerProcess, tuple[int, int, int]] = {}  # live workers' last /proc figures
         self._round: deque[WorkerProcess] = deque()  # the workers still to read in this round
+        self._per_tick = PROC_MIN_SLICE  # how many of them a tick reads
         self._watched_until = 0.0
         self._sampling = False
         # The supervisor's own figures.
@@ -161,7 +166,8 @@ class Usage:
                     and not a.worker.pending]
             self._samples = {w: self._samples[w] for w in live if w in self._samples}  # the ended ones go
             self._round.extend(live)
-        for _ in range(min(PROC_SLICE, len(self._round))):
+            self._per_tick = max(PROC_MIN_SLICE, math.ceil(len(live) * PROC_TICK_S / PROC_ROUND_S))
+        for _ in range(min(self._per_tick, len(self._round))):
             worker = self._round.popleft()
             if not worker.exited:
                 self._samples[worker] = _proc(worker.pid)
