@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -621,11 +621,11 @@ class Engine:
             return None
         return f"{busy.owner}'s restart" if busy.kind is NodeKind.AGENT_ROOT else f"supervisor {busy.name}'s plan"
 
-    def untie_waiting(self, name: str) -> list[tuple[object, Purpose, str]]:
+    def untie_waiting(self, name: str, answerable: Callable[[object], bool]) -> list[tuple[object, Purpose, str]]:
         """Whoever waits for agent ``name``'s start, which cannot go on for now (the store cannot be written):
         a spawn or an operator's request waiting for it or for a node above it to start, and the operators'
-        requests queued behind plans above it. Each is returned once as (ticket, purpose, subject) to be told
-        now; its job goes on, and answers no one."""
+        requests queued behind plans above it. Each whose ticket is ``answerable`` now is returned once as
+        (ticket, purpose, subject) to be told; its job goes on, and answers no one."""
         jobs: list[Job] = []
         member = self.members.get(name)
         while member is not None:
@@ -636,7 +636,7 @@ class Engine:
             member = member.parent
         out = []
         for job in jobs:
-            if job.node is None and job.ticket is not None and not job.cancelled:
+            if job.node is None and job.ticket is not None and not job.cancelled and answerable(job.ticket):
                 out.append((job.ticket, job.purpose, job.subject))
                 job.ticket = None
         return out

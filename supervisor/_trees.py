@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from theater import wire
 from theater.chain import ChainVerifier
@@ -705,13 +705,12 @@ class Supervision:
         whoever waits for it is told now, rather than left waiting for as long; the start itself goes on then."""
         self._waiting_for_store.append(agent)
         self.watch_store()
-        for ticket, purpose, subject in self.engine.untie_waiting(agent.name):
-            if isinstance(ticket, tuple):
-                ident, rid = ticket
-                what = "spawn" if purpose is Purpose.SPAWN else "request"
-                self.control.reply_error(ident, rid, StoreUnavailable.code,
-                                         f"{agent.name} cannot start now ({why}); this {what} for {subject} goes on "
-                                         "by itself once it can, and is not answered again")
+        for ticket, purpose, subject in self.engine.untie_waiting(agent.name, lambda t: isinstance(t, tuple)):
+            ident, rid = cast(tuple[bytes, int], ticket)  # a client's (internal continuations stay tied)
+            what = "spawn" if purpose is Purpose.SPAWN else "request"
+            self.control.reply_error(ident, rid, StoreUnavailable.code,
+                                     f"{agent.name} cannot start now ({why}); this {what} for {subject} goes on "
+                                     "by itself once it can, and is not answered again")
 
     def _resets(self, action: Start) -> bool:
         """Whether starting ``action``'s agent first records a reset to its initial state."""
