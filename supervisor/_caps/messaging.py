@@ -205,17 +205,18 @@ class Messaging:
     def resume(self) -> None:
         """After a supervisor start: the messages committed calls sent that were not delivered (the last
         supervisor died first), queued again in the order they were sent."""
-        sends = []
+        sends, gone = [], []
         for message_id, target_id, sender_id, message in self.store.sends():
-            data = wire.encode_message(wire.Origin.SEND, sender_id, message_id, message)
-            pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.MESSAGE, data), send_id=message_id)
             target = self.agents.by_id.get(target_id)
             if target is None:
-                self.forget([message_id])
+                gone.append(message_id)
                 continue
-            sends.append((target, pending))
+            data = wire.encode_message(wire.Origin.SEND, sender_id, message_id, message)
+            sends.append((target, Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.MESSAGE, data),
+                                          send_id=message_id)))
+        self.forget(gone)
         if sends:
-            self.log(f"delivering {len(sends)} messages sent before the last supervisor ended")
+            self.log(f"delivering {len(sends)} messages sent before this supervisor started")
         self._queue(sends)
 
     def row(self, target: Agent, pending: Pending) -> tuple[bytes, bytes, bytes]:
