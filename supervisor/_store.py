@@ -174,7 +174,7 @@ class Commit:
     timers_removed: list[int] | None = None  # cancelled, or delivered by this commit's call
     sends_added: list[tuple[bytes, bytes, bytes]] | None = None  # (message id, target id, message): not delivered
     sends_removed: list[bytes] | None = None  # message ids: delivered by this commit's call
-    remove: bool = False  # the agent is removed: its row moves to `removed`, its kv data and timers go
+    remove: bool = False  # the agent is removed: its row moves to `removed`; its kv data, timers and sends to it go
     snapshot: bool = False  # also keep the state at the new head (a cut point for compaction)
     create: tuple[str, dict[str, Any], bytes] | None = None  # a new agent's row first: name, stored config, state
 
