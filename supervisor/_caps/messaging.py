@@ -75,9 +75,7 @@ class Messaging:
             return _error("quota", str(exc))
         message_id = uuid.uuid4().bytes
         if call.op == "send":
-            origin = wire.Origin.SEND
-            pending = self._pending(origin, sender, message_id, message)
-            pending.send_id = message_id
+            pending = self._pending(wire.Origin.SEND, sender.id, message_id, message, send_id=message_id)
             call.pending.effects.sends.append((target, pending))
             target.reserved += 1
             return Answer({"ok": True, "message_id": message_id.hex()})
@@ -88,7 +86,7 @@ class Messaging:
         path = self._cycle(sender, target)
         if path is not None:
             return _error("cycle", f"the call would wait on itself: {path}")
-        pending = self._pending(wire.Origin.CALL, sender, message_id, message)
+        pending = self._pending(wire.Origin.CALL, sender.id, message_id, message)
         pending.on_answer = lambda checked, code, detail: self._answer(call, target, message_id, checked, code, detail)
         sender.waiting_on = target
         target.mailbox.append(pending)
@@ -150,9 +148,10 @@ class Messaging:
             return None
         return " -> ".join(a.name for a in [*path, caller])
 
-    def _pending(self, origin: wire.Origin, sender: Agent, message_id: bytes, message: bytes) -> Pending:
-        data = wire.encode_message(origin, sender.id, message_id, message)
-        return Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.MESSAGE, data))
+    def _pending(self, origin: wire.Origin, sender_id: bytes, message_id: bytes, message: bytes, *,
+                 send_id: bytes | None = None) -> Pending:
+        data = wire.encode_message(origin, sender_id, message_id, message)
+        return Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.MESSAGE, data), send_id=send_id)
 
     # --- outcomes ----------------------------------------------------------------------------
 
@@ -211,9 +210,7 @@ class Messaging:
             if target is None:
                 gone.append(message_id)
                 continue
-            data = wire.encode_message(wire.Origin.SEND, sender_id, message_id, message)
-            sends.append((target, Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.MESSAGE, data),
-                                          send_id=message_id)))
+            sends.append((target, self._pending(wire.Origin.SEND, sender_id, message_id, message, send_id=message_id)))
         self.forget(gone)
         if sends:
             self.log(f"delivering {len(sends)} messages sent before this supervisor started")
