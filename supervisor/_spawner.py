@@ -91,6 +91,7 @@ class WorkerProcess:
     cpu_ns: int = 0  # once reaped: user + system CPU time
     peak_rss: int = 0  # once reaped: its largest resident set, bytes
     hello: Hello | None = None  # a loaded spare's hello, checked before a spawn took it (``Spawner.spawn_nowait``)
+    compiling: str | None = None  # the artifact it waits for: it says hello once that compile job has ended
 
     @property
     def pending(self) -> bool:
@@ -501,7 +502,8 @@ class Spawner:
             _write_boot(write_end, endpoint, token)  # waiting in the pipe: the worker never waits for us
         finally:
             os.close(write_end)
-        worker = WorkerProcess(pid=0, pidfd=-1, token=token, incarnation=incarnation)
+        worker = WorkerProcess(pid=0, pidfd=-1, token=token, incarnation=incarnation,
+                               compiling=None if compile_request is None else key)
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:

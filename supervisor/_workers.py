@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 __all__ = ["BATCH", "Workers"]
 
 BATCH = 256  # messages taken from one socket per loop turn
-HELLO_TIMEOUT_S = 20.0
+HELLO_TIMEOUT_S = 20.0  # from the spawn, or from the end of the compile job its worker waited for
+COMPILE_CHECK_S = 1.0  # how often a worker's hello deadline looks whether its compile job has ended
 LAST_FRAMES_MS = 100  # how long a dead worker's last frame may trail its exit
 WATCHDOG_GRACE_S = 5.0
 # Calls sent to a worker and not yet answered: it starts the next one as soon as it has sent a result,
@@ -233,6 +234,17 @@ class Workers:
 
     def _hello_timeout(self, agent: Agent, worker: WorkerProcess) -> None:
         if (worker is agent.worker or worker is agent.prepared) and worker.identity is None and not worker.exited:
+            # A worker forked while its component compiles waits for the job (whose own ceiling is CPU time)
+            # before its hello: a first spawn of a large component on a busy machine takes longer than
+            # HELLO_TIMEOUT_S, and was killed for it. The deadline starts once the job has ended.
+            key = worker.compiling
+            if key is not None:
+                if key in self.spawner.cache.compiling:
+                    self.timers.after(COMPILE_CHECK_S, lambda: self._hello_timeout(agent, worker))
+                    return
+                worker.compiling = None
+                self.timers.after(HELLO_TIMEOUT_S, lambda: self._hello_timeout(agent, worker))
+                return
             self.log(f"{agent.name}: worker {worker.pid} sent no hello in {HELLO_TIMEOUT_S}s; killing it")
             worker.kill("no-hello")
 

@@ -7,6 +7,7 @@ Waits are on replies, pidfds or process facts with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -14,6 +15,7 @@ import select
 import shutil
 import signal
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -43,7 +45,7 @@ from supervisor._config import load_manifest, policy_dirs
 from supervisor._spawner import Spawner, exit_reason
 from theater import wire
 from theater.artifacts import artifact_key, file_signature
-from theater.client import Client
+from theater.client import Client, ClientError
 from theater.forkserver import ArtifactOffer, Compiled
 from theater.home import Home
 from theater.records import Kind
@@ -435,6 +437,46 @@ def test_a_compile_job_past_its_ceiling_ends_alone_and_the_worker_compiles(
     finally:
         t.stop()
 
+
+
+def test_a_worker_waiting_for_its_components_compile_is_given_its_hello_deadline_after_it(
+    short_root: Callable[[str], Path],
+) -> None:
+    """A worker forked while its component compiles says hello only once the compile job has ended. A large
+    component's first spawn on a busy machine compiled past the hello deadline, and its worker was killed
+    (``no-hello``) while the compile went on. Here the compile waits for the test past several deadlines."""
+    t = Theater(short_root("held-compile"))
+    gate = t.dir / "gate"
+    os.mkfifo(gate)
+    t.start([sys.executable, str(ROOT / "tests" / "run_held_compile_supervisor.py"), str(t.home.root), str(gate)])
+    outcome: dict[str, str] = {}
+
+    def spawn() -> None:
+        with t.client(timeout=60) as c:
+            try:
+                c.spawn(t.manifest("a", "echo.wat"))
+                outcome["spawn"] = "ok"
+            except ClientError as exc:
+                outcome["spawn"] = str(exc)
+
+    spawner = threading.Thread(target=spawn)
+    spawner.start()
+    try:
+        wait_until(lambda: supervisor_log(t).count("hello deadline reached for a") >= 3 or outcome,
+                   what="three hello deadlines while the component compiles")
+        assert not outcome, outcome
+        with open(gate, "wb"):  # the compile job goes on
+            pass
+        spawner.join(60)
+        assert outcome == {"spawn": "ok"}
+        with t.client() as c:
+            assert c.call("a", b"hi") == b"hi"
+        assert "sent no hello" not in supervisor_log(t)
+    finally:
+        with contextlib.suppress(OSError):  # a compile job still held: let it go (ENXIO: none waits)
+            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+        spawner.join(60)
+        t.stop()
 
 
 def test_a_worker_made_ready_ahead_is_kept_when_its_hello_comes_before_the_fork_servers_answer(
