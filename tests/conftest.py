@@ -44,16 +44,23 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str
 
 
 class Theater:
-    """A supervisor subprocess on its own home, plus helpers to write manifests and talk to it."""
+    """A supervisor subprocess on its own home, plus helpers to write manifests and talk to it.
 
-    def __init__(self, root: Path) -> None:
+    With ``artifacts`` (an ``ArtifactPool``), the home's compiled-artifact cache starts with what the session's
+    earlier homes compiled, and gives back what this one compiles when it stops.
+    """
+
+    def __init__(self, root: Path, artifacts: ArtifactPool | None = None) -> None:
         self.home = Home(root / "h")
         self.dir = root
         self.proc: subprocess.Popen[bytes] | None = None
+        self.artifacts = artifacts
 
     def start(self, extra: list[str] | None = None) -> None:
         argv = extra or [sys.executable, "-m", "supervisor", "--home", str(self.home.root), "up"]
         self.home.logs.mkdir(parents=True, exist_ok=True)
+        if self.artifacts is not None:
+            self.artifacts.lend(self.home.root / "cache")
         self.log = open(self.dir / "supervisor.out", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -103,11 +110,44 @@ class Theater:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.artifacts is not None:
+            self.artifacts.take_back(self.home.root / "cache")
 
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
+
+
+class ArtifactPool:
+    """Compiled artifacts shared by the homes of the tests marked ``shared_artifacts``.
+
+    A Python or JavaScript guest's component takes 5-10 s to compile, once per home; the guest and example
+    tests spawn the same few components in a fresh home each. Their homes share one cache secret, so an
+    artifact one compiled carries a tag the others' supervisors accept (``supervisor/_artifacts.py``). Every
+    other test compiles in its own home, as a user's supervisor does, so the compile path stays tested.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (root / "secret").write_bytes(os.urandom(32))
+        os.chmod(root / "secret", 0o600)
+
+    def lend(self, cache: Path) -> None:
+        if cache.exists():  # a restarted home keeps its own cache
+            return
+        cache.mkdir(mode=0o700, parents=True)
+        for entry in self.root.iterdir():
+            os.link(entry, cache / entry.name)
+
+    def take_back(self, cache: Path) -> None:
+        """Keep what the home compiled: a ``.cwasm`` with its tag (the tag is written after the artifact)."""
+        for tag in cache.glob("*.tag"):
+            artifact = tag.with_suffix(".cwasm")
+            if artifact.exists() and not (self.root / tag.name).exists():
+                os.link(artifact, self.root / artifact.name)
+                os.link(tag, self.root / tag.name)
 
 
 def toml(value: object) -> str:
@@ -275,10 +315,19 @@ def short_root() -> Iterator[Callable[[str], Path]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def artifact_pool() -> Iterator[ArtifactPool]:
+    root = Path(os.environ.get("THEATER_TEST_TMP", "/tmp")) / f"th-artifacts-{os.getpid()}"
+    pool = ArtifactPool(root)
+    yield pool
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
-def theater(short_root: Callable[[str], Path]) -> Iterator[Theater]:
+def theater(short_root: Callable[[str], Path], request: pytest.FixtureRequest) -> Iterator[Theater]:
     root = short_root("t")
-    t = Theater(root)
+    shared = request.node.get_closest_marker("shared_artifacts") is not None
+    t = Theater(root, request.getfixturevalue("artifact_pool") if shared else None)
     t.start()
     try:
         yield t

@@ -20,6 +20,8 @@ from supervisor._authoring import build
 from theater.client import ClientError
 from theater.records import Kind
 
+pytestmark = pytest.mark.shared_artifacts  # the same guests compiled once a session (conftest)
+
 EXAMPLES = ROOT / "examples"
 
 

@@ -19,6 +19,8 @@ from supervisor._authoring import build
 from theater.client import Client, ClientError
 from theater.records import Kind
 
+pytestmark = pytest.mark.shared_artifacts  # the same guests compiled once a session (conftest)
+
 GUESTS = Path(__file__).resolve().parent / "guests"
 
 
