@@ -78,6 +78,7 @@ class Pending:
     deadline: float | None = None  # once the worker runs it: when its answer is overdue (monotonic)
     timeout: Timer | None = None  # its caller's timeout, cancelled once it is answered
     asked: bool = False  # its worker sent a host request for it: it started
+    unanswered: tuple[str, str, bytes] | None = None  # the host call it waits on: (interface, function, input)
 
 
 def uptime_s(now: float, since: float) -> float:

@@ -91,6 +91,9 @@ class HostRequests:
             return
         args = {key: value for key, value in request.body.items() if key != "op"}
         call = HostCall(agent, worker, pending, request.request_id, capability, op, args, request.data)
+        # Until it is answered (and so in ``served``), what it asked: an exit record names it if the worker
+        # ends first, since the request may have been made all the same (``_ledger.unrecorded_host_calls``).
+        pending.unanswered = (CAPABILITIES[capability].interface, op, wire.host_call_bytes(args, request.data))
         try:
             answer = handler(call)
         except (Refused, NotFound, ConfigError) as exc:
@@ -109,6 +112,7 @@ class HostRequests:
         call.answered = True
         if not call.current:
             return
+        call.pending.unanswered = None
         call.pending.served.append((
             CAPABILITIES[call.capability].interface, call.op,
             wire.host_call_bytes(call.args, call.data), wire.host_call_bytes(answer.body, answer.data),

@@ -110,6 +110,46 @@ def served_bytes(served: list[Served]) -> int:
                for i, f, a, b in served)
 
 
+MAX_UNRECORDED_CHARS = 8192  # of an exit record's account of the host calls a dead worker never recorded
+MAX_UNRECORDED_PART = 512  # of each call's arguments and answer in it
+
+
+def unrecorded_host_calls(served: list[Served], unanswered: tuple[str, str, bytes] | None) -> str:
+    """What an exit record appends for the host calls of a call whose worker ended before it sent the call's
+    result (which would have recorded them): those served, and the one still waiting for its answer. A
+    request made outside (an `http` fetch, a message sent with `messaging.call`) stays on the chain even
+    when the worker dies, or is killed, right after it."""
+    parts = [f"{interface} {function} {_served_part(argument)} -> {_served_part(answer)}"
+             for interface, function, argument, answer in served]
+    if unanswered is not None:
+        interface, function, argument = unanswered
+        parts.append(f"{interface} {function} {_served_part(argument)} -> (no answer yet)")
+    if not parts:
+        return ""
+    text = f"; its call in flight had asked {len(parts)} host call(s) that no record holds: "
+    shown = 0
+    for part in parts:
+        if len(text) + len(part) + 2 > MAX_UNRECORDED_CHARS - 64:
+            break
+        text += ("; " if shown else "") + part
+        shown += 1
+    if shown < len(parts):
+        text += f"; and {len(parts) - shown} more"
+    return text
+
+
+def _served_part(data: bytes) -> str:
+    """A served call's arguments or answer as text: its JSON (cut at MAX_UNRECORDED_PART characters), and
+    the size and SHA-256 of the bytes beside it."""
+    head, _, rest = data.partition(b"\0")
+    text = head.decode("utf-8", "replace")
+    if len(text) > MAX_UNRECORDED_PART:
+        text = text[:MAX_UNRECORDED_PART] + "…"
+    if rest:
+        text += f" + {len(rest)} bytes (sha256 {sha256(rest).hex()})"
+    return text
+
+
 def max_records(limits: Limits) -> int:
     return limits.max_logs_per_call + limits.max_host_calls_per_call + 1
 

@@ -29,7 +29,7 @@ from theater.spec import AgentSpec
 
 from ._agent import Agent, Agents, Pending
 from ._errors import StoreError, Violation
-from ._ledger import Checked, Prechecked, check_result, precheck
+from ._ledger import Checked, Prechecked, check_result, precheck, unrecorded_host_calls
 from ._record_path import RecordPath, Result
 from ._spawner import ZYGOTE_REPLY_TIMEOUT_S, LoadedSpare, Spawner, WorkerProcess, exit_reason
 from ._supervision import PERMANENT_FAILURES, Status
@@ -639,8 +639,10 @@ class Workers:
         # The call it was running. A worker that obeyed a STOP (status 0) ended between calls, or while it
         # waited for a host reply: if it asked nothing for the oldest call sent, it never started that one.
         started = not (code == 0 and worker.stop_sent and agent.sent and not agent.sent[0].asked)
+        unrecorded = ""
         if agent.sent and not worker.done and started:
             running = agent.sent.popleft()
+            unrecorded = unrecorded_host_calls(running.served, running.unanswered)
             self.effects.dropped(running)
             self.control.answer_error(running, "worker-died", f"the agent's worker ended during the call "
                                       f"({agent.last_exit}); nothing was committed")
@@ -659,7 +661,7 @@ class Workers:
             agent.spawn_waiters.clear()
             return
         violated = reason == "protocol-violation" and worker.identity is not None
-        self.supervision.exited(agent, worker.incarnation, reason, detail, violated=violated)
+        self.supervision.exited(agent, worker.incarnation, reason, detail + unrecorded, violated=violated)
 
     def settle(self, agent: Agent) -> None:
         """The agent will not run again by itself: answer everyone waiting on it; its timers end with it

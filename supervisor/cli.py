@@ -603,7 +603,7 @@ def cmd_checkpoint(args: argparse.Namespace, home: Home) -> int:
 def cmd_secret(args: argparse.Namespace, home: Home) -> int:
     """Secrets live in the home, never pass the control socket, and are read by the supervisor per request."""
     from ._caps.grants import SECRET_NAME_RE
-    from ._caps.http import SECRET_BYTES
+    from ._caps.http import SECRET_BYTES, header_value_problem
 
     home.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(home.secrets, 0o700)
@@ -635,6 +635,10 @@ def cmd_secret(args: argparse.Namespace, home: Home) -> int:
         return EXIT_FAIL
     if not value or any(c in value for c in b"\r\n\0"):
         _err("a secret is one line of text: not empty, no line break or NUL inside")
+        return EXIT_FAIL
+    problem = header_value_problem(value)
+    if problem is not None:  # it goes into a header: one the HTTP library refused would echo it in its error
+        _err(f"a secret goes into an HTTP header, and this value cannot: {problem}")
         return EXIT_FAIL
     write_private(path, value)
     _out(args, {"set": name}, f"secret {name} set ({len(value)} bytes)")

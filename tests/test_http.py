@@ -4,7 +4,10 @@ hit for real; secrets are added at the boundary and never reach the guest or a r
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Theater, assert_verified, records
+from conftest import Theater, assert_verified, of, ps, records, wait_until
 
 from supervisor._caps.grants import Origin
 from supervisor._caps.http import internal
@@ -28,11 +31,18 @@ SECRET = "s3cr3t-value-that-must-not-leak"
 
 class Server:
     """A loopback HTTP server: /echo answers with what it got, /big?n=N with N bytes, /slow waits for
-    ``release``, /auth echoes the Authorization header in its body and a header."""
+    ``release``, /auth echoes the Authorization header in its body and a header, /gzip-auth does the same
+    gzip-compressed if the request accepts it and /gzip-always whether or not, /name-auth puts it in a header's
+    name, /drip sends a body a byte every 20 ms until ``release`` or the client goes, and /hold holds each
+    request until one ``step`` is released (``held`` and ``done`` count them)."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
         self.seen: list[dict[str, Any]] = []
+        self.steps = threading.Semaphore(0)
+        self.held = self.done = 0
+        self.arrived_after: list[int] = []  # for each /hold request: how many had been answered when it came
+        self.lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,6 +70,32 @@ class Server:
                 elif self.path == "/auth":
                     auth = self.headers.get("Authorization", "")
                     self._answer(f"auth={auth}".encode(), {"X-Echo": auth})
+                elif self.path in ("/gzip-auth", "/gzip-always"):
+                    body = f"auth={self.headers.get('Authorization', '')}".encode()
+                    if self.path == "/gzip-always" or "gzip" in self.headers.get("Accept-Encoding", ""):
+                        self._answer(gzip.compress(body), {"Content-Encoding": "gzip"})
+                    else:
+                        self._answer(body)
+                elif self.path == "/name-auth":
+                    self._answer(b"named", {f"X-{self.headers.get('Authorization', '').split()[-1]}": "1"})
+                elif self.path == "/drip":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    while not outer.release.wait(0.02):
+                        try:
+                            self.wfile.write(b"d")
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                elif self.path == "/hold":
+                    with outer.lock:
+                        outer.held += 1
+                        outer.arrived_after.append(outer.done)
+                    outer.steps.acquire(timeout=60)
+                    with outer.lock:
+                        outer.done += 1
+                    self._answer(b"held")
                 else:
                     self._answer(f"{self.command} {self.path} {body.decode()}".encode())
 
@@ -73,6 +109,8 @@ class Server:
 
     def close(self) -> None:
         self.release.set()
+        for _ in range(64):
+            self.steps.release()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -84,9 +122,10 @@ def server() -> Iterator[Server]:
     s.close()
 
 
-def policy(t: Theater, name: str, http: str) -> None:
+def policy(t: Theater, name: str, http: str, wall_time_ms: int = 2000) -> None:
     """A policy granting runtime and http, with ``http`` as its [http] table's body."""
     text = (Path(__file__).resolve().parent.parent / "policies" / "default.toml").read_text()
+    text = text.replace("wall_time_ms = 2000 ", f"wall_time_ms = {wall_time_ms} ")
     text = text.replace('capabilities = ["runtime"]', 'capabilities = ["runtime", "http"]')
     text = text.replace("[hardening]", f"[http]\n{http}\n\n[hardening]")
     t.home.policies.mkdir(exist_ok=True)
@@ -200,6 +239,111 @@ def test_secrets_are_added_at_the_boundary_and_never_seen_or_recorded(theater: T
     assert_verified(theater)
 
 
+def test_a_secret_echoed_compressed_in_a_header_name_or_in_an_error_is_redacted(
+    theater: Theater, server: Server,
+) -> None:
+    """httpx asks for gzip unless told otherwise, and a compressed echo of the secret reached the guest; so did
+    one in a response header's name, and one in the HTTP library's error about a header value it refused."""
+    url = f"http://127.0.0.1:{server.port}"
+    rule = f'secrets = [{{ origin = "{url}", header = "Authorization", value = "Bearer {{secret:api}}" }}]'
+    policy(theater, "keyed", local(server, extra=rule))
+    set_secret(theater, "api", SECRET)
+    with theater.client() as c:
+        fetcher(theater, c, "keyed")
+        assert ask(c, f"GET {url}/gzip-auth") == "200 auth=Bearer {secret:api}"  # asked for no encoding
+        assert server.seen[-1]["headers"]["accept-encoding"] == "identity"
+        reply = ask(c, f"GET {url}/gzip-always")
+        assert reply.startswith("err:failed:the response is encoded (gzip) though the request asked for none"), reply
+        reply = ask(c, f"h=Accept-Encoding:gzip;GET {url}/gzip-auth")
+        assert reply.startswith("err:failed:the response is encoded (gzip): a secret this request carries"), reply
+        assert ask(c, f"GET {url}/name-auth") == "200 named"
+        # A value no header may carry, written past the CLI (which refuses it): named, never echoed.
+        (theater.home.secrets / "api").write_bytes(SECRET.encode() + b" ")
+        reply = ask(c, f"GET {url}/auth")
+        assert reply == "err:denied:secret 'api' cannot go in a header: it starts or ends with a space or a tab " \
+                        "(theater secret set api)", reply
+    chain = records(theater, "f")
+    assert all(SECRET.encode() not in r.raw for r in chain)
+    named = [r.fields() for r in chain if r.kind is Kind.HOST_CALL][3]
+    assert ["X-{secret:api}", "1"] in json.loads(named["output"].split(b"\0", 1)[0])["headers"]
+    assert SECRET.encode() not in theater.home.store.read_bytes()
+    assert_verified(theater)
+
+
+def test_a_server_that_drips_its_body_is_cut_off_at_the_timeout(theater: Theater, server: Server) -> None:
+    """Each read of a body sent a byte every 20 ms returns well within any read timeout: only a deadline on the
+    whole exchange ends it (before, the worker was killed past its call's deadline, and nothing recorded)."""
+    policy(theater, "quick", local(server, extra="timeout_ms = 300"))
+    with theater.client() as c:
+        fetcher(theater, c, "quick")
+        reply = ask(c, f"GET http://127.0.0.1:{server.port}/drip")
+        assert reply == "err:timeout:no complete response from 127.0.0.1 within 300 ms", reply
+        assert ask(c, f"GET http://127.0.0.1:{server.port}/fine") == "200 GET /fine "
+    [drip, _] = [r.fields() for r in records(theater, "f") if r.kind is Kind.HOST_CALL]
+    assert json.loads(drip["output"])["error"] == "timeout"
+
+
+def test_one_tenant_holds_at_most_half_the_egress_threads(theater: Theater, server: Server) -> None:
+    """Five of the operator's agents fetch at once from a server that holds each request: four reach it, and
+    the fifth only once one of them was answered, so another tenant's requests always find threads free."""
+    policy(theater, "web", local(server, extra="timeout_ms = 60000"), wall_time_ms=60_000)
+    names = [f"f{i}" for i in range(5)]
+    with theater.client() as c:
+        for name in names:
+            fetcher(theater, c, "web", name=name)
+    replies: dict[str, str] = {}
+
+    def fetch(name: str) -> None:
+        with theater.client() as own:
+            replies[name] = ask(own, f"GET http://127.0.0.1:{server.port}/hold", name)
+
+    threads = [threading.Thread(target=fetch, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: server.held == 4, what="four held requests")
+    server.steps.release()
+    wait_until(lambda: server.held == 5, what="the fifth request")
+    for _ in range(4):
+        server.steps.release()
+    for thread in threads:
+        thread.join(60)
+    assert replies == {name: "200 held" for name in names}
+    assert sorted(server.arrived_after) == [0, 0, 0, 0, 1]
+
+
+def test_down_ends_the_supervisor_while_a_request_waits_on_its_server(theater: Theater, server: Server) -> None:
+    """The request threads used to be joined at the interpreter's exit: `down` answered, and the process lived
+    on (its lock released, its pid file gone) until the server answered."""
+    policy(theater, "web", local(server, extra="timeout_ms = 60000"), wall_time_ms=60_000)
+    with theater.client() as c:
+        fetcher(theater, c, "web")
+        c.send("f", f"GET http://127.0.0.1:{server.port}/slow".encode())
+        wait_until(lambda: any(s["path"] == "/slow" for s in server.seen), what="the held request")
+        c.down()
+    assert theater.proc is not None
+    theater.proc.wait(timeout=20)  # raises if the process lives on: the server holds the request for 60 s
+
+
+def test_a_request_made_by_a_call_whose_worker_dies_stays_on_the_chain(theater: Theater, server: Server) -> None:
+    """The worker records a host call with its call's result; killed while the request was on its way, it
+    recorded nothing, though the server had the request. The exit record says what the call had asked."""
+    policy(theater, "web", local(server, extra="timeout_ms = 60000"), wall_time_ms=60_000)
+    url = f"http://127.0.0.1:{server.port}/slow"
+    with theater.client() as c:
+        fetcher(theater, c, "web")
+        c.send("f", f"GET {url}".encode())
+        wait_until(lambda: any(s["path"] == "/slow" for s in server.seen), what="the held request")
+        os.kill(ps(c, "f")["pid"], signal.SIGKILL)
+        wait_until(lambda: of(records(theater, "f"), Kind.EXIT), what="the exit record")
+    [exit_record] = of(records(theater, "f"), Kind.EXIT)
+    detail = exit_record.fields()["detail"]
+    assert detail.startswith("killed by signal 9 (SIGKILL); its call in flight had asked 1 host call(s) that no "
+                             "record holds: theater:agent/http@0.1.0 fetch "), detail
+    assert f'"url":"{url}"' in detail and detail.endswith(" -> (no answer yet)"), detail
+    assert not of(records(theater, "f"), Kind.HOST_CALL)
+    assert_verified(theater)
+
+
 def test_a_missing_secret_is_named_not_leaked(theater: Theater, server: Server) -> None:
     url = f"http://127.0.0.1:{server.port}"
     rule = f'secrets = [{{ origin = "{url}", header = "Authorization", value = "Bearer {{secret:absent}}" }}]'
@@ -237,6 +381,12 @@ def test_secret_cli(theater: Theater) -> None:
     bad = subprocess.run([sys.executable, "-m", "supervisor", "--home", str(theater.home.root), "secret", "set",
                           "../x"], input=b"v", capture_output=True, check=False)
     assert bad.returncode == 2 and b"must be 1-63" in bad.stderr
+    for value in (b"v1 ", b"\tv1", b"v\x0b1"):  # no header may carry them, and the HTTP library would say so
+        bad = subprocess.run([sys.executable, "-m", "supervisor", "--home", str(theater.home.root), "secret", "set",
+                              "two"], input=value, capture_output=True, check=False)
+        assert bad.returncode == 1 and b"a secret goes into an HTTP header, and this value cannot" in bad.stderr
+        assert value not in bad.stderr
+    assert not (theater.home.secrets / "two").exists()
     assert theater.home.secrets.stat().st_mode & 0o777 == 0o700
 
 

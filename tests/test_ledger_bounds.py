@@ -26,6 +26,8 @@ from supervisor._errors import Violation
 from supervisor._ledger import (
     HOST_FUNCTIONS,
     MAX_ERROR_BYTES,
+    MAX_UNRECORDED_CHARS,
+    MAX_UNRECORDED_PART,
     MAX_WASM_NAME_BYTES,
     SERVED_INTERFACES,
     WASI_FUNCTIONS,
@@ -33,6 +35,7 @@ from supervisor._ledger import (
     check_result,
     precheck,
     result_bound,
+    unrecorded_host_calls,
 )
 from theater import wire
 from theater.capabilities import CAPABILITIES
@@ -582,3 +585,22 @@ def test_a_worker_signing_a_16_mib_log_record_is_killed_and_nothing_of_it_is_sto
     assert max(len(r.raw) for r in chain) < 8192
     stored = [theater.home.store, theater.home.store.with_name(theater.home.store.name + "-wal")]
     assert sum(p.stat().st_size for p in stored if p.exists()) < (4 << 20)
+
+
+def test_an_exit_records_account_of_unrecorded_host_calls_is_bounded() -> None:
+    """However many host calls a dead worker's call had asked, and however large, the exit record's account
+    of them stays within MAX_UNRECORDED_CHARS: each part cut, the bytes beside it by size and hash, the rest
+    counted."""
+    url = "http://example.com/" + "p" * 20_000
+    argument = wire.host_call_bytes({"method": "POST", "url": url, "headers": []}, b"x" * 1_000_000)
+    answer = wire.host_call_bytes({"ok": True, "status": 200, "headers": []}, b"")
+    served = [("theater:agent/http@0.1.0", "fetch", argument, answer)] * 1000
+    text = unrecorded_host_calls(served, ("theater:agent/http@0.1.0", "fetch", argument))
+    assert len(text) <= MAX_UNRECORDED_CHARS
+    assert text.startswith("; its call in flight had asked 1001 host call(s) that no record holds: ")
+    first = text.split("; ")[2]
+    assert first.count("p") >= MAX_UNRECORDED_PART - 100 and "…" in first
+    assert "+ 1000000 bytes (sha256 " in first and first.endswith('-> {"headers":[],"ok":true,"status":200}')
+    shown = text.count(" fetch ")
+    assert 1 <= shown < 1001 and text.endswith(f"; and {1001 - shown} more")
+    assert unrecorded_host_calls([], None) == ""

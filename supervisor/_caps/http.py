@@ -9,18 +9,26 @@ and for TLS. Secrets are added here, at the boundary: the guest never sees them,
 and any secret value the response echoes is replaced by `{secret:NAME}` before
 the guest or the record sees it. Redirects are never followed.
 
-The request runs on a small thread pool; the loop checks for its end with a
-short timer and answers then. An agent has at most one request in flight: its
-call waits for the answer.
+The request runs on a small pool of threads; the loop hands them requests,
+looks for their end with a short timer and answers then. An agent has at most
+one request in flight (its call waits for the answer); a tenant (the operator's
+agents are one) at most half the pool, so one tenant's slow servers cannot
+hold every request of the others. A request ends by its deadline, whatever the
+server does: a read blocked past it is woken by shutting its socket down. A
+request whose call ended (its worker died) is not made, or is cut off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import queue
 import socket
+import threading
+import time
+from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,9 +40,10 @@ from .._host import Answer, HostCall, HostRequests
 from .._timers import Timers
 from .grants import HEADER_NAME_RE, SECRET_NAME_RE, HttpGrant, Origin
 
-__all__ = ["SECRET_BYTES", "Egress", "read_secret"]
+__all__ = ["SECRET_BYTES", "Egress", "header_value_problem", "read_secret"]
 
 EGRESS_THREADS = 8  # requests in flight at once, all agents together; more wait their turn
+TENANT_SHARE = EGRESS_THREADS // 2  # of them, at most this many for one tenant's agents at once
 POLL_S = 0.005  # how often the loop looks for finished requests while any is in flight
 MAX_HEADERS = 64
 MAX_HEADER_VALUE = 8192
@@ -45,6 +54,16 @@ RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "co
                               "te", "trailer", "proxy-authorization", "proxy-connection"})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                         "proxy-authenticate", "proxy-authorization"})
+
+
+def header_value_problem(value: bytes) -> str | None:
+    """Why ``value`` cannot be an HTTP header's value (RFC 9110 field-value), or None: visible characters
+    (and bytes >= 0x80), with spaces and tabs only between them."""
+    if value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t"):
+        return "it starts or ends with a space or a tab"
+    if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
+        return "it holds a control character"
+    return None
 
 
 class Refusal(Exception):
@@ -68,14 +87,32 @@ def read_secret(secrets_dir: Path, name: str) -> bytes:
     return value
 
 
+class _Job:
+    """One request: made on an egress thread, answered by the loop once ``done``."""
+
+    def __init__(self, call: HostCall, request: _Request, grant: HttpGrant, timeout: float) -> None:
+        self.call, self.request, self.grant, self.timeout = call, request, grant, timeout
+        self.deadline: _Deadline | None = None  # set by the thread that makes it
+        self.answer: Answer | None = None
+        self.done = False
+        self.cancelled = False  # its call ended: the thread that takes it does not make it
+
+
 class Egress:
     def __init__(self, host: HostRequests, timers: Timers, secrets_dir: Path, log: Callable[[str], None]) -> None:
         self.host = host
         self.timers = timers
         self.secrets_dir = secrets_dir
         self.log = log
-        self._pool = ThreadPoolExecutor(EGRESS_THREADS, thread_name_prefix="egress")
-        self._running: list[tuple[HostCall, Future[Answer]]] = []
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # Daemon threads: a request still waiting on its server must not keep a stopped supervisor's process
+        # alive (a pool's threads are joined at the interpreter's exit).
+        self._threads = [threading.Thread(target=self._serve, name=f"egress-{i}", daemon=True)
+                         for i in range(EGRESS_THREADS)]
+        self._started = False
+        self._waiting: dict[str, deque[_Job]] = {}  # by tenant, in the order asked
+        self._running: list[_Job] = []
+        self._per_tenant: Counter[str] = Counter()
 
     def host_request(self, call: HostCall) -> Answer | None:
         if call.op != "fetch":
@@ -86,29 +123,112 @@ class Egress:
         except Refusal as refusal:
             return _refused(refusal.case, str(refusal))
         timeout = min(grant.timeout_ms, call.agent.config.limits.wall_time_ms) / 1000
-        job = self._pool.submit(_fetch, request, grant, self.secrets_dir, timeout)
-        self._running.append((call, job))
-        if len(self._running) == 1:
+        if not self._started:
+            for thread in self._threads:
+                thread.start()
+            self._started = True
+        self._waiting.setdefault(call.agent.config.tenant, deque()).append(_Job(call, request, grant, timeout))
+        idle = not self._running
+        self._dispatch()
+        if idle:
             self.timers.after(POLL_S, self._poll)
         return None
 
+    def _dispatch(self) -> None:
+        """Hand waiting requests to free threads, the tenants taking turns, each within its share."""
+        while len(self._running) < EGRESS_THREADS:
+            tenant = next((t for t, jobs in self._waiting.items() if jobs and self._per_tenant[t] < TENANT_SHARE),
+                          None)
+            if tenant is None:
+                return
+            jobs = self._waiting.pop(tenant)  # to the end of the turn order
+            job = jobs.popleft()
+            if jobs:
+                self._waiting[tenant] = jobs
+            if not job.call.current:  # its worker died while it waited: no one would see the answer
+                job.call.answered = True
+                continue
+            self._per_tenant[tenant] += 1
+            self._running.append(job)
+            self._queue.put(job)
+
+    def _serve(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                job.answer = _fetch(job, self.secrets_dir)
+            except Exception as exc:  # never let a request take the supervisor down
+                job.answer = _refused("failed", f"{type(exc).__name__}")
+            job.done = True
+
     def _poll(self) -> None:
         still = []
-        for call, job in self._running:
-            if not job.done():
-                still.append((call, job))
+        for job in self._running:
+            if job.done:
+                self._per_tenant[job.call.agent.config.tenant] -= 1
+                assert job.answer is not None
+                self.host.answer(job.call, job.answer)
                 continue
-            try:
-                answer = job.result()
-            except Exception as exc:  # never let a request take the supervisor down
-                answer = _refused("failed", f"{type(exc).__name__}: {exc}"[:1024])
-            self.host.answer(call, answer)
+            if not job.call.current and not job.cancelled:  # its call ended: cut the request off
+                job.cancelled = True
+                if job.deadline is not None:
+                    job.deadline.expire()
+            still.append(job)
         self._running = still
-        if still:
+        self._dispatch()
+        if self._running:
             self.timers.after(POLL_S, self._poll)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cut off the requests in flight; the threads end with them (or with the process)."""
+        for job in self._running:
+            job.cancelled = True
+            if job.deadline is not None:
+                job.deadline.expire()
+        self._waiting.clear()
+        if self._started:
+            for _ in self._threads:
+                self._queue.put(None)
+
+
+class _Deadline:
+    """The end of one exchange, kept whatever the server does: at ``seconds``, the connection's socket is shut
+    down, which wakes a read blocked on it (a server sending a byte now and then would otherwise keep each
+    read inside its own timeout for ever)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self.expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace hook: learns the connection's socket as soon as it is connected."""
+        if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
+            sock = info["return_value"].get_extra_info("socket")
+            with self._lock:
+                self._sock = sock
+                if self.expired:
+                    _shut(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._sock is not None:
+                _shut(self._sock)
+
+    def remaining(self) -> float:
+        return max(0.001, self.at - time.monotonic())
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Request:
@@ -182,27 +302,56 @@ def _resolve(request: _Request, grant: HttpGrant) -> str:
     return addresses[0]
 
 
-def _fetch(request: _Request, grant: HttpGrant, secrets_dir: Path, timeout: float) -> Answer:
-    """Runs on the egress pool: the request, and the answer for the guest (secrets redacted)."""
+def _fetch(job: _Job, secrets_dir: Path) -> Answer:
+    """Runs on an egress thread: the request, and the answer for the guest (secrets redacted)."""
+    if job.cancelled:
+        return _refused("failed", "the call that asked has ended")
+    request, grant, timeout = job.request, job.grant, job.timeout
+    job.deadline = deadline = _Deadline(timeout)
+    if job.cancelled:  # cancelled as the deadline was being made: the loop may not have seen it
+        deadline.expire()
     try:
-        added, secrets = _secret_headers(request, grant, secrets_dir)
-        address = _resolve(request, grant)
-    except Refusal as refusal:
-        return _refused(refusal.case, str(refusal))
-    except ConfigError as exc:
-        return _refused("denied", str(exc))
+        try:
+            added, secrets = _secret_headers(request, grant, secrets_dir)
+            address = _resolve(request, grant)
+        except Refusal as refusal:
+            return _refused(refusal.case, str(refusal))
+        except ConfigError as exc:
+            return _refused("denied", str(exc))
+        return _exchange(request, grant, address, added, secrets, deadline, timeout)
+    finally:
+        deadline.cancel()
+
+
+def _exchange(request: _Request, grant: HttpGrant, address: str, added: list[tuple[str, str]],
+              secrets: list[tuple[str, bytes]], deadline: _Deadline, timeout: float) -> Answer:
     netloc = f"[{address}]" if ":" in address else address
     url = f"{request.scheme}://{netloc}:{request.port}{request.target}"
     headers = [*request.headers, *added, ("host", request.host if request.port in (80, 443)
                                           else f"{request.host}:{request.port}")]
-    extensions = {"sni_hostname": request.host} if request.scheme == "https" else {}
+    asked_encoding = any(name.lower() == "accept-encoding" for name, _ in request.headers)
+    if not asked_encoding:
+        # The body reaches the guest as the server sent it: unencoded unless the guest asked for an encoding
+        # (httpx would otherwise ask for gzip). A secret in an encoded body could not be found to redact.
+        headers.append(("accept-encoding", "identity"))
+    extensions: dict[str, Any] = {"trace": deadline.trace}
+    if request.scheme == "https":
+        extensions["sni_hostname"] = request.host
     limit = grant.max_response_bytes
+    redact = _Redactor(secrets)
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client, \
+        with httpx.Client(timeout=deadline.remaining(), follow_redirects=False, trust_env=False) as client, \
                 client.stream(request.method, url, headers=headers, content=request.body,
                               extensions=extensions) as response:
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if secrets and encoding != "identity":
+                why = "" if asked_encoding else " though the request asked for none"
+                return _refused("failed", f"the response is encoded ({encoding[:32]}){why}: a secret this request "
+                                          "carries could not be kept out of it")
             chunks, size = [], 0
             for chunk in response.iter_raw():
+                if deadline.expired:
+                    raise httpx.ReadTimeout("deadline")
                 size += len(chunk)
                 if size > limit:
                     return _refused("too-large", f"the response body is more than max_response_bytes ({limit})")
@@ -210,17 +359,34 @@ def _fetch(request: _Request, grant: HttpGrant, secrets_dir: Path, timeout: floa
             status = response.status_code
             reply_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw
                              if k.decode("latin-1").lower() not in HOP_BY_HOP][:MAX_HEADERS]
-    except httpx.TimeoutException:
-        return _refused("timeout", f"no complete response from {request.host} within {int(timeout * 1000)} ms")
     except httpx.HTTPError as exc:
-        return _refused("failed", f"{type(exc).__name__}: {exc}"[:1024])
-    body = b"".join(chunks)
-    for name, value in secrets:  # a server that echoes a secret must not hand it to the guest or the record
-        if value:
-            body = body.replace(value, f"{{secret:{name}}}".encode())
-            reply_headers = [(k, v.replace(value.decode("latin-1"), f"{{secret:{name}}}")) for k, v in reply_headers]
-    return Answer({"ok": True, "status": status, "headers": [[k, v[:MAX_HEADER_VALUE]] for k, v in reply_headers]},
-                  body)
+        if deadline.expired or isinstance(exc, httpx.TimeoutException):
+            return _refused("timeout", f"no complete response from {request.host} within {int(timeout * 1000)} ms")
+        return _refused("failed", redact.text(f"{type(exc).__name__}: {exc}")[:1024])
+    if deadline.expired:
+        return _refused("timeout", f"no complete response from {request.host} within {int(timeout * 1000)} ms")
+    return Answer({"ok": True, "status": status,
+                   "headers": [[redact.text(k), redact.text(v)[:MAX_HEADER_VALUE]] for k, v in reply_headers]},
+                  redact.body(b"".join(chunks)))
+
+
+class _Redactor:
+    """Replaces each secret value a request carried with ``{secret:NAME}``: a server that echoes one must not
+    hand it to the guest or the record, in a body, a header's name or value, or an error's text."""
+
+    def __init__(self, secrets: list[tuple[str, bytes]]) -> None:
+        self.secrets = [(name, value) for name, value in secrets if value]
+
+    def body(self, data: bytes) -> bytes:
+        for name, value in self.secrets:
+            data = data.replace(value, f"{{secret:{name}}}".encode())
+        return data
+
+    def text(self, text: str) -> str:
+        for name, value in self.secrets:  # as a header carries it, and as Python writes it in a bytes repr
+            for form in (value.decode("latin-1"), repr(value)[2:-1]):
+                text = text.replace(form, f"{{secret:{name}}}")
+        return text
 
 
 def _secret_headers(request: _Request, grant: HttpGrant,
@@ -233,10 +399,14 @@ def _secret_headers(request: _Request, grant: HttpGrant,
         value = rule.value
         for name in rule.names:
             secret = read_secret(secrets_dir, name)
-            if any(c in secret for c in b"\r\n\0"):
-                raise ConfigError(f"secret {name!r} holds a line break or NUL: it cannot go in a header")
+            problem = header_value_problem(secret) if secret else "it is empty"
+            if problem is not None:
+                raise ConfigError(f"secret {name!r} cannot go in a header: {problem} (theater secret set {name})")
             used.append((name, secret))
             value = value.replace(f"{{secret:{name}}}", secret.decode("latin-1"))
+        problem = header_value_problem(value.encode("latin-1"))
+        if problem is not None:
+            raise ConfigError(f"the {rule.header} header of a secrets rule is not a valid header value: {problem}")
         added.append((rule.header, value))
     return added, used
 
