@@ -144,17 +144,19 @@ def known_keys(home: Home, bundle: Path | None = None) -> list[bytes]:
             statements = rotations_of(db) if db is not None else []
             if db is not None:
                 db.close()
-        return [*(Rotation.parse(s).old_key for s in statements), current]
+        rotations = [Rotation.parse(s) for s in statements]
+        return [rotations[0].old_key, *(r.new_key for r in rotations)] if rotations else [current]
     except (OSError, ValueError, KeyError, TypeError, RecordError, sqlite3.DatabaseError) as exc:
         raise StoreError(f"cannot read the supervisor's keys: {exc}") from None
 
 
 def key_schedule(current: bytes, statements: list[str], pinned: bytes | None) -> KeySchedule:
-    """The supervisor's keys, oldest first, from its rotation statements, ending at ``current``. The pinned key
-    must be one of them; if it is not, the pinned key alone is the schedule (and what it did not sign fails)."""
+    """The supervisor's keys, oldest first, from its rotation statements, through ``current`` (the home's or the
+    bundle's key: ``KeySchedule.anchored``). The pinned key must be one of them; if it is not, the pinned key
+    alone is the schedule (and what it did not sign fails)."""
     supervisor_key(current)
     try:
-        schedule = KeySchedule.build(current, [Rotation.parse(s) for s in statements])
+        schedule = KeySchedule.anchored(current, [Rotation.parse(s) for s in statements])
     except RecordError as exc:
         raise StoreError(f"the supervisor's key rotations do not verify: {exc}") from None
     if pinned is not None and pinned not in schedule.keys:
@@ -288,6 +290,9 @@ BUNDLE_FORMAT = "theater-bundle"
 def export_bundle(home: Home, refs: list[str], checkpoint: Checkpoint | None = None) -> bytes:
     """A self-contained JSON file: the named chains' records, the supervisor's public key and, if given, a
     checkpoint. ``verify_bundle`` (or anyone with ``docs/event-records.md``) checks it anywhere."""
+    # Read before the store's snapshot: a rotation committed in between is then in the snapshot, after the key
+    # read (which the bundle's reader accepts), never the other way round (a key no statement leads to).
+    public_key = home.public_key.read_bytes()
     try:
         db = open_readonly(home.store)
         try:
@@ -305,7 +310,7 @@ def export_bundle(home: Home, refs: list[str], checkpoint: Checkpoint | None = N
             db.close()
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{home.store}: not a readable event store: {exc}") from None
-    doc = {"format": BUNDLE_FORMAT, "version": 1, "supervisor_public_key": home.public_key.read_bytes().hex(),
+    doc = {"format": BUNDLE_FORMAT, "version": 1, "supervisor_public_key": public_key.hex(),
            "key_rotations": rotations, "chains": chains,
            "checkpoint": json.loads(checkpoint.to_json()) if checkpoint is not None else None}
     return json.dumps(doc, indent=1).encode() + b"\n"

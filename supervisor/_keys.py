@@ -37,6 +37,8 @@ def _next_seed(home: Home) -> Path:
 def load_or_create_key(home: Home, store: EventStore) -> Ed25519PrivateKey:
     """The supervisor's key: 32-byte seed, 0600, created on first start; a rotation cut short is settled."""
     pending = _next_seed(home)
+    for path in (pending, home.public_key):  # what a rotation killed mid-write left (write_private's temporaries)
+        path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
     if pending.exists():
         new = Ed25519PrivateKey.from_private_bytes(pending.read_bytes())
         statements = store.rotations()

@@ -359,6 +359,19 @@ def cmd_events(args: argparse.Namespace, home: Home) -> int:
             client.close()
 
 
+def _read_public_key(path: Path) -> bytes | None:
+    """A key file as ``--pubkey`` takes it: exactly 32 raw bytes (as ``supervisor.pub``, which may start or end
+    with any byte), or 64 hex digits with white space around them; None if it is neither."""
+    data = path.read_bytes()
+    if len(data) == 32:
+        return data
+    try:
+        raw = bytes.fromhex(data.strip().decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return raw if len(raw) == 32 else None
+
+
 def cmd_verify(args: argparse.Namespace, home: Home) -> int:
     from theater.checkpoint import Checkpoint, fingerprint
     from theater.errors import RecordError
@@ -367,8 +380,10 @@ def cmd_verify(args: argparse.Namespace, home: Home) -> int:
 
     pinned = None
     if args.pubkey is not None:
-        raw = args.pubkey.read_bytes().strip()
-        pinned = raw if len(raw) == 32 else bytes.fromhex(raw.decode("ascii", "replace"))
+        pinned = _read_public_key(args.pubkey)
+        if pinned is None:
+            _err(f"{args.pubkey}: not a public key: 32 raw bytes, or 64 hex digits")
+            return EXIT_USAGE
     if args.fingerprint is not None:
         from ._audit import known_keys
 
@@ -580,12 +595,14 @@ def cmd_key(args: argparse.Namespace, home: Home) -> int:
                                  f"the statement both keys signed ({info['chains']} chain heads):\n"
                                  + "\n".join(f"  {f}" for f in info["files"]))
         return EXIT_OK
-    public = home.public_key.read_bytes()
-    earlier = known_keys(home)[:-1]
-    _out(args, {"public_key": public.hex(), "fingerprint": fingerprint(public),
+    *earlier, public = known_keys(home)
+    unsettled = home.public_key.read_bytes() != public  # a rotation committed; the next start writes the key
+    note = "\n(supervisor.pub still holds the key before it: the supervisor stopped during the rotation, and its " \
+           "next start settles it)" if unsettled else ""
+    _out(args, {"public_key": public.hex(), "fingerprint": fingerprint(public), "settled": not unsettled,
                 "previous": [{"public_key": k.hex(), "fingerprint": fingerprint(k)} for k in earlier]},
          lambda: f"public key   {public.hex()}\nfingerprint  {fingerprint(public)}"
-                 + "".join(f"\nretired      {fingerprint(k)}" for k in reversed(earlier)))
+                 + "".join(f"\nretired      {fingerprint(k)}" for k in reversed(earlier)) + note)
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ from conftest import Theater, wait_running
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_audit import broken, cli, edit, verify
 
+from supervisor.cli import _read_public_key
 from theater.checkpoint import Head, fingerprint
 from theater.records import Kind, Record, sign_record
 from theater.rotation import Rotation
@@ -160,6 +161,18 @@ def test_a_rotation_cut_short_settles_on_the_next_start(theater: Theater, commit
         db.close()
         edit(theater, "INSERT INTO key_rotations (statement) VALUES (?)",
              args=(Rotation.make(old, new, heads, time.time_ns()).to_json(),))
+        # Until the next start, supervisor.pub holds the old key: offline readers follow the statement the old
+        # key signed (they used to refuse the home: "the key rotations end at <new>, not at <old>").
+        new_fp = fingerprint(new.public_key().public_bytes_raw())
+        assert verify(theater)[0] == 0
+        info = key_info(theater)
+        assert info["fingerprint"] == new_fp and info["settled"] is False
+        assert [p["fingerprint"] for p in info["previous"]] == [fingerprint(old.public_key().public_bytes_raw())]
+        bundle = theater.dir / "cut.bundle"
+        cli(theater, "export", "counter", "-o", str(bundle))
+        assert cli(theater, "verify", "--bundle", str(bundle)).returncode == 0
+    for left in (".supervisor.key.next.tmp", ".supervisor.pub.tmp"):  # a rotation killed inside write_private
+        (theater.home.root / left).write_bytes(b"partial")
     theater.start()
     with theater.client() as c:
         wait_running(c, "counter")
@@ -167,7 +180,9 @@ def test_a_rotation_cut_short_settles_on_the_next_start(theater: Theater, commit
     expected = new if committed else old
     assert not pending.exists()
     assert key_info(theater)["fingerprint"] == fingerprint(expected.public_key().public_bytes_raw())
+    assert key_info(theater)["settled"] is True
     assert verify(theater)[0] == 0
+    assert not list(theater.home.root.glob(".supervisor.*.tmp"))
 
 
 def test_compaction_carries_on_across_a_rotation(theater: Theater) -> None:
@@ -186,3 +201,24 @@ def test_compaction_carries_on_across_a_rotation(theater: Theater) -> None:
     db.close()
     assert json.loads(statement)["public_key"] == key_info(theater)["public_key"]
     assert verify(theater)[0] == 0
+
+
+def test_a_pinned_key_file_is_read_whatever_its_first_and_last_bytes(tmp_path: Path) -> None:
+    """A raw 32-byte key may start or end with a byte that is white space: it was stripped, and the rest read
+    as hex, which crashed `verify --pubkey` for about one home key in twenty."""
+    raw = b" " + bytes(range(1, 31)) + b"\n"
+    path = tmp_path / "k.pub"
+    path.write_bytes(raw)
+    assert _read_public_key(path) == raw
+    path.write_text(f"  {raw.hex()}\n")
+    assert _read_public_key(path) == raw
+    for bad in (b"short", b"z" * 64, raw + b"x"):
+        path.write_bytes(bad)
+        assert _read_public_key(path) is None
+
+
+def test_verify_names_a_pinned_key_file_that_is_not_a_key(theater: Theater, tmp_path: Path) -> None:
+    path = tmp_path / "k.pub"
+    path.write_bytes(b"not a key at all")
+    proc = cli(theater, "verify", "--pubkey", str(path), check=False)
+    assert proc.returncode == 2 and f"{path}: not a public key: 32 raw bytes, or 64 hex digits" in proc.stderr

@@ -94,8 +94,30 @@ class KeySchedule:
 
     @classmethod
     def build(cls, current: bytes, rotations: Sequence[Rotation]) -> KeySchedule:
-        """The sequence ending at ``current`` (the home's key now); RecordError if the rotations do not
-        link up (each one's old key is the previous one's new key) or do not end there."""
+        """The sequence ending at ``current`` (the key the supervisor signs with now); RecordError if the
+        rotations do not link up (each one's old key is the previous one's new key) or do not end there."""
+        schedule = cls._linked(current, rotations)
+        if schedule.keys[-1] != current:
+            raise RecordError(f"the key rotations end at {fingerprint(schedule.keys[-1])}, not at the supervisor's "
+                              f"key {fingerprint(current)}")
+        return schedule
+
+    @classmethod
+    def anchored(cls, anchor: bytes, rotations: Sequence[Rotation]) -> KeySchedule:
+        """The sequence as a reader of a home or a bundle trusts it: from ``anchor`` (``supervisor.pub``, or the
+        bundle's key), which must be one of its keys. It is the last, except after a supervisor died between
+        committing a rotation and writing the new public key (its next start writes it): each later key is
+        vouched for by a statement the key before it signed. RecordError if the rotations do not link up or
+        never pass through ``anchor``."""
+        schedule = cls._linked(anchor, rotations)
+        if anchor not in schedule.keys:
+            raise RecordError(f"the key rotations go from {fingerprint(schedule.keys[0])} to "
+                              f"{fingerprint(schedule.keys[-1])} and never through the supervisor's key "
+                              f"{fingerprint(anchor)}")
+        return schedule
+
+    @classmethod
+    def _linked(cls, current: bytes, rotations: Sequence[Rotation]) -> KeySchedule:
         first = rotations[0].old_key if rotations else current
         schedule = cls([first])
         for n, rotation in enumerate(rotations, 1):
@@ -107,9 +129,6 @@ class KeySchedule:
             schedule.keys.append(rotation.new_key)
             schedule.rotations.append(rotation)
             schedule._heads.append({h.chain: h.seq for h in rotation.heads})
-        if schedule.keys[-1] != current:
-            raise RecordError(f"the key rotations end at {fingerprint(schedule.keys[-1])}, not at the supervisor's "
-                              f"key {fingerprint(current)}")
         return schedule
 
     def key_for(self, chain: bytes, seq: int) -> Ed25519PublicKey:
