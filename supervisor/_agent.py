@@ -10,8 +10,8 @@ import contextlib
 import functools
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ from theater import wire
 from theater.chain import ChainVerifier
 from theater.records import Record
 
-from ._config import AgentConfig, RestartSpec, TreeConfig
+from ._config import OPERATOR, AgentConfig, RestartSpec, TreeConfig
 from ._errors import NotFound
 from ._spawner import WorkerProcess
 from ._supervision import Leaf, NodeKind, Status, Sup
@@ -81,6 +81,72 @@ class Pending:
     unanswered: tuple[str, str, bytes] | None = None  # the host call it waits on: (interface, function, input)
 
 
+# Bytes of the messages waiting in mailboxes, by tenant (the operator's agents are one). An agent's mailbox holds
+# up to `mailbox` messages of up to `max_message_bytes` (1,000 of 1 MiB by default): without a bound over a
+# tenant's agents, one tenant's clients could make the supervisor hold gigabytes. Past TENANT_QUEUED_BYTES, its
+# senders are refused (mailbox-full) until its agents have taken some.
+TENANT_QUEUED_BYTES = 256 * 1024 * 1024
+queued_bytes: Counter[str] = Counter()
+
+
+class Mailbox(deque[Pending]):
+    """An agent's messages waiting for their turn, their bytes counted in ``queued_bytes`` for its tenant."""
+
+    def __init__(self, tenant: str) -> None:
+        super().__init__()
+        self.tenant = tenant
+
+    def _count(self, pendings: Iterable[Pending], sign: int) -> None:
+        queued_bytes[self.tenant] += sign * sum(len(p.call.data) for p in pendings)
+        if queued_bytes[self.tenant] <= 0:
+            del queued_bytes[self.tenant]
+
+    def append(self, pending: Pending) -> None:
+        super().append(pending)
+        self._count((pending,), 1)
+
+    def appendleft(self, pending: Pending) -> None:
+        super().appendleft(pending)
+        self._count((pending,), 1)
+
+    def extendleft(self, pendings: Iterable[Pending]) -> None:
+        pendings = list(pendings)
+        super().extendleft(pendings)
+        self._count(pendings, 1)
+
+    def extend(self, pendings: Iterable[Pending]) -> None:
+        pendings = list(pendings)
+        super().extend(pendings)
+        self._count(pendings, 1)
+
+    def popleft(self) -> Pending:
+        pending = super().popleft()
+        self._count((pending,), -1)
+        return pending
+
+    def pop(self) -> Pending:  # type: ignore[override]
+        pending = super().pop()
+        self._count((pending,), -1)
+        return pending
+
+    def remove(self, pending: Pending) -> None:
+        super().remove(pending)
+        self._count((pending,), -1)
+
+    def clear(self) -> None:
+        self._count(self, -1)
+        super().clear()
+
+
+def queue_room(tenant: str, size: int) -> str | None:
+    """Why a message of ``size`` bytes cannot wait in a mailbox of ``tenant``'s agents now, or None."""
+    if queued_bytes[tenant] + size <= TENANT_QUEUED_BYTES:
+        return None
+    who = "the operator's agents" if tenant == OPERATOR else f"the agents of tenant {tenant}"
+    return (f"{who} already hold {queued_bytes[tenant]:,} bytes of messages waiting in mailboxes (at most "
+            f"{TENANT_QUEUED_BYTES:,}): try again once they have taken some")
+
+
 def uptime_s(now: float, since: float) -> float:
     """Seconds from ``since`` to ``now`` in whole milliseconds, as ``ps`` and ``tree`` show an uptime (not
     ``round(x, 3)``, which rounds through a decimal conversion: 0.2 against 0.08 µs, once per agent listed)."""
@@ -120,7 +186,7 @@ class Agent(_Member):
     worker: WorkerProcess | None = None
     prepared: WorkerProcess | None = None  # made ready ahead of its start; not yet its worker (Workers.prepare)
     parked: wire.Hello | None = None  # the prepared worker's checked hello (its identity is the worker's)
-    mailbox: deque[Pending] = field(default_factory=deque)
+    mailbox: Mailbox = field(init=False)
     # Sent to its worker and not yet answered, oldest first (at most PIPELINE_DEPTH): the worker runs them in
     # order, so the first is the one it runs now; the others wait in its socket.
     sent: deque[Pending] = field(default_factory=deque)
@@ -163,6 +229,7 @@ class Agent(_Member):
     def __post_init__(self) -> None:
         self.leaf = Leaf(self.config.name, restart=self.config.restart.type,
                          shutdown_ms=self.config.restart.kill_after_ms)
+        self.mailbox = Mailbox(self.config.tenant)
 
     @property
     def status(self) -> Status:

@@ -29,7 +29,7 @@ from theater import wire
 from theater.errors import ProtocolError
 from theater.home import Home
 
-from ._agent import Agent, Agents, Pending
+from ._agent import Agent, Agents, Pending, queue_room
 from ._config import OPERATOR, TENANT_SEP
 from ._errors import NotFound, Refused, StoreUnavailable, SupervisorError
 from ._ledger import Checked
@@ -264,6 +264,9 @@ class Control:
             raise Refused(f"agent {agent.name} is {agent.status}")
         if agent.queued + agent.reserved >= limits.mailbox:  # places held for agents' sends count
             raise Refused(f"agent {agent.name}'s mailbox is full ({limits.mailbox} messages)")
+        full = queue_room(agent.config.tenant, len(data))
+        if full is not None:
+            raise Refused(full)
         self.tenants.check_message(agent.config.tenant)
         pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.HANDLE, data))
         if call is not None:

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import LAB_POLICY, Theater, assert_verified, ps, records, wait_running, write_lab_policy
+from conftest import LAB_POLICY, Theater, assert_verified, ps, records, wait_running, wait_until, write_lab_policy
 
+from supervisor._agent import TENANT_QUEUED_BYTES
 from supervisor._audit import open_readonly
+from supervisor._workers import PIPELINE_DEPTH
 from theater import wire
 from theater.client import Client, ClientError
 from theater.errors import ProtocolError
@@ -558,3 +560,35 @@ def test_a_local_client_that_pipelines_thousands_of_requests_gets_every_answer(t
         assert sorted(replies) == list(range(1, 10_001)) and all(r["ok"] for r in replies.values())
     finally:
         sock.close(0)
+
+
+def test_a_tenants_agents_hold_at_most_their_share_of_queued_bytes(theater: Theater) -> None:
+    """An agent's mailbox takes 1,000 messages of 1 MiB by default: a client could make the supervisor hold a
+    gigabyte for each agent its tenant has. Messages waiting in a tenant's mailboxes are bounded in bytes
+    (TENANT_QUEUED_BYTES); past it, its senders are refused until its agents take some."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("e", "echo.wat"))
+        pid = ps(c, "e")["pid"]
+        os.kill(pid, signal.SIGSTOP)  # takes nothing from its mailbox
+        data = b"x" * (1 << 20)
+        accepted = 0
+        try:
+            with pytest.raises(ClientError) as refused:
+                while accepted <= (TENANT_QUEUED_BYTES >> 20) + PIPELINE_DEPTH:
+                    c.send("e", data)
+                    accepted += 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert f"the operator's agents already hold {TENANT_QUEUED_BYTES:,} bytes of messages waiting in mailboxes " \
+               f"(at most {TENANT_QUEUED_BYTES:,})" in str(refused.value)
+        # Those the worker was sent ahead of their turn are in its socket, not in the mailbox.
+        assert TENANT_QUEUED_BYTES >> 20 <= accepted <= (TENANT_QUEUED_BYTES >> 20) + PIPELINE_DEPTH
+
+        def taken() -> bool:
+            try:
+                return c.call("e", b"again", timeout=60) == b"again"
+            except ClientError as exc:
+                assert "bytes of messages waiting" in str(exc), exc
+                return False
+
+        wait_until(taken, 120, "the agent to take its messages")

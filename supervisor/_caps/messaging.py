@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from theater import wire
 
-from .._agent import Agent, Agents, Pending
+from .._agent import Agent, Agents, Pending, queue_room
 from .._config import OPERATOR, TENANT_SEP
 from .._errors import StoreError
 from .._host import Answer, HostCall, HostRequests
@@ -135,6 +135,9 @@ class Messaging:
                                        f"{sender.name} and {target.name})")
         if target.queued + target.reserved >= target.config.limits.mailbox:
             return _error("mailbox-full", f"{target.name}'s mailbox is full ({target.config.limits.mailbox} messages)")
+        full = queue_room(target.config.tenant, size)
+        if full is not None:
+            return _error("mailbox-full", full)
         return None
 
     def _cycle(self, caller: Agent, target: Agent) -> str | None:
