@@ -122,6 +122,7 @@ class Control:
                 return
             frames, tenant = got
             ident = REMOTE + frames[0]
+            self._remote_tenant.pop(ident, None)  # to the end: the least recently heard from are forgotten first
             self._remote_tenant[ident] = tenant
             while len(self._remote_tenant) > MAX_REMOTE_CLIENTS:
                 self._remote_tenant.pop(next(iter(self._remote_tenant)))
