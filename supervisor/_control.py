@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 __all__ = ["Control"]
 
 BATCH = 256  # requests taken from the socket per loop turn
-LOCAL, REMOTE = b"L", b"R"  # the first byte of a client's ident in tickets: which socket it is on
-MAX_REMOTE_CLIENTS = 65536  # remote connections whose tenant is remembered for their replies
+# A client's ident in tickets: LOCAL and ZeroMQ's routing id, or REMOTE, the tenant's name, NUL and the routing id.
+LOCAL, REMOTE = b"L", b"R"
 
 MAX_CONTROL_DATA = 64 * 1024 * 1024
 MAX_ERROR_CHARS = 4096
@@ -92,7 +92,6 @@ class Control:
         self.down_waiters: list[tuple[bytes, int]] = []
         self.remote: RemoteControl | None = None  # the TCP socket, with `theater up --listen`
         self.metrics_address: str | None = None  # http://HOST:PORT/metrics, with `theater up --metrics`
-        self._remote_tenant: dict[bytes, str] = {}
         # Set by the supervisor once all parts exist.
         self.records: RecordPath
         self.supervision: Supervision
@@ -121,12 +120,8 @@ class Control:
             if got is None:
                 return
             frames, tenant = got
-            ident = REMOTE + frames[0]
-            self._remote_tenant.pop(ident, None)  # to the end: the least recently heard from are forgotten first
-            self._remote_tenant[ident] = tenant
-            while len(self._remote_tenant) > MAX_REMOTE_CLIENTS:
-                self._remote_tenant.pop(next(iter(self._remote_tenant)))
-            self._take(ident, frames[1:], tenant)
+            # The tenant travels in the ident, so every reply, however late, is written for it.
+            self._take(REMOTE + tenant.encode() + b"\0" + frames[0], frames[1:], tenant)
 
     def _take(self, ident: bytes, frames: list[bytes], tenant: str | None) -> None:
         rid = 0
@@ -391,7 +386,7 @@ class Control:
         self.reply_error(*pending.reply_to, code, message)
 
     def reply(self, ident: bytes, rid: int, result: dict[str, Any], data: bytes | None = None) -> None:
-        tenant = self._remote_tenant.get(ident, OPERATOR) if ident[:1] == REMOTE else OPERATOR
+        tenant = _tenant_of(ident)
         if tenant != OPERATOR:
             result = localized(result, tenant)
         body = wire.encode_reply({"id": rid, "ok": True, "result": result})
@@ -403,7 +398,7 @@ class Control:
     def reply_error(self, ident: bytes, rid: int, code: str, message: str) -> None:
         if len(message) > MAX_ERROR_CHARS:  # an error always fits what a client reads
             message = message[:MAX_ERROR_CHARS] + "…"
-        tenant = self._remote_tenant.get(ident, OPERATOR) if ident[:1] == REMOTE else OPERATOR
+        tenant = _tenant_of(ident)
         if tenant != OPERATOR:
             message = message.replace(f"{tenant}{TENANT_SEP}", "")
         body = {"id": rid, "ok": False, "error": {"code": code, "message": message}}
@@ -411,15 +406,25 @@ class Control:
 
     def _send(self, ident: bytes, frames: list[bytes]) -> None:
         """To the client behind ``ident``, on the socket it came from."""
-        socket = self.remote.socket if ident[:1] == REMOTE and self.remote is not None else self.socket
+        if ident[:1] == REMOTE:
+            if self.remote is None:
+                return
+            socket, routing_id = self.remote.socket, ident[ident.index(b"\0") + 1:]
+        else:
+            socket, routing_id = self.socket, ident[1:]
         with contextlib.suppress(zmq.ZMQError):
-            wire.send_frames(socket, [ident[1:], *frames], copy=False)
+            wire.send_frames(socket, [routing_id, *frames], copy=False)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.socket.close(0)
         if self.remote is not None:
             self.remote.close()
+
+
+def _tenant_of(ident: bytes) -> str:
+    """Whose client ``ident`` is: the tenant written into a remote client's ident, else the operator."""
+    return ident[1:ident.index(b"\0")].decode() if ident[:1] == REMOTE else OPERATOR
 
 
 @contextlib.contextmanager
