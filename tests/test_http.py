@@ -270,6 +270,25 @@ def test_a_secret_echoed_compressed_in_a_header_name_or_in_an_error_is_redacted(
     assert_verified(theater)
 
 
+def test_headers_beyond_ascii_go_out_as_their_bytes(theater: Theater, server: Server) -> None:
+    """A secret is bytes, and may hold any but the characters no header may; a guest's header value is text.
+    Both were written as ASCII by the HTTP library, which failed on anything else."""
+    url = f"http://127.0.0.1:{server.port}"
+    rule = f'secrets = [{{ origin = "{url}", header = "Authorization", value = "Bearer {{secret:api}}" }}]'
+    policy(theater, "keyed", local(server, extra=rule))
+    set_secret(theater, "api", "pässwörd-ß")
+    with theater.client() as c:
+        fetcher(theater, c, "keyed")
+        assert ask(c, f"GET {url}/auth").startswith("200 auth=")
+        # fetcher.wat reads its message's bytes as latin-1 characters: these make the text "Zoë"
+        assert c.call("f", f"h=X-Name:Zoë;GET {url}/h".encode("latin-1"), timeout=30) == b"200 GET /h "
+    # The test server reads header bytes as latin-1: encoded back, they are what was sent.
+    assert server.seen[0]["headers"]["authorization"].encode("latin-1") == "Bearer pässwörd-ß".encode()
+    assert server.seen[1]["headers"]["x-name"].encode("latin-1") == "Zoë".encode()
+    [auth, _] = [r.fields() for r in records(theater, "f") if r.kind is Kind.HOST_CALL]
+    assert ["X-Echo", "Bearer {secret:api}"] in json.loads(auth["output"].split(b"\0", 1)[0])["headers"]
+
+
 def test_a_server_that_drips_its_body_is_cut_off_at_the_timeout(theater: Theater, server: Server) -> None:
     """Each read of a body sent a byte every 20 ms returns well within any read timeout: only a deadline on the
     whole exchange ends it (before, the worker was killed past its call's deadline, and nothing recorded)."""

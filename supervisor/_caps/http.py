@@ -308,8 +308,9 @@ def _fetch(job: _Job, secrets_dir: Path) -> Answer:
         return _refused("failed", "the call that asked has ended")
     request, grant, timeout = job.request, job.grant, job.timeout
     job.deadline = deadline = _Deadline(timeout)
-    if job.cancelled:  # cancelled as the deadline was being made: the loop may not have seen it
-        deadline.expire()
+    if job.cancelled:  # cancelled while the deadline was being made: the loop may have found none to expire
+        deadline.cancel()
+        return _refused("failed", "the call that asked has ended")
     try:
         try:
             added, secrets = _secret_headers(request, grant, secrets_dir)
@@ -327,13 +328,16 @@ def _exchange(request: _Request, grant: HttpGrant, address: str, added: list[tup
               secrets: list[tuple[str, bytes]], deadline: _Deadline, timeout: float) -> Answer:
     netloc = f"[{address}]" if ":" in address else address
     url = f"{request.scheme}://{netloc}:{request.port}{request.target}"
-    headers = [*request.headers, *added, ("host", request.host if request.port in (80, 443)
-                                          else f"{request.host}:{request.port}")]
+    # As bytes (httpx would write a str as ASCII and fail on anything else): the guest's values in UTF-8, a
+    # secret's header as the bytes the secret holds.
+    host = request.host if request.port in (80, 443) else f"{request.host}:{request.port}"
+    headers = [*((name.encode(), value.encode()) for name, value in request.headers),
+               *((name.encode(), value.encode("latin-1")) for name, value in added), (b"host", host.encode())]
     asked_encoding = any(name.lower() == "accept-encoding" for name, _ in request.headers)
     if not asked_encoding:
         # The body reaches the guest as the server sent it: unencoded unless the guest asked for an encoding
         # (httpx would otherwise ask for gzip). A secret in an encoded body could not be found to redact.
-        headers.append(("accept-encoding", "identity"))
+        headers.append((b"accept-encoding", b"identity"))
     extensions: dict[str, Any] = {"trace": deadline.trace}
     if request.scheme == "https":
         extensions["sni_hostname"] = request.host
