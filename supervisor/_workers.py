@@ -656,9 +656,13 @@ class Workers:
             self.supervision.never_started(agent)
             self.agents.remove(agent)
             self.supervision.drop_unused_uploads(agent.config)
+            failed = f"agent {agent.name} failed to start: {reason}: {detail}"
             for ident, rid in agent.spawn_waiters:
-                self.control.reply_error(ident, rid, "spawn-failed", f"agent {agent.name} failed to start: {reason}: {detail}")
+                self.control.reply_error(ident, rid, "spawn-failed", failed)
             agent.spawn_waiters.clear()
+            for pending in agent.mailbox:  # messages sent while it was starting: never run
+                self.control.answer_error(pending, "spawn-failed", failed)
+            agent.mailbox.clear()
             return
         violated = reason == "protocol-violation" and worker.identity is not None
         self.supervision.exited(agent, worker.incarnation, reason, detail + unrecorded, violated=violated)

@@ -479,6 +479,45 @@ def test_a_worker_waiting_for_its_components_compile_is_given_its_hello_deadline
         t.stop()
 
 
+def test_messages_sent_to_an_agent_that_never_started_are_answered(short_root: Callable[[str], Path]) -> None:
+    """A client may send to an agent while it starts. When its worker ended before its first hello, the spawn
+    failed and the agent was forgotten, but the messages in its mailbox were never answered (their callers
+    waited out their own timeouts) and their bytes stayed counted against the tenant."""
+    t = Theater(short_root("never-started"))
+    gate = t.dir / "gate"
+    os.mkfifo(gate)
+    t.start([sys.executable, str(ROOT / "tests" / "run_held_compile_supervisor.py"), str(t.home.root), str(gate)])
+    outcome: dict[str, str] = {}
+
+    def attempt(what: str, act: Callable[[Client], object]) -> None:
+        with t.client(timeout=60) as c:
+            try:
+                act(c)
+                outcome[what] = "ok"
+            except ClientError as exc:
+                outcome[what] = f"{exc.code}: {exc}"
+
+    threads = [threading.Thread(target=attempt, args=("spawn", lambda c: c.spawn(t.manifest("a", "echo.wat"))))]
+    threads[0].start()
+    try:
+        wait_until(lambda: "hello deadline reached for a" in supervisor_log(t), what="the worker waiting on its compile")
+        threads.append(threading.Thread(target=attempt, args=("call", lambda c: c.call("a", b"hi", timeout=30))))
+        threads[1].start()
+        with t.client() as c:
+            wait_until(lambda: ps(c, "a")["mailbox"] == 1 and ps(c, "a")["pid"], what="the call queued")
+            os.kill(ps(c, "a")["pid"], signal.SIGKILL)
+        for thread in threads:
+            thread.join(20)
+        assert outcome["spawn"].startswith("spawn-failed: agent a failed to start: worker-died: killed by signal 9")
+        assert outcome["call"] == outcome["spawn"], outcome
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+        for thread in threads:
+            thread.join(60)
+        t.stop()
+
+
 def test_a_worker_made_ready_ahead_is_kept_when_its_hello_comes_before_the_fork_servers_answer(
     short_root: Callable[[str], Path],
 ) -> None:
