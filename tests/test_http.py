@@ -219,13 +219,21 @@ def set_secret(t: Theater, name: str, value: str) -> None:
     assert (t.home.secrets / name).stat().st_mode & 0o777 == 0o600
 
 
-def test_secrets_are_added_at_the_boundary_and_never_seen_or_recorded(theater: Theater, server: Server) -> None:
+def keyed(t: Theater, server: Server, secret: str) -> str:
+    """Agent ``f`` under a policy whose secrets rule adds ``Authorization: Bearer <secret api>`` to requests to
+    the server; the server's URL."""
     url = f"http://127.0.0.1:{server.port}"
     rule = f'secrets = [{{ origin = "{url}", header = "Authorization", value = "Bearer {{secret:api}}" }}]'
-    policy(theater, "keyed", local(server, extra=rule))
-    set_secret(theater, "api", SECRET)
+    policy(t, "keyed", local(server, extra=rule))
+    set_secret(t, "api", secret)
+    with t.client() as c:
+        fetcher(t, c, "keyed")
+    return url
+
+
+def test_secrets_are_added_at_the_boundary_and_never_seen_or_recorded(theater: Theater, server: Server) -> None:
+    url = keyed(theater, server, SECRET)
     with theater.client() as c:
-        fetcher(theater, c, "keyed")
         # The server sees the secret; it echoes it back in its body and a header; the guest gets it redacted.
         assert ask(c, f"GET {url}/auth") == "200 auth=Bearer {secret:api}"
         assert ask(c, f"h=Authorization:mine;GET {url}/auth").startswith("err:denied:header 'Authorization' is set")
@@ -244,12 +252,8 @@ def test_a_secret_echoed_compressed_in_a_header_name_or_in_an_error_is_redacted(
 ) -> None:
     """httpx asks for gzip unless told otherwise, and a compressed echo of the secret reached the guest; so did
     one in a response header's name, and one in the HTTP library's error about a header value it refused."""
-    url = f"http://127.0.0.1:{server.port}"
-    rule = f'secrets = [{{ origin = "{url}", header = "Authorization", value = "Bearer {{secret:api}}" }}]'
-    policy(theater, "keyed", local(server, extra=rule))
-    set_secret(theater, "api", SECRET)
+    url = keyed(theater, server, SECRET)
     with theater.client() as c:
-        fetcher(theater, c, "keyed")
         assert ask(c, f"GET {url}/gzip-auth") == "200 auth=Bearer {secret:api}"  # asked for no encoding
         assert server.seen[-1]["headers"]["accept-encoding"] == "identity"
         reply = ask(c, f"GET {url}/gzip-always")
@@ -273,12 +277,8 @@ def test_a_secret_echoed_compressed_in_a_header_name_or_in_an_error_is_redacted(
 def test_headers_beyond_ascii_go_out_as_their_bytes(theater: Theater, server: Server) -> None:
     """A secret is bytes, and may hold any but the characters no header may; a guest's header value is text.
     Both were written as ASCII by the HTTP library, which failed on anything else."""
-    url = f"http://127.0.0.1:{server.port}"
-    rule = f'secrets = [{{ origin = "{url}", header = "Authorization", value = "Bearer {{secret:api}}" }}]'
-    policy(theater, "keyed", local(server, extra=rule))
-    set_secret(theater, "api", "pässwörd-ß")
+    url = keyed(theater, server, "pässwörd-ß")
     with theater.client() as c:
-        fetcher(theater, c, "keyed")
         assert ask(c, f"GET {url}/auth").startswith("200 auth=")
         # fetcher.wat reads its message's bytes as latin-1 characters: these make the text "Zoë"
         assert c.call("f", f"h=X-Name:Zoë;GET {url}/h".encode("latin-1"), timeout=30) == b"200 GET /h "
