@@ -362,7 +362,10 @@ def cmd_events(args: argparse.Namespace, home: Home) -> int:
 def _read_public_key(path: Path) -> bytes | None:
     """A key file as ``--pubkey`` takes it: exactly 32 raw bytes (as ``supervisor.pub``, which may start or end
     with any byte), or 64 hex digits with white space around them; None if it is neither."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
     if len(data) == 32:
         return data
     try:
@@ -382,7 +385,7 @@ def cmd_verify(args: argparse.Namespace, home: Home) -> int:
     if args.pubkey is not None:
         pinned = _read_public_key(args.pubkey)
         if pinned is None:
-            _err(f"{args.pubkey}: not a public key: 32 raw bytes, or 64 hex digits")
+            _err(f"{args.pubkey}: not a readable public key: 32 raw bytes, or 64 hex digits")
             return EXIT_USAGE
     if args.fingerprint is not None:
         from ._audit import known_keys

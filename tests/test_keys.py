@@ -221,4 +221,6 @@ def test_verify_names_a_pinned_key_file_that_is_not_a_key(theater: Theater, tmp_
     path = tmp_path / "k.pub"
     path.write_bytes(b"not a key at all")
     proc = cli(theater, "verify", "--pubkey", str(path), check=False)
-    assert proc.returncode == 2 and f"{path}: not a public key: 32 raw bytes, or 64 hex digits" in proc.stderr
+    assert proc.returncode == 2 and f"{path}: not a readable public key: 32 raw bytes, or 64 hex digits" in proc.stderr
+    missing = cli(theater, "verify", "--pubkey", str(tmp_path / "absent.pub"), check=False)
+    assert missing.returncode == 2 and "absent.pub: not a readable public key" in missing.stderr

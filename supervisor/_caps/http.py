@@ -383,7 +383,10 @@ class _Redactor:
 
     def body(self, data: bytes) -> bytes:
         for name, value in self.secrets:
-            data = data.replace(value, f"{{secret:{name}}}".encode())
+            # Its bytes, and those a server makes of them that reads a header as latin-1 and writes UTF-8
+            # (Python's http.server and WSGI do): a secret beyond ASCII comes back so.
+            for form in dict.fromkeys((value, value.decode("latin-1").encode())):
+                data = data.replace(form, f"{{secret:{name}}}".encode())
         return data
 
     def text(self, text: str) -> str:
