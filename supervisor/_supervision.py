@@ -838,7 +838,9 @@ class Engine:
         if isinstance(target, Sup) and target is root and target.kind is NodeKind.TREE:
             self._emit(StoreTree(target.name, Status.STOPPED if stopped else Status.RUNNING))
         owner = target.parent
-        if stopped and owner is not None and owner.kind is NodeKind.OWNED:
+        # The agent's own supervision.stop (not held): the child leaves its list, and it is told. An operator's
+        # stop holds the child in the list (a restart starts it there again), and the agent is not told.
+        if stopped and not job.hold and owner is not None and owner.kind is NodeKind.OWNED:
             if target in owner.children:
                 owner.children.remove(target)
                 self._emit(Removed(target.name))

@@ -366,10 +366,26 @@ class Supervision:
         """Stop a member if it runs, then start it from its committed state: not counted."""
         if not self.running():
             raise Refused("the supervisor is shutting down")
+        if isinstance(member, Agent):
+            self._refuse_let_go(member)
         for agent in self.agents_under(member):
             agent.last_exit = agent.last_exit or "restarted by the operator"
             self.commit_desired(agent, Status.RUNNING)
         self.apply(self.engine.restart(member.name, time.monotonic(), ticket))
+
+    @staticmethod
+    def _refuse_let_go(agent: Agent) -> None:
+        """An agent's own child that its parent no longer has (the parent stopped it, or was told of its end,
+        or the parent itself ended, or a supervisor restart came between) belongs to no supervisor: started by
+        the operator it would run outside every tree, stopped by nothing, and `down` would wait for it for
+        ever. Only its parent starts it again (supervision.spawn, by name)."""
+        node = agent.leaf.parent
+        let_go = (node is not None and node.kind is NodeKind.OWNED and agent.leaf not in node.children) or (
+            bool(agent.orphan_of) and (node is None or node.kind is not NodeKind.OWNED))
+        if let_go:
+            parent = node.owner if node is not None and node.kind is NodeKind.OWNED else agent.orphan_of
+            raise Refused(f"{agent.name} is a child of agent {parent}, which no longer has it among its children: "
+                          f"only {parent} can start it again (supervision.spawn of {agent.name.rsplit('.', 1)[-1]!r})")
 
     def remove(self, member: Member, *, drop_upload: bool = True) -> dict[str, Any]:
         """``theater rm``: a stopped or failed agent's chain ends with a signed removed record, in the same
@@ -433,6 +449,12 @@ class Supervision:
             raise Refused(f"no child template named {template_name[:64]!r} in {parent.name}'s manifest")
         if not CHILD_NAME_RE.fullmatch(name):
             raise Refused("a child name is 1-32 characters of a-z, 0-9, '-', '_', starting with a letter or digit")
+        busy = own.job.purpose if own.job is not None else None
+        if parent.status is not Status.RUNNING or busy in (Purpose.GIVE_UP, Purpose.STOP):
+            # Its children are being stopped (it gave up, or it stops): one started now would be left out of
+            # that, run on with no supervisor, and keep `down` waiting for ever.
+            why = "it gave up and stops its children" if busy is Purpose.GIVE_UP else f"it is {parent.status}"
+            raise Refused(f"{parent.name} cannot start a child now: {why}")
         full = f"{parent.name}.{name}"
         earlier = self.agents.by_name.get(full)
         if earlier is not None and (earlier.alive or earlier.status not in (Status.STOPPED, Status.FAILED)):
@@ -812,6 +834,8 @@ class Supervision:
     def _notify(self, owner: Agent, child: Agent, reason: str) -> None:
         """Tell an agent that supervises its own children that one of them exited (recorded in both chains)."""
         if owner.status in (Status.STOPPED, Status.FAILED, Status.STOPPING):
+            return
+        if not child.in_store:  # its worker ended before its first hello: it has no chain, and is forgotten
             return
         said = child.last_exit or reason
         if reason.endswith("; restarting"):

@@ -521,7 +521,8 @@ def _plain_spare(t: Theater, c: Client) -> int | None:
 
 
 def test_stopping_a_child_before_its_worker_said_hello_keeps_the_supervisor_up(theater: Theater) -> None:
-    """A guest that stops the child it has just spawned gets `ok`; the child ends stopped and the supervisor serves on."""
+    """A guest that stops the child it has just spawned gets `ok`; the child ends, the supervisor serves on,
+    and the parent is not told of a child that never had a chain."""
     with theater.client(timeout=2) as c:
         c.spawn(parent_manifest(theater))
         # The child's component compiled by an agent of another load profile (one more required layer): the
@@ -546,7 +547,47 @@ def test_stopping_a_child_before_its_worker_said_hello_keeps_the_supervisor_up(t
         still_serving_once(theater, ended, "the early child to end")
         assert reply == b"ok"
         assert ps(c, "parent")["status"] == "running"
-        assert say(c, "parent", "state") == f"{child}=stopped: stopped by its supervisor parent (killed by signal 9 (SIGKILL))\n"
+        # It has no chain: the parent is not told of it (wit.md section 6.2). It was, with an exit hash of zeros
+        # that no chain holds, and `theater verify` found the parent's chain broken for good.
+        assert say(c, "parent", "state") == ""
+    assert not of(records(theater, "parent"), Kind.CHILD_EXIT)
+    assert_verified(theater)
+
+
+def test_the_operators_stop_of_a_child_keeps_it_in_its_parents_list_and_a_restart_there(theater: Theater) -> None:
+    """wit.md section 6.2: the agent is not told of children the operator stops or restarts, and the child stays
+    in its list. It was told, and the child left the list; an operator's restart then ran it outside its parent,
+    where the parent's stop did not reach it and `down` waited for it for ever."""
+    with theater.client() as c:
+        c.spawn(parent_manifest(theater))
+        w = spawn_child(c, "parent", "worker", "w")
+        c.stop("parent.w")
+        assert ps(c, "parent.w")["status"] == "stopped"
+        assert say(c, "parent", "children") == w
+        c.restart("parent.w")
+        wait_running(c, "parent.w")
+        assert say(c, "parent", "children") == w and say(c, "parent", "state") == ""
+        c.stop("parent")
+        assert ps(c, "parent.w")["status"] == "stopped"
+    assert not of(records(theater, "parent"), Kind.CHILD_EXIT)
+    theater.stop()  # `down`, which must end
+    assert theater.proc is not None and theater.proc.returncode == 0
+
+
+def test_a_child_its_parent_let_go_is_not_restarted_by_the_operator(theater: Theater) -> None:
+    """A child the parent stopped itself has left its list: only the parent may start it again. An operator's
+    restart ran it with no supervisor (section above)."""
+    with theater.client() as c:
+        c.spawn(parent_manifest(theater))
+        w = spawn_child(c, "parent", "worker", "w")
+        assert say(c, "parent", f"stop:{w}") == "ok"
+        wait_status(c, "parent.w", "stopped")
+        with pytest.raises(ClientError) as refused:
+            c.restart("parent.w")
+        assert str(refused.value) == ("parent.w is a child of agent parent, which no longer has it among its "
+                                      "children: only parent can start it again (supervision.spawn of 'w')")
+        assert ps(c, "parent.w")["status"] == "stopped"
+        assert spawn_child(c, "parent", "worker", "w") == w  # the parent may
 
 
 def test_supervision_capability_without_templates_answers_the_guest(theater: Theater) -> None:
@@ -564,17 +605,24 @@ def test_supervision_capability_without_templates_answers_the_guest(theater: The
     assert not of(records(theater, "bare"), Kind.VIOLATION)
 
 
-def test_crash_of_a_child_restarted_after_its_parent_stopped_keeps_the_supervisor_up(theater: Theater) -> None:
-    """`theater restart parent.k` after `theater stop parent`, then a crash of parent.k: the supervisor serves on."""
-    with theater.client(timeout=2) as c:
+def test_a_child_of_a_stopped_parent_is_left_to_its_parent(theater: Theater) -> None:
+    """`theater stop parent` stops its children, which leave its list: `theater restart parent.k` is refused
+    (it ran k with no supervisor: a crash of it once took the supervisor down, and `down` waited for it for
+    ever). The parent, restarted, spawns k again, and k's crash is its to handle."""
+    with theater.client(timeout=5) as c:
         c.spawn(parent_manifest(theater))
-        spawn_child(c, "parent", "crasher", "k")
+        k = spawn_child(c, "parent", "crasher", "k")
         c.stop("parent")
         wait_status(c, "parent.k", "stopped")
-        restarted = c.request("restart", agent="parent.k")[0]
-        assert restarted["status"] == "running"
+        with pytest.raises(ClientError) as refused:
+            c.request("restart", agent="parent.k")
+        assert "only parent can start it again" in str(refused.value), refused.value
+        c.restart("parent")
+        wait_running(c, "parent")
+        assert spawn_child(c, "parent", "crasher", "k") == k
+        pid = ps(c, "parent.k")["pid"]
         crash(c, "parent.k")
-        still_serving_once(theater, lambda: ps(c, "parent.k")["pid"] != restarted["pid"], "the crash to be handled")
+        still_serving_once(theater, lambda: ps(c, "parent.k")["pid"] not in (None, pid), "the crash to be handled")
         c.ping()
 
 
