@@ -84,6 +84,7 @@ __all__ = ["Supervision"]
 
 CHILD_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 STORE_PROBE_S = 0.5  # how often a store that could not be written is tried again
+MAX_CHILD_EXIT_REASON = 1024  # characters of what a parent is told of a child's end, `; restarting` kept whole
 Ticket = tuple[bytes, int]  # a client's identity and request id, answered when a job ends
 
 
@@ -113,7 +114,8 @@ class Supervision:
         self.engine = Engine()
         self.nodes: dict[str, Node] = {}  # tree nodes by name
         self.trees: list[Node] = []  # tree roots, in spawn order
-        self._exits: dict[str, tuple[int, str, str]] = {}  # agent -> (incarnation, reason, detail) to record
+        # agent -> (incarnation, reason, detail, and the account of host calls no record holds) to record
+        self._exits: dict[str, tuple[int, str, str, str]] = {}
         self._violated: set[str] = set()  # agents whose last worker's part of the chain a violation ended
         self._never_ran: set[str] = set()  # agents stopped before their start made a worker: no exit to record
         self.chains: dict[str, ChainVerifier] = {}  # tree nodes' own chains, by node name
@@ -529,9 +531,11 @@ class Supervision:
     def ready(self, agent: Agent) -> None:
         self.apply(self.engine.ready(agent.name, time.monotonic()))
 
-    def exited(self, agent: Agent, incarnation: int, reason: str, detail: str, *, violated: bool) -> None:
-        """A stored agent's worker ended: its supervisor decides; its exit record is written on the way."""
-        self._exits[agent.name] = (incarnation, reason, detail)
+    def exited(self, agent: Agent, incarnation: int, reason: str, detail: str, *, violated: bool,
+               unrecorded: str = "") -> None:
+        """A stored agent's worker ended: its supervisor decides; its exit record is written on the way, its
+        detail followed by ``unrecorded`` (``_ledger.unrecorded_host_calls``: for the record, not for ps)."""
+        self._exits[agent.name] = (incarnation, reason, detail, unrecorded)
         if violated:
             self._violated.add(agent.name)
         self.apply(self.engine.exited(agent.name, reason, time.monotonic()))
@@ -759,10 +763,11 @@ class Supervision:
     def _record_exit(self, agent: Agent, note: str, desired: Status | None,
                      then: Callable[[], None] | None = None) -> None:
         """The exit record; ``then`` runs once it is in the chain, before its commit (or after a failure)."""
-        incarnation, reason, detail = self._exits.pop(agent.name, (agent.incarnation, "shutdown", ""))
+        incarnation, reason, detail, unrecorded = self._exits.pop(agent.name, (agent.incarnation, "shutdown", "", ""))
         if note:
             detail += note
             agent.last_exit = exit_text(reason, detail)
+        detail += unrecorded
         want = str(desired) if desired is not None else None
         ran = False
 
@@ -837,10 +842,9 @@ class Supervision:
             return
         if not child.in_store:  # its worker ended before its first hello: it has no chain, and is forgotten
             return
-        said = child.last_exit or reason
-        if reason.endswith("; restarting"):
-            said = f"{child.last_exit}; restarting" if child.last_exit else reason
-        data = wire.encode_child_exit(child.id, child.verifier.head_hash, said[:1024])
+        suffix = "; restarting" if reason.endswith("; restarting") else ""
+        said = (child.last_exit or reason.removesuffix(suffix))[:MAX_CHILD_EXIT_REASON - len(suffix)] + suffix
+        data = wire.encode_child_exit(child.id, child.verifier.head_hash, said)
         owner.mailbox.append(Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.CHILD_EXIT, data)))
         self.workers.dispatch(owner)
 

@@ -665,7 +665,7 @@ class Workers:
             agent.mailbox.clear()
             return
         violated = reason == "protocol-violation" and worker.identity is not None
-        self.supervision.exited(agent, worker.incarnation, reason, detail + unrecorded, violated=violated)
+        self.supervision.exited(agent, worker.incarnation, reason, detail, violated=violated, unrecorded=unrecorded)
 
     def settle(self, agent: Agent) -> None:
         """The agent will not run again by itself: answer everyone waiting on it; its timers end with it

@@ -355,6 +355,7 @@ def test_a_request_made_by_a_call_whose_worker_dies_stays_on_the_chain(theater: 
         wait_until(lambda: any(s["path"] == "/slow" for s in server.seen), what="the held request")
         os.kill(ps(c, "f")["pid"], signal.SIGKILL)
         wait_until(lambda: of(records(theater, "f"), Kind.EXIT), what="the exit record")
+        assert ps(c, "f")["last_exit"] == "worker-died: killed by signal 9 (SIGKILL)"  # the account is the record's
     [exit_record] = of(records(theater, "f"), Kind.EXIT)
     detail = exit_record.fields()["detail"]
     assert detail.startswith("killed by signal 9 (SIGKILL); its call in flight had asked 1 host call(s) that no "
