@@ -554,7 +554,8 @@ class Engine:
         if node.kind is NodeKind.TREE:
             self._emit(NodeRecord(node.name, "give-up", {"child": offender.name, "reason": reason, "detail": why}))
         steps: deque[Step] = deque(("stop", c) for c in reversed(node.children))
-        self._schedule(Job(node, Purpose.GIVE_UP, steps, reason="shutdown", why=f"supervisor {node.name} gave up: {why}"))
+        who = node.owner if node.kind is NodeKind.OWNED else node.name  # an agent's children: the agent
+        self._schedule(Job(node, Purpose.GIVE_UP, steps, reason="shutdown", why=f"supervisor {who} gave up: {why}"))
 
     def _start_failed(self, job: Job, member: Member, reason: str) -> None:
         """``member`` ended before it was ready, while ``job`` was starting it."""
