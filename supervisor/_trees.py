@@ -752,6 +752,9 @@ class Supervision:
         def outcome() -> None:
             if agent.worker is not None or agent.status is not Status.STOPPING:
                 return  # it was started or settled meanwhile: its worker's exit (if any) is the outcome
+            if not agent.in_store:  # a new agent (a child just spawned) stopped before it ever ran: no chain
+                self.workers.forget_unstarted(agent, f"agent {agent.name} was stopped before it started")
+                return
             self._never_ran.add(agent.name)
             try:
                 self.apply(self.engine.exited(agent.name, reason, time.monotonic()))

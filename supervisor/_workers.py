@@ -653,19 +653,23 @@ class Workers:
             agent.worker = None
         self.usage.worker_ended(agent, worker.cpu_ns, worker.peak_rss)
         if not agent.in_store:  # it ended before its first hello: there is no chain to record in
-            self.supervision.never_started(agent)
-            self.agents.remove(agent)
-            self.supervision.drop_unused_uploads(agent.config)
-            failed = f"agent {agent.name} failed to start: {reason}: {detail}"
-            for ident, rid in agent.spawn_waiters:
-                self.control.reply_error(ident, rid, "spawn-failed", failed)
-            agent.spawn_waiters.clear()
-            for pending in agent.mailbox:  # messages sent while it was starting: never run
-                self.control.answer_error(pending, "spawn-failed", failed)
-            agent.mailbox.clear()
+            self.forget_unstarted(agent, f"agent {agent.name} failed to start: {reason}: {detail}")
             return
         violated = reason == "protocol-violation" and worker.identity is not None
         self.supervision.exited(agent, worker.incarnation, reason, detail, violated=violated, unrecorded=unrecorded)
+
+    def forget_unstarted(self, agent: Agent, failed: str) -> None:
+        """An agent that ended, or was stopped, before its first hello has no chain: it is forgotten, and those
+        waiting on it (its spawn, messages sent while it was starting, never run) are told ``failed``."""
+        self.supervision.never_started(agent)
+        self.agents.remove(agent)
+        self.supervision.drop_unused_uploads(agent.config)
+        for ident, rid in agent.spawn_waiters:
+            self.control.reply_error(ident, rid, "spawn-failed", failed)
+        agent.spawn_waiters.clear()
+        for pending in agent.mailbox:
+            self.control.answer_error(pending, "spawn-failed", failed)
+        agent.mailbox.clear()
 
     def settle(self, agent: Agent) -> None:
         """The agent will not run again by itself: answer everyone waiting on it; its timers end with it
