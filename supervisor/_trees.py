@@ -452,7 +452,7 @@ class Supervision:
         if not CHILD_NAME_RE.fullmatch(name):
             raise Refused("a child name is 1-32 characters of a-z, 0-9, '-', '_', starting with a letter or digit")
         busy = own.job.purpose if own.job is not None else None
-        if parent.status is not Status.RUNNING or busy in (Purpose.GIVE_UP, Purpose.STOP):
+        if parent.status is Status.STOPPING or busy in (Purpose.GIVE_UP, Purpose.STOP):  # its init may spawn
             # Its children are being stopped (it gave up, or it stops): one started now would be left out of
             # that, run on with no supervisor, and keep `down` waiting for ever.
             why = "it gave up and stops its children" if busy is Purpose.GIVE_UP else f"it is {parent.status}"
