@@ -112,7 +112,6 @@ class Egress:
         self._started = False
         self._waiting: dict[str, deque[_Job]] = {}  # by tenant, in the order asked
         self._running: list[_Job] = []
-        self._per_tenant: Counter[str] = Counter()
 
     def host_request(self, call: HostCall) -> Answer | None:
         if call.op != "fetch":
@@ -136,9 +135,9 @@ class Egress:
 
     def _dispatch(self) -> None:
         """Hand waiting requests to free threads, the tenants taking turns, each within its share."""
+        per_tenant = Counter(job.call.agent.config.tenant for job in self._running)
         while len(self._running) < EGRESS_THREADS:
-            tenant = next((t for t, jobs in self._waiting.items() if jobs and self._per_tenant[t] < TENANT_SHARE),
-                          None)
+            tenant = next((t for t, jobs in self._waiting.items() if jobs and per_tenant[t] < TENANT_SHARE), None)
             if tenant is None:
                 return
             jobs = self._waiting.pop(tenant)  # to the end of the turn order
@@ -148,7 +147,7 @@ class Egress:
             if not job.call.current:  # its worker died while it waited: no one would see the answer
                 job.call.answered = True
                 continue
-            self._per_tenant[tenant] += 1
+            per_tenant[tenant] += 1
             self._running.append(job)
             self._queue.put(job)
 
@@ -164,7 +163,6 @@ class Egress:
         still = []
         for job in self._running:
             if job.done:
-                self._per_tenant[job.call.agent.config.tenant] -= 1
                 assert job.answer is not None
                 self.host.answer(job.call, job.answer)
                 continue
