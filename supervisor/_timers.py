@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable
 
@@ -50,7 +51,11 @@ class Timers:
         """How long the loop may sleep: until the next timer, at most a second."""
         if not self._heap:
             return 1000
-        return max(0, min(1000, int((self._heap[0][0] - time.monotonic()) * 1000) + 1))
+        wait = self._heap[0][0] - time.monotonic()
+        # A timer already due polls without sleeping (rounding its few microseconds past due up to a
+        # whole millisecond cost every start, hello and other next-turn step that much); one still to come
+        # sleeps until it is due, rounded up so the loop does not wake just before it.
+        return 0 if wait <= 0 else min(1000, math.ceil(wait * 1000))
 
     def run_due(self) -> None:
         """Run the oldest due timer, only one: the loop polls again (without sleeping) before the next, so

@@ -975,3 +975,21 @@ def test_a_turn_runs_one_due_timer_and_drops_the_cancelled_ones_before_it() -> N
     assert held() is None
     timers.run_due()
     assert ran == [0, 1, 2]
+
+
+def test_a_due_timer_lets_the_loop_poll_without_sleeping() -> None:
+    """Steps put off to the next turn (a start, a hello, a restart) are timers due at once: the loop's poll
+    must not sleep for them. It slept a whole millisecond for a timer due a few microseconds ago (the wait
+    was truncated toward zero, then had a millisecond added), which every spawn and restart paid."""
+    from supervisor._timers import Timers
+
+    timers = Timers()
+    assert timers.timeout_ms() == 1000  # nothing due: the loop still looks up once a second
+    timers.at(time.monotonic() + 3600, lambda: None)
+    assert timers.timeout_ms() == 1000
+    timers.at(time.monotonic() + 0.0025, lambda: None)
+    assert 1 <= timers.timeout_ms() <= 3  # until it is due, rounded up: never a wake-up just before it
+    timers.at(time.monotonic() - 1e-6, lambda: None)
+    assert timers.timeout_ms() == 0
+    timers.after(0, lambda: None)
+    assert timers.timeout_ms() == 0
