@@ -978,9 +978,10 @@ def test_a_turn_runs_one_due_timer_and_drops_the_cancelled_ones_before_it() -> N
 
 
 def test_a_due_timer_lets_the_loop_poll_without_sleeping() -> None:
-    """Steps put off to the next turn (a start, a hello, a restart) are timers due at once: the loop's poll
-    must not sleep for them. It slept a whole millisecond for a timer due a few microseconds ago (the wait
-    was truncated toward zero, then had a millisecond added), which every spawn and restart paid."""
+    """Steps put off to a later turn (starts, hellos, a storm's exits, one a turn) are timers due at once:
+    the loop's poll must not sleep for them. It slept up to a millisecond for a timer due a few microseconds
+    ago (the wait was truncated toward zero, then had a millisecond added), once per timer when several
+    fell due together."""
     from supervisor._timers import Timers
 
     timers = Timers()
