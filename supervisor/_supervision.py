@@ -201,6 +201,7 @@ class Job:
     subject: str = ""  # the name the request named
     ticket: object = None  # opaque to the engine: who to answer when it ends
     hold: bool = False  # an operator's stop holds its target until the operator restarts it
+    stopped_target: bool = False  # its stop found its target up and stopped it (not one that had ended already)
     current: Member | None = None
     waiting: bool = False
     cancelled: bool = False
@@ -360,6 +361,8 @@ class Engine:
         member = self.members.pop(name, None)
         if member is None:
             return []
+        if isinstance(member, Leaf) and member.owns is not None and self.members.get(member.owns.name) is member.owns:
+            del self.members[member.owns.name]  # its own children's node goes with it: a new agent of the name adds its own
         node = member.parent
         if node is not None and member in node.children:
             node.children.remove(member)
@@ -721,6 +724,8 @@ class Engine:
         if not member.up:
             return False
         member.status = Status.STOPPING
+        if member is job.target:
+            job.stopped_target = True
         self._wait_on(member, job)
         self._emit(Stop(member.name, job.reason, job.why, member.shutdown_ms))
         return True
@@ -845,7 +850,14 @@ class Engine:
             if target in owner.children:
                 owner.children.remove(target)
                 self._emit(Removed(target.name))
-            self._notify(owner, target, "stopped")
+            # Told once: of this stop, or of an end of its own still waiting for the node to decide it (it
+            # leaves the list now, so that decision would tell nothing). One that ended and was decided
+            # already was told of that end (twice before: the same exit record and reason again).
+            untold = [d for d in owner.deferred if d[0] is target]
+            for d in untold:
+                owner.deferred.remove(d)
+            if job.stopped_target or untold:
+                self._notify(owner, target, "stopped")
         self._emit(Done(job.ticket, job.subject))
 
     def _after_job(self, node: Sup) -> None:

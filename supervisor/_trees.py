@@ -288,9 +288,9 @@ class Supervision:
         return agent
 
     def register(self, agent: Agent) -> None:
-        self.agents.add(agent)
         if "supervision" in agent.config.capabilities and agent.leaf.owns is None:
-            self.own_children(agent)
+            self.own_children(agent)  # first: if the engine refuses its node, no half-registered agent is left
+        self.agents.add(agent)
 
     def _load_stored(self) -> None:
         """Every stored agent, positioned at its chain's head; a worker that died with the previous
@@ -402,10 +402,10 @@ class Supervision:
             raise Refused(f"agent {agent.name} belongs to the tree {parent.name}: it lives and goes with its tree")
         if agent.alive or agent.status not in (Status.STOPPED, Status.FAILED):
             raise Refused(f"agent {agent.name} is {agent.status}: stop it first (theater stop {agent.name})")
-        own = agent.leaf.owns
-        if own is not None and own.children:
-            raise Refused(f"agent {agent.name} still has children ({', '.join(c.name for c in own.children)}): "
-                          "remove them first")
+        kept = self.kept_children(agent)  # not only its current ones: those it stopped, or that stopped with it
+        if kept:  # (they were left in the home, and the next agent of the name took them over)
+            raise Refused(f"agent {agent.name} still has children, running or stopped "
+                          f"({', '.join(c.name for c in kept)}): remove them first")
         if not agent.in_store:
             raise Refused(f"agent {agent.name} has no chain yet")
         record = self.records.append(agent, Kind.REMOVED, {"reason": "removed by the operator"}, remove=True)

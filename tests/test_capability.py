@@ -592,6 +592,52 @@ def test_a_child_its_parent_let_go_is_not_restarted_by_the_operator(theater: The
         assert spawn_child(c, "parent", "worker", "w") == w  # the parent may
 
 
+SUB = template("sub", "parent.wat", policy="supervisor", capabilities=["runtime", "supervision"],
+               supervision={"templates": [WORKER]})  # a child that supervises children of its own
+
+
+def test_a_supervising_child_removed_and_spawned_again_is_a_new_child(theater: Theater) -> None:
+    """The removed child's own children's node stayed in the engine: spawning the name again failed inside
+    the spawn, which killed the parent (a protocol violation) and left the new child in `ps`, stopped, with
+    no chain and no parent, for good."""
+    with theater.client() as c:
+        c.spawn(parent_manifest(theater, templates=[WORKER, SUB]))
+        old = spawn_child(c, "parent", "sub", "a")
+        assert say(c, "parent", f"stop:{old}") == "ok"
+        wait_status(c, "parent.a", "stopped")
+        assert say(c, "parent", f"remove:{old}") == "ok"
+        new = spawn_child(c, "parent", "sub", "a")
+        assert new != old
+        assert (ps(c, "parent.a")["parent"], ps(c, "parent")["restarts"]) == ("parent", 0)
+        assert spawn_child(c, "parent.a", "worker", "x")  # it supervises, as the first one did
+    assert not of(records(theater, "parent"), Kind.VIOLATION)
+    assert_verified(theater)
+
+
+def test_a_child_that_keeps_stopped_children_of_its_own_is_not_removed(theater: Theater) -> None:
+    """cli.md, wit.md: an agent that still has children is not removed. Its stopped children were not
+    counted: they stayed in the home, and the next child of the same name took them over (its child `x`
+    was the old one, its chain naming the removed agent as its parent)."""
+    with theater.client() as c:
+        c.spawn(parent_manifest(theater, templates=[WORKER, SUB]))
+        a = spawn_child(c, "parent", "sub", "a")
+        x = spawn_child(c, "parent.a", "worker", "x")
+        assert say(c, "parent", f"stop:{a}") == "ok"
+        wait_status(c, "parent.a.x", "stopped")
+        wait_status(c, "parent.a", "stopped")
+        refused = say(c, "parent", f"remove:{a}")
+        assert refused == ("err:agent parent.a still has children, running or stopped (parent.a.x): "
+                           "remove them first"), refused
+        with pytest.raises(ClientError) as by_operator:
+            c.remove("parent.a")
+        assert "still has children" in str(by_operator.value)
+        c.remove("parent.a.x")
+        assert say(c, "parent", f"remove:{a}") == "ok"
+        spawn_child(c, "parent", "sub", "a")
+        assert spawn_child(c, "parent.a", "worker", "x") != x
+    assert_verified(theater)
+
+
 def test_supervision_capability_without_templates_answers_the_guest(theater: Theater) -> None:
     """With the capability but no [supervision] table: a config error, or answers (no templates, no children), never a violation."""
     manifest = theater.manifest("bare", "parent.wat", policy="supervisor", capabilities=["runtime", "supervision"])

@@ -558,6 +558,45 @@ def test_the_owner_stopping_a_child_tells_it_and_frees_the_name() -> None:
     assert Notify("p", "p.c", "stopped") in out and Removed("p.c") in out and own.children == []
 
 
+def test_a_child_the_agent_stops_after_it_ended_is_told_of_once() -> None:
+    """The child crashes and the agent's node gives up; while the give-up still stops a slow sibling, the
+    agent stops the crashed child (still in its list, so the stop is taken and waits). It was told of the
+    crash: the stop, finding it ended, tells nothing more (it told the same exit a second time)."""
+    engine, world, own = owner_setup(intensity=0)
+    world.run(engine.start_child(own, Leaf("p.c"), world.now))
+    world.run(engine.start_child(own, Leaf("p.d"), world.now))
+    world.slow.add("p.d")
+    out = world.crash("p.c")
+    assert Notify("p", "p.c", "trap") in out and names(world.pending, Stop) == ["p.d"]
+    out += world.run(engine.stop("p.c", world.now, ticket="x", why="stopped by its supervisor p", hold=False))
+    out += world.run(engine.exited("p.d", "shutdown", world.now))
+    assert [a for a in out if isinstance(a, Notify) and a.child == "p.c"] == [Notify("p", "p.c", "trap")]
+    assert Done("x", "p.c") in out
+
+
+def test_a_child_the_agent_stops_while_its_failed_start_waits_to_be_decided_is_told_of_once() -> None:
+    """The operator restarts the agent's child and it cannot start: its exit waits for the node to be free
+    (no node job ends to decide it). The agent then stops it: the stop finds it ended, and tells the agent
+    of that end, once, since the child leaves its list and the waiting decision would tell nothing."""
+    engine, world, own = owner_setup()
+    world.run(engine.start_child(own, Leaf("p.c"), world.now))
+    world.fail_start["p.c"] = deque(["load-failed"])
+    out = world.run(engine.restart("p.c", world.now, ticket="r"))
+    out += world.run(engine.stop("p.c", world.now, ticket="x", why="stopped by its supervisor p", hold=False))
+    assert [a for a in out if isinstance(a, Notify)] == [Notify("p", "p.c", "stopped")]
+    assert own.children == [] and own.deferred == []
+
+
+def test_forgetting_an_agent_that_supervises_drops_its_own_node() -> None:
+    """A removed agent's own children's node goes with it: a new agent of the same name adds its own (the
+    engine refused it as a duplicate, after the new agent was half made)."""
+    engine, world, own = owner_setup()
+    world.run(engine.stop("p", world.now, ticket="s"))
+    world.run(engine.forget("p", world.now))
+    assert "p" not in engine.members and own.name not in engine.members
+    engine.add(Sup(own.name, Flags(), kind=NodeKind.OWNED, owner="p", status=Status.RUNNING))
+
+
 @pytest.mark.parametrize("strategy", ["one_for_one", "one_for_all", "rest_for_one"])
 def test_a_crash_storm_always_ends_in_a_settled_tree(strategy: str) -> None:
     root = tree(strategy, 5, intensity=3, period_ms=1000)
