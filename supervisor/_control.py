@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +50,11 @@ if TYPE_CHECKING:
 __all__ = ["Control"]
 
 BATCH = 256  # requests taken from the socket per loop turn
+# The TCP socket's requests are bounded by time too: a tenant's flood (thousands of pipelined or malformed
+# requests, frames of tens of MiB) must not hold the loop, and with it the workers' results that answer every
+# other tenant's calls, for a whole batch. Past this much work the loop goes round and comes back for the
+# rest; ROUTER's fair queueing gives each connection its turn.
+REMOTE_TURN_S = 0.004
 # A client's ident in tickets: LOCAL and ZeroMQ's routing id, or REMOTE, the tenant's name, NUL and the routing id.
 LOCAL, REMOTE = b"L", b"R"
 
@@ -115,20 +120,28 @@ class Control:
     def drain_remote(self) -> None:
         """The TCP socket's requests: each from the tenant whose key completed the handshake."""
         assert self.remote is not None
+        until = time.perf_counter() + REMOTE_TURN_S
         for _ in range(BATCH):
             got = self.remote.receive()
             if got is None:
                 return
             frames, tenant = got
             # The tenant travels in the ident, so every reply, however late, is written for it.
-            self._take(REMOTE + tenant.encode() + b"\0" + frames[0], frames[1:], tenant)
+            self._take(REMOTE + tenant.encode() + b"\0" + bytes(frames[0]), frames[1:], tenant)
+            if time.perf_counter() > until:
+                return
 
-    def _take(self, ident: bytes, frames: list[bytes], tenant: str | None) -> None:
+    def _take(self, ident: bytes, frames: Sequence[bytes | memoryview], tenant: str | None) -> None:
+        """One request: the header and JSON frames are bytes (a longer one is refused by its length first);
+        the data frame may be a view (``RemoteControl.receive``)."""
         rid = 0
         try:
             if len(frames) not in (2, 3) or wire.parse_header(frames[0], wire.ClientType) is not wire.ClientType.REQUEST:
                 raise ProtocolError("a request is a header, a JSON frame and an optional data frame")
-            body = wire.decode_json(frames[1], "request")
+            text = frames[1]
+            if isinstance(text, memoryview):  # read in place: longer than any JSON frame may be
+                raise ProtocolError(f"request of {len(text)} bytes exceeds {wire.MAX_JSON_BYTES}")
+            body = wire.decode_json(text, "request")
             rid = body.get("id", 0) if isinstance(body.get("id", 0), int) else 0
             if tenant is None:
                 if not hmac.compare_digest(str(body.get("token", "")), self.token):
@@ -251,7 +264,7 @@ class Control:
         return {**t.as_dict(), "agents": len(mine), "running": sum(1 for a in mine if a.alive),
                 "denials": self.tenants.denials(name)}
 
-    def _queue(self, agent: Agent, data: bytes, call: tuple[tuple[bytes, int], int] | None) -> int:
+    def _queue(self, agent: Agent, data: req.Data, call: tuple[tuple[bytes, int], int] | None) -> int:
         """Put a message in the agent's mailbox (bounded); a call is answered when its result is committed."""
         limits = agent.config.limits
         if len(data) > limits.max_message_bytes:
@@ -264,7 +277,7 @@ class Control:
         if full is not None:
             raise Refused(full)
         self.tenants.check_message(agent.config.tenant)
-        pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.HANDLE, data))
+        pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.HANDLE, bytes(data)))
         if call is not None:
             pending.reply_to, timeout_ms = call
             pending.timeout = self.timers.after(timeout_ms / 1000, lambda: self.answer_error(

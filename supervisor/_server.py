@@ -60,6 +60,7 @@ __all__ = ["Supervisor", "configure_logging"]
 
 LOG = logging.getLogger("supervisor")
 METRICS_PERIOD_S = 1.0  # how often the /metrics snapshot is made
+REMOTE_IO_THREADS = 2  # the TCP socket's context's I/O threads, where CurveZMQ's crypto runs
 
 
 def configure_logging(level: str) -> None:
@@ -170,8 +171,14 @@ class Supervisor:
         self.host.register("timers", self.agent_timers.host_request)
         self.egress = Egress(self.host, self.timers, home.secrets, self.log)
         self.host.register("http", self.egress.host_request)
+        # The TCP socket has a context of its own, with I/O threads of its own: tenants' frames are decrypted there
+        # (CurveZMQ: about 50 ms of an I/O thread for 60 MiB, and each handshake's key exchanges). In the shared
+        # context the workers' results, every tenant's calls, waited behind one tenant's large frames.
+        self.remote_ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         if listen is not None:
-            self.control.remote = RemoteControl(home, self.ctx, listen, self.tenants, self.log, MAX_CONTROL_FRAMES)
+            self.remote_ctx = zmq.Context(io_threads=REMOTE_IO_THREADS)
+            self.control.remote = RemoteControl(home, self.remote_ctx, listen, self.tenants, self.log,
+                                                MAX_CONTROL_FRAMES, self.timers)
             self.poller.register(self.control.remote.zap, zmq.POLLIN)
             self.poller.register(self.control.remote.socket, zmq.POLLIN)
             self.poller.register(self.control.remote.monitor, zmq.POLLIN)
@@ -284,6 +291,8 @@ class Supervisor:
             self.metrics.close()
         self.egress.close()
         self.ctx.term()
+        if self.remote_ctx is not None:
+            self.remote_ctx.term()
         self.store.close()
         self._lock.close()
         self.log("down")

@@ -16,9 +16,10 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,84 @@ def test_clients_without_a_tenants_key_are_refused_before_any_request_is_read(ho
     plain.close(0)
     log = (hosted.dir / "supervisor.out").read_text()
     assert "refused a control connection" in log
+
+
+def test_refused_handshakes_are_counted_exactly_and_logged_at_a_bounded_rate(hosted: Theater) -> None:
+    """A client with no tenant's key, reconnecting as fast as it can, wrote a log line per refusal (about
+    138 KiB/s, measured): someone who never authenticated could fill the disk. At most 10 a second are
+    logged, a line a second tells how many more, and the count stays exact."""
+    from supervisor._remote import REFUSALS_LOGGED_PER_SECOND
+
+    acme = add_tenant(hosted, "acme")
+    before = refused_connections(hosted)
+    n = 160
+
+    def stranger(_: int) -> None:  # a new client with a key nobody added, told of its refusal
+        public, secret = keypair()
+        with tenant_client(Credentials(acme.endpoint, acme.server_key, "acme", public, secret)) as c, \
+                pytest.raises(ClientError, match="refused this client's key"):
+            c.ping()
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(stranger, range(n)))
+    wait_until(lambda: refused_connections(hosted) >= before + n, 30, what=f"{n} refused handshakes counted")
+    seconds = time.monotonic() - started
+
+    def logged() -> tuple[int, int]:
+        lines = (hosted.dir / "supervisor.out").read_text().splitlines()
+        each = sum("refused a control connection" in line for line in lines)
+        told = [line.split("refused ", 1)[1].split(" more", 1)[0] for line in lines
+                if "more control connections, not each logged" in line]
+        return each, sum(int(k) for k in told)
+
+    # Every refusal is either logged or told in a line once its second is over (that line may still come).
+    wait_until(lambda: sum(logged()) >= refused_connections(hosted) - before, 10, what="the untold refusals told")
+    each, told = logged()
+    assert each + told == refused_connections(hosted) - before >= n
+    assert each <= REFUSALS_LOGGED_PER_SECOND * (int(seconds) + 2), (each, seconds)
+
+
+def test_a_tenants_large_frames_are_taken_or_refused_whole(hosted: Theater) -> None:
+    """Frames longer than any JSON frame are read in place and copied only once taken: a message within the
+    agent's limit arrives whole, one past it and an oversized JSON frame are refused by their length, and the
+    connection, the agent and the supervisor go on."""
+    mib = 1024 * 1024
+    text = (COMPONENTS.parent.parent / "policies" / "default.toml").read_text()
+    hosted.home.policies.mkdir(exist_ok=True)
+    (hosted.home.policies / "bigmsg.toml").write_text(
+        text.replace("max_message_bytes = 1048576 ", f"max_message_bytes = {4 * mib} "))
+    big = add_tenant(hosted, "big", policies=["bigmsg"])
+    with tenant_client(big) as c:
+        c.spawn(hosted.manifest("echo", "echo.wat", policy="bigmsg", limits={"max_message_bytes": 4 * mib}))
+        message = bytes(range(256)) * (3 * mib // 256) + b"tail"
+        assert c.call("echo", message) == message
+        with pytest.raises(ClientError) as refused:
+            c.call("echo", b"x" * (5 * mib))
+        assert (refused.value.code, str(refused.value)) == (
+            "refused", f"message of {5 * mib} bytes exceeds echo's max_message_bytes {4 * mib}")
+        assert c.send("echo", b"y" * (2 * mib))["queued"] >= 1
+        assert c.call("echo", b"still here") == b"still here"
+    # A JSON frame past its limit: answered (with id 0: its id could not be read), the connection still served.
+    ctx = zmq.Context()
+    try:
+        raw = ctx.socket(zmq.DEALER)
+        raw.linger = 0
+        raw.curve_serverkey, raw.curve_publickey, raw.curve_secretkey = (
+            big.server_key.encode(), big.public_key.encode(), big.secret_key.encode())
+        raw.connect(big.endpoint)
+        for request in ({"op": "ps", "id": 7, "padding": "z" * (2 * mib)}, {"op": "ping", "id": 8}):
+            raw.send_multipart([wire.header(wire.ClientType.REQUEST), json.dumps(request).encode()])
+            assert raw.poll(30_000), f"no answer to {request['op']}"
+            reply = json.loads(raw.recv_multipart()[1])
+            if request["op"] == "ps":
+                assert (reply["id"], reply["error"]["code"]) == (0, "protocol"), reply
+                assert reply["error"]["message"] == f"request of {len(json.dumps(request))} bytes exceeds {mib}"
+            else:
+                assert (reply["id"], reply["ok"], reply["result"]["tenant"]) == (8, True, "big"), reply
+        raw.close(0)
+    finally:
+        ctx.term()
 
 
 def test_a_removed_tenants_key_stops_working_and_its_agents_stop(hosted: Theater) -> None:

@@ -74,16 +74,20 @@ class Upload:
     replace: bool = False
 
 
+# A message's bytes: a large one from the TCP socket is a view of ZeroMQ's frame, copied only once it is queued.
+Data = bytes | memoryview
+
+
 @dataclass(frozen=True, slots=True)
 class Send:
     agent: str
-    data: bytes
+    data: Data
 
 
 @dataclass(frozen=True, slots=True)
 class Call:
     agent: str
-    data: bytes
+    data: Data
     timeout_ms: int = DEFAULT_CALL_TIMEOUT_MS
 
 
@@ -222,7 +226,7 @@ def _int(body: dict[str, Any], key: str, default: int, low: int, high: int) -> i
     return value
 
 
-def decode_request(op: object, body: dict[str, Any], data: bytes | None) -> Request:
+def decode_request(op: object, body: dict[str, Any], data: Data | None) -> Request:
     """The typed request for ``op`` with ``body``'s arguments and the optional data frame."""
     if op == "ping":
         return Ping()
@@ -237,7 +241,7 @@ def decode_request(op: object, body: dict[str, Any], data: bytes | None) -> Requ
             if kind not in ("wasm", "wat") or not data:
                 raise BadRequest("a spawn with manifest_text carries the component in its data frame and "
                                  "component_kind \"wasm\" or \"wat\"")
-            return Upload(text, data, kind, replace)
+            return Upload(text, bytes(data), kind, replace)
         manifest = body.get("manifest")
         if not isinstance(manifest, str) or not os.path.isabs(manifest):
             raise BadRequest("spawn needs the manifest's absolute path (or its manifest_text and component)")

@@ -186,7 +186,7 @@ def header(typ: int) -> bytes:
     return _HEADER.pack(VERSION, typ)
 
 
-def parse_header(frame: bytes, enum_type: type[enum.IntEnum]) -> Any:
+def parse_header(frame: bytes | memoryview, enum_type: type[enum.IntEnum]) -> Any:
     if len(frame) != _HEADER.size:
         raise ProtocolError(f"header frame must be {_HEADER.size} bytes, got {len(frame)}")
     version, typ = _HEADER.unpack(frame)
