@@ -853,10 +853,10 @@ class Engine:
             # Told once: of this stop, or of an end of its own still waiting for the node to decide it (it
             # leaves the list now, so that decision would tell nothing). One that ended and was decided
             # already was told of that end (twice before: the same exit record and reason again).
-            untold = [d for d in owner.deferred if d[0] is target]
-            for d in untold:
-                owner.deferred.remove(d)
-            if job.stopped_target or untold:
+            untold = self._deferred(owner, target)
+            if untold is not None:
+                owner.deferred.remove(untold)
+            if job.stopped_target or untold is not None:
                 self._notify(owner, target, "stopped")
         self._emit(Done(job.ticket, job.subject))
 
