@@ -901,6 +901,8 @@ class Engine:
             self._start_of_node_failed(node)
         elif node.parent is not None:
             self._exit(node, "shutdown")
+        elif node.kind is NodeKind.TREE:  # a root: nothing above decides, and its agents will not run again
+            self._settle(node)  # (calls their workers never started are back in their mailboxes: answered)
 
     def _settle(self, member: Member, *, persist: bool = True) -> None:
         for m in member.walk():

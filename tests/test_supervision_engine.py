@@ -289,6 +289,11 @@ def test_more_than_intensity_restarts_in_the_period_gives_up() -> None:
     assert root.status is Status.FAILED
     assert root.last_exit == "gave up: more than 2 restarts in 60000 ms (last: b, trap)"
     assert all(a.why.startswith("supervisor root gave up") for a in out if isinstance(a, Stop))
+    # A root has no parent to decide for it: its agents will not run again, and whoever still waits on one
+    # (a call its worker never started, back in its mailbox) is answered.
+    assert [a for a in out if isinstance(a, Settle)] == [
+        Settle("a", Status.STOPPED, Status.STOPPED), Settle("b", Status.FAILED, Status.FAILED),
+        Settle("c", Status.STOPPED, Status.STOPPED)]
 
 
 def test_restarts_spread_wider_than_the_period_do_not_give_up() -> None:
