@@ -960,8 +960,9 @@ def test_operator_restart_of_an_agent_and_a_subtree_does_not_count_against_inten
         _wait_member(c, "inner", "running", restarts=1)
         wait_running(c, "s2", after["s2"], restarts=1)  # rest_for_one: s2 comes after s1
         assert _member(c, "root")["restarts"] == 0
+        crashed = ps(c, "a")["pid"]  # read before the crash: once it is restarted, ps shows the new worker
         _crash(c, "a")
-        wait_running(c, "a", ps(c, "a")["pid"], restarts=1)
+        wait_running(c, "a", crashed, restarts=1)
         assert _member(c, "root")["status"] == "running"
         _crash(c, "a")
         assert "more than 1 restarts in 60000 ms" in _wait_member(c, "root", "failed")["last_exit"]
