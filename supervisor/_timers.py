@@ -52,9 +52,10 @@ class Timers:
         if not self._heap:
             return 1000
         wait = self._heap[0][0] - time.monotonic()
-        # A timer already due polls without sleeping (rounding its few microseconds past due up to a
-        # whole millisecond cost every start, hello and other next-turn step that much); one still to come
-        # sleeps until it is due, rounded up so the loop does not wake just before it.
+        # A timer already due polls without sleeping (its few microseconds past due were rounded up to a
+        # whole millisecond, paid once per timer when several fell due together: a storm's exits, a burst's
+        # hellos and starts); one still to come sleeps until it is due, rounded up so the loop does not wake
+        # just before it.
         return 0 if wait <= 0 else min(1000, math.ceil(wait * 1000))
 
     def run_due(self) -> None:
