@@ -190,6 +190,10 @@ def test_a_tenants_large_frames_are_taken_or_refused_whole(hosted: Theater) -> N
         assert (refused.value.code, str(refused.value)) == (
             "refused", f"message of {5 * mib} bytes exceeds echo's max_message_bytes {4 * mib}")
         assert c.send("echo", b"y" * (2 * mib))["queued"] >= 1
+        with pytest.raises(ClientError) as local:  # the client does not send what would be answered with id 0
+            c.request("ps", padding="z" * (2 * mib))
+        assert local.value.code == "protocol" and str(local.value).startswith("request of ")
+        assert str(local.value).endswith(f" bytes exceeds {mib}; nothing was sent"), str(local.value)
         assert c.call("echo", b"still here") == b"still here"
     # A JSON frame past its limit: answered (with id 0: its id could not be read), the connection still served.
     ctx = zmq.Context()

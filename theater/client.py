@@ -140,6 +140,9 @@ class Client:
         """Send one request and wait for its reply; raise ClientError on an error reply."""
         rid = next(self._ids)
         frames = [_REQUEST_HEADER, wire.encode_request({"op": op, "id": rid, "token": self._token, **args})]
+        if len(frames[1]) > wire.MAX_JSON_BYTES:  # the supervisor would answer with id 0, which no wait matches
+            raise ClientError("protocol", f"request of {len(frames[1])} bytes exceeds {wire.MAX_JSON_BYTES}; "
+                                          "nothing was sent")
         if data is not None:
             frames.append(data)
         wire.send_frames(self._sock, frames, copy=False)
