@@ -259,6 +259,7 @@ class Supervisor:
                     self.workers.reap_exited()
                 self.timers.run_due()
                 if not self.running and not self.workers.alive():  # every worker has been reaped
+                    self._answer_calls_left()
                     self.control.finish_down(self._stopped_by_down)
                     break
         finally:
@@ -269,6 +270,17 @@ class Supervisor:
             wake_r.close()
             wake_w.close()
             self.close()
+
+    def _answer_calls_left(self) -> None:
+        """Clients' calls still queued once every worker has stopped for `down` (sent to a worker that obeyed
+        its STOP first, or queued behind one) will not run: the next supervisor knows nothing of them. They
+        are answered now rather than left to their callers' timeouts. Agents' own sends are stored, and the
+        next supervisor delivers them."""
+        for agent in self.agents:
+            for pending in agent.mailbox:
+                if pending.reply_to is not None:
+                    self.control.answer_error(pending, "agent-stopped", f"agent {agent.name} was stopped by the "
+                                              "supervisor's shutdown before it ran this call")
 
     def request_down(self) -> None:
         if not self.running:

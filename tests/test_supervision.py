@@ -626,6 +626,38 @@ def _busy_echo(t: Theater) -> Path:
     return path
 
 
+def test_calls_left_queued_at_down_are_answered(theater: Theater) -> None:
+    """`down` stops the agent while a long call runs and three more wait behind it, sent ahead to its worker.
+    The worker obeys its STOP first; the calls it never started will not run (the next supervisor knows
+    nothing of them): they are answered `agent-stopped` before the supervisor ends, not left to time out."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("busy", str(_busy_echo(theater))))
+        assert c.call("busy", b"warm") == b"warm"
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(theater.home.control_endpoint)
+    token = theater.home.token.read_text().strip()
+    try:
+        for rid, message in enumerate([b"x" * 40, b"a", b"b", b"c"], 1):
+            body = {"op": "call", "id": rid, "token": token, "agent": "busy", "timeout_ms": 60_000}
+            sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body), message])
+        sock.send_multipart([wire.header(wire.ClientType.REQUEST),
+                             wire.encode_json({"op": "down", "id": 5, "token": token})])
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        while len(outcomes) < 5:
+            assert sock.poll(30_000), f"answers so far: {outcomes}"
+            reply = wire.decode_reply(sock.recv_multipart()[1])
+            outcomes[reply["id"]] = (reply["ok"], reply.get("error", {}).get("message"))
+    finally:
+        sock.close(0)
+    assert outcomes[5][0], outcomes
+    left = [outcomes[rid] for rid in range(1, 5) if not outcomes[rid][0]]
+    assert left, outcomes  # the long call holds the three behind it past the STOP
+    assert all(message == "agent busy was stopped by the supervisor's shutdown before it ran this call"
+               for _, message in left), outcomes
+    assert theater.proc is not None and theater.proc.wait(timeout=20) == 0
+
+
 def test_calls_sent_ahead_of_a_stop_are_answered_agent_stopped_not_worker_died(theater: Theater) -> None:
     """A worker obeys a STOP before the calls it was sent ahead (wire-protocol.md section 4.6). Those calls
     never started: their callers are told the agent stopped (``agent-stopped``), as for queued ones, and
