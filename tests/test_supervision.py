@@ -626,6 +626,33 @@ def _busy_echo(t: Theater) -> Path:
     return path
 
 
+LONG_THEN_THREE = [b"x" * 40, b"a", b"b", b"c"]  # to _busy_echo: a long call, then three short ones
+
+
+def _calls_then(t: Theater, request: dict[str, Any]) -> dict[int, tuple[bool, Any]]:
+    """On one socket, which keeps their order: LONG_THEN_THREE as calls to `busy` (ids 1-4), then ``request``
+    (id 5). Every answer by id: (ok, the reply's data frame if ok, else the error)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(t.home.control_endpoint)
+    token = t.home.token.read_text().strip()
+    try:
+        for rid, message in enumerate(LONG_THEN_THREE, 1):
+            body = {"op": "call", "id": rid, "token": token, "agent": "busy", "timeout_ms": 60_000}
+            sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body), message])
+        sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json({**request, "id": 5, "token": token})])
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        while len(outcomes) < 5:
+            assert sock.poll(30_000), f"answers so far: {outcomes}"
+            frames = sock.recv_multipart()
+            reply = wire.decode_reply(frames[1])
+            outcomes[reply["id"]] = (reply["ok"], (frames[2] if len(frames) > 2 else None) if reply["ok"]
+                                     else reply["error"])
+    finally:
+        sock.close(0)
+    return outcomes
+
+
 def test_calls_left_queued_at_down_are_answered(theater: Theater) -> None:
     """`down` stops the agent while a long call runs and three more wait behind it, sent ahead to its worker.
     The worker obeys its STOP first; the calls it never started will not run (the next supervisor knows
@@ -633,28 +660,12 @@ def test_calls_left_queued_at_down_are_answered(theater: Theater) -> None:
     with theater.client() as c:
         c.spawn(theater.manifest("busy", str(_busy_echo(theater))))
         assert c.call("busy", b"warm") == b"warm"
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(theater.home.control_endpoint)
-    token = theater.home.token.read_text().strip()
-    try:
-        for rid, message in enumerate([b"x" * 40, b"a", b"b", b"c"], 1):
-            body = {"op": "call", "id": rid, "token": token, "agent": "busy", "timeout_ms": 60_000}
-            sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body), message])
-        sock.send_multipart([wire.header(wire.ClientType.REQUEST),
-                             wire.encode_json({"op": "down", "id": 5, "token": token})])
-        outcomes: dict[int, tuple[bool, Any]] = {}
-        while len(outcomes) < 5:
-            assert sock.poll(30_000), f"answers so far: {outcomes}"
-            reply = wire.decode_reply(sock.recv_multipart()[1])
-            outcomes[reply["id"]] = (reply["ok"], reply.get("error", {}).get("message"))
-    finally:
-        sock.close(0)
+    outcomes = _calls_then(theater, {"op": "down"})
     assert outcomes[5][0], outcomes
-    left = [outcomes[rid] for rid in range(1, 5) if not outcomes[rid][0]]
+    left = [outcomes[rid][1] for rid in range(1, 5) if not outcomes[rid][0]]
     assert left, outcomes  # the long call holds the three behind it past the STOP
-    assert all(message == "agent busy was stopped by the supervisor's shutdown before it ran this call"
-               for _, message in left), outcomes
+    assert all(error == {"code": "agent-stopped", "message": "agent busy was stopped by the supervisor's "
+                         "shutdown before it ran this call"} for error in left), outcomes
     assert theater.proc is not None and theater.proc.wait(timeout=20) == 0
 
 
@@ -666,32 +677,13 @@ def test_calls_sent_ahead_of_a_stop_are_answered_agent_stopped_not_worker_died(t
     with theater.client() as c:
         c.spawn(theater.manifest("busy", str(_busy_echo(theater))))
         assert c.call("busy", b"warm") == b"warm"
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.linger = 0
-        sock.connect(theater.home.control_endpoint)
-        token = theater.home.token.read_text().strip()
-        messages = [b"x" * 40, b"a", b"b", b"c"]
-        try:
-            for rid, message in enumerate(messages, 1):
-                body = {"op": "call", "id": rid, "token": token, "agent": "busy", "timeout_ms": 30_000}
-                sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body), message])
-            sock.send_multipart([wire.header(wire.ClientType.REQUEST),
-                                 wire.encode_json({"op": "stop", "id": 5, "token": token, "agent": "busy"})])
-            outcomes: dict[int, tuple[bool, Any]] = {}
-            while len(outcomes) < 5:
-                assert sock.poll(30_000), f"answers so far: {outcomes}"
-                frames = sock.recv_multipart()
-                reply = wire.decode_reply(frames[1])
-                outcomes[reply["id"]] = (reply["ok"], frames[2] if reply["ok"] and len(frames) > 2
-                                         else reply.get("error", {}).get("code"))
-        finally:
-            sock.close(0)
+        outcomes = _calls_then(theater, {"op": "stop", "agent": "busy"})
         assert outcomes[5][0], outcomes
         calls = [outcomes[rid] for rid in range(1, 5)]
         ran = [ok for ok, _ in calls]
         assert ran == sorted(ran, reverse=True), calls  # the ones that ran came first
-        for (ok, what), message in zip(calls, messages, strict=True):
-            assert what == message if ok else what == "agent-stopped", calls
+        for (ok, what), message in zip(calls, LONG_THEN_THREE, strict=True):
+            assert what == message if ok else what["code"] == "agent-stopped", calls
         assert not all(ran), calls  # the STOP came before the calls behind the long one
         assert ps(c, "busy")["status"] == "stopped"
     assert [e.fields()["reason"] for e in of(records(theater, "busy"), Kind.EXIT)] == ["stopped"]
