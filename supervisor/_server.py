@@ -272,15 +272,12 @@ class Supervisor:
             self.close()
 
     def _answer_calls_left(self) -> None:
-        """Clients' calls still queued once every worker has stopped for `down` (sent to a worker that obeyed
-        its STOP first, or queued behind one) will not run: the next supervisor knows nothing of them. They
-        are answered now rather than left to their callers' timeouts. Agents' own sends are stored, and the
-        next supervisor delivers them."""
+        """Once every worker has stopped for `down`, what still waits on an agent (a client's call sent to a
+        worker that obeyed its STOP first, or queued behind one) will not run: the next supervisor knows
+        nothing of it. Each agent is settled, answering those now rather than leaving them to their callers'
+        timeouts; going down, settling keeps its timers and stored sends for the next supervisor."""
         for agent in self.agents:
-            for pending in agent.mailbox:
-                if pending.reply_to is not None:
-                    self.control.answer_error(pending, "agent-stopped", f"agent {agent.name} was stopped by the "
-                                              "supervisor's shutdown before it ran this call")
+            self.workers.settle(agent)
 
     def request_down(self) -> None:
         if not self.running:
