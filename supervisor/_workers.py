@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from theater import wire
+from theater.capabilities import CAPABILITIES, NOT_GRANTED
 from theater.errors import ProtocolError, RecordError
 from theater.exits import WorkerExit, crash_reason, exit_text
 from theater.home import Home
@@ -28,6 +29,7 @@ from theater.records import MAX_RECORD_BYTES, Kind, Record, sha256, verify_hello
 from theater.spec import AgentSpec
 
 from ._agent import Agent, Agents, Pending
+from ._config import AgentConfig, load_policy, policy_dirs
 from ._errors import StoreError, Violation
 from ._ledger import Checked, Prechecked, check_result, precheck, unrecorded_host_calls
 from ._record_path import RecordPath, Result
@@ -36,6 +38,8 @@ from ._supervision import PERMANENT_FAILURES, Status
 from ._timers import Timers
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ._caps.effects import CallEffects
     from ._caps.timers import AgentTimers
     from ._control import Control
@@ -560,8 +564,8 @@ class Workers:
         except ProtocolError:
             return
         worker.fault = str(fault.get("detail", ""))[:4096]
-        if "does not grant" in worker.fault:  # name the policy that would have to grant it
-            worker.fault += f"; the agent's policy is {agent.config.policy!r}"
+        if NOT_GRANTED in worker.fault:  # say which leaves each import out: the policy, or the manifest
+            worker.fault = (worker.fault + not_granted_why(worker.fault, agent.config, self.home.root))[:4096]
         if fault.get("reason") in PERMANENT_FAILURES:
             worker.kill_reason = worker.kill_reason or str(fault["reason"])
 
@@ -700,3 +704,28 @@ class Workers:
         with contextlib.suppress(zmq.ZMQError):
             self.socket.close(0)
         self.exits.close()
+
+
+def not_granted_why(fault: str, config: AgentConfig, home: Path) -> str:
+    """What to add to a worker's ``NOT_GRANTED`` load failure: for each capability it names, whether the agent's
+    policy does not grant it, or grants it while the manifest leaves it out of ``capabilities``. The policy is
+    read as it is now (the configuration keeps only what the agent was given)."""
+    listed = fault.split(f"{NOT_GRANTED}: ", 1)[-1].split(" (granted: ", 1)[0].split(", ")
+    by_interface = {cap.interface: name for name, cap in CAPABILITIES.items()}
+    names = [by_interface[i] for i in listed if i in by_interface]
+    if not names:
+        return ""
+    try:
+        granted = load_policy(config.policy, policy_dirs(home)).capabilities
+    except Exception as exc:  # removed or broken since the spawn: say so, and no more
+        return f"; the agent's policy {config.policy!r} cannot be read to say which leaves them out: {exc}"[:1024]
+    refused = [n for n in names if n not in granted]
+    left_out = [n for n in names if n in granted]
+    why = []
+    if refused:
+        why.append(f"the agent's policy {config.policy!r} does not grant {', '.join(refused)}")
+    if left_out:
+        why.append(f"the agent's policy {config.policy!r} grants {', '.join(left_out)}, but its manifest does not "
+                   f"list {'it' if len(left_out) == 1 else 'them'} in capabilities (capabilities = "
+                   f"{list(config.capabilities)})")
+    return "; " + "; ".join(why)

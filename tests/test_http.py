@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Theater, assert_verified, of, ps, records, wait_until
+from conftest import Theater, assert_verified, of, ps, records, wait_running, wait_until
 
 from supervisor._caps.grants import Origin
 from supervisor._caps.http import internal
@@ -202,6 +202,75 @@ def test_sizes_are_capped_both_ways(theater: Theater, server: Server) -> None:
         assert ask(c, f"GET {url}/big?n=101").startswith("err:too-large:the response body is more than")
 
 
+def refused(c: Client, text: str | bytes, name: str = "f") -> str:
+    """A request the worker refuses before asking: the call fails with host-limit (the agent restarts); its
+    text."""
+    pid = ps(c, name)["pid"]
+    with pytest.raises(ClientError) as info:
+        c.call(name, text.encode() if isinstance(text, str) else text, timeout=30)
+    assert info.value.code == "host-limit", info.value
+    wait_running(c, name, pid)
+    return str(info.value)
+
+
+def test_what_the_guest_hands_over_is_bounded_by_the_worker(theater: Theater, server: Server) -> None:
+    """Each bound at exactly its limit (served, or the supervisor's documented err) and one past it: the call
+    fails with host-limit naming the value, and nothing is asked or recorded for it (the worker never answers
+    a capability function with an err of its own: the ledger takes only the supervisor's answers)."""
+    policy(theater, "web", local(server))
+    url = f"http://127.0.0.1:{server.port}"
+    with theater.client() as c:
+        fetcher(theater, c, "web", restart={"intensity": 100})
+        answered = 0
+        # The method: 16 bytes reach the supervisor (denied: not in methods); 17 do not.
+        assert ask(c, f"{'G' * 16} {url}/m").startswith("err:denied:method 'GGGGGGGGGGGGGGGG' is not allowed")
+        answered += 1
+        assert refused(c, f"{'G' * 17} {url}/m") == "http.fetch: the method is more than 16 bytes"
+        # The URL: 8,192 bytes of UTF-8 are served; 8,193 are not, whether 8,193 characters or 8,192 with a 'é'.
+        base = f"{url}/u?q="
+        exact = base + "a" * (8192 - len(base))
+        assert ask(c, f"GET {exact}") == f"200 GET {exact[len(url):]} "
+        answered += 1
+        assert refused(c, f"GET {exact}a") == "http.fetch: the URL is more than 8192 bytes"
+        accented = (f"GET {exact[:-1]}" + "\xe9").encode("latin-1")  # fetcher reads its message's bytes as latin-1
+        assert refused(c, accented) == "http.fetch: the URL is more than 8192 bytes"
+        # A header value of 8,192 bytes goes out; one of 8,193 does not.
+        assert ask(c, f"h=X-Long:{'v' * 8192};GET {url}/v") == "200 GET /v "
+        answered += 1
+        assert server.seen[-1]["headers"]["x-long"] == "v" * 8192
+        assert refused(c, f"h=X-Long:{'v' * 8193};GET {url}/v") == "http.fetch: a header value is more than 8192 bytes"
+        # A header name of 8,192 bytes reaches the supervisor (denied: no header name is that long); 8,193 do not.
+        assert ask(c, f"h={'n' * 8192}:1;GET {url}/n").startswith("err:denied:header 'nnnn")
+        answered += 1
+        assert refused(c, f"h={'n' * 8193}:1;GET {url}/n") == "http.fetch: a header name is more than 8192 bytes"
+        # 64 headers go out; 65 do not (this was the worker's own `err denied`, recorded nowhere).
+        assert ask(c, f"h*64=X-Many:1;GET {url}/many") == "200 GET /many "
+        answered += 1
+        assert refused(c, f"h*65=X-Many:1;GET {url}/many") == "http.fetch: 65 headers are more than 64"
+    chain = records(theater, "f")
+    assert len([r for r in chain if r.kind is Kind.HOST_CALL]) == answered
+    statuses = [r.fields()["status"] for r in of(chain, Kind.HANDLE)]
+    assert statuses.count("host-limit") == 6 and statuses.count("ok") == answered
+    assert_verified(theater)
+
+
+def test_denied_comes_before_too_large(theater: Theater, server: Server) -> None:
+    """Every `denied` the supervisor can see at once (here a header it sets itself, or one a secrets rule sets)
+    comes before `too-large` for the body. A secret missing from the home is found only when the request is
+    made, on an egress thread: a body too large is told first."""
+    url = f"http://127.0.0.1:{server.port}"
+    rule = f'secrets = [{{ origin = "{url}", header = "Authorization", value = "Bearer {{secret:absent}}" }}]'
+    policy(theater, "tight", local(server, extra=f'methods = ["POST"]\nmax_request_bytes = 4\n{rule}'))
+    with theater.client() as c:
+        fetcher(theater, c, "tight")
+        assert ask(c, f"h=Host:x;POST {url}/o 12345").startswith("err:denied:header 'Host' is set by the supervisor")
+        assert ask(c, f"h=Authorization:x;POST {url}/o 12345").startswith(
+            "err:denied:header 'Authorization' is set by the supervisor")
+        assert ask(c, f"POST {url}/o 12345").startswith("err:too-large:a request body of 5 bytes")
+        assert ask(c, f"POST {url}/o 1234").startswith("err:denied:no secret named 'absent'")
+    assert server.seen == []
+
+
 def test_a_slow_server_times_out(theater: Theater, server: Server) -> None:
     """The server holds the request until the test releases it, after the answer came back."""
     policy(theater, "quick", local(server, extra="timeout_ms = 300"))
@@ -210,6 +279,21 @@ def test_a_slow_server_times_out(theater: Theater, server: Server) -> None:
         assert ask(c, f"GET http://127.0.0.1:{server.port}/slow").startswith("err:timeout:no complete response")
         server.release.set()
         assert ask(c, f"GET http://127.0.0.1:{server.port}/fine") == "200 GET /fine "
+
+
+def test_a_timeout_longer_than_the_wall_time_ends_the_call_at_its_deadline(theater: Theater, server: Server) -> None:
+    """`timeout_ms` (a minute) is cut to the agent's `wall_time_ms` (400 ms): that is what runs out, and the call
+    itself ends at its deadline (status `deadline`); the guest never sees `timeout`."""
+    policy(theater, "patient", local(server, extra="timeout_ms = 60000"), wall_time_ms=400)
+    with theater.client() as c:
+        fetcher(theater, c, "patient")
+        with pytest.raises(ClientError) as info:
+            c.call("f", f"GET http://127.0.0.1:{server.port}/slow".encode(), timeout=30)
+        assert info.value.code == "deadline", info.value
+        assert str(info.value) == "wall_time_ms (400 ms) ran out while waiting on http.fetch"
+    [asked] = [r.fields() for r in records(theater, "f") if r.kind is Kind.HOST_CALL]
+    assert json.loads(asked["output"])["error"] == "timeout"  # the supervisor's answer, recorded
+    assert [r.fields()["status"] for r in of(records(theater, "f"), Kind.HANDLE)] == ["deadline"]
 
 
 def set_secret(t: Theater, name: str, value: str) -> None:
@@ -379,8 +463,9 @@ def test_ungranted_http_import_is_refused_at_spawn(theater: Theater) -> None:
     with theater.client() as c:
         with pytest.raises(ClientError) as info:
             c.spawn(theater.manifest("f", COMPONENT))
-        assert "does not grant: theater:agent/http@0.1.0" in str(info.value)
-        assert "policy is 'default'" in str(info.value)
+        assert str(info.value).endswith("not granted to this agent: theater:agent/http@0.1.0 (granted: "
+                                        "theater:agent/runtime@0.1.0); the agent's policy 'default' does not grant "
+                                        "http"), info.value
 
 
 def test_a_manifest_narrows_http_and_never_widens_it(theater: Theater, server: Server) -> None:
@@ -392,6 +477,40 @@ def test_a_manifest_narrows_http_and_never_widens_it(theater: Theater, server: S
             fetcher(theater, c, "web", name="put", http={"methods": ["PUT"]})
         fetcher(theater, c, "web", name="narrow", http={"methods": ["GET"]})
         assert ask(c, f"POST http://127.0.0.1:{server.port}/x y", "narrow").startswith("err:denied:method 'POST'")
+
+
+def test_a_manifest_s_secrets_are_exactly_the_policy_s(theater: Theater, server: Server) -> None:
+    """A manifest that gives `secrets` must give exactly the policy's rules (in any order): one that dropped a
+    rule would let its guest set that header itself. The error names the key and the difference."""
+    url = f"http://127.0.0.1:{server.port}"
+    one = {"origin": url, "header": "Authorization", "value": "Bearer {secret:api}"}
+    two = {"origin": url, "header": "X-Key", "value": "{secret:key}"}
+    rules = "secrets = [" + ", ".join(
+        f'{{ origin = "{r["origin"]}", header = "{r["header"]}", value = "{r["value"]}" }}' for r in (one, two)) + "]"
+    policy(theater, "keyed", local(server, extra=rules))
+    shown = {"one": f"{{ origin = '{url}', header = 'authorization', value = 'Bearer {{secret:api}}' }}",
+             "two": f"{{ origin = '{url}', header = 'x-key', value = '{{secret:key}}' }}"}
+    with theater.client() as c:
+        with pytest.raises(ClientError) as info:
+            fetcher(theater, c, "keyed", name="none", http={"secrets": []})
+        assert str(info.value).endswith(
+            "http.secrets: must be exactly the policy's secrets rules (order aside), or be left out: it leaves out "
+            f"{shown['one']}, {shown['two']}"), info.value
+        with pytest.raises(ClientError) as info:
+            fetcher(theater, c, "keyed", name="half", http={"secrets": [two]})
+        assert str(info.value).endswith(f"it leaves out {shown['one']}"), info.value
+        other = {**two, "value": "{secret:other}"}
+        with pytest.raises(ClientError) as info:
+            fetcher(theater, c, "keyed", name="swapped", http={"secrets": [one, other]})
+        assert str(info.value).endswith(
+            f"it leaves out {shown['two']}; the policy has no rule "
+            f"{{ origin = '{url}', header = 'x-key', value = '{{secret:other}}' }}"), info.value
+        fetcher(theater, c, "keyed", name="reordered", http={"secrets": [two, one]})
+        fetcher(theater, c, "keyed", name="inherits")
+        for name in ("reordered", "inherits"):
+            assert ask(c, f"h=Authorization:mine;GET {url}/auth", name).startswith(
+                "err:denied:header 'Authorization' is set by the supervisor")
+    assert server.seen == []
 
 
 def test_secret_cli(theater: Theater) -> None:

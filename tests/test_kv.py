@@ -134,11 +134,23 @@ def test_kv_settings_are_checked_like_limits(theater: Theater) -> None:
 
 
 def test_ungranted_kv_import_is_refused_at_spawn(theater: Theater) -> None:
+    """The load error says which leaves the import out: the policy that does not grant it, or the manifest
+    that does not list a capability its policy grants."""
     with theater.client() as c:
         with pytest.raises(ClientError) as info:
             c.spawn(theater.manifest("k", COMPONENT))
-        assert "does not grant: theater:agent/kv@0.1.0" in str(info.value)
-        assert "policy is 'default'" in str(info.value)
+        assert info.value.code == "spawn-failed"
+        assert str(info.value).endswith(
+            "load-failed: component imports capabilities not granted to this agent: theater:agent/kv@0.1.0 "
+            "(granted: theater:agent/runtime@0.1.0); the agent's policy 'default' does not grant kv"), info.value
+        with pytest.raises(ClientError) as info:
+            c.spawn(theater.manifest("listed", COMPONENT, policy="messaging", capabilities=["runtime", "timers"]))
+        assert str(info.value).endswith(
+            "load-failed: component imports capabilities not granted to this agent: theater:agent/kv@0.1.0 "
+            "(granted: theater:agent/runtime@0.1.0, theater:agent/timers@0.1.0); the agent's policy 'messaging' "
+            "grants kv, but its manifest does not list it in capabilities (capabilities = ['runtime', 'timers'])"
+        ), info.value
+        assert "kv, but its manifest does not list it" in ps(c, "listed")["last_exit"]
 
 
 def test_list_keys_answer_is_recorded_with_its_keys(theater: Theater) -> None:

@@ -339,7 +339,8 @@ def test_bad_bytes_reply_is_a_malformed_result(theater: Theater) -> None:
 @pytest.mark.parametrize(("component", "fragment"), [
     ("wrong_shape.wat", "export `handle` has type func(state: string, message: string) -> u32"),
     ("missing_export.wat", "component does not export `handle`"),
-    ("grabber.wat", "does not grant: theater:agent/kv@0.1.0"),
+    ("grabber.wat", "not granted to this agent: theater:agent/kv@0.1.0 (granted: theater:agent/runtime@0.1.0); "
+                    "the agent's policy 'default' does not grant kv"),
 ])
 def test_unrunnable_component_fails_to_spawn(theater: Theater, component: str, fragment: str) -> None:
     """A wrong export type, a missing export or a denied import is "spawn-failed"; the agent is failed."""

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,40 @@ def test_too_large_for_the_target(theater: Theater) -> None:
         assert ask(c, "a", "send:small:" + "x" * 17).startswith("err:too-large:a message of 17 bytes is more than 16")
 
 
+def test_the_worker_bounds_the_address_and_the_sender_s_message(theater: Theater) -> None:
+    """An address of more than 256 bytes of UTF-8 and a message longer than the sender's own max_message_bytes
+    are refused by the sender's worker before anything is asked: the call fails with host-limit, naming the
+    value, and nothing is recorded for it. At the bound, the supervisor answers as usual."""
+    with theater.client() as c:
+        c.spawn(agent(theater, "small", limits={"max_message_bytes": 100}, restart={"intensity": 100}))
+        c.spawn(agent(theater, "a", restart={"intensity": 100}))
+        spawn(theater, c, "b")
+
+        def refused(name: str, text: bytes) -> str:
+            pid = ps(c, name)["pid"]
+            with pytest.raises(ClientError) as info:
+                c.call(name, text)
+            assert info.value.code == "host-limit", info.value
+            wait_running(c, name, pid)
+            return str(info.value)
+
+        assert ask(c, "small", "big:100:b") == "ok"
+        assert refused("small", b"big:101:b") == "messaging.send: the message of 101 bytes is more than 100"
+        assert ask(c, "a", "send::x") == "err:unknown-address:an address is an agent's name or id, 1-256 bytes"
+        assert ask(c, "a", f"send:{'q' * 256}:x") == f"err:unknown-address:no agent named or with id '{'q' * 256}'"
+        assert refused("a", f"send:{'q' * 257}:x".encode()) == "messaging.send: the address is more than 256 bytes"
+        # messenger.wat reads its message's bytes as latin-1: each 0xE9 is an 'é', two bytes of UTF-8
+        assert c.call("a", b"send:" + b"\xe9" * 128 + b":x").startswith(b"err:unknown-address:no agent named")
+        assert refused("a", b"send:" + b"\xe9" * 129 + b":x") == "messaging.send: the address is more than 256 bytes"
+        assert refused("a", f"call:1000:{'q' * 257}:x".encode()) == "messaging.call: the address is more than 256 bytes"
+    assert [answer_of(f).get("error") for f in host_calls(theater, "small", "send")] == [None]
+    sent = host_calls(theater, "a", "send")
+    assert [answer_of(f).get("error") for f in sent] == ["unknown-address"] * 3
+    for name, failed in (("small", 1), ("a", 3)):
+        assert [r.fields()["status"] for r in of(records(theater, name), Kind.HANDLE)].count("host-limit") == failed
+    assert_verified(theater)
+
+
 def test_mailbox_full_is_an_error_to_the_sender(theater: Theater) -> None:
     """Places for sends are held from the send: with a mailbox of 3, the fourth send of one call is refused,
     and the three that were taken arrive."""
@@ -174,6 +209,30 @@ def test_call_timeout(theater: Theater) -> None:
         c.spawn(agent(theater, "slow", policy="messaging-lab"))
         assert ask(c, "a", "call:300:slow:spin") == "err:timeout:no reply from slow within 300 ms"
         assert ask(c, "a", "call:3000:a-missing:x").startswith("err:unknown-address")  # a is free again
+
+
+def test_a_call_longer_than_the_caller_s_wall_time_ends_the_call_at_its_deadline(theater: Theater) -> None:
+    """The caller's call has 300 ms; it calls with a minute's timeout an agent that spins for seconds. Its
+    wait is cut to what is left of its wall time, and that is what runs out: the call ends at its deadline
+    (status `deadline`), and the guest never sees `timeout`."""
+    text = (theater.home.policies / "messaging-lab.toml").read_text()
+    (theater.home.policies / "messaging-spin.toml").write_text(
+        text.replace("wall_time_ms = 60000 ", "wall_time_ms = 1500 ")
+            .replace("fuel_per_call = 500000000 ", "fuel_per_call = 1000000000000 "))
+    with theater.client() as c:
+        c.spawn(agent(theater, "a", limits={"wall_time_ms": 300}))
+        c.spawn(agent(theater, "slow", policy="messaging-spin"))
+        started = time.monotonic()
+        with pytest.raises(ClientError) as info:
+            c.call("a", b"call:60000:slow:spin")
+        assert info.value.code == "deadline", info.value
+        assert str(info.value) == "wall_time_ms (300 ms) ran out while waiting on messaging.call"
+        assert time.monotonic() - started < 10  # not the minute's timeout
+    [asked] = host_calls(theater, "a", "call")
+    assert 0 < json.loads(asked["input"].split(b"\0")[0])["timeout_ms"] <= 300
+    assert answer_of(asked)["error"] == "timeout"  # the supervisor's answer, recorded; the guest did not run on
+    [handled] = of(records(theater, "a"), Kind.HANDLE)
+    assert handled.fields()["status"] == "deadline"
 
 
 def test_target_crash_during_a_call(theater: Theater) -> None:
@@ -223,7 +282,9 @@ def test_ungranted_import_is_refused_at_spawn(theater: Theater) -> None:
         with pytest.raises(ClientError) as info:
             c.spawn(theater.manifest("m", COMPONENT))
         assert info.value.code == "spawn-failed"
-        assert f"does not grant: {MESSAGING}" in str(info.value) and "policy is 'default'" in str(info.value)
+        assert str(info.value).endswith(f"component imports capabilities not granted to this agent: {MESSAGING} "
+                                        "(granted: theater:agent/runtime@0.1.0); the agent's policy 'default' does "
+                                        "not grant messaging"), info.value
 
 
 def test_events_trace_follows_a_message_across_agents(theater: Theater) -> None:

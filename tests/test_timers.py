@@ -130,9 +130,46 @@ def test_each_timer_bound_is_enforced(theater: Theater) -> None:
             c.spawn(alarm(theater, "wide", max_pending=101))
 
 
+def test_a_timer_message_over_max_message_bytes_fails_the_call(theater: Theater) -> None:
+    """The worker refuses a message longer than the agent's max_message_bytes before asking: the call fails
+    with host-limit, naming it, and sets nothing; at exactly the bound the timer is set."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("t", COMPONENT, policy="messaging", capabilities=["runtime", "timers"],
+                                 limits={"max_message_bytes": 100}))
+        assert ask(c, "bigafter:100") == "ack"
+        pid = ps(c, "t")["pid"]
+        with pytest.raises(ClientError) as info:
+            c.call("t", b"bigafter:101")
+        assert info.value.code == "host-limit"
+        assert str(info.value) == "timers.after: the message of 101 bytes is more than 100"
+        wait_running(c, "t", pid)
+    assert len(pending_timers(theater)) == 1
+    assert len([r for r in records(theater, "t") if r.kind is Kind.HOST_CALL]) == 1
+
+
+def test_a_timer_re_armed_from_its_own_delivery_fits_max_pending_1(theater: Theater) -> None:
+    """A periodic timer sets the next one from the call that delivers it: the timer being delivered is not
+    counted as pending (the commit that ends its call removes it), so max_pending = 1 allows it."""
+    with theater.client() as c:
+        c.spawn(alarm(theater, max_pending=1))
+        first = int(ask(c, "after:50:after:60000:again")[3:])  # its message, delivered to handle, sets the next
+        wait_until(lambda: len(host_calls(theater, "after")) == 2, what="the re-arming call")
+        wait_until(lambda: pending_timers(theater) not in ([], [first]), what="the next timer committed")
+        [second] = pending_timers(theater)
+        assert ask(c, "after:60000:third") == "err:1 timers are pending already (max_pending)"  # still bounded
+    answers = [r["output"] for r in host_calls(theater, "after")]
+    assert answers[1] == f'{{"id":{second},"ok":true}}'.encode()
+    assert_verified(theater)
+
+
+def host_calls(t: Theater, function: str) -> list[dict[str, Any]]:
+    return [r.fields() for r in records(t, "t") if r.kind is Kind.HOST_CALL and r.fields()["function"] == function]
+
+
 def test_ungranted_timers_import_is_refused_at_spawn(theater: Theater) -> None:
     with theater.client() as c:
         with pytest.raises(ClientError) as info:
             c.spawn(theater.manifest("t", COMPONENT))
-        assert "does not grant: theater:agent/timers@0.1.0" in str(info.value)
-        assert "policy is 'default'" in str(info.value)
+        assert str(info.value).endswith("not granted to this agent: theater:agent/timers@0.1.0 (granted: "
+                                        "theater:agent/runtime@0.1.0); the agent's policy 'default' does not grant "
+                                        "timers"), info.value

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CAPABILITIES", "PACKAGE", "Capability", "always_granted"]
+__all__ = ["CAPABILITIES", "NOT_GRANTED", "PACKAGE", "Capability", "always_granted"]
 
 PACKAGE = "theater:agent"
+# How a worker's load failure for an import that is not linked begins: `NOT_GRANTED: <interfaces> (granted: …)`.
+# The supervisor, which knows the agent's policy and manifest, adds which of them leaves each one out.
+NOT_GRANTED = "component imports capabilities not granted to this agent"
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from wasmtime import component as wc
 from wasmtime.component._enter import enter_wasm
 
 from theater.artifacts import artifact_key, engine_config, file_signature
+from theater.capabilities import NOT_GRANTED
 from theater.spec import Limits
 
 from ._errors import CallFailed, HostLimit, LoadError
@@ -328,9 +329,10 @@ class Sandbox:
         denied = sorted(name for name in wanted if name not in allowed and name not in wasi_imports)
         if denied:
             granted = ", ".join(sorted(interfaces)) or "none beyond runtime"
+            # Which of the two it is (the policy does not grant it, or the manifest leaves it out) only the
+            # supervisor knows: it adds that (supervisor/_workers.py, Workers._on_fault).
             raise LoadError(
-                "component imports capabilities its policy does not grant: " + ", ".join(denied)
-                + f" (granted: {granted})"
+                f"{NOT_GRANTED}: " + ", ".join(denied) + f" (granted: {granted})"
             )
         return wasi_imports
 

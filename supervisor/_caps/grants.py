@@ -268,9 +268,12 @@ class HttpGrant:
                 raise table.err("methods", f"{m!r} is not one of {', '.join(METHODS)}")
             if ceiling is not None and m not in ceiling.methods:
                 raise table.err("methods", f"{m!r} is not allowed by the policy; a manifest may only narrow it")
-        secrets = _secret_rules(table, top.secrets if ceiling else None)
-        if "secrets" not in table.data and ceiling is not None:
-            secrets = top.secrets
+        secrets = _secret_rules(table)
+        if ceiling is not None:
+            if "secrets" not in table.data:
+                secrets = top.secrets
+            else:  # exactly the policy's rules: a rule left out would let the guest set that header itself
+                _same_rules(table, secrets, top.secrets)
         numbers = _numbers(table, cls.NUMBERS, ceiling)
         table.finish()
         return cls(allow=allow, methods=tuple(dict.fromkeys(methods)), private=private, secrets=secrets, **numbers)
@@ -291,7 +294,7 @@ def _origins(table: _Table, key: str, ceiling: tuple[Origin, ...] | None) -> tup
     return tuple(dict.fromkeys(out))
 
 
-def _secret_rules(table: _Table, ceiling: tuple[SecretRule, ...] | None) -> tuple[SecretRule, ...]:
+def _secret_rules(table: _Table) -> tuple[SecretRule, ...]:
     rules = []
     for i, entry in enumerate(table.get("secrets", list, [])):
         where = f"secrets[{i}]"
@@ -312,10 +315,27 @@ def _secret_rules(table: _Table, ceiling: tuple[SecretRule, ...] | None) -> tupl
         bad = [n for n in rule.names if not SECRET_NAME_RE.fullmatch(n)]
         if bad:
             raise table.err(where, f"secret name {bad[0]!r} is not 1-63 of a-z, 0-9, '-', '_'")
-        if ceiling is not None and rule not in ceiling:
-            raise table.err(where, "is not one of the policy's secrets rules; a manifest may only narrow them")
         rules.append(rule)
     return tuple(rules)
+
+
+def _same_rules(table: _Table, rules: tuple[SecretRule, ...], policy: tuple[SecretRule, ...]) -> None:
+    """A manifest's ``secrets``, if it gives them, must be exactly its policy's rules (order aside)."""
+    missing = [r for r in policy if r not in rules]
+    extra = [r for r in rules if r not in policy]
+    if not missing and not extra:
+        return
+    parts = []
+    if missing:
+        parts.append(f"it leaves out {_rules_text(missing)}")
+    if extra:
+        parts.append(f"the policy has no rule {_rules_text(extra)}")
+    raise table.err("secrets", "must be exactly the policy's secrets rules (order aside), or be left out: "
+                               + "; ".join(parts))
+
+
+def _rules_text(rules: list[SecretRule]) -> str:
+    return ", ".join(f"{{ origin = {str(r.origin)!r}, header = {r.header!r}, value = {r.value!r} }}" for r in rules)
 
 
 # capability -> its settings' type; capabilities without settings have no entry.

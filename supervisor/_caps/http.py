@@ -237,12 +237,14 @@ class _Request:
 
 
 def _check(grant: HttpGrant, args: dict[str, Any], body: bytes) -> _Request:
-    """The request, if the grant allows it; Refusal (with its http-error case) if not."""
+    """The request, if the grant allows it; Refusal (with its http-error case) if not. Every ``denied`` case
+    that can be seen here comes before ``too-large`` for the body (``docs/capabilities.md`` section 5); the
+    bounds a worker applies before asking (host-limit) are checked again, since a worker is untrusted."""
     method, url, headers = args.get("method"), args.get("url"), args.get("headers")
     if not isinstance(method, str) or method not in grant.methods:
         raise Refusal("denied", f"method {str(method)[:16]!r} is not allowed ([http] methods = {list(grant.methods)})")
-    if not isinstance(url, str) or len(url) > MAX_URL:
-        raise Refusal("denied", f"a URL is a string of at most {MAX_URL} characters")
+    if not isinstance(url, str) or _utf8_len(url) > MAX_URL:
+        raise Refusal("denied", f"a URL is a string of at most {MAX_URL} bytes")
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -254,9 +256,6 @@ def _check(grant: HttpGrant, args: dict[str, Any], body: bytes) -> _Request:
     origin = next((o for o in grant.allow if o.admits(parts.scheme, host, port)), None)
     if origin is None:
         raise Refusal("denied", f"{parts.scheme}://{host}:{port} is not allowed ([http] allow)")
-    if len(body) > grant.max_request_bytes:
-        raise Refusal("too-large", f"a request body of {len(body)} bytes is more than max_request_bytes "
-                                   f"({grant.max_request_bytes})")
     if not isinstance(headers, list) or len(headers) > MAX_HEADERS:
         raise Refusal("denied", f"at most {MAX_HEADERS} headers")
     secret_headers = {r.header for r in grant.secrets if r.origin.admits(parts.scheme, host, port)}
@@ -265,13 +264,21 @@ def _check(grant: HttpGrant, args: dict[str, Any], body: bytes) -> _Request:
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise Refusal("denied", "a header is a (name, value) pair of strings")
         name, value = pair
-        if not HEADER_NAME_RE.fullmatch(name) or len(value) > MAX_HEADER_VALUE or any(c in value for c in "\r\n\0"):
+        if not HEADER_NAME_RE.fullmatch(name) or _utf8_len(value) > MAX_HEADER_VALUE \
+                or any(c in value for c in "\r\n\0"):
             raise Refusal("denied", f"header {name[:64]!r} is not a valid header")
         if name.lower() in RESERVED_HEADERS or name.lower() in secret_headers:
             raise Refusal("denied", f"header {name!r} is set by the supervisor, not by the agent")
         checked.append((name, value))
+    if len(body) > grant.max_request_bytes:
+        raise Refusal("too-large", f"a request body of {len(body)} bytes is more than max_request_bytes "
+                                   f"({grant.max_request_bytes})")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return _Request(method, parts.scheme, host, port, target, checked, body, origin)
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def internal(address: str) -> bool:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Messaging"]
 
-MAX_ADDRESS_CHARS = 256
+MAX_ADDRESS_BYTES = 256  # UTF-8; a worker refuses a longer address itself (host-limit), this is its copy
 RECEIVING = (Status.RUNNING, Status.STARTING, Status.RESTARTING)
 
 
@@ -61,8 +61,8 @@ class Messaging:
             return _error("denied", f"unknown messaging operation {call.op!r}")
         sender, args, message = call.agent, call.args, call.data or b""
         to = args.get("to")
-        if not isinstance(to, str) or not 0 < len(to) <= MAX_ADDRESS_CHARS:
-            return _error("unknown-address", "an address is an agent's name or id, 1-256 characters")
+        if not isinstance(to, str) or not 0 < len(to.encode("utf-8", "surrogatepass")) <= MAX_ADDRESS_BYTES:
+            return _error("unknown-address", f"an address is an agent's name or id, 1-{MAX_ADDRESS_BYTES} bytes")
         target = self._find(to, sender)
         if target is None:
             return _error("unknown-address", f"no agent named or with id {to!r}")
@@ -129,10 +129,13 @@ class Messaging:
                                         f"([messaging] from = {list(theirs.from_)})")
         if target.status not in RECEIVING:
             return _error("not-running", f"{target.name} is {target.status}")
-        limit = min(sender.config.limits.max_message_bytes, target.config.limits.max_message_bytes)
-        if size > limit:
-            return _error("too-large", f"a message of {size} bytes is more than {limit} (max_message_bytes of "
-                                       f"{sender.name} and {target.name})")
+        # The sender's own limit is its worker's to apply before asking (host-limit); checked again here, as a
+        # worker is untrusted. The target's is what `too-large` is for.
+        for who, whose in ((target, f"{target.name}'s"), (sender, f"{sender.name}'s own")):
+            limit = who.config.limits.max_message_bytes
+            if size > limit:
+                return _error("too-large", f"a message of {size} bytes is more than {limit} ({whose} "
+                                           "max_message_bytes)")
         if target.queued + target.reserved >= target.config.limits.mailbox:
             return _error("mailbox-full", f"{target.name}'s mailbox is full ({target.config.limits.mailbox} messages)")
         full = queue_room(target.config.tenant, size)

@@ -69,8 +69,14 @@ class AgentTimers:
             if len(message) > limit:
                 return Answer({"ok": False, "error": f"a message of {len(message)} bytes is more than "
                                                      f"max_message_bytes ({limit})"})
-            mine = sum(1 for agent_id, _, _ in self.pending.values() if agent_id == call.agent.id)
-            if mine + len(effects.timers) - len(effects.cancels) >= grant.max_pending:
+            # The timer this call delivers (if it is a timer's) is not counted: the transaction that commits
+            # the call removes it, in the same step as it adds the timers the call sets. So a timer re-armed
+            # from its own delivery fits under max_pending = 1.
+            delivering = call.pending.timer_id
+            mine = sum(1 for timer_id, (agent_id, _, _) in self.pending.items()
+                       if agent_id == call.agent.id and timer_id != delivering)
+            cancelled = sum(1 for timer_id in effects.cancels if timer_id != delivering)
+            if mine + len(effects.timers) - cancelled >= grant.max_pending:
                 return Answer({"ok": False, "error": f"{grant.max_pending} timers are pending already "
                                                      "(max_pending)"})
             timer_id = self._new_id(effects.timers)

@@ -2,6 +2,7 @@
 ;; driven entirely by its messages. A due timer's message comes back through handle.
 ;;   "after:<ms>:<payload>"            -> timers.after(ms, payload); reply "id:<id>" or "err:<error>"
 ;;   "after-then-trap:<ms>:<payload>"  -> timers.after, then a trap
+;;   "bigafter:<n>"                    -> timers.after(600000, n bytes of 'x'); reply "ack" or "err:<error>"
 ;;   "cancel:<id>"                     -> reply "true" or "false"
 ;;   "state"                           -> reply: the state (unchanged)
 ;;   anything else                     -> state + message + "\n"; reply "ack"
@@ -69,6 +70,7 @@
     (data (i32.const 164) "false")
     (data (i32.const 193) "\n")
     (data (i32.const 200) "failed on purpose")
+    (data (i32.const 900) "bigafter:")
     (func $same (param $a i32) (param $b i32) (param $n i32) (result i32)
       (local $i i32)
       (block $differ
@@ -206,6 +208,16 @@
 
     (func (export "handle") (param $sp i32) (param $sl i32) (param $mp i32) (param $ml i32) (result i32)
       (local $end i32) (local $total i32) (local $buf i32)
+      (if (call $starts (local.get $mp) (local.get $ml) (i32.const 900) (i32.const 9))
+        (then
+          (local.set $total (call $number (i32.add (local.get $mp) (i32.const 9)) (i32.sub (local.get $ml) (i32.const 9))))
+          (local.set $buf (call $alloc (local.get $total)))
+          (memory.fill (local.get $buf) (i32.const 120) (local.get $total))
+          (call $after (i64.const 600000) (local.get $buf) (local.get $total) (i32.const 256))
+          (if (i32.load8_u (i32.const 256))
+            (then (return (call $reply_with (local.get $sp) (local.get $sl) (i32.const 136) (i32.const 4)
+                                            (i32.const 264)))))
+          (return (call $reply (local.get $sp) (local.get $sl) (i32.const 120) (i32.const 3)))))
       (if (call $starts (local.get $mp) (local.get $ml) (i32.const 72) (i32.const 16))
         (then
           (drop (call $after_one (i32.add (local.get $mp) (i32.const 16)) (i32.sub (local.get $ml) (i32.const 16))))

@@ -3,6 +3,7 @@
 ;;   "[h=<name>:<value>;]<METHOD> <url>[ <body>]"
 ;;     -> http.fetch(METHOD, url, [the header, if given], body or "");
 ;;        reply "<status> <body>" or "err:<case>:<detail>"
+;;   "h*<n>=<name>:<value>;<METHOD> <url>[ <body>]": the same with that header n times
 ;; <case> is the http-error case's WIT name.
 ;;
 ;; Exists to test the http capability end to end against a real server:
@@ -65,6 +66,7 @@
     ;;   err: case +4, ptr +8, len +12
     (import "http" "fetch" (func $fetch (param i32 i32 i32 i32 i32 i32 i32 i32 i32)))
     (data (i32.const 64) "h=")
+    (data (i32.const 80) "h*")
     (data (i32.const 136) "err:")
     (data (i32.const 194) ":")
     (data (i32.const 196) " ")
@@ -163,16 +165,38 @@
     (func (export "handle") (param $sp i32) (param $sl i32) (param $mp i32) (param $ml i32) (result i32)
       (local $i i32) (local $j i32) (local $k i32) (local $hn i32) (local $case i32)
       (local $total i32) (local $buf i32) (local $end i32) (local $bp i32) (local $bl i32)
-      ;; "h=<name>:<value>;": one header, as a list of one (name, value) pair at 900
+      (local $eq i32) (local $list i32)
+      ;; "h=<name>:<value>;": one header, as a list of one (name, value) pair at 900;
+      ;; "h*<n>=<name>:<value>;": that pair n times, the list on the heap. eq: where the '=' is
+      (local.set $list (i32.const 900))
       (if (call $starts (local.get $mp) (local.get $ml) (i32.const 64) (i32.const 2))
         (then
-          (local.set $j (call $find (local.get $mp) (local.get $ml) (i32.const 2) (i32.const 58)))
+          (local.set $eq (i32.const 1))
+          (local.set $hn (i32.const 1))))
+      (if (call $starts (local.get $mp) (local.get $ml) (i32.const 80) (i32.const 2))
+        (then
+          (local.set $eq (call $find (local.get $mp) (local.get $ml) (i32.const 2) (i32.const 61)))
+          (local.set $hn (call $number (i32.add (local.get $mp) (i32.const 2)) (i32.sub (local.get $eq) (i32.const 2))))))
+      (if (local.get $eq)
+        (then
+          (local.set $j (call $find (local.get $mp) (local.get $ml) (i32.add (local.get $eq) (i32.const 1)) (i32.const 58)))
           (local.set $k (call $find (local.get $mp) (local.get $ml) (local.get $j) (i32.const 59)))
-          (i32.store (i32.const 900) (i32.add (local.get $mp) (i32.const 2)))
-          (i32.store (i32.const 904) (i32.sub (local.get $j) (i32.const 2)))
+          (i32.store (i32.const 900) (i32.add (i32.add (local.get $mp) (local.get $eq)) (i32.const 1)))
+          (i32.store (i32.const 904) (i32.sub (i32.sub (local.get $j) (local.get $eq)) (i32.const 1)))
           (i32.store (i32.const 908) (i32.add (i32.add (local.get $mp) (local.get $j)) (i32.const 1)))
           (i32.store (i32.const 912) (i32.sub (i32.sub (local.get $k) (local.get $j)) (i32.const 1)))
-          (local.set $hn (i32.const 1))
+          (if (i32.gt_u (local.get $hn) (i32.const 1))
+            (then
+              (local.set $list (call $realloc (i32.const 0) (i32.const 0) (i32.const 4)
+                                             (i32.shl (local.get $hn) (i32.const 4))))
+              (local.set $total (i32.const 0))
+              (block $copied
+                (loop $copy
+                  (br_if $copied (i32.ge_u (local.get $total) (local.get $hn)))
+                  (memory.copy (i32.add (local.get $list) (i32.shl (local.get $total) (i32.const 4)))
+                               (i32.const 900) (i32.const 16))
+                  (local.set $total (i32.add (local.get $total) (i32.const 1)))
+                  (br $copy)))))
           (local.set $i (i32.add (local.get $k) (i32.const 1)))))
       ;; "<METHOD> <url>[ <body>]" from i
       (local.set $j (call $find (local.get $mp) (local.get $ml) (local.get $i) (i32.const 32)))
@@ -188,7 +212,7 @@
       (call $fetch (i32.add (local.get $mp) (local.get $i)) (i32.sub (local.get $j) (local.get $i))
                    (i32.add (i32.add (local.get $mp) (local.get $j)) (i32.const 1))
                    (i32.sub (i32.sub (local.get $k) (local.get $j)) (i32.const 1))
-                   (i32.const 900) (local.get $hn)
+                   (local.get $list) (local.get $hn)
                    (local.get $bp) (local.get $bl) (i32.const 256))
       (if (i32.load8_u (i32.const 256))
         (then

@@ -7,6 +7,8 @@
 ;;   "sendn:<n>:<to>:<payload>"       -> n sends, stopping at the first error;
 ;;                                       reply "ok" or "err:<i>:<case>:<detail>" (i from 0)
 ;;   "send-then-trap:<to>:<payload>"  -> messaging.send, then a trap
+;;   "big:<n>:<to>"                   -> messaging.send of n bytes of 'x' (a message larger than the
+;;                                       one that asks for it); reply "ok" or "err:<case>:<detail>"
 ;;   "call:<ms>:<to>:<payload>"       -> messaging.call(to, payload, ms); reply
 ;;                                       "ok:<reply>", "none" or "err:<case>:<detail>"
 ;;   "trap" -> traps; "spin" -> loops until its deadline; "fail" -> err("failed on purpose")
@@ -100,6 +102,7 @@
     (data (i32.const 193) "\n")
     (data (i32.const 194) ":")
     (data (i32.const 195) "-")
+    (data (i32.const 900) "big:")
     ;; the call-error cases' names, and at 700 a table of (offset, length) by case
     (data (i32.const 600) "unknown-addressdeniednot-runningmailbox-fulltoo-largetimeouttarget-crashedguest-errorcycle")
     (data (i32.const 700)
@@ -216,6 +219,19 @@
     (func $run (param $sp i32) (param $sl i32) (param $fp i32) (param $fl i32) (param $mp i32) (param $ml i32)
           (result i32)
       (local $i i32) (local $j i32) (local $n i32) (local $k i32) (local $buf i32) (local $total i32)
+      ;; "big:<n>:<to>": send n bytes of 'x' to <to>
+      (if (call $starts (local.get $mp) (local.get $ml) (i32.const 900) (i32.const 4))
+        (then
+          (local.set $i (call $colon (local.get $mp) (local.get $ml) (i32.const 4)))
+          (local.set $n (call $number (i32.add (local.get $mp) (i32.const 4)) (i32.sub (local.get $i) (i32.const 4))))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (local.set $buf (call $alloc (local.get $n)))
+          (memory.fill (local.get $buf) (i32.const 120) (local.get $n))
+          (call $send (i32.add (local.get $mp) (local.get $i)) (i32.sub (local.get $ml) (local.get $i))
+                      (local.get $buf) (local.get $n) (i32.const 256))
+          (if (i32.load8_u (i32.const 256))
+            (then (return (call $reply_err (local.get $sp) (local.get $sl) (i32.const 0) (i32.const 0)))))
+          (return (call $reply (local.get $sp) (local.get $sl) (i32.const 144) (i32.const 2)))))
       ;; "sendn:<n>:<to>:<payload>"
       (if (call $starts (local.get $mp) (local.get $ml) (i32.const 72) (i32.const 6))
         (then

@@ -12,7 +12,7 @@ from theater.capabilities import CAPABILITIES
 from theater.records import Kind
 from theater.spec import Limits
 
-from .._errors import HostLimit
+from .._errors import CallFailed, HostLimit
 from .._hostfuncs import Instance
 from .._recorder import Recorder
 
@@ -132,6 +132,13 @@ class Host:
     def remaining_ms(self) -> int:
         """What is left of this call's wall-clock deadline (``wall_time_ms``), in ms, at least 0."""
         return max(0, self.limits.wall_time_ms - int((time.monotonic() - self._started) * 1000))
+
+    def ran_out(self, what: str) -> CallFailed:
+        """What a host function raises when the supervisor's ``timeout`` answer came because this call's own
+        wall time ran out while it waited on ``what``: the call ends at its deadline (status ``deadline``), as
+        one interrupted there does, and the guest never sees ``timeout`` (``docs/capabilities.md``). The
+        answer is recorded all the same: it is the supervisor's."""
+        return CallFailed("deadline", f"wall_time_ms ({self.limits.wall_time_ms} ms) ran out while waiting on {what}")
 
     def count(self, what: str, limit: int, refusal: str) -> None:
         """Count one ``what`` in this call; past ``limit``, refuse with ``refusal`` (the call fails, host-limit)."""

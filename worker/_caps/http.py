@@ -2,8 +2,11 @@
 
 `fetch` is one host request (interface ``http``) with the body as its data;
 the supervisor checks it against the agent's policy, adds its secrets, makes
-the request and answers with the response (its body as data). The worker
-waits for at most what is left of this call's wall-clock deadline.
+the request and answers with the response (its body as data). Before asking,
+the worker refuses what no policy could allow: more than 64 headers, a method
+of more than 16 bytes, a URL, header name or header value of more than 8,192
+bytes (UTF-8), a body of more than 16 MiB. The call then fails with status
+``host-limit`` naming the value; nothing is sent or recorded.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 from wasmtime import component as wc
 
 from .._boundary import to_guest
+from .._errors import HostLimit
 from ._host import Host, HostCapability, Instance, guest_bytes, guest_text
 
 MAX_URL_BYTES = 8192
@@ -30,9 +34,12 @@ class Http:
         inst.add_func("fetch", self.fetch)
 
     def fetch(self, _store: Any, method: str, url: str, headers: list[tuple[str, str]], body: str) -> wc.Record | wc.Variant:
-        """result<response, http-error>: wasmtime-py takes it untagged (a Record, or the error's Variant)."""
+        """result<response, http-error>: wasmtime-py takes it untagged (a Record, or the error's Variant).
+
+        What no policy could allow fails the call (host-limit) before anything is asked: the worker never
+        answers ``err`` itself, since every answer the guest gets must be the supervisor's, recorded."""
         if len(headers) > MAX_HEADERS:
-            return wc.Variant("denied", f"at most {MAX_HEADERS} headers")
+            raise HostLimit(f"http.fetch: {len(headers)} headers are more than {MAX_HEADERS}")
         pairs = [[guest_text(k, "http.fetch: a header name", MAX_HEADER_BYTES),
                   guest_text(v, "http.fetch: a header value", MAX_HEADER_BYTES)] for k, v in headers]
         args = {"op": "fetch", "method": guest_text(method, "http.fetch: the method", 16),
@@ -41,6 +48,8 @@ class Http:
         answer, reply = self._host.ask(CAPABILITY.name, args, data, wait_ms=self._host.remaining_ms())
         if not answer.get("ok"):
             case = answer.get("error")
+            if case == "timeout" and self._host.remaining_ms() == 0:  # the call's own wall time ran out first
+                raise self._host.ran_out("http.fetch")
             return wc.Variant(case if case in ERRORS else "failed", str(answer.get("detail", "")))
         response = wc.Record()
         response.status = int(answer["status"])  # type: ignore[attr-defined]

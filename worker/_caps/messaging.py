@@ -1,8 +1,13 @@
 """`theater:agent/messaging`: send to and call other agents, through the supervisor.
 
 Each is a host request (interface ``messaging``); the message travels in the
-request's data frame. A call waits for the supervisor's answer for at most its
-timeout, cut to what is left of this call's wall-clock deadline. The answer is
+request's data frame. Before asking, the worker refuses an address of more
+than 256 bytes (UTF-8) and a message longer than this agent's own
+``max_message_bytes``: the call fails with status ``host-limit`` naming the
+value, and nothing is sent or recorded. A call waits for the supervisor's
+answer for at most its timeout, cut to what is left of this call's wall-clock
+deadline; when that deadline is what runs out, the call itself ends there
+(status ``deadline``) and the guest never sees ``timeout``. The answer is
 recorded, as every value handed to the guest is. An agent granted messaging
 must export ``receive``: other agents' messages arrive through it.
 """
@@ -48,6 +53,8 @@ class Messaging:
         answer, reply = self._host.ask(CAPABILITY.name, {"op": "call", "to": address, "timeout_ms": wait}, data,
                                        wait_ms=wait)
         if not answer.get("ok"):
+            if answer.get("error") == "timeout" and wait < timeout_ms:  # the wait was cut: the call's time is up
+                raise self._host.ran_out("messaging.call")
             return _error(answer)
         answered = wc.Record()
         answered.reply = None if reply is None else to_guest(reply)  # type: ignore[attr-defined]

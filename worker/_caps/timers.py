@@ -1,7 +1,9 @@
 """`theater:agent/timers`: messages this agent sends itself later, kept by the supervisor.
 
 Each function is a host request (interface ``timers``); the message travels in
-the data frame. A due timer's message arrives through ``handle``.
+the data frame. A message longer than this agent's ``max_message_bytes`` is
+refused before asking: the call fails with status ``host-limit``. A due
+timer's message arrives through ``handle``.
 """
 
 from __future__ import annotations
