@@ -137,6 +137,9 @@ class Leaf:
     def walk(self) -> Iterator[Member]:
         yield self
 
+    def walk_spec(self) -> Iterator[Member]:
+        yield self
+
     @property
     def up(self) -> bool:
         return self.status in (Status.STARTING, Status.RUNNING, Status.RESTARTING, Status.STOPPING)
@@ -152,6 +155,10 @@ class Sup:
     kind: NodeKind = NodeKind.TREE
     shutdown_ms: int | None = None  # the whole subtree's time to stop; None: infinity (OTP's default)
     children: list[Member] = field(default_factory=list)
+    # A tree's node or a top-level agent's: the children its configuration gives, in start order. Each start of
+    # the node begins with all of them again, those that left it (temporary children that ended) included, as
+    # an OTP supervisor's init gives every child spec again. Set when the engine takes the node.
+    spec: tuple[Member, ...] = ()
     parent: Sup | None = None
     owner: str = ""  # OWNED: the agent whose children these are; AGENT_ROOT: the agent
     status: Status = Status.STOPPED
@@ -168,6 +175,12 @@ class Sup:
         yield self
         for c in self.children:
             yield from c.walk()
+
+    def walk_spec(self) -> Iterator[Member]:
+        """Every member a start of this node starts: its spec's children, not only those it has now."""
+        yield self
+        for c in self.spec if self.kind is not NodeKind.OWNED else self.children:
+            yield from c.walk_spec() if isinstance(c, Sup) else (c,)
 
     @property
     def up(self) -> bool:
@@ -351,6 +364,8 @@ class Engine:
             if isinstance(m, Sup):
                 for c in m.children:
                     c.parent = m
+                if m.kind is not NodeKind.OWNED:
+                    m.spec = tuple(m.children)
         member.parent = parent
         if parent is not None and member not in parent.children:
             parent.children.append(member)
@@ -685,7 +700,7 @@ class Engine:
             op, member = job.steps.popleft()
             job.current = member
             if op == "release":
-                for m in member.walk():
+                for m in member.walk_spec():
                     m.held = False
                 continue
             if self._stop(member, job) if op == "stop" else self._start(member, job):
@@ -739,6 +754,8 @@ class Engine:
         if isinstance(member, Sup):
             member.status = Status.STARTING
             member.restarts = []
+            if member.kind is not NodeKind.OWNED:
+                member.children = list(member.spec)  # a temporary child that ended comes back with its node
             if member.kind is NodeKind.TREE:
                 how = "restart" if counted else "operator" if job and job.purpose is Purpose.OPERATOR else "start"
                 self._emit(NodeRecord(member.name, "start", {"reason": how}))

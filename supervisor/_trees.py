@@ -370,10 +370,41 @@ class Supervision:
             raise Refused("the supervisor is shutting down")
         if isinstance(member, Agent):
             self._refuse_let_go(member)
-        for agent in self.agents_under(member):
-            agent.last_exit = agent.last_exit or "restarted by the operator"
-            self.commit_desired(agent, Status.RUNNING)
+            self._refuse_left_its_node(member)
+        self._refuse_under_failed(member)
+        top = member.leaf if isinstance(member, Agent) else member.sup
+        for leaf in top.walk_spec():  # a temporary child that left a node starts again with that node
+            if isinstance(leaf, Leaf):
+                agent = self.agents.by_name[leaf.name]
+                agent.last_exit = agent.last_exit or "restarted by the operator"
+                self.commit_desired(agent, Status.RUNNING)
         self.apply(self.engine.restart(member.name, time.monotonic(), ticket))
+
+    @staticmethod
+    def _refuse_left_its_node(agent: Agent) -> None:
+        """A temporary tree child that ended has left its node (OTP deletes it; restart_child answers
+        not_found): started alone it would run outside its tree, stopped by nothing, and `down` would wait for
+        it for ever. It starts again with its node."""
+        node = agent.leaf.parent
+        if node is not None and node.kind is NodeKind.TREE and agent.leaf not in node.children:
+            raise Refused(f"{agent.name} is a temporary child of supervisor {node.name} and has ended, so it left "
+                          f"{node.name}'s children: restarted alone it would run outside its tree. It starts "
+                          f"again with its node: theater restart {node.name}")
+
+    @staticmethod
+    def _refuse_under_failed(member: Member) -> None:
+        """A member of a tree whose node (or a node above it) has given up would run unsupervised: its crash
+        would restart nothing, and nothing would give up. The failed node is restarted instead, and starts it."""
+        node = member.leaf.parent if isinstance(member, Agent) else member.sup.parent
+        failed = None
+        while node is not None:
+            if node.kind is NodeKind.TREE and node.status is Status.FAILED:
+                failed = node  # the highest one: restarting it starts everything under it
+            node = node.parent
+        if failed is not None:
+            raise Refused(f"{member.name}'s supervisor {failed.name} failed ({failed.last_exit}): restarted alone "
+                          f"{member.name} would run unsupervised. Restart that node, which starts "
+                          f"{member.name} with it: theater restart {failed.name}")
 
     @staticmethod
     def _refuse_let_go(agent: Agent) -> None:

@@ -997,6 +997,59 @@ def test_operator_restart_of_an_agent_and_a_subtree_does_not_count_against_inten
     assert_verified(theater)
 
 
+def _down_promptly(t: Theater) -> None:
+    """`theater down` is answered and the supervisor exits: nothing runs outside the trees it stops."""
+    with t.client(timeout=20) as c:
+        c.down()
+    assert t.proc is not None
+    t.proc.wait(timeout=20)
+
+
+def test_operator_restart_of_a_temporary_child_that_left_its_node_is_refused(theater: Theater) -> None:
+    """A temporary child that ended has left its node (OTP: restart_child answers not_found): `theater restart`
+    of it is refused, saying to restart its node, which starts it again among its children."""
+    kids = [agent("a"), agent("tmp", restart={"type": "temporary"})]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids)))
+        _crash(c, "tmp")
+        wait_status(c, "tmp", "failed")
+        out = cli(theater, "restart", "tmp")
+        assert out.returncode == 1, out
+        assert "tmp is a temporary child of supervisor root and has ended" in out.stderr, out.stderr
+        assert "theater restart root" in out.stderr and "theater rm" not in out.stderr, out.stderr
+        assert ps(c, "tmp")["status"] == "failed" and ps(c, "tmp")["pid"] is None  # not started
+        assert [m["name"] for m in _member(c, "root")["children"]] == ["a"]
+        info = c.request("restart", agent="root")[0]
+        assert [(m["name"], m["status"]) for m in info["children"]] == [("a", "running"), ("tmp", "running")]
+        assert c.call("tmp", b"x") == b"1"  # under its node again
+        assert c.stop("root")["status"] == "stopped"
+        assert ps(c, "tmp")["status"] == "stopped"
+    _down_promptly(theater)
+
+
+def test_operator_restart_of_a_member_under_a_failed_node_is_refused(theater: Theater) -> None:
+    """A child (or a subtree) of a node that gave up would run unsupervised: its restart is refused, naming the
+    failed node to restart; restarting that node starts it."""
+    kids = [agent("a"), sup("inner", [agent("b")])]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids, intensity=0)))
+        _crash(c, "a")
+        _wait_member(c, "root", "failed")
+        for name in ("a", "inner", "b"):
+            with pytest.raises(ClientError) as refused:
+                c.request("restart", agent=name)
+            assert refused.value.code == "refused", refused.value
+            assert f"{name}'s supervisor root failed (gave up: more than 0 restarts" in str(refused.value)
+            assert str(refused.value).endswith("theater restart root"), refused.value
+        assert [ps(c, n)["pid"] for n in ("a", "b")] == [None, None]
+        info = c.request("restart", agent="root")[0]
+        assert (info["status"], _find([info], "a")["status"], _find([info], "b")["status"]) == (
+            "running", "running", "running")
+        _crash(c, "a")  # supervised again: restarted by its node (intensity 0 of a fresh start: it gives up)
+        _wait_member(c, "root", "failed")
+    _down_promptly(theater)
+
+
 # --- 9. trees survive the supervisor --------------------------------------------------------------
 
 
