@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from theater import wire
 from theater.chain import ChainVerifier
@@ -86,6 +86,14 @@ CHILD_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 STORE_PROBE_S = 0.5  # how often a store that could not be written is tried again
 MAX_CHILD_EXIT_REASON = 1024  # characters of what a parent is told of a child's end, `; restarting` kept whole
 Ticket = tuple[bytes, int]  # a client's identity and request id, answered when a job ends
+RESTART_FAILED = "restart-failed"
+
+
+class RestartTicket(NamedTuple):
+    """An operator's restart: answered once what it started has settled, not when its job ends."""
+
+    ident: bytes
+    rid: int
 
 
 def _implicit(agent: Agent) -> Sup:
@@ -122,6 +130,8 @@ class Supervision:
         self._waiting_for_store: list[Agent] = []  # starts held while the store cannot be written
         self._starts: deque[tuple[Agent, bool]] = deque()  # worker starts (or prepares), one per turn of the loop
         self._watching = False
+        self._restarted: list[tuple[RestartTicket, str]] = []  # restarts whose job ended, until they settle
+        self._applying = 0
         workers.spawner.cache.in_use = self.artifacts_in_use
 
     # --- building ---------------------------------------------------------------------
@@ -378,7 +388,51 @@ class Supervision:
                 agent = self.agents.by_name[leaf.name]
                 agent.last_exit = agent.last_exit or "restarted by the operator"
                 self.commit_desired(agent, Status.RUNNING)
-        self.apply(self.engine.restart(member.name, time.monotonic(), ticket))
+        self.apply(self.engine.restart(member.name, time.monotonic(),
+                                       RestartTicket(*ticket) if ticket is not None else None))
+
+    def _restart_outcome(self, name: str) -> dict[str, Any] | str | None:
+        """Where a restart whose job ended stands: its tree entry once every agent and node under it runs, why
+        it did not start once nothing under it (nor any node above it) is still on its way, else None."""
+        try:
+            member = self.member(name)
+        except NotFound:
+            return f"{name} was removed before it started"
+        top: Leaf | Sup = member.leaf if isinstance(member, Agent) else member.sup
+        above, node = [], top.parent
+        while node is not None:
+            above.append(node)
+            node = node.parent
+        moving = (Status.STARTING, Status.RESTARTING, Status.STOPPING)
+        under = list(top.walk())
+        if any(n.job is not None for n in above) or any(
+                m.status in moving or (isinstance(m, Sup) and m.job is not None) for m in under):
+            return None
+        leaves = [self.agents.by_name[m.name] for m in under if isinstance(m, Leaf)]
+        if all(m.status is Status.RUNNING for m in under):
+            return self.entry(member)
+        failed = [n for n in [*reversed(above), *under] if isinstance(n, Sup) and n.kind is NodeKind.TREE
+                  and n.status is Status.FAILED]
+        why = [f"supervisor {failed[0].name} {failed[0].last_exit}"] if failed else []
+        # Under a node that gave up, the agents that failed (not those it stopped when it gave up).
+        down = [a for a in leaves if a.status is Status.FAILED or (not failed and a.status is not Status.RUNNING)]
+        if isinstance(member, Agent):
+            why.append(f"it is {member.status} ({member.last_exit})")
+        else:
+            why += [f"{a.name} is {a.status} ({a.last_exit})" for a in down] or [f"it is {member.status}"]
+        return f"{name} did not start: " + "; ".join(why)
+
+    def _answer_restarts(self) -> None:
+        """Answer each restart that has settled: with its tree entry, or with why it did not start."""
+        waiting, self._restarted = self._restarted, []
+        for ticket, name in waiting:
+            outcome = self._restart_outcome(name)
+            if outcome is None:
+                self._restarted.append((ticket, name))
+            elif isinstance(outcome, str):
+                self.control.reply_error(*ticket, RESTART_FAILED, outcome)
+            else:
+                self.control.reply(*ticket, outcome)
 
     @staticmethod
     def _refuse_left_its_node(agent: Agent) -> None:
@@ -469,6 +523,9 @@ class Supervision:
             self.apply(self.engine.stop(member.name, time.monotonic(), stopped(member.name)))
 
     def shutdown(self) -> None:
+        waiting, self._restarted = self._restarted, []
+        for ticket, _name in waiting:
+            self.control.reply_error(*ticket, Refused.code, "the supervisor is shutting down")
         roots = [self.engine.root_of(m.leaf if isinstance(m, Agent) else m.sup) for m in self.roots()]
         self.apply(self.engine.shutdown(roots, time.monotonic(), "the supervisor is shutting down"))
 
@@ -608,6 +665,16 @@ class Supervision:
     # --- the actions ----------------------------------------------------------------------------
 
     def apply(self, actions: list[Action]) -> None:
+        """Carry out the engine's actions; then answer the operator's restarts that have settled."""
+        self._applying += 1
+        try:
+            self._apply(actions)
+        finally:
+            self._applying -= 1
+        if self._restarted and not self._applying:
+            self._answer_restarts()
+
+    def _apply(self, actions: list[Action]) -> None:
         started_early: Start | None = None
         for i, action in enumerate(actions):
             if isinstance(action, Start):
@@ -654,6 +721,8 @@ class Supervision:
                 node = self.nodes[action.root]
                 with contextlib.suppress(StoreError):
                     self.store.save_tree(node.id, node.name, config_to_dict(node.config), str(action.desired))
+            elif isinstance(action, Done) and isinstance(action.ticket, RestartTicket):
+                self._restarted.append((action.ticket, action.member))
             elif isinstance(action, Done) and isinstance(action.ticket, tuple):
                 ident, rid = action.ticket
                 self.control.reply(ident, rid, self.entry(self.member(action.member)))

@@ -988,6 +988,8 @@ def _hint(code: str, message: str) -> str:
         return "start it again with `theater restart <agent>`"
     if code == "not-found":
         return "`theater ps` lists the agents; `theater tree` the supervisors"
+    if code == "restart-failed":
+        return "`theater events <agent>` shows why it ended; `theater tree` shows its supervisors"
     if code == "spawn-failed":
         return "`theater events <agent>` shows its records; fix the manifest or component and spawn it again"
     if (code == "config" and ".wat" in message) or (".wasm" in message and "not valid TOML" in message):

@@ -997,6 +997,39 @@ def test_operator_restart_of_an_agent_and_a_subtree_does_not_count_against_inten
     assert_verified(theater)
 
 
+def test_operator_restart_of_what_cannot_start_answers_why_once_settled(theater: Theater) -> None:
+    """`theater restart` answers once the restart has settled: an agent whose init traps until its supervisor
+    gives up, a tree that gives up on such a child, and a child that cannot load are each answered
+    `restart-failed`, naming the outcome and the last exit (the CLI exits 1), not with a passing status."""
+    init_trap = "wasm trap: wasm `unreachable` instruction executed"
+    with theater.client() as c:
+        with pytest.raises(ClientError) as spawned:
+            c.spawn(theater.manifest("itop", "init_trap.wat", restart={"intensity": 1, "period_ms": 60000}))
+        assert spawned.value.code == "spawn-failed"
+        out = cli(theater, "restart", "itop")
+        assert out.returncode == 1, out
+        assert out.stderr.startswith(f"theater: restart-failed: itop did not start: it is failed (trap: {init_trap}; "
+                                     "more than 1 restarts in 60000 ms, giving up)"), out.stderr
+        assert ps(c, "itop")["status"] == "failed"
+
+        kids = [agent("ok", "counter.wat"), agent("loop", "init_trap.wat"), agent("bad", "missing_export.wat")]
+        c.spawn(tree_manifest(theater, sup("root", kids[:2], intensity=1, period_ms=60000)))
+        _wait_member(c, "root", "failed")
+        with pytest.raises(ClientError) as restarted:
+            c.restart("root")
+        assert restarted.value.code == "restart-failed", restarted.value
+        assert str(restarted.value) == ("root did not start: supervisor root gave up: more than 1 restarts in 60000 ms "
+                                        f"(last: loop, trap); loop is failed (trap: {init_trap})")
+
+        c.spawn(tree_manifest(theater, sup("other", [kids[0] | {"name": "ok2"}, kids[2]])))
+        wait_status(c, "bad", "failed")
+        with pytest.raises(ClientError) as restarted:
+            c.restart("bad")
+        assert restarted.value.code == "restart-failed", restarted.value
+        assert str(restarted.value).startswith("bad did not start: it is failed (load-failed: "), restarted.value
+        assert _member(c, "other")["status"] == "running" and c.call("ok2", b"x") == b"1"
+
+
 def _down_promptly(t: Theater) -> None:
     """`theater down` is answered and the supervisor exits: nothing runs outside the trees it stops."""
     with t.client(timeout=20) as c:
