@@ -257,6 +257,8 @@ class Agent(_Member):
         """The agent as ``ps`` lists it; ``now`` (``time.time()``) is taken once for a whole listing, whose
         thousands of rows are most of its cost."""
         worker, status = self.worker, self.leaf.status
+        if status is Status.FAILED or status is Status.STOPPED:
+            status = self.leaf.shown  # waiting for its node's plan to start it again: restarting
         return {
             "head": self.verifier.next_seq - 1,
             "id": self.uuid,

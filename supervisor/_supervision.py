@@ -144,6 +144,23 @@ class Leaf:
     def up(self) -> bool:
         return self.status in (Status.STARTING, Status.RUNNING, Status.RESTARTING, Status.STOPPING)
 
+    @property
+    def shown(self) -> Status:
+        """Its status as `ps` and `tree` show it and as messages find it: one that ended and that its node's
+        running job will start again (a restart plan still stopping a sibling) is `restarting`, and messages to
+        it queue; so is one whose crash waits for that job to end to be decided, if its type restarts it."""
+        node = self.parent
+        if self.up or self.held or node is None or node.job is None or node.job.cancelled:
+            return self.status
+        job = node.job
+        if any(op == "start" and m is self for op, m in job.steps):
+            return Status.RESTARTING
+        if job.purpose in (Purpose.RESTART, Purpose.START) and not any(m is self for _, m in job.steps) and any(
+                m is self and reason not in PERMANENT_FAILURES and should_restart(self.restart, reason)
+                for m, reason in node.deferred):
+            return Status.RESTARTING
+        return self.status
+
 
 @dataclass(eq=False)
 class Sup:

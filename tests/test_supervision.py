@@ -1225,6 +1225,26 @@ def test_a_tree_nodes_decisions_are_signed_into_its_own_chain(theater: Theater) 
     assert "node-restart" in shown.stdout and "node-give-up" in shown.stdout
 
 
+def test_a_child_waiting_for_its_nodes_plan_is_restarting_and_its_messages_queue(theater: Theater) -> None:
+    """one_for_all: while the plan waits for a sibling's stop, the child that crashed shows `restarting` and a
+    message sent to it is queued (not refused as `failed`); the new worker serves it once the plan starts it."""
+    write_lab_policy(theater)
+    kids = [agent("slow", "spin.wat", policy=LAB_POLICY, limits=SPIN_LIMITS, restart={"shutdown": "infinity"}),
+            agent("c")]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids, "one_for_all")))
+        _busy(c, "slow")
+        slow = ps(c, "slow")["pid"]
+        _crash(c, "c")
+        wait_status(c, "c", "restarting")
+        assert ps(c, "slow")["status"] == "stopping" and _member(c, "c")["status"] == "restarting"
+        assert c.send("c", b"x") == {"queued": 1}
+        os.kill(slow, signal.SIGKILL)  # its stop ends: the plan goes on and starts both
+        wait_running(c, "c", restarts=1)
+        assert c.call("c", b"y") == b"2"  # the queued message was served first
+    assert_verified(theater)
+
+
 def test_shutdown_infinity_waits_for_the_call_in_progress(theater: Theater) -> None:
     """`shutdown = "infinity"`: a stop waits for the worker however long its call takes (here until the
     call's own 1.5 s deadline), and never kills it for being slow."""

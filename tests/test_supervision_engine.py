@@ -278,6 +278,27 @@ def test_a_temporary_sibling_stopped_by_a_plan_is_not_started_again() -> None:
     assert names(out, Stop) == ["c", "b"] and names(out, Start) == ["a", "b"]
 
 
+def test_a_child_waiting_for_its_nodes_job_to_start_it_shows_restarting() -> None:
+    """A child the running plan will start, or whose crash waits for the plan and will be restarted, shows
+    `restarting` (its messages queue); a temporary one, which the node will not restart, shows `failed`."""
+    root = tree("one_for_all", 3, types={"c": "temporary"})
+    engine, world = started(root)
+    world.slow = {"b"}
+    world.crash("a")  # the plan waits for b's stop; then it starts a and b
+    a, b, c = root.children
+    assert (a.status, a.shown, b.shown) == (Status.FAILED, Status.RESTARTING, Status.STOPPING)
+    root = tree("one_for_one", 3, types={"c": "temporary"})
+    engine, world = started(root)
+    world.slow = {"a"}
+    world.crash("a")  # the plan waits for a's start
+    a, b, c = root.children
+    world.crash("b")
+    world.crash("c")
+    assert (b.status, b.shown, c.shown) == (Status.FAILED, Status.RESTARTING, Status.FAILED)
+    world.run(engine.ready("a", world.now))
+    assert b.shown is Status.RUNNING and [m.name for m in root.children] == ["a", "b"]
+
+
 def test_load_failed_is_never_restarted() -> None:
     root = tree("one_for_one", 2)
     world = running(root)
