@@ -359,6 +359,7 @@ class Workers:
             self.dispatch(agent)
 
     def _ready(self, agent: Agent) -> None:
+        agent.started_at = time.time()  # its uptime counts from each time it becomes running
         self.supervision.ready(agent)
         for ident, rid in agent.spawn_waiters:
             self.control.reply(ident, rid, agent.summary())

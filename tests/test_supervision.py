@@ -997,6 +997,23 @@ def test_operator_restart_of_an_agent_and_a_subtree_does_not_count_against_inten
     assert_verified(theater)
 
 
+def test_uptime_counts_from_each_time_an_agent_becomes_running(theater: Theater) -> None:
+    """`uptime_s` is the time since the agent last became running: an operator restart and a restart after a
+    crash each start it again from 0."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("up", "trap_on.wat"))
+        wait_until(lambda: ps(c, "up")["uptime_s"] >= 1.0, 20, "up running for a second")
+        since = time.monotonic()
+        info = c.restart("up")
+        assert info["uptime_s"] <= time.monotonic() - since, info
+        wait_until(lambda: ps(c, "up")["uptime_s"] >= 1.0, 20, "up running for a second again")
+        pid, since = ps(c, "up")["pid"], time.monotonic()
+        _crash(c, "up")
+        info = wait_running(c, "up", pid, restarts=1)
+        assert info["uptime_s"] <= time.monotonic() - since, info
+        assert _member(c, "up")["uptime_s"] <= time.monotonic() - since
+
+
 def test_operator_restart_of_what_cannot_start_answers_why_once_settled(theater: Theater) -> None:
     """`theater restart` answers once the restart has settled: an agent whose init traps until its supervisor
     gives up, a tree that gives up on such a child, and a child that cannot load are each answered
