@@ -521,6 +521,25 @@ def test_operator_stop_records_how_the_worker_ended(theater: Theater) -> None:
     assert "exited with status 0" in polite["detail"], polite
 
 
+def test_a_stop_whose_agents_call_then_fails_keeps_the_stops_reason(theater: Theater) -> None:
+    """A worker obeys STOP only between calls: when the call it runs then fails (out of fuel, past its
+    deadline), the exit record of an operator's stop, and of `down`, still says who stopped it, with the
+    call's failure as how it ended."""
+    with theater.client() as c:
+        for name in ("s1", "s2"):
+            c.spawn(theater.manifest(name, "spin.wat"))  # the default policy: the spin fails within 2 s
+        _busy(c, "s1")
+        assert c.stop("s1")["status"] == "stopped"
+        _busy(c, "s2")
+    theater.stop()
+    for name, reason, why in (("s1", "stopped", "stopped by the operator"),
+                              ("s2", "shutdown", "the supervisor is shutting down")):
+        [ended] = _exits(theater, name)
+        assert ended["reason"] == reason, ended
+        assert ended["detail"].startswith(f"{why} (out-of-fuel: ") or ended["detail"].startswith(
+            f"{why} (deadline: "), ended
+
+
 def test_sibling_restart_honours_the_shutdown_timeout(theater: Theater) -> None:
     """one_for_all: a sibling busy in a long call is given its 300 ms, then killed; the restart then goes on."""
     write_lab_policy(theater)
