@@ -262,8 +262,13 @@ class Supervision:
         self.tenants.check_spawn(config.tenant, {c.policy for c in [*agents, *templates]},
                                  [(c.name, c.limits.memory_bytes) for c in agents])
         names = [c.name for c in members]
-        for name in names:
+        for name in names:  # all checked before --replace removes anything
             existing = self.agents.by_name.get(name) or self.nodes.get(name)
+            tree = self.tree_of(existing) if existing is not None else None
+            if existing is not None and tree is not None:
+                raise Refused(f"a member named {name!r} already exists ({existing.uuid}, {existing.status}) in the "
+                              f"tree {tree}: a tree and its members can be neither removed nor replaced, and their "
+                              "names stay taken; give this one another name")
             if existing is not None and not replace:
                 raise Refused(f"a member named {name!r} already exists ({existing.uuid}, {existing.status}); "
                               f"theater rm {name} removes a stopped or failed one, spawn --replace does both")
@@ -478,13 +483,15 @@ class Supervision:
         """``theater rm``: a stopped or failed agent's chain ends with a signed removed record, in the same
         transaction that moves its row to ``removed`` and drops its kv data and timers; its name is free.
         ``drop_upload``: an uploaded component no agent uses any more is deleted (drop_unused_uploads)."""
-        if isinstance(member, Node):
-            raise Refused(f"{member.name} is a supervisor node: remove its tree's agents one by one is not "
-                          "possible; stop the tree instead")
+        tree = self.tree_of(member)
+        if tree is not None:
+            what = ("the root" if member.name == tree else "a supervisor node") if isinstance(member, Node) \
+                else "an agent"
+            raise Refused(f"{member.name} is {what} of the tree {tree}: a tree and its members cannot be removed; "
+                          f"they stay in the home and their names stay taken (theater stop {tree} stops the tree, "
+                          f"theater restart {tree} starts it again)")
+        assert isinstance(member, Agent)
         agent = member
-        parent = agent.leaf.parent
-        if parent is not None and parent.kind is NodeKind.TREE:
-            raise Refused(f"agent {agent.name} belongs to the tree {parent.name}: it lives and goes with its tree")
         if agent.alive or agent.status not in (Status.STOPPED, Status.FAILED):
             raise Refused(f"agent {agent.name} is {agent.status}: stop it first (theater stop {agent.name})")
         kept = self.kept_children(agent)  # not only its current ones: those it stopped, or that stopped with it
@@ -499,6 +506,13 @@ class Supervision:
         if drop_upload:
             self.drop_unused_uploads(agent.config)
         return {"removed": agent.name, "id": agent.uuid, "head": record.seq}
+
+    def tree_of(self, member: Member) -> str | None:
+        """The name of the tree (its root) a supervisor node or an agent belongs to, or None."""
+        node = member.sup if isinstance(member, Node) else member.leaf.parent
+        if node is None or node.kind is not NodeKind.TREE:
+            return None
+        return self.engine.root_of(node).name
 
     def remove_tenant(self, name: str, ticket: Ticket) -> None:
         """The operator removes a tenant: its key stops working at once, its agents are stopped (their chains

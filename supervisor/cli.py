@@ -981,6 +981,8 @@ def _fail(args: argparse.Namespace, code: str, message: str, hint: str) -> int:
 
 def _hint(code: str, message: str) -> str:
     """What to do next, where a user is most often stuck."""
+    if code == "refused" and " is failed, in the tree " in message:  # a tree's agents cannot be removed
+        return "see why with `theater events <agent>`; start it again with `theater restart <agent>`"
     if code == "refused" and " is failed" in message:
         return "see why with `theater events <agent>`; start it again with `theater restart <agent>`, or remove " \
                "it with `theater rm <agent>`"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import zmq
-from conftest import needs_node
+from conftest import COMPONENTS, needs_node
 
 from theater import wire
 from theater.client import ClientError
@@ -367,11 +367,30 @@ def test_rm_frees_the_name_of_a_failed_spawn_and_its_history_stays_verifiable(th
 
 
 def test_rm_refuses_a_running_agent_and_a_tree_member(theater: Theater) -> None:
+    """A tree can be neither removed nor replaced: every refusal, and the hints, say so and what is possible
+    (never `theater rm`, which is always refused for a tree's root and members)."""
     home = theater.home.root
     ok(home, "spawn", str(theater.manifest("live", "echo.wat")))
     running = cli(home, "rm", "live")
     assert running.returncode == 1 and "agent live is running: stop it first (theater stop live)" in running.stderr
     assert cli(home, "rm", "nosuch").returncode == 1
+    tree = theater.dir / "t.toml"
+    tree.write_text(f'name = "t"\nintensity = 0\nchildren = [{{ name = "m", component = "{COMPONENTS}/trap_on.wat" }}]\n')
+    ok(home, "spawn", str(tree))
+    assert cli(home, "call", "m", "trap").returncode == 1  # intensity 0: the tree gives up
+    kept = "a tree and its members cannot be removed; they stay in the home and their names stay taken " \
+           "(theater stop t stops the tree, theater restart t starts it again)"
+    for name, what in (("t", "the root"), ("m", "an agent")):
+        out = cli(home, "rm", name)
+        assert out.returncode == 1 and f"refused: {name} is {what} of the tree t: {kept}" in out.stderr, out.stderr
+    taken = "in the tree t: a tree and its members can be neither removed nor replaced, and their names stay taken; " \
+            "give this one another name"
+    for args in ((str(tree),), (str(tree), "--replace"), (str(theater.manifest("m", "echo.wat")), "--replace")):
+        out = cli(home, "spawn", *args)
+        assert out.returncode == 1 and taken in out.stderr and "theater rm" not in out.stderr, out.stderr
+    refused = cli(home, "send", "m", "x")
+    assert refused.returncode == 1 and "refused: agent m is failed, in the tree t" in refused.stderr
+    assert "theater restart <agent>" in refused.stderr and "theater rm" not in refused.stderr, refused.stderr
     assert json.loads(ok(home, "verify", "--json"))[0]["ok"]
 
 
