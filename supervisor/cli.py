@@ -1038,7 +1038,8 @@ def _hint(code: str, message: str) -> str:
     if code == "not-found":
         return "`theater ps` lists the agents; `theater tree` the supervisors"
     if code == "spawn-failed":
-        return "`theater events <agent>` shows its records; fix the manifest or component and spawn it again"
+        return "`theater events <agent>` shows its records; fix the manifest or component, then `theater spawn " \
+               "<manifest> --replace` (the failed agent still holds its name)"
     if (code == "config" and ".wat" in message) or (".wasm" in message and "not valid TOML" in message):
         return "`theater spawn` takes a manifest (.toml) that names the component, not the component itself"
     return ""

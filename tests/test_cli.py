@@ -380,7 +380,7 @@ def test_rm_frees_the_name_of_a_failed_spawn_and_its_history_stays_verifiable(th
     home = theater.home.root
     broken = theater.manifest("svc", "missing_export.wat")
     failed = cli(home, "spawn", str(broken))
-    assert failed.returncode == 1 and "spawn-failed" in failed.stderr
+    assert failed.returncode == 1 and "spawn-failed" in failed.stderr and "--replace` (the failed agent" in failed.stderr
     fixed = theater.manifest("svc", "counter.wat")
     taken = cli(home, "spawn", str(fixed))
     assert taken.returncode == 1 and "theater rm svc removes a stopped or failed one" in taken.stderr
