@@ -6,15 +6,16 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from theater.client import Client, ClientError, NotRunning
+from theater.client import Client, ClientError, NoAnswer, NotRunning, supervisor_gone
 from theater.errors import TheaterError
 from theater.home import Home, default_home, write_private
 from theater.records import Record
@@ -775,13 +776,45 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
 }
 
 
+class UsageError(Exception):
+    """A command line argparse refused: reported as one line (or a JSON object), exit status 2."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is raised for `main` to report as every other error is, rather
+    than printed as a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+
+def _seconds(most: float) -> Callable[[str], float]:
+    """A --timeout or --interval: a finite number of seconds, at least a millisecond (what a request
+    carries) and at most ``most``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0.001 <= value <= most:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.001 to {most:g}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--home", type=Path, default=argparse.SUPPRESS, help="state directory (default: $THEATER_HOME or ~/.local/state/theater)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output on stdout")
     common.add_argument("--remote", type=Path, default=argparse.SUPPRESS, metavar="CREDENTIALS",
                         help="act as a tenant on a supervisor elsewhere, with the file theater tenant add wrote")
-    p = argparse.ArgumentParser(prog="theater", description="Run untrusted agents as sandboxed, supervised WebAssembly "
+    p = _Parser(prog="theater", description="Run untrusted agents as sandboxed, supervised WebAssembly "
                                 "components.", epilog=GROUPS, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Accepted before or after the command; the subcommand's value wins.
     p.add_argument("--home", dest="top_home", type=Path, default=None, help="state directory (default: $THEATER_HOME or ~/.local/state/theater)")
@@ -811,7 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("top", parents=[common], help="agents' CPU, memory, fuel and calls, refreshing in place")
     tp.add_argument("--sort", choices=("cpu", "memory", "fuel", "calls", "name"), default="cpu",
                     help="the column to sort by (default cpu)")
-    tp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    tp.add_argument("--interval", type=_seconds(3600), default=1.0, help="seconds between refreshes (default 1)")
     us = sub.add_parser("usage", parents=[common], help="what a tenant used, from the store (what a host bills by)")
     us.add_argument("--tenant", help="the tenant (default: yours; the operator: every tenant)")
     us.add_argument("--since", default="30d", help="a start: an ISO date/time, or an age like 24h, 7d (default 30d)")
@@ -826,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", parents=[common], help="stop every agent and the supervisor")
     s = sub.add_parser("spawn", parents=[common], help="start an agent from its manifest; prints its id")
     s.add_argument("manifest", type=Path, help="an agent manifest, or a supervisor manifest (a tree)")
-    s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent to be ready")
+    s.add_argument("--timeout", type=_seconds(86400), default=60.0, help="seconds to wait for the agent to be ready")
     s.add_argument("--replace", action="store_true", help="remove a stopped or failed agent of the same name first")
     s.add_argument("--tenant", help="spawn it as this tenant's (the operator's local spawns only)")
     rmp = sub.add_parser("rm", parents=[common], help="remove a stopped or failed agent (its chain ends; the name is free)")
@@ -838,7 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("agent", help="agent name or id")
         c.add_argument("data", help="message text, @FILE for a file's bytes, or - for stdin")
         if name == "call":
-            c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+            c.add_argument("--timeout", type=_seconds(3600), default=10.0, help="seconds to wait for the reply")
     sub.add_parser("ps", parents=[common], help="list agents")
     e = sub.add_parser("events", parents=[common], help="print an agent's event records")
     e.add_argument("agent", nargs="?", help="agent or supervisor node, by name or id")
@@ -871,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("agents", nargs="*", help="agents, by name or id (default: every agent)")
     rp = sub.add_parser("replay", parents=[common], help="run an agent again on its recorded inputs; exit 1 if it diverges")
     rp.add_argument("agent", help="agent, by name or id (a removed one by its id)")
-    rp.add_argument("--timeout", type=float, default=600.0, help="seconds the replay may take")
+    rp.add_argument("--timeout", type=_seconds(86400), default=600.0, help="seconds the replay may take")
     rp.add_argument("--from", dest="from_seq", type=int, metavar="SEQ",
                     help="start at the newest state snapshot before record SEQ (theater gc keeps them), not the genesis")
     rp.add_argument("--component", type=Path, help="replay with this component instead of the one the genesis "
@@ -928,7 +961,13 @@ EXAMPLES = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        command = exc.prog.removeprefix("theater").strip()
+        message = f"{command}: {exc}" if command else str(exc)
+        return _fail(argparse.Namespace(json="--json" in argv), "usage", message, f"`{exc.prog} --help` shows its usage")
     args.json = getattr(args, "json", False) or args.top_json
     chosen = getattr(args, "home", None) or args.top_home
     home = Home(chosen if chosen is not None else default_home())
@@ -947,6 +986,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args, home)
     except ClientError as exc:
         return _fail(args, exc.code, str(exc), _hint(exc.code, str(exc)))
+    except NoAnswer as exc:
+        return _fail(args, "timeout", str(exc), _silence_hint(args, home))
     except NotRunning as exc:
         hint = "" if "theater up" in str(exc) else "start it with `theater up` (or `theater up --detach`)"
         return _fail(args, "not-running", str(exc), hint)
@@ -961,6 +1002,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, "os", f"{where}{exc.strerror or exc}", "")
     except KeyboardInterrupt:
         return 130
+
+
+def _silence_hint(args: argparse.Namespace, home: Home) -> str:
+    """A request no answer came for: a supervisor that has ended since, or one that is busy."""
+    if not (getattr(args, "remote", None) or args.top_remote) and supervisor_gone(home):
+        return "the supervisor has ended: start it with `theater up` (or `theater up --detach`)"
+    longer = ", or give it longer with --timeout" if hasattr(args, "timeout") else ""
+    return f"the supervisor did not answer in time (a busy machine, a long start): try again{longer}"
 
 
 def _fresh(home: Home) -> bool:
@@ -993,7 +1042,8 @@ def _hint(code: str, message: str) -> str:
     if code == "restart-failed":
         return "`theater events <agent>` shows why it ended; `theater tree` shows its supervisors"
     if code == "spawn-failed":
-        return "`theater events <agent>` shows its records; fix the manifest or component and spawn it again"
+        return "`theater events <agent>` shows its records; fix the manifest or component, then `theater spawn " \
+               "<manifest> --replace` (the failed agent still holds its name)"
     if (code == "config" and ".wat" in message) or (".wasm" in message and "not valid TOML" in message):
         return "`theater spawn` takes a manifest (.toml) that names the component, not the component itself"
     return ""

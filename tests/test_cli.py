@@ -303,6 +303,41 @@ def test_errors_say_what_was_wrong_and_what_to_do(theater: Theater, tmp_path: Pa
     assert stopped.returncode == 1 and "hint: start it again with `theater restart <agent>`" in stopped.stderr
 
 
+@pytest.mark.parametrize("args", [["spawn"], ["bogus"], ["call", "x", "y", "--frob"], ["call", "x", "y", "--timeout", "nan"],
+                                  ["call", "x", "y", "--timeout", "inf"], ["call", "x", "y", "--timeout", "0"],
+                                  ["spawn", "m.toml", "--timeout", "-1"], ["top", "--interval", "1e9"]],
+                         ids=lambda a: "-".join(a))
+def test_usage_errors_are_one_line_or_json_and_exit_2(args: list[str], tmp_path: Path) -> None:
+    """argparse's own refusals read as every other error does (cli.md section 1): a NaN or infinite timeout
+    used to end in a traceback, and a usage error printed a usage block that --json did not change."""
+    home = tmp_path / "h"
+    text = cli(home, *args)
+    assert text.returncode == 2 and text.stdout == "" and "Traceback" not in text.stderr, text.stderr
+    first, hint = text.stderr.splitlines()
+    assert first.startswith("theater: ") and hint.startswith("  hint: `theater") and "--help` shows its usage" in hint
+    machine = cli(home, "--json", *args)
+    assert machine.returncode == 2 and machine.stderr == ""
+    assert json.loads(machine.stdout)["error"]["code"] == "usage"
+
+
+def test_no_answer_in_time_is_a_timeout_not_a_missing_supervisor(theater: Theater) -> None:
+    """A supervisor that is there but does not answer in time (here: stopped with SIGSTOP) is reported as a
+    timeout, with a hint to wait longer, not as "start it with `theater up`"."""
+    import signal
+
+    assert theater.proc is not None
+    manifest = str(theater.manifest("counter", "counter.wat"))
+    os.kill(theater.proc.pid, signal.SIGSTOP)
+    try:
+        text = cli(theater.home.root, "spawn", manifest, "--timeout", "0.05")
+        machine = cli(theater.home.root, "--json", "spawn", manifest, "--timeout", "0.05")
+    finally:
+        os.kill(theater.proc.pid, signal.SIGCONT)
+    assert text.returncode == 1 and "theater: timeout: no answer from the supervisor" in text.stderr, text.stderr
+    assert "give it longer with --timeout" in text.stderr and "theater up" not in text.stderr
+    assert json.loads(machine.stdout)["error"]["code"] == "timeout"
+
+
 def test_json_errors_are_json_on_stdout(theater: Theater) -> None:
     proc = cli(theater.home.root, "call", "nosuch", "x", "--json")
     assert proc.returncode == 1
@@ -345,7 +380,7 @@ def test_rm_frees_the_name_of_a_failed_spawn_and_its_history_stays_verifiable(th
     home = theater.home.root
     broken = theater.manifest("svc", "missing_export.wat")
     failed = cli(home, "spawn", str(broken))
-    assert failed.returncode == 1 and "spawn-failed" in failed.stderr
+    assert failed.returncode == 1 and "spawn-failed" in failed.stderr and "--replace` (the failed agent" in failed.stderr
     fixed = theater.manifest("svc", "counter.wat")
     taken = cli(home, "spawn", str(fixed))
     assert taken.returncode == 1 and "theater rm svc removes a stopped or failed one" in taken.stderr
