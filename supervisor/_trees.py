@@ -481,8 +481,10 @@ class Supervision:
 
     def remove(self, member: Member, *, drop_upload: bool = True) -> dict[str, Any]:
         """``theater rm``: a stopped or failed agent's chain ends with a signed removed record, in the same
-        transaction that moves its row to ``removed`` and drops its kv data and timers; its name is free.
-        ``drop_upload``: an uploaded component no agent uses any more is deleted (drop_unused_uploads)."""
+        transaction that moves its row to ``removed`` and drops its kv data and timers; its name is free, and its
+        workers' log file goes (a home whose agents come and go under new names would otherwise keep one for
+        every name ever used). ``drop_upload``: an uploaded component no agent uses any more is deleted
+        (drop_unused_uploads)."""
         tree = self.tree_of(member)
         if tree is not None:
             what = ("the root" if member.name == tree else "a supervisor node") if isinstance(member, Node) \
@@ -503,6 +505,8 @@ class Supervision:
         record = self.records.append(agent, Kind.REMOVED, {"reason": "removed by the operator"}, remove=True)
         self.apply(self.engine.forget(agent.name, time.monotonic()))
         self.agents.remove(agent)
+        with contextlib.suppress(FileNotFoundError):
+            (self.workers.home.logs / f"{agent.name}.log").unlink()
         if drop_upload:
             self.drop_unused_uploads(agent.config)
         return {"removed": agent.name, "id": agent.uuid, "head": record.seq}

@@ -385,8 +385,11 @@ def test_rm_frees_the_name_of_a_failed_spawn_and_its_history_stays_verifiable(th
     taken = cli(home, "spawn", str(fixed))
     assert taken.returncode == 1 and "theater rm svc removes a stopped or failed one" in taken.stderr
     old = json.loads(ok(home, "ps", "--json"))[0]["id"]
+    log = theater.home.logs / "svc.log"
+    assert log.exists()
     removed = json.loads(ok(home, "rm", "svc", "--json"))
     assert removed["removed"] == "svc" and removed["id"] == old
+    assert not log.exists()  # its workers' log goes with it: names that come and go leave no files behind
     new = ok(home, "spawn", str(fixed)).strip()
     assert new != old and ok(home, "call", "svc", "tick").strip() == "1"
     reports = {r["name"]: r for r in json.loads(ok(home, "verify", "--json"))}
