@@ -54,6 +54,28 @@ def _data_arg(value: str) -> bytes:
     return os.fsencode(value)  # the argument's bytes as given, even if not UTF-8
 
 
+def _output_problem(path: Path) -> str | None:
+    """Why ``-o PATH`` cannot take the file, checked before any work is done; None if it can."""
+    if path.is_dir():
+        return f"{path}: is a directory; give the name of the file to write"
+    if not path.parent.is_dir():
+        return f"{path}: no directory {path.parent} to write it in"
+    return None
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary beside it, renamed over it. An error names ``path``
+    and leaves no temporary (a full disk must not keep a partial copy)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
 def _show_bytes(data: bytes | None) -> str:
     if data is None:
         return "(no reply)"
@@ -575,11 +597,12 @@ def cmd_export(args: argparse.Namespace, home: Home) -> int:
 
     from ._audit import export_bundle
 
+    problem = _output_problem(args.output)
+    if problem is not None:
+        return _fail(args, "os", problem, "")
     point = Checkpoint.parse(args.checkpoint.read_bytes()) if args.checkpoint is not None else None
     data = export_bundle(home, args.agents, point)
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, args.output)
+    _write_whole(args.output, data)
     _out(args, {"bundle": str(args.output), "chains": len(args.agents), "bytes": len(data)},
          f"wrote {args.output}: {len(args.agents)} chains, {len(data)} bytes")
     return EXIT_OK

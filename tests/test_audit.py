@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import COMPONENTS, Theater, assert_verified, wait_running, wait_until
+from conftest import COMPONENTS, Theater, assert_verified, fill_disk, wait_running, wait_until
 
 from theater.records import Kind, Record
 
@@ -271,6 +271,22 @@ def bundle_of(t: Theater, tmp: Path) -> tuple[Path, dict[str, Any]]:
     out = tmp / "audit.bundle"
     cli(t, "export", "one", "two", "-o", str(out), "--checkpoint", str(point))
     return out, json.loads(out.read_text())
+
+
+def test_export_refuses_a_directory_and_leaves_no_temporary_when_the_write_fails(theater: Theater,
+                                                                                 small_disk: Path) -> None:
+    """A directory as -o is refused before anything is read; a bundle that does not fit leaves nothing behind,
+    and either error names the path given, not the temporary."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("one", "counter.wat"))
+    out = small_disk / "h"
+    refused = cli(theater, "export", "one", "-o", str(out), check=False)
+    assert refused.returncode == 1 and refused.stderr == f"theater: {out}: is a directory; give the name of the file to write\n"
+    assert list(small_disk.iterdir()) == [out] and list(out.iterdir()) == []
+    fill_disk(out / "filler")
+    full = cli(theater, "export", "one", "-o", str(out / "one.bundle"), check=False)
+    assert full.returncode == 1 and full.stderr == f"theater: {out / 'one.bundle'}: No space left on device\n"
+    assert [p.name for p in out.iterdir()] == ["filler"]
 
 
 def verify_doc(t: Theater, tmp: Path, doc: dict[str, Any], *extra: str) -> tuple[int, dict[str, str]]:
