@@ -633,10 +633,13 @@ def cmd_key(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace, home: Home) -> int:
+    problem = _output_problem(args.output) if args.output is not None else None
+    if problem is not None:  # before the supervisor signs and keeps a checkpoint the command then fails to copy
+        return _fail(args, "os", problem, "")
     with _client(args, home) as c:
         info = c.request("checkpoint")[0]
     if args.output is not None:
-        args.output.write_bytes(Path(info["files"][0]).read_bytes())
+        _write_whole(args.output, Path(info["files"][0]).read_bytes())
         info["files"].append(str(args.output))
     _out(args, info, lambda: f"checkpoint of {info['chains']} chains, root {info['root']}\n"
                              + "\n".join(f"  {f}" for f in info["files"]))

@@ -169,6 +169,18 @@ def checkpointed(t: Theater, tmp: Path) -> Path:
     return out
 
 
+def test_checkpoint_o_is_checked_before_the_supervisor_makes_one(theater: Theater, tmp_path: Path) -> None:
+    for out, problem in ((tmp_path / "no" / "cp.json", f"no directory {tmp_path / 'no'} to write it in"),
+                         (tmp_path, "is a directory; give the name of the file to write")):
+        refused = cli(theater, "checkpoint", "-o", str(out), check=False)
+        assert refused.returncode == 1 and refused.stderr == f"theater: {out}: {problem}\n"
+    assert list(theater.home.checkpoints.glob("*")) == []  # none signed and kept for a copy that failed
+    out = tmp_path / "cp.json"
+    info = json.loads(cli(theater, "checkpoint", "-o", str(out), "--json").stdout)
+    assert info["files"][-1] == str(out) and out.read_bytes() == Path(info["files"][0]).read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["cp.json"]
+
+
 def test_a_checkpoint_catches_a_chain_cut_at_its_end(theater: Theater, tmp_path: Path) -> None:
     point = checkpointed(theater, tmp_path)
     db = sqlite3.connect(theater.home.store)
