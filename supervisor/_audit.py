@@ -146,8 +146,8 @@ def known_keys(home: Home, bundle: Path | None = None) -> list[bytes]:
                 db.close()
         rotations = [Rotation.parse(s) for s in statements]
         return [rotations[0].old_key, *(r.new_key for r in rotations)] if rotations else [current]
-    except (OSError, ValueError, KeyError, TypeError, RecordError, sqlite3.DatabaseError) as exc:
-        raise StoreError(f"cannot read the supervisor's keys: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, RecordError, sqlite3.DatabaseError) as exc:
+        raise StoreError(f"cannot read the supervisor's keys from {bundle or home.store}: {exc}") from None
 
 
 def key_schedule(current: bytes, statements: list[str], pinned: bytes | None) -> KeySchedule:
@@ -330,7 +330,7 @@ def verify_bundle(data: bytes, pinned: bytes | None = None) -> list[ChainReport]
     (else the bundle's own); and the bundle's checkpoint, if any, against them."""
     try:
         doc = json.loads(data)
-        if doc.get("format") != BUNDLE_FORMAT or doc.get("version") != 1:
+        if not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT or doc.get("version") != 1:
             raise ValueError("not a version-1 theater bundle")
         current = bytes.fromhex(doc["supervisor_public_key"])
         statements = doc.get("key_rotations", [])
@@ -339,7 +339,7 @@ def verify_bundle(data: bytes, pinned: bytes | None = None) -> list[ChainReport]
         chains = [(c["id"], c["name"], [bytes.fromhex(r) for r in c["records"]], c.get("compaction"))
                   for c in doc["chains"]]
         point = Checkpoint.parse(json.dumps(doc["checkpoint"]).encode()) if doc.get("checkpoint") else None
-    except (ValueError, KeyError, TypeError, RecordError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError, RecordError) as exc:  # RecursionError: nested too deep
         raise StoreError(f"not a readable bundle: {type(exc).__name__}: {exc}") from None
     schedule = key_schedule(current, statements, pinned)
     if point is not None and point.public_key not in schedule.keys:

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from theater.client import Client, ClientError, NotRunning
 from theater.errors import TheaterError
@@ -21,8 +21,11 @@ from theater.records import Record
 from theater.remote import Credentials, keypair
 from theater.render import describe, one_line
 
-from ._errors import SupervisorError
+from ._errors import StoreError, SupervisorError
 from ._tenants import QUOTAS
+
+if TYPE_CHECKING:
+    from theater.checkpoint import Checkpoint
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 UP_TIMEOUT_S = 30.0
@@ -397,9 +400,19 @@ def _read_public_key(path: Path) -> bytes | None:
     return raw if len(raw) == 32 else None
 
 
-def cmd_verify(args: argparse.Namespace, home: Home) -> int:
-    from theater.checkpoint import Checkpoint, fingerprint
+def _checkpoint_file(path: Path) -> Checkpoint:
+    """A checkpoint file (``--checkpoint``), parsed and checked; an error naming the file if it is not one."""
+    from theater.checkpoint import Checkpoint
     from theater.errors import RecordError
+
+    try:
+        return Checkpoint.parse(path.read_bytes())
+    except RecordError as exc:
+        raise TheaterError(f"{path}: {exc}") from None
+
+
+def cmd_verify(args: argparse.Namespace, home: Home) -> int:
+    from theater.checkpoint import fingerprint
 
     from ._audit import verify_home
 
@@ -419,17 +432,14 @@ def cmd_verify(args: argparse.Namespace, home: Home) -> int:
                  f"{'are' if len(held) > 1 else 'is'} not the one whose fingerprint you hold")
             return EXIT_FAIL
         pinned = match[0]
-    point = None
-    if args.checkpoint is not None:
-        try:
-            point = Checkpoint.parse(args.checkpoint.read_bytes())
-        except RecordError as exc:
-            _err(f"{args.checkpoint}: {exc}")
-            return EXIT_FAIL
+    point = _checkpoint_file(args.checkpoint) if args.checkpoint is not None else None
     if args.bundle is not None:
         from ._audit import verify_bundle
 
-        reports = verify_bundle(args.bundle.read_bytes(), pinned)
+        try:
+            reports = verify_bundle(args.bundle.read_bytes(), pinned)
+        except StoreError as exc:
+            return _fail(args, exc.code, f"{args.bundle}: {exc}", "")
     else:
         reports = verify_home(home, args.agent, pinned=pinned, checkpoint=point)
 
@@ -593,14 +603,12 @@ def cmd_rm(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_export(args: argparse.Namespace, home: Home) -> int:
-    from theater.checkpoint import Checkpoint
-
     from ._audit import export_bundle
 
     problem = _output_problem(args.output)
     if problem is not None:
         return _fail(args, "os", problem, "")
-    point = Checkpoint.parse(args.checkpoint.read_bytes()) if args.checkpoint is not None else None
+    point = _checkpoint_file(args.checkpoint) if args.checkpoint is not None else None
     data = export_bundle(home, args.agents, point)
     _write_whole(args.output, data)
     _out(args, {"bundle": str(args.output), "chains": len(args.agents), "bytes": len(data)},

@@ -309,6 +309,47 @@ def verify_doc(t: Theater, tmp: Path, doc: dict[str, Any], *extra: str) -> tuple
     return code, {r["name"]: r["problem"] for r in reports if not r["ok"]}
 
 
+def test_numbers_out_of_range_and_json_nested_too_deep_are_errors_naming_the_file(theater: Theater,
+                                                                                 tmp_path: Path) -> None:
+    """A checkpoint, a bundle, or a statement inside one with a seq or a time out of u64 range, or nested
+    100,000 deep, is refused naming the file, never a traceback."""
+    _, doc = bundle_of(theater, tmp_path)
+    point = doc["checkpoint"]
+
+    def written(name: str, content: Any) -> Path:  # "HUGE" stands for 1e400, which json.dumps cannot write
+        out = tmp_path / name
+        out.write_text(content if isinstance(content, str) else json.dumps(content).replace('"HUGE"', "1e400"))
+        return out
+
+    def seq(value: int) -> dict[str, Any]:
+        return {**point, "chains": [{**point["chains"][0], "seq": value}, *point["chains"][1:]]}
+
+    deep = "[" * 100_000 + "]" * 100_000
+    out_of_range = "is not an integer in 0 .. 2^64 - 1"
+    for name, content, problem in (("neg.json", seq(-1), f"a checkpoint chain's seq {out_of_range}"),
+                                   ("big.json", seq(2**64), f"a checkpoint chain's seq {out_of_range}"),
+                                   ("inf.json", {**point, "time_ns": "HUGE"}, f"the checkpoint's time_ns {out_of_range}"),
+                                   ("deep.json", deep, "not a checkpoint: RecursionError")):
+        bad = written(name, content)
+        for command in (("verify",), ("export", "one", "-o", str(tmp_path / "x.bundle"))):
+            out = cli(theater, *command, "--checkpoint", str(bad), check=False)
+            assert out.returncode == 1 and out.stderr.startswith(f"theater: {bad}: {problem}"), out.stderr
+    rotation = {"version": 1, "chains": [], "root": hashlib.sha256(b"").hexdigest(), "old_key": "", "new_key": "",
+                "old_signature": "", "new_signature": "", "time_ns": "HUGE"}
+    for name, content, problem in (
+            ("neg.bundle", {**doc, "checkpoint": seq(-1)}, f"a checkpoint chain's seq {out_of_range}"),
+            ("rotation.bundle", {**doc, "key_rotations": [json.dumps(rotation)]}, f"time_ns {out_of_range}"),
+            ("deep.bundle", deep, "not a readable bundle: RecursionError")):
+        bad = written(name, content)
+        out = cli(theater, "verify", "--bundle", str(bad), check=False)
+        assert out.returncode == 1 and out.stderr.startswith(f"theater: store: {bad}: ") and problem in out.stderr, \
+            out.stderr
+    compaction = {"version": 1, "dropped": {}, "agent_id": "", "genesis_hash": "", "cut_seq": "HUGE"}
+    bad = written("cut.bundle", {**doc, "chains": [{**doc["chains"][0], "compaction": json.dumps(compaction)}]})
+    code, reports, err = subprocess_verify(theater, "--bundle", str(bad))
+    assert code == 1 and reports[0]["problem"] == f"the compaction statement's cut_seq {out_of_range}", err
+
+
 def test_a_bundle_verifies_elsewhere_and_every_manipulation_is_located(theater: Theater, tmp_path: Path) -> None:
     path, doc = bundle_of(theater, tmp_path)
     elsewhere = Theater(tmp_path / "elsewhere")  # another home, with no store: only the bundle
