@@ -479,6 +479,18 @@ def cmd_run(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def _record_number(text: str) -> int:
+    """``replay --from SEQ``: a record number from 1 (record 0 is the genesis, where a replay starts anyway)."""
+    try:
+        seq = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a record number") from None
+    if seq < 1:
+        raise argparse.ArgumentTypeError(f"{seq}: a record number from 1 (record 0 is the genesis, where a replay "
+                                         "without --from starts)")
+    return seq
+
+
 def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     """Run an agent's component again on its chain's recorded inputs, in a confined process; compare."""
     import tempfile
@@ -496,6 +508,9 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     genesis = records[0].fields() if records and records[0].kind.name == "GENESIS" else None
     if genesis is None:
         _err(f"{args.agent}: not an agent's chain (a supervisor node's chain has no component to replay)")
+        return EXIT_FAIL
+    if args.from_seq is not None and args.from_seq > records[-1].seq:
+        _err(f"{args.agent}: --from {args.from_seq} is past the chain's end: its last record is {records[-1].seq}")
         return EXIT_FAIL
     config = json.loads(genesis["config"])
     path = args.component or Path(config["component_path"])
@@ -906,7 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", parents=[common], help="run an agent again on its recorded inputs; exit 1 if it diverges")
     rp.add_argument("agent", help="agent, by name or id (a removed one by its id)")
     rp.add_argument("--timeout", type=float, default=600.0, help="seconds the replay may take")
-    rp.add_argument("--from", dest="from_seq", type=int, metavar="SEQ",
+    rp.add_argument("--from", dest="from_seq", type=_record_number, metavar="SEQ",
                     help="start at the newest state snapshot before record SEQ (theater gc keeps them), not the genesis")
     rp.add_argument("--component", type=Path, help="replay with this component instead of the one the genesis "
                                                    "names (a rebuild): the report is where it first differs")

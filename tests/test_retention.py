@@ -209,6 +209,23 @@ def test_a_compacted_chain_and_a_snapshot_replay_identical(counted: Theater) -> 
     assert other.returncode == 1 and json.loads(other.stdout)["diverged_at"] == head + 1
 
 
+def test_replay_from_a_record_the_chain_does_not_have(counted: Theater) -> None:
+    """--from below 1 is a usage error; past the chain's head, an error saying where it ends; inside the
+    range a compaction dropped, the replay starts at the cut (nothing before it is stored)."""
+    gc(counted, "counter")
+    counted.stop()
+    cut = statement(counted, "counter")["cut_seq"]
+    head = chain(counted, "counter")[-1].seq
+    for seq in ("0", "-5"):
+        out = cli(counted, "replay", "counter", "--from", seq, check=False)
+        assert out.returncode == 2 and f"argument --from: {seq}: a record number from 1" in out.stderr, out.stderr
+    past = cli(counted, "replay", "counter", "--from", str(head + 1), check=False)
+    assert past.returncode == 1
+    assert past.stderr == f"theater: counter: --from {head + 1} is past the chain's end: its last record is {head}\n"
+    inside = json.loads(cli(counted, "replay", "counter", "--from", str(cut - 5), "--json").stdout)
+    assert inside["ok"] and inside["from"] == cut
+
+
 def test_gc_follows_the_limits_the_genesis_signed_not_an_edited_row(theater: Theater) -> None:
     """Someone with file access sets a tight [retention] in an agent's row: the supervisor does not sign
     away that agent's history, since its genesis signed no limit."""
