@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from theater.client import Client, ClientError, NoAnswer, NotRunning, supervisor_gone
 from theater.errors import TheaterError
@@ -22,8 +22,11 @@ from theater.records import Record
 from theater.remote import Credentials, keypair
 from theater.render import describe, one_line
 
-from ._errors import SupervisorError
+from ._errors import StoreError, SupervisorError
 from ._tenants import QUOTAS
+
+if TYPE_CHECKING:
+    from theater.checkpoint import Checkpoint
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 UP_TIMEOUT_S = 30.0
@@ -53,6 +56,28 @@ def _data_arg(value: str) -> bytes:
             raise TheaterError(f"cannot read the message from {value[1:]}: {exc.strerror} "
                                "(@FILE sends a file's bytes; write @@ for a message that starts with @)") from None
     return os.fsencode(value)  # the argument's bytes as given, even if not UTF-8
+
+
+def _output_problem(path: Path) -> str | None:
+    """Why ``-o PATH`` cannot take the file, checked before any work is done; None if it can."""
+    if path.is_dir():
+        return f"{path}: is a directory; give the name of the file to write"
+    if not path.parent.is_dir():
+        return f"{path}: no directory {path.parent} to write it in"
+    return None
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary beside it, renamed over it. An error names ``path``
+    and leaves no temporary (a full disk must not keep a partial copy)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def _show_bytes(data: bytes | None) -> str:
@@ -376,9 +401,19 @@ def _read_public_key(path: Path) -> bytes | None:
     return raw if len(raw) == 32 else None
 
 
-def cmd_verify(args: argparse.Namespace, home: Home) -> int:
-    from theater.checkpoint import Checkpoint, fingerprint
+def _checkpoint_file(path: Path) -> Checkpoint:
+    """A checkpoint file (``--checkpoint``), parsed and checked; an error naming the file if it is not one."""
+    from theater.checkpoint import Checkpoint
     from theater.errors import RecordError
+
+    try:
+        return Checkpoint.parse(path.read_bytes())
+    except RecordError as exc:
+        raise TheaterError(f"{path}: {exc}") from None
+
+
+def cmd_verify(args: argparse.Namespace, home: Home) -> int:
+    from theater.checkpoint import fingerprint
 
     from ._audit import verify_home
 
@@ -398,17 +433,14 @@ def cmd_verify(args: argparse.Namespace, home: Home) -> int:
                  f"{'are' if len(held) > 1 else 'is'} not the one whose fingerprint you hold")
             return EXIT_FAIL
         pinned = match[0]
-    point = None
-    if args.checkpoint is not None:
-        try:
-            point = Checkpoint.parse(args.checkpoint.read_bytes())
-        except RecordError as exc:
-            _err(f"{args.checkpoint}: {exc}")
-            return EXIT_FAIL
+    point = _checkpoint_file(args.checkpoint) if args.checkpoint is not None else None
     if args.bundle is not None:
         from ._audit import verify_bundle
 
-        reports = verify_bundle(args.bundle.read_bytes(), pinned)
+        try:
+            reports = verify_bundle(args.bundle.read_bytes(), pinned)
+        except StoreError as exc:
+            return _fail(args, exc.code, f"{args.bundle}: {exc}", "")
     else:
         reports = verify_home(home, args.agent, pinned=pinned, checkpoint=point)
 
@@ -448,6 +480,18 @@ def cmd_run(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def _record_number(text: str) -> int:
+    """``replay --from SEQ``: a record number from 1 (record 0 is the genesis, where a replay starts anyway)."""
+    try:
+        seq = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a record number") from None
+    if seq < 1:
+        raise argparse.ArgumentTypeError(f"{seq}: a record number from 1 (record 0 is the genesis, where a replay "
+                                         "without --from starts)")
+    return seq
+
+
 def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     """Run an agent's component again on its chain's recorded inputs, in a confined process; compare."""
     import tempfile
@@ -465,6 +509,9 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     genesis = records[0].fields() if records and records[0].kind.name == "GENESIS" else None
     if genesis is None:
         _err(f"{args.agent}: not an agent's chain (a supervisor node's chain has no component to replay)")
+        return EXIT_FAIL
+    if args.from_seq is not None and args.from_seq > records[-1].seq:
+        _err(f"{args.agent}: --from {args.from_seq} is past the chain's end: its last record is {records[-1].seq}")
         return EXIT_FAIL
     config = json.loads(genesis["config"])
     path = args.component or Path(config["component_path"])
@@ -572,15 +619,14 @@ def cmd_rm(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_export(args: argparse.Namespace, home: Home) -> int:
-    from theater.checkpoint import Checkpoint
-
     from ._audit import export_bundle
 
-    point = Checkpoint.parse(args.checkpoint.read_bytes()) if args.checkpoint is not None else None
+    problem = _output_problem(args.output)
+    if problem is not None:
+        return _fail(args, "os", problem, "")
+    point = _checkpoint_file(args.checkpoint) if args.checkpoint is not None else None
     data = export_bundle(home, args.agents, point)
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, args.output)
+    _write_whole(args.output, data)
     _out(args, {"bundle": str(args.output), "chains": len(args.agents), "bytes": len(data)},
          f"wrote {args.output}: {len(args.agents)} chains, {len(data)} bytes")
     return EXIT_OK
@@ -611,10 +657,13 @@ def cmd_key(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace, home: Home) -> int:
+    problem = _output_problem(args.output) if args.output is not None else None
+    if problem is not None:  # before the supervisor signs and keeps a checkpoint the command then fails to copy
+        return _fail(args, "os", problem, "")
     with _client(args, home) as c:
         info = c.request("checkpoint")[0]
     if args.output is not None:
-        args.output.write_bytes(Path(info["files"][0]).read_bytes())
+        _write_whole(args.output, Path(info["files"][0]).read_bytes())
         info["files"].append(str(args.output))
     _out(args, info, lambda: f"checkpoint of {info['chains']} chains, root {info['root']}\n"
                              + "\n".join(f"  {f}" for f in info["files"]))
@@ -905,7 +954,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", parents=[common], help="run an agent again on its recorded inputs; exit 1 if it diverges")
     rp.add_argument("agent", help="agent, by name or id (a removed one by its id)")
     rp.add_argument("--timeout", type=_seconds(86400), default=600.0, help="seconds the replay may take")
-    rp.add_argument("--from", dest="from_seq", type=int, metavar="SEQ",
+    rp.add_argument("--from", dest="from_seq", type=_record_number, metavar="SEQ",
                     help="start at the newest state snapshot before record SEQ (theater gc keeps them), not the genesis")
     rp.add_argument("--component", type=Path, help="replay with this component instead of the one the genesis "
                                                    "names (a rebuild): the report is where it first differs")
