@@ -193,7 +193,7 @@ class Agent(_Member):
     restart_count: int = 0
     instance_restarts: int = 0
     last_exit: str = ""
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=time.time)  # when it last became running (Workers._ready)
     spawn_waiters: list[tuple[bytes, int]] = field(default_factory=list)
     stop_why: str = ""  # why we are stopping it, for its exit record
     orphan_of: str = ""  # the parent's name, for a child from before a supervisor restart: not restarted, not a root
@@ -257,6 +257,8 @@ class Agent(_Member):
         """The agent as ``ps`` lists it; ``now`` (``time.time()``) is taken once for a whole listing, whose
         thousands of rows are most of its cost."""
         worker, status = self.worker, self.leaf.status
+        if status is Status.FAILED or status is Status.STOPPED:
+            status = self.leaf.shown  # waiting for its node's plan to start it again: restarting
         return {
             "head": self.verifier.next_seq - 1,
             "id": self.uuid,

@@ -120,10 +120,10 @@ def verify_home(home: Home, agent: str | None = None, *, pinned: bytes | None = 
             reports = _verify_store(db, schedule, agent, home)
             names = {r.agent_id: r.name for r in reports}
             if checkpoint is not None:
-                reports += _against(db, checkpoint.heads, checkpoint.time_ns, names, "checkpoint")
+                reports += _against(db, schedule, checkpoint.heads, checkpoint.time_ns, names, "checkpoint")
             if agent is None:
                 for rotation in schedule.rotations:
-                    reports += _against(db, rotation.heads, rotation.time_ns, names, "key rotation")
+                    reports += _against(db, schedule, rotation.heads, rotation.time_ns, names, "key rotation")
             return reports
         finally:
             db.close()
@@ -146,8 +146,8 @@ def known_keys(home: Home, bundle: Path | None = None) -> list[bytes]:
                 db.close()
         rotations = [Rotation.parse(s) for s in statements]
         return [rotations[0].old_key, *(r.new_key for r in rotations)] if rotations else [current]
-    except (OSError, ValueError, KeyError, TypeError, RecordError, sqlite3.DatabaseError) as exc:
-        raise StoreError(f"cannot read the supervisor's keys: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, RecordError, sqlite3.DatabaseError) as exc:
+        raise StoreError(f"cannot read the supervisor's keys from {bundle or home.store}: {exc}") from None
 
 
 def key_schedule(current: bytes, statements: list[str], pinned: bytes | None) -> KeySchedule:
@@ -214,8 +214,8 @@ def _verify_store(db: sqlite3.Connection, key: KeySchedule, agent: str | None, h
     return reports
 
 
-def _against(db: sqlite3.Connection, heads: tuple[Head, ...], time_ns: int, names: dict[str, str],
-             what: str) -> list[ChainReport]:
+def _against(db: sqlite3.Connection, schedule: KeySchedule, heads: tuple[Head, ...], time_ns: int,
+             names: dict[str, str], what: str) -> list[ChainReport]:
     """What the store lost since a signed statement of heads (a checkpoint, a key rotation): each head it
     pinned must still be in its chain, unchanged."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time_ns / 1e9))
@@ -226,13 +226,8 @@ def _against(db: sqlite3.Connection, heads: tuple[Head, ...], time_ns: int, name
         last = db.execute("SELECT max(seq), count(*) FROM records WHERE agent_id=?", (head.chain,)).fetchone()
         if found is not None and found[0] == head.hash:
             continue
-        statement = compaction_of(db, head.chain)
-        if found is None and statement is not None:
-            cut = json.loads(statement)
-            if head.seq < cut["cut_seq"] - 1:
-                continue  # compacted away: the statement's signature vouches for it (docs/event-records.md 13)
-            if head.seq == cut["cut_seq"] - 1 and cut["prev_hash"] == head.hash.hex():
-                continue
+        if found is None and _compacted_away(db, schedule, head):
+            continue
         if last[1] == 0:
             problem = f"deleted: the {what} of {when} UTC holds this chain at record {head.seq}; the store has none of it"
         elif found is None:
@@ -242,6 +237,20 @@ def _against(db: sqlite3.Connection, heads: tuple[Head, ...], time_ns: int, name
             problem = f"rolled back or rewritten: record {head.seq} is not the one the {what} of {when} UTC holds"
         out.append(ChainReport(ident, names.get(ident, "?"), int(last[1]), False, problem))
     return out
+
+
+def _compacted_away(db: sqlite3.Connection, schedule: KeySchedule, head: Head) -> bool:
+    """Whether a head the store no longer holds was dropped by a compaction (docs/event-records.md 13). Only a
+    statement that verifies under the supervisor's keys, of this chain, whose genesis is still stored, vouches
+    for it: a compactions row left behind by a chain deleted whole, or one forged, vouches for nothing."""
+    genesis = db.execute("SELECT hash FROM records WHERE agent_id=? AND seq=0", (head.chain,)).fetchone()
+    try:
+        cut = _compaction(compaction_of(db, head.chain), schedule)
+    except RecordError:
+        return False
+    if cut is None or genesis is None or cut.agent_id != head.chain or cut.genesis_hash != genesis[0]:
+        return False
+    return head.seq < cut.cut_seq - 1 or (head.seq == cut.cut_seq - 1 and cut.prev_hash == head.hash)
 
 
 def _verify_one(db: sqlite3.Connection, key: KeySchedule, agent_id: bytes, name: str, head_seq: int,
@@ -321,7 +330,7 @@ def verify_bundle(data: bytes, pinned: bytes | None = None) -> list[ChainReport]
     (else the bundle's own); and the bundle's checkpoint, if any, against them."""
     try:
         doc = json.loads(data)
-        if doc.get("format") != BUNDLE_FORMAT or doc.get("version") != 1:
+        if not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT or doc.get("version") != 1:
             raise ValueError("not a version-1 theater bundle")
         current = bytes.fromhex(doc["supervisor_public_key"])
         statements = doc.get("key_rotations", [])
@@ -330,7 +339,7 @@ def verify_bundle(data: bytes, pinned: bytes | None = None) -> list[ChainReport]
         chains = [(c["id"], c["name"], [bytes.fromhex(r) for r in c["records"]], c.get("compaction"))
                   for c in doc["chains"]]
         point = Checkpoint.parse(json.dumps(doc["checkpoint"]).encode()) if doc.get("checkpoint") else None
-    except (ValueError, KeyError, TypeError, RecordError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError, RecordError) as exc:  # RecursionError: nested too deep
         raise StoreError(f"not a readable bundle: {type(exc).__name__}: {exc}") from None
     schedule = key_schedule(current, statements, pinned)
     if point is not None and point.public_key not in schedule.keys:

@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from theater.checkpoint import Checkpoint, Head
+from theater.errors import RecordError
 from theater.home import Home, write_private
+from theater.rotation import Rotation
 
 from ._errors import StoreError
 from ._record_path import RecordPath
 from ._store import EventStore
 from ._timers import Timers
 
-__all__ = ["Checkpoints", "keep_statement"]
+__all__ = ["Checkpoints", "keep_statement", "settle_statements"]
 
 INTERVAL_S = 600.0
 
@@ -45,6 +47,30 @@ def keep_statement(home: Home, witness: Path | None, name: str, data: bytes, log
         except OSError as exc:
             log(f"{path}: the witness {witness} did not take it: {exc}")
     return copies
+
+
+def settle_statements(home: Home, store: EventStore, witness: Path | None, log: Callable[[str], None]) -> None:
+    """At start, what a supervisor killed while keeping a statement left: the temporary of a file cut short
+    (deleted), and a key rotation committed to the store whose file was never written (written now, and copied to
+    the witness, as the rotation would have)."""
+    if home.checkpoints.is_dir():
+        for tmp in home.checkpoints.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+    for text in store.rotations():
+        try:
+            rotation = Rotation.parse(text)
+        except RecordError as exc:  # verify reports it; a file of it would be no statement
+            log(f"a key rotation in the store does not verify, so no file is written for it: {exc}")
+            continue
+        path = home.checkpoints / f"rotation-{rotation.time_ns}.json"
+        if path.exists():
+            continue
+        try:
+            keep_statement(home, witness, path.name, rotation.to_json().encode() + b"\n", log)
+        except OSError as exc:  # the store keeps the statement: a start is not refused for its file
+            log(f"{path}: cannot write this key rotation's file: {exc}")
+            continue
+        log(f"{path}: written at start (the rotation was committed, then the supervisor stopped before writing it)")
 
 
 class Checkpoints:

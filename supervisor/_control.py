@@ -269,8 +269,10 @@ class Control:
         limits = agent.config.limits
         if len(data) > limits.max_message_bytes:
             raise Refused(f"message of {len(data)} bytes exceeds {agent.name}'s max_message_bytes {limits.max_message_bytes}")
-        if agent.status in ("stopped", "failed", "stopping"):
-            raise Refused(f"agent {agent.name} is {agent.status}")
+        status = agent.leaf.shown  # restarting while its node's running plan is to start it again: it queues
+        if status in ("stopped", "failed", "stopping"):
+            tree = self.supervision.tree_of(agent)
+            raise Refused(f"agent {agent.name} is {status}" + (f", in the tree {tree}" if tree is not None else ""))
         if agent.queued + agent.reserved >= limits.mailbox:  # places held for agents' sends count
             raise Refused(f"agent {agent.name}'s mailbox is full ({limits.mailbox} messages)")
         full = queue_room(agent.config.tenant, len(data))

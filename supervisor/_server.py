@@ -38,7 +38,7 @@ from ._caps.http import Egress
 from ._caps.kv import Kv
 from ._caps.messaging import Messaging
 from ._caps.timers import AgentTimers
-from ._checkpoints import Checkpoints
+from ._checkpoints import Checkpoints, settle_statements
 from ._config import OPERATOR
 from ._control import MAX_CONTROL_FRAMES, Control
 from ._errors import SupervisorError
@@ -139,6 +139,7 @@ class Supervisor:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.agents = Agents()
         self.records = RecordPath(load_or_create_key(home, self.store), self.store)
+        settle_statements(home, self.store, witness, self.log)
         self.records.on_record = on_record
         self.control = Control(home.root, home.control_endpoint, home.token, self.ctx, self.agents, self.timers, self.log)
         self.workers = Workers(home, self.ctx, self.spawner, self.agents, self.records, self.timers, self.poller,

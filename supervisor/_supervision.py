@@ -137,9 +137,29 @@ class Leaf:
     def walk(self) -> Iterator[Member]:
         yield self
 
+    def walk_spec(self) -> Iterator[Member]:
+        yield self
+
     @property
     def up(self) -> bool:
         return self.status in (Status.STARTING, Status.RUNNING, Status.RESTARTING, Status.STOPPING)
+
+    @property
+    def shown(self) -> Status:
+        """Its status as `ps` and `tree` show it and as messages find it: one that ended and that its node's
+        running job will start again (a restart plan still stopping a sibling) is `restarting`, and messages to
+        it queue; so is one whose crash waits for that job to end to be decided, if its type restarts it."""
+        node = self.parent
+        if self.up or self.held or node is None or node.job is None or node.job.cancelled:
+            return self.status
+        job = node.job
+        if any(op == "start" and m is self for op, m in job.steps):
+            return Status.RESTARTING
+        if job.purpose in (Purpose.RESTART, Purpose.START) and not any(m is self for _, m in job.steps) and any(
+                m is self and reason not in PERMANENT_FAILURES and should_restart(self.restart, reason)
+                for m, reason in node.deferred):
+            return Status.RESTARTING
+        return self.status
 
 
 @dataclass(eq=False)
@@ -152,6 +172,10 @@ class Sup:
     kind: NodeKind = NodeKind.TREE
     shutdown_ms: int | None = None  # the whole subtree's time to stop; None: infinity (OTP's default)
     children: list[Member] = field(default_factory=list)
+    # A tree's node or a top-level agent's: the children its configuration gives, in start order. Each start of
+    # the node begins with all of them again, those that left it (temporary children that ended) included, as
+    # an OTP supervisor's init gives every child spec again. Set when the engine takes the node.
+    spec: tuple[Member, ...] = ()
     parent: Sup | None = None
     owner: str = ""  # OWNED: the agent whose children these are; AGENT_ROOT: the agent
     status: Status = Status.STOPPED
@@ -168,6 +192,12 @@ class Sup:
         yield self
         for c in self.children:
             yield from c.walk()
+
+    def walk_spec(self) -> Iterator[Member]:
+        """Every member a start of this node starts: its spec's children, not only those it has now."""
+        yield self
+        for c in self.spec if self.kind is not NodeKind.OWNED else self.children:
+            yield from c.walk_spec() if isinstance(c, Sup) else (c,)
 
     @property
     def up(self) -> bool:
@@ -351,6 +381,8 @@ class Engine:
             if isinstance(m, Sup):
                 for c in m.children:
                     c.parent = m
+                if m.kind is not NodeKind.OWNED:
+                    m.spec = tuple(m.children)
         member.parent = parent
         if parent is not None and member not in parent.children:
             parent.children.append(member)
@@ -685,7 +717,7 @@ class Engine:
             op, member = job.steps.popleft()
             job.current = member
             if op == "release":
-                for m in member.walk():
+                for m in member.walk_spec():
                     m.held = False
                 continue
             if self._stop(member, job) if op == "stop" else self._start(member, job):
@@ -739,6 +771,8 @@ class Engine:
         if isinstance(member, Sup):
             member.status = Status.STARTING
             member.restarts = []
+            if member.kind is not NodeKind.OWNED:
+                member.children = list(member.spec)  # a temporary child that ended comes back with its node
             if member.kind is NodeKind.TREE:
                 how = "restart" if counted else "operator" if job and job.purpose is Purpose.OPERATOR else "start"
                 self._emit(NodeRecord(member.name, "start", {"reason": how}))

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from theater import wire
 from theater.chain import ChainVerifier
@@ -86,6 +86,14 @@ CHILD_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 STORE_PROBE_S = 0.5  # how often a store that could not be written is tried again
 MAX_CHILD_EXIT_REASON = 1024  # characters of what a parent is told of a child's end, `; restarting` kept whole
 Ticket = tuple[bytes, int]  # a client's identity and request id, answered when a job ends
+RESTART_FAILED = "restart-failed"
+
+
+class RestartTicket(NamedTuple):
+    """An operator's restart: answered once what it started has settled, not when its job ends."""
+
+    ident: bytes
+    rid: int
 
 
 def _implicit(agent: Agent) -> Sup:
@@ -122,6 +130,8 @@ class Supervision:
         self._waiting_for_store: list[Agent] = []  # starts held while the store cannot be written
         self._starts: deque[tuple[Agent, bool]] = deque()  # worker starts (or prepares), one per turn of the loop
         self._watching = False
+        self._restarted: list[tuple[RestartTicket, str]] = []  # restarts whose job ended, until they settle
+        self._applying = 0
         workers.spawner.cache.in_use = self.artifacts_in_use
 
     # --- building ---------------------------------------------------------------------
@@ -252,8 +262,13 @@ class Supervision:
         self.tenants.check_spawn(config.tenant, {c.policy for c in [*agents, *templates]},
                                  [(c.name, c.limits.memory_bytes) for c in agents])
         names = [c.name for c in members]
-        for name in names:
+        for name in names:  # all checked before --replace removes anything
             existing = self.agents.by_name.get(name) or self.nodes.get(name)
+            tree = self.tree_of(existing) if existing is not None else None
+            if existing is not None and tree is not None:
+                raise Refused(f"a member named {name!r} already exists ({existing.uuid}, {existing.status}) in the "
+                              f"tree {tree}: a tree and its members can be neither removed nor replaced, and their "
+                              "names stay taken; give this one another name")
             if existing is not None and not replace:
                 raise Refused(f"a member named {name!r} already exists ({existing.uuid}, {existing.status}); "
                               f"theater rm {name} removes a stopped or failed one, spawn --replace does both")
@@ -370,10 +385,85 @@ class Supervision:
             raise Refused("the supervisor is shutting down")
         if isinstance(member, Agent):
             self._refuse_let_go(member)
-        for agent in self.agents_under(member):
-            agent.last_exit = agent.last_exit or "restarted by the operator"
-            self.commit_desired(agent, Status.RUNNING)
-        self.apply(self.engine.restart(member.name, time.monotonic(), ticket))
+            self._refuse_left_its_node(member)
+        self._refuse_under_failed(member)
+        top = member.leaf if isinstance(member, Agent) else member.sup
+        for leaf in top.walk_spec():  # a temporary child that left a node starts again with that node
+            if isinstance(leaf, Leaf):
+                agent = self.agents.by_name[leaf.name]
+                agent.last_exit = agent.last_exit or "restarted by the operator"
+                self.commit_desired(agent, Status.RUNNING)
+        self.apply(self.engine.restart(member.name, time.monotonic(),
+                                       RestartTicket(*ticket) if ticket is not None else None))
+
+    def _restart_outcome(self, name: str) -> dict[str, Any] | str | None:
+        """Where a restart whose job ended stands: its tree entry once every agent and node under it runs, why
+        it did not start once nothing under it (nor any node above it) is still on its way, else None."""
+        try:
+            member = self.member(name)
+        except NotFound:
+            return f"{name} was removed before it started"
+        top: Leaf | Sup = member.leaf if isinstance(member, Agent) else member.sup
+        above, node = [], top.parent
+        while node is not None:
+            above.append(node)
+            node = node.parent
+        moving = (Status.STARTING, Status.RESTARTING, Status.STOPPING)
+        under = list(top.walk())
+        if any(n.job is not None for n in above) or any(
+                m.status in moving or (isinstance(m, Sup) and m.job is not None) for m in under):
+            return None
+        leaves = [self.agents.by_name[m.name] for m in under if isinstance(m, Leaf)]
+        if all(m.status is Status.RUNNING for m in under):
+            return self.entry(member)
+        failed = [n for n in [*reversed(above), *under] if isinstance(n, Sup) and n.kind is NodeKind.TREE
+                  and n.status is Status.FAILED]
+        why = [f"supervisor {failed[0].name} {failed[0].last_exit}"] if failed else []
+        # Under a node that gave up, the agents that failed (not those it stopped when it gave up).
+        down = [a for a in leaves if a.status is Status.FAILED or (not failed and a.status is not Status.RUNNING)]
+        if isinstance(member, Agent):
+            why.append(f"it is {member.status} ({member.last_exit})")
+        else:
+            why += [f"{a.name} is {a.status} ({a.last_exit})" for a in down] or [f"it is {member.status}"]
+        return f"{name} did not start: " + "; ".join(why)
+
+    def _answer_restarts(self) -> None:
+        """Answer each restart that has settled: with its tree entry, or with why it did not start."""
+        waiting, self._restarted = self._restarted, []
+        for ticket, name in waiting:
+            outcome = self._restart_outcome(name)
+            if outcome is None:
+                self._restarted.append((ticket, name))
+            elif isinstance(outcome, str):
+                self.control.reply_error(*ticket, RESTART_FAILED, outcome)
+            else:
+                self.control.reply(*ticket, outcome)
+
+    @staticmethod
+    def _refuse_left_its_node(agent: Agent) -> None:
+        """A temporary tree child that ended has left its node (OTP deletes it; restart_child answers
+        not_found): started alone it would run outside its tree, stopped by nothing, and `down` would wait for
+        it for ever. It starts again with its node."""
+        node = agent.leaf.parent
+        if node is not None and node.kind is NodeKind.TREE and agent.leaf not in node.children:
+            raise Refused(f"{agent.name} is a temporary child of supervisor {node.name} and has ended, so it left "
+                          f"{node.name}'s children: restarted alone it would run outside its tree. It starts "
+                          f"again with its node: theater restart {node.name}")
+
+    @staticmethod
+    def _refuse_under_failed(member: Member) -> None:
+        """A member of a tree whose node (or a node above it) has given up would run unsupervised: its crash
+        would restart nothing, and nothing would give up. The failed node is restarted instead, and starts it."""
+        node = member.leaf.parent if isinstance(member, Agent) else member.sup.parent
+        failed = None
+        while node is not None:
+            if node.kind is NodeKind.TREE and node.status is Status.FAILED:
+                failed = node  # the highest one: restarting it starts everything under it
+            node = node.parent
+        if failed is not None:
+            raise Refused(f"{member.name}'s supervisor {failed.name} failed ({failed.last_exit}): restarted alone "
+                          f"{member.name} would run unsupervised. Restart that node, which starts "
+                          f"{member.name} with it: theater restart {failed.name}")
 
     @staticmethod
     def _refuse_let_go(agent: Agent) -> None:
@@ -391,15 +481,19 @@ class Supervision:
 
     def remove(self, member: Member, *, drop_upload: bool = True) -> dict[str, Any]:
         """``theater rm``: a stopped or failed agent's chain ends with a signed removed record, in the same
-        transaction that moves its row to ``removed`` and drops its kv data and timers; its name is free.
-        ``drop_upload``: an uploaded component no agent uses any more is deleted (drop_unused_uploads)."""
-        if isinstance(member, Node):
-            raise Refused(f"{member.name} is a supervisor node: remove its tree's agents one by one is not "
-                          "possible; stop the tree instead")
+        transaction that moves its row to ``removed`` and drops its kv data and timers; its name is free, and its
+        workers' log file goes (a home whose agents come and go under new names would otherwise keep one for
+        every name ever used). ``drop_upload``: an uploaded component no agent uses any more is deleted
+        (drop_unused_uploads)."""
+        tree = self.tree_of(member)
+        if tree is not None:
+            what = ("the root" if member.name == tree else "a supervisor node") if isinstance(member, Node) \
+                else "an agent"
+            raise Refused(f"{member.name} is {what} of the tree {tree}: a tree and its members cannot be removed; "
+                          f"they stay in the home and their names stay taken (theater stop {tree} stops the tree, "
+                          f"theater restart {tree} starts it again)")
+        assert isinstance(member, Agent)
         agent = member
-        parent = agent.leaf.parent
-        if parent is not None and parent.kind is NodeKind.TREE:
-            raise Refused(f"agent {agent.name} belongs to the tree {parent.name}: it lives and goes with its tree")
         if agent.alive or agent.status not in (Status.STOPPED, Status.FAILED):
             raise Refused(f"agent {agent.name} is {agent.status}: stop it first (theater stop {agent.name})")
         kept = self.kept_children(agent)  # not only its current ones: those it stopped, or that stopped with it
@@ -411,9 +505,18 @@ class Supervision:
         record = self.records.append(agent, Kind.REMOVED, {"reason": "removed by the operator"}, remove=True)
         self.apply(self.engine.forget(agent.name, time.monotonic()))
         self.agents.remove(agent)
+        with contextlib.suppress(FileNotFoundError):
+            (self.workers.home.logs / f"{agent.name}.log").unlink()
         if drop_upload:
             self.drop_unused_uploads(agent.config)
         return {"removed": agent.name, "id": agent.uuid, "head": record.seq}
+
+    def tree_of(self, member: Member) -> str | None:
+        """The name of the tree (its root) a supervisor node or an agent belongs to, or None."""
+        node = member.sup if isinstance(member, Node) else member.leaf.parent
+        if node is None or node.kind is not NodeKind.TREE:
+            return None
+        return self.engine.root_of(node).name
 
     def remove_tenant(self, name: str, ticket: Ticket) -> None:
         """The operator removes a tenant: its key stops working at once, its agents are stopped (their chains
@@ -438,6 +541,9 @@ class Supervision:
             self.apply(self.engine.stop(member.name, time.monotonic(), stopped(member.name)))
 
     def shutdown(self) -> None:
+        waiting, self._restarted = self._restarted, []
+        for ticket, _name in waiting:
+            self.control.reply_error(*ticket, Refused.code, "the supervisor is shutting down")
         roots = [self.engine.root_of(m.leaf if isinstance(m, Agent) else m.sup) for m in self.roots()]
         self.apply(self.engine.shutdown(roots, time.monotonic(), "the supervisor is shutting down"))
 
@@ -577,6 +683,16 @@ class Supervision:
     # --- the actions ----------------------------------------------------------------------------
 
     def apply(self, actions: list[Action]) -> None:
+        """Carry out the engine's actions; then answer the operator's restarts that have settled."""
+        self._applying += 1
+        try:
+            self._apply(actions)
+        finally:
+            self._applying -= 1
+        if self._restarted and not self._applying:
+            self._answer_restarts()
+
+    def _apply(self, actions: list[Action]) -> None:
         started_early: Start | None = None
         for i, action in enumerate(actions):
             if isinstance(action, Start):
@@ -623,6 +739,8 @@ class Supervision:
                 node = self.nodes[action.root]
                 with contextlib.suppress(StoreError):
                     self.store.save_tree(node.id, node.name, config_to_dict(node.config), str(action.desired))
+            elif isinstance(action, Done) and isinstance(action.ticket, RestartTicket):
+                self._restarted.append((action.ticket, action.member))
             elif isinstance(action, Done) and isinstance(action.ticket, tuple):
                 ident, rid = action.ticket
                 self.control.reply(ident, rid, self.entry(self.member(action.member)))

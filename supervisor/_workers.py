@@ -363,6 +363,7 @@ class Workers:
             self.dispatch(agent)
 
     def _ready(self, agent: Agent) -> None:
+        agent.started_at = time.time()  # its uptime counts from each time it becomes running
         self.supervision.ready(agent)
         for ident, rid in agent.spawn_waiters:
             self.control.reply(ident, rid, agent.summary())
@@ -541,8 +542,11 @@ class Workers:
             if checked.status != "ok" and crash is None:
                 agent.instance_restarts += 1  # the worker discards the instance after any failed call
             if crash is not None and worker is not None:
-                # The agent crashed: its worker ends and its supervisor decides what happens next.
-                worker.fault = f"{checked.status}: {checked.error}"[:4096]
+                # The agent crashed: its worker ends and its supervisor decides what happens next. If it was
+                # being stopped already, the exit says so first, with the call's failure as how it ended.
+                failure = f"{checked.status}: {checked.error}"
+                worker.fault = (f"{agent.stop_why} ({failure})" if worker.kill_reason and agent.stop_why
+                                else failure)[:4096]
                 worker.kill(crash)
                 continue
             if checked.ending is not None and worker is not None:

@@ -6,23 +6,27 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from theater.client import Client, ClientError, NotRunning
+from theater.client import Client, ClientError, NoAnswer, NotRunning, supervisor_gone
 from theater.errors import TheaterError
 from theater.home import Home, default_home, write_private
 from theater.records import Record
 from theater.remote import Credentials, keypair
 from theater.render import describe, one_line
 
-from ._errors import SupervisorError
+from ._errors import StoreError, SupervisorError
 from ._tenants import QUOTAS
+
+if TYPE_CHECKING:
+    from theater.checkpoint import Checkpoint
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 UP_TIMEOUT_S = 30.0
@@ -52,6 +56,28 @@ def _data_arg(value: str) -> bytes:
             raise TheaterError(f"cannot read the message from {value[1:]}: {exc.strerror} "
                                "(@FILE sends a file's bytes; write @@ for a message that starts with @)") from None
     return os.fsencode(value)  # the argument's bytes as given, even if not UTF-8
+
+
+def _output_problem(path: Path) -> str | None:
+    """Why ``-o PATH`` cannot take the file, checked before any work is done; None if it can."""
+    if path.is_dir():
+        return f"{path}: is a directory; give the name of the file to write"
+    if not path.parent.is_dir():
+        return f"{path}: no directory {path.parent} to write it in"
+    return None
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary beside it, renamed over it. An error names ``path``
+    and leaves no temporary (a full disk must not keep a partial copy)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def _show_bytes(data: bytes | None) -> str:
@@ -375,9 +401,19 @@ def _read_public_key(path: Path) -> bytes | None:
     return raw if len(raw) == 32 else None
 
 
-def cmd_verify(args: argparse.Namespace, home: Home) -> int:
-    from theater.checkpoint import Checkpoint, fingerprint
+def _checkpoint_file(path: Path) -> Checkpoint:
+    """A checkpoint file (``--checkpoint``), parsed and checked; an error naming the file if it is not one."""
+    from theater.checkpoint import Checkpoint
     from theater.errors import RecordError
+
+    try:
+        return Checkpoint.parse(path.read_bytes())
+    except RecordError as exc:
+        raise TheaterError(f"{path}: {exc}") from None
+
+
+def cmd_verify(args: argparse.Namespace, home: Home) -> int:
+    from theater.checkpoint import fingerprint
 
     from ._audit import verify_home
 
@@ -397,17 +433,14 @@ def cmd_verify(args: argparse.Namespace, home: Home) -> int:
                  f"{'are' if len(held) > 1 else 'is'} not the one whose fingerprint you hold")
             return EXIT_FAIL
         pinned = match[0]
-    point = None
-    if args.checkpoint is not None:
-        try:
-            point = Checkpoint.parse(args.checkpoint.read_bytes())
-        except RecordError as exc:
-            _err(f"{args.checkpoint}: {exc}")
-            return EXIT_FAIL
+    point = _checkpoint_file(args.checkpoint) if args.checkpoint is not None else None
     if args.bundle is not None:
         from ._audit import verify_bundle
 
-        reports = verify_bundle(args.bundle.read_bytes(), pinned)
+        try:
+            reports = verify_bundle(args.bundle.read_bytes(), pinned)
+        except StoreError as exc:
+            return _fail(args, exc.code, f"{args.bundle}: {exc}", "")
     else:
         reports = verify_home(home, args.agent, pinned=pinned, checkpoint=point)
 
@@ -447,6 +480,18 @@ def cmd_run(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def _record_number(text: str) -> int:
+    """``replay --from SEQ``: a record number from 1 (record 0 is the genesis, where a replay starts anyway)."""
+    try:
+        seq = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a record number") from None
+    if seq < 1:
+        raise argparse.ArgumentTypeError(f"{seq}: a record number from 1 (record 0 is the genesis, where a replay "
+                                         "without --from starts)")
+    return seq
+
+
 def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     """Run an agent's component again on its chain's recorded inputs, in a confined process; compare."""
     import tempfile
@@ -464,6 +509,9 @@ def cmd_replay(args: argparse.Namespace, home: Home) -> int:
     genesis = records[0].fields() if records and records[0].kind.name == "GENESIS" else None
     if genesis is None:
         _err(f"{args.agent}: not an agent's chain (a supervisor node's chain has no component to replay)")
+        return EXIT_FAIL
+    if args.from_seq is not None and args.from_seq > records[-1].seq:
+        _err(f"{args.agent}: --from {args.from_seq} is past the chain's end: its last record is {records[-1].seq}")
         return EXIT_FAIL
     config = json.loads(genesis["config"])
     path = args.component or Path(config["component_path"])
@@ -571,15 +619,14 @@ def cmd_rm(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_export(args: argparse.Namespace, home: Home) -> int:
-    from theater.checkpoint import Checkpoint
-
     from ._audit import export_bundle
 
-    point = Checkpoint.parse(args.checkpoint.read_bytes()) if args.checkpoint is not None else None
+    problem = _output_problem(args.output)
+    if problem is not None:
+        return _fail(args, "os", problem, "")
+    point = _checkpoint_file(args.checkpoint) if args.checkpoint is not None else None
     data = export_bundle(home, args.agents, point)
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, args.output)
+    _write_whole(args.output, data)
     _out(args, {"bundle": str(args.output), "chains": len(args.agents), "bytes": len(data)},
          f"wrote {args.output}: {len(args.agents)} chains, {len(data)} bytes")
     return EXIT_OK
@@ -610,10 +657,13 @@ def cmd_key(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace, home: Home) -> int:
+    problem = _output_problem(args.output) if args.output is not None else None
+    if problem is not None:  # before the supervisor signs and keeps a checkpoint the command then fails to copy
+        return _fail(args, "os", problem, "")
     with _client(args, home) as c:
         info = c.request("checkpoint")[0]
     if args.output is not None:
-        args.output.write_bytes(Path(info["files"][0]).read_bytes())
+        _write_whole(args.output, Path(info["files"][0]).read_bytes())
         info["files"].append(str(args.output))
     _out(args, info, lambda: f"checkpoint of {info['chains']} chains, root {info['root']}\n"
                              + "\n".join(f"  {f}" for f in info["files"]))
@@ -775,13 +825,45 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Home], int]] = {
 }
 
 
+class UsageError(Exception):
+    """A command line argparse refused: reported as one line (or a JSON object), exit status 2."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is raised for `main` to report as every other error is, rather
+    than printed as a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+
+def _seconds(most: float) -> Callable[[str], float]:
+    """A --timeout or --interval: a finite number of seconds, at least a millisecond (what a request
+    carries) and at most ``most``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0.001 <= value <= most:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.001 to {most:g}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--home", type=Path, default=argparse.SUPPRESS, help="state directory (default: $THEATER_HOME or ~/.local/state/theater)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output on stdout")
     common.add_argument("--remote", type=Path, default=argparse.SUPPRESS, metavar="CREDENTIALS",
                         help="act as a tenant on a supervisor elsewhere, with the file theater tenant add wrote")
-    p = argparse.ArgumentParser(prog="theater", description="Run untrusted agents as sandboxed, supervised WebAssembly "
+    p = _Parser(prog="theater", description="Run untrusted agents as sandboxed, supervised WebAssembly "
                                 "components.", epilog=GROUPS, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Accepted before or after the command; the subcommand's value wins.
     p.add_argument("--home", dest="top_home", type=Path, default=None, help="state directory (default: $THEATER_HOME or ~/.local/state/theater)")
@@ -811,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("top", parents=[common], help="agents' CPU, memory, fuel and calls, refreshing in place")
     tp.add_argument("--sort", choices=("cpu", "memory", "fuel", "calls", "name"), default="cpu",
                     help="the column to sort by (default cpu)")
-    tp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    tp.add_argument("--interval", type=_seconds(3600), default=1.0, help="seconds between refreshes (default 1)")
     us = sub.add_parser("usage", parents=[common], help="what a tenant used, from the store (what a host bills by)")
     us.add_argument("--tenant", help="the tenant (default: yours; the operator: every tenant)")
     us.add_argument("--since", default="30d", help="a start: an ISO date/time, or an age like 24h, 7d (default 30d)")
@@ -826,7 +908,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", parents=[common], help="stop every agent and the supervisor")
     s = sub.add_parser("spawn", parents=[common], help="start an agent from its manifest; prints its id")
     s.add_argument("manifest", type=Path, help="an agent manifest, or a supervisor manifest (a tree)")
-    s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent to be ready")
+    s.add_argument("--timeout", type=_seconds(86400), default=60.0, help="seconds to wait for the agent to be ready")
     s.add_argument("--replace", action="store_true", help="remove a stopped or failed agent of the same name first")
     s.add_argument("--tenant", help="spawn it as this tenant's (the operator's local spawns only)")
     rmp = sub.add_parser("rm", parents=[common], help="remove a stopped or failed agent (its chain ends; the name is free)")
@@ -838,7 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("agent", help="agent name or id")
         c.add_argument("data", help="message text, @FILE for a file's bytes, or - for stdin")
         if name == "call":
-            c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+            c.add_argument("--timeout", type=_seconds(3600), default=10.0, help="seconds to wait for the reply")
     sub.add_parser("ps", parents=[common], help="list agents")
     e = sub.add_parser("events", parents=[common], help="print an agent's event records")
     e.add_argument("agent", nargs="?", help="agent or supervisor node, by name or id")
@@ -871,8 +953,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("agents", nargs="*", help="agents, by name or id (default: every agent)")
     rp = sub.add_parser("replay", parents=[common], help="run an agent again on its recorded inputs; exit 1 if it diverges")
     rp.add_argument("agent", help="agent, by name or id (a removed one by its id)")
-    rp.add_argument("--timeout", type=float, default=600.0, help="seconds the replay may take")
-    rp.add_argument("--from", dest="from_seq", type=int, metavar="SEQ",
+    rp.add_argument("--timeout", type=_seconds(86400), default=600.0, help="seconds the replay may take")
+    rp.add_argument("--from", dest="from_seq", type=_record_number, metavar="SEQ",
                     help="start at the newest state snapshot before record SEQ (theater gc keeps them), not the genesis")
     rp.add_argument("--component", type=Path, help="replay with this component instead of the one the genesis "
                                                    "names (a rebuild): the report is where it first differs")
@@ -928,7 +1010,13 @@ EXAMPLES = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        command = exc.prog.removeprefix("theater").strip()
+        message = f"{command}: {exc}" if command else str(exc)
+        return _fail(argparse.Namespace(json="--json" in argv), "usage", message, f"`{exc.prog} --help` shows its usage")
     args.json = getattr(args, "json", False) or args.top_json
     chosen = getattr(args, "home", None) or args.top_home
     home = Home(chosen if chosen is not None else default_home())
@@ -947,6 +1035,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args, home)
     except ClientError as exc:
         return _fail(args, exc.code, str(exc), _hint(exc.code, str(exc)))
+    except NoAnswer as exc:
+        return _fail(args, "timeout", str(exc), _silence_hint(args, home))
     except NotRunning as exc:
         hint = "" if "theater up" in str(exc) else "start it with `theater up` (or `theater up --detach`)"
         return _fail(args, "not-running", str(exc), hint)
@@ -961,6 +1051,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, "os", f"{where}{exc.strerror or exc}", "")
     except KeyboardInterrupt:
         return 130
+
+
+def _silence_hint(args: argparse.Namespace, home: Home) -> str:
+    """A request no answer came for: a supervisor that has ended since, or one that is busy."""
+    if not (getattr(args, "remote", None) or args.top_remote) and supervisor_gone(home):
+        return "the supervisor has ended: start it with `theater up` (or `theater up --detach`)"
+    longer = ", or give it longer with --timeout" if hasattr(args, "timeout") else ""
+    return f"the supervisor did not answer in time (a busy machine, a long start): try again{longer}"
 
 
 def _fresh(home: Home) -> bool:
@@ -981,6 +1079,8 @@ def _fail(args: argparse.Namespace, code: str, message: str, hint: str) -> int:
 
 def _hint(code: str, message: str) -> str:
     """What to do next, where a user is most often stuck."""
+    if code == "refused" and " is failed, in the tree " in message:  # a tree's agents cannot be removed
+        return "see why with `theater events <agent>`; start it again with `theater restart <agent>`"
     if code == "refused" and " is failed" in message:
         return "see why with `theater events <agent>`; start it again with `theater restart <agent>`, or remove " \
                "it with `theater rm <agent>`"
@@ -988,8 +1088,11 @@ def _hint(code: str, message: str) -> str:
         return "start it again with `theater restart <agent>`"
     if code == "not-found":
         return "`theater ps` lists the agents; `theater tree` the supervisors"
+    if code == "restart-failed":
+        return "`theater events <agent>` shows why it ended; `theater tree` shows its supervisors"
     if code == "spawn-failed":
-        return "`theater events <agent>` shows its records; fix the manifest or component and spawn it again"
+        return "`theater events <agent>` shows its records; fix the manifest or component, then `theater spawn " \
+               "<manifest> --replace` (the failed agent still holds its name)"
     if (code == "config" and ".wat" in message) or (".wasm" in message and "not valid TOML" in message):
         return "`theater spawn` takes a manifest (.toml) that names the component, not the component itself"
     return ""

@@ -315,6 +315,35 @@ def short_root() -> Iterator[Callable[[str], Path]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture
+def small_disk(short_root: Callable[[str], Path]) -> Iterator[Path]:
+    """A fresh directory whose ``h`` is a 3 MiB tmpfs of its own, for filling up (skipped where no tmpfs can be
+    mounted: it needs root)."""
+    root = short_root("disk")
+    (root / "h").mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M,mode=0700", "tmpfs", str(root / "h")],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); the test needs root")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root / "h")], capture_output=True)
+
+
+def fill_disk(path: Path) -> Path:
+    """Take every byte left on the filesystem ``path`` is on, with the file ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
 @pytest.fixture(scope="session")
 def artifact_pool() -> Iterator[ArtifactPool]:
     root = Path(os.environ.get("THEATER_TEST_TMP", "/tmp")) / f"th-artifacts-{os.getpid()}"

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import COMPONENTS, Theater, assert_verified, wait_running, wait_until
+from conftest import COMPONENTS, Theater, assert_verified, fill_disk, wait_running, wait_until
 
 from theater.records import Kind, Record
 
@@ -169,6 +169,18 @@ def checkpointed(t: Theater, tmp: Path) -> Path:
     return out
 
 
+def test_checkpoint_o_is_checked_before_the_supervisor_makes_one(theater: Theater, tmp_path: Path) -> None:
+    for out, problem in ((tmp_path / "no" / "cp.json", f"no directory {tmp_path / 'no'} to write it in"),
+                         (tmp_path, "is a directory; give the name of the file to write")):
+        refused = cli(theater, "checkpoint", "-o", str(out), check=False)
+        assert refused.returncode == 1 and refused.stderr == f"theater: {out}: {problem}\n"
+    assert list(theater.home.checkpoints.glob("*")) == []  # none signed and kept for a copy that failed
+    out = tmp_path / "cp.json"
+    info = json.loads(cli(theater, "checkpoint", "-o", str(out), "--json").stdout)
+    assert info["files"][-1] == str(out) and out.read_bytes() == Path(info["files"][0]).read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["cp.json"]
+
+
 def test_a_checkpoint_catches_a_chain_cut_at_its_end(theater: Theater, tmp_path: Path) -> None:
     point = checkpointed(theater, tmp_path)
     db = sqlite3.connect(theater.home.store)
@@ -273,12 +285,69 @@ def bundle_of(t: Theater, tmp: Path) -> tuple[Path, dict[str, Any]]:
     return out, json.loads(out.read_text())
 
 
+def test_export_refuses_a_directory_and_leaves_no_temporary_when_the_write_fails(theater: Theater,
+                                                                                 small_disk: Path) -> None:
+    """A directory as -o is refused before anything is read; a bundle that does not fit leaves nothing behind,
+    and either error names the path given, not the temporary."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("one", "counter.wat"))
+    out = small_disk / "h"
+    refused = cli(theater, "export", "one", "-o", str(out), check=False)
+    assert refused.returncode == 1 and refused.stderr == f"theater: {out}: is a directory; give the name of the file to write\n"
+    assert list(small_disk.iterdir()) == [out] and list(out.iterdir()) == []
+    fill_disk(out / "filler")
+    full = cli(theater, "export", "one", "-o", str(out / "one.bundle"), check=False)
+    assert full.returncode == 1 and full.stderr == f"theater: {out / 'one.bundle'}: No space left on device\n"
+    assert [p.name for p in out.iterdir()] == ["filler"]
+
+
 def verify_doc(t: Theater, tmp: Path, doc: dict[str, Any], *extra: str) -> tuple[int, dict[str, str]]:
     path = tmp / "edited.bundle"
     path.write_text(json.dumps(doc))
     code, reports, err = subprocess_verify(t, "--bundle", str(path), *extra)
     assert reports or err, err
     return code, {r["name"]: r["problem"] for r in reports if not r["ok"]}
+
+
+def test_numbers_out_of_range_and_json_nested_too_deep_are_errors_naming_the_file(theater: Theater,
+                                                                                 tmp_path: Path) -> None:
+    """A checkpoint, a bundle, or a statement inside one with a seq or a time out of u64 range, or nested
+    100,000 deep, is refused naming the file, never a traceback."""
+    _, doc = bundle_of(theater, tmp_path)
+    point = doc["checkpoint"]
+
+    def written(name: str, content: Any) -> Path:  # "HUGE" stands for 1e400, which json.dumps cannot write
+        out = tmp_path / name
+        out.write_text(content if isinstance(content, str) else json.dumps(content).replace('"HUGE"', "1e400"))
+        return out
+
+    def seq(value: int) -> dict[str, Any]:
+        return {**point, "chains": [{**point["chains"][0], "seq": value}, *point["chains"][1:]]}
+
+    deep = "[" * 100_000 + "]" * 100_000
+    out_of_range = "is not an integer in 0 .. 2^64 - 1"
+    for name, content, problem in (("neg.json", seq(-1), f"a checkpoint chain's seq {out_of_range}"),
+                                   ("big.json", seq(2**64), f"a checkpoint chain's seq {out_of_range}"),
+                                   ("inf.json", {**point, "time_ns": "HUGE"}, f"the checkpoint's time_ns {out_of_range}"),
+                                   ("deep.json", deep, "not a checkpoint: RecursionError")):
+        bad = written(name, content)
+        for command in (("verify",), ("export", "one", "-o", str(tmp_path / "x.bundle"))):
+            out = cli(theater, *command, "--checkpoint", str(bad), check=False)
+            assert out.returncode == 1 and out.stderr.startswith(f"theater: {bad}: {problem}"), out.stderr
+    rotation = {"version": 1, "chains": [], "root": hashlib.sha256(b"").hexdigest(), "old_key": "", "new_key": "",
+                "old_signature": "", "new_signature": "", "time_ns": "HUGE"}
+    for name, content, problem in (
+            ("neg.bundle", {**doc, "checkpoint": seq(-1)}, f"a checkpoint chain's seq {out_of_range}"),
+            ("rotation.bundle", {**doc, "key_rotations": [json.dumps(rotation)]}, f"time_ns {out_of_range}"),
+            ("deep.bundle", deep, "not a readable bundle: RecursionError")):
+        bad = written(name, content)
+        out = cli(theater, "verify", "--bundle", str(bad), check=False)
+        assert out.returncode == 1 and out.stderr.startswith(f"theater: store: {bad}: ") and problem in out.stderr, \
+            out.stderr
+    compaction = {"version": 1, "dropped": {}, "agent_id": "", "genesis_hash": "", "cut_seq": "HUGE"}
+    bad = written("cut.bundle", {**doc, "chains": [{**doc["chains"][0], "compaction": json.dumps(compaction)}]})
+    code, reports, err = subprocess_verify(theater, "--bundle", str(bad))
+    assert code == 1 and reports[0]["problem"] == f"the compaction statement's cut_seq {out_of_range}", err
 
 
 def test_a_bundle_verifies_elsewhere_and_every_manipulation_is_located(theater: Theater, tmp_path: Path) -> None:

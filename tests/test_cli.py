@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import zmq
-from conftest import needs_node
+from conftest import COMPONENTS, needs_node
 
 from theater import wire
 from theater.client import ClientError
@@ -303,6 +303,41 @@ def test_errors_say_what_was_wrong_and_what_to_do(theater: Theater, tmp_path: Pa
     assert stopped.returncode == 1 and "hint: start it again with `theater restart <agent>`" in stopped.stderr
 
 
+@pytest.mark.parametrize("args", [["spawn"], ["bogus"], ["call", "x", "y", "--frob"], ["call", "x", "y", "--timeout", "nan"],
+                                  ["call", "x", "y", "--timeout", "inf"], ["call", "x", "y", "--timeout", "0"],
+                                  ["spawn", "m.toml", "--timeout", "-1"], ["top", "--interval", "1e9"]],
+                         ids=lambda a: "-".join(a))
+def test_usage_errors_are_one_line_or_json_and_exit_2(args: list[str], tmp_path: Path) -> None:
+    """argparse's own refusals read as every other error does (cli.md section 1): a NaN or infinite timeout
+    used to end in a traceback, and a usage error printed a usage block that --json did not change."""
+    home = tmp_path / "h"
+    text = cli(home, *args)
+    assert text.returncode == 2 and text.stdout == "" and "Traceback" not in text.stderr, text.stderr
+    first, hint = text.stderr.splitlines()
+    assert first.startswith("theater: ") and hint.startswith("  hint: `theater") and "--help` shows its usage" in hint
+    machine = cli(home, "--json", *args)
+    assert machine.returncode == 2 and machine.stderr == ""
+    assert json.loads(machine.stdout)["error"]["code"] == "usage"
+
+
+def test_no_answer_in_time_is_a_timeout_not_a_missing_supervisor(theater: Theater) -> None:
+    """A supervisor that is there but does not answer in time (here: stopped with SIGSTOP) is reported as a
+    timeout, with a hint to wait longer, not as "start it with `theater up`"."""
+    import signal
+
+    assert theater.proc is not None
+    manifest = str(theater.manifest("counter", "counter.wat"))
+    os.kill(theater.proc.pid, signal.SIGSTOP)
+    try:
+        text = cli(theater.home.root, "spawn", manifest, "--timeout", "0.05")
+        machine = cli(theater.home.root, "--json", "spawn", manifest, "--timeout", "0.05")
+    finally:
+        os.kill(theater.proc.pid, signal.SIGCONT)
+    assert text.returncode == 1 and "theater: timeout: no answer from the supervisor" in text.stderr, text.stderr
+    assert "give it longer with --timeout" in text.stderr and "theater up" not in text.stderr
+    assert json.loads(machine.stdout)["error"]["code"] == "timeout"
+
+
 def test_json_errors_are_json_on_stdout(theater: Theater) -> None:
     proc = cli(theater.home.root, "call", "nosuch", "x", "--json")
     assert proc.returncode == 1
@@ -345,13 +380,16 @@ def test_rm_frees_the_name_of_a_failed_spawn_and_its_history_stays_verifiable(th
     home = theater.home.root
     broken = theater.manifest("svc", "missing_export.wat")
     failed = cli(home, "spawn", str(broken))
-    assert failed.returncode == 1 and "spawn-failed" in failed.stderr
+    assert failed.returncode == 1 and "spawn-failed" in failed.stderr and "--replace` (the failed agent" in failed.stderr
     fixed = theater.manifest("svc", "counter.wat")
     taken = cli(home, "spawn", str(fixed))
     assert taken.returncode == 1 and "theater rm svc removes a stopped or failed one" in taken.stderr
     old = json.loads(ok(home, "ps", "--json"))[0]["id"]
+    log = theater.home.logs / "svc.log"
+    assert log.exists()
     removed = json.loads(ok(home, "rm", "svc", "--json"))
     assert removed["removed"] == "svc" and removed["id"] == old
+    assert not log.exists()  # its workers' log goes with it: names that come and go leave no files behind
     new = ok(home, "spawn", str(fixed)).strip()
     assert new != old and ok(home, "call", "svc", "tick").strip() == "1"
     reports = {r["name"]: r for r in json.loads(ok(home, "verify", "--json"))}
@@ -367,11 +405,30 @@ def test_rm_frees_the_name_of_a_failed_spawn_and_its_history_stays_verifiable(th
 
 
 def test_rm_refuses_a_running_agent_and_a_tree_member(theater: Theater) -> None:
+    """A tree can be neither removed nor replaced: every refusal, and the hints, say so and what is possible
+    (never `theater rm`, which is always refused for a tree's root and members)."""
     home = theater.home.root
     ok(home, "spawn", str(theater.manifest("live", "echo.wat")))
     running = cli(home, "rm", "live")
     assert running.returncode == 1 and "agent live is running: stop it first (theater stop live)" in running.stderr
     assert cli(home, "rm", "nosuch").returncode == 1
+    tree = theater.dir / "t.toml"
+    tree.write_text(f'name = "t"\nintensity = 0\nchildren = [{{ name = "m", component = "{COMPONENTS}/trap_on.wat" }}]\n')
+    ok(home, "spawn", str(tree))
+    assert cli(home, "call", "m", "trap").returncode == 1  # intensity 0: the tree gives up
+    kept = "a tree and its members cannot be removed; they stay in the home and their names stay taken " \
+           "(theater stop t stops the tree, theater restart t starts it again)"
+    for name, what in (("t", "the root"), ("m", "an agent")):
+        out = cli(home, "rm", name)
+        assert out.returncode == 1 and f"refused: {name} is {what} of the tree t: {kept}" in out.stderr, out.stderr
+    taken = "in the tree t: a tree and its members can be neither removed nor replaced, and their names stay taken; " \
+            "give this one another name"
+    for args in ((str(tree),), (str(tree), "--replace"), (str(theater.manifest("m", "echo.wat")), "--replace")):
+        out = cli(home, "spawn", *args)
+        assert out.returncode == 1 and taken in out.stderr and "theater rm" not in out.stderr, out.stderr
+    refused = cli(home, "send", "m", "x")
+    assert refused.returncode == 1 and "refused: agent m is failed, in the tree t" in refused.stderr
+    assert "theater restart <agent>" in refused.stderr and "theater rm" not in refused.stderr, refused.stderr
     assert json.loads(ok(home, "verify", "--json"))[0]["ok"]
 
 

@@ -15,29 +15,15 @@ import sqlite3
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Theater, assert_verified, records, wait_until
+from conftest import Theater, assert_verified, fill_disk, records, wait_until
 
 from theater.client import Client, ClientError
 from theater.records import Kind
 
 MESSAGE_BYTES = 200_000
-
-
-def _fill(path: Path) -> Path:
-    """Take every byte left on the filesystem."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return path
 
 
 def _fill_for_good(t: Theater) -> Path:
@@ -48,27 +34,13 @@ def _fill_for_good(t: Theater) -> Path:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         db.close()
-    return _fill(t.home.root / "filler")
+    return fill_disk(t.home.root / "filler")
 
 
 def _wait_serving(c: Client, name: str) -> None:
     """The store can be written again (the supervisor's probe said so) and the agent runs."""
     wait_until(lambda: c.ping()["store_problem"] is None, 30, "the store to be writable again")
     wait_until(lambda: next(a for a in c.ps() if a["name"] == name)["status"] == "running", 30, f"{name} to run again")
-
-
-@pytest.fixture
-def small_disk(short_root: Callable[[str], Path]) -> Iterator[Path]:
-    root = short_root("disk")
-    (root / "h").mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M,mode=0700", "tmpfs", str(root / "h")],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); the test needs root")
-    try:
-        yield root
-    finally:
-        subprocess.run(["umount", "-l", str(root / "h")], capture_output=True)
 
 
 def test_a_full_disk_loses_nothing_committed_and_the_supervisor_carries_on(small_disk: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import Theater, wait_running
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from test_audit import broken, cli, edit, verify
+from test_audit import CLI, broken, cli, edit, verify
 
 from supervisor.cli import _read_public_key
 from theater.checkpoint import Head, fingerprint
@@ -143,7 +143,8 @@ def test_a_rotation_the_old_key_did_not_sign_is_refused(theater: Theater, tmp_pa
 @pytest.mark.parametrize("committed", [True, False], ids=["statement-committed", "statement-lost"])
 def test_a_rotation_cut_short_settles_on_the_next_start(theater: Theater, committed: bool) -> None:
     """The new seed is durable before the statement, the statement before the seed replaces the old: a
-    supervisor killed in between starts with the key the store agrees with."""
+    supervisor killed in between starts with the key the store agrees with, and writes the file (and the
+    witness's copy) of a statement committed before it could; the temporaries of files cut short go."""
     with theater.client() as c:
         c.spawn(theater.manifest("counter", "counter.wat"))
     ticks(theater, "counter", 2)
@@ -159,8 +160,8 @@ def test_a_rotation_cut_short_settles_on_the_next_start(theater: Theater, commit
             "SELECT r.agent_id, r.seq, r.hash FROM records r JOIN (SELECT agent_id, max(seq) m FROM records "
             "GROUP BY agent_id) t ON r.agent_id=t.agent_id AND r.seq=t.m")]
         db.close()
-        edit(theater, "INSERT INTO key_rotations (statement) VALUES (?)",
-             args=(Rotation.make(old, new, heads, time.time_ns()).to_json(),))
+        rotation = Rotation.make(old, new, heads, time.time_ns())
+        edit(theater, "INSERT INTO key_rotations (statement) VALUES (?)", args=(rotation.to_json(),))
         # Until the next start, supervisor.pub holds the old key: offline readers follow the statement the old
         # key signed (they used to refuse the home: "the key rotations end at <new>, not at <old>").
         new_fp = fingerprint(new.public_key().public_bytes_raw())
@@ -173,7 +174,11 @@ def test_a_rotation_cut_short_settles_on_the_next_start(theater: Theater, commit
         assert cli(theater, "verify", "--bundle", str(bundle)).returncode == 0
     for left in (".supervisor.key.next.tmp", ".supervisor.pub.tmp"):  # a rotation killed inside write_private
         (theater.home.root / left).write_bytes(b"partial")
-    theater.start()
+    theater.home.checkpoints.mkdir(exist_ok=True)
+    for left in (f".rotation-{time.time_ns()}.json.tmp", f".{time.time_ns()}.json.tmp"):  # a rotation's, a checkpoint's
+        (theater.home.checkpoints / left).write_bytes(b"partial")
+    witness = theater.dir / "witness"
+    theater.start([*CLI, "--home", str(theater.home.root), "up", "--witness", str(witness)])
     with theater.client() as c:
         wait_running(c, "counter")
         assert c.call("counter", b"tick") == b"3"
@@ -183,6 +188,14 @@ def test_a_rotation_cut_short_settles_on_the_next_start(theater: Theater, commit
     assert key_info(theater)["settled"] is True
     assert verify(theater)[0] == 0
     assert not list(theater.home.root.glob(".supervisor.*.tmp"))
+    assert not list(theater.home.checkpoints.glob(".*.tmp"))
+    written = sorted(p.name for p in theater.home.checkpoints.iterdir())
+    if committed:
+        name = f"rotation-{rotation.time_ns}.json"
+        assert written == [name]
+        assert (theater.home.checkpoints / name).read_text() == (witness / name).read_text() == rotation.to_json() + "\n"
+    else:
+        assert written == []
 
 
 def test_compaction_carries_on_across_a_rotation(theater: Theater) -> None:

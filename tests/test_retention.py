@@ -6,6 +6,7 @@ records are dropped only behind a statement the supervisor signs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import Theater
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_audit import broken, cli, edit, verify
 
 from theater.compaction import Compaction
@@ -141,6 +143,41 @@ def test_a_checkpoint_from_before_a_gc_still_passes(counted: Theater, tmp_path: 
     assert cli(counted, "verify", "--checkpoint", point).returncode == 0
 
 
+def checkpoint_problems(t: Theater, point: Path) -> list[str]:
+    """What ``verify --checkpoint`` says of the heads the checkpoint holds (not of the chains themselves)."""
+    out = cli(t, "verify", "--json", "--checkpoint", str(point), check=False)
+    return [r["problem"] for r in json.loads(out.stdout) if not r["ok"] and "the checkpoint of" in r["problem"]]
+
+
+def test_a_dropped_head_is_vouched_for_only_by_its_own_chain_s_signed_statement(counted: Theater,
+                                                                                 tmp_path: Path) -> None:
+    """A checkpoint's head that a later gc dropped passes on the chain's compaction statement only if the
+    statement verifies, is of that chain and names its stored genesis: a forged or borrowed statement, or a
+    chain deleted whole with its compactions row left behind, is reported."""
+    point = tmp_path / "point.json"
+    cli(counted, "checkpoint", "-o", str(point))
+    ticks(counted, "counter", 20)
+    gc(counted, "counter")  # cuts past the checkpoint's head of counter
+    counted.stop()
+    assert checkpoint_problems(counted, point) == []
+    doc = statement(counted, "counter")
+    agent = bytes.fromhex(doc["agent_id"])
+    key = Ed25519PrivateKey.from_private_bytes(counted.home.key.read_bytes())
+    free = chain(counted, "free")[0]
+    borrowed = dataclasses.replace(Compaction.parse(json.dumps(doc), key.public_key().public_bytes_raw()),
+                                   agent_id=free.agent_id, genesis_hash=free.hash).signed(key)
+    for text in (json.dumps({**doc, "signature": "00" * 64}), borrowed.to_json()):
+        edit(counted, "UPDATE compactions SET statement=? WHERE agent_id=?", args=(text, agent))
+        [problem] = checkpoint_problems(counted, point)
+        assert problem.startswith("truncated or transactions lost: the checkpoint of")
+    edit(counted, "UPDATE compactions SET statement=? WHERE agent_id=?", args=(json.dumps(doc), agent))
+    edit(counted, "DELETE FROM records WHERE agent_id=?", "DELETE FROM snapshots WHERE agent_id=?",
+         "DELETE FROM agents WHERE id=?", args=(agent,))
+    assert verify(counted)[0] == 0  # consistent in itself: only the checkpoint shows the agent is gone
+    [problem] = checkpoint_problems(counted, point)
+    assert problem.startswith("deleted: the checkpoint of")
+
+
 def test_retention_settings_are_checked(theater: Theater) -> None:
     with theater.client() as c:
         for table, problem in (({"max_records": 3}, "out of range 10.."),
@@ -170,6 +207,23 @@ def test_a_compacted_chain_and_a_snapshot_replay_identical(counted: Theater) -> 
     other = cli(counted, "replay", "free", "--from", str(head + 3), "--component", str(COMPONENTS / "echo.wat"),
                 "--json", check=False)
     assert other.returncode == 1 and json.loads(other.stdout)["diverged_at"] == head + 1
+
+
+def test_replay_from_a_record_the_chain_does_not_have(counted: Theater) -> None:
+    """--from below 1 is a usage error; past the chain's head, an error saying where it ends; inside the
+    range a compaction dropped, the replay starts at the cut (nothing before it is stored)."""
+    gc(counted, "counter")
+    counted.stop()
+    cut = statement(counted, "counter")["cut_seq"]
+    head = chain(counted, "counter")[-1].seq
+    for seq in ("0", "-5"):
+        out = cli(counted, "replay", "counter", "--from", seq, check=False)
+        assert out.returncode == 2 and f"argument --from: {seq}: a record number from 1" in out.stderr, out.stderr
+    past = cli(counted, "replay", "counter", "--from", str(head + 1), check=False)
+    assert past.returncode == 1
+    assert past.stderr == f"theater: counter: --from {head + 1} is past the chain's end: its last record is {head}\n"
+    inside = json.loads(cli(counted, "replay", "counter", "--from", str(cut - 5), "--json").stdout)
+    assert inside["ok"] and inside["from"] == cut
 
 
 def test_gc_follows_the_limits_the_genesis_signed_not_an_edited_row(theater: Theater) -> None:

@@ -521,6 +521,25 @@ def test_operator_stop_records_how_the_worker_ended(theater: Theater) -> None:
     assert "exited with status 0" in polite["detail"], polite
 
 
+def test_a_stop_whose_agents_call_then_fails_keeps_the_stops_reason(theater: Theater) -> None:
+    """A worker obeys STOP only between calls: when the call it runs then fails (out of fuel, past its
+    deadline), the exit record of an operator's stop, and of `down`, still says who stopped it, with the
+    call's failure as how it ended."""
+    with theater.client() as c:
+        for name in ("s1", "s2"):
+            c.spawn(theater.manifest(name, "spin.wat"))  # the default policy: the spin fails within 2 s
+        _busy(c, "s1")
+        assert c.stop("s1")["status"] == "stopped"
+        _busy(c, "s2")
+    theater.stop()
+    for name, reason, why in (("s1", "stopped", "stopped by the operator"),
+                              ("s2", "shutdown", "the supervisor is shutting down")):
+        [ended] = _exits(theater, name)
+        assert ended["reason"] == reason, ended
+        assert ended["detail"].startswith(f"{why} (out-of-fuel: ") or ended["detail"].startswith(
+            f"{why} (deadline: "), ended
+
+
 def test_sibling_restart_honours_the_shutdown_timeout(theater: Theater) -> None:
     """one_for_all: a sibling busy in a long call is given its 300 ms, then killed; the restart then goes on."""
     write_lab_policy(theater)
@@ -997,6 +1016,109 @@ def test_operator_restart_of_an_agent_and_a_subtree_does_not_count_against_inten
     assert_verified(theater)
 
 
+def test_uptime_counts_from_each_time_an_agent_becomes_running(theater: Theater) -> None:
+    """`uptime_s` is the time since the agent last became running: an operator restart and a restart after a
+    crash each start it again from 0."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("up", "trap_on.wat"))
+        wait_until(lambda: ps(c, "up")["uptime_s"] >= 1.0, 20, "up running for a second")
+        since = time.monotonic()
+        info = c.restart("up")
+        assert info["uptime_s"] <= time.monotonic() - since, info
+        wait_until(lambda: ps(c, "up")["uptime_s"] >= 1.0, 20, "up running for a second again")
+        pid, since = ps(c, "up")["pid"], time.monotonic()
+        _crash(c, "up")
+        info = wait_running(c, "up", pid, restarts=1)
+        assert info["uptime_s"] <= time.monotonic() - since, info
+        assert _member(c, "up")["uptime_s"] <= time.monotonic() - since
+
+
+def test_operator_restart_of_what_cannot_start_answers_why_once_settled(theater: Theater) -> None:
+    """`theater restart` answers once the restart has settled: an agent whose init traps until its supervisor
+    gives up, a tree that gives up on such a child, and a child that cannot load are each answered
+    `restart-failed`, naming the outcome and the last exit (the CLI exits 1), not with a passing status."""
+    init_trap = "wasm trap: wasm `unreachable` instruction executed"
+    with theater.client() as c:
+        with pytest.raises(ClientError) as spawned:
+            c.spawn(theater.manifest("itop", "init_trap.wat", restart={"intensity": 1, "period_ms": 60000}))
+        assert spawned.value.code == "spawn-failed"
+        out = cli(theater, "restart", "itop")
+        assert out.returncode == 1, out
+        assert out.stderr.startswith(f"theater: restart-failed: itop did not start: it is failed (trap: {init_trap}; "
+                                     "more than 1 restarts in 60000 ms, giving up)"), out.stderr
+        assert ps(c, "itop")["status"] == "failed"
+
+        kids = [agent("ok", "counter.wat"), agent("loop", "init_trap.wat"), agent("bad", "missing_export.wat")]
+        c.spawn(tree_manifest(theater, sup("root", kids[:2], intensity=1, period_ms=60000)))
+        _wait_member(c, "root", "failed")
+        with pytest.raises(ClientError) as restarted:
+            c.restart("root")
+        assert restarted.value.code == "restart-failed", restarted.value
+        assert str(restarted.value) == ("root did not start: supervisor root gave up: more than 1 restarts in 60000 ms "
+                                        f"(last: loop, trap); loop is failed (trap: {init_trap})")
+
+        c.spawn(tree_manifest(theater, sup("other", [kids[0] | {"name": "ok2"}, kids[2]])))
+        wait_status(c, "bad", "failed")
+        with pytest.raises(ClientError) as restarted:
+            c.restart("bad")
+        assert restarted.value.code == "restart-failed", restarted.value
+        assert str(restarted.value).startswith("bad did not start: it is failed (load-failed: "), restarted.value
+        assert _member(c, "other")["status"] == "running" and c.call("ok2", b"x") == b"1"
+
+
+def _down_promptly(t: Theater) -> None:
+    """`theater down` is answered and the supervisor exits: nothing runs outside the trees it stops."""
+    with t.client(timeout=20) as c:
+        c.down()
+    assert t.proc is not None
+    t.proc.wait(timeout=20)
+
+
+def test_operator_restart_of_a_temporary_child_that_left_its_node_is_refused(theater: Theater) -> None:
+    """A temporary child that ended has left its node (OTP: restart_child answers not_found): `theater restart`
+    of it is refused, saying to restart its node, which starts it again among its children."""
+    kids = [agent("a"), agent("tmp", restart={"type": "temporary"})]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids)))
+        _crash(c, "tmp")
+        wait_status(c, "tmp", "failed")
+        out = cli(theater, "restart", "tmp")
+        assert out.returncode == 1, out
+        assert "tmp is a temporary child of supervisor root and has ended" in out.stderr, out.stderr
+        assert "theater restart root" in out.stderr and "theater rm" not in out.stderr, out.stderr
+        assert ps(c, "tmp")["status"] == "failed" and ps(c, "tmp")["pid"] is None  # not started
+        assert [m["name"] for m in _member(c, "root")["children"]] == ["a"]
+        info = c.request("restart", agent="root")[0]
+        assert [(m["name"], m["status"]) for m in info["children"]] == [("a", "running"), ("tmp", "running")]
+        assert c.call("tmp", b"x") == b"1"  # under its node again
+        assert c.stop("root")["status"] == "stopped"
+        assert ps(c, "tmp")["status"] == "stopped"
+    _down_promptly(theater)
+
+
+def test_operator_restart_of_a_member_under_a_failed_node_is_refused(theater: Theater) -> None:
+    """A child (or a subtree) of a node that gave up would run unsupervised: its restart is refused, naming the
+    failed node to restart; restarting that node starts it."""
+    kids = [agent("a"), sup("inner", [agent("b")])]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids, intensity=0)))
+        _crash(c, "a")
+        _wait_member(c, "root", "failed")
+        for name in ("a", "inner", "b"):
+            with pytest.raises(ClientError) as refused:
+                c.request("restart", agent=name)
+            assert refused.value.code == "refused", refused.value
+            assert f"{name}'s supervisor root failed (gave up: more than 0 restarts" in str(refused.value)
+            assert str(refused.value).endswith("theater restart root"), refused.value
+        assert [ps(c, n)["pid"] for n in ("a", "b")] == [None, None]
+        info = c.request("restart", agent="root")[0]
+        assert (info["status"], _find([info], "a")["status"], _find([info], "b")["status"]) == (
+            "running", "running", "running")
+        _crash(c, "a")  # supervised again: restarted by its node (intensity 0 of a fresh start: it gives up)
+        _wait_member(c, "root", "failed")
+    _down_promptly(theater)
+
+
 # --- 9. trees survive the supervisor --------------------------------------------------------------
 
 
@@ -1137,6 +1259,26 @@ def test_a_tree_nodes_decisions_are_signed_into_its_own_chain(theater: Theater) 
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "node-restart" in shown.stdout and "node-give-up" in shown.stdout
+
+
+def test_a_child_waiting_for_its_nodes_plan_is_restarting_and_its_messages_queue(theater: Theater) -> None:
+    """one_for_all: while the plan waits for a sibling's stop, the child that crashed shows `restarting` and a
+    message sent to it is queued (not refused as `failed`); the new worker serves it once the plan starts it."""
+    write_lab_policy(theater)
+    kids = [agent("slow", "spin.wat", policy=LAB_POLICY, limits=SPIN_LIMITS, restart={"shutdown": "infinity"}),
+            agent("c")]
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", kids, "one_for_all")))
+        _busy(c, "slow")
+        slow = ps(c, "slow")["pid"]
+        _crash(c, "c")
+        wait_status(c, "c", "restarting")
+        assert ps(c, "slow")["status"] == "stopping" and _member(c, "c")["status"] == "restarting"
+        assert c.send("c", b"x") == {"queued": 1}
+        os.kill(slow, signal.SIGKILL)  # its stop ends: the plan goes on and starts both
+        wait_running(c, "c", restarts=1)
+        assert c.call("c", b"y") == b"2"  # the queued message was served first
+    assert_verified(theater)
 
 
 def test_shutdown_infinity_waits_for_the_call_in_progress(theater: Theater) -> None:

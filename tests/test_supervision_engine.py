@@ -254,11 +254,49 @@ def test_temporary_is_never_restarted_and_leaves_its_node() -> None:
     assert [c.name for c in root.children] == ["b"]
 
 
+def test_a_temporary_child_that_left_comes_back_when_its_node_starts_again() -> None:
+    """OTP: a supervisor's start gives every child spec again; so does a top-level agent's implicit node."""
+    root = tree("one_for_one", 2, types={"a": "temporary"})
+    engine, world = started(root)
+    world.crash("a", "trap")
+    assert [c.name for c in root.children] == ["b"]
+    out = world.run(engine.restart("root", world.now, ticket="r"))
+    assert names(out, Start) == ["a", "b"] and [c.name for c in root.children] == ["a", "b"]
+    solo = Leaf("x", restart="temporary")
+    top = Sup("x:root", Flags(), kind=NodeKind.AGENT_ROOT, owner="x", children=[solo])
+    engine, world = started(top)
+    world.crash("x", "trap")
+    assert top.children == [] and solo.status is Status.FAILED
+    assert names(world.run(engine.restart("x", world.now, ticket="r")), Start) == ["x"]
+    assert solo.status is Status.RUNNING
+
+
 def test_a_temporary_sibling_stopped_by_a_plan_is_not_started_again() -> None:
     root = tree("one_for_all", 3, types={"c": "temporary"})
     world = running(root)
     out = world.crash("a")
     assert names(out, Stop) == ["c", "b"] and names(out, Start) == ["a", "b"]
+
+
+def test_a_child_waiting_for_its_nodes_job_to_start_it_shows_restarting() -> None:
+    """A child the running plan will start, or whose crash waits for the plan and will be restarted, shows
+    `restarting` (its messages queue); a temporary one, which the node will not restart, shows `failed`."""
+    root = tree("one_for_all", 3, types={"c": "temporary"})
+    engine, world = started(root)
+    world.slow = {"b"}
+    world.crash("a")  # the plan waits for b's stop; then it starts a and b
+    a, b, c = root.children
+    assert (a.status, a.shown, b.shown) == (Status.FAILED, Status.RESTARTING, Status.STOPPING)
+    root = tree("one_for_one", 3, types={"c": "temporary"})
+    engine, world = started(root)
+    world.slow = {"a"}
+    world.crash("a")  # the plan waits for a's start
+    a, b, c = root.children
+    world.crash("b")
+    world.crash("c")
+    assert (b.status, b.shown, c.shown) == (Status.FAILED, Status.RESTARTING, Status.FAILED)
+    world.run(engine.ready("a", world.now))
+    assert b.shown is Status.RUNNING and [m.name for m in root.children] == ["a", "b"]
 
 
 def test_load_failed_is_never_restarted() -> None:

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .errors import RecordError
 
-__all__ = ["CHECKPOINT_DOMAIN", "Checkpoint", "Head", "fingerprint", "heads_from_json", "merkle", "merkle_root"]
+__all__ = ["CHECKPOINT_DOMAIN", "Checkpoint", "Head", "fingerprint", "heads_from_json", "merkle", "merkle_root",
+           "u64"]
 
 CHECKPOINT_DOMAIN = b"theater-checkpoint-v1\x00"
 VERSION = 1
@@ -43,10 +44,20 @@ class Head:
         return hashlib.sha256(b"\x00" + self.chain + self.seq.to_bytes(8, "big") + self.hash).digest()
 
 
+def u64(value: object, what: str) -> int:
+    """A number of a signed statement (a record number, a time in ns): a JSON integer in 0 .. 2^64 - 1, as the
+    u64 fields it stands for (a Merkle leaf's seq, a record's time); RecordError otherwise, never an int()
+    that overflows or quietly takes a float or a string."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64:
+        raise RecordError(f"{what} is not an integer in 0 .. 2^64 - 1")
+    return value
+
+
 def heads_from_json(doc: dict[str, Any], what: str) -> tuple[Head, ...]:
     """A signed statement's ``chains`` (a checkpoint's, a key rotation's), checked to be in id order, each
     once, and to have the ``root`` the statement states; RecordError (or KeyError, ValueError) otherwise."""
-    heads = tuple(Head(bytes.fromhex(c["id"]), int(c["seq"]), bytes.fromhex(c["hash"])) for c in doc["chains"])
+    heads = tuple(Head(bytes.fromhex(c["id"]), u64(c["seq"], f"a {what} chain's seq"), bytes.fromhex(c["hash"]))
+                  for c in doc["chains"])
     if list(heads) != sorted(heads, key=lambda h: h.chain) or len({h.chain for h in heads}) != len(heads):
         raise RecordError(f"{what} chains are not in id order, or repeat")
     if merkle_root(list(heads)).hex() != doc["root"]:
@@ -106,8 +117,9 @@ class Checkpoint:
             if doc["version"] != VERSION:
                 raise RecordError(f"checkpoint version {doc['version']}, this build reads {VERSION}")
             heads = heads_from_json(doc, "checkpoint")
-            point = cls(int(doc["time_ns"]), heads, bytes.fromhex(doc["public_key"]), bytes.fromhex(doc["signature"]))
-        except (ValueError, KeyError, TypeError) as exc:
+            point = cls(u64(doc["time_ns"], "the checkpoint's time_ns"), heads, bytes.fromhex(doc["public_key"]),
+                        bytes.fromhex(doc["signature"]))
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             raise RecordError(f"not a checkpoint: {type(exc).__name__}: {exc}") from None
         try:
             Ed25519PublicKey.from_public_bytes(point.public_key).verify(point.signature, point.signed_bytes())

@@ -17,18 +17,18 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import control, wire
-from .errors import ClientError, NotRunning, TheaterError
+from .errors import ClientError, NoAnswer, NotRunning, TheaterError
 from .home import Home
 from .records import Record
 from .remote import Credentials, read_upload
 
-__all__ = ["Client", "ClientError", "NotRunning"]
+__all__ = ["Client", "ClientError", "NoAnswer", "NotRunning"]
 
 _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
-def _supervisor_gone(home: Home) -> bool:
+def supervisor_gone(home: Home) -> bool:
     """The supervisor was killed: its pid file names a process that no longer exists (or a zombie), or
     nothing listens on its control socket. Anything less certain (no pid file, a process we may not
     signal) is left to the request's own timeout."""
@@ -104,7 +104,7 @@ class Client:
             self._token = self.home.token.read_text().strip()
         except FileNotFoundError:
             raise NotRunning(f"no supervisor is running at {self.home.root} (start one with `theater up`)") from None
-        if _supervisor_gone(self.home):
+        if supervisor_gone(self.home):
             raise NotRunning(f"the supervisor at {self.home.root} is not running (it ended without cleaning up); "
                              "start it with `theater up`")
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -154,7 +154,7 @@ class Client:
                 if remaining > 0 and not self._poller.poll(int(min(remaining, 0.05) * 1000) + 1):
                     continue
             if remaining <= 0 or not self._poller.poll(int(remaining * 1000) + 1):
-                raise NotRunning(f"no answer from the supervisor at {self.where} within the timeout")
+                raise NoAnswer(f"no answer from the supervisor at {self.where} within the timeout")
             reply = wire.recv_frames(self._sock)
             if len(reply) < 2 or reply[0] != _REPLY_HEADER:
                 raise TheaterError("malformed reply from the supervisor")

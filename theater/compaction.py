@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .checkpoint import merkle
+from .checkpoint import merkle, u64
 from .errors import RecordError
 
 __all__ = ["COMPACTION_DOMAIN", "Compaction", "dropped_root"]
@@ -85,12 +85,16 @@ class Compaction:
             if doc["version"] != VERSION:
                 raise RecordError(f"compaction statement version {doc['version']}, this build reads {VERSION}")
             dropped = doc["dropped"]
-            point = cls(bytes.fromhex(doc["agent_id"]), bytes.fromhex(doc["genesis_hash"]), int(doc["cut_seq"]),
+            point = cls(bytes.fromhex(doc["agent_id"]), bytes.fromhex(doc["genesis_hash"]),
+                        u64(doc["cut_seq"], "the compaction statement's cut_seq"),
                         bytes.fromhex(doc["prev_hash"]), bytes.fromhex(doc["state_hash"]),
-                        bytes.fromhex(doc["worker_key"]), int(doc["incarnation"]), int(dropped["from"]),
-                        int(dropped["bytes"]), bytes.fromhex(dropped["root"]), bytes.fromhex(doc["previous"]),
-                        int(doc["time_ns"]), bytes.fromhex(doc["public_key"]), bytes.fromhex(doc["signature"]))
-        except (ValueError, KeyError, TypeError) as exc:
+                        bytes.fromhex(doc["worker_key"]), u64(doc["incarnation"], "the compaction statement's incarnation"),
+                        u64(dropped["from"], "the compaction statement's dropped from"),
+                        u64(dropped["bytes"], "the compaction statement's dropped bytes"),
+                        bytes.fromhex(dropped["root"]), bytes.fromhex(doc["previous"]),
+                        u64(doc["time_ns"], "the compaction statement's time_ns"), bytes.fromhex(doc["public_key"]),
+                        bytes.fromhex(doc["signature"]))
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             raise RecordError(f"not a compaction statement: {type(exc).__name__}: {exc}") from None
         if point.public_key not in trusted:
             raise RecordError("the compaction statement is signed by another key than the supervisor's")

@@ -6,11 +6,12 @@
     ├── BadRequest         a control request's operation is unknown or an argument is wrong
     ├── ClientError        the supervisor answered a client's request with an error (``code``)
     └── NotRunning         no supervisor answers at this home
+        └── NoAnswer       the request was sent, and no answer came within the timeout
 """
 
 from __future__ import annotations
 
-__all__ = ["BadRequest", "ClientError", "NotRunning", "ProtocolError", "RecordError", "TheaterError"]
+__all__ = ["BadRequest", "ClientError", "NoAnswer", "NotRunning", "ProtocolError", "RecordError", "TheaterError"]
 
 
 class TheaterError(Exception):
@@ -39,3 +40,7 @@ class ClientError(TheaterError):
 
 class NotRunning(TheaterError):
     """No supervisor answers at this home."""
+
+
+class NoAnswer(NotRunning):
+    """A request went out and its answer did not come in time: the supervisor may be busy, or gone."""

@@ -20,7 +20,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .checkpoint import Head, fingerprint, heads_from_json, merkle_root
+from .checkpoint import Head, fingerprint, heads_from_json, merkle_root, u64
 from .ed25519 import key_weakness
 from .errors import RecordError
 
@@ -66,9 +66,10 @@ class Rotation:
             if doc["version"] != VERSION:
                 raise RecordError(f"key rotation version {doc['version']}, this build reads {VERSION}")
             heads = heads_from_json(doc, "key rotation")
-            point = cls(bytes.fromhex(doc["old_key"]), bytes.fromhex(doc["new_key"]), int(doc["time_ns"]), heads,
+            point = cls(bytes.fromhex(doc["old_key"]), bytes.fromhex(doc["new_key"]),
+                        u64(doc["time_ns"], "the key rotation's time_ns"), heads,
                         bytes.fromhex(doc["old_signature"]), bytes.fromhex(doc["new_signature"]))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             raise RecordError(f"not a key rotation statement: {type(exc).__name__}: {exc}") from None
         for which, key, signature in (("old", point.old_key, point.old_signature),
                                       ("new", point.new_key, point.new_signature)):
