@@ -36,7 +36,7 @@ from ._ledger import Checked
 from ._remote import server_keys
 from ._scope import Scope, localized
 from ._tenants import Tenants
-from ._timers import Timers
+from ._timers import Timer, Timers
 
 if TYPE_CHECKING:
     from ._checkpoints import Checkpoints
@@ -92,6 +92,7 @@ class Control:
         with os.fdopen(fd, "w") as f:
             f.write(self.token)
         self.waiters: dict[bytes, list[Waiter]] = {}  # chain id -> clients waiting for its next record
+        self._expiries: dict[Waiter, Timer] = {}  # each waiter's wait_ms timer, cancelled when it is woken
         self._held: Counter[tuple[str, str]] = Counter()  # (requester, "wait" or "verify") -> requests held
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self.down_waiters: list[tuple[bytes, int]] = []
@@ -313,13 +314,14 @@ class Control:
         self.waiters.setdefault(chain_id, []).append(entry)
 
         def expire() -> None:
+            self._expiries.pop(entry, None)
             lst = self.waiters.get(chain_id, [])
             if entry in lst:
                 lst.remove(entry)
                 self._release(requester, "wait")
                 self.reply(ident, rid, {"head": self.supervision.chain_head(ref)[1]})
 
-        self.timers.after(wait_ms / 1000, expire)
+        self._expiries[entry] = self.timers.after(wait_ms / 1000, expire)
 
     def _events(self, ident: bytes, rid: int, ref: str, after: int) -> None:
         """A chain's committed records after ``after``, as many as fit one reply (at least one)."""
@@ -365,6 +367,9 @@ class Control:
 
     def wake(self, chain_id: bytes, head: int) -> None:
         for ident, rid, requester in self.waiters.pop(chain_id, None) or ():
+            expiry = self._expiries.pop((ident, rid, requester), None)
+            if expiry is not None:
+                expiry.cancel()
             self._release(requester, "wait")
             self.reply(ident, rid, {"head": head})
 

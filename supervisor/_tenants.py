@@ -127,16 +127,20 @@ class _Account:
     stored_this_second: tuple[int, int] = (0, 0)  # (second, denials stored in it)
 
     def record_bytes_today(self, now_ns: int) -> int:
-        while self.record_hours and self.record_hours[0][0] <= (now_ns - DAY_NS) // HOUR_NS:
-            self.record_hours.popleft()
+        self._forget_hours_before(now_ns)
         return sum(b for _, b in self.record_hours)
 
     def add_record_bytes(self, now_ns: int, size: int) -> None:
         hour = now_ns // HOUR_NS
         if self.record_hours and self.record_hours[-1][0] == hour:
             self.record_hours[-1][1] += size
-        else:
+        else:  # a new hour: forget those past a day here too, since only the quota's check reads the tally
             self.record_hours.append([hour, size])
+            self._forget_hours_before(now_ns)
+
+    def _forget_hours_before(self, now_ns: int) -> None:
+        while self.record_hours and self.record_hours[0][0] <= (now_ns - DAY_NS) // HOUR_NS:
+            self.record_hours.popleft()
 
 
 def local_name(name: str, tenant: str) -> str:

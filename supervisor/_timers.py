@@ -11,33 +11,49 @@ from collections.abc import Callable
 __all__ = ["Timer", "Timers"]
 
 MAX_DROPPED = 1000  # cancelled timers one turn of the loop drops on its way to a due one
+# Cancelled timers in the heap past which it is rebuilt without them, once they are over half of it: a
+# cancelled timer due in a day (an agent's timer cancelled, or its agent removed) would otherwise stay a day.
+SWEEP_MIN = 1024
 
 
 class Timer:
     """A timer set; ``cancel`` drops what it would run (and all that holds), leaving a small entry to
-    fall due."""
+    fall due, or to be swept out with the other cancelled ones (``Timers.at``)."""
 
-    __slots__ = ("fn",)
+    __slots__ = ("_owner", "fn")
 
-    def __init__(self, fn: Callable[[], None]) -> None:
+    def __init__(self, fn: Callable[[], None], owner: Timers | None = None) -> None:
         self.fn: Callable[[], None] | None = fn
+        self._owner = owner  # the Timers whose heap holds it, while it is there and not cancelled
 
     def cancel(self) -> None:
         self.fn = None
+        if self._owner is not None:
+            self._owner._cancelled += 1
+            self._owner = None
 
 
 class Timers:
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
+        self._cancelled = 0  # cancelled timers still in the heap
 
     def at(self, when: float, fn: Callable[[], None]) -> Timer:
-        timer = Timer(fn)
+        if self._cancelled > SWEEP_MIN and 2 * self._cancelled > len(self._heap):
+            self._heap = [entry for entry in self._heap if entry[2].fn is not None]
+            heapq.heapify(self._heap)
+            self._cancelled = 0
+        timer = Timer(fn, self)
         heapq.heappush(self._heap, (when, next(self._seq), timer))
         return timer
 
     def after(self, seconds: float, fn: Callable[[], None]) -> Timer:
         return self.at(time.monotonic() + seconds, fn)
+
+    def __len__(self) -> int:
+        """Timers set and neither run nor cancelled (what `top` and /metrics show as the loop's timers)."""
+        return len(self._heap) - self._cancelled
 
     def every(self, seconds: float, fn: Callable[[], None]) -> None:
         """``fn`` every ``seconds``, for as long as the loop runs."""
@@ -69,7 +85,10 @@ class Timers:
         for _ in range(MAX_DROPPED):
             if not heap or heap[0][0] > now:
                 return
-            fn = heapq.heappop(heap)[2].fn
+            timer = heapq.heappop(heap)[2]
+            fn = timer.fn
             if fn is not None:
+                timer._owner = None  # out of the heap: a cancel from now on has nothing to sweep
                 fn()
                 return
+            self._cancelled -= 1

@@ -245,7 +245,7 @@ class Usage:
                 "restarts_total": self.restarts_total,
                 "gc_full_collections_total": self.collections.full,
                 "gc_seconds_total": round(self.collections.ns / 1e9, 6),
-                "mailbox_total": sum(a.queued for a in self.agents),
+                "mailbox_total": sum(a.queued for a in self.agents), "timers": len(self.timers),
                 "agents": len(self.agents), "running": sum(1 for a in self.agents if a.alive),
                 "refused_connections": self.tenants.refused_connections}
 
@@ -331,6 +331,8 @@ _SUPERVISOR_SERIES = (
      "gc_full_collections_total"),
     ("gc_seconds", "time its loop spent in garbage collections", "counter", "gc_seconds_total"),
     ("mailbox_depth", "messages waiting in every mailbox", "gauge", "mailbox_total"),
+    ("timers", "timers set in its loop (calls' timeouts, watchdogs, agents' timers), neither run nor cancelled",
+     "gauge", "timers"),
     ("agents", "agents it knows", "gauge", "agents"),
     ("agents_running", "agents with a live worker", "gauge", "running"),
     ("refused_connections", "control connections refused at the handshake", "counter", "refused_connections"),

@@ -994,3 +994,20 @@ def test_a_due_timer_lets_the_loop_poll_without_sleeping() -> None:
     assert timers.timeout_ms() == 0
     timers.after(0, lambda: None)
     assert timers.timeout_ms() == 0
+
+
+def test_cancelled_timers_due_far_ahead_do_not_pile_up() -> None:
+    """An agent's timer cancelled (or its agent removed) cancels the loop's timer for it, and the heap is
+    swept of cancelled timers once they are most of it: a one-day timer set and cancelled in a loop left
+    one entry (and its closure) per cancel in the heap for a day."""
+    from supervisor._timers import SWEEP_MIN, Timers
+
+    timers, ran = Timers(), []
+    keep = timers.after(3600, lambda: ran.append("kept"))
+    for _ in range(10 * SWEEP_MIN):
+        timers.after(86400, lambda: ran.append("cancelled")).cancel()
+    assert len(timers._heap) <= 2 * SWEEP_MIN + 2
+    assert keep.fn is not None and any(entry[2] is keep for entry in timers._heap)
+    timers.at(time.monotonic() - 1, lambda: ran.append("due"))
+    timers.run_due()
+    assert ran == ["due"]

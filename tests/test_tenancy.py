@@ -632,3 +632,15 @@ def test_a_local_supervisor_without_listen_still_serves_the_operator(theater: Th
         assert info["listen"] is None and info["metrics"] is None and info["tenant"] == "operator"
     with pytest.raises(NotRunning):
         Client(theater.dir / "nowhere", timeout=1)
+
+
+def test_a_tenant_s_hourly_record_tally_keeps_one_day_without_the_quota() -> None:
+    """Every commit adds to its tenant's hourly tally of record bytes; only the `record_bytes_per_day` check
+    forgot hours past a day, so a tenant without that quota kept one entry per hour of uptime for good."""
+    from supervisor._tenants import HOUR_NS, _Account
+
+    account, start = _Account(), 1_800_000_000 * 10**9
+    for hour in range(24 * 30):  # a commit an hour for 30 days, and no quota reading the tally
+        account.add_record_bytes(start + hour * HOUR_NS, 100)
+    assert len(account.record_hours) == 24
+    assert account.record_bytes_today(start + (24 * 30 - 1) * HOUR_NS) == 24 * 100

@@ -4,6 +4,7 @@ committed with their call, survive worker and supervisor crashes, end with the a
 from __future__ import annotations
 
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,38 @@ def test_a_cancelled_timer_never_fires(theater: Theater) -> None:
         ask(c, "after:200:later")
         wait_until(lambda: has_line(c, "later"), what="the later timer")
         assert "cancelled" not in ask(c, "state")
+
+
+def test_a_cancelled_timer_leaves_nothing_set_in_the_supervisor_s_loop(theater: Theater) -> None:
+    """Cancelling a timer also cancels what the supervisor's loop had set to fire it: each day-long timer set and
+    cancelled used to keep its place in the loop (with its closure) until the day was over."""
+    with theater.client() as c:
+        c.spawn(alarm(theater))
+        ask(c, "state")
+        before = c.top()["supervisor"]["timers"]
+        for _ in range(50):
+            timer_id = ask(c, "after:86400000:tomorrow")[3:]
+            assert ask(c, f"cancel:{timer_id}") == "true"
+        after = c.top()["supervisor"]["timers"]
+    assert after < before + 5, (before, after)  # a watchdog or two may differ; fifty timers may not
+
+
+def test_a_wait_for_records_woken_early_leaves_nothing_set_in_the_supervisor_s_loop(theater: Theater) -> None:
+    """A client's wait for a chain's next record (`events --follow`) woken by a commit cancels its expiry too:
+    each kept its place in the loop for the whole wait it had asked for (up to ten minutes). (A wait that
+    arrives after the commit is answered at once and sets nothing: either way nothing may stay set.)"""
+    with theater.client() as c, theater.client() as follower:
+        c.spawn(alarm(theater))
+        ask(c, "state")
+        before = c.top()["supervisor"]["timers"]
+        for _ in range(20):
+            head = follower.wait_events("t", -1, 0)  # the chain's head, now
+            with ThreadPoolExecutor(1) as pool:
+                woken = pool.submit(follower.wait_events, "t", head, 600_000)
+                ask(c, "state")
+                assert woken.result(timeout=30) > head
+        after = c.top()["supervisor"]["timers"]
+    assert after < before + 5, (before, after)
 
 
 def test_a_call_that_fails_sets_no_timer(theater: Theater) -> None:

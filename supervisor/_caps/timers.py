@@ -23,7 +23,7 @@ from .._agent import Agent, Agents, Pending
 from .._host import Answer, HostCall
 from .._store import EventStore
 from .._supervision import Status
-from .._timers import Timers
+from .._timers import Timer, Timers
 from .grants import TimersGrant
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class AgentTimers:
         self.log = log
         self.pending: dict[int, tuple[bytes, int, bytes]] = {}  # committed: id -> (agent id, due ns, message)
         self.delivering: set[int] = set()  # in a mailbox or in flight
+        self._armed: dict[int, Timer] = {}  # the loop's timer that fires each (a cancel must drop it too)
 
     def resume(self) -> None:
         """After a supervisor start: every committed timer, armed again."""
@@ -111,11 +112,13 @@ class AgentTimers:
             self._arm(timer_id, due_ns)
         for timer_id in cancelled:
             self.pending.pop(timer_id, None)
+            self._disarm(timer_id)
 
     def consumed(self, timer_id: int) -> None:
         """The call that delivered the timer is committed (and its row removed with it)."""
         self.pending.pop(timer_id, None)
         self.delivering.discard(timer_id)
+        self._disarm(timer_id)
 
     def stopped(self, agent: Agent) -> None:
         """The agent stopped: its timers are removed."""
@@ -124,14 +127,23 @@ class AgentTimers:
             return
         for timer_id in mine:
             self.pending.pop(timer_id, None)
+            self._disarm(timer_id)
         self.store.remove_timers(agent.id)
 
     # --- delivery ----------------------------------------------------------------------------
 
     def _arm(self, timer_id: int, due_ns: int) -> None:
-        self.loop.after(max(0.0, (due_ns - time.time_ns()) / 1e9), lambda: self._fire(timer_id))
+        self._armed[timer_id] = self.loop.after(max(0.0, (due_ns - time.time_ns()) / 1e9),
+                                                lambda: self._fire(timer_id))
+
+    def _disarm(self, timer_id: int) -> None:
+        """The timer is gone (cancelled, delivered, or its agent stopped): its loop timer goes with it."""
+        armed = self._armed.pop(timer_id, None)
+        if armed is not None:
+            armed.cancel()
 
     def _fire(self, timer_id: int) -> None:
+        self._armed.pop(timer_id, None)
         held = self.pending.get(timer_id)
         if held is None or timer_id in self.delivering:
             return
@@ -140,7 +152,7 @@ class AgentTimers:
         if agent is None:
             return
         if agent.status not in RECEIVING or agent.queued + agent.reserved >= agent.config.limits.mailbox:
-            self.loop.after(RETRY_S, lambda: self._fire(timer_id))
+            self._armed[timer_id] = self.loop.after(RETRY_S, lambda: self._fire(timer_id))
             return
         data = wire.encode_message(wire.Origin.TIMER, agent.id, timer_id.to_bytes(16, "big"), message)
         pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.MESSAGE, data), timer_id=timer_id)
@@ -154,4 +166,4 @@ class AgentTimers:
             self.consumed(timer_id)
             return
         self.delivering.discard(timer_id)  # not committed: deliver it again
-        self.loop.after(RETRY_S, lambda: self._fire(timer_id))
+        self._armed[timer_id] = self.loop.after(RETRY_S, lambda: self._fire(timer_id))
