@@ -10,11 +10,13 @@ import dataclasses
 import hashlib
 import json
 import sqlite3
+import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -27,10 +29,13 @@ from theater.home import Home
 from theater.records import Kind, Record, sha256
 from theater.rotation import KeySchedule, Rotation
 
-from ._errors import NotFound, StoreError
+from ._errors import SHUTTING_DOWN, NotFound, Refused, StoreError
 from ._store import compaction_of, find_chain, open_readonly, read_chain, read_chain_rows, rotations_of
 
 __all__ = ["ChainReport", "chain_records", "open_readonly", "verify_home"]
+
+T = TypeVar("T")
+PROGRESS_STEPS = 10_000  # SQLite instructions between two looks at a verify's stop event
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +102,14 @@ def replay_start(home: Home, ref: str, from_seq: int | None = None) -> tuple[lis
 
 
 def verify_home(home: Home, agent: str | None = None, *, pinned: bytes | None = None,
-                checkpoint: Checkpoint | None = None) -> list[ChainReport]:
+                checkpoint: Checkpoint | None = None, stop: threading.Event | None = None) -> list[ChainReport]:
     """Every chain of the home (or the one of ``agent``), as ``theater verify`` reports them.
 
     ``pinned``: a public key of the supervisor as the auditor holds it (otherwise the home's own
     ``supervisor.pub`` is trusted); after key rotations, any key of the sequence. ``checkpoint``: a
-    checkpoint (signed by one of those keys) whose every head the store must still hold."""
+    checkpoint (signed by one of those keys) whose every head the store must still hold. ``stop``: set when
+    the supervisor running this verify goes down; the verify then ends at its next record or SQLite step, with
+    Refused, rather than keep the process alive for the minutes a large home takes."""
     try:
         current = home.public_key.read_bytes()
     except FileNotFoundError:
@@ -111,24 +118,39 @@ def verify_home(home: Home, agent: str | None = None, *, pinned: bytes | None = 
         current = pinned
     try:
         db = open_readonly(home.store)
+        if stop is not None:  # a query that is long (a home's every record) stops too: it ends "interrupted"
+            db.set_progress_handler(stop.is_set, PROGRESS_STEPS)
         try:
             db.execute("BEGIN")  # one snapshot: a live supervisor may commit while we read
             schedule = key_schedule(current, rotations_of(db), pinned)
             if checkpoint is not None and checkpoint.public_key not in schedule.keys:
                 raise StoreError(f"the checkpoint was signed by key {fingerprint(checkpoint.public_key)}, not by "
                                  f"{_keys_named(schedule)}")
-            reports = _verify_store(db, schedule, agent, home)
+            reports = _verify_store(db, schedule, agent, home, stop)
             names = {r.agent_id: r.name for r in reports}
             if checkpoint is not None:
                 reports += _against(db, schedule, checkpoint.heads, checkpoint.time_ns, names, "checkpoint")
             if agent is None:
                 for rotation in schedule.rotations:
                     reports += _against(db, schedule, rotation.heads, rotation.time_ns, names, "key rotation")
+            if stop is not None and stop.is_set():  # an interrupted query looks like a table an older store lacks
+                raise Refused(SHUTTING_DOWN)
             return reports
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
+        if stop is not None and stop.is_set():
+            raise Refused(SHUTTING_DOWN) from None
         raise StoreError(f"{home.store}: not a readable event store: {exc}") from None
+
+
+def _until(stop: threading.Event | None, items: Iterable[T]) -> Iterator[T]:
+    """``items``, ending the verify with Refused once ``stop`` is set: what a verify spends its time on
+    (checking each record) looks at it for every record."""
+    for item in items:
+        if stop is not None and stop.is_set():
+            raise Refused(SHUTTING_DOWN)
+        yield item
 
 
 def known_keys(home: Home, bundle: Path | None = None) -> list[bytes]:
@@ -182,7 +204,8 @@ def supervisor_key(raw: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
-def _verify_store(db: sqlite3.Connection, key: KeySchedule, agent: str | None, home: Home) -> list[ChainReport]:
+def _verify_store(db: sqlite3.Connection, key: KeySchedule, agent: str | None, home: Home,
+                  stop: threading.Event | None) -> list[ChainReport]:
     rows = db.execute("SELECT id, name, head_seq, head_hash, state_hash, state, config FROM agents "
                       "ORDER BY created_ns").fetchall()
     nodes = db.execute("SELECT id, name, head_seq, head_hash FROM nodes ORDER BY created_ns").fetchall()
@@ -193,13 +216,13 @@ def _verify_store(db: sqlite3.Connection, key: KeySchedule, agent: str | None, h
         removed = [r for r in removed if agent in (r[1], str(uuid.UUID(bytes=r[0])))]
         if not rows and not nodes and not removed:
             raise NotFound(f"no agent or supervisor node named or with id {agent!r} in {home.store}")
-    reports = [_verify_one(db, key, agent_id, name, head_seq, head_hash, state_hash, state, json.loads(config))
+    reports = [_verify_one(db, key, agent_id, name, head_seq, head_hash, state_hash, state, json.loads(config), stop)
                for agent_id, name, head_seq, head_hash, state_hash, state, config in rows]
     empty = sha256(b"")  # a node's chain has no state: every record states the empty state's hash
-    reports += [_verify_one(db, key, node_id, name, head_seq, head_hash, empty, b"", None)
+    reports += [_verify_one(db, key, node_id, name, head_seq, head_hash, empty, b"", None, stop)
                 for node_id, name, head_seq, head_hash in nodes]
     for removed_id, name, head_seq, head_hash, config in removed:
-        report = _verify_one(db, key, removed_id, name, head_seq, head_hash, None, None, json.loads(config))
+        report = _verify_one(db, key, removed_id, name, head_seq, head_hash, None, None, json.loads(config), stop)
         if report.ok and Record.parse(next(read_chain(db, removed_id, head_seq - 1))).kind is not Kind.REMOVED:
             report = ChainReport(report.agent_id, name, report.records, False,
                                  "a removed agent's chain does not end with its removed record")
@@ -255,20 +278,21 @@ def _compacted_away(db: sqlite3.Connection, schedule: KeySchedule, head: Head) -
 
 def _verify_one(db: sqlite3.Connection, key: KeySchedule, agent_id: bytes, name: str, head_seq: int,
                 head_hash: bytes, state_hash: bytes | None, state: bytes | None,
-                row_config: dict[str, Any] | None) -> ChainReport:
+                row_config: dict[str, Any] | None, stop: threading.Event | None) -> ChainReport:
     """One chain against its row. ``state_hash`` and ``state`` None: a removed agent's, which keeps no state."""
     rows = list(read_chain_rows(db, agent_id))
     raws = [row[-1] for row in rows]
     ident = str(uuid.UUID(bytes=agent_id))
     try:
-        verifier = verify_chain(raws, key.key_for(agent_id, 0), _compaction(compaction_of(db, agent_id), key), key)
+        verifier = verify_chain(_until(stop, raws), key.key_for(agent_id, 0),
+                                _compaction(compaction_of(db, agent_id), key), key)
         if verifier.agent_id != agent_id:
             raise RecordError("the chain belongs to another agent")
         if verifier.next_seq - 1 != head_seq or verifier.head_hash != head_hash:
             raise RecordError(f"the stored head (record {head_seq}) is not the chain's last record ({verifier.next_seq - 1})")
         if state is not None and (verifier.state_hash != state_hash or sha256(state) != state_hash):
             raise RecordError("the stored state does not match the chain's state hash")
-        records = [Record.parse(raw) for raw in raws]
+        records = [Record.parse(raw) for raw in _until(stop, raws)]
         for (seq, kind, time_ns, hash_, _), record in zip(rows, records, strict=True):
             if (seq, kind, time_ns, hash_) != (record.seq, int(record.kind), record.time_ns, record.hash):
                 raise RecordError(f"record {record.seq}: the store's columns (seq, kind, time, hash) differ from "

@@ -15,10 +15,11 @@ import gc
 import hmac
 import os
 import secrets
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from theater.home import Home
 
 from ._agent import Agent, Agents, Pending, queue_room
 from ._config import OPERATOR, TENANT_SEP
-from ._errors import NotFound, Refused, StoreUnavailable, SupervisorError
+from ._errors import SHUTTING_DOWN, NotFound, Refused, StoreUnavailable, SupervisorError
 from ._ledger import Checked
 from ._remote import server_keys
 from ._scope import Scope, localized
@@ -39,6 +40,7 @@ from ._tenants import Tenants
 from ._timers import Timer, Timers
 
 if TYPE_CHECKING:
+    from ._audit import ChainReport
     from ._checkpoints import Checkpoints
     from ._gc import Retention
     from ._record_path import RecordPath
@@ -95,6 +97,8 @@ class Control:
         self._expiries: dict[Waiter, Timer] = {}  # each waiter's wait_ms timer, cancelled when it is woken
         self._held: Counter[tuple[str, str]] = Counter()  # (requester, "wait" or "verify") -> requests held
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        self._verifies: dict[Future[list[ChainReport]], Waiter] = {}  # each verify not answered yet, and whose
+        self._stop_verifies = threading.Event()  # set at down: a verify in progress ends at its next record
         self.down_waiters: list[tuple[bytes, int]] = []
         self.remote: RemoteControl | None = None  # the TCP socket, with `theater up --listen`
         self.metrics_address: str | None = None  # http://HOST:PORT/metrics, with `theater up --metrics`
@@ -342,28 +346,47 @@ class Control:
         from ._audit import verify_home
 
         self._hold(requester, "verify", MAX_VERIFIES)
-        home = Home(self.home_root)
+        home, stop = Home(self.home_root), self._stop_verifies
         if only is None:
-            job = self._pool.submit(verify_home, home, ref)
+            job = self._pool.submit(verify_home, home, ref, stop=stop)
         else:
-            job = self._pool.submit(lambda: [r for name in only for r in verify_home(home, name)])
+            job = self._pool.submit(lambda: [r for name in only for r in verify_home(home, name, stop=stop)])
+        self._verifies[job] = (ident, rid, requester)
 
         def done() -> None:
+            if job not in self._verifies:  # answered by end_verifies, at down
+                return
             if not job.done():
                 self.timers.after(0.02, done)
                 return
-            self._release(requester, "verify")
-            try:
-                reports = job.result()
-            except SupervisorError as exc:
-                self.reply_error(ident, rid, exc.code, str(exc))
-                return
-            except Exception as exc:  # a corrupt store must not take the supervisor down
-                self.reply_error(ident, rid, "store", f"cannot verify: {type(exc).__name__}: {exc}")
-                return
-            self.reply(ident, rid, {"chains": [r.as_dict() for r in reports]})
+            self._answer_verify(job)
 
         self.timers.after(0.02, done)
+
+    def _answer_verify(self, job: Future[list[ChainReport]]) -> None:
+        ident, rid, requester = self._verifies.pop(job)
+        self._release(requester, "verify")
+        try:
+            reports = job.result()
+        except CancelledError:  # queued behind another when down came: never started
+            self.reply_error(ident, rid, Refused.code, SHUTTING_DOWN)
+            return
+        except SupervisorError as exc:  # Refused, SHUTTING_DOWN: stopped at down
+            self.reply_error(ident, rid, exc.code, str(exc))
+            return
+        except Exception as exc:  # a corrupt store must not take the supervisor down
+            self.reply_error(ident, rid, "store", f"cannot verify: {type(exc).__name__}: {exc}")
+            return
+        self.reply(ident, rid, {"chains": [r.as_dict() for r in reports]})
+
+    def end_verifies(self) -> None:
+        """At down: a verify in progress stops at its next record and one queued never starts, so that the
+        process does not outlive ``down`` by the minutes a large home's verify takes; each is answered (refused:
+        the supervisor is shutting down, or its reports if it had just finished)."""
+        self._stop_verifies.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for job in list(self._verifies):
+            self._answer_verify(job)
 
     def wake(self, chain_id: bytes, head: int) -> None:
         for ident, rid, requester in self.waiters.pop(chain_id, None) or ():
@@ -374,6 +397,7 @@ class Control:
             self.reply(ident, rid, {"head": head})
 
     def finish_down(self, stopped: int) -> None:
+        self.end_verifies()  # answered before down is: the process ends right after
         for ident, rid in self.down_waiters:
             self.reply(ident, rid, {"stopped": stopped})
 
@@ -436,7 +460,7 @@ class Control:
             wire.send_frames(socket, [routing_id, *frames], copy=False)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.end_verifies()
         self.socket.close(0)
         if self.remote is not None:
             self.remote.close()

@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "NotFound", "Refused", "StoreError", "StoreUnavailable", "SupervisorError", "Violation", "ZygoteGone"]
+__all__ = ["SHUTTING_DOWN", "ConfigError", "NotFound", "Refused", "StoreError", "StoreUnavailable", "SupervisorError",
+           "Violation", "ZygoteGone"]
+
+SHUTTING_DOWN = "the supervisor is shutting down"  # what Refused says of work that `down` ended or never began
 
 
 class SupervisorError(Exception):

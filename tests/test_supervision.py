@@ -12,6 +12,7 @@ up, and that every chain still verifies. Waits are on replies or on ``ps`` /
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -44,6 +45,7 @@ from conftest import (
     wait_until,
     write_lab_policy,
 )
+from test_limits import send_burst
 
 from supervisor._agent import uptime_s
 from supervisor._audit import open_readonly
@@ -684,6 +686,45 @@ def test_calls_left_queued_at_down_are_answered(theater: Theater) -> None:
     left = [outcomes[rid][1] for rid in range(1, 5) if not outcomes[rid][0]]
     assert left, outcomes  # the long call holds the three behind it past the STOP
     assert all(error == {"code": "agent-stopped", "message": "agent busy is stopped"} for error in left), outcomes
+    assert theater.proc is not None and theater.proc.wait(timeout=20) == 0
+
+
+def _store_descriptors(t: Theater) -> int:
+    """How many descriptors the supervisor process holds on the event store file: a verify opens one more."""
+    assert t.proc is not None
+    held = 0
+    for fd in os.listdir(f"/proc/{t.proc.pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            held += os.readlink(f"/proc/{t.proc.pid}/fd/{fd}") == str(t.home.store)
+    return held
+
+
+def test_down_stops_a_verify_in_progress_and_answers_its_client(theater: Theater) -> None:
+    """A verify runs on a thread of the supervisor's. `down` was answered while it went on, the process lived
+    until it ended (minutes, for a large home), and its client was never answered. Now `down` stops it: its
+    client is answered refused (a verify that ran to its end would be answered with its chains), and the
+    process ends."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("chatty", "chatty.wat"))  # 11 records a message: some 50,000 in all
+        for _ in range(5):
+            assert all(r["ok"] for r in send_burst(theater, "chatty", [b"x"] * 900))
+            c.call("chatty", b"x")  # answered after the burst's messages, so every one of them is committed
+        c.stop("chatty")  # no worker to wait for at `down`, which then ends at once, long before the verify would
+    before = _store_descriptors(theater)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(theater.home.control_endpoint)
+    try:
+        body = {"op": "verify", "id": 1, "token": theater.home.token.read_text().strip()}
+        sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body)])
+        wait_until(lambda: _store_descriptors(theater) > before, what="the verify to open the store")
+        with theater.client() as c:
+            assert c.down() == {"stopped": 0}
+        assert sock.poll(30_000), "the verify's client was not answered"
+        reply = wire.decode_reply(sock.recv_multipart()[1])
+    finally:
+        sock.close(0)
+    assert reply.get("error") == {"code": "refused", "message": "the supervisor is shutting down"}, reply
     assert theater.proc is not None and theater.proc.wait(timeout=20) == 0
 
 
