@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from theater.chain import verify_chain
+from theater.chain import ChainVerifier, verify_chain, walk_chain
 from theater.checkpoint import Checkpoint, Head, fingerprint
 from theater.compaction import Compaction
 from theater.ed25519 import key_weakness
@@ -30,7 +30,7 @@ from theater.records import Kind, Record, sha256
 from theater.rotation import KeySchedule, Rotation
 
 from ._errors import SHUTTING_DOWN, NotFound, Refused, StoreError
-from ._store import compaction_of, find_chain, open_readonly, read_chain, read_chain_rows, rotations_of
+from ._store import compaction_of, find_chain, open_readonly, read_chain, read_chain_columns, rotations_of
 
 __all__ = ["ChainReport", "chain_records", "open_readonly", "verify_home"]
 
@@ -279,40 +279,58 @@ def _compacted_away(db: sqlite3.Connection, schedule: KeySchedule, head: Head) -
 def _verify_one(db: sqlite3.Connection, key: KeySchedule, agent_id: bytes, name: str, head_seq: int,
                 head_hash: bytes, state_hash: bytes | None, state: bytes | None,
                 row_config: dict[str, Any] | None, stop: threading.Event | None) -> ChainReport:
-    """One chain against its row. ``state_hash`` and ``state`` None: a removed agent's, which keeps no state."""
-    rows = list(read_chain_rows(db, agent_id))
-    raws = [row[-1] for row in rows]
+    """One chain against its row. ``state_hash`` and ``state`` None: a removed agent's, which keeps no state.
+
+    The chain is read one record at a time (and each record parsed once), however long it is: a verify in
+    the supervisor, or of a home whose chains have no retention limit, holds one record, not the chain."""
     ident = str(uuid.UUID(bytes=agent_id))
+    count = db.execute("SELECT count(*) FROM records WHERE agent_id=?", (agent_id,)).fetchone()[0]
+    stored = read_chain_columns(db, agent_id)
+    raws = _until(stop, read_chain(db, agent_id, limit=-1))
     try:
-        verifier = verify_chain(_until(stop, raws), key.key_for(agent_id, 0),
-                                _compaction(compaction_of(db, agent_id), key), key)
-        if verifier.agent_id != agent_id:
-            raise RecordError("the chain belongs to another agent")
+        verifier = ChainVerifier(key.key_for(agent_id, 0), key)
+        walk = walk_chain(raws, verifier, _compaction(compaction_of(db, agent_id), key))
+        besides: RecordError | None = None  # the first problem beside the chain's own, told if the chain holds
+        for position, (columns, record) in enumerate(zip(stored, walk, strict=True)):
+            try:
+                if tuple(columns) != (record.seq, int(record.kind), record.time_ns, record.hash):
+                    raise RecordError(f"record {record.seq}: the store's columns (seq, kind, time, hash) differ "
+                                      "from the signed record")
+                if position == 0:
+                    _check_genesis(record, agent_id, name, row_config)
+                elif record.kind is Kind.CHILD_EXIT:
+                    _check_child_exit(db, record)
+            except RecordError as exc:
+                besides = besides or exc
+        if besides is not None:
+            raise besides
         if verifier.next_seq - 1 != head_seq or verifier.head_hash != head_hash:
             raise RecordError(f"the stored head (record {head_seq}) is not the chain's last record ({verifier.next_seq - 1})")
         if state is not None and (verifier.state_hash != state_hash or sha256(state) != state_hash):
             raise RecordError("the stored state does not match the chain's state hash")
-        records = [Record.parse(raw) for raw in _until(stop, raws)]
-        for (seq, kind, time_ns, hash_, _), record in zip(rows, records, strict=True):
-            if (seq, kind, time_ns, hash_) != (record.seq, int(record.kind), record.time_ns, record.hash):
-                raise RecordError(f"record {record.seq}: the store's columns (seq, kind, time, hash) differ from "
-                                  "the signed record")
-        genesis = records[0].fields()
-        if genesis.get("name", name) != name:
-            raise RecordError(f"the agents row names {name!r}, its genesis {genesis['name']!r}")
-        if row_config is not None and json.loads(genesis["config"]) != row_config:
-            raise RecordError("the agents row's configuration differs from the one its genesis signed")
-        for record in records:
-            if record.kind is Kind.CHILD_EXIT:
-                f = record.fields()
-                found = db.execute("SELECT kind FROM records WHERE agent_id=? AND hash=?",
-                                   (f["child"], f["exit_hash"])).fetchone()
-                if found is None or found[0] not in (Kind.EXIT, Kind.VIOLATION):
-                    raise RecordError(f"record {record.seq} (child-exit) names exit record {f['exit_hash'].hex()[:16]}… "
-                                      f"of child {uuid.UUID(bytes=f['child'])}, which is not in that child's chain")
     except RecordError as exc:
-        return ChainReport(ident, name, len(raws), False, str(exc))
-    return ChainReport(ident, name, len(raws), True, "")
+        return ChainReport(ident, name, count, False, str(exc))
+    return ChainReport(ident, name, count, True, "")
+
+
+def _check_genesis(genesis: Record, agent_id: bytes, name: str, row_config: dict[str, Any] | None) -> None:
+    """The genesis against the store's row: the same agent, name and configuration."""
+    if genesis.agent_id != agent_id:
+        raise RecordError("the chain belongs to another agent")
+    fields = genesis.fields()
+    if fields.get("name", name) != name:
+        raise RecordError(f"the agents row names {name!r}, its genesis {fields['name']!r}")
+    if row_config is not None and json.loads(fields["config"]) != row_config:
+        raise RecordError("the agents row's configuration differs from the one its genesis signed")
+
+
+def _check_child_exit(db: sqlite3.Connection, record: Record) -> None:
+    """A child-exit record names an exit record that its child's chain holds."""
+    f = record.fields()
+    found = db.execute("SELECT kind FROM records WHERE agent_id=? AND hash=?", (f["child"], f["exit_hash"])).fetchone()
+    if found is None or found[0] not in (Kind.EXIT, Kind.VIOLATION):
+        raise RecordError(f"record {record.seq} (child-exit) names exit record {f['exit_hash'].hex()[:16]}… "
+                          f"of child {uuid.UUID(bytes=f['child'])}, which is not in that child's chain")
 
 
 # --- bundles: chains carried to another machine ------------------------------------------------------

@@ -21,7 +21,7 @@ from theater.records import Kind, Record
 
 from ._errors import StoreError
 
-__all__ = ["AgentRow", "EventStore", "compaction_of", "find_chain", "open_readonly", "read_chain", "read_chain_rows", "rotations_of"]
+__all__ = ["AgentRow", "EventStore", "compaction_of", "find_chain", "open_readonly", "read_chain", "read_chain_columns", "rotations_of"]
 
 SCHEMA_VERSION = 1
 # What `usage` counts per agent (docs/tenancy.md section 6).
@@ -541,9 +541,10 @@ def read_chain(db: sqlite3.Connection, chain_id: bytes, after: int = -1, limit: 
         yield raw
 
 
-def read_chain_rows(db: sqlite3.Connection, chain_id: bytes) -> Iterator[tuple[int, int, int, bytes, bytes]]:
-    """A chain's rows as stored, (seq, kind, time_ns, hash, raw), in order: for checking the copy columns."""
-    yield from db.execute("SELECT seq, kind, time_ns, hash, raw FROM records WHERE agent_id=? ORDER BY seq", (chain_id,))
+def read_chain_columns(db: sqlite3.Connection, chain_id: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """A chain's copy columns as stored, (seq, kind, time_ns, hash), in order: read beside ``read_chain`` to
+    check them against the records themselves."""
+    yield from db.execute("SELECT seq, kind, time_ns, hash FROM records WHERE agent_id=? ORDER BY seq", (chain_id,))
 
 
 def rotations_of(db: sqlite3.Connection) -> list[str]:

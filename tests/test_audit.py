@@ -86,6 +86,32 @@ def test_a_deleted_agent_row_leaves_records_verify_reports(theater: Theater) -> 
     assert broken(theater) == {"?": "records of a chain that no agents or nodes row names"}
 
 
+def test_verify_reads_a_chain_one_record_at_a_time(theater: Theater) -> None:
+    """A chain is checked without holding it: verify (offline, or a client's verify in the supervisor) of a chain
+    with no retention limit used to load every record of it at once, twice over (raw and parsed)."""
+    import tracemalloc
+
+    from supervisor._audit import verify_home
+
+    with theater.client() as c:
+        c.spawn(theater.manifest("chatty", "chatty.wat"))
+        for _ in range(300):  # 11 records a call
+            c.call("chatty", b"x")
+    db = sqlite3.connect(f"file:{theater.home.store}?mode=ro", uri=True)
+    try:
+        count, size = db.execute("SELECT count(*), sum(length(raw)) FROM records").fetchone()
+    finally:
+        db.close()
+    tracemalloc.start()
+    try:
+        reports = verify_home(theater.home, "chatty")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [r.ok for r in reports] == [True] and reports[0].records > 3000 and count > 3000
+    assert peak < size / 4, (peak, size)  # the chain's own bytes alone were more than the whole peak may be
+
+
 def test_the_copy_columns_must_match_the_signed_record(theater: Theater) -> None:
     with theater.client() as c:
         c.spawn(theater.manifest("e", "echo.wat"))

@@ -6,7 +6,7 @@ they are stored and offline in ``theater verify`` or an auditor's script.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -16,7 +16,7 @@ from .errors import RecordError
 from .records import GENESES, NODE_KINDS, ZERO_HASH, Kind, Record, Signer, verify_record
 from .rotation import KeySchedule
 
-__all__ = ["ChainVerifier", "verify_chain"]
+__all__ = ["ChainVerifier", "verify_chain", "walk_chain"]
 
 # Kinds whose "ok" outcome may change the agent's state.
 _STATE_CHANGING = (Kind.INIT, Kind.HANDLE, Kind.CHILD_EXIT, Kind.MESSAGE)
@@ -163,12 +163,10 @@ def _public_key(raw: bytes, seq: int) -> Ed25519PublicKey:
         raise RecordError(f"record {seq}: worker key is not an Ed25519 public key") from exc
 
 
-def verify_chain(records: Iterable[bytes], supervisor_key: Ed25519PublicKey,
-                 compaction: Compaction | None = None, schedule: KeySchedule | None = None) -> ChainVerifier:
-    """Verify a whole chain from genesis (past the records ``compaction`` dropped, if given; its signature
-    already checked), under ``schedule`` if the supervisor's key was rotated; return the verifier positioned
-    at its head."""
-    verifier = ChainVerifier(supervisor_key, schedule)
+def walk_chain(records: Iterable[bytes], verifier: ChainVerifier,
+               compaction: Compaction | None = None) -> Iterator[Record]:
+    """Verify a chain from genesis with ``verifier`` (new), as :func:`verify_chain` does, yielding each record
+    once it has passed: a caller checking more of each record reads a long chain one record at a time."""
     for position, raw in enumerate(records):
         try:
             record = Record.parse(raw)
@@ -177,7 +175,18 @@ def verify_chain(records: Iterable[bytes], supervisor_key: Ed25519PublicKey,
         verifier.advance(record)
         if position == 0 and compaction is not None:
             verifier.skip(compaction)
+        yield record
     if verifier.next_seq == 0:
         raise RecordError("empty chain")
     verifier.require_covered()
+
+
+def verify_chain(records: Iterable[bytes], supervisor_key: Ed25519PublicKey,
+                 compaction: Compaction | None = None, schedule: KeySchedule | None = None) -> ChainVerifier:
+    """Verify a whole chain from genesis (past the records ``compaction`` dropped, if given; its signature
+    already checked), under ``schedule`` if the supervisor's key was rotated; return the verifier positioned
+    at its head."""
+    verifier = ChainVerifier(supervisor_key, schedule)
+    for _record in walk_chain(records, verifier, compaction):
+        pass
     return verifier
