@@ -8,6 +8,7 @@ Every wait is on a reply or on a counter with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -446,6 +447,26 @@ def test_every_quota_is_enforced(hosted: Theater) -> None:
         c.spawn(counter(hosted, "r"))
         exc = _until_refused(lambda: c.send("r", b"x"))
         assert exc.code == "quota" and "quota calls_per_second" in str(exc)
+
+    talk = add_tenant(hosted, "talk", quotas={"calls_per_second": 3})  # an agent's message to its agents counts
+    with tenant_client(talk) as c:
+        for name in ("a", "b"):
+            c.spawn(hosted.manifest(name, "messenger.wat", policy="messaging", capabilities=["runtime", "messaging"]))
+        replies: list[bytes | None] = []
+
+        def a_call_taken() -> bool:  # refused (quota) until the bucket is above zero again, then taken
+            with contextlib.suppress(ClientError):
+                replies.append(c.call("a", b"send:b:x"))
+            return any(r != b"ok" for r in replies)
+
+        # Each taken call takes a token, and so does its send: the bucket of 3 is below zero after two. The next
+        # call is taken once it is just above zero, and takes it below zero again: that call's send is refused.
+        wait_until(a_call_taken, what="a send refused")
+        reply = replies[-1]
+        a_id = next(agent["id"] for agent in c.ps() if agent["name"] == "a")
+    answered = of(records(hosted, a_id), Kind.HOST_CALL)[-1].fields()["output"]
+    assert answered.startswith(b'{"detail":"tenant talk') and b'"error":"denied"' in answered  # as the guest got it
+    assert reply is not None and reply.startswith(b"err:denied:tenant talk's quota calls_per_second"), reply
 
     kv = add_tenant(hosted, "kv", quotas={"kv_bytes": 100})
     with tenant_client(kv) as c:

@@ -71,8 +71,8 @@ class Messaging:
             return refusal
         try:
             self.tenants.check_message(target.config.tenant)
-        except QuotaExceeded as exc:
-            return _error("quota", str(exc))
+        except QuotaExceeded as exc:  # the guest's error cases have no quota: it is denied, with the quota named
+            return _error("denied", str(exc))
         message_id = uuid.uuid4().bytes
         if call.op == "send":
             pending = self._pending(wire.Origin.SEND, sender.id, message_id, message, send_id=message_id)
