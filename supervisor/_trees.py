@@ -452,18 +452,20 @@ class Supervision:
 
     @staticmethod
     def _refuse_under_failed(member: Member) -> None:
-        """A member of a tree whose node (or a node above it) has given up would run unsupervised: its crash
-        would restart nothing, and nothing would give up. The failed node is restarted instead, and starts it."""
+        """A member of a tree whose node (or a node above it) has given up, or was stopped, would run
+        unsupervised: its crash would restart nothing, and nothing would give up (an OTP supervisor that is
+        not running has no children to restart). That node is restarted instead, and starts it."""
         node = member.leaf.parent if isinstance(member, Agent) else member.sup.parent
-        failed = None
+        down = None
         while node is not None:
-            if node.kind is NodeKind.TREE and node.status is Status.FAILED:
-                failed = node  # the highest one: restarting it starts everything under it
+            if node.kind is NodeKind.TREE and node.status in (Status.FAILED, Status.STOPPED):
+                down = node  # the highest one: restarting it starts everything under it
             node = node.parent
-        if failed is not None:
-            raise Refused(f"{member.name}'s supervisor {failed.name} failed ({failed.last_exit}): restarted alone "
-                          f"{member.name} would run unsupervised. Restart that node, which starts "
-                          f"{member.name} with it: theater restart {failed.name}")
+        if down is not None:
+            how = f"failed ({down.last_exit})" if down.status is Status.FAILED else "is stopped"
+            raise Refused(f"{member.name}'s supervisor {down.name} {how}: restarted alone {member.name} would run "
+                          f"unsupervised. Restart that node, which starts {member.name} with it: "
+                          f"theater restart {down.name}")
 
     @staticmethod
     def _refuse_let_go(agent: Agent) -> None:

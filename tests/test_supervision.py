@@ -1160,6 +1160,14 @@ def test_operator_restart_of_a_member_under_a_failed_node_is_refused(theater: Th
             "running", "running", "running")
         _crash(c, "a")  # supervised again: restarted by its node (intensity 0 of a fresh start: it gives up)
         _wait_member(c, "root", "failed")
+        c.request("restart", agent="root")
+        c.stop("root")  # a stopped node has no children to restart either
+        for name in ("a", "inner", "b"):
+            with pytest.raises(ClientError) as refused:
+                c.request("restart", agent=name)
+            assert f"{name}'s supervisor root is stopped: restarted alone {name} would run unsupervised" \
+                in str(refused.value), refused.value
+        assert [ps(c, n)["pid"] for n in ("a", "b")] == [None, None]
     _down_promptly(theater)
 
 
