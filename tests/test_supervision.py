@@ -711,12 +711,8 @@ def test_down_stops_a_verify_in_progress_and_answers_its_client(theater: Theater
             c.call("chatty", b"x")  # answered after the burst's messages, so every one of them is committed
         c.stop("chatty")  # no worker to wait for at `down`, which then ends at once, long before the verify would
     before = _store_descriptors(theater)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(theater.home.control_endpoint)
+    sock = _send_async(theater, "verify")
     try:
-        body = {"op": "verify", "id": 1, "token": theater.home.token.read_text().strip()}
-        sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json(body)])
         wait_until(lambda: _store_descriptors(theater) > before, what="the verify to open the store")
         with theater.client() as c:
             assert c.down() == {"stopped": 0}
