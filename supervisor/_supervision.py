@@ -39,6 +39,7 @@ __all__ = [
     "NodeRecord",
     "Notify",
     "OwnerGaveUp",
+    "Readmitted",
     "RecordExit",
     "Removed",
     "Settle",
@@ -324,6 +325,14 @@ class Removed:
 
 
 @dataclass(frozen=True, slots=True)
+class Readmitted:
+    """A temporary child that had left its node comes back with the node's start: its stored desired state
+    (that of its end) is running again, so that a supervisor restart resumes it with its node."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoreTree:
     """Store a tree root's desired state."""
 
@@ -347,8 +356,8 @@ class Abandoned:
     why: str
 
 
-Action = (Start | Stop | StopNode | RecordExit | Settle | NodeRecord | Notify | OwnerGaveUp | Removed | StoreTree | Done
-          | Abandoned)
+Action = (Start | Stop | StopNode | RecordExit | Settle | NodeRecord | Notify | OwnerGaveUp | Removed | Readmitted
+          | StoreTree | Done | Abandoned)
 
 
 # --- the engine ------------------------------------------------------------------
@@ -771,8 +780,11 @@ class Engine:
         if isinstance(member, Sup):
             member.status = Status.STARTING
             member.restarts = []
-            if member.kind is not NodeKind.OWNED:
-                member.children = list(member.spec)  # a temporary child that ended comes back with its node
+            if member.kind is not NodeKind.OWNED:  # a temporary child that ended comes back with its node
+                for back in member.spec:
+                    if isinstance(back, Leaf) and back not in member.children and not back.held:
+                        self._emit(Readmitted(back.name))
+                member.children = list(member.spec)
             if member.kind is NodeKind.TREE:
                 how = "restart" if counted else "operator" if job and job.purpose is Purpose.OPERATOR else "start"
                 self._emit(NodeRecord(member.name, "start", {"reason": how}))

@@ -60,6 +60,7 @@ from ._supervision import (
     Notify,
     OwnerGaveUp,
     Purpose,
+    Readmitted,
     RecordExit,
     Removed,
     Settle,
@@ -737,6 +738,8 @@ class Supervision:
                     worker.kill("shutdown")
             elif isinstance(action, Removed):
                 pass  # the engine has taken it out of its node; `ps` still lists the agent
+            elif isinstance(action, Readmitted):
+                self.commit_desired(self.agents.by_name[action.name], Status.RUNNING)
             elif isinstance(action, StoreTree):
                 node = self.nodes[action.root]
                 with contextlib.suppress(StoreError):

@@ -1234,6 +1234,27 @@ def test_tree_survives_a_supervisor_sigkill(theater: Theater) -> None:
     assert_verified(theater)
 
 
+def test_a_temporary_child_back_with_its_restarted_node_is_resumed_with_it(theater: Theater) -> None:
+    """A temporary child that ended left its node, and its stored desired state was its end's; when the node's
+    own supervisor restarts the node, the child starts again with it, and is stored as running again: after a
+    supervisor SIGKILL it resumed with its node (it used to stay stopped)."""
+    inner = sup("inner", [agent("tmp", "finisher.wat", restart={"type": "temporary"}), agent("q")], intensity=0)
+    with theater.client() as c:
+        c.spawn(tree_manifest(theater, sup("root", [inner], intensity=5, period_ms=60000)))
+        assert c.call("tmp", b"finish") == b"1"  # a normal end: it leaves inner, stored as stopped
+        wait_status(c, "tmp", "stopped")
+        _crash(c, "q")  # inner gives up (intensity 0); root restarts it, and tmp comes back with it
+        _wait_member(c, "inner", "running", restarts=0)
+        wait_until(lambda: ps(c, "tmp")["status"] == "running", what="tmp back with inner")
+    theater.kill()
+    start_after_crash(theater)
+    with theater.client() as c:
+        _wait_member(c, "root", "running")
+        wait_until(lambda: ps(c, "tmp")["status"] == "running", what="tmp resumed with its node")
+        assert [m["name"] for m in _member(c, "inner")["children"]] == ["tmp", "q"]
+    assert_verified(theater)
+
+
 def test_tree_survives_two_restarts_of_the_supervisor(theater: Theater) -> None:
     """Every child of a running tree runs again after each of two `down` + start cycles, and is stored as running."""
     names = ["a", "b", "c"]
