@@ -14,6 +14,7 @@ import contextlib
 import gc
 import hmac
 import os
+import re
 import secrets
 import threading
 import time
@@ -60,7 +61,7 @@ REMOTE_TURN_S = 0.004
 # A client's ident in tickets: LOCAL and ZeroMQ's routing id, or REMOTE, the tenant's name, NUL and the routing id.
 LOCAL, REMOTE = b"L", b"R"
 
-MAX_CONTROL_DATA = 64 * 1024 * 1024
+MAX_CONTROL_DATA = req.MAX_UPLOAD_BYTES  # the largest data frame: a tenant's component
 MAX_ERROR_CHARS = 4096
 # Replies queued to one client of the local socket that it has not read yet. ZeroMQ drops the replies past
 # a pipe's high-water mark (1,000 by default), so a client that pipelined more requests than that before
@@ -130,15 +131,16 @@ class Control:
             got = self.remote.receive()
             if got is None:
                 return
-            frames, tenant = got
+            frames, tenant, key = got
             # The tenant travels in the ident, so every reply, however late, is written for it.
-            self._take(REMOTE + tenant.encode() + b"\0" + bytes(frames[0]), frames[1:], tenant)
+            self._take(REMOTE + tenant.encode() + b"\0" + bytes(frames[0]), frames[1:], tenant, key)
             if time.perf_counter() > until:
                 return
 
-    def _take(self, ident: bytes, frames: Sequence[bytes | memoryview], tenant: str | None) -> None:
+    def _take(self, ident: bytes, frames: Sequence[bytes | memoryview], tenant: str | None, key: str = "") -> None:
         """One request: the header and JSON frames are bytes (a longer one is refused by its length first);
-        the data frame may be a view (``RemoteControl.receive``)."""
+        the data frame may be a view (``RemoteControl.receive``). A tenant's comes with the key its connection's
+        handshake proved (``key``)."""
         rid = 0
         try:
             if len(frames) not in (2, 3) or wire.parse_header(frames[0], wire.ClientType) is not wire.ClientType.REQUEST:
@@ -147,14 +149,16 @@ class Control:
             if isinstance(text, memoryview):  # read in place: longer than any JSON frame may be
                 raise ProtocolError(f"request of {len(text)} bytes exceeds {wire.MAX_JSON_BYTES}")
             body = wire.decode_json(text, "request")
-            rid = body.get("id", 0) if isinstance(body.get("id", 0), int) else 0
+            rid = body.get("id", 0)
+            rid = rid if isinstance(rid, int) and not isinstance(rid, bool) else 0
             if tenant is None:
                 if not hmac.compare_digest(str(body.get("token", "")), self.token):
                     raise Refused("bad control token")
                 tenant = OPERATOR
-            elif tenant not in self.tenants.by_name:  # removed since this connection's handshake
-                self.tenants.refused_connections += 1
-                raise Refused(f"{tenant!r} is not a tenant of this supervisor")
+            else:  # removed since this connection's handshake (and perhaps added again, with another key)
+                current = self.tenants.by_name.get(tenant)
+                if current is None or not hmac.compare_digest(current.public_key, key):
+                    raise Refused(f"{tenant!r} is not a tenant of this supervisor (not with this connection's key)")
             request = req.decode_request(body.get("op"), body, frames[2] if len(frames) == 3 else None)
             if tenant != OPERATOR and isinstance(request, req.OPERATOR_ONLY):
                 message = f"only the operator may ask for {body.get('op')!s:.32}"
@@ -444,7 +448,7 @@ class Control:
             message = message[:MAX_ERROR_CHARS] + "…"
         tenant = _tenant_of(ident)
         if tenant != OPERATOR:
-            message = message.replace(f"{tenant}{TENANT_SEP}", "")
+            message = _local_names(message, tenant)
         body = {"id": rid, "ok": False, "error": {"code": code, "message": message}}
         self._send(ident, [wire.header(wire.ClientType.REPLY), wire.encode_reply(body)])
 
@@ -492,3 +496,9 @@ def _answered(pending: Pending) -> None:
     if pending.timeout is not None:
         pending.timeout.cancel()
         pending.timeout = None
+
+
+def _local_names(message: str, tenant: str) -> str:
+    """An error as its tenant reads it: its agents' names without the tenant's prefix. Only a prefix that
+    begins a name is dropped: a tenant named ``d`` must not lose the ``d:`` of "reached: 10"."""
+    return re.sub(rf"(?<![a-z0-9_-]){re.escape(tenant + TENANT_SEP)}(?=[a-z0-9])", "", message)

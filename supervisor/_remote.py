@@ -96,7 +96,11 @@ class RemoteControl:
                 self.refusals.log(f"refused a control connection from {address.decode(errors='replace')[:64]}: {why}")
                 self.zap.send_multipart([version, request_id, b"400", b"not a tenant's key", b"", b""])
                 continue
-            self.zap.send_multipart([version, request_id, b"200", b"OK", tenant.name.encode(), b""])
+            # The User-Id every request of this connection carries: the tenant and the key it proved, so that a
+            # request is taken only while that key is still the tenant's (not after a removal and a new tenant
+            # of the same name).
+            self.zap.send_multipart([version, request_id, b"200", b"OK",
+                                     f"{tenant.name} {tenant.public_key}".encode(), b""])
 
     def count_failures(self) -> None:
         """Handshakes that failed: each is a client refused before any of its requests was read."""
@@ -107,8 +111,9 @@ class RemoteControl:
                 self.refusals.log(f"refused a control connection: its handshake failed "
                                   f"({_HOW.get(zmq.Event(event['event']), '?')})")
 
-    def receive(self) -> tuple[list[bytes | memoryview], str] | None:
-        """One request and the tenant whose key sent it (from the handshake), or None when there is none.
+    def receive(self) -> tuple[list[bytes | memoryview], str, str] | None:
+        """One request, the tenant whose key completed the handshake and that key (Z85), or None when there is
+        none.
 
         A frame longer than any JSON a request may carry (a message's or an upload's data) is read in place,
         as a view of ZeroMQ's message: most such frames from a flood are refused (too large for the agent, a
@@ -118,8 +123,8 @@ class RemoteControl:
         except zmq.Again:
             return None
         user = frames[-1].get("User-Id")
-        return ([f.bytes if len(f) <= MAX_JSON_BYTES else f.buffer for f in frames],
-                user if isinstance(user, str) else "")
+        tenant, _, key = (user if isinstance(user, str) else "").partition(" ")
+        return [f.bytes if len(f) <= MAX_JSON_BYTES else f.buffer for f in frames], tenant, key
 
     def close(self) -> None:
         self.socket.disable_monitor()

@@ -32,19 +32,23 @@ class Scope:
     def owns(self, member: Member) -> bool:
         return self.tenant == OPERATOR or member.config.tenant == self.tenant
 
-    def _full(self, ref: object) -> object:
-        """A tenant's reference as the home names it (an id stays an id)."""
+    def _lookup(self, ref: object) -> Member:
+        """A reference as the home names it: a tenant's own name first (prefixed), then an id (an agent may be
+        named like one)."""
         if self.tenant == OPERATOR or not isinstance(ref, str):
-            return ref
+            return self.supervision.member(ref)
         try:
-            uuid.UUID(ref)
-            return ref
-        except ValueError:
-            return f"{self.tenant}{TENANT_SEP}{ref}"
+            return self.supervision.member(f"{self.tenant}{TENANT_SEP}{ref}")
+        except NotFound:
+            try:
+                uuid.UUID(ref)
+            except ValueError:
+                raise NotFound(ref) from None
+            return self.supervision.member(ref)
 
     def member(self, ref: object) -> Member:
         try:
-            member = self.supervision.member(self._full(ref))
+            member = self._lookup(ref)
         except NotFound:
             if self.tenant != OPERATOR and isinstance(ref, str) and TENANT_SEP in ref:
                 try:  # another tenant's agent, by its full name: as not found, and recorded as a probe

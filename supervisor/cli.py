@@ -722,11 +722,12 @@ def cmd_tenant(args: argparse.Namespace, home: Home) -> int:
             tenants = report["tenants"]
 
             def table() -> str:
-                lines = [f"{'TENANT':<16} {'AGENTS':>6} {'RUNNING':>7} {'DENIALS':>7}  POLICIES / QUOTAS"]
+                lines = [f"{'TENANT':<16} {'AGENTS':>6} {'RUNNING':>7} {'DENIALS':>7}  POLICIES / ROUTES / QUOTAS"]
                 for t in tenants:
                     quotas = " ".join(f"{k}={v}" for k, v in t["quotas"].items()) or "no quotas"
+                    routes = ",".join(t.get("routes") or ()) or "no routes"
                     lines.append(f"{t['name']:<16} {t['agents']:>6} {t['running']:>7} {t['denials']:>7}  "
-                                 f"{','.join(t['policies'])} / {quotas}")
+                                 f"{','.join(t['policies'])} / {routes} / {quotas}")
                 lines.append(f"connections refused at the handshake: {report['refused_connections']}")
                 return "\n".join(lines)
 

@@ -477,6 +477,21 @@ def test_wrong_control_token_is_refused(theater: Theater) -> None:
         assert ps(c, "ctr")["head"] == 4  # genesis, init, and one call's log, host-call, handle
 
 
+@pytest.mark.parametrize("rid", [True, False, "7", 1.5, None], ids=repr)
+def test_a_request_id_that_is_not_an_integer_is_echoed_as_0(theater: Theater, rid: object) -> None:
+    """wire-protocol.md 8.2: a JSON true is no integer, though Python's bool is an int (it was echoed back)."""
+    sock = _socket(theater.home.control_endpoint)
+    try:
+        token = theater.home.token.read_text().strip()
+        sock.send_multipart([wire.header(wire.ClientType.REQUEST), wire.encode_json({"op": "ping", "id": rid,
+                                                                                     "token": token})])
+        assert sock.poll(30_000), "no reply"
+        reply = wire.decode_json(sock.recv_multipart()[1], "reply")
+    finally:
+        sock.close(0)
+    assert reply["ok"] is True and reply["id"] == 0 and type(reply["id"]) is int, reply
+
+
 # Regression (found here, fixed in wire.decode_json): the request is parsed before the token check.
 @pytest.mark.parametrize("payload", sorted(HOSTILE_JSON))
 def test_unauthenticated_hostile_request_does_not_crash_supervisor(theater: Theater, payload: str) -> None:

@@ -226,23 +226,62 @@ def test_a_removed_tenants_key_stops_working_and_its_agents_stop(hosted: Theater
         with hosted.client() as op:
             assert op.tenant_remove("acme") == {"removed": "acme", "stopped": 1}
             assert op.ps()[0]["status"] == "stopped"  # the chain stays, for audit
+        refused_before = refused_connections(hosted)
         with pytest.raises(ClientError) as exc:  # a connection made before the removal: refused per request
             c.ps()
         assert exc.value.code == "refused"
+        assert refused_connections(hosted) == refused_before  # a request refused, not a handshake
+        with tenant_client(acme) as fresh, pytest.raises(ClientError) as exc2:  # a new one: refused at the handshake
+            fresh.ps()
+        assert exc2.value.code == "refused"
+        with pytest.raises(ClientError) as exc3:  # a new tenant of that name would inherit the old one's agents
+            add_tenant(hosted, "acme")
+        assert "still in the home" in str(exc3.value)
+        with hosted.client() as op:
+            op.remove("acme:counter")
+        successor = add_tenant(hosted, "acme")  # the name given to someone else, with a key of their own
+        with tenant_client(successor) as theirs:
+            theirs.spawn(counter(hosted, "secret"))
+            # The old connection, still open, proved the old key: it gets nothing of the new tenant's.
+            for ask in (c.ps, lambda: c.call("secret", b"x"), lambda: c.stop("secret")):
+                with pytest.raises(ClientError) as exc4:
+                    ask()
+                assert exc4.value.code == "refused" and "not with this connection's key" in str(exc4.value)
+            assert theirs.call("secret", b"x") == b"1"  # untouched: the first call it got
     finally:
         c.close()
-    with tenant_client(acme) as fresh, pytest.raises(ClientError) as exc2:  # a new one: refused at the handshake
-        fresh.ps()
-    assert exc2.value.code == "refused"
-    with pytest.raises(ClientError) as exc3:  # a new tenant of that name would inherit the old one's agents
-        add_tenant(hosted, "acme")
-    assert "still in the home" in str(exc3.value)
-    with hosted.client() as op:
-        op.remove("acme:counter")
-    assert add_tenant(hosted, "acme").tenant == "acme"
 
 
 # --- walls between tenants -----------------------------------------------------------------
+
+
+def test_a_tenant_s_errors_lose_only_its_own_prefix_and_its_agents_may_be_named_like_ids(hosted: Theater) -> None:
+    """Errors reach a tenant with its agents' names as it writes them: only a prefix that begins a name is
+    dropped (a tenant named `d` lost the `d:` of "reached:"). And an agent named like a UUID is its own
+    agent's name first (the name was taken for an id, and not found)."""
+    d = add_tenant(hosted, "d", quotas={"agents": 1})
+    named_like_an_id = "12345678123456781234567812345678"
+    with tenant_client(d) as c:
+        c.spawn(counter(hosted, named_like_an_id))
+        assert c.call(named_like_an_id, b"x") == b"1"
+        with pytest.raises(ClientError) as exc:
+            c.spawn(counter(hosted, "two"))
+        assert str(exc.value) == "tenant d's quota agents (1) is reached: 1 running, 1 more asked", exc.value
+        with pytest.raises(ClientError) as missing:
+            c.call("nosuch", b"x")
+        assert str(missing.value) == "no agent named or with id 'nosuch'"
+
+
+def test_a_tenant_s_component_is_at_most_64_mib() -> None:
+    """The data frame may be a little longer than a component (the socket's limit has room for the JSON): the
+    request itself says 64 MiB, as tenancy.md does."""
+    from theater import control
+
+    text = 'name = "a"\ncomponent = "a.wasm"\n'
+    body = {"manifest_text": text, "component_kind": "wasm"}
+    assert isinstance(control.decode_request("spawn", body, bytearray(control.MAX_UPLOAD_BYTES)), control.Upload)
+    with pytest.raises(control.BadRequest, match=r"a component of 67108865 bytes is more than 67108864 \(64 MiB\)"):
+        control.decode_request("spawn", body, bytearray(control.MAX_UPLOAD_BYTES + 1))
 
 
 def test_a_tenant_cannot_touch_another_tenants_agents(hosted: Theater) -> None:
@@ -642,6 +681,9 @@ def test_the_cli_makes_credentials_a_tenant_uses(hosted: Theater) -> None:
                             text=True, check=True)
     (t,) = json.loads(listed.stdout)["tenants"]
     assert t["name"] == "acme" and t["quotas"] == {"agents": 3} and t["running"] == 1
+    text = subprocess.run([*CLI, "--home", str(hosted.home.root), "tenant", "list"], capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    assert text[1].split()[0] == "acme" and text[1].endswith("default / no routes / agents=3"), text
     bad = subprocess.run([*CLI, "--home", str(hosted.home.root), "tenant", "add", "x", "--quota", "cpu=1",
                           "-o", str(hosted.dir / "x.key")], capture_output=True, text=True)
     assert bad.returncode == 2 and "--quota 'cpu=1'" in bad.stderr

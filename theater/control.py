@@ -16,6 +16,7 @@ from typing import Any
 from .errors import BadRequest
 
 __all__ = [
+    "MAX_UPLOAD_BYTES",
     "OPERATOR_ONLY",
     "BadRequest",
     "Call",
@@ -189,6 +190,7 @@ Request = (Ping | Spawn | Upload | Send | Call | Ps | Tree | Stop | Restart | Wa
 # What only the operator (the local socket) may ask; a tenant asking is refused.
 OPERATOR_ONLY = (Down, Checkpoint, Gc, RotateKey, TenantAdd, TenantList, TenantRemove)
 MAX_MANIFEST_TEXT = 1024 * 1024
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a tenant's component, sent with its manifest's text
 
 # An `events` reply carries records in its data frame, each as u32 big-endian length + raw record, up to
 # this many bytes (and always at least one record); `more` says whether the chain goes on.
@@ -241,6 +243,8 @@ def decode_request(op: object, body: dict[str, Any], data: Data | None) -> Reque
             if kind not in ("wasm", "wat") or not data:
                 raise BadRequest("a spawn with manifest_text carries the component in its data frame and "
                                  "component_kind \"wasm\" or \"wat\"")
+            if len(data) > MAX_UPLOAD_BYTES:
+                raise BadRequest(f"a component of {len(data)} bytes is more than {MAX_UPLOAD_BYTES} (64 MiB)")
             return Upload(text, bytes(data), kind, replace)
         manifest = body.get("manifest")
         if not isinstance(manifest, str) or not os.path.isabs(manifest):
