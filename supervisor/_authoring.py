@@ -14,6 +14,7 @@ never stale and never repeated.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -29,12 +30,13 @@ from pathlib import Path
 
 from ._errors import ConfigError
 
-__all__ = ["LANGUAGES", "build", "cache_dir", "new_project", "world_for"]
+__all__ = ["LANGUAGES", "build", "build_key", "cache_dir", "new_project", "world_for"]
 
 LANGUAGES = ("python", "js", "wat")
 SOURCES = {"python": "app.py", "js": "app.js", "wat": "agent.wat"}
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 STAMP = ".theater-build"
+SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", ".git"})  # never a build's input
 PROGRESS_S = 5.0  # a line this often while a build runs
 # The JavaScript toolchain, installed from the npm registry into the cache on first use.
 JS_TOOLS = {"@bytecodealliance/componentize-js": "0.23.0", "esbuild": "0.28.2"}
@@ -161,14 +163,33 @@ def _wit_and_world(project: Path, tmp: Path) -> tuple[Path, str]:
     return wit, world
 
 
+def _sources(project: Path) -> list[Path]:
+    """Every file of the project a build may read, in subdirectories too (componentize-py takes the whole
+    directory, esbuild follows imports): all but what a build writes, the manifest (its capabilities are
+    the world, hashed as such) and the directories of caches and packages."""
+    left_out = {project / f"{project.name}.wasm", project / STAMP, project / f"{project.name}.toml"}
+    found = []
+    for folder, dirs, files in os.walk(project):
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS)
+        found += [p for p in (Path(folder) / f for f in files) if p not in left_out]
+    return sorted(found)
+
+
+def build_key(project: Path, lang: str, wit: Path, world: str, guest: Path) -> str:
+    """The SHA-256 of everything that goes into a build: the project's sources, the WIT and world, the guest
+    library and the toolchain's versions. A build of the same key is the same component."""
+    tools = JS_TOOLS if lang == "js" else _componentize_py_version()
+    digest = hashlib.sha256(f"{lang}\0{world}\0{json.dumps(tools)}".encode())
+    for root, paths in ((project, _sources(project)), (wit, sorted(wit.rglob("*.wit"))),
+                        (guest, sorted(guest.iterdir()))):
+        for path in paths:
+            if path.is_file():  # by its place in its tree: lib/util.py and util.py are two files
+                digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def _build(project: Path, lang: str, wit: Path, world: str, guest: Path, say: Callable[[str], None]) -> Path:
-    inputs = sorted(project.glob("*.py" if lang == "python" else "*.js")) + sorted(wit.rglob("*.wit")) \
-        + sorted(guest.iterdir())
-    digest = hashlib.sha256(f"{lang}\0{world}\0{json.dumps(JS_TOOLS if lang == 'js' else _componentize_py())}".encode())
-    for path in inputs:
-        if path.is_file():
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    key = digest.hexdigest()
+    key = build_key(project, lang, wit, world, guest)
     wasm, stamp = project / f"{project.name}.wasm", project / STAMP
     if wasm.exists() and stamp.exists() and stamp.read_text().strip() == key:
         say(f"{project.name}: up to date ({wasm.name})")
@@ -200,6 +221,16 @@ def _build(project: Path, lang: str, wit: Path, world: str, guest: Path, say: Ca
 
 def _componentize_py() -> str:
     return str(Path(sys.executable).parent / "componentize-py")
+
+
+@functools.cache
+def _componentize_py_version() -> str:
+    """What the build key holds of the Python toolchain: its own version, so that an upgrade builds again."""
+    try:
+        done = subprocess.run([_componentize_py(), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable: {exc}"  # the build itself then says what is wrong
+    return f"{done.returncode} {done.stdout.strip()}"
 
 
 def _build_python(project: Path, world: str, wit: Path, guest: Path, out: Path, say: Callable[[str], None]) -> None:

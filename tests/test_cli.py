@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.metadata
 import itertools
 import json
 import os
@@ -561,6 +563,35 @@ def test_a_killed_supervisor_is_reported_at_once_even_before_it_is_reaped(theate
         assert proc.returncode == 1 and "is not running (it ended without cleaning up)" in proc.stderr, proc.stderr
     finally:
         theater.proc.wait()
+
+
+@pytest.mark.parametrize("lang", ["python", "js"])
+def test_a_build_key_covers_sources_in_subdirectories_and_the_toolchain_s_version(tmp_path: Path, lang: str) -> None:
+    """`build` is skipped, or taken from the build cache, only for the same inputs: a module imported from a
+    subdirectory of the project (lib/util.py) was left out of the key, so editing it built nothing and the old
+    component was served, as it was after an upgrade of componentize-py (its path was keyed, not its version)."""
+    from supervisor._authoring import _componentize_py_version, _shipped, build_key, new_project
+
+    project = new_project("keyed", lang, tmp_path)
+    key = functools.partial(build_key, project, lang, _shipped("wit"), "agent", _shipped("guest") / lang)
+    first = key()
+    lib = project / "lib"
+    lib.mkdir()
+    (lib / "util.txt").write_text("one")
+    second = key()
+    (lib / "util.txt").write_text("two")
+    assert len({first, second, key()}) == 3
+    (project / "lib.txt").write_text("two")  # the same name and bytes elsewhere in the tree: another input
+    assert key() not in (first, second)
+    now = key()
+    for written in (project / "keyed.wasm", project / ".theater-build", project / "__pycache__" / "x.pyc",
+                    project / "node_modules" / "m" / "index.js"):
+        written.parent.mkdir(parents=True, exist_ok=True)
+        written.write_text("output, not input")
+    (project / "keyed.toml").write_text((project / "keyed.toml").read_text() + "\n# a comment\n")
+    assert key() == now  # what a build writes, packages, caches and the manifest (hashed as its world) are not
+    if lang == "python":
+        assert _componentize_py_version().endswith(f"componentize-py {importlib.metadata.version('componentize-py')}")
 
 
 def test_a_failed_build_shows_the_toolchain_s_report(theater: Theater, tmp_path: Path) -> None:
