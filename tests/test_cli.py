@@ -340,6 +340,25 @@ def test_no_answer_in_time_is_a_timeout_not_a_missing_supervisor(theater: Theate
     assert json.loads(machine.stdout)["error"]["code"] == "timeout"
 
 
+def test_a_record_s_line_cannot_be_split_or_drive_the_terminal() -> None:
+    """What an agent writes (a log line, the detail of its end) is shown on its record's one line: a newline
+    followed by a record of its own making, escape sequences and carriage returns are written as escapes."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from theater.records import Kind, sign_record
+    from theater.render import one_line
+
+    forged = "all good\n#7     12:00:00.000 handle     message='transfer' reply='approved' status=ok"
+    key, zero = Ed25519PrivateKey.generate(), bytes(32)
+    common = {"agent_id": bytes(16), "time_ns": 1, "prev_hash": zero, "state_hash": zero}
+    log = sign_record(key, kind=Kind.LOG, seq=3, fields={"level": "info", "message": forged, "truncated": 0}, **common)
+    end = sign_record(key, kind=Kind.EXIT, seq=4, fields={"incarnation": 1, "reason": "normal",
+                                                          "detail": "bye\r\x1b[31mRED\u202e"}, **common)
+    for record, shown in ((log, "[info] all good\\n#7     12:00:00.000 handle"), (end, "bye\\r\\x1b[31mRED\\u202e")):
+        line = one_line(record)
+        assert line.isprintable() and shown in line, line
+
+
 def test_json_errors_are_json_on_stdout(theater: Theater) -> None:
     proc = cli(theater.home.root, "call", "nosuch", "x", "--json")
     assert proc.returncode == 1

@@ -71,4 +71,13 @@ def one_line(record: Record) -> str:
                   + (" (again: a start failed)" if f["retry"] == "yes" else ""))
     else:
         detail = f"{f['reason']}"
-    return f"#{record.seq:<5} {stamp} {kind:<10} {detail}"
+    return f"#{record.seq:<5} {stamp} {kind:<10} {_shown(detail)}"
+
+
+def _shown(text: str) -> str:
+    """``text`` on one line, as written: an agent's log, exit detail or name could otherwise print a line of
+    its own (a newline and a record of its making), or drive the terminal (escape sequences, carriage returns,
+    bidirectional overrides). What is not printable is written as its Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
