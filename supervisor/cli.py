@@ -347,9 +347,6 @@ def cmd_events(args: argparse.Namespace, home: Home) -> int:
         for name, record in trace(home, args.trace):
             _out(args, {"agent": name, **describe(record)}, f"{name:<16} {one_line(record)}")
         return EXIT_OK
-    if args.agent is None:
-        _err("events needs an AGENT, or --trace MESSAGE_ID")
-        return EXIT_USAGE
 
     try:
         client: Client | None = _client(args, home)
@@ -465,7 +462,7 @@ def cmd_run(args: argparse.Namespace, home: Home) -> int:
 
     def show(agent: Any, record: Record) -> None:
         if args.json:
-            print(json.dumps({"agent": agent.name, **describe(record)}), flush=True)
+            print(json.dumps({"agent": agent.name, **describe(record)}, sort_keys=True), flush=True)
         else:
             print(f"{agent.name:<12} {one_line(record)}", flush=True)
 
@@ -1025,6 +1022,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if home.root.exists() and not home.root.is_dir():
             return _fail(args, "usage", f"--home {home.root} is a file, not a directory",
                          "give a directory (it is created if missing), or leave --home out")
+        if args.command == "events" and args.agent is None and args.trace is None:  # before looking at the home
+            return _fail(args, "usage", "events: needs an AGENT, or --trace MESSAGE_ID",
+                         "`theater events --help` shows its usage")
         remote = getattr(args, "remote", None) or args.top_remote
         if args.command in ("verify", "events", "key", "replay", "export") and _fresh(home) \
                 and getattr(args, "bundle", None) is None and remote is None:

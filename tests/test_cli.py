@@ -305,7 +305,8 @@ def test_errors_say_what_was_wrong_and_what_to_do(theater: Theater, tmp_path: Pa
     assert stopped.returncode == 1 and "hint: start it again with `theater restart <agent>`" in stopped.stderr
 
 
-@pytest.mark.parametrize("args", [["spawn"], ["bogus"], ["call", "x", "y", "--frob"], ["call", "x", "y", "--timeout", "nan"],
+@pytest.mark.parametrize("args", [["spawn"], ["bogus"], ["events"], ["call", "x", "y", "--frob"],
+                                  ["call", "x", "y", "--timeout", "nan"],
                                   ["call", "x", "y", "--timeout", "inf"], ["call", "x", "y", "--timeout", "0"],
                                   ["spawn", "m.toml", "--timeout", "-1"], ["top", "--interval", "1e9"]],
                          ids=lambda a: "-".join(a))

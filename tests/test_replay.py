@@ -166,6 +166,24 @@ def test_a_chain_the_component_would_not_write_diverges(theater: Theater) -> Non
     assert "field reply" in report.divergence and "not what echo says" in report.divergence
 
 
+def test_a_divergence_names_kinds_as_records_do(theater: Theater) -> None:
+    """`host-call`, as `events` and the docs write it (it read `host_call`)."""
+    with theater.client() as c:
+        c.spawn(theater.manifest("n", "counter.wat"))
+        c.call("n", b"one")
+    chain = records(theater, "n")
+    config = json.loads(chain[0].fields()["config"])
+    component = Path(config["component_path"]).read_bytes()
+    log = next(r for r in chain if r.kind is Kind.LOG)
+    call = next(r for r in chain if r.kind is Kind.HOST_CALL)
+    as_call = sign_record(Ed25519PrivateKey.generate(), kind=Kind.HOST_CALL, agent_id=log.agent_id, seq=log.seq,
+                          time_ns=log.time_ns, prev_hash=log.prev_hash, state_hash=log.state_hash,
+                          fields=call.fields())
+    report = replay([*chain[:log.seq], as_call, *chain[log.seq + 1:]], component, config)
+    assert report.diverged_at == log.seq
+    assert report.divergence == "the replay writes log where the chain holds host-call", report.divergence
+
+
 def test_a_changed_component_is_refused(theater: Theater) -> None:
     copy = theater.dir / "echo.wat"
     shutil.copy(COMPONENTS / "echo.wat", copy)

@@ -176,21 +176,21 @@ class _Replayer:
         recorded = [*before, final]
         for i, (kind, fields, state_hash) in enumerate(self.collector.written):
             if i >= len(recorded):
-                return final.seq, f"the replayed call writes more records than the chain holds ({kind.name.lower()})"
+                return final.seq, f"the replayed call writes more records than the chain holds ({_kind(kind)})"
             r = recorded[i]
             if kind is not r.kind:
-                return r.seq, f"the replay writes {kind.name.lower()} where the chain holds {r.kind.name.lower()}"
+                return r.seq, f"the replay writes {_kind(kind)} where the chain holds {_kind(r.kind)}"
             want = r.fields()
             diff = sorted(k for k in want if fields.get(k) != want[k])
             if diff:
                 k = diff[0]
-                return r.seq, f"{r.kind.name.lower()} field {k}: the replay gives {_show(fields.get(k))}, the chain " \
+                return r.seq, f"{_kind(r.kind)} field {k}: the replay gives {_show(fields.get(k))}, the chain " \
                               f"holds {_show(want[k])}"
             if r is final and want["status"] == "ok" and state_hash is not None and state_hash != r.state_hash:
                 return r.seq, "the state the replay computes does not hash to the record's state hash"
         if len(self.collector.written) < len(recorded):
             r = recorded[len(self.collector.written)]
-            return r.seq, f"the chain holds a {r.kind.name.lower()} record the replayed call does not write"
+            return r.seq, f"the chain holds a {_kind(r.kind)} record the replayed call does not write"
         if self.host.divergence is not None:
             return final.seq, self.host.divergence[1]
         return None
@@ -260,3 +260,8 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _kind(kind: Kind) -> str:
+    """A kind as records and the docs name it: `host-call`, not `host_call`."""
+    return kind.name.lower().replace("_", "-")
