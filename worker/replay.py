@@ -196,6 +196,11 @@ class _Replayer:
         return None
 
 
+def _kind(kind: Kind) -> str:
+    """A kind as records and the docs name it: `host-call`, not `host_call`."""
+    return kind.name.lower().replace("_", "-")
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
@@ -260,8 +265,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _kind(kind: Kind) -> str:
-    """A kind as records and the docs name it: `host-call`, not `host_call`."""
-    return kind.name.lower().replace("_", "-")
