@@ -2,7 +2,7 @@
 
 libzmq asks the ZAP handler (a REP socket at ``inproc://zeromq.zap.01``, polled
 by the supervisor's loop like any other) about every CURVE handshake; we answer
-200 with the tenant's name as the User-Id only for a current tenant's key. A
+200 with the tenant's name and that key as the User-Id only for a current tenant's key. A
 client with no key, a wrong key or a removed tenant's key never completes the
 handshake, so none of its requests is read; each refusal is counted, and logged
 up to REFUSALS_LOGGED_PER_SECOND (a client with no key must not fill the disk
