@@ -133,8 +133,11 @@ class AgentTimers:
     # --- delivery ----------------------------------------------------------------------------
 
     def _arm(self, timer_id: int, due_ns: int) -> None:
-        self._armed[timer_id] = self.loop.after(max(0.0, (due_ns - time.time_ns()) / 1e9),
-                                                lambda: self._fire(timer_id))
+        self._arm_in(timer_id, max(0.0, (due_ns - time.time_ns()) / 1e9))
+
+    def _arm_in(self, timer_id: int, seconds: float) -> None:
+        """Fire the timer in ``seconds``, keeping the loop's timer so that a cancel can drop it."""
+        self._armed[timer_id] = self.loop.after(seconds, lambda: self._fire(timer_id))
 
     def _disarm(self, timer_id: int) -> None:
         """The timer is gone (cancelled, delivered, or its agent stopped): its loop timer goes with it."""
@@ -152,7 +155,7 @@ class AgentTimers:
         if agent is None:
             return
         if agent.status not in RECEIVING or agent.queued + agent.reserved >= agent.config.limits.mailbox:
-            self._armed[timer_id] = self.loop.after(RETRY_S, lambda: self._fire(timer_id))
+            self._arm_in(timer_id, RETRY_S)
             return
         data = wire.encode_message(wire.Origin.TIMER, agent.id, timer_id.to_bytes(16, "big"), message)
         pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.MESSAGE, data), timer_id=timer_id)
@@ -166,4 +169,4 @@ class AgentTimers:
             self.consumed(timer_id)
             return
         self.delivering.discard(timer_id)  # not committed: deliver it again
-        self._armed[timer_id] = self.loop.after(RETRY_S, lambda: self._fire(timer_id))
+        self._arm_in(timer_id, RETRY_S)
