@@ -2,7 +2,8 @@
 
 A tenant writes its agents' names without its prefix (``counter`` for
 ``acme:counter``); an agent or node of another tenant is "not found", exactly as
-one that does not exist, and the attempt is recorded as a denial.
+one that does not exist, and the attempt is recorded as a denial. Its own agent
+by its full name is not found either, with a hint, and is no denial.
 """
 
 from __future__ import annotations
@@ -51,11 +52,16 @@ class Scope:
             member = self._lookup(ref)
         except NotFound:
             if self.tenant != OPERATOR and isinstance(ref, str) and TENANT_SEP in ref:
-                try:  # another tenant's agent, by its full name: as not found, and recorded as a probe
+                try:
                     other = self.supervision.member(ref)
-                    self.tenants.deny(self.tenant, "not-found", f"asked for {other.name} ({other.uuid})")
                 except NotFound:
                     pass
+                else:
+                    if self.owns(other):  # its own agent by the full name: a slip, not a probe
+                        raise NotFound(f"a tenant names its own agents without its prefix: "  # no full name in it:
+                                       f"{local_name(other.name, self.tenant)!r}") from None  # replies drop it
+                    # another tenant's agent, by its full name: as not found, and recorded as a probe
+                    self.tenants.deny(self.tenant, "not-found", f"asked for {other.name} ({other.uuid})")
             raise NotFound(f"no agent named or with id {str(ref)[:256]!r}") from None
         if not self.owns(member):
             self.tenants.deny(self.tenant, "not-found", f"asked for {member.name} ({member.uuid})")

@@ -270,6 +270,12 @@ def test_a_tenant_s_errors_lose_only_its_own_prefix_and_its_agents_may_be_named_
         with pytest.raises(ClientError) as missing:
             c.call("nosuch", b"x")
         assert str(missing.value) == "no agent named or with id 'nosuch'"
+        before = denials(hosted, "d")
+        with pytest.raises(ClientError) as full:  # its own agent by its full name: a hint, and no denial
+            c.call(f"d:{named_like_an_id}", b"x")
+        assert full.value.code == "not-found"
+        assert str(full.value) == f"a tenant names its own agents without its prefix: '{named_like_an_id}'"
+        assert denials(hosted, "d") == before
 
 
 def test_a_tenant_s_component_is_at_most_64_mib() -> None:
