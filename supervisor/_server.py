@@ -109,7 +109,9 @@ class Supervisor:
         self._log = log  # a test's own sink; otherwise the logging module (logger "supervisor")
         if log is None and not logging.getLogger().handlers and not LOG.handlers:
             configure_logging("info")  # run without `theater up` (a test's script): still log to stderr
-        for d in (home.root, home.run, home.logs):
+        # uploads/ exists before the fork-server builds its workers' Landlock rules: the one directory of the
+        # home they may read, granted only if it is there (worker/_harden/landlock.py).
+        for d in (home.root, home.run, home.logs, home.uploads.parent, home.uploads):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
         self._lock = open(home.run / "supervisor.lock", "a+")  # noqa: SIM115 - held for life

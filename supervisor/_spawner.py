@@ -39,6 +39,7 @@ from typing import Protocol
 
 from theater.errors import ProtocolError
 from theater.forkserver import (
+    LOG_SIZE_BYTES,
     MAX_MESSAGE,
     TAKEN,
     ArtifactOffer,
@@ -529,7 +530,8 @@ class Spawner:
             _end(spare.pidfd)
             raise
         try:
-            socket.send_fds(spare.line, [TAKEN + spare.token], [log_fd])  # the token: the fork-server's may be late
+            size = os.fstat(log_fd).st_size.to_bytes(LOG_SIZE_BYTES, "big")
+            socket.send_fds(spare.line, [TAKEN + spare.token + size], [log_fd])  # the token: the fork-server's may be late
         except OSError as exc:
             self._log(f"loaded spare worker {spare.pid} cannot be given its agent ({exc}); asking for another")
             _end(spare.pidfd)

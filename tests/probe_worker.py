@@ -70,6 +70,18 @@ def _rseq() -> object:
     return f"rseq returned {result}, errno {errno.errorcode.get(ctypes.get_errno(), '?')}"
 
 
+def _syscall(name: str) -> object:
+    """A raw call by name, every argument 0: its errno says whether seccomp refused it (EPERM) or the
+    kernel saw it; a call the filter kills leaves no outcome."""
+    import errno
+
+    from worker._harden.syscalls import NR
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.syscall(NR[name], 0, 0, 0, 0, 0, 0)
+    return f"{name} returned {result}, errno {errno.errorcode.get(ctypes.get_errno(), '?')}"
+
+
 def _sched() -> object:
     """What ZeroMQ's I/O thread does as it starts: read its scheduling policy and set it again."""
     policy = os.sched_getscheduler(0)
@@ -134,6 +146,7 @@ PROBES: dict[str, Callable[[str], object]] = {
     "exec-mmap": lambda arg: _exec_mmap(),
     "rseq": lambda arg: _rseq(),
     "sched": lambda arg: _sched(),
+    "syscall": _syscall,
 }
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Theater, assert_verified, records, wait_running, wait_until
+from conftest import Theater, assert_verified, records, spare_workers, wait_running, wait_until
 
 from supervisor._config import load_manifest, load_policy, policy_dirs
 from supervisor._errors import ConfigError
@@ -35,6 +35,7 @@ from theater.client import Client, ClientError
 from theater.errors import ProtocolError
 from theater.records import Kind
 from theater.spec import DEFAULT_HARDENING, HARDENING_LAYERS, AgentSpec, Hardening
+from worker._harden.rlimits import LOG_ALLOWANCE
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -154,6 +155,48 @@ def _spawn(t: Theater, c: Client, name: str, component: str = "echo.wat", **extr
     return wait_running(c, name, timeout=30)["pid"]
 
 
+def _seccomp_filters(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^Seccomp_filters:\s*(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+def _log_limit(pid: int) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if x.startswith("Max file size"))
+    return int(line.split()[3])
+
+
+def test_a_loaded_spare_limits_its_agents_log_past_the_size_it_has(probes: Any) -> None:
+    """A log may grow by 1 MiB past its size at lock-down. A loaded spare's allowlist refuses ``fstat`` by
+    the time it has its agent, so the supervisor sends the size with the log; the spare used to take its
+    failed ``fstat`` for an empty log, and an agent whose log had reached 1 MiB could not write to it again."""
+    t = probes("root-fork-server")
+    with t.client() as c:
+        _spawn(t, c, "p")
+        assert "File too large" in _probe(t, c, "p", "flood-log")
+        log = t.home.logs / "p.log"
+        flooded = log.stat().st_size
+        assert flooded >= LOG_ALLOWANCE
+
+        def loaded_spare() -> list[int]:  # locked down ahead: the denylist and the hand-over's allowlist
+            found = []
+            for p in spare_workers(t, c):
+                try:
+                    if _seccomp_filters(p.pid) == 2:
+                        found.append(p.pid)
+                except (OSError, AttributeError):  # it ended, or is still being made
+                    continue
+            return found
+
+        spares = wait_until(loaded_spare, what="a loaded spare for p's component")
+        _probe_kills(t, c, "p", "exec")
+        new = wait_running(c, "p", timeout=30)["pid"]
+        assert new in spares and _seccomp_filters(new) == 3, "the restart did not take the loaded spare"
+        assert _log_limit(new) >= flooded + LOG_ALLOWANCE
+        before = log.stat().st_size
+        assert "File too large" in _probe(t, c, "p", "flood-log")
+        assert log.stat().st_size >= before + LOG_ALLOWANCE // 2  # it wrote again, up to its new limit
+
+
 # --- policies, manifests and the spec ---------------------------------------------------------------
 
 
@@ -259,6 +302,8 @@ def test_a_hardened_worker_cannot_escape(probes: Any, user: str, request: pytest
         assert confinement["cgroups"].startswith("unavailable: ") and "EACCES" in confinement["cgroups"]
         assert confinement["rlimits.nproc"] == "16"
     assert {k: v for k, v in confinement.items() if "." not in k} == expected
+    uid = 65534 if user == "nobody" else 0  # a worker that is not root maps its ids too (it must be dumpable then)
+    assert confinement["namespaces.ids"] == f"uid {uid} and gid {uid} mapped to themselves", confinement
 
     # The doctor, run as the same user, reports what this worker recorded.
     argv = ["-m", "supervisor", "--home", str(t.home.root), "doctor", "--json"]
@@ -396,33 +441,36 @@ print({p: attempt(p) for p in sys.argv[2:]})
 
 @pytest.mark.parametrize("user", ["root", "nobody"])
 def test_landlock_hides_the_supervisors_home_from_the_start(user: str, request: pytest.FixtureRequest) -> None:
-    """Before lock-down (while the component compiles), a worker can read what it may need but not the
-    supervisor's key, token or store, nor anything under /proc (its own status and task list were
-    opened before)."""
+    """Before lock-down (while the component compiles), a worker can read what it may need (a tenant's
+    uploaded component among it) but not the supervisor's key, token or store, nor the artifact cache and
+    the secret that vouches for it, nor anything under /proc (its own status and task list were opened
+    before)."""
     tmp_path = request.getfixturevalue("short_root")(f"ll-{user}")
     home = tmp_path / "h"
     (home / "run").mkdir(parents=True)
-    (home / "cache").mkdir()
-    for path in (home / "supervisor.key", home / "run" / "control.token", home / "cache" / "artifact", tmp_path / "beside"):
+    (home / "cache" / "uploads").mkdir(parents=True)
+    secret, artifact, upload = home / "cache" / "secret", home / "cache" / "artifact", home / "cache" / "uploads" / "c.wat"
+    hidden = [home / "supervisor.key", home / "run" / "control.token", secret, artifact]
+    for path in (*hidden, upload, tmp_path / "beside"):
         path.write_text("x")
     work = tmp_path / "w"
     work.mkdir(mode=0o700)
-    targets = [home / "supervisor.key", home / "run" / "control.token", home / "cache" / "artifact",
-               tmp_path / "beside", TESTS / "components" / "echo.wat", Path("/proc/1/status"), Path("/proc/self/status")]
+    targets = [*hidden, upload, tmp_path / "beside", TESTS / "components" / "echo.wat", Path("/proc/1/status"),
+               Path("/proc/self/status")]
     argv = [sys.executable, "-c", _STAGE1, str(home), *map(str, targets)]
     if user == "nobody":
         python = request.getfixturevalue("nobody_python")
         argv = _as_nobody([python, *argv[1:]])
-        for d in (tmp_path, home, home / "run", home / "cache", work):
+        for d in (tmp_path, home, home / "run", home / "cache", home / "cache" / "uploads", work):
             os.chown(d, NOBODY, NOBODY)
-        for path in targets[:4]:
+        for path in targets[:6]:
             os.chown(path, NOBODY, NOBODY)
     out = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=60, check=False,
                          env={"PYTHONSAFEPATH": "1"})
     assert out.returncode == 0, out.stderr
     seen = eval(out.stdout)  # the dict the child printed
     assert [seen[str(p)] for p in targets] == [
-        "Permission denied", "Permission denied", "read", "read", "read", "Permission denied", "Permission denied"]
+        *["Permission denied"] * 4, "read", "read", "read", "Permission denied", "Permission denied"]
 
 
 # --- threads started around lock-down -----------------------------------------------------------------
@@ -441,6 +489,21 @@ def test_rseq_reaches_the_kernel_after_lock_down(probes: Any, user: str) -> None
         assert "errno EINVAL" in outcome, outcome
         # ZeroMQ's I/O thread, as it starts, reads and sets its scheduling policy, and aborts on failure.
         assert _probe(t, c, "p", "sched") == "allowed: 'policy 0, priority 0'"
+        assert c.call("p", b"still serving") == b"still serving"
+
+
+# The older forms of calls the allowlist refuses, which glibc still uses for some wrappers (epoll_create,
+# inotify_init, mknod, rmdir, umask): refused like their newer siblings, not killed.
+LEGACY_CALLS = ("pipe", "rmdir", "lchown", "umask", "getdents", "mknod", "mknodat", "epoll_create", "inotify_init",
+                "signalfd", "eventfd", "utimes", "fsync", "flock", "getxattr", "sendfile")
+
+
+def test_older_forms_of_refused_calls_are_refused_too(probes: Any) -> None:
+    t = probes("root-fork-server")
+    with t.client() as c:
+        _spawn(t, c, "p")
+        for name in LEGACY_CALLS:
+            assert _probe(t, c, "p", f"syscall:{name}") == f"allowed: '{name} returned -1, errno EPERM'", name
         assert c.call("p", b"still serving") == b"still serving"
 
 

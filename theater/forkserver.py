@@ -18,6 +18,7 @@ from .errors import ProtocolError
 from .spec import LoadProfile, field_values
 
 __all__ = [
+    "LOG_SIZE_BYTES",
     "MAX_MESSAGE",
     "TAKEN",
     "TOKEN_BYTES",
@@ -39,7 +40,10 @@ __all__ = [
 
 MAX_MESSAGE = 1 << 20  # one datagram, either way, and the bootstrap
 TOKEN_BYTES = 32
-TAKEN = b"agent"  # over a loaded spare's line, before its token and with its agent's log file: a spawn took it
+# Over a loaded spare's line, with its agent's log file: a spawn took it. Followed by the spare's token and the
+# log's size in bytes (8, big-endian), which the spare's lock-down limits the log by.
+TAKEN = b"agent"
+LOG_SIZE_BYTES = 8
 
 
 def _load(data: bytes, what: str) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class Home:
         self.checkpoints = self.root / "checkpoints"  # signed statements of every chain's head (theater checkpoint)
         self.secrets = self.root / "secrets"  # one file per secret (theater secret set), 0600 in a 0700 directory
         self.control_key = self.root / "control.key"  # CurveZMQ key pair of the TCP control API
-        # Components sent by tenants' spawns, by SHA-256: under cache/, which a worker may read (landlock.py).
+        # Components sent by tenants' spawns, by SHA-256: the one place in the home a worker may read (landlock.py).
         self.uploads = self.root / "cache" / "uploads"
         self.control_sock = self.run / "control.sock"
         self.workers_sock = self.run / "workers.sock"

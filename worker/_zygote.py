@@ -85,6 +85,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from theater.errors import ProtocolError
 from theater.exits import WorkerExit
 from theater.forkserver import (
+    LOG_SIZE_BYTES,
     MAX_MESSAGE,
     TAKEN,
     TOKEN_BYTES,
@@ -204,7 +205,8 @@ def _close_inherited(keep: set[int]) -> None:
 
 def _as_worker(workdir: str, output_fd: int, keep: set[int]) -> None:
     """In a forked child: what Popen would have set up for a worker (its name, session, standard
-    streams, private working directory, umask, default signals, no other inherited descriptors)."""
+    streams, private working directory, umask, the signals a fresh interpreter has, no other inherited
+    descriptors)."""
     _prctl(PR_SET_NAME, b"theater-worker")
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -215,8 +217,9 @@ def _as_worker(workdir: str, output_fd: int, keep: set[int]) -> None:
     os.makedirs(workdir, mode=0o700, exist_ok=True)  # the supervisor made it at its start; again if removed since
     os.chdir(workdir)
     os.umask(0o077)
-    for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM):
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as the interpreter a fresh worker starts sets it: EPIPE, not death
     _close_inherited({0, 1, 2, *keep, *_harden.inherited_fds()})
 
 
@@ -328,8 +331,9 @@ def _loaded_spare(line: socket.socket, endpoint: str, confinement: dict[str, str
     while log_fd is None:
         data, fds, _flags, _addr = socket.recv_fds(line, MAX_MESSAGE, 1)  # recvmsg: allowed after lock-down
         taken = data.startswith(TAKEN) and len(fds) == 1
-        said = data[len(TAKEN):] if taken else data
-        if len(said) != TOKEN_BYTES or len(fds) != taken or token not in (None, said):
+        said, size = (data[len(TAKEN):-LOG_SIZE_BYTES], data[-LOG_SIZE_BYTES:]) if taken else (data, b"")
+        if len(said) != TOKEN_BYTES or len(fds) != taken or token not in (None, said) or len(data) != (
+                len(TAKEN) + TOKEN_BYTES + LOG_SIZE_BYTES if taken else TOKEN_BYTES):
             for fd in fds:  # the line closed before a spawn took this spare, or is not what it should be
                 os.close(fd)
             return 0 if not data else WorkerExit.PROTOCOL
@@ -338,6 +342,7 @@ def _loaded_spare(line: socket.socket, endpoint: str, confinement: dict[str, str
             link.sock.send_multipart(hello_frames(link, token, confinement))
         if taken:
             log_fd = fds[0]
+            _harden.log_handed_over(int.from_bytes(size, "big"))
     assert token is not None
     _log_to(log_fd)
     return serve(endpoint, token, confinement, kept, link, ahead, greeted=True)

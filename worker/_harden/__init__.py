@@ -165,7 +165,7 @@ def lock_down(limits: Limits) -> None:
     """Tighten to what the loaded agent needs, then allow only the system calls it uses."""
     c = _this.confinement
     if c.locked_ahead:
-        _lock([("rlimits", rlimits.lock_log), ("seccomp", lambda: seccomp.close_handover(c))],
+        _lock([("rlimits", lambda: rlimits.lock_log(c.log_size)), ("seccomp", lambda: seccomp.close_handover(c))],
               "lock-down after the hand-over")
         return
     _lock([("rlimits", lambda: rlimits.lock(c, limits)), ("cgroups", lambda: cgroups.lock(c)),
@@ -182,6 +182,12 @@ def lock_down_ahead(limits: Limits) -> None:
            ("landlock", landlock.lock), ("seccomp", lambda: seccomp.lock_ahead(c))],
           "lock-down ahead of the agent")
     c.locked_ahead = True
+
+
+def log_handed_over(size: int) -> None:
+    """A loaded spare was given its agent's log, of ``size`` bytes: its lock-down limits the log to a little
+    more (it may no longer ``fstat`` the log itself)."""
+    _this.confinement.log_size = size
 
 
 def _lock(steps: list[tuple[str, Callable[[], None]]], when: str) -> None:

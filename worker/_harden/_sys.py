@@ -29,6 +29,9 @@ def why(exc: OSError) -> str:
     return f"{text} ({name})" if name else text
 
 
+PR_SET_DUMPABLE = 4
+
+
 def prctl(option: int, arg: int) -> None:
     if libc.prctl(option, arg, 0, 0, 0) != 0:
         err = ctypes.get_errno()

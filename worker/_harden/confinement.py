@@ -33,6 +33,7 @@ class Confinement:
     allowlist: list[tuple[int, int, int, int]] | None = None  # compiled ahead by a spare worker
     handover_closer: list[tuple[int, int, int, int]] | None = None  # seccomp.lock_ahead's second filter
     locked_ahead: bool = False  # a loaded spare locked down before its agent: lock_down only finishes
+    log_size: int | None = None  # a loaded spare's log, as the supervisor sent it (it may not fstat by then)
 
     def status(self, layer: str) -> str:
         return self.report.get(layer, SKIPPED)

@@ -15,10 +15,9 @@ import os
 import signal
 import stat
 
-from ._sys import APPLIED, prctl, unavailable, why
+from ._sys import APPLIED, PR_SET_DUMPABLE, prctl, unavailable, why
 
 PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
 # The kernel's OOM killer takes the process with the highest score; at the maximum adjustment a worker's
 # score is above any unadjusted process's, so a machine out of memory loses agents before the supervisor
 # (whose death would end them all). Raising one's own adjustment needs no privilege.

@@ -1,7 +1,7 @@
 """The Landlock layer: the file system and TCP as the kernel lets the worker see them.
 
 Stage 1, for every future thread: reading allowed everywhere but the
-supervisor's home (its ``cache/`` excepted), ``/proc`` and ``/sys``; no
+supervisor's home (its ``cache/uploads/`` excepted), ``/proc`` and ``/sys``; no
 writing, creating, removing or executing any file; no TCP; signals and
 abstract Unix sockets scoped to the worker. Stage 2, at lock-down, on the
 main thread where guest code runs: no file access at all. Building the read
@@ -44,7 +44,7 @@ def landlock_abi() -> int:
     return syscall(NR["landlock_create_ruleset"], None, 0, LANDLOCK_CREATE_RULESET_VERSION)
 
 
-READABLE_IN_HOME = ("cache",)  # compiled artifacts the supervisor vouched for
+READABLE_IN_HOME = ("cache/uploads",)  # tenants' components; never the compiled artifacts or their secret
 
 
 def home_of(endpoint: str) -> Path:
@@ -124,7 +124,8 @@ def _restrict(ruleset: int) -> None:
 
 
 def _read_ruleset(endpoint: str) -> int:
-    """A ruleset that grants reading everywhere but the supervisor's home (its cache/ excepted), /proc and /sys."""
+    """A ruleset that grants reading everywhere but the supervisor's home (its cache/uploads/ excepted), /proc
+    and /sys."""
     home = home_of(endpoint)
     protected = _protected_paths(endpoint)
     readable = [*_read_roots(protected), *(str(home / d) for d in READABLE_IN_HOME if (home / d).is_dir())]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from ._sys import APPLIED, libc, syscall, unavailable, why
+from ._sys import APPLIED, PR_SET_DUMPABLE, libc, prctl, syscall, unavailable, why
 from .confinement import Confinement
 from .syscalls import NR
 
@@ -85,7 +85,10 @@ def _unshare(flags: int) -> None:
 
 
 def _map_ids(uid: int, gid: int) -> str:
-    """Map the worker's own uid and gid into its user namespace (allowed unless it is root)."""
+    """Map the worker's own uid and gid into its user namespace. Hygiene has made the process non-dumpable,
+    which gives its /proc files to root: a worker that is not root may write its own maps only while it is
+    dumpable again, for these three writes (it is still single-threaded, and runs no guest code yet)."""
+    prctl(PR_SET_DUMPABLE, 1)
     try:
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
@@ -96,3 +99,5 @@ def _map_ids(uid: int, gid: int) -> str:
         return f"uid {uid} and gid {gid} mapped to themselves"
     except OSError as exc:
         return f"unmapped (uid {os.getuid()} inside): {why(exc)}"
+    finally:
+        prctl(PR_SET_DUMPABLE, 0)

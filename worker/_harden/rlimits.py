@@ -8,7 +8,6 @@ loaded agent needs is known.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import stat
@@ -64,14 +63,14 @@ def lock_all_but_log(confinement: Confinement, limits: Limits) -> None:
         _lower(resource.RLIMIT_NPROC, confinement.tasks())
 
 
-def lock_log() -> None:
+def lock_log(size: int | None = None) -> None:
     """wasmtime wrote its memory image to a memfd while instantiating; from now on the only file a worker
-    writes is its log (standard error), and only a little more of it."""
-    size = 0
-    with contextlib.suppress(OSError):
+    writes is its log (standard error), and only a little more of it. ``size``: the log's size as the
+    supervisor sent it to a loaded spare, whose allowlist refuses ``fstat`` by then; else it is read here,
+    and a log that cannot be read fails the lock-down rather than leave a limit of 1 MiB past nothing."""
+    if size is None:
         st = os.fstat(2)
-        if stat.S_ISREG(st.st_mode):
-            size = st.st_size
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
     _lower(resource.RLIMIT_FSIZE, size + LOG_ALLOWANCE)
 
 

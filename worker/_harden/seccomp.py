@@ -98,7 +98,14 @@ ALLOWLIST: dict[str, str | int | ArgRule] = {
         "pkey_mprotect", "uname", "sysinfo", "getuid", "geteuid", "getgid", "getegid", "getrusage", "times",
         "clock_getres", "sched_getaffinity", "sched_setaffinity", "setsid", "setpgid", "prctl", "getrlimit",
         "prlimit64", "setrlimit", "seccomp", "landlock_create_ruleset", "landlock_add_rule",
-        "landlock_restrict_self"), EPERM),
+        "landlock_restrict_self",
+        # Older forms of the above, and the rest of the ways to a file's data or attributes.
+        "pipe", "rmdir", "lchown", "umask", "getdents", "mknod", "mknodat", "epoll_create", "inotify_init",
+        "inotify_add_watch", "signalfd", "eventfd", "utime", "utimes", "futimesat", "utimensat", "fsync",
+        "fdatasync", "flock", "fallocate", "getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr",
+        "flistxattr", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
+        "sendfile", "splice", "tee", "copy_file_range", "timerfd_settime", "timerfd_gettime", "sync",
+        "syncfs"), EPERM),
     "clone3": ENOSYS,  # glibc then tries clone, which fails
     # Evidence of compromise: killed outright (also the default, listed to be explicit).
     **{name: KILL for name, action in DENYLIST.items() if action == KILL},

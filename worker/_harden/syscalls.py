@@ -48,6 +48,15 @@ NR_X86_64: dict[str, int] = {
     "process_madvise": 440, "epoll_pwait2": 441, "mount_setattr": 442, "quotactl_fd": 443,
     "landlock_create_ruleset": 444, "landlock_add_rule": 445, "landlock_restrict_self": 446,
     "futex_waitv": 449,
+    # The older forms of calls above (glibc picks either), and the other ways to reach a file's data or
+    # attributes: refused with EPERM like their siblings, not left to the allowlist's default kill.
+    "pipe": 22, "rmdir": 84, "lchown": 94, "umask": 95, "getdents": 78, "mknod": 133, "mknodat": 259,
+    "epoll_create": 213, "inotify_init": 253, "inotify_add_watch": 254, "signalfd": 282, "eventfd": 284,
+    "utime": 132, "utimes": 235, "futimesat": 261, "utimensat": 280, "fsync": 74, "fdatasync": 75, "flock": 73,
+    "fallocate": 285, "getxattr": 191, "lgetxattr": 192, "fgetxattr": 193, "listxattr": 194, "llistxattr": 195,
+    "flistxattr": 196, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197,
+    "lremovexattr": 198, "fremovexattr": 199, "sendfile": 40, "splice": 275, "tee": 276, "copy_file_range": 326,
+    "timerfd_settime": 286, "timerfd_gettime": 287, "sync": 162, "syncfs": 306,
 }
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
