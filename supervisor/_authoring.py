@@ -69,12 +69,16 @@ def world_for(capabilities: Sequence[str]) -> str:
         return "supervising-agent"
     if caps == {"messaging"}:
         return "messaging-agent"
-    if caps and caps <= {"messaging", "kv", "timers"}:
+    if caps == {"messaging", "kv", "timers"}:
         return "service-agent"
     if caps == {"http"}:
         return "http-agent"
-    raise ConfigError(f"no WIT world imports exactly {', '.join(sorted(caps))}: a built agent takes one of runtime "
-                      "alone, supervision, messaging, messaging/kv/timers, http (docs/writing-agents.md)")
+    also = ""
+    if caps <= {"messaging", "kv", "timers"}:  # the one world with kv or timers imports all three
+        also = (": kv and timers come in the service-agent world, which imports messaging, kv and timers, so list "
+                "all three (the built-in messaging policy grants them)")
+    raise ConfigError(f"no WIT world imports exactly {', '.join(sorted(caps))}{also}; a built agent takes one of "
+                      "runtime alone, supervision, messaging, messaging/kv/timers, http (docs/writing-agents.md)")
 
 
 def new_project(name: str, lang: str, parent: Path) -> Path:

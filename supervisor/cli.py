@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -254,7 +255,7 @@ def _manifest_name(manifest: Path) -> str:
     try:
         with os.fdopen(open_regular(manifest, MAX_MANIFEST_BYTES), "rb") as f:
             return str(tomllib.loads(f.read(MAX_MANIFEST_BYTES).decode())["name"])
-    except (OSError, ValueError, KeyError, SupervisorError):
+    except (OSError, ValueError, KeyError, RecursionError, SupervisorError):  # the supervisor says what is wrong
         return manifest.stem
 
 
@@ -1035,7 +1036,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "start a supervisor with `theater up` and spawn an agent; the key and the store appear then")
         return COMMANDS[args.command](args, home)
     except ClientError as exc:
-        return _fail(args, exc.code, str(exc), _hint(exc.code, str(exc)))
+        return _fail(args, exc.code, str(exc), _hint(exc.code, str(exc), getattr(args, "manifest", None)))
     except NoAnswer as exc:
         return _fail(args, "timeout", str(exc), _silence_hint(args, home))
     except NotRunning as exc:
@@ -1078,22 +1079,28 @@ def _fail(args: argparse.Namespace, code: str, message: str, hint: str) -> int:
     return EXIT_USAGE if code == "usage" else EXIT_FAIL
 
 
-def _hint(code: str, message: str) -> str:
-    """What to do next, where a user is most often stuck."""
+def _hint(code: str, message: str, manifest: object = None) -> str:
+    """What to do next, where a user is most often stuck: the commands to type, with the agent the error names."""
+    named = re.search(r"\bagent ([a-z0-9](?:[a-z0-9_.:-]*[a-z0-9_])?)", message)
+    agent = named.group(1) if named else "<agent>"
+    spawn = f"`theater spawn {manifest if manifest else '<manifest>'} --replace`"
     if code == "refused" and " is failed, in the tree " in message:  # a tree's agents cannot be removed
-        return "see why with `theater events <agent>`; start it again with `theater restart <agent>`"
+        return f"see why with `theater events {agent}`; start it again with `theater restart {agent}`"
     if code == "refused" and " is failed" in message:
-        return "see why with `theater events <agent>`; start it again with `theater restart <agent>`, or remove " \
-               "it with `theater rm <agent>`"
+        return (f"see why with `theater events {agent}`; start it again with `theater restart {agent}` (one that "
+                f"failed to load needs a fixed manifest or component and {spawn}), or remove it with "
+                f"`theater rm {agent}`")
     if code == "refused" and " is stopped" in message:
-        return "start it again with `theater restart <agent>`"
+        return f"start it again with `theater restart {agent}`"
     if code == "not-found":
         return "`theater ps` lists the agents; `theater tree` the supervisors"
+    if code == "restart-failed" and "load-failed" in message:
+        return f"its component does not load: fix the manifest or component, then {spawn}"
     if code == "restart-failed":
-        return "`theater events <agent>` shows why it ended; `theater tree` shows its supervisors"
+        return f"`theater events {agent}` shows why it ended; `theater tree` shows its supervisors"
     if code == "spawn-failed":
-        return "`theater events <agent>` shows its records; fix the manifest or component, then `theater spawn " \
-               "<manifest> --replace` (the failed agent still holds its name)"
+        return (f"`theater events {agent}` shows its records; fix the manifest or component, then {spawn} (the "
+                f"failed agent still holds its name)")
     if (code == "config" and ".wat" in message) or (".wasm" in message and "not valid TOML" in message):
         return "`theater spawn` takes a manifest (.toml) that names the component, not the component itself"
     return ""

@@ -298,11 +298,15 @@ def test_errors_say_what_was_wrong_and_what_to_do(theater: Theater, tmp_path: Pa
     wrong_home = cli(a_file, "ps")
     assert wrong_home.returncode == 2 and f"--home {a_file} is a file, not a directory" in wrong_home.stderr
     assert "Errno" not in wrong_home.stderr
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 2000 + "]" * 2000 + "\n")
+    nested = cli(home, "spawn", str(deep))  # the progress line's name read too: one error, no traceback
+    assert nested.returncode == 1 and "nested too deeply" in nested.stderr and "Traceback" not in nested.stderr
     component = cli(home, "spawn", str(Path(__file__).parent / "components" / "counter.wat"))
     assert component.returncode == 1 and "takes a manifest (.toml) that names the component" in component.stderr
     ok(home, "stop", "counter")
     stopped = cli(home, "call", "counter", "x")
-    assert stopped.returncode == 1 and "hint: start it again with `theater restart <agent>`" in stopped.stderr
+    assert stopped.returncode == 1 and "hint: start it again with `theater restart counter`" in stopped.stderr
 
 
 @pytest.mark.parametrize("args", [["spawn"], ["bogus"], ["events"], ["call", "x", "y", "--frob"],
@@ -450,7 +454,7 @@ def test_rm_refuses_a_running_agent_and_a_tree_member(theater: Theater) -> None:
         assert out.returncode == 1 and taken in out.stderr and "theater rm" not in out.stderr, out.stderr
     refused = cli(home, "send", "m", "x")
     assert refused.returncode == 1 and "refused: agent m is failed, in the tree t" in refused.stderr
-    assert "theater restart <agent>" in refused.stderr and "theater rm" not in refused.stderr, refused.stderr
+    assert "theater restart m`" in refused.stderr and "theater rm" not in refused.stderr, refused.stderr
     assert json.loads(ok(home, "verify", "--json"))[0]["ok"]
 
 
@@ -612,6 +616,19 @@ def test_a_build_key_covers_sources_in_subdirectories_and_the_toolchain_s_versio
     assert key() == now  # what a build writes, packages, caches and the manifest (hashed as its world) are not
     if lang == "python":
         assert _componentize_py_version().endswith(f"componentize-py {importlib.metadata.version('componentize-py')}")
+
+
+def test_build_refuses_capabilities_no_world_imports_exactly(theater: Theater, tmp_path: Path) -> None:
+    """kv alone used to build against the world with messaging, kv and timers: a component whose imports its
+    manifest does not grant, which no spawn can load. The build says what to list instead."""
+    home = theater.home.root
+    ok(home, "new", "kvd", "--dir", str(tmp_path))
+    manifest = tmp_path / "kvd" / "kvd.toml"
+    manifest.write_text(manifest.read_text().replace('["runtime"]', '["runtime", "kv"]'))
+    proc = cli(home, "build", str(tmp_path / "kvd"))
+    assert proc.returncode == 1, proc
+    assert "no WIT world imports exactly kv: kv and timers come in the service-agent world" in proc.stderr
+    assert "list all three" in proc.stderr and not (tmp_path / "kvd" / "kvd.wasm").exists()
 
 
 def test_a_failed_build_shows_the_toolchain_s_report(theater: Theater, tmp_path: Path) -> None:
