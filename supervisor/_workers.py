@@ -53,6 +53,7 @@ BATCH = 256  # messages taken from one socket per loop turn
 HELLO_TIMEOUT_S = 20.0  # from the spawn, or from the end of the compile job its worker waited for
 COMPILE_CHECK_S = 1.0  # how often a worker's hello deadline looks whether its compile job has ended
 LAST_FRAMES_MS = 100  # how long a dead worker's last frame may trail its exit
+FAULT_EXIT_S = 1.0  # a worker that sent a FAULT exits; one that has not by then is killed
 WATCHDOG_GRACE_S = 5.0
 # Calls sent to a worker and not yet answered: it starts the next one as soon as it has sent a result,
 # instead of waiting for the supervisor's loop to read the result (and commit) and send the next. Measured
@@ -96,7 +97,8 @@ class Workers:
         self.poller.register(self.exits.fileno(), zmq.POLLIN)
         self.call_ids = itertools.count(1)
         self.ending: set[Agent] = set()  # reaped, waiting for a last frame that may trail the exit
-        self._hellos: deque[tuple[bytes, list[bytes], Agent | None]] = deque()  # handled one per turn
+        self._hellos: deque[tuple[bytes, list[bytes]]] = deque()  # handled one per turn, in order
+        self._hellos_from: set[bytes] = set()  # the connections with a hello waiting there: one each
         self.zygote_fd: int | None = None  # the fork-server's socket, polled for its answers to spawns
         records.on_results = self._results_committed
         records.on_unstored = self._unstored
@@ -229,12 +231,11 @@ class Workers:
     def _next_hello(self) -> None:
         """Take the oldest hello waiting; the next waits for the next turn, so the calls of running agents
         are served between the durable commits of a crowd of new workers (a crash storm's restarts)."""
-        identity, frames, known = self._hellos.popleft()
+        identity, frames = self._hellos.popleft()
+        self._hellos_from.discard(identity)
         if self._hellos:
             self.timers.after(0, self._next_hello)
-        if known is None:
-            known = self.by_identity.get(identity)
-        self._on_hello(identity, frames, known)
+        self._on_hello(identity, frames)
 
     def _hello_timeout(self, agent: Agent, worker: WorkerProcess) -> None:
         if (worker is agent.worker or worker is agent.prepared) and worker.identity is None and not worker.exited:
@@ -252,9 +253,11 @@ class Workers:
             self.log(f"{agent.name}: worker {worker.pid} sent no hello in {HELLO_TIMEOUT_S}s; killing it")
             worker.kill("no-hello")
 
-    def _on_hello(self, identity: bytes, frames: list[bytes], known: Agent | None) -> None:
-        if known is not None:
-            self.violation(known, "second hello on an established connection")
+    def _on_hello(self, identity: bytes, frames: list[bytes]) -> None:
+        known = self.by_identity.get(identity)
+        if known is not None:  # bound while this one waited: a second hello, if the worker still holds it
+            if known.worker is not None and known.worker.identity == identity:
+                self.violation(known, "second hello on an established connection")
             return
         try:
             hello = wire.Hello.decode(frames)
@@ -389,14 +392,23 @@ class Workers:
                     self.violation(agent, f"bad header: {exc}", body[0][:64])
                 continue
             if typ is wire.WorkerType.HELLO:  # one per turn of the loop: each costs a durable commit
-                self._hellos.append((identity, body[1:], agent))
-                if len(self._hellos) == 1:
-                    self.timers.after(0, self._next_hello)
+                if agent is not None:  # on a bound connection: from the worker that holds it now
+                    self.violation(agent, "second hello on an established connection")
+                elif identity in self._hellos_from:  # its first still waits: a flood is not queued
+                    self.log("dropping a second hello from a connection whose first is still waiting")
+                else:
+                    self._hellos.append((identity, body[1:]))
+                    self._hellos_from.add(identity)
+                    if len(self._hellos) == 1:
+                        self.timers.after(0, self._next_hello)
             elif agent is None:
                 self.log(f"dropping a {typ} frame from an unknown peer")
             elif typ is wire.WorkerType.FAULT:
                 self._on_fault(agent, body[1:])
             elif typ is wire.WorkerType.HOST_REQUEST:
+                if agent.worker is not None and agent.worker.done:  # it may run no call after its last result
+                    self.violation(agent, "a host request after a result that ended its worker")
+                    continue
                 self.records.flush()  # what the agent did before asking is committed first
                 self.host.handle(agent, body[1:])
             elif agent.discard_results:  # being killed after a failed commit: what it ran is answered, not run again
@@ -414,6 +426,7 @@ class Workers:
                     self.violation(agent, "a result after one that ended its worker (it must run no other call)")
                     continue
                 checked = self._check(agent, body[1:], prechecked.get(id(frames)))
+                worker.ran = True
                 if checked is not None:
                     pending = agent.sent.popleft()
                     self.effects.stage(pending, checked)
@@ -559,26 +572,38 @@ class Workers:
     # --- faults, violations, stops, exits ------------------------------------------------------
 
     def _on_fault(self, agent: Agent, frames: list[bytes]) -> None:
-        """The worker could not run the agent (bad component, missing required hardening): why, before it exits."""
+        """The worker could not run the agent (bad component, missing required hardening): why, before it exits.
+        Malformed, or from a worker that has run calls already, it is ignored (a FAULT is never a violation)."""
         worker = agent.worker
-        if worker is None:
+        if worker is None or len(frames) != 1:
             return
         try:
-            fault = wire.decode_json(frames[0], "fault") if len(frames) == 1 else {}
+            fault = wire.decode_json(frames[0], "fault")
         except ProtocolError:
             return
-        worker.fault = str(fault.get("detail", ""))[:4096]
+        reason, detail = (fault.get("reason"), fault.get("detail")) if isinstance(fault, dict) else (None, None)
+        if not isinstance(reason, str) or not isinstance(detail, str):
+            self.log(f"{agent.name}: ignoring a malformed FAULT from worker {worker.pid}")
+            return
+        if worker.ran:
+            self.log(f"{agent.name}: ignoring a FAULT from worker {worker.pid}, which has run calls already")
+            return
+        worker.fault = detail[:4096]
         if NOT_GRANTED in worker.fault:  # say which leaves each import out: the policy, or the manifest
             worker.fault = (worker.fault + not_granted_why(worker.fault, agent.config, self.home.root))[:4096]
-        if fault.get("reason") in PERMANENT_FAILURES:
-            worker.kill_reason = worker.kill_reason or str(fault["reason"])
+        if reason in PERMANENT_FAILURES:
+            worker.kill_reason = worker.kill_reason or reason
+            # It exits next (status 3); one that does not is ended, so that no call waits on it meanwhile.
+            self.timers.after(FAULT_EXIT_S, lambda: None if worker.exited else worker.kill(reason))
 
     def violation(self, agent: Agent, reason: str, evidence: bytes = b"") -> None:
+        """The agent's current worker broke the protocol: killed, and recorded. Its later violations (a flood of
+        them, while it dies) change nothing and are not logged."""
         evidence = evidence[:4096]
         worker = agent.worker
-        self.log(f"{agent.name}: protocol violation: {reason}; killing worker", logging.WARNING)
         if worker is None or worker.kill_reason == "protocol-violation":
             return
+        self.log(f"{agent.name}: protocol violation: {reason}; killing worker", logging.WARNING)
         worker.kill("protocol-violation")
         try:
             self.records.append(agent, Kind.VIOLATION, {
@@ -655,6 +680,8 @@ class Workers:
             self.control.answer_error(running, "worker-died", f"the agent's worker ended during the call "
                                       f"({agent.last_exit}); nothing was committed")
             agent.waiting_on = None
+        for pending in agent.sent:  # never started: what a misbehaving worker asked for them is not theirs
+            self.effects.restart(pending)
         agent.mailbox.extendleft(reversed(agent.sent))  # never started: the next worker runs them, in order
         agent.sent.clear()
         if agent.worker is worker:

@@ -24,7 +24,18 @@ HOST_REQUEST on its socket and then waits for the reply, as the real worker's
     grab-none       a body ``{"op": "children"}`` with no ``interface`` key at all
     grab-malformed  a ``supervision`` request whose id frame is 3 bytes instead of 8
 
-or so that it never answers its second handle call (``hang``: it sleeps instead of running it).
+or so that it never answers its second handle call (``hang``: it sleeps instead of running it),
+
+or so that, in the second handle call, before the guest runs, it sends on its socket
+
+    fault-list   a FAULT whose reason is a JSON list, not a string
+    fault-late   a well-formed FAULT ``load-failed`` (it has run calls: nothing failed to load)
+    hello-flood  HELLO_FLOOD hello frames on its established connection
+
+and then runs the call honestly, or so that (``ask-after-end``) the result of a handle call whose
+message starts with ``set-then-trap`` (keeper.wat: a trap) is sent only once the next call was sent
+ahead, and is followed at once by a kv ``get`` HOST_REQUEST, though a worker whose call trapped may run
+nothing more.
 """
 
 from __future__ import annotations
@@ -44,7 +55,10 @@ PADDING_LOGS = 90
 MODES = (
     "forge", "tamper", "replay", "reorder", "state", "garbage", "twice",
     "grab-unheld", "grab-unknown", "grab-none", "grab-malformed", "hang",
+    "fault-list", "fault-late", "hello-flood", "ask-after-end",
 )
+HELLO_FLOOD = 200
+SENT_AHEAD_WAIT_MS = 20_000
 MALFORMED_ID_BYTES = 3
 
 
@@ -68,6 +82,45 @@ class _SendTwice:
 
     def encode(self) -> list[bytes]:
         return _Twice(self.result.encode())
+
+
+class _ThenAsk(list):
+    """A trapped call's RESULT frames, which the patched ``wire.send_frames`` follows with a host request."""
+
+
+class _AskAfter:
+    def __init__(self, result: wire.Result) -> None:
+        self.result = result
+
+    def encode(self) -> list[bytes]:
+        return _ThenAsk(self.result.encode())
+
+
+def _ask_after_end_patch() -> None:
+    real_send = wire.send_frames
+
+    def send_frames(sock: zmq.Socket, frames: list[bytes], *args: Any, **kwargs: Any) -> None:
+        if isinstance(frames, _ThenAsk):
+            sock.poll(SENT_AHEAD_WAIT_MS)  # the next call is in the socket: it was sent ahead of this result
+            real_send(sock, list(frames), *args, **kwargs)
+            real_send(sock, wire.HostRequest(99, {"op": "get", "key": "a"}, "kv").encode(wire.WorkerType.HOST_REQUEST))
+            return
+        real_send(sock, frames, *args, **kwargs)
+
+    wire.send_frames = send_frames
+
+
+def _before_the_call(link: Any, mode: str) -> None:
+    """``fault-list``, ``fault-late``, ``hello-flood``: frames the supervisor must shrug off or punish once."""
+    sock: zmq.Socket = link._sock
+    if mode == "fault-list":
+        sock.send_multipart([wire.header(wire.WorkerType.FAULT), b'{"reason": ["load-failed"], "detail": "x"}'])
+    elif mode == "fault-late":
+        sock.send_multipart([wire.header(wire.WorkerType.FAULT),
+                             b'{"reason": "load-failed", "detail": "I lie: nothing failed"}'])
+    else:
+        for _ in range(HELLO_FLOOD):
+            sock.send_multipart([wire.header(wire.WorkerType.HELLO), b"{}"])
 
 
 def _send_twice_patch() -> None:
@@ -168,6 +221,8 @@ def main() -> int:
         return 2
     if mode == "twice":
         _send_twice_patch()
+    if mode == "ask-after-end":
+        _ask_after_end_patch()
     import worker.__main__ as entry
     from worker import _loop
 
@@ -178,6 +233,9 @@ def main() -> int:
         if mode == "hang" and call.kind is wire.CallKind.HANDLE and len(handled) == 1:
             print(f"evil worker: hang on call {call.call_id}", file=sys.stderr, flush=True)
             time.sleep(3600)
+        if mode in ("fault-list", "fault-late", "hello-flood") and call.kind is wire.CallKind.HANDLE and len(handled) == 1:
+            print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)
+            _before_the_call(self.host._ask.__self__, mode)  # type: ignore[attr-defined]
         if mode in GRABS and call.kind is wire.CallKind.HANDLE and len(handled) == 1:
             print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)
             _grab(self.host._ask.__self__, mode)  # type: ignore[attr-defined]  # the worker's SupervisorLink
@@ -189,6 +247,9 @@ def main() -> int:
         result = real_run(self, call)
         if call.kind is not wire.CallKind.HANDLE:
             return result
+        if mode == "ask-after-end" and call.data.startswith(b"set-then-trap"):
+            print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)
+            return _AskAfter(result)
         handled.append(list(result.records))
         if len(handled) == 2 and mode in EVIL:
             print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)

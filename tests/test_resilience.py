@@ -354,6 +354,74 @@ def test_hostile_host_request_is_a_violation_and_nothing_of_the_call_is_stored(t
     assert_verified(theater)
 
 
+@pytest.mark.parametrize("mode", ["fault-list", "fault-late"])
+def test_a_fault_that_is_malformed_or_late_is_ignored(theater: Theater, mode: str) -> None:
+    """A FAULT whose reason is not a string used to take the supervisor down (an unhashable list); one from
+    a worker that has run calls left its agent running with no call ever dispatched again, and chose its
+    exit reason. A FAULT is never a violation: both are ignored, and the worker goes on serving."""
+    theater.stop()
+    theater.start(extra=[sys.executable, str(RUN_SUPERVISOR), str(theater.home.root), mode])
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat"))
+        assert c.call("ctr", b"first") == b"1"
+        pid = ps(c, "ctr")["pid"]
+        assert c.call("ctr", b"second") == b"2"  # the FAULT went before it
+        assert c.call("ctr", b"third") == b"3"
+        assert ps(c, "ctr")["pid"] == pid and ps(c, "ctr")["restarts"] == 0
+    assert of(records(theater, "ctr"), Kind.VIOLATION) == []
+    assert "ignoring a" in supervisor_log(theater)
+    assert_verified(theater)
+
+
+def test_a_hello_flood_on_a_bound_connection_is_one_violation_of_that_worker(theater: Theater) -> None:
+    """Hellos sent on an established connection were queued, one handled a turn, and each was held against
+    whatever worker the agent had when its turn came: the worker that sent them was killed, then its
+    innocent successors, one after another. Now the first is that worker's violation, and the rest nothing."""
+    theater.stop()
+    theater.start(extra=[sys.executable, str(RUN_SUPERVISOR), str(theater.home.root), "hello-flood"])
+    with theater.client() as c:
+        c.spawn(theater.manifest("ctr", "counter.wat"))
+        assert c.call("ctr", b"first") == b"1"
+        pid = ps(c, "ctr")["pid"]
+        with pytest.raises(ClientError) as died:
+            c.call("ctr", b"second")
+        assert died.value.code == "worker-died"
+        info = wait_running(c, "ctr", pid)
+        assert c.call("ctr", b"third") == b"2"  # the new worker's first call: honest
+        assert ps(c, "ctr")["pid"] == info["pid"] and ps(c, "ctr")["restarts"] == 1
+    chain = records(theater, "ctr")
+    [violation] = of(chain, Kind.VIOLATION)
+    assert violation.fields()["incarnation"] == 0
+    assert violation.fields()["reason"] == "second hello on an established connection"
+    assert supervisor_log(theater).count("protocol violation: ") == 1
+    assert_verified(theater)
+
+
+def test_a_host_request_after_a_trapped_call_is_that_worker_s_violation(theater: Theater) -> None:
+    """A worker whose call trapped may run nothing more. Its host request after that result was served,
+    noted on the call sent ahead of it, which went back to the mailbox with that note: the next, honest
+    worker to run it was convicted of not recording a host call. Now the request is the trapped worker's
+    violation, and the call goes back clean."""
+    theater.stop()
+    theater.start(extra=[sys.executable, str(RUN_SUPERVISOR), str(theater.home.root), "ask-after-end"])
+    with theater.client() as c:
+        c.spawn(theater.manifest("k", "keeper.wat", policy="messaging", capabilities=["runtime", "kv"]))
+        assert c.call("k", b"set:a:1") == b"ok"
+        pid = ps(c, "k")["pid"]
+        c.send("k", b"set-then-trap:b:2")  # sent first; its worker holds its result until the next is sent ahead
+        assert c.call("k", b"get:a") == b"some:1"  # run by the next worker
+        info = wait_running(c, "k", pid)
+        assert c.call("k", b"get:a") == b"some:1"
+        assert ps(c, "k")["pid"] == info["pid"] and ps(c, "k")["restarts"] == 1
+    chain = records(theater, "k")
+    [violation] = of(chain, Kind.VIOLATION)
+    assert violation.fields()["incarnation"] == 0
+    assert violation.fields()["reason"] == "a host request after a result that ended its worker"
+    handled = [(h.fields()["message"], h.fields()["status"]) for h in of(chain, Kind.HANDLE)]
+    assert handled[-2:] == [(b"get:a", "ok"), (b"get:a", "ok")], handled
+    assert_verified(theater)
+
+
 def test_result_sent_twice_leaves_a_consistent_resumable_store(theater: Theater) -> None:
     """A worker that sends its result twice is caught, and the store it leaves verifies and resumes."""
     theater.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._agent import Agent, Pending
+from .._agent import Agent, Effects, Pending
 
 if TYPE_CHECKING:
     from .._ledger import Checked
@@ -52,6 +52,17 @@ class CallEffects:
         self.timers.committed(agent, effects.timers, effects.cancels)
         sends, effects.sends = effects.sends, []
         self.messaging.deliver(sends)
+
+    def restart(self, pending: Pending) -> None:
+        """A call sent to a worker that ended without starting it goes back to the mailbox: whatever that
+        worker was served for it (a worker that ran none of it asked nothing, honestly) is forgotten, and
+        the next worker runs it afresh."""
+        self.messaging.release(pending.effects.sends)
+        pending.effects = Effects()
+        pending.served = []
+        pending.asked = False
+        pending.unanswered = None
+        pending.deadline = None
 
     def dropped(self, pending: Pending) -> None:
         """The call will not commit: nothing it did through the supervisor takes effect, and a sent message
