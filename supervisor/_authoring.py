@@ -103,6 +103,8 @@ def new_project(name: str, lang: str, parent: Path) -> Path:
     (project / "README.md").write_text(
         f"# {name}\n\nAn agent in {language}. Edit `{source}`, then:\n\n```sh\n{build_line}"
         f"theater spawn {project / f'{name}.toml'}\ntheater call {name} hello\n```\n\n"
+        f"A spawned agent keeps the component it was spawned with. To run a new build: `theater stop {name}`, "
+        f"then `theater spawn {project / f'{name}.toml'} --replace` (a new agent, from its initial state).\n\n"
         "How agents are written: docs/writing-agents.md.\n")
     return project
 
@@ -131,8 +133,11 @@ def _capabilities(project: Path) -> tuple[str, ...]:
 
 def build(project: Path, say: Callable[[str], None]) -> Path | None:
     """Build the project's component if it needs building; the component built (None: WAT, nothing to do).
-    Raise ConfigError with the toolchain's own report when it fails."""
+    Raise ConfigError with the toolchain's own report when it fails. ``project`` may also be its manifest
+    (``DIR/DIR.toml``), which names the project as well."""
     project = project.resolve()
+    if project.is_file() and project.suffix == ".toml" and project.stem == project.parent.name:
+        project = project.parent
     lang = _language(project)
     if lang == "wat":
         say(f"{project.name}: nothing to build (WAT is compiled by the worker at spawn)")

@@ -271,8 +271,10 @@ class Supervision:
                               f"tree {tree}: a tree and its members can be neither removed nor replaced, and their "
                               "names stay taken; give this one another name")
             if existing is not None and not replace:
+                running = existing.status not in ("stopped", "failed")
+                first = f"stop it first (theater stop {name}); then " if running else ""
                 raise Refused(f"a member named {name!r} already exists ({existing.uuid}, {existing.status}); "
-                              f"theater rm {name} removes a stopped or failed one, spawn --replace does both")
+                              f"{first}theater rm {name} removes a stopped or failed one, spawn --replace does both")
         replaced = []
         if replace:
             for name in names:

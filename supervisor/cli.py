@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -137,6 +137,11 @@ def _size(path: Path) -> int:
 
 def cmd_up(args: argparse.Namespace, home: Home) -> int:
     if args.detach:
+        with contextlib.suppress(NotRunning, ClientError, OSError):  # one runs here already: nothing to start
+            with Client(home, timeout=1.0) as c:
+                info = c.ping()
+            _out(args, info, f"supervisor up (pid {info['pid']}) at {home.root}")
+            return EXIT_OK
         home.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = home.logs / "supervisor.log"
         with open(log_path, "ab") as log:
@@ -183,12 +188,14 @@ def cmd_down(args: argparse.Namespace, home: Home) -> int:
 def cmd_spawn(args: argparse.Namespace, home: Home) -> int:
     remote = getattr(args, "remote", None) or args.top_remote
     progress = None if args.json or remote else Progress(home, args.manifest)
+    ok = False
     try:
         with _client(args, home, timeout=args.timeout) as c:
             info = c.spawn(args.manifest, replace=args.replace, tenant=args.tenant)
+        ok = True
     finally:
         if progress is not None:
-            progress.end()
+            progress.end(ok)
     _out(args, info, info["id"])
     return EXIT_OK
 
@@ -222,6 +229,11 @@ class Progress:
     def _phase(self, c: Client) -> str:
         entry = next((a for a in c.ps() if a["name"] == self.name), None)
         if entry is None:
+            tree = _find(c.tree(), self.name)
+            if tree is not None and tree["kind"] == "supervisor":  # a tree starts its agents one after another
+                agents = list(_agents_under(tree))
+                running = sum(1 for a in agents if a["status"] == "running" and a["head"] >= 0)
+                return f"starting the tree: {running} of {len(agents)} agents running"
             return "loading the manifest and starting"
         if entry["pid"] is None:
             return f"{entry['status']}, waiting for a worker"
@@ -233,16 +245,33 @@ class Progress:
         self.shown = True
         print(f"\r\033[K{line}" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
-    def end(self) -> None:
+    def end(self, ok: bool) -> None:
         self.done.set()
         self.thread.join(timeout=6)
         if self.shown:
-            self._say(f"spawn {self.name}: done after {time.monotonic() - self.started:.1f} s")
+            self._say(f"spawn {self.name}: {'done' if ok else 'failed'} after {time.monotonic() - self.started:.1f} s")
             if self.tty:
                 print(file=sys.stderr)
 
 
 PROGRESS_AFTER_S = 1.0
+
+
+def _find(members: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    for member in members:
+        if member["name"] == name:
+            return member
+        found = _find(member.get("children") or [], name)
+        if found is not None:
+            return found
+    return None
+
+
+def _agents_under(member: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for child in member.get("children") or []:
+        if child["kind"] == "agent":
+            yield child
+        yield from _agents_under(child)
 
 
 def _manifest_name(manifest: Path) -> str:
@@ -334,7 +363,36 @@ def cmd_restart(args: argparse.Namespace, home: Home) -> int:
     with _client(args, home, timeout=120) as c:
         info = c.restart(args.agent)
     _out(args, info, f"{info['name']} {info['status']}")
+    if not getattr(args, "remote", None) and not args.top_remote:
+        note = _component_changed(home, str(info["name"]))
+        if note:
+            print(f"  note: {note}", file=sys.stderr)
     return EXIT_OK
+
+
+def _component_changed(home: Home, name: str) -> str:
+    """Whether the agent's component file holds other bytes than the component it was spawned with, which it
+    still runs (its genesis names it): a rebuilt agent restarted runs the old build."""
+    from ._config import component_digest
+    from ._store import open_readonly
+
+    try:
+        db = open_readonly(home.store)
+        try:
+            row = db.execute("SELECT config FROM agents WHERE name=?", (name,)).fetchone()
+        finally:
+            db.close()
+        if row is None:
+            return ""
+        config = json.loads(row[0])
+        path, spawned = Path(config["component_path"]), config["component_sha256"]
+        if component_digest(path) == spawned:
+            return ""
+    except (OSError, ValueError, KeyError, TypeError, SupervisorError):
+        return ""
+    return (f"{path} has changed since {name} was spawned; it runs the component it was spawned with (SHA-256 "
+            f"{spawned[:16]}…). To run the new one: `theater stop {name}`, then `theater spawn MANIFEST --replace` "
+            f"(a new agent, from its initial state)")
 
 
 def cmd_events(args: argparse.Namespace, home: Home) -> int:
@@ -569,13 +627,16 @@ def cmd_gc(args: argparse.Namespace, home: Home) -> int:
         return f"  {e['agent']:<20} {e['records']:>8} records {e['bytes']:>12} bytes  ({limits}): {done}"
 
     _out(args, info, lambda: "\n".join(["snapshots taken; chains compacted past [retention]:",
-                                         *map(line, info["agents"])]))
+                                         *map(line, info["agents"])]) if info["agents"] else "no agents")
     return EXIT_OK
 
 
 def cmd_new(args: argparse.Namespace, home: Home) -> int:
-    from ._authoring import new_project
+    from ._authoring import NAME_RE, new_project
 
+    if not NAME_RE.fullmatch(args.name):  # a value of the wrong form: a usage error, as the parser's own
+        return _fail(args, "usage", f"new: {args.name!r} is not an agent name: 1-63 of a-z, 0-9, '-', '_', "
+                                    "starting with a letter or digit", "")
     project = new_project(args.name, args.lang, args.dir.resolve())
     _out(args, {"project": str(project), "lang": args.lang},
          lambda: f"created {project}\n" + (project / "README.md").read_text().split("\n\n", 1)[1].strip())
@@ -1039,9 +1100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, exc.code, str(exc), _hint(exc.code, str(exc), getattr(args, "manifest", None)))
     except NoAnswer as exc:
         return _fail(args, "timeout", str(exc), _silence_hint(args, home))
-    except NotRunning as exc:
-        hint = "" if "theater up" in str(exc) else "start it with `theater up` (or `theater up --detach`)"
-        return _fail(args, "not-running", str(exc), hint)
+    except NotRunning as exc:  # the hint names the home when it is not the one a bare `theater up` uses
+        home_arg = "" if home.root == default_home() else f" --home {home.root}"
+        return _fail(args, "not-running", str(exc), f"start it with `theater{home_arg} up --detach` (or `theater"
+                                                     f"{home_arg} up` in the foreground)")
     except (SupervisorError, TheaterError) as exc:
         return _fail(args, getattr(exc, "code", "error"), str(exc), "")
     except BrokenPipeError:  # `theater events x | head`: the reader has what it wanted
@@ -1101,6 +1163,13 @@ def _hint(code: str, message: str, manifest: object = None) -> str:
     if code == "spawn-failed":
         return (f"`theater events {agent}` shows its records; fix the manifest or component, then {spawn} (the "
                 f"failed agent still holds its name)")
+    project = Path(str(manifest)) if manifest else None
+    if code == "config" and project is not None and "is a directory, not a regular file" in message \
+            and (project / f"{project.name}.toml").is_file():
+        return f"give the project's manifest: `theater spawn {project / (project.name + '.toml')}`"
+    if code == "config" and project is not None and ".wasm does not exist" in message \
+            and any((project.parent / source).is_file() for source in ("app.py", "app.js")):
+        return f"build it first: `theater build {project.parent}`"
     if (code == "config" and ".wat" in message) or (".wasm" in message and "not valid TOML" in message):
         return "`theater spawn` takes a manifest (.toml) that names the component, not the component itself"
     return ""

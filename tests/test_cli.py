@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -298,6 +299,10 @@ def test_errors_say_what_was_wrong_and_what_to_do(theater: Theater, tmp_path: Pa
     wrong_home = cli(a_file, "ps")
     assert wrong_home.returncode == 2 and f"--home {a_file} is a file, not a directory" in wrong_home.stderr
     assert "Errno" not in wrong_home.stderr
+    elsewhere = tmp_path / "no-supervisor-here"
+    absent = cli(elsewhere, "ps")  # the hint starts a supervisor at that home, not the default one
+    assert absent.returncode == 1 and f"no supervisor is running at {elsewhere}" in absent.stderr
+    assert f"hint: start it with `theater --home {elsewhere} up --detach`" in absent.stderr, absent.stderr
     deep = tmp_path / "deep.toml"
     deep.write_text("a = " + "[" * 2000 + "]" * 2000 + "\n")
     nested = cli(home, "spawn", str(deep))  # the progress line's name read too: one error, no traceback
@@ -430,6 +435,25 @@ def test_rm_frees_the_name_of_a_failed_spawn_and_its_history_stays_verifiable(th
     assert again not in (old, new) and ok(home, "call", "svc", "tick").strip() == "1"  # a new agent, a new state
 
 
+def test_restart_says_when_the_component_file_changed_since_the_spawn(theater: Theater, tmp_path: Path) -> None:
+    """A rebuilt agent restarted runs the component it was spawned with (its genesis names it): restart says so,
+    and how to run the new one."""
+    home = theater.home.root
+    component = tmp_path / "echo.wat"
+    shutil.copyfile(COMPONENTS / "echo.wat", component)
+    manifest = tmp_path / "e.toml"
+    manifest.write_text(f'name = "e"\ncomponent = "{component}"\n')
+    ok(home, "spawn", str(manifest))
+    same = cli(home, "restart", "e")
+    assert same.returncode == 0 and "note:" not in same.stderr, same.stderr
+    component.write_text(component.read_text() + "\n;; rebuilt\n")
+    changed = cli(home, "restart", "e")
+    assert changed.returncode == 0 and changed.stdout.strip() == "e running"
+    assert f"note: {component} has changed since e was spawned; it runs the component it was spawned with" \
+        in changed.stderr and "`theater stop e`, then `theater spawn MANIFEST --replace`" in changed.stderr
+    assert ok(home, "call", "e", "still").strip() == "still"
+
+
 def test_rm_refuses_a_running_agent_and_a_tree_member(theater: Theater) -> None:
     """A tree can be neither removed nor replaced: every refusal, and the hints, say so and what is possible
     (never `theater rm`, which is always refused for a tree's root and members)."""
@@ -437,6 +461,8 @@ def test_rm_refuses_a_running_agent_and_a_tree_member(theater: Theater) -> None:
     ok(home, "spawn", str(theater.manifest("live", "echo.wat")))
     running = cli(home, "rm", "live")
     assert running.returncode == 1 and "agent live is running: stop it first (theater stop live)" in running.stderr
+    again = cli(home, "spawn", str(theater.manifest("live", "echo.wat")))  # taken by a running agent: stop it first
+    assert again.returncode == 1 and "running); stop it first (theater stop live); then theater rm live" in again.stderr
     assert cli(home, "rm", "nosuch").returncode == 1
     tree = theater.dir / "t.toml"
     tree.write_text(f'name = "t"\nintensity = 0\nchildren = [{{ name = "m", component = "{COMPONENTS}/trap_on.wat" }}]\n')
@@ -534,8 +560,10 @@ def test_logs_have_levels_and_times_and_theater_logs_shows_them(tmp_path: Path) 
     assert lines and all(line.match(x) for x in lines), lines
     assert any(" INFO supervisor: up at " in x for x in lines)
     ok(home, "up", "--detach", "--log-level", "warning")
+    second = ok(home, "up", "--detach")  # one runs already: no second process, nothing in the log
+    assert second.startswith("supervisor up (pid ")
     ok(home, "down")
-    assert ok(home, "logs").splitlines() == lines  # nothing below a warning happened
+    assert ok(home, "logs").splitlines() == lines  # nothing below a warning happened, nor an "already running"
 
 
 @pytest.mark.parametrize("lang", ["wat", "python", pytest.param("js", marks=needs_node)])
@@ -548,7 +576,15 @@ def test_a_new_project_builds_and_answers_a_call(theater: Theater, tmp_path: Pat
     assert f"created {project}" in created and (project / "greeter.toml").exists()
     again = cli(home, "new", "greeter", "--dir", str(tmp_path))
     assert again.returncode == 1 and "exists already" in again.stderr
-    built = cli(home, "build", str(project), timeout=600)
+    bad = cli(home, "new", "Bad.Name", "--dir", str(tmp_path))  # a value of the wrong form: usage, exit 2
+    assert bad.returncode == 2 and "'Bad.Name' is not an agent name" in bad.stderr, bad.stderr
+    directory = cli(home, "spawn", str(project))  # the project, not its manifest: the hint names the manifest
+    assert directory.returncode == 1 and f"hint: give the project's manifest: `theater spawn {project}/greeter.toml`" \
+        in directory.stderr, directory.stderr
+    if lang != "wat":  # spawned before it was built: the hint says to build it
+        unbuilt = cli(home, "spawn", str(project / "greeter.toml"))
+        assert unbuilt.returncode == 1 and f"hint: build it first: `theater build {project}`" in unbuilt.stderr
+    built = cli(home, "build", str(project / "greeter.toml"), timeout=600)  # the manifest names the project too
     assert built.returncode == 0, built.stderr
     if lang != "wat":  # built now, or taken from the cache of builds of exactly these sources
         assert "built greeter.wasm" in built.stderr or "from the build cache" in built.stderr, built.stderr
