@@ -90,6 +90,7 @@ class WorkerProcess:
     stop_sent: bool = False  # it was sent STOP: a clean exit then means it started no call after
     done: bool = False  # its last result ends it (a crash, a finish): it runs none of the calls sent after
     ran: bool = False  # a result of its was taken: it loaded its component, so a FAULT cannot come from it now
+    violated: bool = False  # it broke the protocol: killed and recorded once; nothing more of it is taken
     cpu_ns: int = 0  # once reaped: user + system CPU time
     peak_rss: int = 0  # once reaped: its largest resident set, bytes
     hello: Hello | None = None  # a loaded spare's hello, checked before a spawn took it (``Spawner.spawn_nowait``)

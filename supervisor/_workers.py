@@ -406,6 +406,8 @@ class Workers:
             elif typ is wire.WorkerType.FAULT:
                 self._on_fault(agent, body[1:])
             elif typ is wire.WorkerType.HOST_REQUEST:
+                if agent.worker is not None and agent.worker.violated:  # being killed: nothing more of it is served
+                    continue
                 if agent.worker is not None and agent.worker.done:  # it may run no call after its last result
                     self.violation(agent, "a host request after a result that ended its worker")
                     continue
@@ -420,8 +422,8 @@ class Workers:
                 continue
             elif typ is wire.WorkerType.RESULT:
                 worker = agent.worker
-                if worker is None:
-                    continue  # its end is being recorded: nothing more of it is taken
+                if worker is None or worker.violated:
+                    continue  # its end is being recorded, or it is being killed: nothing more of it is taken
                 if worker.done:
                     self.violation(agent, "a result after one that ended its worker (it must run no other call)")
                     continue
@@ -601,9 +603,11 @@ class Workers:
         them, while it dies) change nothing and are not logged."""
         evidence = evidence[:4096]
         worker = agent.worker
-        if worker is None or worker.kill_reason == "protocol-violation":
+        if worker is None or worker.violated:
             return
+        worker.violated = True
         self.log(f"{agent.name}: protocol violation: {reason}; killing worker", logging.WARNING)
+        worker.kill_reason = "protocol-violation"  # over a reason it gave (a FAULT) or a stop on its way
         worker.kill("protocol-violation")
         try:
             self.records.append(agent, Kind.VIOLATION, {

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -140,6 +141,12 @@ def cmd_up(args: argparse.Namespace, home: Home) -> int:
         with contextlib.suppress(NotRunning, ClientError, OSError):  # one runs here already: nothing to start
             with Client(home, timeout=1.0) as c:
                 info = c.ping()
+            asked = [f"--{o.replace('_', '-')}" for o in ("listen", "metrics", "witness") if getattr(args, o)]
+            asked += ["--log-level"] if args.log_level != "info" else []
+            if asked:  # its options are the ones it was started with
+                return _fail(args, "refused", f"a supervisor is already running at {home.root} (pid {info['pid']}), "
+                                              f"with the options it was started with: {', '.join(asked)} would "
+                                              "change nothing", "`theater down` first, then `theater up` with them")
             _out(args, info, f"supervisor up (pid {info['pid']}) at {home.root}")
             return EXIT_OK
         home.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -388,11 +395,12 @@ def _component_changed(home: Home, name: str) -> str:
         path, spawned = Path(config["component_path"]), config["component_sha256"]
         if component_digest(path) == spawned:
             return ""
-    except (OSError, ValueError, KeyError, TypeError, SupervisorError):
+    except (OSError, ValueError, KeyError, TypeError, sqlite3.Error, SupervisorError):
         return ""
-    return (f"{path} has changed since {name} was spawned; it runs the component it was spawned with (SHA-256 "
-            f"{spawned[:16]}…). To run the new one: `theater stop {name}`, then `theater spawn MANIFEST --replace` "
-            f"(a new agent, from its initial state)")
+    return (f"{path} has changed since {name} was spawned; it runs the build it was spawned with (SHA-256 "
+            f"{spawned[:16]}…) from that build's compiled artifact, and fails to load once the cache no longer holds "
+            f"it. To run the new one: `theater stop {name}`, then `theater spawn MANIFEST --replace` (a new agent, "
+            f"from its initial state)")
 
 
 def cmd_events(args: argparse.Namespace, home: Home) -> int:
@@ -1097,7 +1105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "start a supervisor with `theater up` and spawn an agent; the key and the store appear then")
         return COMMANDS[args.command](args, home)
     except ClientError as exc:
-        return _fail(args, exc.code, str(exc), _hint(exc.code, str(exc), getattr(args, "manifest", None)))
+        return _fail(args, exc.code, str(exc), _hint(exc.code, str(exc), getattr(args, "manifest", None),
+                                                     getattr(args, "agent", None)))
     except NoAnswer as exc:
         return _fail(args, "timeout", str(exc), _silence_hint(args, home))
     except NotRunning as exc:  # the hint names the home when it is not the one a bare `theater up` uses
@@ -1141,10 +1150,12 @@ def _fail(args: argparse.Namespace, code: str, message: str, hint: str) -> int:
     return EXIT_USAGE if code == "usage" else EXIT_FAIL
 
 
-def _hint(code: str, message: str, manifest: object = None) -> str:
-    """What to do next, where a user is most often stuck: the commands to type, with the agent the error names."""
-    named = re.search(r"\bagent ([a-z0-9](?:[a-z0-9_.:-]*[a-z0-9_])?)", message)
-    agent = named.group(1) if named else "<agent>"
+def _hint(code: str, message: str, manifest: object = None, typed: object = None) -> str:
+    """What to do next, where a user is most often stuck: the commands to type, with the agent the user named
+    (else the one the error begins with: `agent NAME failed to start`; never a name from further on, which may
+    be a guest's words)."""
+    named = re.match(r"agent ([^\s,]+)[ ,]", message)
+    agent = str(typed) if typed else named.group(1) if named else "<agent>"
     spawn = f"`theater spawn {manifest if manifest else '<manifest>'} --replace`"
     if code == "refused" and " is failed, in the tree " in message:  # a tree's agents cannot be removed
         return f"see why with `theater events {agent}`; start it again with `theater restart {agent}`"

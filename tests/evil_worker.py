@@ -32,7 +32,9 @@ or so that, in the second handle call, before the guest runs, it sends on its so
     fault-late   a well-formed FAULT ``load-failed`` (it has run calls: nothing failed to load)
     hello-flood  HELLO_FLOOD hello frames on its established connection
 
-and then runs the call honestly, or so that (``ask-after-end``) the result of a handle call whose
+and then runs the call honestly, or so that, in the second handle call, it waits for the STOP the operator's ``theater stop`` sends and then
+sends STOP_FLOOD frames with a bad header (``stop-flood``), or so that (``ask-after-end``) the result of a
+handle call whose
 message starts with ``set-then-trap`` (keeper.wat: a trap) is sent only once the next call was sent
 ahead, and is followed at once by a kv ``get`` HOST_REQUEST, though a worker whose call trapped may run
 nothing more.
@@ -55,8 +57,9 @@ PADDING_LOGS = 90
 MODES = (
     "forge", "tamper", "replay", "reorder", "state", "garbage", "twice",
     "grab-unheld", "grab-unknown", "grab-none", "grab-malformed", "hang",
-    "fault-list", "fault-late", "hello-flood", "ask-after-end",
+    "fault-list", "fault-late", "hello-flood", "ask-after-end", "stop-flood",
 )
+STOP_FLOOD = 50
 HELLO_FLOOD = 200
 SENT_AHEAD_WAIT_MS = 20_000
 MALFORMED_ID_BYTES = 3
@@ -76,36 +79,46 @@ class _Twice(list):
     """Frames the patched ``wire.send_frames`` sends twice in a row."""
 
 
-class _SendTwice:
-    def __init__(self, result: wire.Result) -> None:
-        self.result = result
-
-    def encode(self) -> list[bytes]:
-        return _Twice(self.result.encode())
-
-
 class _ThenAsk(list):
-    """A trapped call's RESULT frames, which the patched ``wire.send_frames`` follows with a host request."""
+    """A trapped call's RESULT frames, which the patched ``wire.send_frames`` sends once the next call was sent
+    ahead, followed by a host request; the worker then waits to be killed."""
 
 
-class _AskAfter:
-    def __init__(self, result: wire.Result) -> None:
-        self.result = result
+class _Marked:
+    """A result whose frames go out as ``kind`` (``_Twice`` or ``_ThenAsk``), for the patched send to see."""
+
+    def __init__(self, result: wire.Result, kind: type[list[bytes]]) -> None:
+        self.result, self.kind = result, kind
 
     def encode(self) -> list[bytes]:
-        return _ThenAsk(self.result.encode())
+        return self.kind(self.result.encode())
 
 
-def _ask_after_end_patch() -> None:
+_LINK: list[Any] = []  # the worker's SupervisorLink, once a call ran
+
+
+def _sent_ahead(sock: zmq.Socket) -> None:
+    """Wait until a call sent ahead has come: read ahead by the worker already (it looks for a STOP behind the
+    calls it has before it runs one), or still in the socket."""
+    deadline = time.monotonic() + SENT_AHEAD_WAIT_MS / 1000
+    while not (_LINK and _LINK[0]._early) and not sock.poll(50) and time.monotonic() < deadline:
+        pass
+
+
+def _patch_send() -> None:
+    """The worker loop sends its results through ``wire.send_frames``: marked frames are sent as marked."""
     real_send = wire.send_frames
 
     def send_frames(sock: zmq.Socket, frames: list[bytes], *args: Any, **kwargs: Any) -> None:
         if isinstance(frames, _ThenAsk):
-            sock.poll(SENT_AHEAD_WAIT_MS)  # the next call is in the socket: it was sent ahead of this result
+            _sent_ahead(sock)
+        real_send(sock, list(frames), *args, **kwargs)
+        if isinstance(frames, _Twice):
             real_send(sock, list(frames), *args, **kwargs)
+        if isinstance(frames, _ThenAsk):
             real_send(sock, wire.HostRequest(99, {"op": "get", "key": "a"}, "kv").encode(wire.WorkerType.HOST_REQUEST))
-            return
-        real_send(sock, frames, *args, **kwargs)
+            while True:  # never obeys the STOP that follows: the request surely leaves, and the worker is killed
+                time.sleep(60)
 
     wire.send_frames = send_frames
 
@@ -121,17 +134,6 @@ def _before_the_call(link: Any, mode: str) -> None:
     else:
         for _ in range(HELLO_FLOOD):
             sock.send_multipart([wire.header(wire.WorkerType.HELLO), b"{}"])
-
-
-def _send_twice_patch() -> None:
-    real_send = wire.send_frames
-
-    def send_frames(sock: zmq.Socket, frames: list[bytes], *args: Any, **kwargs: Any) -> None:
-        real_send(sock, frames, *args, **kwargs)
-        if isinstance(frames, _Twice):
-            real_send(sock, list(frames), *args, **kwargs)
-
-    wire.send_frames = send_frames  # the worker loop sends its results through wire.send_frames
 
 
 def _forge(result: wire.Result, first: list[bytes]) -> Any:
@@ -172,7 +174,7 @@ def _garbage(result: wire.Result, first: list[bytes]) -> Any:
 
 
 def _twice(result: wire.Result, first: list[bytes]) -> Any:
-    return _SendTwice(result)
+    return _Marked(result, _Twice)
 
 
 EVIL = {
@@ -219,10 +221,8 @@ def main() -> int:
     if mode not in MODES:
         print(f"usage: evil_worker.py {{{','.join(MODES)}}} --bootstrap-fd N", file=sys.stderr)
         return 2
-    if mode == "twice":
-        _send_twice_patch()
-    if mode == "ask-after-end":
-        _ask_after_end_patch()
+    if mode in ("twice", "ask-after-end"):
+        _patch_send()
     import worker.__main__ as entry
     from worker import _loop
 
@@ -236,6 +236,14 @@ def main() -> int:
         if mode in ("fault-list", "fault-late", "hello-flood") and call.kind is wire.CallKind.HANDLE and len(handled) == 1:
             print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)
             _before_the_call(self.host._ask.__self__, mode)  # type: ignore[attr-defined]
+        if mode == "stop-flood" and call.kind is wire.CallKind.HANDLE and len(handled) == 1:
+            print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)
+            sock = self.host._ask.__self__._sock  # type: ignore[attr-defined]
+            if sock.poll(SENT_AHEAD_WAIT_MS):  # the STOP has come: answer it with garbage, not with an exit
+                for _ in range(STOP_FLOOD):
+                    sock.send_multipart([b"\xff"])
+            while True:
+                time.sleep(60)
         if mode in GRABS and call.kind is wire.CallKind.HANDLE and len(handled) == 1:
             print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)
             _grab(self.host._ask.__self__, mode)  # type: ignore[attr-defined]  # the worker's SupervisorLink
@@ -247,9 +255,10 @@ def main() -> int:
         result = real_run(self, call)
         if call.kind is not wire.CallKind.HANDLE:
             return result
+        _LINK[:] = [self.host._ask.__self__]  # type: ignore[attr-defined]  # the worker's SupervisorLink
         if mode == "ask-after-end" and call.data.startswith(b"set-then-trap"):
             print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)
-            return _AskAfter(result)
+            return _Marked(result, _ThenAsk)
         handled.append(list(result.records))
         if len(handled) == 2 and mode in EVIL:
             print(f"evil worker: {mode} on call {call.call_id}", file=sys.stderr, flush=True)

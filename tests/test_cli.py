@@ -562,6 +562,9 @@ def test_logs_have_levels_and_times_and_theater_logs_shows_them(tmp_path: Path) 
     ok(home, "up", "--detach", "--log-level", "warning")
     second = ok(home, "up", "--detach")  # one runs already: no second process, nothing in the log
     assert second.startswith("supervisor up (pid ")
+    other = cli(home, "up", "--detach", "--metrics", "127.0.0.1:0")  # options it would not take: refused
+    assert other.returncode == 1 and "already running" in other.stderr and "--metrics would change nothing" \
+        in other.stderr, other.stderr
     ok(home, "down")
     assert ok(home, "logs").splitlines() == lines  # nothing below a warning happened, nor an "already running"
 

@@ -495,7 +495,8 @@ def test_rseq_reaches_the_kernel_after_lock_down(probes: Any, user: str) -> None
 # The older forms of calls the allowlist refuses, which glibc still uses for some wrappers (epoll_create,
 # inotify_init, mknod, rmdir, umask): refused like their newer siblings, not killed.
 LEGACY_CALLS = ("pipe", "rmdir", "lchown", "umask", "getdents", "mknod", "mknodat", "epoll_create", "inotify_init",
-                "signalfd", "eventfd", "utimes", "fsync", "flock", "getxattr", "sendfile")
+                "signalfd", "eventfd", "utimes", "fsync", "flock", "getxattr", "sendfile", "preadv2", "fadvise64",
+                "fchmodat2", "getxattrat")
 
 
 def test_older_forms_of_refused_calls_are_refused_too(probes: Any) -> None:

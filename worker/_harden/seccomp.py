@@ -105,7 +105,9 @@ ALLOWLIST: dict[str, str | int | ArgRule] = {
         "fdatasync", "flock", "fallocate", "getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr",
         "flistxattr", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
         "sendfile", "splice", "tee", "copy_file_range", "timerfd_settime", "timerfd_gettime", "sync",
-        "syncfs"), EPERM),
+        "syncfs", "preadv", "pwritev", "preadv2", "pwritev2", "fadvise64", "readahead", "sync_file_range",
+        "vmsplice", "inotify_rm_watch", "fchmodat2", "setxattrat", "getxattrat", "listxattrat",
+        "removexattrat"), EPERM),
     "clone3": ENOSYS,  # glibc then tries clone, which fails
     # Evidence of compromise: killed outright (also the default, listed to be explicit).
     **{name: KILL for name, action in DENYLIST.items() if action == KILL},

@@ -56,7 +56,10 @@ NR_X86_64: dict[str, int] = {
     "fallocate": 285, "getxattr": 191, "lgetxattr": 192, "fgetxattr": 193, "listxattr": 194, "llistxattr": 195,
     "flistxattr": 196, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197,
     "lremovexattr": 198, "fremovexattr": 199, "sendfile": 40, "splice": 275, "tee": 276, "copy_file_range": 326,
-    "timerfd_settime": 286, "timerfd_gettime": 287, "sync": 162, "syncfs": 306,
+    "timerfd_settime": 286, "timerfd_gettime": 287, "sync": 162, "syncfs": 306, "preadv": 295, "pwritev": 296,
+    "preadv2": 327, "pwritev2": 328, "fadvise64": 221, "readahead": 187, "sync_file_range": 277, "vmsplice": 278,
+    "inotify_rm_watch": 255, "fchmodat2": 452, "setxattrat": 463, "getxattrat": 464, "listxattrat": 465,
+    "removexattrat": 466,
 }
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
