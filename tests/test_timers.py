@@ -3,7 +3,10 @@ committed with their call, survive worker and supervisor crashes, end with the a
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,33 @@ def test_a_cancelled_timer_never_fires(theater: Theater) -> None:
         ask(c, "after:200:later")
         wait_until(lambda: has_line(c, "later"), what="the later timer")
         assert "cancelled" not in ask(c, "state")
+
+
+def test_a_timer_already_on_its_way_cannot_be_cancelled(theater: Theater) -> None:
+    """A timer that came due while the call cancelling it waited behind the agent's current one was answered
+    `true` and delivered all the same. Here the agent's worker is stopped (SIGSTOP) with the cancel sent to it,
+    until the timer's delivery is queued behind the cancel: the cancel says `false`, and the timer fires."""
+    with theater.client() as c:
+        c.spawn(alarm(theater))
+        timer_id = ask(c, "after:300:on-its-way")[3:]
+        pid = ps(c, "t")["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        answer: dict[str, str] = {}
+        try:
+            def cancel() -> None:
+                with theater.client() as other:
+                    answer["cancel"] = ask(other, f"cancel:{timer_id}")
+
+            canceller = threading.Thread(target=cancel)
+            canceller.start()
+            # Behind the call the stopped worker holds (the cancel, or the delivery if it came due first), the
+            # other waits: either way the timer's message is on its way when the cancel runs.
+            wait_until(lambda: ps(c, "t")["mailbox"] >= 1, what="the cancel and the timer's delivery both queued")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        canceller.join(30)
+        assert answer == {"cancel": "false"}
+        wait_until(lambda: has_line(c, "on-its-way"), what="the timer delivered")
 
 
 def test_a_cancelled_timer_leaves_nothing_set_in_the_supervisor_s_loop(theater: Theater) -> None:

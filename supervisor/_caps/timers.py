@@ -94,6 +94,8 @@ class AgentTimers:
             held = self.pending.get(wanted)
             if held is None or held[0] != call.agent.id or wanted in effects.cancels:
                 return Answer({"ok": True, "cancelled": False})
+            if wanted in self.delivering:  # it came due and its message is on its way: too late to stop it
+                return Answer({"ok": True, "cancelled": False})
             effects.cancels.append(wanted)
             return Answer({"ok": True, "cancelled": True})
         return Answer({"ok": False, "error": f"unknown timers operation {call.op!r}"})
@@ -156,6 +158,9 @@ class AgentTimers:
             return
         if agent.status not in RECEIVING or agent.queued + agent.reserved >= agent.config.limits.mailbox:
             self._arm_in(timer_id, RETRY_S)
+            return
+        if any(timer_id in p.effects.cancels for p in agent.sent):  # a call that cancels it is being run or
+            self._arm_in(timer_id, RETRY_S)  # committed: if it commits the timer is gone, else it fires then
             return
         data = wire.encode_message(wire.Origin.TIMER, agent.id, timer_id.to_bytes(16, "big"), message)
         pending = Pending(wire.Call(next(self.workers.call_ids), wire.CallKind.MESSAGE, data), timer_id=timer_id)
