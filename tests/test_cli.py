@@ -449,7 +449,7 @@ def test_restart_says_when_the_component_file_changed_since_the_spawn(theater: T
     component.write_text(component.read_text() + "\n;; rebuilt\n")
     changed = cli(home, "restart", "e")
     assert changed.returncode == 0 and changed.stdout.strip() == "e running"
-    assert f"note: {component} has changed since e was spawned; it runs the component it was spawned with" \
+    assert f"note: {component} has changed since e was spawned; it runs the build it was spawned with" \
         in changed.stderr and "`theater stop e`, then `theater spawn MANIFEST --replace`" in changed.stderr
     assert ok(home, "call", "e", "still").strip() == "still"
 
