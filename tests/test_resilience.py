@@ -8,6 +8,7 @@ event store. Waits are on replies or on process-level facts with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,16 +281,23 @@ EVIL_MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", sorted(EVIL_MODES))
-def test_lying_worker_is_caught_and_nothing_it_sent_is_stored(theater: Theater, mode: str) -> None:
-    """A worker that forges, tampers, replays, reorders, lies about state, sends garbage or floods hellos is killed,
-    recorded, restarted, and only it."""
+@contextlib.contextmanager
+def _evil_counter(theater: Theater, mode: str) -> Iterator[tuple[Client, int]]:
+    """A supervisor whose workers are ``tests/evil_worker.py MODE``, the counter spawned and its first call (honest)
+    made: a client, and the pid of the worker that took it."""
     theater.stop()
     theater.start(extra=[sys.executable, str(RUN_SUPERVISOR), str(theater.home.root), mode])
     with theater.client() as c:
         c.spawn(theater.manifest("ctr", "counter.wat"))
         assert c.call("ctr", b"first") == b"1"
-        pid = ps(c, "ctr")["pid"]
+        yield c, ps(c, "ctr")["pid"]
+
+
+@pytest.mark.parametrize("mode", sorted(EVIL_MODES))
+def test_lying_worker_is_caught_and_nothing_it_sent_is_stored(theater: Theater, mode: str) -> None:
+    """A worker that forges, tampers, replays, reorders, lies about state, sends garbage or floods hellos is killed,
+    recorded, restarted, and only it."""
+    with _evil_counter(theater, mode) as (c, pid):
         with pytest.raises(ClientError) as died:
             c.call("ctr", b"second")
         assert died.value.code == "worker-died"
@@ -326,13 +335,8 @@ HOST_REQUEST_MODES = {
 def test_hostile_host_request_is_a_violation_and_nothing_of_the_call_is_stored(theater: Theater, mode: str) -> None:
     """A worker that asks mid-call for a capability it lacks, one nobody serves, none, or with a bad id frame
     is killed, recorded, restarted; the call it was in is not committed."""
-    theater.stop()
-    theater.start(extra=[sys.executable, str(RUN_SUPERVISOR), str(theater.home.root), mode])
-    with theater.client() as c:
-        c.spawn(theater.manifest("ctr", "counter.wat"))
+    with _evil_counter(theater, mode) as (c, pid):
         assert ps(c, "ctr")["policy"] == "default"  # no supervision capability
-        assert c.call("ctr", b"first") == b"1"
-        pid = ps(c, "ctr")["pid"]
         with pytest.raises(ClientError) as died:
             c.call("ctr", b"second")
         assert died.value.code == "worker-died"
@@ -364,12 +368,7 @@ def test_a_fault_that_is_malformed_or_late_is_ignored(theater: Theater, mode: st
     """A FAULT whose reason is not a string used to take the supervisor down (an unhashable list); one from
     a worker that has run calls left its agent running with no call ever dispatched again, and chose its
     exit reason. A FAULT is never a violation: both are ignored, and the worker goes on serving."""
-    theater.stop()
-    theater.start(extra=[sys.executable, str(RUN_SUPERVISOR), str(theater.home.root), mode])
-    with theater.client() as c:
-        c.spawn(theater.manifest("ctr", "counter.wat"))
-        assert c.call("ctr", b"first") == b"1"
-        pid = ps(c, "ctr")["pid"]
+    with _evil_counter(theater, mode) as (c, pid):
         assert c.call("ctr", b"second") == b"2"  # the FAULT went before it
         assert c.call("ctr", b"third") == b"3"
         assert ps(c, "ctr")["pid"] == pid and ps(c, "ctr")["restarts"] == 0
@@ -382,11 +381,7 @@ def test_a_worker_on_its_way_out_is_recorded_as_a_violator_once(theater: Theater
     """A worker being stopped (or one that sent a FAULT) has a kill reason already. A violation used to
     be taken as that worker's first unless that reason was `protocol-violation`: each of a flood of bad
     frames then wrote a violation record (a durable commit) and a warning. Now once, whatever came before."""
-    theater.stop()
-    theater.start(extra=[sys.executable, str(RUN_SUPERVISOR), str(theater.home.root), "stop-flood"])
-    with theater.client() as c:
-        c.spawn(theater.manifest("ctr", "counter.wat"))
-        assert c.call("ctr", b"first") == b"1"
+    with _evil_counter(theater, "stop-flood") as (c, _):
         c.send("ctr", b"second")  # its worker waits in this call for the STOP, and answers it with bad frames
         wait_until(lambda: "stop-flood on call" in (theater.home.logs / "ctr.log").read_text(), what="the call")
         c.stop("ctr")
