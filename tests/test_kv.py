@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Theater, assert_verified, ps, records, start_after_crash, wait_running
+from conftest import Theater, assert_verified, of, ps, records, start_after_crash, wait_running
 
 from theater.client import Client, ClientError
 from theater.records import Kind
@@ -98,6 +98,19 @@ def test_writes_survive_a_worker_crash_and_a_supervisor_kill(theater: Theater) -
         assert ask(c, "get:x") == "some:before"
         assert ask(c, "get:y") == "some:committed"
     assert_verified(theater)
+
+
+def test_a_value_of_the_default_largest_size_is_written_by_a_locked_down_worker(theater: Theater) -> None:
+    """A value of 65,536 bytes (the default max_value_bytes) used to get the worker killed as a protocol violator:
+    pyzmq sends 64 KiB and more without a copy by starting a thread, which a worker may not after lock-down, so the
+    request was cut short after its first frames and the result that followed was read as its rest."""
+    with theater.client() as c:
+        c.spawn(keeper(theater))
+        value = "v" * 65536
+        assert ask(c, "set:big:" + value) == "ok"
+        assert ask(c, "get:big") == "some:" + value
+        assert ps(c, "k")["restarts"] == 0
+    assert of(records(theater, "k"), Kind.VIOLATION) == []
 
 
 def test_each_quota_is_enforced(theater: Theater) -> None:

@@ -174,7 +174,10 @@ class SupervisorLink:
         at most ``wait_ms`` for its answer."""
         self._ids += 1
         request = wire.HostRequest(self._ids, body, interface, data)
-        wire.send_frames(self._sock, request.encode(wire.WorkerType.HOST_REQUEST), copy=data is None or len(data) < 65536)
+        # Copied, whatever its size: pyzmq sends 64 KiB and more without a copy by starting a thread that frees
+        # the bytes, and a worker may start no thread after lock-down; the send then failed after its first
+        # frames, and the result that followed was read as the rest of the request (a protocol violation).
+        wire.send_frames(self._sock, request.encode(wire.WorkerType.HOST_REQUEST))
         deadline = time.monotonic() + wait_ms / 1000
         while True:
             if not self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
