@@ -189,6 +189,14 @@ def test_each_timer_bound_is_enforced(theater: Theater) -> None:
         assert ask(c, "after:10000:a").startswith("id:")
         assert ask(c, "after:10000:b").startswith("id:")
         assert ask(c, "after:10000:c") == "err:2 timers are pending already (max_pending)"
+        c.spawn(alarm(theater, "other", max_pending=2, max_delay_ms=10_000))  # another agent's count is its own
+        assert ask(c, "after:10000:a", "other").startswith("id:")
+        assert ask(c, "after:10000:b", "other").startswith("id:")
+        assert ask(c, "after:10000:c", "other") == "err:2 timers are pending already (max_pending)"
+        c.stop("t")  # its timers go with it, and its count
+        c.restart("t")
+        assert ask(c, "after:10000:a").startswith("id:") and ask(c, "after:10000:b").startswith("id:")
+        assert ask(c, "after:10000:c") == "err:2 timers are pending already (max_pending)"
         with pytest.raises(ClientError, match=r"timers\.max_pending: 101 exceeds the policy's 100"):
             c.spawn(alarm(theater, "wide", max_pending=101))
 

@@ -46,14 +46,27 @@ class AgentTimers:
         self.loop = loop
         self.log = log
         self.pending: dict[int, tuple[bytes, int, bytes]] = {}  # committed: id -> (agent id, due ns, message)
+        self._of: dict[bytes, set[int]] = {}  # the same, by agent: a count or a stop never walks every agent's
         self.delivering: set[int] = set()  # in a mailbox or in flight
         self._armed: dict[int, Timer] = {}  # the loop's timer that fires each (a cancel must drop it too)
 
     def resume(self) -> None:
         """After a supervisor start: every committed timer, armed again."""
         for timer_id, agent_id, due_ns, message in self.store.timers():
-            self.pending[timer_id] = (agent_id, due_ns, message)
+            self._add(timer_id, agent_id, due_ns, message)
             self._arm(timer_id, due_ns)
+
+    def _add(self, timer_id: int, agent_id: bytes, due_ns: int, message: bytes) -> None:
+        self.pending[timer_id] = (agent_id, due_ns, message)
+        self._of.setdefault(agent_id, set()).add(timer_id)
+
+    def _remove(self, timer_id: int) -> None:
+        held = self.pending.pop(timer_id, None)
+        if held is not None:
+            mine = self._of[held[0]]
+            mine.discard(timer_id)
+            if not mine:
+                del self._of[held[0]]
 
     # --- host requests ---------------------------------------------------------------------
 
@@ -74,8 +87,8 @@ class AgentTimers:
             # the call removes it, in the same step as it adds the timers the call sets. So a timer re-armed
             # from its own delivery fits under max_pending = 1.
             delivering = call.pending.timer_id
-            mine = sum(1 for timer_id, (agent_id, _, _) in self.pending.items()
-                       if agent_id == call.agent.id and timer_id != delivering)
+            of_agent = self._of.get(call.agent.id, set())
+            mine = len(of_agent) - (delivering in of_agent)
             cancelled = sum(1 for timer_id in effects.cancels if timer_id != delivering)
             if mine + len(effects.timers) - cancelled >= grant.max_pending:
                 return Answer({"ok": False, "error": f"{grant.max_pending} timers are pending already "
@@ -110,25 +123,25 @@ class AgentTimers:
 
     def committed(self, agent: Agent, added: list[tuple[int, int, bytes]], cancelled: list[int]) -> None:
         for timer_id, due_ns, message in added:
-            self.pending[timer_id] = (agent.id, due_ns, message)
+            self._add(timer_id, agent.id, due_ns, message)
             self._arm(timer_id, due_ns)
         for timer_id in cancelled:
-            self.pending.pop(timer_id, None)
+            self._remove(timer_id)
             self._disarm(timer_id)
 
     def consumed(self, timer_id: int) -> None:
         """The call that delivered the timer is committed (and its row removed with it)."""
-        self.pending.pop(timer_id, None)
+        self._remove(timer_id)
         self.delivering.discard(timer_id)
         self._disarm(timer_id)
 
     def stopped(self, agent: Agent) -> None:
         """The agent stopped: its timers are removed."""
-        mine = [t for t, (agent_id, _, _) in self.pending.items() if agent_id == agent.id]
+        mine = list(self._of.get(agent.id, ()))
         if not mine:
             return
         for timer_id in mine:
-            self.pending.pop(timer_id, None)
+            self._remove(timer_id)
             self._disarm(timer_id)
         self.store.remove_timers(agent.id)
 
