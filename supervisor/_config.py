@@ -294,6 +294,20 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def resolved(path: Path) -> Path:
+    """``path`` made absolute with its links followed. A path no file can have (a NUL, a lone surrogate escape)
+    or a loop of links is a ConfigError, named with anything unprintable escaped."""
+    try:
+        resolved_path = path.resolve()
+        os.fsencode(resolved_path)  # a lone surrogate cannot be a file's name
+        return resolved_path
+    except (ValueError, RuntimeError, OSError) as exc:  # UnicodeEncodeError is a ValueError
+        shown = str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+        why = "a symlink loop" if isinstance(exc, RuntimeError) else "not a path a file can have" \
+            if isinstance(exc, ValueError) else exc.strerror
+        raise ConfigError(f"{shown!r}: cannot read: {why}") from None
+
+
 def open_regular(path: Path, cap: int) -> int:
     """A descriptor on ``path`` if it is a regular file of at most ``cap`` bytes (symlinks followed).
 
@@ -302,7 +316,7 @@ def open_regular(path: Path, cap: int) -> int:
     it read a device without end. Raises ConfigError naming the file.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(resolved(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
@@ -569,13 +583,13 @@ def load_manifest(path: Path, dirs: list[Path]) -> AgentConfig:
     """Parse an agent manifest, resolve its policy and component, and apply its narrowing."""
     config = load_any(path, dirs)
     if isinstance(config, TreeConfig):
-        raise ConfigError(f"{path.resolve()}: is a supervisor manifest (it has strategy/children), not an agent manifest")
+        raise ConfigError(f"{resolved(path)}: is a supervisor manifest (it has strategy/children), not an agent manifest")
     return config
 
 
 def load_any(path: Path, dirs: list[Path], _seen: tuple[Path, ...] = ()) -> AgentConfig | TreeConfig:
     """Parse an agent manifest or a supervisor (tree) manifest, children included."""
-    path = path.resolve()
+    path = resolved(path)
     if path in _seen:
         raise ConfigError(f"{path}: includes itself through its children")
     top = _Table(path, _read_toml(path))
@@ -667,7 +681,7 @@ def _agent(top: _Table, base: Path, dirs: list[Path]) -> AgentConfig:
     grants = _grants(top, caps, policy.grants)
     retention = _retention(top.table("retention"), policy.retention)
 
-    component = (base / component_rel).resolve()
+    component = resolved(base / component_rel)
     if component.suffix not in (".wasm", ".wat"):
         raise top.err("component", f"{component_rel!r} must name a .wasm or .wat file")
     try:
@@ -714,7 +728,7 @@ def _helper_components(top: _Table, base: Path) -> tuple[tuple[str, str], ...]:
     for i, ref in enumerate(refs):
         if not isinstance(ref, str):
             raise top.err(f"helpers[{i}]", "must be the path of a .wasm file")
-        path = (base / ref).resolve()
+        path = resolved(base / ref)
         if path.suffix != ".wasm":
             raise top.err(f"helpers[{i}]", f"{ref!r} must name a .wasm component")
         try:

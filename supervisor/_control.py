@@ -152,13 +152,19 @@ class Control:
             rid = body.get("id", 0)
             rid = rid if isinstance(rid, int) and not isinstance(rid, bool) else 0
             if tenant is None:
-                if not hmac.compare_digest(str(body.get("token", "")), self.token):
+                token = body.get("token", "")
+                if not isinstance(token, str) or not hmac.compare_digest(
+                        token.encode("utf-8", "surrogatepass"), self.token.encode()):
                     raise Refused("bad control token")
                 tenant = OPERATOR
             else:  # removed since this connection's handshake (and perhaps added again, with another key)
                 current = self.tenants.by_name.get(tenant)
                 if current is None or not hmac.compare_digest(current.public_key, key):
                     raise Refused(f"{tenant!r} is not a tenant of this supervisor (not with this connection's key)")
+            if tenant != OPERATOR and body.get("op") in req.OPERATOR_ONLY_OPS:  # before its arguments are read
+                message = f"only the operator may ask for {body.get('op')!s:.32}"
+                self.tenants.deny(tenant, "operator-only", message)
+                raise Refused(message)
             request = req.decode_request(body.get("op"), body, frames[2] if len(frames) == 3 else None)
             if tenant != OPERATOR and isinstance(request, req.OPERATOR_ONLY):
                 message = f"only the operator may ask for {body.get('op')!s:.32}"
@@ -171,6 +177,9 @@ class Control:
             self.reply_error(ident, rid, exc.code, str(exc))
         except ProtocolError as exc:
             self.reply_error(ident, rid, "protocol", str(exc))
+        except UnicodeEncodeError:  # a string the request escaped into a lone surrogate: no name, path or text has one
+            self.reply_error(ident, rid, "refused", "a string in the request is not valid UTF-8 (a lone surrogate "
+                                                    "escape)")
         except Exception as exc:  # a client must never be able to crash the supervisor
             self.log(f"internal error serving a request: {type(exc).__name__}: {exc}")
             self.reply_error(ident, rid, "internal", f"internal error: {type(exc).__name__}")
@@ -327,7 +336,10 @@ class Control:
             if entry in lst:
                 lst.remove(entry)
                 self._release(requester, "wait")
-                self.reply(ident, rid, {"head": self.supervision.chain_head(ref)[1]})
+                now = head  # the head when the wait began, if the agent was forgotten meanwhile (it never started)
+                with contextlib.suppress(NotFound):
+                    now = self.supervision.chain_head(ref)[1]
+                self.reply(ident, rid, {"head": now})
 
         self._expiries[entry] = self.timers.after(wait_ms / 1000, expire)
 

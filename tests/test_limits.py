@@ -593,3 +593,54 @@ def test_a_tenants_agents_hold_at_most_their_share_of_queued_bytes(theater: Thea
                 return False
 
         wait_until(taken, 120, "the agent to take its messages")
+
+
+def _raw_replies(theater: Theater, bodies: list[bytes], data: dict[int, bytes] | None = None) -> list[dict]:
+    """Send each JSON body as it is written (ids 1..n) on one socket; every reply body, in order."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(theater.home.control_endpoint)
+    try:
+        for i, body in enumerate(bodies, 1):
+            extra = [data[i]] if data and i in data else []
+            sock.send_multipart([wire.header(wire.ClientType.REQUEST), body, *extra])
+        replies: dict[int, dict] = {}
+        deadline = time.monotonic() + 30
+        while len(replies) < len(bodies):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0 and sock.poll(int(remaining * 1000) + 1), f"only {len(replies)} replies"
+            body = wire.decode_json(sock.recv_multipart()[1], "reply")
+            replies[body["id"]] = body
+        return [replies[i] for i in range(1, len(bodies) + 1)]
+    finally:
+        sock.close(0)
+
+
+def test_odd_strings_paths_and_numbers_in_requests_are_named_refusals(theater: Theater, tmp_path: Path) -> None:
+    """Each of these was answered `internal` (a TypeError, UnicodeEncodeError, OverflowError, ValueError or
+    RuntimeError inside the supervisor); an upload's `tenant` was ignored, the agent made the operator's."""
+    token = theater.home.token.read_text().strip()
+    loop = tmp_path / "loop.toml"
+    loop.symlink_to(loop)
+    requests = [
+        {"op": "ping", "id": 1, "token": "\u00e9"},  # a token that is not ASCII
+        {"op": "events", "id": 2, "token": token, "agent": "\ud800"},  # a lone surrogate escape
+        {"op": "usage", "id": 3, "token": token, "tenant": "\ud800"},
+        {"op": "events", "id": 4, "token": token, "agent": "a", "after": 2**63},
+        {"op": "spawn", "id": 5, "token": token, "manifest": "/tmp/a\u0000b.toml"},
+        {"op": "spawn", "id": 6, "token": token, "manifest": str(loop)},
+        {"op": "spawn", "id": 7, "token": token, "manifest_text": 'name = "x"\ncomponent = "x.wat"\n',
+         "component_kind": "wat", "tenant": "bob"},
+    ]
+    replies = _raw_replies(theater, [json.dumps(r).encode() for r in requests],
+                           {7: (Path(__file__).parent / "components" / "echo.wat").read_bytes()})
+    errors = [(r["error"]["code"], r["error"]["message"]) for r in replies]
+    assert errors[0] == ("refused", "bad control token")
+    assert errors[1][0] == errors[2][0] == "refused" and "not valid UTF-8" in errors[1][1] + errors[2][1]
+    assert errors[3] == ("refused", "events needs an integer after in -1..2^63-1")
+    assert errors[4][0] == "config" and "not a path a file can have" in errors[4][1], errors[4]
+    assert errors[5][0] == "config" and "a symlink loop" in errors[5][1], errors[5]
+    assert errors[6] == ("refused", "a spawn with manifest_text takes no tenant: the agent is the requester's")
+    with theater.client() as c:
+        assert c.ping()["agents"] == 0
+    assert "internal error" not in (theater.dir / "supervisor.out").read_text()

@@ -311,10 +311,11 @@ def test_a_tenant_cannot_touch_another_tenants_agents(hosted: Theater) -> None:
                 assert exc.value.code == "not-found", (ref, exc.value)
                 assert "forbidden" not in str(exc.value)
         assert b.verify() == []  # bob's own chains: none
-        for op in ("down", "checkpoint", "gc", "rotate-key", "tenant-list"):
+        for op, args in (("down", {}), ("checkpoint", {}), ("gc", {}), ("rotate-key", {}), ("tenant-list", {}),
+                         ("tenant-add", {"name": "acme"}), ("tenant-rm", {})):  # refused before its arguments are read
             with pytest.raises(ClientError) as exc:
-                b.request(op)
-            assert exc.value.code == "refused" and "only the operator" in str(exc.value)
+                b.request(op, **args)
+            assert exc.value.code == "refused" and "only the operator" in str(exc.value), (op, exc.value)
         with pytest.raises(ClientError) as exc:  # spawning is limited to the tenant's policies
             b.spawn(counter(hosted, "big", policy="strict"))
         assert "may not spawn under policy 'strict'" in str(exc.value)

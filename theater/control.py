@@ -18,6 +18,7 @@ from .errors import BadRequest
 __all__ = [
     "MAX_UPLOAD_BYTES",
     "OPERATOR_ONLY",
+    "OPERATOR_ONLY_OPS",
     "BadRequest",
     "Call",
     "Checkpoint",
@@ -189,6 +190,8 @@ Request = (Ping | Spawn | Upload | Send | Call | Ps | Tree | Stop | Restart | Wa
            | Remove | Gc | RotateKey | TenantAdd | TenantList | TenantRemove | Top | Usage)
 # What only the operator (the local socket) may ask; a tenant asking is refused.
 OPERATOR_ONLY = (Down, Checkpoint, Gc, RotateKey, TenantAdd, TenantList, TenantRemove)
+# The same, by the op that names each: a tenant asking for one is refused before its arguments are read.
+OPERATOR_ONLY_OPS = frozenset({"down", "checkpoint", "gc", "rotate-key", "tenant-add", "tenant-list", "tenant-rm"})
 MAX_MANIFEST_TEXT = 1024 * 1024
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a tenant's component, sent with its manifest's text
 
@@ -245,6 +248,8 @@ def decode_request(op: object, body: dict[str, Any], data: Data | None) -> Reque
                                  "component_kind \"wasm\" or \"wat\"")
             if len(data) > MAX_UPLOAD_BYTES:
                 raise BadRequest(f"a component of {len(data)} bytes is more than {MAX_UPLOAD_BYTES} (64 MiB)")
+            if "tenant" in body:  # an uploaded agent is its requester's: a tenant's, or the operator's
+                raise BadRequest("a spawn with manifest_text takes no tenant: the agent is the requester's")
             return Upload(text, bytes(data), kind, replace)
         manifest = body.get("manifest")
         if not isinstance(manifest, str) or not os.path.isabs(manifest):
@@ -275,8 +280,8 @@ def decode_request(op: object, body: dict[str, Any], data: Data | None) -> Reque
         return Wait(_name(body), after, wait_ms)
     if op == "events":
         after = body.get("after", -1)
-        if not isinstance(after, int) or isinstance(after, bool) or after < -1:
-            raise BadRequest("events needs an integer after >= -1")
+        if not isinstance(after, int) or isinstance(after, bool) or not -1 <= after < 2**63:
+            raise BadRequest("events needs an integer after in -1..2^63-1")
         return Events(_name(body), after)
     if op == "verify":
         ref = body.get("agent")
