@@ -87,6 +87,19 @@ class Pending:
 # senders are refused (mailbox-full) until its agents have taken some.
 TENANT_QUEUED_BYTES = 256 * 1024 * 1024
 queued_bytes: Counter[str] = Counter()
+# Bytes of messages sent by calls not yet committed, by their targets' tenant: they enter the mailboxes when the
+# call commits, so the bound counts them from the send (a flood of uncommitted sends went past it otherwise).
+reserved_bytes: Counter[str] = Counter()
+
+
+def reserve(tenant: str, size: int) -> None:
+    reserved_bytes[tenant] += size
+
+
+def unreserve(tenant: str, size: int) -> None:
+    reserved_bytes[tenant] -= size
+    if reserved_bytes[tenant] <= 0:
+        del reserved_bytes[tenant]
 
 
 class Mailbox(deque[Pending]):
@@ -140,11 +153,12 @@ class Mailbox(deque[Pending]):
 
 def queue_room(tenant: str, size: int) -> str | None:
     """Why a message of ``size`` bytes cannot wait in a mailbox of ``tenant``'s agents now, or None."""
-    if queued_bytes[tenant] + size <= TENANT_QUEUED_BYTES:
+    held = queued_bytes[tenant] + reserved_bytes[tenant]
+    if held + size <= TENANT_QUEUED_BYTES:
         return None
     who = "the operator's agents" if tenant == OPERATOR else f"the agents of tenant {tenant}"
-    return (f"{who} already hold {queued_bytes[tenant]:,} bytes of messages waiting in mailboxes (at most "
-            f"{TENANT_QUEUED_BYTES:,}): try again once they have taken some")
+    return (f"{who} already hold {held:,} bytes of messages waiting in mailboxes, or sent to them by calls not "
+            f"yet committed (at most {TENANT_QUEUED_BYTES:,}): try again once they have taken some")
 
 
 def uptime_s(now: float, since: float) -> float:

@@ -580,8 +580,8 @@ def test_a_tenants_agents_hold_at_most_their_share_of_queued_bytes(theater: Thea
                     accepted += 1
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert f"the operator's agents already hold {TENANT_QUEUED_BYTES:,} bytes of messages waiting in mailboxes " \
-               f"(at most {TENANT_QUEUED_BYTES:,})" in str(refused.value)
+        assert f"the operator's agents already hold {TENANT_QUEUED_BYTES:,} bytes of messages waiting in mailboxes, " \
+               f"or sent to them by calls not yet committed (at most {TENANT_QUEUED_BYTES:,})" in str(refused.value)
         # Those the worker was sent ahead of their turn are in its socket, not in the mailbox.
         assert TENANT_QUEUED_BYTES >> 20 <= accepted <= (TENANT_QUEUED_BYTES >> 20) + PIPELINE_DEPTH
 
@@ -644,3 +644,20 @@ def test_odd_strings_paths_and_numbers_in_requests_are_named_refusals(theater: T
     with theater.client() as c:
         assert c.ping()["agents"] == 0
     assert "internal error" not in (theater.dir / "supervisor.out").read_text()
+
+
+def test_sends_not_yet_committed_count_against_a_tenants_queued_bytes() -> None:
+    """A message an agent sends enters its target's mailbox when the sending call commits; until then its bytes
+    are held for the target's tenant, so calls sending at once cannot take that tenant past its bound."""
+    from supervisor._agent import queue_room, reserve, unreserve
+
+    tenant = "bound-test"
+    assert queue_room(tenant, TENANT_QUEUED_BYTES) is None
+    reserve(tenant, TENANT_QUEUED_BYTES - 10)
+    try:
+        assert queue_room(tenant, 10) is None
+        refused = queue_room(tenant, 11)
+        assert refused is not None and "or sent to them by calls not yet committed" in refused
+    finally:
+        unreserve(tenant, TENANT_QUEUED_BYTES - 10)
+    assert queue_room(tenant, TENANT_QUEUED_BYTES) is None

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from theater import wire
 
-from .._agent import Agent, Agents, Pending, queue_room
+from .._agent import Agent, Agents, Pending, queue_room, reserve, unreserve
 from .._config import OPERATOR, TENANT_SEP
 from .._errors import StoreError
 from .._host import Answer, HostCall, HostRequests
@@ -78,6 +78,7 @@ class Messaging:
             pending = self._pending(wire.Origin.SEND, sender.id, message_id, message, send_id=message_id)
             call.pending.effects.sends.append((target, pending))
             target.reserved += 1
+            reserve(target.config.tenant, len(pending.call.data))
             return Answer({"ok": True, "message_id": message_id.hex()})
         timeout_ms = args.get("timeout_ms")
         if type(timeout_ms) is not int or timeout_ms < 0:
@@ -191,8 +192,9 @@ class Messaging:
 
     def deliver(self, sends: list[tuple[Agent, Pending]]) -> None:
         """A committed call's sends, into their targets' mailboxes (their places were held since the send)."""
-        for target, _ in sends:
+        for target, pending in sends:
             target.reserved -= 1
+            unreserve(target.config.tenant, len(pending.call.data))
         self._queue(sends)
 
     def _queue(self, sends: list[tuple[Agent, Pending]]) -> None:
@@ -238,8 +240,9 @@ class Messaging:
 
     def release(self, sends: list[tuple[Agent, Pending]]) -> None:
         """A call that will not commit: its sends are dropped, their places freed."""
-        for target, _ in sends:
+        for target, pending in sends:
             target.reserved -= 1
+            unreserve(target.config.tenant, len(pending.call.data))
         sends.clear()
 
 
