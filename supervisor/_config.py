@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import hashlib
 import os
 import re
@@ -303,9 +304,13 @@ def resolved(path: Path) -> Path:
         return resolved_path
     except (ValueError, RuntimeError, OSError) as exc:  # UnicodeEncodeError is a ValueError
         shown = str(path).encode("utf-8", "backslashreplace").decode("utf-8")
-        why = "a symlink loop" if isinstance(exc, RuntimeError) else "not a path a file can have" \
-            if isinstance(exc, ValueError) else exc.strerror
-        raise ConfigError(f"{shown!r}: cannot read: {why}") from None
+        if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+            why = "a symlink loop"
+        elif isinstance(exc, ValueError):
+            why = "not a path a file can have"
+        else:
+            why = exc.strerror or str(exc)
+        raise ConfigError(f"{shown}: cannot read: {why}") from None
 
 
 def open_regular(path: Path, cap: int) -> int:
@@ -319,8 +324,9 @@ def open_regular(path: Path, cap: int) -> int:
         fd = os.open(resolved(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except OSError as exc:  # a loop of links is found here where resolve() leaves it be (Python 3.13)
+        why = "a symlink loop" if exc.errno == errno.ELOOP else exc.strerror
+        raise ConfigError(f"{path}: cannot read: {why}") from None
     st = os.fstat(fd)
     problem = None
     if not stat.S_ISREG(st.st_mode):

@@ -161,7 +161,8 @@ class Control:
                 current = self.tenants.by_name.get(tenant)
                 if current is None or not hmac.compare_digest(current.public_key, key):
                     raise Refused(f"{tenant!r} is not a tenant of this supervisor (not with this connection's key)")
-            if tenant != OPERATOR and body.get("op") in req.OPERATOR_ONLY_OPS:  # before its arguments are read
+            op = body.get("op")
+            if tenant != OPERATOR and isinstance(op, str) and op in req.OPERATOR_ONLY_OPS:  # before its arguments
                 message = f"only the operator may ask for {body.get('op')!s:.32}"
                 self.tenants.deny(tenant, "operator-only", message)
                 raise Refused(message)
@@ -336,9 +337,11 @@ class Control:
             if entry in lst:
                 lst.remove(entry)
                 self._release(requester, "wait")
-                now = head  # the head when the wait began, if the agent was forgotten meanwhile (it never started)
+                now = head  # the head when the wait began, if its agent was forgotten meanwhile (it never started)
                 with contextlib.suppress(NotFound):
-                    now = self.supervision.chain_head(ref)[1]
+                    found, current = self.supervision.chain_head(ref)
+                    if found == chain_id:  # not another agent given the name since
+                        now = current
                 self.reply(ident, rid, {"head": now})
 
         self._expiries[entry] = self.timers.after(wait_ms / 1000, expire)

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sqlite3
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -378,3 +379,19 @@ def test_a_sent_message_that_fails_its_target_is_used_up_all_the_same(theater: T
         assert ask(c, "b", "state") == ""
     assert len(messages(theater, "b")) == 1
     assert_verified(theater)
+
+
+def test_sends_of_a_call_not_yet_committed_count_against_the_target_tenant_s_bound(theater: Theater) -> None:
+    """A call's sends enter their targets' mailboxes when it commits; the bytes a tenant's mailboxes may hold
+    (lowered here to 100,000) counted only what had entered, so one call could send past the bound. Each send
+    now holds its bytes from the moment it is made: the fourth of 30,000 bytes is refused, in the call."""
+    theater.stop()
+    theater.start(extra=[sys.executable, str(ROOT / "tests" / "run_small_bound_supervisor.py"), str(theater.home.root),
+                         "100000"])
+    with theater.client() as c:
+        spawn(theater, c, "a", "c")
+        payload = "x" * 30_000
+        reply = ask(c, "a", f"sendn:5:c:{payload}")
+        assert reply.startswith("err:3:mailbox-full:") and "not yet committed" in reply, reply[:200]
+        # The three that fitted were committed and delivered; once c has taken them there is room again.
+        wait_until(lambda: ask(c, "a", f"sendn:3:c:{payload}") == "ok", what="room once c has taken them")

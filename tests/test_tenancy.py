@@ -316,6 +316,10 @@ def test_a_tenant_cannot_touch_another_tenants_agents(hosted: Theater) -> None:
             with pytest.raises(ClientError) as exc:
                 b.request(op, **args)
             assert exc.value.code == "refused" and "only the operator" in str(exc.value), (op, exc.value)
+        for odd in ([], {}, ["down"]):  # an op of the wrong kind is an unknown operation, for a tenant too
+            with pytest.raises(ClientError) as exc:
+                b.request(odd)  # type: ignore[arg-type]
+            assert exc.value.code == "refused" and "unknown operation" in str(exc.value), (odd, exc.value)
         with pytest.raises(ClientError) as exc:  # spawning is limited to the tenant's policies
             b.spawn(counter(hosted, "big", policy="strict"))
         assert "may not spawn under policy 'strict'" in str(exc.value)
