@@ -379,8 +379,9 @@ def test_json_errors_are_json_on_stdout(theater: Theater) -> None:
 def test_a_closed_pipe_ends_quietly(theater: Theater) -> None:
     home = theater.home.root
     ok(home, "spawn", str(theater.manifest("counter", "counter.wat")))
-    for _ in range(20):
-        ok(home, "call", "counter", "tick")
+    with theater.client() as c:  # records enough to fill the pipe's first read (a process a call took 5 s)
+        for _ in range(20):
+            c.call("counter", b"tick")
     proc = subprocess.run(f"{sys.executable} -m supervisor --home {home} events counter --json | head -1",
                           shell=True, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
     assert json.loads(proc.stdout)["seq"] == 0
