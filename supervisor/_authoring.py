@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ._errors import ConfigError
 
-__all__ = ["LANGUAGES", "build", "build_key", "cache_dir", "new_project", "world_for"]
+__all__ = ["LANGUAGES", "SOURCES", "build", "build_key", "cache_dir", "name_problem", "new_project", "world_for"]
 
 LANGUAGES = ("python", "js", "wat")
 SOURCES = {"python": "app.py", "js": "app.js", "wat": "agent.wat"}
@@ -81,10 +81,18 @@ def world_for(capabilities: Sequence[str]) -> str:
                       "runtime alone, supervision, messaging, messaging/kv/timers, http (docs/writing-agents.md)")
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an agent (and its project), or None."""
+    if NAME_RE.fullmatch(name):
+        return None
+    return f"{name!r} is not an agent name: 1-63 of a-z, 0-9, '-', '_', starting with a letter or digit"
+
+
 def new_project(name: str, lang: str, parent: Path) -> Path:
     """Write ``parent/name``: the source, the manifest and a README. Raise ConfigError if it cannot."""
-    if not NAME_RE.fullmatch(name):
-        raise ConfigError(f"{name!r} is not an agent name: 1-63 of a-z, 0-9, '-', '_', starting with a letter or digit")
+    problem = name_problem(name)
+    if problem is not None:
+        raise ConfigError(problem)
     if lang not in LANGUAGES:
         raise ConfigError(f"{lang!r} is not a language theater new knows ({', '.join(LANGUAGES)})")
     project = parent / name

@@ -303,14 +303,17 @@ def resolved(path: Path) -> Path:
         os.fsencode(resolved_path)  # a lone surrogate cannot be a file's name
         return resolved_path
     except (ValueError, RuntimeError, OSError) as exc:  # UnicodeEncodeError is a ValueError
-        shown = str(path).encode("utf-8", "backslashreplace").decode("utf-8")
-        if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
-            why = "a symlink loop"
-        elif isinstance(exc, ValueError):
-            why = "not a path a file can have"
-        else:
-            why = exc.strerror or str(exc)
-        raise ConfigError(f"{shown}: cannot read: {why}") from None
+        why = "a symlink loop" if isinstance(exc, RuntimeError) else NO_SUCH_PATH if isinstance(exc, ValueError) \
+            else exc.strerror or str(exc)
+        raise ConfigError(f"{_shown(path)}: cannot read: {why}") from None
+
+
+NO_SUCH_PATH = "not a path a file can have"
+
+
+def _shown(path: Path) -> str:
+    """A path as an error names it: a lone surrogate escape in it written out, not carried into the reply."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def open_regular(path: Path, cap: int) -> int:
@@ -321,7 +324,9 @@ def open_regular(path: Path, cap: int) -> int:
     it read a device without end. Raises ConfigError naming the file.
     """
     try:
-        fd = os.open(resolved(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except ValueError:  # a NUL or a lone surrogate escape: no file has such a name
+        raise ConfigError(f"{_shown(path)}: cannot read: {NO_SUCH_PATH}") from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:  # a loop of links is found here where resolve() leaves it be (Python 3.13)

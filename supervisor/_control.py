@@ -163,14 +163,10 @@ class Control:
                     raise Refused(f"{tenant!r} is not a tenant of this supervisor (not with this connection's key)")
             op = body.get("op")
             if tenant != OPERATOR and isinstance(op, str) and op in req.OPERATOR_ONLY_OPS:  # before its arguments
-                message = f"only the operator may ask for {body.get('op')!s:.32}"
+                message = f"only the operator may ask for {op:.32}"
                 self.tenants.deny(tenant, "operator-only", message)
                 raise Refused(message)
-            request = req.decode_request(body.get("op"), body, frames[2] if len(frames) == 3 else None)
-            if tenant != OPERATOR and isinstance(request, req.OPERATOR_ONLY):
-                message = f"only the operator may ask for {body.get('op')!s:.32}"
-                self.tenants.deny(tenant, "operator-only", message)
-                raise Refused(message)
+            request = req.decode_request(op, body, frames[2] if len(frames) == 3 else None)
             self._serve(ident, rid, request, tenant)
         except req.BadRequest as exc:
             self.reply_error(ident, rid, "refused", str(exc))

@@ -640,11 +640,11 @@ def cmd_gc(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_new(args: argparse.Namespace, home: Home) -> int:
-    from ._authoring import NAME_RE, new_project
+    from ._authoring import name_problem, new_project
 
-    if not NAME_RE.fullmatch(args.name):  # a value of the wrong form: a usage error, as the parser's own
-        return _fail(args, "usage", f"new: {args.name!r} is not an agent name: 1-63 of a-z, 0-9, '-', '_', "
-                                    "starting with a letter or digit", "")
+    problem = name_problem(args.name)
+    if problem is not None:  # a value of the wrong form: a usage error, as the parser's own
+        return _fail(args, "usage", f"new: {problem}", "")
     project = new_project(args.name, args.lang, args.dir.resolve())
     _out(args, {"project": str(project), "lang": args.lang},
          lambda: f"created {project}\n" + (project / "README.md").read_text().split("\n\n", 1)[1].strip())
@@ -1178,9 +1178,11 @@ def _hint(code: str, message: str, manifest: object = None, typed: object = None
     if code == "config" and project is not None and "is a directory, not a regular file" in message \
             and (project / f"{project.name}.toml").is_file():
         return f"give the project's manifest: `theater spawn {project / (project.name + '.toml')}`"
-    if code == "config" and project is not None and ".wasm does not exist" in message \
-            and any((project.parent / source).is_file() for source in ("app.py", "app.js")):
-        return f"build it first: `theater build {project.parent}`"
+    if code == "config" and project is not None and ".wasm does not exist" in message:
+        from ._authoring import SOURCES
+
+        if any((project.parent / source).is_file() for source in SOURCES.values()):
+            return f"build it first: `theater build {project.parent}`"
     if (code == "config" and ".wat" in message) or (".wasm" in message and "not valid TOML" in message):
         return "`theater spawn` takes a manifest (.toml) that names the component, not the component itself"
     return ""

@@ -17,7 +17,6 @@ from .errors import BadRequest
 
 __all__ = [
     "MAX_UPLOAD_BYTES",
-    "OPERATOR_ONLY",
     "OPERATOR_ONLY_OPS",
     "BadRequest",
     "Call",
@@ -189,8 +188,8 @@ class Usage:
 Request = (Ping | Spawn | Upload | Send | Call | Ps | Tree | Stop | Restart | Wait | Events | Verify | Down | Checkpoint
            | Remove | Gc | RotateKey | TenantAdd | TenantList | TenantRemove | Top | Usage)
 # What only the operator (the local socket) may ask; a tenant asking is refused.
-OPERATOR_ONLY = (Down, Checkpoint, Gc, RotateKey, TenantAdd, TenantList, TenantRemove)
-# The same, by the op that names each: a tenant asking for one is refused before its arguments are read.
+# The operations only the operator may ask for (Down, Checkpoint, Gc, RotateKey, TenantAdd, TenantList,
+# TenantRemove), by name: a tenant asking for one is refused before its arguments are read.
 OPERATOR_ONLY_OPS = frozenset({"down", "checkpoint", "gc", "rotate-key", "tenant-add", "tenant-list", "tenant-rm"})
 MAX_MANIFEST_TEXT = 1024 * 1024
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a tenant's component, sent with its manifest's text
